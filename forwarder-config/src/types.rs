@@ -1,0 +1,351 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::LatencyDist;
+
+/// The whole forwarder configuration. `Config::default()` is the embedded
+/// default: 127.0.0.1:8080, no auth, one model `mock` on the built-in mock.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    /// Per-client rate limit; absent means unlimited.
+    pub rate_limit: Option<RateLimitConfig>,
+    pub idempotency: IdempotencyConfig,
+    pub retry: RetryConfig,
+    pub circuit_breaker: BreakerConfig,
+    pub routing: RoutingConfig,
+    /// Upstream endpoints. A model is served by every upstream that lists it.
+    pub upstreams: Vec<UpstreamConfig>,
+    pub logging: LoggingConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            auth: AuthConfig::default(),
+            rate_limit: None,
+            idempotency: IdempotencyConfig::default(),
+            retry: RetryConfig::default(),
+            circuit_breaker: BreakerConfig::default(),
+            routing: RoutingConfig::default(),
+            upstreams: vec![UpstreamConfig::builtin_mock()],
+            logging: LoggingConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// The sorted, de-duplicated list of model names served by some upstream.
+    pub fn models(&self) -> Vec<String> {
+        let mut models: Vec<String> = self
+            .upstreams
+            .iter()
+            .flat_map(|u| u.models.iter().cloned())
+            .collect();
+        models.sort();
+        models.dedup();
+        models
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address of the HTTP listener (simple API, OpenAI API, health, metrics).
+    pub listen: SocketAddr,
+    /// Largest accepted request body, in bytes; larger bodies get 413.
+    pub max_body_bytes: usize,
+    /// Overall deadline of one request, all attempts and backoff included.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    pub shutdown: ShutdownConfig,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 1024 * 1024,
+            request_timeout: Duration::from_secs(120),
+            shutdown: ShutdownConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// After SIGTERM, how long `/readyz` reports not-ready while the listener
+    /// still accepts, so load balancers stop routing here first (Kubernetes
+    /// endpoints take a few seconds to update).
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
+    /// How long in-flight requests (streams included) may take to finish
+    /// once the listener has closed.
+    #[serde(with = "humantime_serde")]
+    pub grace_period: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            drain_delay: Duration::ZERO,
+            grace_period: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// File or directory of client API keys. A file holds one key per line or a
+    /// YAML map `name: key`; a directory (a mounted Kubernetes Secret) holds one
+    /// file per key, named after the client. Absent: authentication is off.
+    pub api_keys_file: Option<PathBuf>,
+    /// How often the key file is checked for changes.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            api_keys_file: None,
+            reload_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Sustained requests per second allowed per client identity.
+    pub requests_per_second: u32,
+    /// Requests a client may send at once above the sustained rate.
+    #[serde(default = "default_burst")]
+    pub burst: u32,
+}
+
+fn default_burst() -> u32 {
+    10
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    /// How long a completed answer is replayed for a repeated key.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Most answers kept in memory; the oldest go first.
+    pub max_entries: u64,
+}
+
+impl Default for IdempotencyConfig {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(600),
+            max_entries: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts per request, the first included (1 = no retry).
+    pub max_attempts: u32,
+    /// Backoff before retry n is uniform in [0, min(max_delay, base_delay·2ⁿ⁻¹)].
+    #[serde(with = "humantime_serde")]
+    pub base_delay: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            base_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(4),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Consecutive failures that open an endpoint's circuit.
+    pub failure_threshold: u32,
+    /// How long an open circuit rejects before one probe is let through.
+    #[serde(with = "humantime_serde")]
+    pub open_duration: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 5,
+            open_duration: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingConfig {
+    pub strategy: Strategy,
+}
+
+/// How an endpoint is chosen among the healthy ones serving a model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Fewest in-flight requests relative to weight.
+    #[default]
+    LeastOutstanding,
+    /// Smooth weighted round robin.
+    RoundRobin,
+}
+
+/// The kind of API an upstream speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Provider {
+    /// Any OpenAI-compatible chat completions server (OpenAI, vLLM, Ollama, …).
+    Openai,
+    /// The built-in mock model, answered in-process.
+    Mock,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Unique name, used in metrics and logs.
+    pub name: String,
+    pub provider: Provider,
+    /// Base URL including the API prefix, e.g. `https://api.example/v1`;
+    /// required for `openai`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+    /// Models this upstream serves.
+    pub models: Vec<String>,
+    /// Share of traffic relative to the model's other upstreams.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// File holding the upstream API key (e.g. a mounted Secret key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_file: Option<PathBuf>,
+    /// Environment variable holding the upstream API key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Per-attempt timeout: until the full answer, or for streams until the
+    /// first byte and then between chunks.
+    #[serde(default = "default_attempt_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Behaviour of a `mock` upstream; ignored for other providers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mock: Option<MockSettings>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_attempt_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl UpstreamConfig {
+    /// The embedded default upstream: model `mock`, answered in-process.
+    pub fn builtin_mock() -> Self {
+        Self {
+            name: "mock".into(),
+            provider: Provider::Mock,
+            base_url: None,
+            models: vec!["mock".into()],
+            weight: 1,
+            api_key_file: None,
+            api_key_env: None,
+            connect_timeout: default_connect_timeout(),
+            timeout: default_attempt_timeout(),
+            mock: None,
+        }
+    }
+}
+
+/// Behaviour of the mock model, shared by the built-in `mock` provider and
+/// the standalone `forwarder mock-llm` server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MockSettings {
+    /// Time before the answer (or the first token) is sent.
+    pub latency: LatencyDist,
+    /// Stream pacing; absent means all tokens at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_second: Option<f64>,
+    /// Words in each reply beyond the echo; lets load tests size replies.
+    pub reply_words: u32,
+    /// Fraction of requests answered with `error_status`.
+    pub error_rate: f64,
+    pub error_status: u16,
+    /// `Retry-After` seconds sent with injected 429/503 errors.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_secs: Option<u64>,
+    /// Fraction of requests that never get an answer.
+    pub hang_rate: f64,
+    /// Fraction of requests whose connection is reset without an answer.
+    pub reset_rate: f64,
+}
+
+impl Default for MockSettings {
+    fn default() -> Self {
+        Self {
+            latency: LatencyDist::Fixed(Duration::ZERO),
+            tokens_per_second: None,
+            reply_words: 0,
+            error_rate: 0.0,
+            error_status: 503,
+            retry_after_secs: None,
+            hang_rate: 0.0,
+            reset_rate: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoggingConfig {
+    /// `tracing` filter directive, e.g. `info` or `forwarder=debug`.
+    pub level: String,
+    pub format: LogFormat,
+    /// One line per request (id, model, upstream, status, duration, attempts).
+    pub access_log: bool,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Json,
+            access_log: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Text,
+}

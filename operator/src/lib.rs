@@ -1,0 +1,1 @@
+//! The ModelForwarder operator: not built yet (see the README).
