@@ -1,1 +1,1 @@
-//! The ModelForwarder operator: not built yet (see the README).
+pub use kube;
