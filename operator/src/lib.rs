@@ -1,1 +1,7 @@
+//! The ModelForwarder operator: reconciles `ModelForwarder` resources into
+//! the Kubernetes objects that run forwarders.
+
+pub mod crd;
+pub mod crdgen;
+
 pub use kube;

@@ -1,0 +1,491 @@
+//! The `ModelForwarder` custom resource (`llm.forwarder.dev/v1alpha1`).
+//!
+//! Doc comments on these types become the CRD's OpenAPI descriptions, so
+//! `kubectl explain modelforwarder.spec` shows them. Every field has a
+//! default or is required, and is validated by the schema (ranges, patterns,
+//! list types) or by CEL rules where the schema alone cannot say it.
+
+// Several `printcolumn(...)` share a `type_`; clippy mistakes them for
+// duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::core::Duration;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of the resource.
+pub const GROUP: &str = "llm.forwarder.dev";
+
+/// Desired state of a forwarder: what it serves, to whom, and within which
+/// replica bounds and SLOs.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "llm.forwarder.dev",
+    version = "v1alpha1",
+    kind = "ModelForwarder",
+    plural = "modelforwarders",
+    shortname = "mf",
+    namespaced,
+    status = "ModelForwarderStatus",
+    derive = "PartialEq",
+    doc = "A ModelForwarder runs a pool of forwarder pods that route LLM requests (HTTP, WebSocket, gRPC) to upstream providers.",
+    scale(
+        spec_replicas_path = ".spec.replicas.desired",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "integer",
+        json_path = ".status.readyReplicas",
+        description = "Pods ready to serve"
+    ),
+    printcolumn(
+        name = "Desired",
+        type_ = "integer",
+        json_path = ".status.desiredReplicas",
+        description = "Replicas the operator wants"
+    ),
+    printcolumn(
+        name = "P99ms",
+        type_ = "number",
+        json_path = ".status.metrics.p99LatencyMs",
+        description = "Observed P99 latency in milliseconds"
+    ),
+    printcolumn(
+        name = "QPS",
+        type_ = "number",
+        json_path = ".status.metrics.qps",
+        description = "Observed requests per second"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelForwarderSpec {
+    /// Protocols the forwarder serves. `http` (simple and OpenAI-compatible
+    /// APIs) and `websocket` (`/api/v1/ws`) share the `http` port 8080;
+    /// `grpc` adds the `grpc` port 9090.
+    #[serde(default = "default_protocols")]
+    #[schemars(length(min = 1), extend("x-kubernetes-list-type" = "set"))]
+    pub protocols: Vec<Protocol>,
+
+    /// Upstream endpoints. A model is served by every upstream that lists
+    /// it, weighted by `weight`. Names are unique.
+    #[schemars(
+        length(min = 1, max = 32),
+        extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"])
+    )]
+    pub upstreams: Vec<Upstream>,
+
+    /// Client authentication. Absent: the forwarder accepts every request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<Auth>,
+
+    /// Retry policy towards upstreams.
+    #[serde(default)]
+    pub retry: Retry,
+
+    /// Replica bounds; the operator (and later its autoscaler) keeps the
+    /// Deployment's replica count within them.
+    #[serde(default)]
+    pub replicas: Replicas,
+
+    /// Service-level objectives the autoscaler holds the forwarder to.
+    #[serde(default)]
+    pub slo: Slo,
+
+    /// How fast the autoscaler may change the replica count.
+    #[serde(default)]
+    pub scaling: Scaling,
+
+    /// Overrides for the forwarder pods.
+    #[serde(default)]
+    pub pod: PodOverrides,
+}
+
+fn default_protocols() -> Vec<Protocol> {
+    vec![Protocol::Http]
+}
+
+/// A protocol the forwarder serves.
+#[derive(
+    JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP: the simple API and the OpenAI-compatible API, on port `http` (8080).
+    Http,
+    /// WebSocket at `/api/v1/ws`, on the same port as `http`.
+    Websocket,
+    /// gRPC, on port `grpc` (9090).
+    Grpc,
+}
+
+/// One upstream endpoint.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("self.provider != 'openai' || has(self.baseUrl)").message("baseUrl is required for provider openai"))]
+pub struct Upstream {
+    /// Unique name, used in metrics, logs and the key's mount path.
+    #[schemars(
+        length(min = 1, max = 40),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+
+    /// The API the upstream speaks: `openai` (any OpenAI-compatible server:
+    /// OpenAI, vLLM, Ollama, ...) or `mock` (answered inside the forwarder).
+    /// Other values are accepted by the schema but reported as Degraded
+    /// until the forwarder supports them.
+    #[schemars(length(min = 1, max = 32), regex(pattern = r"^[a-z0-9-]+$"))]
+    pub provider: String,
+
+    /// Base URL including the API prefix, e.g. `https://api.openai.com/v1`.
+    /// Required for `openai`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), regex(pattern = r"^https?://.+"))]
+    pub base_url: Option<String>,
+
+    /// Model names this upstream serves.
+    #[schemars(length(min = 1, max = 64), extend("x-kubernetes-list-type" = "set"), inner(length(min = 1, max = 253)))]
+    pub models: Vec<String>,
+
+    /// Secret key holding this upstream's API key. It is mounted as a file
+    /// into the pods, never copied into the ConfigMap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_secret_ref: Option<SecretKeyRef>,
+
+    /// Share of traffic relative to the model's other upstreams.
+    #[serde(default = "default_weight")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub weight: u32,
+
+    /// Time allowed to open a connection (Go duration, e.g. `2s`).
+    #[serde(default = "default_connect_timeout")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$"))]
+    pub connect_timeout: Duration,
+
+    /// Per-attempt timeout: until the full answer, or for streams until the
+    /// first byte and then between chunks (Go duration, e.g. `60s`).
+    #[serde(default = "default_timeout")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$"))]
+    pub timeout: Duration,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+fn default_connect_timeout() -> Duration {
+    std::time::Duration::from_secs(2).into()
+}
+fn default_timeout() -> Duration {
+    std::time::Duration::from_secs(60).into()
+}
+
+/// A reference to one key of a Secret in the resource's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key within the Secret.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
+}
+
+/// A reference to a whole Secret in the resource's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SecretRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// Client authentication.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Auth {
+    /// Secret of client API keys: each key of the Secret is a client name,
+    /// its value that client's API key. Mounted into the pods; changes are
+    /// picked up by the forwarder and also roll the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_keys_secret_ref: Option<SecretRef>,
+
+    /// JWT bearer-token validation. NOT YET ENFORCED: the forwarder does not
+    /// support JWT yet; setting it marks the resource Degraded
+    /// (`JwtUnsupported`) while everything else is deployed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<Jwt>,
+}
+
+/// JWT validation settings (not yet enforced by the forwarder).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Jwt {
+    /// Expected `iss` claim.
+    #[schemars(length(min = 1, max = 2048))]
+    pub issuer: String,
+    /// Expected `aud` claim.
+    #[schemars(length(min = 1, max = 2048))]
+    pub audience: String,
+    /// Secret key holding the JSON Web Key Set used to verify signatures.
+    pub jwks_secret_ref: SecretKeyRef,
+}
+
+/// Retry policy: exponential backoff with full jitter.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("duration(self.baseDelay) <= duration(self.maxDelay)").message("baseDelay must not exceed maxDelay"))]
+pub struct Retry {
+    /// Attempts per request, the first included (1 = no retry).
+    #[serde(default = "default_max_attempts")]
+    #[schemars(range(min = 1, max = 10))]
+    pub max_attempts: u32,
+    /// Backoff cap before the first retry; doubles per retry (Go duration).
+    #[serde(default = "default_base_delay")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$"))]
+    pub base_delay: Duration,
+    /// Largest backoff between two attempts (Go duration).
+    #[serde(default = "default_max_delay")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$"))]
+    pub max_delay: Duration,
+}
+
+fn default_max_attempts() -> u32 {
+    3
+}
+fn default_base_delay() -> Duration {
+    std::time::Duration::from_millis(200).into()
+}
+fn default_max_delay() -> Duration {
+    std::time::Duration::from_secs(4).into()
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_max_attempts(),
+            base_delay: default_base_delay(),
+            max_delay: default_max_delay(),
+        }
+    }
+}
+
+/// Replica bounds.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = kube::core::Rule::new("self.min <= self.max").message("min must not exceed max"),
+    validation = kube::core::Rule::new("!has(self.desired) || (self.desired >= self.min && self.desired <= self.max)").message("desired must lie within [min, max]")
+)]
+pub struct Replicas {
+    /// Fewest replicas; a PodDisruptionBudget keeps `min - 1` available when
+    /// `min > 1`.
+    #[serde(default = "default_min")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub min: i32,
+    /// Most replicas.
+    #[serde(default = "default_max")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max: i32,
+    /// Pinned replica count, written by `kubectl scale` through the scale
+    /// subresource. Unset: the count is chosen within [min, max] (today:
+    /// `min`; later: by the autoscaler). Set: exactly this many run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub desired: Option<i32>,
+}
+
+fn default_min() -> i32 {
+    1
+}
+fn default_max() -> i32 {
+    10
+}
+
+impl Default for Replicas {
+    fn default() -> Self {
+        Self {
+            min: default_min(),
+            max: default_max(),
+            desired: None,
+        }
+    }
+}
+
+/// Service-level objectives (used by the autoscaler, a later component).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Slo {
+    /// Target 99th-percentile request latency, in milliseconds.
+    #[serde(default = "default_p99")]
+    #[schemars(range(min = 1, max = 600000))]
+    pub p99_latency_ms: u32,
+    /// Largest acceptable fraction of failed requests (0 to 1).
+    #[serde(default = "default_error_rate")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub max_error_rate: f64,
+    /// Requests per second one replica is sized for.
+    #[serde(default = "default_qps")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub target_qps_per_replica: u32,
+}
+
+fn default_p99() -> u32 {
+    500
+}
+fn default_error_rate() -> f64 {
+    0.01
+}
+fn default_qps() -> u32 {
+    50
+}
+
+impl Default for Slo {
+    fn default() -> Self {
+        Self {
+            p99_latency_ms: default_p99(),
+            max_error_rate: default_error_rate(),
+            target_qps_per_replica: default_qps(),
+        }
+    }
+}
+
+/// Scaling behaviour (used by the autoscaler, a later component).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Scaling {
+    /// How long the metrics must justify a smaller count before scaling down.
+    #[serde(default = "default_stabilization")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_down_stabilization_seconds: u32,
+    /// Most replicas added in one step.
+    #[serde(default = "default_up_step")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_scale_up_step: u32,
+}
+
+fn default_stabilization() -> u32 {
+    300
+}
+fn default_up_step() -> u32 {
+    4
+}
+
+impl Default for Scaling {
+    fn default() -> Self {
+        Self {
+            scale_down_stabilization_seconds: default_stabilization(),
+            max_scale_up_step: default_up_step(),
+        }
+    }
+}
+
+/// Overrides for the forwarder pods.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PodOverrides {
+    /// Forwarder image; default: the operator's `--forwarder-image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub image: Option<String>,
+    /// Image pull policy: `Always`, `IfNotPresent` or `Never`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<PullPolicy>,
+    /// CPU and memory requests and limits of the forwarder container;
+    /// default: requests 100m CPU and 64Mi memory, limit 256Mi memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Node labels the pods must match.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints the pods tolerate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Extra pod labels; the `app.kubernetes.io/*` labels cannot be overridden.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Extra pod annotations; the operator's own annotations win on conflict.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Service account of the pods; default: the namespace's `default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub service_account_name: Option<String>,
+}
+
+/// Image pull policy.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+impl PullPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::Always => "Always",
+            PullPolicy::IfNotPresent => "IfNotPresent",
+            PullPolicy::Never => "Never",
+        }
+    }
+}
+
+/// Observed state, written by the operator.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelForwarderStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Pods of the forwarder Deployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+    /// Pods passing their readiness probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_replicas: Option<i32>,
+    /// Replicas the autoscaler wants (set by the autoscaler).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_replicas: Option<i32>,
+    /// Label selector of the pods, for the scale subresource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// `Ready`, `Progressing`, `Degraded` (operator); `SLOBreached`,
+    /// `MetricsAvailable` (autoscaler).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// Last metrics read from Prometheus (set by the autoscaler).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<ObservedMetrics>,
+    /// When the replica count last changed (set by the autoscaler).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<Time>,
+    /// Why the replica count last changed (set by the autoscaler).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_reason: Option<String>,
+}
+
+/// Metrics observed for the forwarder's pods.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ObservedMetrics {
+    /// 99th-percentile request latency, in milliseconds.
+    pub p99_latency_ms: f64,
+    /// Requests per second over all pods.
+    pub qps: f64,
+    /// Fraction of requests that failed.
+    pub error_rate: f64,
+    /// When these values were read.
+    pub observed_at: Time,
+}
