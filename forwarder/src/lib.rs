@@ -1,1 +1,28 @@
+//! ModelForwarder's data plane: every front end turns its input into one
+//! [`pipeline::Request`] and hands it to the one [`pipeline::Pipeline`]
+//! (authenticate → rate-limit → idempotency → route → retry/breaker →
+//! provider), wrapped by metrics and access logs.
 
+pub mod api;
+pub mod auth;
+pub mod frontends;
+pub mod mock_llm;
+pub mod pipeline;
+pub mod server;
+pub mod telemetry;
+pub mod upstream;
+
+pub use forwarder_config as config;
+
+/// The forwarder could not be built from its configuration (a key file that
+/// cannot be read, an invalid header value, …): reported at start, never
+/// at request time.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BuildError(String);
+
+impl BuildError {
+    pub fn new(msg: impl Into<String>) -> Self {
+        Self(msg.into())
+    }
+}

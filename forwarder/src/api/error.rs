@@ -1,0 +1,106 @@
+use std::time::Duration;
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// Every way a request can fail, as the client sees it. Each maps to one
+/// HTTP status and an OpenAI-shaped body `{"error": {message, type, code}}`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("invalid or missing API key")]
+    Unauthorized,
+    #[error("model {0:?} does not exist")]
+    ModelNotFound(String),
+    #[error("request body exceeds the limit of {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("a request with this idempotency key is still in progress")]
+    IdempotencyInProgress,
+    #[error("this idempotency key was already used for a different request")]
+    IdempotencyMismatch,
+    #[error("rate limit exceeded")]
+    RateLimited { retry_after: Option<Duration> },
+    /// The upstream rejected the request itself (4xx other than 429/401/403).
+    #[error("upstream rejected the request: {message}")]
+    UpstreamRejected { status: u16, message: String },
+    #[error("upstream error: {0}")]
+    BadGateway(String),
+    #[error("no healthy upstream for model {model:?}")]
+    NoHealthyUpstream {
+        model: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("upstream timed out: {0}")]
+    GatewayTimeout(String),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::IdempotencyInProgress => StatusCode::CONFLICT,
+            Self::IdempotencyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::UpstreamRejected { status, .. } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST)
+            }
+            Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            Self::NoHealthyUpstream { .. } | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// OpenAI's `type` and `code` fields.
+    pub fn kind(&self) -> (&'static str, &'static str) {
+        match self {
+            Self::BadRequest(_) => ("invalid_request_error", "invalid_request"),
+            Self::Unauthorized => ("authentication_error", "invalid_api_key"),
+            Self::ModelNotFound(_) => ("invalid_request_error", "model_not_found"),
+            Self::PayloadTooLarge(_) => ("invalid_request_error", "request_too_large"),
+            Self::IdempotencyInProgress => ("invalid_request_error", "idempotency_in_progress"),
+            Self::IdempotencyMismatch => ("invalid_request_error", "idempotency_key_reused"),
+            Self::RateLimited { .. } => ("rate_limit_error", "rate_limit_exceeded"),
+            Self::UpstreamRejected { .. } => ("invalid_request_error", "upstream_rejected"),
+            Self::BadGateway(_) => ("upstream_error", "bad_gateway"),
+            Self::NoHealthyUpstream { .. } => ("upstream_error", "no_healthy_upstream"),
+            Self::GatewayTimeout(_) => ("upstream_error", "upstream_timeout"),
+            Self::ShuttingDown => ("server_error", "shutting_down"),
+        }
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::RateLimited { retry_after } | Self::NoHealthyUpstream { retry_after, .. } => {
+                *retry_after
+            }
+            _ => None,
+        }
+    }
+
+    /// The JSON error body, shared by HTTP responses and stream error events.
+    pub fn body(&self) -> serde_json::Value {
+        let (kind, code) = self.kind();
+        json!({"error": {"message": self.to_string(), "type": kind, "code": code}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status(), axum::Json(self.body())).into_response();
+        if let Some(after) = self.retry_after() {
+            // Retry-After is whole seconds; round up so clients never come back early.
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        resp
+    }
+}

@@ -1,0 +1,289 @@
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::stream::{self, Stream, StreamExt};
+use parking_lot::RwLock;
+use rand::Rng;
+use rand_distr::{Distribution, Normal};
+
+use crate::api::{
+    unix_now, ChatChunk, ChatMessage, ChatRequest, ChatResponse, Choice, ChunkChoice, Delta, Usage,
+};
+use forwarder_config::{LatencyDist, MockSettings};
+
+/// A fault injected into one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Error {
+        status: u16,
+        retry_after: Option<Duration>,
+    },
+    Hang,
+    Reset,
+}
+
+/// The deterministic part of the mock (what it answers) plus the random part
+/// (latency, faults), with settings that can change at run time.
+pub struct MockModel {
+    settings: RwLock<MockSettings>,
+    /// One-shot faults that take precedence over the random ones.
+    fail_next: RwLock<Vec<Fault>>,
+    requests: AtomicU64,
+    ids: AtomicU64,
+}
+
+impl MockModel {
+    pub fn new(settings: MockSettings) -> Self {
+        Self {
+            settings: RwLock::new(settings),
+            fail_next: RwLock::new(Vec::new()),
+            requests: AtomicU64::new(0),
+            ids: AtomicU64::new(0),
+        }
+    }
+
+    pub fn settings(&self) -> MockSettings {
+        self.settings.read().clone()
+    }
+
+    pub fn set_settings(&self, s: MockSettings) {
+        *self.settings.write() = s;
+    }
+
+    /// Makes the next `count` requests fail with `fault`.
+    pub fn fail_next(&self, count: usize, fault: Fault) {
+        let mut q = self.fail_next.write();
+        q.clear();
+        q.extend(std::iter::repeat_n(fault, count));
+    }
+
+    /// Chat requests seen so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Counts the request and decides its latency and fault.
+    pub fn begin(&self) -> (Duration, Option<Fault>) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if let Some(f) = self.fail_next.write().pop() {
+            return (Duration::ZERO, Some(f));
+        }
+        let s = self.settings.read();
+        let mut rng = rand::rng();
+        let latency = sample_latency(&s.latency, &mut rng);
+        let roll: f64 = rng.random();
+        let fault = if roll < s.error_rate {
+            Some(Fault::Error {
+                status: s.error_status,
+                retry_after: s.retry_after_secs.map(Duration::from_secs),
+            })
+        } else if roll < s.error_rate + s.hang_rate {
+            Some(Fault::Hang)
+        } else if roll < s.error_rate + s.hang_rate + s.reset_rate {
+            Some(Fault::Reset)
+        } else {
+            None
+        };
+        (latency, fault)
+    }
+
+    fn next_id(&self) -> String {
+        format!("chatcmpl-mock-{}", self.ids.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The reply's words: an echo of the last user message, plus filler.
+    fn reply_tokens(&self, req: &ChatRequest) -> Vec<String> {
+        let prompt = req
+            .messages
+            .iter()
+            .rev()
+            .find(|m| m.role == "user")
+            .map(ChatMessage::content_text)
+            .unwrap_or_default();
+        let filler = self.settings.read().reply_words as usize;
+        let mut words: Vec<&str> = vec!["mock", "reply:"];
+        words.extend(prompt.split_whitespace());
+        words.extend(std::iter::repeat_n("lorem", filler));
+        if let Some(max) = req.params.get("max_tokens").and_then(|v| v.as_u64()) {
+            words.truncate(max.max(1) as usize);
+        }
+        words
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                if i == 0 {
+                    w.to_string()
+                } else {
+                    format!(" {w}")
+                }
+            })
+            .collect()
+    }
+
+    fn usage(req: &ChatRequest, completion: usize) -> Usage {
+        let prompt: usize = req
+            .messages
+            .iter()
+            .map(|m| m.content_text().split_whitespace().count())
+            .sum();
+        Usage {
+            prompt_tokens: prompt as u64,
+            completion_tokens: completion as u64,
+            total_tokens: (prompt + completion) as u64,
+        }
+    }
+
+    pub fn respond(&self, req: &ChatRequest) -> ChatResponse {
+        let tokens = self.reply_tokens(req);
+        ChatResponse {
+            id: self.next_id(),
+            object: "chat.completion".into(),
+            created: unix_now(),
+            model: req.model.clone(),
+            choices: vec![Choice {
+                index: 0,
+                message: ChatMessage::text("assistant", tokens.concat()),
+                finish_reason: Some("stop".into()),
+                extra: Default::default(),
+            }],
+            usage: Some(Self::usage(req, tokens.len())),
+            extra: Default::default(),
+        }
+    }
+
+    /// The reply as chunks: role, one chunk per word, then finish with usage;
+    /// paced at `tokens_per_second` when set.
+    pub fn chunk_stream(
+        &self,
+        req: &ChatRequest,
+    ) -> impl Stream<Item = ChatChunk> + Send + 'static {
+        let tokens = self.reply_tokens(req);
+        let usage = Self::usage(req, tokens.len());
+        let (id, model, created) = (self.next_id(), req.model.clone(), unix_now());
+        let chunk = move |delta: Delta, finish: Option<&str>, usage: Option<Usage>| ChatChunk {
+            id: id.clone(),
+            object: "chat.completion.chunk".into(),
+            created,
+            model: model.clone(),
+            choices: vec![ChunkChoice {
+                index: 0,
+                delta,
+                finish_reason: finish.map(str::to_string),
+                extra: Default::default(),
+            }],
+            usage,
+            extra: Default::default(),
+        };
+        let mut chunks = vec![chunk(
+            Delta {
+                role: Some("assistant".into()),
+                content: Some(String::new()),
+                ..Default::default()
+            },
+            None,
+            None,
+        )];
+        chunks.extend(tokens.into_iter().map(|t| {
+            chunk(
+                Delta {
+                    content: Some(t),
+                    ..Default::default()
+                },
+                None,
+                None,
+            )
+        }));
+        chunks.push(chunk(Delta::default(), Some("stop"), Some(usage)));
+        let pace = self
+            .settings
+            .read()
+            .tokens_per_second
+            .map(|tps| Duration::from_secs_f64(1.0 / tps));
+        stream::iter(chunks.into_iter().enumerate()).then(move |(i, c)| async move {
+            if let (Some(p), true) = (pace, i > 1) {
+                tokio::time::sleep(p).await;
+            }
+            c
+        })
+    }
+}
+
+pub fn sample_latency(dist: &LatencyDist, rng: &mut impl Rng) -> Duration {
+    match *dist {
+        LatencyDist::Fixed(d) => d,
+        LatencyDist::Uniform { min, max } if max > min => rng.random_range(min..=max),
+        LatencyDist::Uniform { min, .. } => min,
+        LatencyDist::Normal { mean, std_dev } => {
+            Normal::new(mean.as_secs_f64(), std_dev.as_secs_f64())
+                .map(|n| Duration::from_secs_f64(n.sample(rng).max(0.0)))
+                .unwrap_or(mean)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(prompt: &str) -> ChatRequest {
+        ChatRequest {
+            model: "m".into(),
+            messages: vec![ChatMessage::text("user", prompt)],
+            stream: false,
+            params: Default::default(),
+        }
+    }
+
+    #[test]
+    fn reply_echoes_the_prompt_with_usage() {
+        let m = MockModel::new(MockSettings::default());
+        let r = m.respond(&req("hello there"));
+        assert_eq!(r.reply_text(), "mock reply: hello there");
+        assert_eq!(r.usage.unwrap().completion_tokens, 4);
+        assert_eq!(r.usage.unwrap().prompt_tokens, 2);
+    }
+
+    #[tokio::test]
+    async fn stream_concatenates_to_the_same_reply() {
+        let m = MockModel::new(MockSettings::default());
+        let chunks: Vec<ChatChunk> = m.chunk_stream(&req("a b c")).collect().await;
+        let text: String = chunks.iter().map(ChatChunk::delta_text).collect();
+        assert_eq!(text, "mock reply: a b c");
+        assert_eq!(
+            chunks.last().unwrap().choices[0].finish_reason.as_deref(),
+            Some("stop")
+        );
+    }
+
+    #[test]
+    fn one_shot_faults_come_first_then_settings_apply() {
+        let m = MockModel::new(MockSettings::default());
+        m.fail_next(2, Fault::Hang);
+        assert_eq!(m.begin().1, Some(Fault::Hang));
+        assert_eq!(m.begin().1, Some(Fault::Hang));
+        assert_eq!(m.begin().1, None);
+        m.set_settings(MockSettings {
+            error_rate: 1.0,
+            error_status: 429,
+            ..Default::default()
+        });
+        assert!(matches!(
+            m.begin().1,
+            Some(Fault::Error { status: 429, .. })
+        ));
+        assert_eq!(m.requests(), 4);
+    }
+
+    #[test]
+    fn latency_samples_stay_in_range() {
+        let mut rng = rand::rng();
+        let d = LatencyDist::Uniform {
+            min: Duration::from_millis(10),
+            max: Duration::from_millis(20),
+        };
+        for _ in 0..100 {
+            let s = sample_latency(&d, &mut rng);
+            assert!(s >= Duration::from_millis(10) && s <= Duration::from_millis(20));
+        }
+    }
+}

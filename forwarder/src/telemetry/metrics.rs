@@ -1,0 +1,148 @@
+//! The forwarder's Prometheus metrics. Names and labels are a contract with
+//! the operator's PromQL and the dashboards (DESIGN.md §2): change both
+//! together.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// The front end a request came through (`protocol` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http,
+    WebSocket,
+    Grpc,
+}
+
+impl Protocol {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::WebSocket => "websocket",
+            Self::Grpc => "grpc",
+        }
+    }
+}
+
+/// Histogram buckets from 1 ms to 120 s: LLM calls span both ends.
+const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// One registry per forwarder instance (not the global one), so that several
+/// forwarders in one test process keep separate counts.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub upstream_requests: IntCounterVec,
+    pub upstream_duration: HistogramVec,
+    pub inflight: IntGauge,
+    pub retries: IntCounterVec,
+    pub circuit_open: IntGaugeVec,
+    pub idempotent_replays: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "forwarder_requests_total",
+                "Requests answered, by front end, model and status code.",
+            ),
+            &["protocol", "model", "code"],
+        )
+        .expect("valid metric");
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "forwarder_request_duration_seconds",
+                "Time from request to the last byte of the answer.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["protocol", "model"],
+        )
+        .expect("valid metric");
+        let upstream_requests = IntCounterVec::new(
+            Opts::new(
+                "forwarder_upstream_requests_total",
+                "Attempts sent upstream, by outcome.",
+            ),
+            &["upstream", "model", "outcome"],
+        )
+        .expect("valid metric");
+        let upstream_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "forwarder_upstream_duration_seconds",
+                "Duration of one upstream attempt (for streams, until the last chunk).",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["upstream", "model"],
+        )
+        .expect("valid metric");
+        let inflight = IntGauge::new(
+            "forwarder_inflight_requests",
+            "Requests being answered now.",
+        )
+        .expect("valid metric");
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "forwarder_retries_total",
+                "Attempts retried, by the endpoint that failed and why.",
+            ),
+            &["upstream", "reason"],
+        )
+        .expect("valid metric");
+        let circuit_open = IntGaugeVec::new(
+            Opts::new(
+                "forwarder_circuit_open",
+                "1 while an endpoint's circuit breaker is open.",
+            ),
+            &["upstream"],
+        )
+        .expect("valid metric");
+        let idempotent_replays = IntCounter::new(
+            "forwarder_idempotent_replays_total",
+            "Requests answered from an earlier request with the same idempotency key.",
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(request_duration.clone()),
+            Box::new(upstream_requests.clone()),
+            Box::new(upstream_duration.clone()),
+            Box::new(inflight.clone()),
+            Box::new(retries.clone()),
+            Box::new(circuit_open.clone()),
+            Box::new(idempotent_replays.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Self {
+            registry,
+            requests,
+            request_duration,
+            upstream_requests,
+            upstream_duration,
+            inflight,
+            retries,
+            circuit_open,
+            idempotent_replays,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metrics.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,12 @@
+//! Upstream model providers: the adapters that talk to them, and the
+//! machinery that picks one (balancing, circuit breaking, backoff).
+
+pub mod balance;
+pub mod breaker;
+mod error;
+pub mod pool;
+pub mod providers;
+pub mod retry;
+
+pub use error::UpstreamError;
+pub use pool::{Endpoint, Lease, PickError, Pools};
