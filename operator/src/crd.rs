@@ -288,8 +288,8 @@ impl Default for Retry {
     validation = kube::core::Rule::new("!has(self.desired) || (self.desired >= self.min && self.desired <= self.max)").message("desired must lie within [min, max]")
 )]
 pub struct Replicas {
-    /// Fewest replicas; a PodDisruptionBudget keeps `min - 1` available when
-    /// `min > 1`.
+    /// Fewest replicas. When `min > 1` a PodDisruptionBudget allows one
+    /// voluntary disruption at a time.
     #[serde(default = "default_min")]
     #[schemars(range(min = 1, max = 1000))]
     pub min: i32,

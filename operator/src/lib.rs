@@ -3,5 +3,6 @@
 
 pub mod crd;
 pub mod crdgen;
+pub mod render;
 
 pub use kube;

@@ -1,0 +1,259 @@
+//! Spec → the forwarder's own typed config (`forwarder_config::Config`).
+//!
+//! The ConfigMap is `serde_yaml` of that value, never a hand-written string,
+//! so the forwarder and the operator cannot disagree on its shape.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use forwarder_config::{AuthConfig, Config, Provider, RetryConfig, UpstreamConfig};
+
+use crate::crd::{ModelForwarderSpec, Upstream};
+
+/// Port of the HTTP listener (HTTP API, OpenAI API, WebSocket, health, metrics).
+pub const HTTP_PORT: u16 = 8080;
+/// Port of the gRPC listener.
+pub const GRPC_PORT: u16 = 9090;
+/// Where the ConfigMap's config file appears in the pod.
+pub const CONFIG_PATH: &str = "/etc/forwarder/config.yaml";
+/// Key of the config file in the ConfigMap.
+pub const CONFIG_KEY: &str = "config.yaml";
+/// Directory of the mounted client API-keys Secret (one file per client).
+pub const CLIENT_KEYS_DIR: &str = "/etc/forwarder/client-keys";
+/// Parent directory of the per-upstream API-key mounts.
+pub const UPSTREAM_KEYS_DIR: &str = "/etc/forwarder/upstream-keys";
+/// After SIGTERM, how long `/readyz` fails before the listener closes.
+pub const DRAIN_DELAY: Duration = Duration::from_secs(5);
+/// How long in-flight requests may finish once the listener has closed.
+pub const GRACE_PERIOD: Duration = Duration::from_secs(30);
+
+/// Why a spec that passed the schema cannot become a working forwarder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Condition reason, PascalCase.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn new(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// Path of an upstream's API key inside the pod.
+pub fn upstream_key_path(upstream: &str, key: &str) -> PathBuf {
+    PathBuf::from(UPSTREAM_KEYS_DIR).join(upstream).join(key)
+}
+
+fn provider(at: &str, u: &Upstream) -> Result<Provider, Problem> {
+    match u.provider.as_str() {
+        "openai" => Ok(Provider::Openai),
+        "mock" => Ok(Provider::Mock),
+        other => Err(Problem::new(
+            "UnknownProvider",
+            format!("{at}.provider: {other:?} is not supported by this forwarder (supported: openai, mock)"),
+        )),
+    }
+}
+
+fn duration(at: String, d: kube::core::Duration) -> Result<Duration, Problem> {
+    if d.is_negative() {
+        return Err(Problem::new(
+            "InvalidSpec",
+            format!("{at}: must not be negative"),
+        ));
+    }
+    Ok(d.into())
+}
+
+/// Builds the forwarder config, or every reason it cannot work.
+pub fn render(spec: &ModelForwarderSpec) -> Result<Config, Vec<Problem>> {
+    let mut problems = Vec::new();
+    let mut upstreams = Vec::with_capacity(spec.upstreams.len());
+    for (i, u) in spec.upstreams.iter().enumerate() {
+        let at = format!("spec.upstreams[{i}]");
+        let provider = provider(&at, u);
+        let connect = duration(format!("{at}.connectTimeout"), u.connect_timeout);
+        let timeout = duration(format!("{at}.timeout"), u.timeout);
+        match (provider, connect, timeout) {
+            (Ok(provider), Ok(connect_timeout), Ok(timeout)) => upstreams.push(UpstreamConfig {
+                name: u.name.clone(),
+                provider,
+                base_url: u.base_url.clone(),
+                models: u.models.clone(),
+                weight: u.weight,
+                api_key_file: u
+                    .api_key_secret_ref
+                    .as_ref()
+                    .map(|r| upstream_key_path(&u.name, &r.key)),
+                api_key_env: None,
+                connect_timeout,
+                timeout,
+                mock: None,
+            }),
+            (p, c, t) => problems.extend([p.err(), c.err(), t.err()].into_iter().flatten()),
+        }
+    }
+    let base_delay = duration("spec.retry.baseDelay".into(), spec.retry.base_delay);
+    let max_delay = duration("spec.retry.maxDelay".into(), spec.retry.max_delay);
+    let retry = match (base_delay, max_delay) {
+        (Ok(base_delay), Ok(max_delay)) => RetryConfig {
+            max_attempts: spec.retry.max_attempts,
+            base_delay,
+            max_delay,
+        },
+        (b, m) => {
+            problems.extend([b.err(), m.err()].into_iter().flatten());
+            RetryConfig::default()
+        }
+    };
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+
+    let mut config = Config {
+        upstreams,
+        retry,
+        auth: AuthConfig {
+            api_keys_file: spec
+                .auth
+                .as_ref()
+                .and_then(|a| a.api_keys_secret_ref.as_ref())
+                .map(|_| PathBuf::from(CLIENT_KEYS_DIR)),
+            ..AuthConfig::default()
+        },
+        ..Config::default()
+    };
+    config.server.listen = SocketAddr::from(([0, 0, 0, 0], HTTP_PORT));
+    config.server.shutdown.drain_delay = DRAIN_DELAY;
+    config.server.shutdown.grace_period = GRACE_PERIOD;
+
+    // Models are declared per upstream (at least one each), so this only
+    // guards against a future spec shape that could leave one unserved.
+    if config.models().is_empty() {
+        problems.push(Problem::new("NoModels", "no upstream serves any model"));
+    }
+    // The forwarder's own validation, so a config it would refuse at start
+    // is reported here instead of as a crash-looping pod.
+    if let Err(errors) = forwarder_config::validate(&config) {
+        problems.extend(errors.into_iter().map(|e| {
+            Problem::new(
+                "InvalidConfig",
+                format!("forwarder config {}: {}", e.field, e.message),
+            )
+        }));
+    }
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(problems)
+    }
+}
+
+/// The config file's text, as the forwarder reads it.
+pub fn to_yaml(config: &Config) -> Result<String, serde_yaml::Error> {
+    serde_yaml::to_string(config)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::crd::Auth;
+
+    pub(crate) fn spec() -> ModelForwarderSpec {
+        serde_json::from_value(serde_json::json!({
+            "upstreams": [{
+                "name": "primary",
+                "provider": "openai",
+                "baseUrl": "https://llm.internal/v1",
+                "models": ["qwen-max"],
+                "apiKeySecretRef": {"name": "llm-keys", "key": "primary"},
+                "weight": 3
+            }, {
+                "name": "local",
+                "provider": "mock",
+                "models": ["qwen-max", "mock"]
+            }],
+            "auth": {"apiKeysSecretRef": {"name": "clients"}},
+            "retry": {"maxAttempts": 4, "baseDelay": "1s", "maxDelay": "8s"},
+            "replicas": {"min": 2, "max": 20}
+        }))
+        .expect("valid spec")
+    }
+
+    #[test]
+    fn renders_listen_shutdown_auth_and_key_paths() {
+        let c = render(&spec()).expect("renders");
+        assert_eq!(c.server.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.server.shutdown.drain_delay, Duration::from_secs(5));
+        assert_eq!(
+            c.auth.api_keys_file.as_deref(),
+            Some(std::path::Path::new("/etc/forwarder/client-keys"))
+        );
+        assert_eq!(c.retry.max_attempts, 4);
+        assert_eq!(c.retry.max_delay, Duration::from_secs(8));
+        let primary = &c.upstreams[0];
+        assert_eq!(primary.provider, Provider::Openai);
+        assert_eq!(primary.weight, 3);
+        assert_eq!(
+            primary.api_key_file.as_deref(),
+            Some(std::path::Path::new(
+                "/etc/forwarder/upstream-keys/primary/primary"
+            ))
+        );
+        assert_eq!(c.upstreams[1].provider, Provider::Mock);
+        assert_eq!(c.upstreams[1].api_key_file, None);
+        assert_eq!(c.models(), vec!["mock".to_string(), "qwen-max".to_string()]);
+    }
+
+    #[test]
+    fn rendered_yaml_loads_back_and_validates_in_the_forwarder() {
+        let c = render(&spec()).expect("renders");
+        let yaml = to_yaml(&c).expect("serialises");
+        let loaded = forwarder_config::load_from_str(&yaml).expect("forwarder accepts it");
+        assert_eq!(loaded, c);
+    }
+
+    #[test]
+    fn no_auth_secret_means_auth_off() {
+        let mut s = spec();
+        s.auth = Some(Auth {
+            api_keys_secret_ref: None,
+            jwt: None,
+        });
+        assert_eq!(render(&s).expect("renders").auth.api_keys_file, None);
+        s.auth = None;
+        assert_eq!(render(&s).expect("renders").auth.api_keys_file, None);
+    }
+
+    #[test]
+    fn unknown_provider_is_a_problem_naming_the_field() {
+        let mut s = spec();
+        s.upstreams[1].provider = "anthropic".into();
+        let problems = render(&s).unwrap_err();
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].reason, "UnknownProvider");
+        assert!(
+            problems[0].message.contains("spec.upstreams[1].provider"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn forwarder_validation_errors_become_problems() {
+        let mut s = spec();
+        s.upstreams[0].timeout = std::time::Duration::ZERO.into();
+        let problems = render(&s).unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.reason == "InvalidConfig" && p.message.contains("upstreams[0].timeout")),
+            "{problems:?}"
+        );
+    }
+}

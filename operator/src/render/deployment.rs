@@ -1,0 +1,450 @@
+//! The forwarder Deployment.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    HTTPGetAction, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::config::{
+    CLIENT_KEYS_DIR, CONFIG_KEY, CONFIG_PATH, DRAIN_DELAY, GRACE_PERIOD, GRPC_PORT, HTTP_PORT,
+    UPSTREAM_KEYS_DIR,
+};
+use super::{config_map_name, labels, metadata, Inputs};
+use crate::crd::Protocol;
+
+/// UID/GID the forwarder runs as (the distroless `nonroot` user).
+pub const RUN_AS: i64 = 65532;
+/// Secret files readable by owner and the pod's fsGroup only.
+const SECRET_MODE: i32 = 0o440;
+
+/// Volume name of an upstream's API-key Secret.
+pub fn upstream_volume(upstream: &str) -> String {
+    format!("upstream-key-{upstream}")
+}
+
+/// Seconds Kubernetes waits after SIGTERM: the forwarder's drain delay and
+/// grace period, plus a margin so it never gets SIGKILLed mid-drain.
+pub fn termination_grace_seconds() -> i64 {
+    (DRAIN_DELAY + GRACE_PERIOD).as_secs() as i64 + 10
+}
+
+fn default_resources() -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), Quantity("100m".into())),
+            ("memory".to_string(), Quantity("64Mi".into())),
+        ])),
+        limits: Some(BTreeMap::from([(
+            "memory".to_string(),
+            Quantity("256Mi".into()),
+        )])),
+        ..ResourceRequirements::default()
+    }
+}
+
+fn probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Probe::default()
+    }
+}
+
+fn volumes_and_mounts(inputs: &Inputs<'_>) -> (Vec<Volume>, Vec<VolumeMount>) {
+    let mut volumes = vec![
+        Volume {
+            name: "config".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: config_map_name(inputs.name),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        // The root filesystem is read-only; give the process a scratch dir.
+        Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: Some(Quantity("64Mi".into())),
+                ..EmptyDirVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+    ];
+    let mut mounts = vec![
+        // A single-file mount: the pod hash, not a live update, carries changes.
+        VolumeMount {
+            name: "config".into(),
+            mount_path: CONFIG_PATH.into(),
+            sub_path: Some(CONFIG_KEY.into()),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: "tmp".into(),
+            mount_path: "/tmp".into(),
+            ..VolumeMount::default()
+        },
+    ];
+    if let Some(secret) = inputs
+        .spec
+        .auth
+        .as_ref()
+        .and_then(|a| a.api_keys_secret_ref.as_ref())
+    {
+        volumes.push(Volume {
+            name: "client-keys".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.name.clone()),
+                default_mode: Some(SECRET_MODE),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: "client-keys".into(),
+            mount_path: CLIENT_KEYS_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+    for u in &inputs.spec.upstreams {
+        let Some(r) = &u.api_key_secret_ref else {
+            continue;
+        };
+        // Project only the referenced key: the pod sees no other secret.
+        volumes.push(Volume {
+            name: upstream_volume(&u.name),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(r.name.clone()),
+                items: Some(vec![KeyToPath {
+                    key: r.key.clone(),
+                    path: r.key.clone(),
+                    mode: None,
+                }]),
+                default_mode: Some(SECRET_MODE),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: upstream_volume(&u.name),
+            mount_path: format!("{UPSTREAM_KEYS_DIR}/{}", u.name),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+    (volumes, mounts)
+}
+
+fn ports(inputs: &Inputs<'_>) -> Vec<ContainerPort> {
+    let mut ports = vec![ContainerPort {
+        name: Some("http".into()),
+        container_port: i32::from(HTTP_PORT),
+        protocol: Some("TCP".into()),
+        ..ContainerPort::default()
+    }];
+    if inputs.spec.protocols.contains(&Protocol::Grpc) {
+        ports.push(ContainerPort {
+            name: Some("grpc".into()),
+            container_port: i32::from(GRPC_PORT),
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        });
+    }
+    ports
+}
+
+/// The Deployment. `spec.replicas` is deliberately absent: it belongs to the
+/// scaler's field manager, so applying this never resets a scaled count.
+pub fn deployment(inputs: &Inputs<'_>, config_hash: &str) -> Deployment {
+    let pod = &inputs.spec.pod;
+    let (volumes, volume_mounts) = volumes_and_mounts(inputs);
+
+    let mut annotations = pod.annotations.clone();
+    annotations.extend([
+        (labels::CONFIG_HASH.to_string(), config_hash.to_string()),
+        ("prometheus.io/scrape".to_string(), "true".to_string()),
+        ("prometheus.io/port".to_string(), HTTP_PORT.to_string()),
+        ("prometheus.io/path".to_string(), "/metrics".to_string()),
+    ]);
+
+    let container = Container {
+        name: "forwarder".into(),
+        image: Some(
+            pod.image
+                .clone()
+                .unwrap_or_else(|| inputs.default_image.to_string()),
+        ),
+        image_pull_policy: pod.image_pull_policy.map(|p| p.as_str().to_string()),
+        command: Some(vec!["forwarder".into()]),
+        args: Some(vec!["serve".into(), "--config".into(), CONFIG_PATH.into()]),
+        ports: Some(ports(inputs)),
+        liveness_probe: Some(probe("/healthz", 10, 3)),
+        readiness_probe: Some(probe("/readyz", 5, 2)),
+        resources: Some(pod.resources.clone().unwrap_or_else(default_resources)),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            privileged: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: None,
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(volume_mounts),
+        ..Container::default()
+    };
+
+    Deployment {
+        metadata: metadata(inputs, inputs.name.to_string()),
+        spec: Some(DeploymentSpec {
+            replicas: None,
+            selector: LabelSelector {
+                match_labels: Some(labels::selector(inputs.name)),
+                match_expressions: None,
+            },
+            // Surge before removing: capacity never drops during a rollout.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::String("25%".into())),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels::pod(inputs.name, &pod.labels)),
+                    annotations: Some(annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    volumes: Some(volumes),
+                    service_account_name: pod.service_account_name.clone(),
+                    // The forwarder never calls the Kubernetes API.
+                    automount_service_account_token: Some(false),
+                    termination_grace_period_seconds: Some(termination_grace_seconds()),
+                    node_selector: (!pod.node_selector.is_empty())
+                        .then(|| pod.node_selector.clone()),
+                    tolerations: (!pod.tolerations.is_empty()).then(|| pod.tolerations.clone()),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(RUN_AS),
+                        run_as_group: Some(RUN_AS),
+                        fs_group: Some(RUN_AS),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            localhost_profile: None,
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        status: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::render::config::tests::spec;
+    use crate::render::tests::inputs;
+
+    fn render(spec: &crate::crd::ModelForwarderSpec) -> Deployment {
+        let secrets = BTreeMap::new();
+        deployment(&inputs(spec, &secrets), "abc123")
+    }
+
+    fn pod_spec(d: &Deployment) -> &PodSpec {
+        d.spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .expect("pod spec")
+    }
+
+    #[test]
+    fn replicas_are_left_to_the_scaler() {
+        assert_eq!(render(&spec()).spec.expect("spec").replicas, None);
+    }
+
+    #[test]
+    fn runs_forwarder_serve_with_the_config_file() {
+        let d = render(&spec());
+        let c = &pod_spec(&d).containers[0];
+        assert_eq!(
+            c.image.as_deref(),
+            Some("ghcr.io/modelforwarder/forwarder:0.1.0")
+        );
+        assert_eq!(c.command, Some(vec!["forwarder".to_string()]));
+        assert_eq!(
+            c.args,
+            Some(vec![
+                "serve".to_string(),
+                "--config".to_string(),
+                "/etc/forwarder/config.yaml".to_string()
+            ])
+        );
+    }
+
+    #[test]
+    fn image_and_pod_overrides_apply() {
+        let mut s = spec();
+        s.pod.image = Some("registry.local/fwd:dev".into());
+        s.pod.node_selector = BTreeMap::from([("pool".into(), "gpu".into())]);
+        s.pod.labels = BTreeMap::from([("team".into(), "ai".into())]);
+        s.pod.annotations = BTreeMap::from([(labels::CONFIG_HASH.into(), "forged".into())]);
+        let d = render(&s);
+        let p = pod_spec(&d);
+        assert_eq!(
+            p.containers[0].image.as_deref(),
+            Some("registry.local/fwd:dev")
+        );
+        assert_eq!(p.node_selector.as_ref().expect("ns")["pool"], "gpu");
+        let meta = d
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .expect("meta");
+        assert_eq!(meta.labels.as_ref().expect("labels")["team"], "ai");
+        assert_eq!(
+            meta.annotations.as_ref().expect("ann")[labels::CONFIG_HASH],
+            "abc123",
+            "the operator's hash wins"
+        );
+    }
+
+    #[test]
+    fn security_context_is_locked_down() {
+        let d = render(&spec());
+        let p = pod_spec(&d);
+        let psc = p.security_context.as_ref().expect("pod sc");
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(psc.run_as_user, Some(RUN_AS));
+        let sc = p.containers[0].security_context.as_ref().expect("sc");
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(
+            sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+            Some(vec!["ALL".to_string()])
+        );
+        assert_eq!(p.automount_service_account_token, Some(false));
+        assert!(p.termination_grace_period_seconds.expect("grace") > 35);
+    }
+
+    #[test]
+    fn probes_hit_healthz_and_readyz_on_the_http_port() {
+        let d = render(&spec());
+        let c = &pod_spec(&d).containers[0];
+        for (probe, path) in [
+            (&c.liveness_probe, "/healthz"),
+            (&c.readiness_probe, "/readyz"),
+        ] {
+            let get = probe
+                .as_ref()
+                .and_then(|p| p.http_get.as_ref())
+                .expect("http probe");
+            assert_eq!(get.path.as_deref(), Some(path));
+            assert_eq!(get.port, IntOrString::String("http".into()));
+        }
+    }
+
+    #[test]
+    fn labels_selector_and_prometheus_annotations() {
+        let d = render(&spec());
+        let s = d.spec.as_ref().expect("spec");
+        assert_eq!(s.selector.match_labels, Some(labels::selector("bot")));
+        let meta = s.template.metadata.as_ref().expect("meta");
+        let l = meta.labels.as_ref().expect("labels");
+        assert_eq!(l[labels::INSTANCE], "bot");
+        assert_eq!(l[labels::NAME], "forwarder");
+        assert_eq!(l[labels::MANAGED_BY], "modelforwarder-operator");
+        let a = meta.annotations.as_ref().expect("annotations");
+        assert_eq!(a["prometheus.io/scrape"], "true");
+        assert_eq!(a["prometheus.io/port"], "8080");
+        assert_eq!(a["prometheus.io/path"], "/metrics");
+    }
+
+    #[test]
+    fn secrets_are_mounted_as_files_with_only_the_referenced_key() {
+        let d = render(&spec());
+        let p = pod_spec(&d);
+        let vols = p.volumes.as_ref().expect("volumes");
+        let clients = vols
+            .iter()
+            .find(|v| v.name == "client-keys")
+            .expect("client keys");
+        assert_eq!(
+            clients
+                .secret
+                .as_ref()
+                .and_then(|s| s.secret_name.as_deref()),
+            Some("clients")
+        );
+        let up = vols
+            .iter()
+            .find(|v| v.name == "upstream-key-primary")
+            .expect("upstream");
+        let items = up
+            .secret
+            .as_ref()
+            .and_then(|s| s.items.clone())
+            .expect("items");
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].key, "primary");
+        assert!(
+            !vols.iter().any(|v| v.name == "upstream-key-local"),
+            "no key, no volume"
+        );
+        let mounts: BTreeMap<_, _> = p.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| (m.name.as_str(), m.mount_path.as_str()))
+            .collect();
+        assert_eq!(mounts["config"], "/etc/forwarder/config.yaml");
+        assert_eq!(mounts["client-keys"], "/etc/forwarder/client-keys");
+        assert_eq!(
+            mounts["upstream-key-primary"],
+            "/etc/forwarder/upstream-keys/primary"
+        );
+    }
+
+    #[test]
+    fn grpc_adds_a_container_port() {
+        let names = |d: &Deployment| -> Vec<String> {
+            pod_spec(d).containers[0]
+                .ports
+                .iter()
+                .flatten()
+                .filter_map(|p| p.name.clone())
+                .collect()
+        };
+        let mut s = spec();
+        assert_eq!(names(&render(&s)), vec!["http"]);
+        s.protocols = vec![Protocol::Http, Protocol::Websocket, Protocol::Grpc];
+        assert_eq!(names(&render(&s)), vec!["http", "grpc"]);
+    }
+}
