@@ -3,6 +3,16 @@
 
 pub mod crd;
 pub mod crdgen;
+pub mod reconcile;
 pub mod render;
+pub mod status;
+pub mod telemetry;
 
 pub use kube;
+
+/// Forwarder image used when neither `--forwarder-image` nor
+/// `spec.pod.image` says otherwise.
+pub const DEFAULT_FORWARDER_IMAGE: &str = concat!(
+    "ghcr.io/modelforwarder/forwarder:",
+    env!("CARGO_PKG_VERSION")
+);

@@ -1,0 +1,634 @@
+//! The control loop: one ModelForwarder in, applied objects, status and
+//! Events out.
+//!
+//! Order of one reconciliation: read the Deployment, the referenced Secrets
+//! and the other owned objects; decide whether the spec can work; apply
+//! (server-side, one field manager) only the objects whose rendered form
+//! changed; keep the replica count within bounds under a second field
+//! manager; write status only when it changed; publish Events for what was
+//! done and for new problems.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::core::error_boundary::InvalidObject;
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::crd::{ModelForwarder, ModelForwarderSpec, Replicas};
+use crate::render::config::Problem;
+use crate::render::labels::{APPLIED_HASH, FIELD_MANAGER, SCALER_FIELD_MANAGER};
+use crate::render::{self, config_map_name, labels, Inputs};
+use crate::status::{self, Observed};
+use crate::telemetry::Metrics;
+
+/// How often a healthy resource is reconciled even without a change.
+pub const RESYNC: Duration = Duration::from_secs(300);
+/// Retry delay after a failed reconciliation (API errors, conflicts).
+pub const RETRY: Duration = Duration::from_secs(15);
+
+/// Shared state of the controller.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    /// Forwarder image when `spec.pod.image` is unset.
+    pub default_image: String,
+    pub metrics: Metrics,
+}
+
+/// Why a reconciliation failed; it is retried after [`RETRY`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{action}: {source}")]
+    Api {
+        action: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("serialising the forwarder config: {0}")]
+    Yaml(#[from] serde_yaml::Error),
+    #[error("serialising an object: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("the ModelForwarder has no {0}")]
+    MissingField(&'static str),
+}
+
+impl Error {
+    /// Low-cardinality label for the errors metric.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Api { .. } => "api",
+            Error::Yaml(_) | Error::Json(_) => "serialise",
+            Error::MissingField(_) => "missing_field",
+        }
+    }
+}
+
+fn api_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+    let action = action.into();
+    move |source| Error::Api { action, source }
+}
+
+/// One use of a Secret by the spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretUse {
+    pub name: String,
+    /// The key that must exist; `None` when the whole Secret is used.
+    pub key: Option<String>,
+    /// Spec path of the reference, for messages.
+    pub field: String,
+}
+
+/// Secrets the forwarder pods mount. The JWKS Secret is not included: JWT
+/// is not enforced yet, so its absence must not block the forwarder.
+pub fn secret_uses(spec: &ModelForwarderSpec) -> Vec<SecretUse> {
+    let mut uses = Vec::new();
+    if let Some(r) = spec
+        .auth
+        .as_ref()
+        .and_then(|a| a.api_keys_secret_ref.as_ref())
+    {
+        uses.push(SecretUse {
+            name: r.name.clone(),
+            key: None,
+            field: "spec.auth.apiKeysSecretRef".into(),
+        });
+    }
+    for (i, u) in spec.upstreams.iter().enumerate() {
+        if let Some(r) = &u.api_key_secret_ref {
+            uses.push(SecretUse {
+                name: r.name.clone(),
+                key: Some(r.key.clone()),
+                field: format!("spec.upstreams[{i}].apiKeySecretRef"),
+            });
+        }
+    }
+    uses
+}
+
+/// Whether a Secret (by namespace and name) is referenced by a resource.
+pub fn references_secret(mf: &ModelForwarder, namespace: &str, name: &str) -> bool {
+    mf.namespace().as_deref() == Some(namespace)
+        && secret_uses(&mf.spec).iter().any(|u| u.name == name)
+}
+
+/// Resources to reconcile when a Secret changes (the controller's mapper).
+pub fn resources_referencing(
+    resources: &[Arc<DeserializeGuard<ModelForwarder>>],
+    secret: &Secret,
+) -> Vec<ObjectRef<DeserializeGuard<ModelForwarder>>> {
+    let (Some(ns), Some(name)) = (
+        secret.metadata.namespace.as_deref(),
+        secret.metadata.name.as_deref(),
+    ) else {
+        return Vec::new();
+    };
+    resources
+        .iter()
+        .filter_map(|g| g.0.as_ref().ok())
+        .filter(|mf| references_secret(mf, ns, name))
+        .map(|mf| ObjectRef::new(&mf.name_any()).within(ns))
+        .collect()
+}
+
+/// The replica count to set, if the current one must change: the pinned
+/// `desired`, else the current count clamped into `[min, max]`.
+pub fn scale_target(current: Option<i32>, r: &Replicas) -> Option<i32> {
+    let want = match (r.desired, current) {
+        (Some(d), _) => d.clamp(r.min, r.max.max(r.min)),
+        (None, None) => r.min,
+        (None, Some(c)) => c.clamp(r.min, r.max.max(r.min)),
+    };
+    (current != Some(want)).then_some(want)
+}
+
+/// Hash of a rendered object, stored on it so an unchanged object is not
+/// applied again.
+pub fn applied_hash<K: Serialize>(obj: &K) -> Result<String, serde_json::Error> {
+    let bytes = serde_json::to_vec(obj)?;
+    Ok(render::hex(&Sha256::digest(&bytes)[..16]))
+}
+
+/// Applies `desired` unless `existing` carries the same applied hash.
+/// Returns the applied object when it wrote.
+async fn ensure<K>(api: &Api<K>, existing: Option<&K>, mut desired: K) -> Result<Option<K>, Error>
+where
+    K: Resource<DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug,
+{
+    let hash = applied_hash(&desired)?;
+    if existing.and_then(|e| e.annotations().get(APPLIED_HASH)) == Some(&hash) {
+        return Ok(None);
+    }
+    desired.annotations_mut().insert(APPLIED_HASH.into(), hash);
+    let name = desired.name_any();
+    let applied = api
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&desired),
+        )
+        .await
+        .map_err(api_err(format!("applying {} {name}", K::kind(&()))))?;
+    Ok(Some(applied))
+}
+
+async fn get<K>(api: &Api<K>, name: &str) -> Result<Option<K>, Error>
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug,
+{
+    api.get_opt(name)
+        .await
+        .map_err(api_err(format!("reading {} {name}", K::kind(&()))))
+}
+
+fn owned_by(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, uid: &str) -> bool {
+    meta.owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.uid == uid && o.controller == Some(true))
+}
+
+async fn publish(
+    ctx: &Context,
+    regarding: &ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        // The Events API caps the note at 1 KiB.
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    // An Event that cannot be written must not fail the reconciliation.
+    if let Err(e) = ctx.recorder.publish(&ev, regarding).await {
+        tracing::warn!(error = %e, reason, "publishing an Event");
+    }
+}
+
+/// The controller's entry point: tolerates objects that fail to deserialise.
+pub async fn reconcile(
+    obj: Arc<DeserializeGuard<ModelForwarder>>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = match &obj.0 {
+        Ok(mf) => reconcile_one(mf, &ctx).await,
+        Err(invalid) => {
+            report_invalid(invalid, &ctx).await;
+            Ok(Action::await_change())
+        }
+    };
+    ctx.metrics
+        .duration
+        .observe(started.elapsed().as_secs_f64());
+    let label = if result.is_ok() { "ok" } else { "error" };
+    ctx.metrics.reconciles.with_label_values(&[label]).inc();
+    result
+}
+
+/// Called by the controller after a failed reconciliation.
+pub fn error_policy(
+    obj: Arc<DeserializeGuard<ModelForwarder>>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    let name = match &obj.0 {
+        Ok(mf) => mf.name_any(),
+        Err(invalid) => invalid.metadata.name.clone().unwrap_or_default(),
+    };
+    tracing::warn!(%error, name, "reconcile failed; retrying");
+    ctx.metrics.errors.with_label_values(&[error.kind()]).inc();
+    Action::requeue(RETRY)
+}
+
+/// An object that is not a valid ModelForwarder: say so on the object and
+/// wait for it to change.
+async fn report_invalid(invalid: &InvalidObject, ctx: &Context) {
+    ctx.metrics.invalid_objects.inc();
+    let m = &invalid.metadata;
+    tracing::warn!(name = ?m.name, namespace = ?m.namespace, error = %invalid.error, "invalid ModelForwarder");
+    let regarding = ObjectReference {
+        api_version: Some(ModelForwarder::api_version(&()).into_owned()),
+        kind: Some(ModelForwarder::kind(&()).into_owned()),
+        name: m.name.clone(),
+        namespace: m.namespace.clone(),
+        uid: m.uid.clone(),
+        resource_version: m.resource_version.clone(),
+        ..ObjectReference::default()
+    };
+    publish(
+        ctx,
+        &regarding,
+        EventType::Warning,
+        "InvalidObject",
+        format!("cannot read the resource: {}", invalid.error),
+    )
+    .await;
+}
+
+/// Reconciles one valid ModelForwarder.
+pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action, Error> {
+    // Owner references cascade the deletion; nothing to clean up by hand.
+    if mf.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let name = mf.name_any();
+    let ns = mf
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let owner = mf
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingField("metadata.uid"))?;
+    let uid = owner.uid.clone();
+    let regarding = mf.object_ref(&());
+    let client = ctx.client.clone();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+
+    let mut blocking: Vec<Problem> = Vec::new();
+    let mut warnings: Vec<Problem> = Vec::new();
+
+    let config = match render::config::render(&mf.spec) {
+        Ok(c) => Some(c),
+        Err(problems) => {
+            blocking.extend(problems);
+            None
+        }
+    };
+
+    // Referenced Secrets: existence, key, and version (for the pod hash).
+    let mut by_secret: BTreeMap<String, Vec<SecretUse>> = BTreeMap::new();
+    for u in secret_uses(&mf.spec) {
+        by_secret.entry(u.name.clone()).or_default().push(u);
+    }
+    let mut secret_versions = BTreeMap::new();
+    for (secret_name, uses) in &by_secret {
+        let Some(secret) = get(&secrets, secret_name).await? else {
+            for u in uses {
+                blocking.push(Problem::new(
+                    "SecretNotFound",
+                    format!(
+                        "Secret {secret_name:?} ({}) not found in namespace {ns:?}",
+                        u.field
+                    ),
+                ));
+            }
+            continue;
+        };
+        for u in uses {
+            let Some(key) = &u.key else { continue };
+            let has = secret.data.as_ref().is_some_and(|d| d.contains_key(key))
+                || secret
+                    .string_data
+                    .as_ref()
+                    .is_some_and(|d| d.contains_key(key));
+            if !has {
+                blocking.push(Problem::new(
+                    "SecretKeyNotFound",
+                    format!("Secret {secret_name:?} has no key {key:?} ({})", u.field),
+                ));
+            }
+        }
+        secret_versions.insert(
+            secret_name.clone(),
+            secret.resource_version().unwrap_or_default(),
+        );
+    }
+
+    if mf.spec.auth.as_ref().is_some_and(|a| a.jwt.is_some()) {
+        warnings.push(Problem::new(
+            "JwtUnsupported",
+            "spec.auth.jwt is set but the forwarder does not enforce JWT yet; only API keys (if configured) authenticate clients",
+        ));
+    }
+
+    let cm_name = config_map_name(&name);
+    let existing_dep = get(&deployments, &name).await?;
+    let existing_cm = get(&config_maps, &cm_name).await?;
+    let existing_svc = get(&services, &name).await?;
+    let existing_pdb = get(&pdbs, &name).await?;
+    // Never take over an object someone else created under our name.
+    for (kind, meta) in [
+        ("Deployment", existing_dep.as_ref().map(|o| &o.metadata)),
+        ("ConfigMap", existing_cm.as_ref().map(|o| &o.metadata)),
+        ("Service", existing_svc.as_ref().map(|o| &o.metadata)),
+        (
+            "PodDisruptionBudget",
+            existing_pdb.as_ref().map(|o| &o.metadata),
+        ),
+    ] {
+        if let Some(meta) = meta.filter(|m| !owned_by(m, &uid)) {
+            blocking.push(Problem::new(
+                "NameConflict",
+                format!(
+                    "{kind} {:?} exists and is not owned by this ModelForwarder",
+                    meta.name.as_deref().unwrap_or_default()
+                ),
+            ));
+        }
+    }
+
+    let mut deployment = existing_dep;
+    let mut done: Vec<String> = Vec::new();
+    let mut scaled: Option<(Option<i32>, i32)> = None;
+    if let (true, Some(config)) = (blocking.is_empty(), config) {
+        let inputs = Inputs {
+            name: &name,
+            namespace: &ns,
+            owner,
+            spec: &mf.spec,
+            default_image: &ctx.default_image,
+            secret_versions: &secret_versions,
+        };
+        let r = render::render(&inputs, &config)?;
+        if ensure(&config_maps, existing_cm.as_ref(), r.config_map)
+            .await?
+            .is_some()
+        {
+            done.push(format!("applied ConfigMap {cm_name}"));
+        }
+        if ensure(&services, existing_svc.as_ref(), r.service)
+            .await?
+            .is_some()
+        {
+            done.push(format!("applied Service {name}"));
+        }
+        if let Some(pdb) = r.pdb {
+            if ensure(&pdbs, existing_pdb.as_ref(), pdb).await?.is_some() {
+                done.push(format!("applied PodDisruptionBudget {name}"));
+            }
+        } else if existing_pdb.is_some() {
+            pdbs.delete(&name, &DeleteParams::default())
+                .await
+                .map_err(api_err(format!("deleting PodDisruptionBudget {name}")))?;
+            done.push(format!("deleted PodDisruptionBudget {name}"));
+        }
+        if let Some(applied) = ensure(&deployments, deployment.as_ref(), r.deployment).await? {
+            done.push(format!("applied Deployment {name}"));
+            deployment = Some(applied);
+        }
+
+        // Replicas live under their own field manager, never in the apply
+        // above, so applying and scaling do not fight.
+        let current = deployment
+            .as_ref()
+            .and_then(|d| d.spec.as_ref())
+            .and_then(|s| s.replicas);
+        if let Some(target) = scale_target(current, &mf.spec.replicas) {
+            let body = serde_json::json!({
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": name},
+                "spec": {"replicas": target},
+            });
+            let patched = deployments
+                .patch(
+                    &name,
+                    &PatchParams::apply(SCALER_FIELD_MANAGER).force(),
+                    &Patch::Apply(&body),
+                )
+                .await
+                .map_err(api_err(format!("scaling Deployment {name}")))?;
+            deployment = Some(patched);
+            scaled = Some((current, target));
+        }
+    }
+
+    if !done.is_empty() {
+        publish(
+            ctx,
+            &regarding,
+            EventType::Normal,
+            "Applied",
+            done.join(", "),
+        )
+        .await;
+    }
+    if let Some((from, to)) = scaled {
+        let from = from.map_or_else(|| "unset".to_string(), |n| n.to_string());
+        let r = &mf.spec.replicas;
+        publish(
+            ctx,
+            &regarding,
+            EventType::Normal,
+            "Scaled",
+            format!(
+                "Deployment replicas {from} → {to} (min {}, max {})",
+                r.min, r.max
+            ),
+        )
+        .await;
+    }
+
+    let previous = mf.status.as_ref();
+    let new_status = status::compute(
+        &Observed {
+            generation: mf.metadata.generation,
+            deployment: deployment.as_ref(),
+            min_replicas: mf.spec.replicas.min,
+            blocking: &blocking,
+            warnings: &warnings,
+            selector: labels::selector_string(&name),
+            now: Time(jiff::Timestamp::now()),
+        },
+        previous,
+    );
+
+    // Events for new problems and for recovery, not for every pass.
+    let old = status::find(previous, status::DEGRADED);
+    let new = status::find(Some(&new_status), status::DEGRADED);
+    if let Some(new) = new {
+        let changed = old.is_none_or(|o| {
+            o.status != new.status || o.reason != new.reason || o.message != new.message
+        });
+        if changed && new.status == "True" {
+            publish(
+                ctx,
+                &regarding,
+                EventType::Warning,
+                &new.reason,
+                new.message.clone(),
+            )
+            .await;
+        } else if new.status == "False" && old.is_some_and(|o| o.status == "True") {
+            publish(
+                ctx,
+                &regarding,
+                EventType::Normal,
+                "Recovered",
+                "no longer degraded".into(),
+            )
+            .await;
+        }
+    }
+
+    if previous.map(status::owned_part) != Some(new_status.clone()) {
+        let api: Api<ModelForwarder> = Api::namespaced(client, &ns);
+        let body = serde_json::json!({
+            "apiVersion": ModelForwarder::api_version(&()),
+            "kind": ModelForwarder::kind(&()),
+            "status": new_status,
+        });
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .map_err(api_err(format!("writing the status of {name}")))?;
+    }
+
+    // A blocked resource waits for a change to itself or to a Secret it
+    // references (both trigger a reconcile) instead of retrying in a loop.
+    Ok(if blocking.is_empty() {
+        Action::requeue(RESYNC)
+    } else {
+        Action::await_change()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replicas(min: i32, max: i32, desired: Option<i32>) -> Replicas {
+        Replicas { min, max, desired }
+    }
+
+    #[test]
+    fn scale_target_only_moves_out_of_bounds_counts() {
+        let r = replicas(2, 5, None);
+        assert_eq!(scale_target(None, &r), Some(2), "absent → min");
+        assert_eq!(scale_target(Some(1), &r), Some(2), "below min → min");
+        assert_eq!(scale_target(Some(3), &r), None, "within bounds: leave it");
+        assert_eq!(scale_target(Some(9), &r), Some(5), "above max → max");
+    }
+
+    #[test]
+    fn scale_target_honours_a_pinned_count() {
+        let r = replicas(2, 5, Some(4));
+        assert_eq!(scale_target(Some(3), &r), Some(4));
+        assert_eq!(scale_target(Some(4), &r), None);
+        assert_eq!(scale_target(None, &r), Some(4));
+    }
+
+    #[test]
+    fn secret_uses_name_their_fields() {
+        let spec = crate::render::config::tests::spec();
+        let uses = secret_uses(&spec);
+        assert_eq!(
+            uses,
+            vec![
+                SecretUse {
+                    name: "clients".into(),
+                    key: None,
+                    field: "spec.auth.apiKeysSecretRef".into()
+                },
+                SecretUse {
+                    name: "llm-keys".into(),
+                    key: Some("primary".into()),
+                    field: "spec.upstreams[0].apiKeySecretRef".into()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn secret_changes_map_to_the_resources_that_reference_them() {
+        let mut a = ModelForwarder::new("a", crate::render::config::tests::spec());
+        a.metadata.namespace = Some("ai".into());
+        let mut b = a.clone();
+        b.metadata.name = Some("b".into());
+        b.metadata.namespace = Some("other".into());
+        let all = vec![
+            Arc::new(DeserializeGuard(Ok(a))),
+            Arc::new(DeserializeGuard(Ok(b))),
+        ];
+        let secret = |ns: &str, name: &str| Secret {
+            metadata: kube::api::ObjectMeta {
+                namespace: Some(ns.into()),
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            ..Secret::default()
+        };
+        let hits = resources_referencing(&all, &secret("ai", "llm-keys"));
+        assert_eq!(hits, vec![ObjectRef::new("a").within("ai")]);
+        assert!(resources_referencing(&all, &secret("ai", "unrelated")).is_empty());
+    }
+
+    #[test]
+    fn applied_hash_tracks_content() {
+        let a = ConfigMap::default();
+        let mut b = ConfigMap::default();
+        assert_eq!(
+            applied_hash(&a).expect("hash"),
+            applied_hash(&b).expect("hash")
+        );
+        b.data = Some(BTreeMap::from([("k".into(), "v".into())]));
+        assert_ne!(
+            applied_hash(&a).expect("hash"),
+            applied_hash(&b).expect("hash")
+        );
+    }
+}
