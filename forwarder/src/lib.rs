@@ -26,3 +26,12 @@ impl BuildError {
         Self(msg.into())
     }
 }
+
+/// Installs the process-wide TLS crypto provider (ring, as kube uses) that
+/// reqwest's rustls needs; idempotent.
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}

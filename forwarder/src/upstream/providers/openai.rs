@@ -41,6 +41,7 @@ impl OpenAiProvider {
             }
             None => None,
         };
+        crate::install_crypto_provider();
         let client = reqwest::Client::builder()
             .connect_timeout(cfg.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(90))

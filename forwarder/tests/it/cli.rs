@@ -1,0 +1,117 @@
+//! The binary's subcommands: config checking, bad config, mock-llm.
+
+use std::process::Stdio;
+
+use serde_json::json;
+
+use crate::shutdown::{binary, free_port, Child};
+
+fn check(yaml: &str, env: &[(&str, &str)]) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let mut cmd = binary();
+    cmd.arg("check-config").arg("--config").arg(&file);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn check_config_accepts_good_and_names_the_bad_field() {
+    let (ok, out) = check("retry: {max_attempts: 2}\n", &[]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("configuration OK") && out.contains("mock"),
+        "{out}"
+    );
+
+    let (ok, out) = check("retry: {max_attempts: 0}\n", &[]);
+    assert!(!ok);
+    assert!(out.contains("retry.max_attempts"), "{out}");
+
+    let (ok, out) = check("server: {listen: 127.0.0.1:8080, colour: blue}\n", &[]);
+    assert!(!ok);
+    assert!(out.contains("colour"), "{out}");
+
+    let (ok, out) = check(
+        "upstreams: [{name: a, provider: openai, models: [m], base_url: 'http://127.0.0.1:1/v1', api_key_file: /nonexistent/key}]\n",
+        &[],
+    );
+    assert!(!ok);
+    assert!(out.contains("api_key_file"), "{out}");
+
+    let (ok, out) = check("{}\n", &[("FORWARDER_RETRY__MAX_ATTEMPTS", "99")]);
+    assert!(!ok, "environment overrides the file");
+    assert!(out.contains("retry.max_attempts"), "{out}");
+}
+
+#[test]
+fn serve_refuses_an_invalid_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.yaml");
+    std::fs::write(&file, "routing: {strategy: random}\n").unwrap();
+    let out = binary()
+        .arg("serve")
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("strategy"));
+}
+
+#[tokio::test]
+async fn mock_llm_subcommand_serves_openai_chat() {
+    let port = free_port();
+    let child = binary()
+        .args([
+            "mock-llm",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--latency",
+            "uniform:5ms..20ms",
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _child = Child(child);
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while crate::common::client()
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mock-llm never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let r: serde_json::Value = crate::common::client()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&json!({"model": "any", "messages": [{"role": "user", "content": "ping"}]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["choices"][0]["message"]["content"], "mock reply: ping");
+}
+
+#[test]
+fn mock_llm_rejects_bad_settings() {
+    let out = binary()
+        .args(["mock-llm", "--error-rate", "1.5"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("error_rate"));
+}

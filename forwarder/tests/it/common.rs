@@ -1,0 +1,190 @@
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use forwarder::config::{Config, MockSettings, Provider, UpstreamConfig};
+use forwarder::mock_llm::MockServer;
+use forwarder::server::Server;
+use serde_json::{json, Value};
+
+pub const MS: Duration = Duration::from_millis(1);
+
+/// A plain HTTP client for tests (TLS provider installed first).
+pub fn client() -> reqwest::Client {
+    forwarder::install_crypto_provider();
+    reqwest::Client::new()
+}
+
+pub async fn mock(settings: MockSettings) -> MockServer {
+    MockServer::start(loopback(), settings)
+        .await
+        .expect("mock-llm starts")
+}
+
+pub fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// An `openai` upstream pointing at a mock-llm server.
+pub fn upstream(name: &str, mock: &MockServer, model: &str) -> UpstreamConfig {
+    UpstreamConfig {
+        name: name.into(),
+        provider: Provider::Openai,
+        base_url: Some(mock.base_url()),
+        models: vec![model.into()],
+        weight: 1,
+        api_key_file: None,
+        api_key_env: None,
+        connect_timeout: Duration::from_secs(1),
+        timeout: Duration::from_secs(5),
+        mock: None,
+    }
+}
+
+/// A config on an ephemeral loopback port with fast retries, so tests
+/// are quick but still exercise real backoff.
+pub fn config(upstreams: Vec<UpstreamConfig>) -> Config {
+    let mut cfg = Config::default();
+    cfg.server.listen = loopback();
+    cfg.server.shutdown.grace_period = Duration::from_secs(5);
+    cfg.retry.base_delay = 20 * MS;
+    cfg.retry.max_delay = 200 * MS;
+    cfg.upstreams = upstreams;
+    cfg.logging.access_log = false;
+    cfg
+}
+
+pub async fn start(cfg: Config) -> Fwd {
+    let server = Server::start(cfg).await.expect("forwarder starts");
+    Fwd {
+        base: format!("http://{}", server.addr),
+        _server: server,
+        http: client(),
+    }
+}
+
+pub struct Fwd {
+    pub base: String,
+    /// Kept alive for the test's duration.
+    _server: Server,
+    pub http: reqwest::Client,
+}
+
+pub struct Resp {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+    pub text: String,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn error_code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("<none>")
+    }
+}
+
+pub fn chat(model: &str, prompt: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": prompt}]})
+}
+
+impl Fwd {
+    pub async fn post(&self, path: &str, body: &Value, headers: &[(&str, &str)]) -> Resp {
+        self.post_raw(path, serde_json::to_vec(body).unwrap(), headers)
+            .await
+    }
+
+    pub async fn post_raw(&self, path: &str, body: Vec<u8>, headers: &[(&str, &str)]) -> Resp {
+        let mut req = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        into_resp(req.send().await.expect("request sent")).await
+    }
+
+    pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Resp {
+        let mut req = self.http.get(format!("{}{path}", self.base));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        into_resp(req.send().await.expect("request sent")).await
+    }
+
+    /// The value of one sample in `/metrics`, matched by name and exact labels
+    /// (in any order); 0 when absent.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let text = self.get("/metrics", &[]).await.text;
+        metric_value(&text, name, labels).unwrap_or(0.0)
+    }
+}
+
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (n, rest) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if n != name {
+                return None;
+            }
+            let mut have: Vec<(String, String)> = rest
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .filter_map(|p| {
+                    let (k, v) = p.split_once('=')?;
+                    Some((k.to_string(), v.trim_matches('"').to_string()))
+                })
+                .collect();
+            let mut want: Vec<(String, String)> = labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            have.sort();
+            want.sort();
+            (have == want).then(|| value.parse().ok()).flatten()
+        })
+}
+
+async fn into_resp(r: reqwest::Response) -> Resp {
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let text = r.text().await.unwrap_or_default();
+    let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+    Resp {
+        status,
+        headers,
+        body,
+        text,
+    }
+}
+
+/// Reads a whole SSE response into its `data:` payloads.
+pub async fn sse_events(resp: reqwest::Response) -> Vec<String> {
+    let text = resp.text().await.expect("stream body");
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The concatenated delta text of SSE chunk payloads.
+pub fn stream_text(events: &[String]) -> String {
+    events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect()
+}

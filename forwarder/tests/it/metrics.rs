@@ -1,0 +1,100 @@
+//! The metrics contract after known traffic.
+
+use forwarder::config::MockSettings;
+use forwarder::mock_llm::Fault;
+use serde_json::json;
+
+use crate::common::*;
+
+#[tokio::test]
+async fn counters_and_histograms_match_the_traffic_sent() {
+    let m = mock(MockSettings::default()).await;
+    let mut cfg = config(vec![upstream("up-1", &m, "m")]);
+    cfg.retry.max_attempts = 2;
+    let fwd = start(cfg).await;
+    for _ in 0..3 {
+        fwd.post("/v1/chat/completions", &chat("m", "hi"), &[])
+            .await;
+    }
+    fwd.post(
+        "/api/v1/message",
+        &json!({"model_id": "m", "prompt": "x"}),
+        &[],
+    )
+    .await;
+    m.model.fail_next(
+        1,
+        Fault::Error {
+            status: 503,
+            retry_after: None,
+        },
+    );
+    fwd.post("/v1/chat/completions", &chat("m", "retried"), &[])
+        .await;
+    fwd.post("/v1/chat/completions", &chat("nope-1", "hi"), &[])
+        .await;
+    fwd.post("/v1/chat/completions", &chat("nope-2", "hi"), &[])
+        .await;
+
+    let text = fwd.get("/metrics", &[]).await.text;
+    let v = |name: &str, labels: &[(&str, &str)]| metric_value(&text, name, labels).unwrap_or(0.0);
+    let http_m = [("protocol", "http"), ("model", "m")];
+    assert_eq!(
+        v(
+            "forwarder_requests_total",
+            &[("protocol", "http"), ("model", "m"), ("code", "200")]
+        ),
+        5.0
+    );
+    assert_eq!(
+        v(
+            "forwarder_requests_total",
+            &[("protocol", "http"), ("model", "unknown"), ("code", "404")]
+        ),
+        2.0,
+        "unknown models share one label value"
+    );
+    assert_eq!(v("forwarder_request_duration_seconds_count", &http_m), 5.0);
+    assert_eq!(
+        v(
+            "forwarder_request_duration_seconds_bucket",
+            &[("protocol", "http"), ("model", "m"), ("le", "120")]
+        ),
+        5.0
+    );
+    assert_eq!(
+        v(
+            "forwarder_upstream_requests_total",
+            &[("upstream", "up-1"), ("model", "m"), ("outcome", "success")]
+        ),
+        5.0
+    );
+    assert_eq!(
+        v(
+            "forwarder_upstream_requests_total",
+            &[
+                ("upstream", "up-1"),
+                ("model", "m"),
+                ("outcome", "server_error")
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        v(
+            "forwarder_upstream_duration_seconds_count",
+            &[("upstream", "up-1"), ("model", "m")]
+        ),
+        6.0
+    );
+    assert_eq!(
+        v(
+            "forwarder_retries_total",
+            &[("upstream", "up-1"), ("reason", "server_error")]
+        ),
+        1.0
+    );
+    assert_eq!(v("forwarder_inflight_requests", &[]), 0.0);
+    assert_eq!(v("forwarder_circuit_open", &[("upstream", "up-1")]), 0.0);
+    assert!(text.contains("forwarder_idempotent_replays_total 0"));
+}

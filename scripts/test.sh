@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Installs what the tests need (Debian packages, a Python virtualenv with the
+# real third-party clients) and runs every check CI runs. Idempotent: a second
+# run installs nothing.
+#
+#   ./scripts/test.sh            everything (what .ci/run calls)
+#   SKIP_LINT=1 ./scripts/test.sh   tests only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n==> %s\n' "$*"; }
+
+# Debian packages, as "command:package". A test that needs one of these
+# fails with a message naming this script when it is missing.
+SYSTEM_DEPS=(
+  "python3:python3"
+  "curl:curl"
+)
+
+install_system_deps() {
+  local missing=()
+  for pair in "${SYSTEM_DEPS[@]}"; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair##*:}")
+  done
+  if ! python3 -m venv --help >/dev/null 2>&1; then missing+=("python3-venv"); fi
+  if ((${#missing[@]})); then
+    log "installing Debian packages: ${missing[*]}"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  fi
+}
+
+install_python_deps() {
+  if [ ! -x .venv/bin/python ]; then
+    log "creating .venv"
+    python3 -m venv .venv
+  fi
+  # Reinstall only when the requirements change.
+  local want have=""
+  want=$(sha256sum scripts/requirements-test.txt | cut -d' ' -f1)
+  [ -f .venv/.requirements.sha256 ] && have=$(cat .venv/.requirements.sha256)
+  if [ "$want" != "$have" ]; then
+    log "installing Python test clients"
+    .venv/bin/pip install -q --disable-pip-version-check -r scripts/requirements-test.txt
+    echo "$want" > .venv/.requirements.sha256
+  fi
+}
+
+install_system_deps
+install_python_deps
+
+if [ -z "${SKIP_LINT:-}" ]; then
+  log "cargo fmt --check"
+  cargo fmt --all -- --check
+  log "cargo clippy"
+  cargo clippy --workspace --all-targets --locked -- -D warnings
+fi
+
+log "cargo test"
+cargo test --workspace --locked
+
+log "all checks passed"
