@@ -1,8 +1,10 @@
 //! The ModelForwarder operator: reconciles `ModelForwarder` resources into
 //! the Kubernetes objects that run forwarders.
 
+pub mod controller;
 pub mod crd;
 pub mod crdgen;
+pub mod leader;
 pub mod reconcile;
 pub mod render;
 pub mod status;

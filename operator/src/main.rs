@@ -1,1 +1,138 @@
-fn main() {}
+//! `operator`: reconciles ModelForwarder resources into running forwarders.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::Client;
+use operator::leader::{Election, LeaderConfig};
+use operator::reconcile::Context;
+use operator::telemetry::{self, Metrics};
+use tracing_subscriber::EnvFilter;
+
+/// The ModelForwarder operator. Uses the current kubeconfig context, or the
+/// in-cluster service account.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Watch only this namespace; default: all namespaces.
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Forwarder image for resources without `spec.pod.image`.
+    #[arg(long, env = "FORWARDER_IMAGE", default_value = operator::DEFAULT_FORWARDER_IMAGE)]
+    forwarder_image: String,
+    /// Prometheus base URL for the autoscaler. Accepted now; the autoscaler
+    /// that reads it is not built yet.
+    #[arg(long, env = "PROMETHEUS_URL")]
+    prometheus_url: Option<String>,
+    /// Address of `/metrics` and `/healthz`.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Compete for a Lease before acting (disable only for a single replica).
+    #[arg(long, env = "LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "LEASE_NAME", default_value = "modelforwarder-operator")]
+    lease_name: String,
+    /// Namespace of the Lease; default: the client's namespace (in-cluster:
+    /// the operator's own).
+    #[arg(long, env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// This replica's identity in the election and in Events; default: the
+    /// host name.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Log as JSON lines (default) or text.
+    #[arg(long, env = "LOG_FORMAT", default_value = "json")]
+    log_format: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if args.log_format == "text" {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    } else {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    }
+
+    let metrics = Metrics::new().context("creating metrics")?;
+    let server = tokio::spawn(telemetry::serve(
+        args.metrics_addr,
+        Arc::new(metrics.clone()),
+    ));
+
+    let client = Client::try_default()
+        .await
+        .context("connecting to Kubernetes (kubeconfig or in-cluster)")?;
+    let identity = args
+        .identity
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("operator-{}", std::process::id()));
+    if args.prometheus_url.is_some() {
+        tracing::info!("--prometheus-url is set; the autoscaler that uses it is not built yet");
+    }
+
+    let mut election = None;
+    if args.leader_election {
+        let cfg = LeaderConfig {
+            lease_name: args.lease_name.clone(),
+            namespace: args
+                .lease_namespace
+                .clone()
+                .unwrap_or_else(|| client.default_namespace().to_string()),
+            identity: identity.clone(),
+            duration_secs: 15,
+            grace_secs: 5,
+        };
+        tracing::info!(lease = %cfg.lease_name, namespace = %cfg.namespace, %identity, "waiting for the leader lease");
+        let mut e = Election::start(client.clone(), &cfg)
+            .await
+            .context("starting leader election")?;
+        e.acquired().await.context("acquiring the leader lease")?;
+        tracing::info!("acquired the leader lease");
+        election = Some(e);
+    }
+    metrics.leader.set(1);
+
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "modelforwarder-operator".into(),
+                instance: Some(identity),
+            },
+        ),
+        default_image: args.forwarder_image.clone(),
+        metrics: metrics.clone(),
+    });
+    tracing::info!(namespace = ?args.namespace, image = %args.forwarder_image, "starting the controller");
+    let controller = operator::controller::run(client, args.namespace.clone(), ctx);
+
+    match election {
+        Some(mut e) => {
+            tokio::select! {
+                () = controller => {
+                    tracing::info!("controller stopped; releasing the lease");
+                    e.release().await.context("releasing the leader lease")?;
+                }
+                lost = e.lost() => {
+                    // Exit at once: a new leader may already be acting.
+                    tracing::error!(error = %lost, "leadership lost; exiting");
+                    std::process::exit(1);
+                }
+            }
+        }
+        None => controller.await,
+    }
+    server.abort();
+    Ok(())
+}
