@@ -527,6 +527,7 @@ pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action,
         let body = serde_json::json!({
             "apiVersion": ModelForwarder::api_version(&()),
             "kind": ModelForwarder::kind(&()),
+            "metadata": {"name": name},
             "status": new_status,
         });
         api.patch_status(
