@@ -1,1 +1,71 @@
-//! End-to-end suite for a real cluster: not built yet (see the README).
+//! Cluster test helpers: find the cluster, wait for conditions.
+//!
+//! The suite runs against the cluster named by `KUBECONFIG` (kind in
+//! practice). Without `KUBECONFIG` it does not run and says so on stderr
+//! (bypassing the test harness's capture, so it shows in the output); with
+//! `KUBECONFIG` set but the cluster unreachable, tests fail.
+
+use std::future::Future;
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use kube::Client;
+
+/// Message printed when the suite is skipped.
+pub const NOT_RUN: &str = "not run: no cluster";
+
+/// Writes a line to the real stderr, which `cargo test` does not capture.
+pub fn say(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// A client for the cluster in `KUBECONFIG`, or `None` (after printing
+/// [`NOT_RUN`]) when `KUBECONFIG` is unset. Connection failures with
+/// `KUBECONFIG` set are errors: the suite never passes vacuously.
+pub async fn cluster(test: &str) -> anyhow::Result<Option<Client>> {
+    if std::env::var_os("KUBECONFIG").is_none_or(|v| v.is_empty()) {
+        say(&format!("{test}: {NOT_RUN} (KUBECONFIG is not set)"));
+        return Ok(None);
+    }
+    let client = Client::try_default()
+        .await
+        .context("KUBECONFIG is set but no client could be built")?;
+    let version = tokio::time::timeout(Duration::from_secs(15), client.apiserver_version())
+        .await
+        .context("KUBECONFIG is set but the API server did not answer in 15s")?
+        .context("KUBECONFIG is set but the API server is unreachable")?;
+    say(&format!(
+        "{test}: running against Kubernetes {}",
+        version.git_version
+    ));
+    Ok(Some(client))
+}
+
+/// Polls `check` every 500 ms until it yields `Some`, or fails after
+/// `timeout` naming `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// A namespace name unique to this run.
+pub fn unique_namespace(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    format!("{prefix}-{}-{nanos:x}", std::process::id())
+}
