@@ -22,6 +22,10 @@ pub struct Config {
     /// Upstream endpoints. A model is served by every upstream that lists it.
     pub upstreams: Vec<UpstreamConfig>,
     pub logging: LoggingConfig,
+    /// The WebSocket front end, `/api/v1/ws` on the HTTP listener.
+    pub websocket: WebSocketConfig,
+    /// The gRPC front end, on its own listener.
+    pub grpc: GrpcConfig,
 }
 
 impl Default for Config {
@@ -36,6 +40,8 @@ impl Default for Config {
             routing: RoutingConfig::default(),
             upstreams: vec![UpstreamConfig::builtin_mock()],
             logging: LoggingConfig::default(),
+            websocket: WebSocketConfig::default(),
+            grpc: GrpcConfig::default(),
         }
     }
 }
@@ -348,4 +354,55 @@ pub enum LogFormat {
     #[default]
     Json,
     Text,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebSocketConfig {
+    pub enabled: bool,
+    /// Requests one connection may have in flight; more are refused.
+    pub max_in_flight: usize,
+    /// Largest accepted message (frame payload), in bytes.
+    pub max_frame_bytes: usize,
+    /// Server pings at this interval keep idle connections (and proxies) alive.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// A connection with nothing in flight and no frame from the client
+    /// (pongs included) for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Outgoing messages buffered per connection before answers wait for a
+    /// slow reader (backpressure: memory per connection stays bounded).
+    pub send_buffer: usize,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_in_flight: 32,
+            max_frame_bytes: 1024 * 1024,
+            ping_interval: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(120),
+            send_buffer: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcConfig {
+    /// Off in the embedded defaults so `forwarder serve` binds one port only.
+    pub enabled: bool,
+    /// Address of the gRPC (HTTP/2) listener.
+    pub listen: SocketAddr,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+        }
+    }
 }

@@ -47,6 +47,39 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
         "must be greater than zero",
     );
 
+    let ws = &config.websocket;
+    e.check(
+        ws.max_in_flight >= 1,
+        "websocket.max_in_flight",
+        "must be at least 1",
+    );
+    e.check(
+        ws.max_frame_bytes >= 1024,
+        "websocket.max_frame_bytes",
+        "must be at least 1024",
+    );
+    e.check(
+        ws.send_buffer >= 1,
+        "websocket.send_buffer",
+        "must be at least 1",
+    );
+    e.check(
+        !ws.ping_interval.is_zero(),
+        "websocket.ping_interval",
+        "must be greater than zero",
+    );
+    e.check(
+        ws.idle_timeout > ws.ping_interval,
+        "websocket.idle_timeout",
+        "must be longer than websocket.ping_interval",
+    );
+    let g = &config.grpc;
+    e.check(
+        !g.enabled || g.listen.port() == 0 || g.listen.port() != s.listen.port(),
+        "grpc.listen",
+        "must use a different port than server.listen",
+    );
+
     let r = &config.retry;
     e.check(
         r.max_attempts >= 1,
@@ -287,5 +320,25 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(fields(&c), vec!["upstreams"]);
+    }
+}
+
+#[cfg(test)]
+mod protocol_tests {
+    use crate::Config;
+
+    #[test]
+    fn protocol_switches_are_validated() {
+        let mut c = Config::default();
+        c.grpc.enabled = true;
+        c.grpc.listen = c.server.listen;
+        c.websocket.max_in_flight = 0;
+        let errors = super::validate(&c).unwrap_err();
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert!(fields.contains(&"grpc.listen"), "{fields:?}");
+        assert!(fields.contains(&"websocket.max_in_flight"), "{fields:?}");
+        c.grpc.listen.set_port(9091);
+        c.websocket.max_in_flight = 8;
+        assert!(super::validate(&c).is_ok());
     }
 }

@@ -104,7 +104,7 @@ fn serve(args: ConfigArgs) -> anyhow::Result<()> {
     init_logging(&cfg.logging);
     runtime()?.block_on(async {
         let server = Server::start(cfg).await?;
-        tracing::info!(addr = %server.addr, models = ?server.pipeline.models(), "forwarder listening");
+        tracing::info!(addr = %server.addr, grpc = ?server.grpc_addr, models = ?server.pipeline.models(), "forwarder listening");
         shutdown_signal().await;
         server.shutdown().await;
         Ok(())

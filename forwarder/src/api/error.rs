@@ -36,6 +36,12 @@ pub enum ApiError {
     GatewayTimeout(String),
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// A WebSocket connection already has this many requests in flight.
+    #[error("too many requests in flight on this connection (limit {0})")]
+    TooManyInFlight(usize),
+    /// A WebSocket request reused the id of one still in flight.
+    #[error("request id {0:?} is already in flight on this connection")]
+    DuplicateId(String),
 }
 
 impl ApiError {
@@ -45,7 +51,8 @@ impl ApiError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::IdempotencyInProgress => StatusCode::CONFLICT,
+            Self::IdempotencyInProgress | Self::DuplicateId(_) => StatusCode::CONFLICT,
+            Self::TooManyInFlight(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::IdempotencyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamRejected { status, .. } => {
@@ -72,6 +79,8 @@ impl ApiError {
             Self::NoHealthyUpstream { .. } => ("upstream_error", "no_healthy_upstream"),
             Self::GatewayTimeout(_) => ("upstream_error", "upstream_timeout"),
             Self::ShuttingDown => ("server_error", "shutting_down"),
+            Self::TooManyInFlight(_) => ("rate_limit_error", "too_many_in_flight"),
+            Self::DuplicateId(_) => ("invalid_request_error", "duplicate_request_id"),
         }
     }
 

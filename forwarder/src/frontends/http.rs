@@ -23,6 +23,8 @@ use crate::auth;
 use crate::pipeline::{Answer, Call, Pipeline, Reply, ReplyStream, RequestMeta};
 use crate::telemetry::Protocol;
 
+use super::{ws, Lifecycle};
+
 /// The request's id: the client's `X-Request-Id` if usable, else generated.
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
@@ -31,9 +33,20 @@ const REQUEST_ID: &str = "x-request-id";
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 const REPLAYED: &str = "idempotent-replayed";
 
-pub fn router(pipeline: Arc<Pipeline>) -> Router {
-    Router::new()
-        .route("/api/v1/message", post(simple_message))
+pub fn router(pipeline: Arc<Pipeline>, lifecycle: Lifecycle) -> Router {
+    let mut app = Router::new();
+    if pipeline.config().websocket.enabled {
+        let ws = ws::WsState {
+            pipeline: pipeline.clone(),
+            lifecycle,
+        };
+        app = app.merge(
+            Router::new()
+                .route("/api/v1/ws", get(ws::upgrade))
+                .with_state(ws),
+        );
+    }
+    app.route("/api/v1/message", post(simple_message))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(list_models))
         .route("/healthz", get(|| async { "ok" }))

@@ -91,8 +91,9 @@ impl MockModel {
         format!("chatcmpl-mock-{}", self.ids.fetch_add(1, Ordering::Relaxed))
     }
 
-    /// The reply's words: an echo of the last user message, plus filler.
-    fn reply_tokens(&self, req: &ChatRequest) -> Vec<String> {
+    /// The reply's words: "mock reply:", an echo of the last user message,
+    /// then filler; generated lazily so a huge reply costs no memory.
+    fn reply_words(&self, req: &ChatRequest) -> ReplyWords {
         let prompt = req
             .messages
             .iter()
@@ -100,24 +101,14 @@ impl MockModel {
             .find(|m| m.role == "user")
             .map(ChatMessage::content_text)
             .unwrap_or_default();
+        let mut head: Vec<String> = vec!["mock".into(), "reply:".into()];
+        head.extend(prompt.split_whitespace().map(str::to_string));
         let filler = self.settings.read().reply_words as usize;
-        let mut words: Vec<&str> = vec!["mock", "reply:"];
-        words.extend(prompt.split_whitespace());
-        words.extend(std::iter::repeat_n("lorem", filler));
+        let mut total = head.len() + filler;
         if let Some(max) = req.params.get("max_tokens").and_then(|v| v.as_u64()) {
-            words.truncate(max.max(1) as usize);
+            total = total.min(max.max(1) as usize);
         }
-        words
-            .iter()
-            .enumerate()
-            .map(|(i, w)| {
-                if i == 0 {
-                    w.to_string()
-                } else {
-                    format!(" {w}")
-                }
-            })
-            .collect()
+        ReplyWords { head, total }
     }
 
     fn usage(req: &ChatRequest, completion: usize) -> Usage {
@@ -134,7 +125,8 @@ impl MockModel {
     }
 
     pub fn respond(&self, req: &ChatRequest) -> ChatResponse {
-        let tokens = self.reply_tokens(req);
+        let words = self.reply_words(req);
+        let text: String = (0..words.total).map(|i| words.token(i)).collect();
         ChatResponse {
             id: self.next_id(),
             object: "chat.completion".into(),
@@ -142,11 +134,11 @@ impl MockModel {
             model: req.model.clone(),
             choices: vec![Choice {
                 index: 0,
-                message: ChatMessage::text("assistant", tokens.concat()),
+                message: ChatMessage::text("assistant", text),
                 finish_reason: Some("stop".into()),
                 extra: Default::default(),
             }],
-            usage: Some(Self::usage(req, tokens.len())),
+            usage: Some(Self::usage(req, words.total)),
             extra: Default::default(),
         }
     }
@@ -157,8 +149,8 @@ impl MockModel {
         &self,
         req: &ChatRequest,
     ) -> impl Stream<Item = ChatChunk> + Send + 'static {
-        let tokens = self.reply_tokens(req);
-        let usage = Self::usage(req, tokens.len());
+        let words = self.reply_words(req);
+        let usage = Self::usage(req, words.total);
         let (id, model, created) = (self.next_id(), req.model.clone(), unix_now());
         let chunk = move |delta: Delta, finish: Option<&str>, usage: Option<Usage>| ChatChunk {
             id: id.clone(),
@@ -174,37 +166,61 @@ impl MockModel {
             usage,
             extra: Default::default(),
         };
-        let mut chunks = vec![chunk(
-            Delta {
-                role: Some("assistant".into()),
-                content: Some(String::new()),
-                ..Default::default()
-            },
-            None,
-            None,
-        )];
-        chunks.extend(tokens.into_iter().map(|t| {
-            chunk(
-                Delta {
-                    content: Some(t),
-                    ..Default::default()
-                },
-                None,
-                None,
-            )
-        }));
-        chunks.push(chunk(Delta::default(), Some("stop"), Some(usage)));
         let pace = self
             .settings
             .read()
             .tokens_per_second
             .map(|tps| Duration::from_secs_f64(1.0 / tps));
-        stream::iter(chunks.into_iter().enumerate()).then(move |(i, c)| async move {
-            if let (Some(p), true) = (pace, i > 1) {
-                tokio::time::sleep(p).await;
+        // Chunk 0 is the role, 1..=total the words, total+1 the finish.
+        let total = words.total;
+        stream::iter(0..total + 2).then(move |i| {
+            let c = if i == 0 {
+                chunk(
+                    Delta {
+                        role: Some("assistant".into()),
+                        content: Some(String::new()),
+                        ..Default::default()
+                    },
+                    None,
+                    None,
+                )
+            } else if i <= total {
+                chunk(
+                    Delta {
+                        content: Some(words.token(i - 1)),
+                        ..Default::default()
+                    },
+                    None,
+                    None,
+                )
+            } else {
+                chunk(Delta::default(), Some("stop"), Some(usage))
+            };
+            async move {
+                if let (Some(p), true) = (pace, i > 1) {
+                    tokio::time::sleep(p).await;
+                }
+                c
             }
-            c
         })
+    }
+}
+
+/// A reply's words, produced on demand.
+struct ReplyWords {
+    head: Vec<String>,
+    total: usize,
+}
+
+impl ReplyWords {
+    /// Token `i` with its leading space (none before the first).
+    fn token(&self, i: usize) -> String {
+        let word = self.head.get(i).map_or("lorem", String::as_str);
+        if i == 0 {
+            word.to_string()
+        } else {
+            format!(" {word}")
+        }
     }
 }
 

@@ -141,6 +141,19 @@ impl Pipeline {
         }
     }
 
+    /// Counts a request refused by a front end before it reached `run`
+    /// (a failed WebSocket upgrade, a connection's in-flight limit), so
+    /// metrics and the access log see every refusal.
+    pub fn reject(&self, protocol: Protocol, request_id: &str, err: ApiError) -> ApiError {
+        Observer::new(
+            self.metrics.clone(),
+            self.cfg.logging.access_log,
+            protocol,
+            request_id,
+        )
+        .fail(err)
+    }
+
     /// Runs one request through every stage. `parse` runs after
     /// authentication, so an unauthenticated client learns nothing about
     /// what the server would accept.

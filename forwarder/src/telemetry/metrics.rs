@@ -42,6 +42,9 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     pub circuit_open: IntGaugeVec,
     pub idempotent_replays: IntCounter,
+    /// Open client connections: TCP connections on the HTTP and gRPC
+    /// listeners, and WebSocket sessions.
+    pub connections: IntGaugeVec,
 }
 
 impl Metrics {
@@ -107,6 +110,14 @@ impl Metrics {
             "Requests answered from an earlier request with the same idempotency key.",
         )
         .expect("valid metric");
+        let connections = IntGaugeVec::new(
+            Opts::new(
+                "forwarder_connections",
+                "Open client connections, by protocol.",
+            ),
+            &["protocol"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -116,6 +127,7 @@ impl Metrics {
             Box::new(retries.clone()),
             Box::new(circuit_open.clone()),
             Box::new(idempotent_replays.clone()),
+            Box::new(connections.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -129,6 +141,7 @@ impl Metrics {
             retries,
             circuit_open,
             idempotent_replays,
+            connections,
         }
     }
 
