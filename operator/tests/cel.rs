@@ -1,0 +1,73 @@
+//! The CEL rules of the committed CRD, evaluated client-side (kube-cel,
+//! defaults applied first, as the API server does): what the schema alone
+//! cannot reject is rejected here, and valid resources pass.
+
+use kube::core::cel::Validator;
+use serde_json::{json, Value};
+
+fn schema() -> Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/modelforwarder.yaml");
+    let text = std::fs::read_to_string(&path).expect("committed CRD");
+    let crd: Value = serde_yaml::from_str(&text).expect("CRD YAML");
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+}
+
+fn resource(spec_extra: Value) -> Value {
+    let mut spec = json!({
+        "upstreams": [{"name": "local", "provider": "mock", "models": ["mock"]}]
+    });
+    if let (Value::Object(s), Value::Object(extra)) = (&mut spec, spec_extra) {
+        s.extend(extra);
+    }
+    json!({
+        "apiVersion": "llm.forwarder.dev/v1alpha1",
+        "kind": "ModelForwarder",
+        "metadata": {"name": "bot", "namespace": "ai"},
+        "spec": spec
+    })
+}
+
+/// `Ok` or every failure message.
+fn check(spec_extra: Value) -> Result<(), String> {
+    Validator::new()
+        .validate(&schema(), &resource(spec_extra), None)
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn defaults_alone_are_valid() {
+    check(json!({})).expect("a minimal resource is valid");
+}
+
+#[test]
+fn replica_bounds() {
+    check(json!({"replicas": {"min": 2, "max": 20}})).expect("min < max");
+    check(json!({"replicas": {"min": 3, "max": 3, "desired": 3}})).expect("all equal");
+    let e = check(json!({"replicas": {"min": 9, "max": 5}})).unwrap_err();
+    assert!(e.contains("min must not exceed max"), "{e}");
+    let e = check(json!({"replicas": {"min": 2, "max": 5, "desired": 7}})).unwrap_err();
+    assert!(e.contains("desired must lie within [min, max]"), "{e}");
+    // `max` defaults to 10, so a lone large `min` is caught too.
+    let e = check(json!({"replicas": {"min": 12}})).unwrap_err();
+    assert!(e.contains("min must not exceed max"), "{e}");
+}
+
+#[test]
+fn retry_delays_are_ordered() {
+    check(json!({"retry": {"baseDelay": "500ms", "maxDelay": "1s"}})).expect("ordered");
+    check(json!({"retry": {"baseDelay": "1s", "maxDelay": "1m30s"}})).expect("compound");
+    let e = check(json!({"retry": {"baseDelay": "10s", "maxDelay": "2s"}})).unwrap_err();
+    assert!(e.contains("baseDelay must not exceed maxDelay"), "{e}");
+    // maxDelay defaults to 4s.
+    let e = check(json!({"retry": {"baseDelay": "5s"}})).unwrap_err();
+    assert!(e.contains("baseDelay must not exceed maxDelay"), "{e}");
+}
+
+#[test]
+fn openai_upstreams_need_a_base_url() {
+    let e = check(json!({"upstreams": [{"name": "p", "provider": "openai", "models": ["m"]}]}))
+        .unwrap_err();
+    assert!(e.contains("baseUrl is required for provider openai"), "{e}");
+    check(json!({"upstreams": [{"name": "p", "provider": "openai", "baseUrl": "https://x/v1", "models": ["m"]}]}))
+        .expect("with a base URL");
+}
