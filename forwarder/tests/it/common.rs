@@ -50,6 +50,8 @@ pub fn config(upstreams: Vec<UpstreamConfig>) -> Config {
     cfg.retry.max_delay = 200 * MS;
     cfg.upstreams = upstreams;
     cfg.logging.access_log = false;
+    cfg.grpc.enabled = true;
+    cfg.grpc.listen = loopback();
     cfg
 }
 
@@ -57,15 +59,19 @@ pub async fn start(cfg: Config) -> Fwd {
     let server = Server::start(cfg).await.expect("forwarder starts");
     Fwd {
         base: format!("http://{}", server.addr),
-        _server: server,
+        ws: format!("ws://{}/api/v1/ws", server.addr),
+        grpc: server.grpc_addr.map(|a| format!("http://{a}")),
+        server,
         http: client(),
     }
 }
 
 pub struct Fwd {
     pub base: String,
+    pub ws: String,
+    pub grpc: Option<String>,
     /// Kept alive for the test's duration.
-    _server: Server,
+    pub server: Server,
     pub http: reqwest::Client,
 }
 
@@ -187,4 +193,77 @@ pub fn stream_text(events: &[String]) -> String {
                 .map(str::to_string)
         })
         .collect()
+}
+
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a WebSocket to the forwarder with extra handshake headers.
+pub async fn ws_connect(
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request()?;
+    for (k, v) in headers {
+        req.headers_mut().insert(
+            reqwest::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    tokio_tungstenite::connect_async(req)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+pub async fn ws_send(ws: &mut Ws, v: Value) {
+    use futures::SinkExt;
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        v.to_string().into(),
+    ))
+    .await
+    .expect("frame sent");
+}
+
+/// The next JSON frame (pings skipped); panics after 10 s or on close.
+pub async fn ws_recv(ws: &mut Ws) -> Value {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("a frame within 10 s")
+            .expect("connection open")
+            .expect("valid frame");
+        match msg {
+            Message::Text(t) => return serde_json::from_str(&t).expect("JSON frame"),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
+
+/// Frames for request `id` until its `done`, `error` or `cancelled` frame.
+pub async fn ws_collect(ws: &mut Ws, id: &str) -> Vec<Value> {
+    let mut frames = Vec::new();
+    loop {
+        let f = ws_recv(ws).await;
+        if f["id"] != id {
+            continue;
+        }
+        let last = matches!(f["type"].as_str(), Some("done" | "error" | "cancelled"));
+        frames.push(f);
+        if last {
+            return frames;
+        }
+    }
+}
+
+pub async fn grpc_client(
+    fwd: &Fwd,
+) -> forwarder::frontends::grpc::pb::forwarder_client::ForwarderClient<tonic::transport::Channel> {
+    let url = fwd.grpc.clone().expect("grpc enabled");
+    forwarder::frontends::grpc::pb::forwarder_client::ForwarderClient::connect(url)
+        .await
+        .expect("grpc connects")
 }
