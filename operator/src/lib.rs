@@ -4,6 +4,7 @@
 pub mod controller;
 pub mod crd;
 pub mod crdgen;
+pub mod drift;
 pub mod leader;
 pub mod reconcile;
 pub mod render;

@@ -29,6 +29,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::crd::{ModelForwarder, ModelForwarderSpec, Replicas};
+use crate::drift;
 use crate::render::config::Problem;
 use crate::render::labels::{APPLIED_HASH, FIELD_MANAGER, SCALER_FIELD_MANAGER};
 use crate::render::{self, config_map_name, labels, Inputs};
@@ -162,15 +163,22 @@ pub fn applied_hash<K: Serialize>(obj: &K) -> Result<String, serde_json::Error> 
     Ok(render::hex(&Sha256::digest(&bytes)[..16]))
 }
 
-/// Applies `desired` unless `existing` carries the same applied hash.
-/// Returns the applied object when it wrote.
-async fn ensure<K>(api: &Api<K>, existing: Option<&K>, mut desired: K) -> Result<Option<K>, Error>
+/// Applies `desired` unless `existing` carries the same applied hash and
+/// shows no hand edits (`drifted`). Returns the applied object when it wrote.
+async fn ensure<K>(
+    api: &Api<K>,
+    existing: Option<&K>,
+    mut desired: K,
+    drifted: fn(&K, &K) -> bool,
+) -> Result<Option<K>, Error>
 where
     K: Resource<DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug,
 {
     let hash = applied_hash(&desired)?;
-    if existing.and_then(|e| e.annotations().get(APPLIED_HASH)) == Some(&hash) {
-        return Ok(None);
+    if let Some(e) = existing {
+        if e.annotations().get(APPLIED_HASH) == Some(&hash) && !drifted(e, &desired) {
+            return Ok(None);
+        }
     }
     desired.annotations_mut().insert(APPLIED_HASH.into(), hash);
     let name = desired.name_any();
@@ -401,20 +409,28 @@ pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action,
             secret_versions: &secret_versions,
         };
         let r = render::render(&inputs, &config)?;
-        if ensure(&config_maps, existing_cm.as_ref(), r.config_map)
-            .await?
-            .is_some()
+        if ensure(
+            &config_maps,
+            existing_cm.as_ref(),
+            r.config_map,
+            drift::config_map,
+        )
+        .await?
+        .is_some()
         {
             done.push(format!("applied ConfigMap {cm_name}"));
         }
-        if ensure(&services, existing_svc.as_ref(), r.service)
+        if ensure(&services, existing_svc.as_ref(), r.service, drift::service)
             .await?
             .is_some()
         {
             done.push(format!("applied Service {name}"));
         }
         if let Some(pdb) = r.pdb {
-            if ensure(&pdbs, existing_pdb.as_ref(), pdb).await?.is_some() {
+            if ensure(&pdbs, existing_pdb.as_ref(), pdb, drift::pdb)
+                .await?
+                .is_some()
+            {
                 done.push(format!("applied PodDisruptionBudget {name}"));
             }
         } else if existing_pdb.is_some() {
@@ -423,7 +439,14 @@ pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action,
                 .map_err(api_err(format!("deleting PodDisruptionBudget {name}")))?;
             done.push(format!("deleted PodDisruptionBudget {name}"));
         }
-        if let Some(applied) = ensure(&deployments, deployment.as_ref(), r.deployment).await? {
+        if let Some(applied) = ensure(
+            &deployments,
+            deployment.as_ref(),
+            r.deployment,
+            drift::deployment,
+        )
+        .await?
+        {
             done.push(format!("applied Deployment {name}"));
             deployment = Some(applied);
         }

@@ -362,7 +362,7 @@ async fn new_resource_applies_every_object_scales_to_min_and_reports() {
 }
 
 #[tokio::test]
-async fn unchanged_resource_writes_nothing() {
+async fn unchanged_resource_writes_nothing_and_hand_edits_are_undone() {
     // Objects as the first reconciliation applied them, now healthy.
     let (_, first) = create().await;
     let mut dep = first[9].body.clone();
@@ -403,9 +403,30 @@ async fn unchanged_resource_writes_nothing() {
     );
 
     // Nothing changed at all: reads only, not a single write.
-    let (action, seen, _) = run(DeserializeGuard(Ok(resource(Some(current)))), existing()).await;
+    let (action, seen, _) = run(
+        DeserializeGuard(Ok(resource(Some(current.clone())))),
+        existing(),
+    )
+    .await;
     assert_eq!(action, Action::requeue(RESYNC));
     assert!(seen.iter().all(|s| s.method == "GET"), "{seen:?}");
+
+    // A hand edit to the ConfigMap (annotation untouched) is put back.
+    let mut edited = first[6].body.clone();
+    edited["data"]["config.yaml"] = json!("server: {listen: 0.0.0.0:1}\n");
+    let mut steps = existing();
+    steps[3] = step("GET", core("configmaps/bot-config"), Reply::Json(edited));
+    steps.extend([
+        apply(
+            core("configmaps/bot-config"),
+            "fieldManager=modelforwarder-operator",
+            json!({}),
+        ),
+        step("POST", events_path(), Reply::Echo(json!({}))),
+    ]);
+    let (_, seen, _) = run(DeserializeGuard(Ok(resource(Some(current)))), steps).await;
+    assert_eq!(seen[6].body["data"], first[6].body["data"], "restored");
+    assert_eq!(seen[7].body["note"], "applied ConfigMap bot-config");
 }
 
 #[tokio::test]
