@@ -45,6 +45,16 @@ fn check_config_accepts_good_and_names_the_bad_field() {
     assert!(!ok);
     assert!(out.contains("api_key_file"), "{out}");
 
+    let (ok, out) = check(
+        "server: {listen: 127.0.0.1:8080}\ngrpc: {enabled: true, listen: 127.0.0.1:8080}\nwebsocket: {max_frame_bytes: 10}\n",
+        &[],
+    );
+    assert!(!ok);
+    assert!(
+        out.contains("grpc.listen") && out.contains("websocket.max_frame_bytes"),
+        "{out}"
+    );
+
     let (ok, out) = check("{}\n", &[("FORWARDER_RETRY__MAX_ATTEMPTS", "99")]);
     assert!(!ok, "environment overrides the file");
     assert!(out.contains("retry.max_attempts"), "{out}");
