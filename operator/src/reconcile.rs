@@ -400,80 +400,99 @@ pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action,
     let mut done: Vec<String> = Vec::new();
     let mut scaled: Option<(Option<i32>, i32)> = None;
     if let (true, Some(config)) = (blocking.is_empty(), config) {
-        let inputs = Inputs {
-            name: &name,
-            namespace: &ns,
-            owner,
-            spec: &mf.spec,
-            default_image: &ctx.default_image,
-            secret_versions: &secret_versions,
-        };
-        let r = render::render(&inputs, &config)?;
-        if ensure(
-            &config_maps,
-            existing_cm.as_ref(),
-            r.config_map,
-            drift::config_map,
-        )
-        .await?
-        .is_some()
-        {
-            done.push(format!("applied ConfigMap {cm_name}"));
-        }
-        if ensure(&services, existing_svc.as_ref(), r.service, drift::service)
+        let applied: Result<(), Error> = async {
+            let inputs = Inputs {
+                name: &name,
+                namespace: &ns,
+                owner,
+                spec: &mf.spec,
+                default_image: &ctx.default_image,
+                secret_versions: &secret_versions,
+            };
+            let r = render::render(&inputs, &config)?;
+            if ensure(
+                &config_maps,
+                existing_cm.as_ref(),
+                r.config_map,
+                drift::config_map,
+            )
             .await?
             .is_some()
-        {
-            done.push(format!("applied Service {name}"));
-        }
-        if let Some(pdb) = r.pdb {
-            if ensure(&pdbs, existing_pdb.as_ref(), pdb, drift::pdb)
+            {
+                done.push(format!("applied ConfigMap {cm_name}"));
+            }
+            if ensure(&services, existing_svc.as_ref(), r.service, drift::service)
                 .await?
                 .is_some()
             {
-                done.push(format!("applied PodDisruptionBudget {name}"));
+                done.push(format!("applied Service {name}"));
             }
-        } else if existing_pdb.is_some() {
-            pdbs.delete(&name, &DeleteParams::default())
-                .await
-                .map_err(api_err(format!("deleting PodDisruptionBudget {name}")))?;
-            done.push(format!("deleted PodDisruptionBudget {name}"));
-        }
-        if let Some(applied) = ensure(
-            &deployments,
-            deployment.as_ref(),
-            r.deployment,
-            drift::deployment,
-        )
-        .await?
-        {
-            done.push(format!("applied Deployment {name}"));
-            deployment = Some(applied);
-        }
+            if let Some(pdb) = r.pdb {
+                if ensure(&pdbs, existing_pdb.as_ref(), pdb, drift::pdb)
+                    .await?
+                    .is_some()
+                {
+                    done.push(format!("applied PodDisruptionBudget {name}"));
+                }
+            } else if existing_pdb.is_some() {
+                pdbs.delete(&name, &DeleteParams::default())
+                    .await
+                    .map_err(api_err(format!("deleting PodDisruptionBudget {name}")))?;
+                done.push(format!("deleted PodDisruptionBudget {name}"));
+            }
+            if let Some(applied) = ensure(
+                &deployments,
+                deployment.as_ref(),
+                r.deployment,
+                drift::deployment,
+            )
+            .await?
+            {
+                done.push(format!("applied Deployment {name}"));
+                deployment = Some(applied);
+            }
 
-        // Replicas live under their own field manager, never in the apply
-        // above, so applying and scaling do not fight.
-        let current = deployment
-            .as_ref()
-            .and_then(|d| d.spec.as_ref())
-            .and_then(|s| s.replicas);
-        if let Some(target) = scale_target(current, &mf.spec.replicas) {
-            let body = serde_json::json!({
-                "apiVersion": "apps/v1",
-                "kind": "Deployment",
-                "metadata": {"name": name},
-                "spec": {"replicas": target},
-            });
-            let patched = deployments
-                .patch(
-                    &name,
-                    &PatchParams::apply(SCALER_FIELD_MANAGER).force(),
-                    &Patch::Apply(&body),
-                )
-                .await
-                .map_err(api_err(format!("scaling Deployment {name}")))?;
-            deployment = Some(patched);
-            scaled = Some((current, target));
+            // Replicas live under their own field manager, never in the apply
+            // above, so applying and scaling do not fight.
+            let current = deployment
+                .as_ref()
+                .and_then(|d| d.spec.as_ref())
+                .and_then(|s| s.replicas);
+            if let Some(target) = scale_target(current, &mf.spec.replicas) {
+                let body = serde_json::json!({
+                    "apiVersion": "apps/v1",
+                    "kind": "Deployment",
+                    "metadata": {"name": name},
+                    "spec": {"replicas": target},
+                });
+                let patched = deployments
+                    .patch(
+                        &name,
+                        &PatchParams::apply(SCALER_FIELD_MANAGER).force(),
+                        &Patch::Apply(&body),
+                    )
+                    .await
+                    .map_err(api_err(format!("scaling Deployment {name}")))?;
+                deployment = Some(patched);
+                scaled = Some((current, target));
+            }
+            Ok(())
+        }
+        .await;
+        match applied {
+            Ok(()) => {}
+            // The API server refused an object the schema let through (say an
+            // invalid pod label): retrying cannot help, so report and wait.
+            Err(Error::Api {
+                action,
+                source: kube::Error::Api(status),
+            }) if matches!(status.code, 400 | 422) => {
+                blocking.push(Problem::new(
+                    "ApplyRejected",
+                    format!("{action}: {}", status.message),
+                ));
+            }
+            Err(e) => return Err(e),
         }
     }
 

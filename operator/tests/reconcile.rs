@@ -35,6 +35,8 @@ struct Step {
 enum Reply {
     Json(Value),
     NotFound,
+    /// 422 Invalid with this message.
+    Invalid(&'static str),
     /// Answer with the request body (what a server-side apply returns,
     /// near enough), optionally merged with extra fields.
     Echo(Value),
@@ -113,6 +115,11 @@ async fn verify(mut handle: Handle, steps: Vec<Step>) -> Vec<Seen> {
                 StatusCode::NOT_FOUND,
                 json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                        "reason": "NotFound", "code": 404, "message": "not found"}),
+            ),
+            Reply::Invalid(message) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                       "reason": "Invalid", "code": 422, "message": message}),
             ),
             Reply::Echo(extra) => {
                 let mut v = body.clone();
@@ -468,6 +475,64 @@ async fn missing_secret_degrades_and_waits_without_applying() {
     );
     assert!(msg.contains("has no key \"primary\""), "{msg}");
     assert_eq!(condition(status, "Progressing")["reason"], "Blocked");
+}
+
+#[tokio::test]
+async fn rejected_apply_degrades_and_waits_instead_of_looping() {
+    let mut steps = reads(
+        Reply::Json(secret("clients", &["alice"], "100")),
+        Reply::Json(secret("llm-keys", &["primary"], "200")),
+        Reply::NotFound,
+        Reply::NotFound,
+        Reply::NotFound,
+        Reply::NotFound,
+    );
+    let rejection =
+        "Deployment.apps \"bot\" is invalid: spec.template.metadata.labels: Invalid value: \"a b\"";
+    steps.extend([
+        apply(
+            core("configmaps/bot-config"),
+            "fieldManager=modelforwarder-operator",
+            json!({}),
+        ),
+        apply(
+            core("services/bot"),
+            "fieldManager=modelforwarder-operator",
+            json!({}),
+        ),
+        apply(
+            policy("poddisruptionbudgets/bot"),
+            "fieldManager=modelforwarder-operator",
+            json!({}),
+        ),
+        Step {
+            method: "PATCH",
+            path: apps("deployments/bot"),
+            query: vec!["fieldManager=modelforwarder-operator"],
+            reply: Reply::Invalid(rejection),
+        },
+        step("POST", events_path(), Reply::Echo(json!({}))),
+        step("POST", events_path(), Reply::Echo(json!({}))),
+        apply(
+            status_path(),
+            "fieldManager=modelforwarder-operator",
+            stored(),
+        ),
+    ]);
+    let (action, seen, _) = run(DeserializeGuard(Ok(resource(None))), steps).await;
+    assert_eq!(action, Action::await_change());
+    assert_eq!(
+        seen[10].body["reason"], "Applied",
+        "the writes that did happen are reported"
+    );
+    assert_eq!(seen[11].body["type"], "Warning");
+    assert_eq!(seen[11].body["reason"], "ApplyRejected");
+    let degraded = condition(&seen[12].body["status"], "Degraded").clone();
+    assert_eq!(degraded["reason"], "ApplyRejected");
+    assert!(degraded["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("spec.template.metadata.labels"));
 }
 
 #[tokio::test]
