@@ -1,8 +1,8 @@
 //! The control loop: one ModelForwarder in, applied objects, status and
 //! Events out.
 //!
-//! Order of one reconciliation: read the Deployment, the referenced Secrets
-//! and the other owned objects; decide whether the spec can work; apply
+//! Order of one reconciliation: read the referenced Secrets and the owned
+//! objects; decide whether the spec can work; apply
 //! (server-side, one field manager) only the objects whose rendered form
 //! changed; keep the replica count within bounds under a second field
 //! manager; write status only when it changed; publish Events for what was
@@ -263,6 +263,22 @@ pub fn error_policy(
     };
     tracing::warn!(%error, name, "reconcile failed; retrying");
     ctx.metrics.errors.with_label_values(&[error.kind()]).inc();
+    // Say it on the resource too. The policy is synchronous, so the Event is
+    // sent from a task; the recorder folds repeats into one Event series.
+    if let Ok(mf) = &obj.0 {
+        let regarding = mf.object_ref(&());
+        let note = format!("{error}; retrying in {}s", RETRY.as_secs());
+        tokio::spawn(async move {
+            publish(
+                &ctx,
+                &regarding,
+                EventType::Warning,
+                "ReconcileFailed",
+                note,
+            )
+            .await;
+        });
+    }
     Action::requeue(RETRY)
 }
 

@@ -13,7 +13,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::Client;
 use operator::crd::ModelForwarder;
-use operator::reconcile::{reconcile, Context, RESYNC};
+use operator::reconcile::{error_policy, reconcile, Context, Error, RESYNC, RETRY};
 use operator::telemetry::Metrics;
 use serde_json::{json, Value};
 
@@ -564,4 +564,27 @@ async fn undeserialisable_object_is_reported_not_fatal() {
     assert_eq!(seen[0].body["reason"], "InvalidObject");
     assert_eq!(seen[0].body["regarding"]["name"], NAME);
     assert_eq!(ctx.metrics.invalid_objects.get(), 1);
+}
+
+#[tokio::test]
+async fn failed_reconcile_is_retried_counted_and_reported() {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = context(Client::new(svc, "default"));
+    let verifier = tokio::spawn(verify(
+        handle,
+        vec![step("POST", events_path(), Reply::Echo(json!({})))],
+    ));
+    let obj = Arc::new(DeserializeGuard(Ok(resource(None))));
+    let action = error_policy(obj, &Error::MissingField("metadata.uid"), ctx.clone());
+    assert_eq!(action, Action::requeue(RETRY));
+    let seen = verifier.await.expect("verifier");
+    assert_eq!(seen[0].body["type"], "Warning");
+    assert_eq!(seen[0].body["reason"], "ReconcileFailed");
+    assert_eq!(
+        ctx.metrics
+            .errors
+            .with_label_values(&["missing_field"])
+            .get(),
+        1
+    );
 }
