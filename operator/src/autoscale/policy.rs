@@ -333,7 +333,12 @@ mod tests {
             Case {
                 name: "error breach while saturated",
                 obs: Observed { error_rate: Some(0.02), ..healthy(240.0, 4) },
-                r: at(4), history: vec![], desired: 5, reason: Reason::Capacity,
+                r: at(4), history: vec![], desired: 8, reason: Reason::ErrorSlo,
+            },
+            Case {
+                name: "error breach without saturation: more forwarders would not help",
+                obs: Observed { error_rate: Some(0.02), ..healthy(200.0, 4) },
+                r: at(4), history: vec![], desired: 4, reason: Reason::Stable,
             },
             Case {
                 name: "no data holds",
@@ -449,7 +454,7 @@ mod tests {
             let mut current = start;
             let mut history = Vec::new();
             let mut moves: Vec<(Duration, i8)> = Vec::new();
-            for tick in 0..120u64 {
+            for tick in 0..120u32 {
                 let now = tick * 15 * S;
                 let d = decide(&p, &healthy(qps, current), at(current), &history, now);
                 history.push(Recommendation { at: now, replicas: d.recommendation });

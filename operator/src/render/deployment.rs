@@ -240,6 +240,11 @@ pub fn deployment(inputs: &Inputs<'_>, config_hash: &str) -> Deployment {
                     service_account_name: pod.service_account_name.clone(),
                     // The forwarder never calls the Kubernetes API.
                     automount_service_account_token: Some(false),
+                    // Service links inject `<SERVICE>_PORT`-style variables; a
+                    // Service named `forwarder` would put `FORWARDER_*`
+                    // variables, which the forwarder reads as config
+                    // overrides, into every pod of the namespace.
+                    enable_service_links: Some(false),
                     termination_grace_period_seconds: Some(termination_grace_seconds()),
                     node_selector: (!pod.node_selector.is_empty())
                         .then(|| pod.node_selector.clone()),
@@ -351,6 +356,11 @@ mod tests {
             Some(vec!["ALL".to_string()])
         );
         assert_eq!(p.automount_service_account_token, Some(false));
+        assert_eq!(
+            p.enable_service_links,
+            Some(false),
+            "no FORWARDER_* service env"
+        );
         assert!(p.termination_grace_period_seconds.expect("grace") > 35);
     }
 
