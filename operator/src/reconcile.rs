@@ -120,6 +120,19 @@ pub fn secret_uses(spec: &ModelForwarderSpec) -> Vec<SecretUse> {
     uses
 }
 
+/// Parts of the spec the forwarder does not implement yet: reported as
+/// Degraded, while everything else is deployed.
+pub fn unsupported(spec: &ModelForwarderSpec) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    if spec.auth.as_ref().is_some_and(|a| a.jwt.is_some()) {
+        problems.push(Problem::new(
+            "JwtUnsupported",
+            "spec.auth.jwt is set but the forwarder does not enforce JWT yet; only API keys (if configured) authenticate clients",
+        ));
+    }
+    problems
+}
+
 /// Whether a Secret (by namespace and name) is referenced by a resource.
 pub fn references_secret(mf: &ModelForwarder, namespace: &str, name: &str) -> bool {
     mf.namespace().as_deref() == Some(namespace)
@@ -379,12 +392,7 @@ pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action,
         );
     }
 
-    if mf.spec.auth.as_ref().is_some_and(|a| a.jwt.is_some()) {
-        warnings.push(Problem::new(
-            "JwtUnsupported",
-            "spec.auth.jwt is set but the forwarder does not enforce JWT yet; only API keys (if configured) authenticate clients",
-        ));
-    }
+    warnings.extend(unsupported(&mf.spec));
 
     let cm_name = config_map_name(&name);
     let existing_dep = get(&deployments, &name).await?;
@@ -674,6 +682,22 @@ mod tests {
         let hits = resources_referencing(&all, &secret("ai", "llm-keys"));
         assert_eq!(hits, vec![ObjectRef::new("a").within("ai")]);
         assert!(resources_referencing(&all, &secret("ai", "unrelated")).is_empty());
+    }
+
+    #[test]
+    fn jwt_is_reported_as_unsupported() {
+        let mut spec = crate::render::config::tests::spec();
+        assert!(unsupported(&spec).is_empty());
+        spec.auth = serde_json::from_value(serde_json::json!({
+            "jwt": {"issuer": "https://id", "audience": "bot",
+                    "jwksSecretRef": {"name": "jwks", "key": "jwks.json"}}
+        }))
+        .expect("auth");
+        let problems = unsupported(&spec);
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].reason, "JwtUnsupported");
+        // The JWKS Secret is not required while JWT is not enforced.
+        assert!(secret_uses(&spec).iter().all(|u| u.name != "jwks"));
     }
 
     #[test]

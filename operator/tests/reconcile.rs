@@ -536,6 +536,37 @@ async fn rejected_apply_degrades_and_waits_instead_of_looping() {
 }
 
 #[tokio::test]
+async fn foreign_object_of_the_same_name_is_not_taken_over() {
+    let foreign = json!({"apiVersion": "v1", "kind": "Service",
+                         "metadata": {"name": NAME, "namespace": NS, "resourceVersion": "5"}});
+    let mut steps = reads(
+        Reply::Json(secret("clients", &["alice"], "100")),
+        Reply::Json(secret("llm-keys", &["primary"], "200")),
+        Reply::NotFound,
+        Reply::NotFound,
+        Reply::Json(foreign),
+        Reply::NotFound,
+    );
+    steps.extend([
+        step("POST", events_path(), Reply::Echo(json!({}))),
+        apply(
+            status_path(),
+            "fieldManager=modelforwarder-operator",
+            stored(),
+        ),
+    ]);
+    let (action, seen, _) = run(DeserializeGuard(Ok(resource(None))), steps).await;
+    assert_eq!(action, Action::await_change());
+    assert_eq!(seen[6].body["reason"], "NameConflict");
+    let degraded = condition(&seen[7].body["status"], "Degraded").clone();
+    assert_eq!(degraded["reason"], "NameConflict");
+    assert!(degraded["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("Service \"bot\""));
+}
+
+#[tokio::test]
 async fn deleted_resource_makes_no_requests() {
     let mut mf = resource(None);
     mf.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
