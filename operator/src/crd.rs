@@ -73,7 +73,8 @@ pub const GROUP: &str = "llm.forwarder.dev";
 pub struct ModelForwarderSpec {
     /// Protocols the forwarder serves. `http` (simple and OpenAI-compatible
     /// APIs) and `websocket` (`/api/v1/ws`) share the `http` port 8080;
-    /// `grpc` adds the `grpc` port 9090.
+    /// `grpc` adds the `grpc` port 9090. The HTTP listener always runs, since
+    /// it also serves health, readiness and metrics.
     #[serde(default = "default_protocols")]
     #[schemars(length(min = 1), extend("x-kubernetes-list-type" = "set"))]
     pub protocols: Vec<Protocol>,

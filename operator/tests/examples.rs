@@ -40,4 +40,5 @@ fn full_renders_a_working_config_and_references_its_secrets() {
     assert_eq!(secrets, vec!["support-bot-clients", "llm-keys"]);
     assert_eq!(spec.replicas.min, 2);
     assert_eq!(spec.protocols.len(), 3);
+    assert!(config.websocket.enabled && config.grpc.enabled);
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use forwarder_config::{AuthConfig, Config, Provider, RetryConfig, UpstreamConfig};
 
-use crate::crd::{ModelForwarderSpec, Upstream};
+use crate::crd::{ModelForwarderSpec, Protocol, Upstream};
 
 /// Port of the HTTP listener (HTTP API, OpenAI API, WebSocket, health, metrics).
 pub const HTTP_PORT: u16 = 8080;
@@ -130,6 +130,11 @@ pub fn render(spec: &ModelForwarderSpec) -> Result<Config, Vec<Problem>> {
         ..Config::default()
     };
     config.server.listen = SocketAddr::from(([0, 0, 0, 0], HTTP_PORT));
+    // The HTTP listener always runs (health, readiness, metrics); the other
+    // front ends follow `spec.protocols`.
+    config.websocket.enabled = spec.protocols.contains(&Protocol::Websocket);
+    config.grpc.enabled = spec.protocols.contains(&Protocol::Grpc);
+    config.grpc.listen = SocketAddr::from(([0, 0, 0, 0], GRPC_PORT));
     config.server.shutdown.drain_delay = DRAIN_DELAY;
     config.server.shutdown.grace_period = GRACE_PERIOD;
 
@@ -209,6 +214,20 @@ pub(crate) mod tests {
         assert_eq!(c.upstreams[1].provider, Provider::Mock);
         assert_eq!(c.upstreams[1].api_key_file, None);
         assert_eq!(c.models(), vec!["mock".to_string(), "qwen-max".to_string()]);
+    }
+
+    #[test]
+    fn protocols_switch_the_front_ends() {
+        let mut s = spec();
+        s.protocols = vec![Protocol::Http];
+        let c = render(&s).expect("renders");
+        assert!(!c.websocket.enabled);
+        assert!(!c.grpc.enabled);
+        s.protocols = vec![Protocol::Http, Protocol::Websocket, Protocol::Grpc];
+        let c = render(&s).expect("renders");
+        assert!(c.websocket.enabled);
+        assert!(c.grpc.enabled);
+        assert_eq!(c.grpc.listen.to_string(), "0.0.0.0:9090");
     }
 
     #[test]
