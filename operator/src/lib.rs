@@ -1,6 +1,7 @@
 //! The ModelForwarder operator: reconciles `ModelForwarder` resources into
 //! the Kubernetes objects that run forwarders.
 
+pub mod autoscale;
 pub mod controller;
 pub mod crd;
 pub mod crdgen;

@@ -38,7 +38,11 @@ pub struct Target {
 
 /// The default selector for a resource.
 pub fn default_selector(namespace: &str, name: &str) -> String {
-    format!(r#"namespace="{}",app_kubernetes_io_instance="{}""#, escape(namespace), escape(name))
+    format!(
+        r#"namespace="{}",app_kubernetes_io_instance="{}""#,
+        escape(namespace),
+        escape(name)
+    )
 }
 
 fn escape(v: &str) -> String {
@@ -53,13 +57,22 @@ fn secs(d: Duration) -> String {
 pub fn per_pod_queries(t: &Target) -> [(&'static str, String); 4] {
     let (sel, w) = (&t.selector, secs(t.window));
     [
-        ("freshness", format!("max by (pod) (timestamp(forwarder_inflight_requests{{{sel}}}))")),
-        ("qps", format!("sum by (pod) (rate(forwarder_requests_total{{{sel}}}[{w}]))")),
+        (
+            "freshness",
+            format!("max by (pod) (timestamp(forwarder_inflight_requests{{{sel}}}))"),
+        ),
+        (
+            "qps",
+            format!("sum by (pod) (rate(forwarder_requests_total{{{sel}}}[{w}]))"),
+        ),
         (
             "errors",
             format!(r#"sum by (pod) (rate(forwarder_requests_total{{{sel},code=~"5.."}}[{w}]))"#),
         ),
-        ("inflight", format!("sum by (pod) (forwarder_inflight_requests{{{sel}}})")),
+        (
+            "inflight",
+            format!("sum by (pod) (forwarder_inflight_requests{{{sel}}})"),
+        ),
     ]
 }
 
@@ -78,14 +91,21 @@ fn regex_escape(v: &str) -> String {
     v.chars()
         .flat_map(|c| {
             let special = ".+*?()|[]{}^$\\".contains(c);
-            special.then_some('\\').into_iter().chain(std::iter::once(c))
+            special
+                .then_some('\\')
+                .into_iter()
+                .chain(std::iter::once(c))
         })
         .collect::<String>()
         .replace('"', "\\\"")
 }
 
 /// Per-pod values of an instant vector.
-async fn per_pod(client: &Client, what: &'static str, q: &str) -> Result<BTreeMap<String, f64>, MetricsError> {
+async fn per_pod(
+    client: &Client,
+    what: &'static str,
+    q: &str,
+) -> Result<BTreeMap<String, f64>, MetricsError> {
     let result = client.query(q).get().await?;
     match result.data() {
         Data::Vector(v) => Ok(v
@@ -127,16 +147,36 @@ pub async fn read(client: &Client, t: &Target, now_unix: f64) -> Result<Observed
         return Ok(Observed::default());
     }
     let sum = |m: &BTreeMap<String, f64>| -> (Option<f64>, u32) {
-        let vals: Vec<f64> = m.iter().filter(|(p, _)| usable.contains(*p)).map(|(_, v)| *v).collect();
+        let vals: Vec<f64> = m
+            .iter()
+            .filter(|(p, _)| usable.contains(*p))
+            .map(|(_, v)| *v)
+            .collect();
         let n = vals.len() as u32;
         ((n > 0).then(|| vals.iter().sum()), n)
     };
     let (qps, reporting) = sum(&per_pod(client, qps_q.0, &qps_q.1).await?);
     let (errors, _) = sum(&per_pod(client, err_q.0, &err_q.1).await?);
     let (inflight, _) = sum(&per_pod(client, inflight_q.0, &inflight_q.1).await?);
-    let error_rate = qps.map(|q| if q > 0.0 { errors.unwrap_or(0.0) / q } else { 0.0 });
-    let p99 = scalar(client, "p99", &p99_query(t, "forwarder_request_duration_seconds", &usable)).await?;
-    let upstream = scalar(client, "upstream p99", &p99_query(t, "forwarder_upstream_duration_seconds", &usable)).await?;
+    let error_rate = qps.map(|q| {
+        if q > 0.0 {
+            errors.unwrap_or(0.0) / q
+        } else {
+            0.0
+        }
+    });
+    let p99 = scalar(
+        client,
+        "p99",
+        &p99_query(t, "forwarder_request_duration_seconds", &usable),
+    )
+    .await?;
+    let upstream = scalar(
+        client,
+        "upstream p99",
+        &p99_query(t, "forwarder_upstream_duration_seconds", &usable),
+    )
+    .await?;
     Ok(Observed {
         qps,
         p99_ms: p99.map(|s| s * 1000.0),
@@ -177,7 +217,10 @@ mod tests {
 
     #[test]
     fn label_values_cannot_break_out_of_the_query() {
-        assert_eq!(default_selector("a\"b", "c"), r#"namespace="a\"b",app_kubernetes_io_instance="c""#);
+        assert_eq!(
+            default_selector("a\"b", "c"),
+            r#"namespace="a\"b",app_kubernetes_io_instance="c""#
+        );
         assert_eq!(regex_escape("a.b"), r"a\.b");
     }
 }

@@ -42,7 +42,15 @@ impl Policy {
     /// a 10% band is well above the noise of a 1-minute rate; the forwarder
     /// adds well under 1 ms, so a quarter of the budget means it is queueing;
     /// 512 in flight per replica is where a 2-core pod starts to queue.
-    pub fn new(min: u32, max: u32, p99_slo_ms: f64, max_error_rate: f64, target_qps: f64, stabilization: Duration, max_scale_up_step: u32) -> Self {
+    pub fn new(
+        min: u32,
+        max: u32,
+        p99_slo_ms: f64,
+        max_error_rate: f64,
+        target_qps: f64,
+        stabilization: Duration,
+        max_scale_up_step: u32,
+    ) -> Self {
         Self {
             min,
             max,
@@ -131,7 +139,13 @@ fn clean(v: Option<f64>) -> Option<f64> {
     v.filter(|x| x.is_finite() && *x >= 0.0)
 }
 
-pub fn decide(p: &Policy, obs: &Observed, r: Replicas, history: &[Recommendation], now: Duration) -> Decision {
+pub fn decide(
+    p: &Policy,
+    obs: &Observed,
+    r: Replicas,
+    history: &[Recommendation],
+    now: Duration,
+) -> Decision {
     let clamp = |n: u32| n.clamp(p.min, p.max.max(p.min));
     let current = r.current;
     let obs = Observed {
@@ -147,7 +161,11 @@ pub fn decide(p: &Policy, obs: &Observed, r: Replicas, history: &[Recommendation
         let desired = clamp(current);
         return Decision {
             desired,
-            reason: if desired == current { Reason::NoData } else { Reason::Bounds },
+            reason: if desired == current {
+                Reason::NoData
+            } else {
+                Reason::Bounds
+            },
             recommendation: desired,
             breach: None,
             upstream_slow: false,
@@ -159,7 +177,11 @@ pub fn decide(p: &Policy, obs: &Observed, r: Replicas, history: &[Recommendation
     // never scale down on such partial data.
     let serving = r.ready.max(1);
     let partial = obs.reporting < serving;
-    let extrapolate = if partial { f64::from(serving) / f64::from(obs.reporting) } else { 1.0 };
+    let extrapolate = if partial {
+        f64::from(serving) / f64::from(obs.reporting)
+    } else {
+        1.0
+    };
     let qps = obs.qps.map(|q| q * extrapolate);
     let inflight = obs.inflight.map(|i| i * extrapolate);
     let base = current.max(1);
@@ -175,7 +197,10 @@ pub fn decide(p: &Policy, obs: &Observed, r: Replicas, history: &[Recommendation
     });
 
     // 3. SLO breaches and who causes them.
-    let latency_breach = obs.p99_ms.filter(|v| *v > p.p99_slo_ms).map(|v| (v, p.p99_slo_ms));
+    let latency_breach = obs
+        .p99_ms
+        .filter(|v| *v > p.p99_slo_ms)
+        .map(|v| (v, p.p99_slo_ms));
     let error_breach = obs
         .error_rate
         .filter(|v| *v > p.max_error_rate)
@@ -184,8 +209,10 @@ pub fn decide(p: &Policy, obs: &Observed, r: Replicas, history: &[Recommendation
         p99_ms: latency_breach,
         error_rate: error_breach,
     });
-    let saturated_qps = qps.is_some_and(|q| q / f64::from(serving) > p.target_qps_per_replica * (1.0 + p.tolerance));
-    let saturated_inflight = inflight.is_some_and(|i| i / f64::from(serving) > p.max_inflight_per_replica);
+    let saturated_qps = qps
+        .is_some_and(|q| q / f64::from(serving) > p.target_qps_per_replica * (1.0 + p.tolerance));
+    let saturated_inflight =
+        inflight.is_some_and(|i| i / f64::from(serving) > p.max_inflight_per_replica);
     let own_latency = match (obs.p99_ms, obs.upstream_p99_ms) {
         (Some(total), Some(upstream)) => Some((total - upstream).max(0.0)),
         _ => None,
@@ -198,26 +225,36 @@ pub fn decide(p: &Policy, obs: &Observed, r: Replicas, history: &[Recommendation
     let slo = breach.filter(|_| bottleneck).map(|b| {
         let factor = [
             b.p99_ms.map(|(v, slo)| v / slo),
-            b.error_rate.map(|(v, max)| if max > 0.0 { v / max } else { 2.0 }),
+            b.error_rate
+                .map(|(v, max)| if max > 0.0 { v / max } else { 2.0 }),
         ]
         .into_iter()
         .flatten()
         .fold(1.0, f64::max);
         let step = (f64::from(base) * (factor - 1.0)).ceil().max(1.0) as u32;
-        let reason = if latency_breach.is_some() { Reason::LatencySlo } else { Reason::ErrorSlo };
+        let reason = if latency_breach.is_some() {
+            Reason::LatencySlo
+        } else {
+            Reason::ErrorSlo
+        };
         (current + step.min(p.max_scale_up_step), reason)
     });
 
     // Combine: the highest demand wins; missing inputs only hold.
     let mut rec = capacity.unwrap_or(current);
-    let mut reason = if rec == current { Reason::Stable } else { Reason::Capacity };
+    let mut reason = if rec == current {
+        Reason::Stable
+    } else {
+        Reason::Capacity
+    };
     if let Some((n, why)) = slo {
         if n > rec {
             rec = n;
             reason = why;
         }
     }
-    let incomplete = partial || obs.qps.is_none() || obs.p99_ms.is_none() || obs.error_rate.is_none();
+    let incomplete =
+        partial || obs.qps.is_none() || obs.p99_ms.is_none() || obs.error_rate.is_none();
     if incomplete && rec < current {
         rec = current;
         reason = Reason::Stable;
@@ -253,7 +290,13 @@ pub fn decide(p: &Policy, obs: &Observed, r: Replicas, history: &[Recommendation
 /// Scale down only to the highest recommendation seen over the whole
 /// window (which must be covered by history, so a restarted operator does
 /// not scale down on its first look), by at most a quarter per step.
-fn stabilize(p: &Policy, rec: u32, current: u32, history: &[Recommendation], now: Duration) -> (u32, Reason) {
+fn stabilize(
+    p: &Policy,
+    rec: u32,
+    current: u32,
+    history: &[Recommendation],
+    now: Duration,
+) -> (u32, Reason) {
     let since = now.saturating_sub(p.stabilization);
     let covered = p.stabilization.is_zero() || history.iter().any(|h| h.at <= since);
     let highest = history
@@ -299,13 +342,25 @@ mod tests {
     }
 
     fn at(current: u32) -> Replicas {
-        Replicas { current, ready: current }
+        Replicas {
+            current,
+            ready: current,
+        }
     }
 
     #[test]
     fn table() {
         let p = policy();
-        let long_low = [Recommendation { at: 0 * S, replicas: 2 }, Recommendation { at: 200 * S, replicas: 2 }];
+        let long_low = [
+            Recommendation {
+                at: Duration::ZERO,
+                replicas: 2,
+            },
+            Recommendation {
+                at: 200 * S,
+                replicas: 2,
+            },
+        ];
         struct Case {
             name: &'static str,
             obs: Observed,
@@ -315,87 +370,229 @@ mod tests {
             reason: Reason,
         }
         let cases = vec![
-            Case { name: "steady load at target", obs: healthy(200.0, 4), r: at(4), history: vec![], desired: 4, reason: Reason::Stable },
-            Case { name: "inside the tolerance band", obs: healthy(215.0, 4), r: at(4), history: vec![], desired: 4, reason: Reason::Stable },
-            Case { name: "capacity up", obs: healthy(400.0, 4), r: at(4), history: vec![], desired: 8, reason: Reason::Capacity },
-            Case { name: "capacity up bounded by the step", obs: healthy(1000.0, 4), r: at(4), history: vec![], desired: 8, reason: Reason::Capacity },
-            Case { name: "never above max", obs: healthy(5000.0, 18), r: at(18), history: vec![], desired: 20, reason: Reason::Capacity },
+            Case {
+                name: "steady load at target",
+                obs: healthy(200.0, 4),
+                r: at(4),
+                history: vec![],
+                desired: 4,
+                reason: Reason::Stable,
+            },
+            Case {
+                name: "inside the tolerance band",
+                obs: healthy(215.0, 4),
+                r: at(4),
+                history: vec![],
+                desired: 4,
+                reason: Reason::Stable,
+            },
+            Case {
+                name: "capacity up",
+                obs: healthy(400.0, 4),
+                r: at(4),
+                history: vec![],
+                desired: 8,
+                reason: Reason::Capacity,
+            },
+            Case {
+                name: "capacity up bounded by the step",
+                obs: healthy(1000.0, 4),
+                r: at(4),
+                history: vec![],
+                desired: 8,
+                reason: Reason::Capacity,
+            },
+            Case {
+                name: "never above max",
+                obs: healthy(5000.0, 18),
+                r: at(18),
+                history: vec![],
+                desired: 20,
+                reason: Reason::Capacity,
+            },
             Case {
                 name: "latency breach, forwarder adds latency",
-                obs: Observed { p99_ms: Some(1000.0), upstream_p99_ms: Some(300.0), ..healthy(200.0, 4) },
-                r: at(4), history: vec![], desired: 8, reason: Reason::LatencySlo,
+                obs: Observed {
+                    p99_ms: Some(1000.0),
+                    upstream_p99_ms: Some(300.0),
+                    ..healthy(200.0, 4)
+                },
+                r: at(4),
+                history: vec![],
+                desired: 8,
+                reason: Reason::LatencySlo,
             },
             Case {
                 name: "latency breach explained by the upstream",
-                obs: Observed { p99_ms: Some(1000.0), upstream_p99_ms: Some(990.0), ..healthy(200.0, 4) },
-                r: at(4), history: vec![], desired: 4, reason: Reason::Stable,
+                obs: Observed {
+                    p99_ms: Some(1000.0),
+                    upstream_p99_ms: Some(990.0),
+                    ..healthy(200.0, 4)
+                },
+                r: at(4),
+                history: vec![],
+                desired: 4,
+                reason: Reason::Stable,
             },
             Case {
                 name: "error breach while saturated",
-                obs: Observed { error_rate: Some(0.02), ..healthy(240.0, 4) },
-                r: at(4), history: vec![], desired: 8, reason: Reason::ErrorSlo,
+                obs: Observed {
+                    error_rate: Some(0.02),
+                    ..healthy(240.0, 4)
+                },
+                r: at(4),
+                history: vec![],
+                desired: 8,
+                reason: Reason::ErrorSlo,
             },
             Case {
                 name: "error breach without saturation: more forwarders would not help",
-                obs: Observed { error_rate: Some(0.02), ..healthy(200.0, 4) },
-                r: at(4), history: vec![], desired: 4, reason: Reason::Stable,
+                obs: Observed {
+                    error_rate: Some(0.02),
+                    ..healthy(200.0, 4)
+                },
+                r: at(4),
+                history: vec![],
+                desired: 4,
+                reason: Reason::Stable,
             },
             Case {
                 name: "no data holds",
                 obs: Observed::default(),
-                r: at(6), history: vec![], desired: 6, reason: Reason::NoData,
+                r: at(6),
+                history: vec![],
+                desired: 6,
+                reason: Reason::NoData,
             },
             Case {
                 name: "pending replicas block a further step",
                 obs: healthy(800.0, 4),
-                r: Replicas { current: 8, ready: 4 }, history: vec![], desired: 8, reason: Reason::WaitingForReady,
+                r: Replicas {
+                    current: 8,
+                    ready: 4,
+                },
+                history: vec![],
+                desired: 8,
+                reason: Reason::WaitingForReady,
             },
-            Case { name: "low load, window not covered", obs: healthy(50.0, 6), r: at(6), history: vec![], desired: 6, reason: Reason::Stabilizing },
-            Case { name: "low load for the whole window", obs: healthy(50.0, 6), r: at(6), history: long_low.to_vec(), desired: 5, reason: Reason::ScaleDown },
+            Case {
+                name: "low load, window not covered",
+                obs: healthy(50.0, 6),
+                r: at(6),
+                history: vec![],
+                desired: 6,
+                reason: Reason::Stabilizing,
+            },
+            Case {
+                name: "low load for the whole window",
+                obs: healthy(50.0, 6),
+                r: at(6),
+                history: long_low.to_vec(),
+                desired: 5,
+                reason: Reason::ScaleDown,
+            },
             Case {
                 name: "a peak inside the window holds",
-                obs: healthy(50.0, 6), r: at(6),
-                history: vec![Recommendation { at: 0 * S, replicas: 2 }, Recommendation { at: 250 * S, replicas: 6 }],
-                desired: 6, reason: Reason::Stabilizing,
+                obs: healthy(50.0, 6),
+                r: at(6),
+                history: vec![
+                    Recommendation {
+                        at: Duration::ZERO,
+                        replicas: 2,
+                    },
+                    Recommendation {
+                        at: 250 * S,
+                        replicas: 6,
+                    },
+                ],
+                desired: 6,
+                reason: Reason::Stabilizing,
             },
             Case {
                 name: "missing p99 never scales down",
-                obs: Observed { p99_ms: None, ..healthy(50.0, 6) }, r: at(6), history: long_low.to_vec(), desired: 6, reason: Reason::Stable,
+                obs: Observed {
+                    p99_ms: None,
+                    ..healthy(50.0, 6)
+                },
+                r: at(6),
+                history: long_low.to_vec(),
+                desired: 6,
+                reason: Reason::Stable,
             },
             Case {
                 name: "missing p99 does not block scaling up",
-                obs: Observed { p99_ms: None, ..healthy(400.0, 4) }, r: at(4), history: vec![], desired: 8, reason: Reason::Capacity,
+                obs: Observed {
+                    p99_ms: None,
+                    ..healthy(400.0, 4)
+                },
+                r: at(4),
+                history: vec![],
+                desired: 8,
+                reason: Reason::Capacity,
             },
             Case {
                 name: "one pod without series: extrapolated, no scale-down",
-                obs: healthy(300.0, 3), r: at(4), history: vec![], desired: 8, reason: Reason::Capacity,
+                obs: healthy(300.0, 3),
+                r: at(4),
+                history: vec![],
+                desired: 8,
+                reason: Reason::Capacity,
             },
-            Case { name: "below min is raised", obs: healthy(10.0, 1), r: at(1), history: vec![], desired: 2, reason: Reason::Bounds },
+            Case {
+                name: "below min is raised",
+                obs: healthy(10.0, 1),
+                r: at(1),
+                history: vec![],
+                desired: 2,
+                reason: Reason::Bounds,
+            },
             Case {
                 name: "NaN is no data",
-                obs: Observed { qps: Some(f64::NAN), p99_ms: Some(f64::NAN), error_rate: None, ..Default::default() },
-                r: at(5), history: vec![], desired: 5, reason: Reason::NoData,
+                obs: Observed {
+                    qps: Some(f64::NAN),
+                    p99_ms: Some(f64::NAN),
+                    error_rate: None,
+                    ..Default::default()
+                },
+                r: at(5),
+                history: vec![],
+                desired: 5,
+                reason: Reason::NoData,
             },
         ];
         for c in cases {
             let d = decide(&p, &c.obs, c.r, &c.history, 300 * S);
-            assert_eq!((d.desired, d.reason), (c.desired, c.reason), "{}: {d:?}", c.name);
+            assert_eq!(
+                (d.desired, d.reason),
+                (c.desired, c.reason),
+                "{}: {d:?}",
+                c.name
+            );
         }
     }
 
     #[test]
     fn upstream_slow_is_flagged_and_breaches_carry_numbers() {
-        let obs = Observed { p99_ms: Some(1000.0), upstream_p99_ms: Some(990.0), ..healthy(200.0, 4) };
-        let d = decide(&policy(), &obs, at(4), &[], 0 * S);
+        let obs = Observed {
+            p99_ms: Some(1000.0),
+            upstream_p99_ms: Some(990.0),
+            ..healthy(200.0, 4)
+        };
+        let d = decide(&policy(), &obs, at(4), &[], Duration::ZERO);
         assert!(d.upstream_slow);
         assert_eq!(d.breach.unwrap().p99_ms, Some((1000.0, 500.0)));
-        let d = decide(&policy(), &healthy(200.0, 4), at(4), &[], 0 * S);
+        let d = decide(&policy(), &healthy(200.0, 4), at(4), &[], Duration::ZERO);
         assert!(!d.upstream_slow && d.breach.is_none() && d.metrics_available);
     }
 
     #[test]
     fn prune_keeps_the_entry_that_covers_the_window() {
-        let mut h: Vec<Recommendation> = (0..10).map(|i| Recommendation { at: i * 100 * S, replicas: 3 }).collect();
+        let mut h: Vec<Recommendation> = (0..10)
+            .map(|i| Recommendation {
+                at: i * 100 * S,
+                replicas: 3,
+            })
+            .collect();
         prune(&mut h, 300 * S, 900 * S);
         assert_eq!(h.first().unwrap().at, 600 * S);
         assert_eq!(h.len(), 4);
@@ -431,7 +628,7 @@ mod tests {
         fn never_down_on_missing_data(obs in arb_obs(), current in 2u32..20) {
             let p = policy();
             let missing = Observed { p99_ms: None, ..obs };
-            let history = [Recommendation { at: 0 * S, replicas: 2 }];
+            let history = [Recommendation { at: Duration::ZERO, replicas: 2 }];
             let d = decide(&p, &missing, at(current), &history, 1000 * S);
             prop_assert!(d.desired >= current);
         }
@@ -440,7 +637,7 @@ mod tests {
         fn monotone_in_load(q1 in 0.0..3000.0f64, q2 in 0.0..3000.0f64, current in 2u32..20) {
             let p = policy();
             let (lo, hi) = if q1 <= q2 { (q1, q2) } else { (q2, q1) };
-            let history = [Recommendation { at: 0 * S, replicas: 2 }];
+            let history = [Recommendation { at: Duration::ZERO, replicas: 2 }];
             let a = decide(&p, &healthy(lo, current), at(current), &history, 1000 * S);
             let b = decide(&p, &healthy(hi, current), at(current), &history, 1000 * S);
             prop_assert!(a.desired <= b.desired, "{a:?} vs {b:?}");
@@ -475,7 +672,7 @@ mod tests {
         fn at_most_one_step_of_overshoot_while_pending(qps in 0.0..5000.0f64, current in 2u32..16, ready in 0u32..16) {
             let p = policy();
             let r = Replicas { current, ready: ready.min(current) };
-            let d = decide(&p, &healthy(qps, r.ready.max(1)), r, &[], 0 * S);
+            let d = decide(&p, &healthy(qps, r.ready.max(1)), r, &[], Duration::ZERO);
             if r.ready < current {
                 prop_assert!(d.desired <= current, "{d:?}");
             } else {

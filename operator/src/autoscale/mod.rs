@@ -1,0 +1,7 @@
+//! The SLO autoscaler: reads each ModelForwarder's metrics from Prometheus
+//! (`metrics`), decides a replica count with a pure policy (`policy`), and
+//! acts on it. Acting is behind [`ScaleTarget`], implemented for Deployments
+//! by the operator and for local processes by the loop test harness.
+
+pub mod metrics;
+pub mod policy;
