@@ -59,6 +59,29 @@ pub enum LeaderError {
     Lost,
 }
 
+/// Waits on the lock-state channel until this replica holds the lock.
+pub async fn acquired(state: &mut watch::Receiver<bool>) -> Result<(), LeaderError> {
+    loop {
+        if decide(false, *state.borrow_and_update()) == Step::Lead {
+            return Ok(());
+        }
+        state.changed().await.map_err(|_| LeaderError::Stopped)?;
+    }
+}
+
+/// Waits on the lock-state channel, as leader, until the lock is gone (or
+/// the lease manager stops, which must be treated the same).
+pub async fn lost(state: &mut watch::Receiver<bool>) -> LeaderError {
+    loop {
+        if state.changed().await.is_err() {
+            return LeaderError::Stopped;
+        }
+        if decide(true, *state.borrow_and_update()) == Step::Exit {
+            return LeaderError::Lost;
+        }
+    }
+}
+
 /// A running election.
 pub struct Election {
     state: watch::Receiver<bool>,
@@ -81,27 +104,12 @@ impl Election {
 
     /// Resolves once this replica holds the lease.
     pub async fn acquired(&mut self) -> Result<(), LeaderError> {
-        loop {
-            if decide(false, *self.state.borrow_and_update()) == Step::Lead {
-                return Ok(());
-            }
-            self.state
-                .changed()
-                .await
-                .map_err(|_| LeaderError::Stopped)?;
-        }
+        acquired(&mut self.state).await
     }
 
     /// Resolves (with an error) when the lease is lost; never while held.
     pub async fn lost(&mut self) -> LeaderError {
-        loop {
-            if self.state.changed().await.is_err() {
-                return LeaderError::Stopped;
-            }
-            if decide(true, *self.state.borrow_and_update()) == Step::Exit {
-                return LeaderError::Lost;
-            }
-        }
+        lost(&mut self.state).await
     }
 
     /// Gives the lease up, so a standby replica takes over without waiting
@@ -126,5 +134,35 @@ mod tests {
         assert_eq!(decide(false, true), Step::Lead);
         assert_eq!(decide(true, true), Step::Continue);
         assert_eq!(decide(true, false), Step::Exit);
+    }
+
+    #[tokio::test]
+    async fn waits_for_the_lock_then_reports_its_loss() {
+        use std::time::Duration;
+        let (tx, mut rx) = watch::channel(false);
+        let waiting = tokio::time::timeout(Duration::from_millis(50), acquired(&mut rx)).await;
+        assert!(waiting.is_err(), "no lock, no leadership");
+
+        tx.send(true).expect("send");
+        acquired(&mut rx).await.expect("acquired");
+
+        // A renewal (still true) is not a loss.
+        tx.send(true).expect("send");
+        let still = tokio::time::timeout(Duration::from_millis(50), lost(&mut rx)).await;
+        assert!(still.is_err(), "renewals keep the leadership");
+
+        tx.send(false).expect("send");
+        assert!(matches!(lost(&mut rx).await, LeaderError::Lost));
+    }
+
+    #[tokio::test]
+    async fn a_stopped_lease_manager_counts_as_lost() {
+        let (tx, mut rx) = watch::channel(true);
+        rx.borrow_and_update();
+        drop(tx);
+        assert!(matches!(lost(&mut rx).await, LeaderError::Stopped));
+        let (tx, mut rx) = watch::channel(false);
+        drop(tx);
+        assert!(matches!(acquired(&mut rx).await, Err(LeaderError::Stopped)));
     }
 }
