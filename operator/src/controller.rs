@@ -1,13 +1,14 @@
 //! Wires the reconciler into a kube-runtime `Controller`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::core::DeserializeGuard;
-use kube::runtime::{watcher, Controller};
+use kube::runtime::{controller, watcher, Controller};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 
@@ -42,7 +43,14 @@ pub async fn run(client: Client, namespace: Option<String>, ctx: Arc<Context>) {
         labels::MANAGED_BY,
         labels::FIELD_MANAGER
     ));
-    let controller = Controller::new(resources, watcher::Config::default().any_semantic());
+    let controller = Controller::new(resources, watcher::Config::default().any_semantic())
+        // A rollout sends a burst of Deployment status updates; fold each
+        // burst into one reconcile, and bound the parallel ones.
+        .with_config(
+            controller::Config::default()
+                .debounce(Duration::from_millis(500))
+                .concurrency(8),
+        );
     let store = controller.store();
     controller
         .owns(scoped::<Deployment>(&client, ns), owned.clone())
