@@ -406,7 +406,11 @@ pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action,
         ("Service", existing_svc.as_ref().map(|o| &o.metadata)),
         (
             "PodDisruptionBudget",
-            existing_pdb.as_ref().map(|o| &o.metadata),
+            // Only a conflict when we need a PDB of that name.
+            existing_pdb
+                .as_ref()
+                .map(|o| &o.metadata)
+                .filter(|_| mf.spec.replicas.min > 1),
         ),
     ] {
         if let Some(meta) = meta.filter(|m| !owned_by(m, &uid)) {
@@ -458,7 +462,10 @@ pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action,
                 {
                     done.push(format!("applied PodDisruptionBudget {name}"));
                 }
-            } else if existing_pdb.is_some() {
+            } else if existing_pdb
+                .as_ref()
+                .is_some_and(|p| owned_by(&p.metadata, &uid))
+            {
                 pdbs.delete(&name, &DeleteParams::default())
                     .await
                     .map_err(api_err(format!("deleting PodDisruptionBudget {name}")))?;

@@ -181,6 +181,10 @@ async fn run(
 }
 
 fn resource(status: Option<Value>) -> ModelForwarder {
+    resource_with_min(2, status)
+}
+
+fn resource_with_min(min: i32, status: Option<Value>) -> ModelForwarder {
     let mut v = json!({
         "apiVersion": "llm.forwarder.dev/v1alpha1",
         "kind": "ModelForwarder",
@@ -192,7 +196,7 @@ fn resource(status: Option<Value>) -> ModelForwarder {
                 "models": ["qwen-max"], "apiKeySecretRef": {"name": "llm-keys", "key": "primary"}
             }],
             "auth": {"apiKeysSecretRef": {"name": "clients"}},
-            "replicas": {"min": 2, "max": 5}
+            "replicas": {"min": min, "max": 5}
         }
     });
     if let Some(s) = status {
@@ -564,6 +568,53 @@ async fn foreign_object_of_the_same_name_is_not_taken_over() {
         .as_str()
         .unwrap_or_default()
         .contains("Service \"bot\""));
+}
+
+#[tokio::test]
+async fn single_replica_needs_no_pdb_and_leaves_a_foreign_one_alone() {
+    let foreign = json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+                         "metadata": {"name": NAME, "namespace": NS, "resourceVersion": "5"}});
+    let mut steps = reads(
+        Reply::Json(secret("clients", &["alice"], "100")),
+        Reply::Json(secret("llm-keys", &["primary"], "200")),
+        Reply::NotFound,
+        Reply::NotFound,
+        Reply::NotFound,
+        Reply::Json(foreign),
+    );
+    steps.extend([
+        apply(
+            core("configmaps/bot-config"),
+            "fieldManager=modelforwarder-operator",
+            json!({}),
+        ),
+        apply(
+            core("services/bot"),
+            "fieldManager=modelforwarder-operator",
+            json!({}),
+        ),
+        apply(
+            apps("deployments/bot"),
+            "fieldManager=modelforwarder-operator",
+            json!({"spec": {"replicas": 1}}),
+        ),
+        step("POST", events_path(), Reply::Echo(json!({}))),
+        apply(
+            status_path(),
+            "fieldManager=modelforwarder-operator",
+            stored(),
+        ),
+    ]);
+    let (action, seen, _) = run(DeserializeGuard(Ok(resource_with_min(1, None))), steps).await;
+    assert_eq!(action, Action::requeue(RESYNC));
+    assert_eq!(
+        seen[9].body["note"],
+        "applied ConfigMap bot-config, applied Service bot, applied Deployment bot"
+    );
+    assert_eq!(
+        condition(&seen[10].body["status"], "Degraded")["status"],
+        "False"
+    );
 }
 
 #[tokio::test]
