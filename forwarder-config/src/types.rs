@@ -71,6 +71,13 @@ pub struct ServerConfig {
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
     pub shutdown: ShutdownConfig,
+    /// Requests forwarded at once by this replica. As many more may wait
+    /// for a slot (within their deadline); beyond that they get 503 at
+    /// once. Absent: no limit. A bound keeps a replica from overcommitting
+    /// and shows overload as the forwarder's own queueing latency, which
+    /// the autoscaler scales on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<usize>,
 }
 
 impl Default for ServerConfig {
@@ -80,6 +87,7 @@ impl Default for ServerConfig {
             max_body_bytes: 1024 * 1024,
             request_timeout: Duration::from_secs(120),
             shutdown: ShutdownConfig::default(),
+            max_concurrency: None,
         }
     }
 }

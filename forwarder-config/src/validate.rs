@@ -47,6 +47,12 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
         "must be greater than zero",
     );
 
+    e.check(
+        s.max_concurrency != Some(0),
+        "server.max_concurrency",
+        "must be at least 1 (omit it for no limit)",
+    );
+
     let ws = &config.websocket;
     e.check(
         ws.max_in_flight >= 1,

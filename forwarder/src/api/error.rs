@@ -36,6 +36,9 @@ pub enum ApiError {
     GatewayTimeout(String),
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// Every `server.max_concurrency` slot stayed busy until the deadline.
+    #[error("the forwarder is overloaded; retry later")]
+    Overloaded,
     /// A WebSocket connection already has this many requests in flight.
     #[error("too many requests in flight on this connection (limit {0})")]
     TooManyInFlight(usize),
@@ -59,7 +62,9 @@ impl ApiError {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST)
             }
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
-            Self::NoHealthyUpstream { .. } | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoHealthyUpstream { .. } | Self::ShuttingDown | Self::Overloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -79,6 +84,7 @@ impl ApiError {
             Self::NoHealthyUpstream { .. } => ("upstream_error", "no_healthy_upstream"),
             Self::GatewayTimeout(_) => ("upstream_error", "upstream_timeout"),
             Self::ShuttingDown => ("server_error", "shutting_down"),
+            Self::Overloaded => ("server_error", "overloaded"),
             Self::TooManyInFlight(_) => ("rate_limit_error", "too_many_in_flight"),
             Self::DuplicateId(_) => ("invalid_request_error", "duplicate_request_id"),
         }

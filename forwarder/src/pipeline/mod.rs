@@ -73,6 +73,29 @@ pub struct Pipeline {
     forwarder: Arc<Forwarder>,
     metrics: Arc<Metrics>,
     ready: AtomicBool,
+    /// `server.max_concurrency` slots, when bounded, and how many wait.
+    slots: Option<Arc<tokio::sync::Semaphore>>,
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a request in the slot queue for as long as it waits (also when
+/// its client goes away while waiting).
+struct Waiting<'a> {
+    count: &'a std::sync::atomic::AtomicUsize,
+    ahead: usize,
+}
+
+impl<'a> Waiting<'a> {
+    fn join(count: &'a std::sync::atomic::AtomicUsize) -> Self {
+        let ahead = count.fetch_add(1, Ordering::Relaxed);
+        Self { count, ahead }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Pipeline {
@@ -101,6 +124,11 @@ impl Pipeline {
             }),
             metrics,
             ready: AtomicBool::new(true),
+            slots: cfg
+                .server
+                .max_concurrency
+                .map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
+            waiting: Default::default(),
             cfg,
         })
     }
@@ -187,15 +215,62 @@ impl Pipeline {
         }
         let deadline = Instant::now() + self.cfg.server.request_timeout;
         let key = meta.idempotency_key.or(call.idempotency_key);
-        match key {
-            Some(k) if k.len() > MAX_KEY_LEN => Err(obs.fail(ApiError::BadRequest(format!(
+        if key.as_ref().is_some_and(|k| k.len() > MAX_KEY_LEN) {
+            return Err(obs.fail(ApiError::BadRequest(format!(
                 "idempotency key longer than {MAX_KEY_LEN} characters"
-            )))),
+            ))));
+        }
+        let slot = match &self.slots {
+            Some(slots) => Some(
+                self.take_slot(slots, deadline)
+                    .await
+                    .map_err(|e| obs.fail(e))?,
+            ),
+            None => None,
+        };
+        let answer = match key {
             Some(k) => {
                 self.keyed(obs, scoped_key(&identity, &k), chat, deadline)
                     .await
             }
             None => self.dispatch(obs, chat, deadline).await,
+        };
+        // A stream holds its slot until it ends.
+        match (answer, slot) {
+            (
+                Ok(Answer {
+                    reply: Reply::Stream(s),
+                    replayed,
+                }),
+                Some(slot),
+            ) => Ok(Answer {
+                reply: Reply::Stream(on_end(s, move |_| drop(slot))),
+                replayed,
+            }),
+            (answer, _) => answer,
+        }
+    }
+
+    /// A `server.max_concurrency` slot. As many requests may wait as run;
+    /// beyond that, or past the deadline, the request is shed with 503 at
+    /// once rather than queued without bound. Queueing counts as the
+    /// forwarder's own latency, which is what the autoscaler watches.
+    async fn take_slot(
+        &self,
+        slots: &Arc<tokio::sync::Semaphore>,
+        deadline: Instant,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        if let Ok(permit) = slots.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        let limit = self.cfg.server.max_concurrency.unwrap_or(usize::MAX);
+        let waiting = Waiting::join(&self.waiting);
+        if waiting.ahead >= limit {
+            return Err(ApiError::Overloaded);
+        }
+        match tokio::time::timeout_at(deadline, slots.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(ApiError::Overloaded),
         }
     }
 

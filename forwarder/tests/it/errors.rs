@@ -185,3 +185,57 @@ async fn overall_deadline_bounds_retries_with_504() {
         "took {took:?}"
     );
 }
+
+#[tokio::test]
+async fn max_concurrency_queues_and_sheds_with_503() {
+    let m = mock(MockSettings {
+        tokens_per_second: Some(5.0),
+        reply_words: 5,
+        ..Default::default()
+    })
+    .await;
+    let mut cfg = config(vec![upstream("a", &m, "m")]);
+    cfg.server.max_concurrency = Some(1);
+    let fwd = start(cfg).await;
+    // A slow stream holds the only slot…
+    let mut body = chat("m", "hold");
+    body["stream"] = json!(true);
+    let stream = fwd
+        .http
+        .post(format!("{}/v1/chat/completions", fwd.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    // …one more request may wait for it…
+    let waiter = {
+        let (http, url) = (
+            fwd.http.clone(),
+            format!("{}/v1/chat/completions", fwd.base),
+        );
+        tokio::spawn(async move {
+            http.post(url)
+                .json(&chat("m", "waiting"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // …and a third is shed at once instead of queueing without bound.
+    let started = std::time::Instant::now();
+    let r = fwd.post("/v1/chat/completions", &chat("m", "x"), &[]).await;
+    assert_error_shape(&r, 503, "overloaded");
+    assert!(started.elapsed() < Duration::from_millis(200));
+    assert!(
+        !waiter.is_finished(),
+        "the waiter is still queued behind the stream"
+    );
+    drop(stream);
+    assert_eq!(waiter.await.unwrap(), 200, "the waiter got the freed slot");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let r = fwd.post("/v1/chat/completions", &chat("m", "x"), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+}
