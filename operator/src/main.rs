@@ -136,3 +136,40 @@ async fn main() -> anyhow::Result<()> {
     server.abort();
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let a = Args::try_parse_from(["operator"]).expect("defaults parse");
+        assert_eq!(a.namespace, None, "all namespaces by default");
+        assert_eq!(a.forwarder_image, operator::DEFAULT_FORWARDER_IMAGE);
+        assert!(a.leader_election);
+        assert_eq!(a.metrics_addr.to_string(), "0.0.0.0:8080");
+
+        let a = Args::try_parse_from([
+            "operator",
+            "--namespace",
+            "ai",
+            "--forwarder-image",
+            "registry.local/fwd:dev",
+            "--prometheus-url",
+            "http://prometheus:9090",
+            "--leader-election",
+            "false",
+        ])
+        .expect("flags parse");
+        assert_eq!(a.namespace.as_deref(), Some("ai"));
+        assert_eq!(a.forwarder_image, "registry.local/fwd:dev");
+        assert_eq!(a.prometheus_url.as_deref(), Some("http://prometheus:9090"));
+        assert!(!a.leader_election);
+    }
+
+    #[test]
+    fn default_image_is_versioned() {
+        assert!(operator::DEFAULT_FORWARDER_IMAGE.starts_with("ghcr.io/modelforwarder/forwarder:"));
+        assert!(operator::DEFAULT_FORWARDER_IMAGE.ends_with(env!("CARGO_PKG_VERSION")));
+    }
+}
