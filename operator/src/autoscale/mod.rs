@@ -3,5 +3,10 @@
 //! acts on it. Acting is behind [`ScaleTarget`], implemented for Deployments
 //! by the operator and for local processes by the loop test harness.
 
+pub mod evaluate;
 pub mod metrics;
 pub mod policy;
+
+pub use evaluate::{
+    Evaluation, Evaluator, MetricsSource, Prometheus, ScaleError, ScaleTarget, TargetState,
+};
