@@ -34,6 +34,8 @@ pub const GROUP: &str = "llm.forwarder.dev";
     status = "ModelForwarderStatus",
     derive = "PartialEq",
     doc = "A ModelForwarder runs a pool of forwarder pods that route LLM requests (HTTP, WebSocket, gRPC) to upstream providers.",
+    // The name becomes a Service name (a DNS-1035 label) and a label value.
+    validation = kube::core::Rule::new("self.metadata.name.size() <= 63 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message("metadata.name must be a DNS-1035 label (lower case, starts with a letter, at most 63 characters): it names the Service"),
     scale(
         spec_replicas_path = ".spec.replicas.desired",
         status_replicas_path = ".status.replicas",

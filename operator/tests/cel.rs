@@ -13,6 +13,10 @@ fn schema() -> Value {
 }
 
 fn resource(spec_extra: Value) -> Value {
+    named("bot", spec_extra)
+}
+
+fn named(name: &str, spec_extra: Value) -> Value {
     let mut spec = json!({
         "upstreams": [{"name": "local", "provider": "mock", "models": ["mock"]}]
     });
@@ -22,7 +26,7 @@ fn resource(spec_extra: Value) -> Value {
     json!({
         "apiVersion": "llm.forwarder.dev/v1alpha1",
         "kind": "ModelForwarder",
-        "metadata": {"name": "bot", "namespace": "ai"},
+        "metadata": {"name": name, "namespace": "ai"},
         "spec": spec
     })
 }
@@ -70,4 +74,18 @@ fn openai_upstreams_need_a_base_url() {
     assert!(e.contains("baseUrl is required for provider openai"), "{e}");
     check(json!({"upstreams": [{"name": "p", "provider": "openai", "baseUrl": "https://x/v1", "models": ["m"]}]}))
         .expect("with a base URL");
+}
+
+#[test]
+fn the_name_must_make_a_valid_service_name() {
+    let check_name = |name: &str| {
+        Validator::new()
+            .validate(&schema(), &named(name, json!({})), None)
+            .map_err(|e| e.to_string())
+    };
+    check_name("support-bot").expect("a DNS-1035 label");
+    for bad in ["1bot", &"a".repeat(64)] {
+        let e = check_name(bad).unwrap_err();
+        assert!(e.contains("DNS-1035"), "{bad}: {e}");
+    }
 }
