@@ -11,6 +11,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
+# k6 is not installed here: at least parse its script (node ships with npm).
+if command -v node >/dev/null 2>&1; then
+  tmpjs=$(mktemp --suffix=.mjs)
+  cp e2e/load/k6.js "$tmpjs"
+  node --check "$tmpjs" || { rm -f "$tmpjs"; echo "ci-step.sh: e2e/load/k6.js does not parse" >&2; exit 1; }
+  rm -f "$tmpjs"
+fi
+
 LOCUST=${LOCUST:-.venv/bin/locust}
 [ -x "$LOCUST" ] || { echo "ci-step.sh: no $LOCUST: run ./scripts/test.sh (installs scripts/requirements-test.txt)" >&2; exit 1; }
 

@@ -12,7 +12,7 @@ Scenarios (``--scenario`` or MF_SCENARIO):
   soak      --soak-users (default 200) for --soak-seconds (default 4 h),
             sampling the forwarder's RSS (from --forwarder-pid or the
             process_resident_memory_bytes metric when exported) and the error
-            rate every minute: leaks show as a climbing line.
+            rate every --soak-sample-seconds (60): leaks show as a climbing line.
   mixed     80% short prompts (non-streamed), 20% long prompts streamed as
             Server-Sent Events; users as in step's last stage, for
             --mixed-seconds (default 600).
@@ -63,6 +63,9 @@ def _args(parser):
                         help="users started per second when stepping up")
     parser.add_argument("--soak-users", type=int, default=int(env("MF_SOAK_USERS", "200")))
     parser.add_argument("--soak-seconds", type=float, default=float(env("MF_SOAK_SECONDS", "14400")))
+    parser.add_argument("--soak-sample-seconds", type=float,
+                        default=float(env("MF_SOAK_SAMPLE_SECONDS", "60")),
+                        help="how often the soak samples RSS and the error rate")
     parser.add_argument("--mixed-seconds", type=float, default=float(env("MF_MIXED_SECONDS", "600")))
     parser.add_argument("--baseline-seconds", type=float,
                         default=float(env("MF_BASELINE_SECONDS", "30")))
@@ -248,8 +251,9 @@ def _sampler(environment):
     samples = []
     environment.mf_rss_samples = samples
     last = (0, 0)
+    every = _opts(environment).soak_sample_seconds
     while True:
-        gevent.sleep(60)
+        gevent.sleep(every)
         total = environment.stats.total
         req, fail = total.num_requests, total.num_failures
         d_req, d_fail = req - last[0], fail - last[1]
@@ -258,7 +262,8 @@ def _sampler(environment):
         samples.append((time.time(), rss))
         rate = d_fail / d_req if d_req else 0.0
         rss_txt = f"{rss / 2**20:.1f} MiB" if rss else "n/a"
-        print(f"[soak] rss={rss_txt} requests/min={d_req} error_rate={rate:.4%}", flush=True)
+        print(f"[soak] rss={rss_txt} requests={d_req} ({d_req / every:.0f}/s) "
+              f"error_rate={rate:.4%}", flush=True)
 
 
 @events.test_start.add_listener

@@ -808,3 +808,76 @@ fn replicas_above_one_require_leader_election() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("leaderElection"));
 }
+
+fn yaml_docs(path: &Path) -> Vec<Value> {
+    use serde::Deserialize as _;
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).expect("YAML parses"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// Renders the chart with `values` (as the GitOps tools would) under the
+/// chart's strict schema.
+fn render_with_values(values: &Value, origin: &str) -> Vec<Value> {
+    let file = std::env::temp_dir().join(format!(
+        "mf-chart-values-{}-{}.yaml",
+        std::process::id(),
+        origin.replace(['/', ' '], "-")
+    ));
+    std::fs::write(&file, serde_yaml::to_string(values).unwrap()).unwrap();
+    let docs = render(&["-f", file.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&file);
+    docs
+}
+
+#[test]
+fn gitops_examples_use_real_paths_and_values_the_chart_accepts() {
+    let gitops = root().join("examples/gitops");
+    // Argo CD: chart path exists, inline values pass the schema.
+    let op = &yaml_docs(&gitops.join("argocd/operator.yaml"))[0];
+    let path = str_at(op, &["spec", "source", "path"]);
+    assert!(root().join(path).join("Chart.yaml").is_file(), "{path}");
+    let docs = render_with_values(
+        s(op, &["spec", "source", "helm", "valuesObject"]).unwrap(),
+        "argocd",
+    );
+    assert_eq!(str_at(&docs[0], &["metadata", "namespace"]), RELEASE_NS);
+    let wl = &yaml_docs(&gitops.join("argocd/workloads.yaml"))[0];
+    let path = str_at(wl, &["spec", "source", "path"]);
+    assert!(
+        root().join(path).join("kustomization.yaml").is_file(),
+        "{path}"
+    );
+
+    // Flux: chart path exists, values pass the schema, CRDs upgraded.
+    let hr = &yaml_docs(&gitops.join("flux/operator/helmrelease.yaml"))[0];
+    let chart = str_at(hr, &["spec", "chart", "spec", "chart"]);
+    assert!(root().join(chart).join("Chart.yaml").is_file(), "{chart}");
+    assert_eq!(str_at(hr, &["spec", "upgrade", "crds"]), "CreateReplace");
+    render_with_values(s(hr, &["spec", "values"]).unwrap(), "flux");
+    for k in yaml_docs(&gitops.join("flux/clusters.yaml"))
+        .iter()
+        .filter(|d| kind(d) == "Kustomization")
+    {
+        let p = str_at(k, &["spec", "path"]).trim_start_matches("./");
+        assert!(root().join(p).join("kustomization.yaml").is_file(), "{p}");
+    }
+
+    // Every file a kustomization lists exists; ModelForwarders parse as the
+    // operator's type.
+    for dir in ["workloads", "flux/operator"] {
+        let k = &yaml_docs(&gitops.join(dir).join("kustomization.yaml"))[0];
+        for r in strings(s(k, &["resources"])) {
+            let file = gitops.join(dir).join(&r);
+            for doc in yaml_docs(&file) {
+                if kind(&doc) == "ModelForwarder" {
+                    let json = serde_json::to_value(&doc).unwrap();
+                    serde_json::from_value::<operator::crd::ModelForwarder>(json)
+                        .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+                }
+            }
+        }
+    }
+}
