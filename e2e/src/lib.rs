@@ -5,6 +5,8 @@
 //! (bypassing the test harness's capture, so it shows in the output); with
 //! `KUBECONFIG` set but the cluster unreachable, tests fail.
 
+pub mod local;
+
 use std::future::Future;
 use std::io::Write;
 use std::time::Duration;

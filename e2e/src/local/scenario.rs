@@ -1,0 +1,167 @@
+//! A scripted run of the loop: phases of load, upstream latency and
+//! Prometheus availability, with the autoscaler evaluating on its interval.
+//! Returns the timeline for assertions (the test) or plotting (the demo).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use operator::autoscale::metrics::{default_selector, Target};
+use operator::autoscale::policy::{Policy, Reason};
+use operator::autoscale::{Evaluator, Prometheus as PromSource, ScaleTarget};
+
+use super::fleet::{Fleet, FleetConfig};
+use super::load::Load;
+use super::procs::{forwarder_bin, free_port, wait_http_ok, Proc};
+use super::prometheus::Prometheus;
+
+#[derive(Debug, Clone)]
+pub struct Phase {
+    pub name: &'static str,
+    pub duration: Duration,
+    /// Offered load, requests per second.
+    pub rps: f64,
+    /// The upstream's latency.
+    pub upstream_latency: Duration,
+    pub prometheus_up: bool,
+}
+
+pub struct Scenario {
+    pub policy: Policy,
+    pub interval: Duration,
+    pub scrape: Duration,
+    pub window: Duration,
+    pub max_concurrency: usize,
+    pub phases: Vec<Phase>,
+}
+
+/// One evaluation, with what the clients saw.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// Seconds since the start.
+    pub t: f64,
+    pub phase: &'static str,
+    pub offered_rps: f64,
+    pub client_p99_ms: Option<f64>,
+    pub client_errors: u64,
+    pub client_requests: u64,
+    pub replicas: u32,
+    pub ready: u32,
+    pub reason: Reason,
+    pub metrics_available: bool,
+    pub upstream_slow: bool,
+    pub slo_breached: bool,
+    pub qps: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub upstream_p99_ms: Option<f64>,
+    pub explanation: String,
+}
+
+pub async fn run(s: Scenario, mut on_sample: impl FnMut(&Sample)) -> anyhow::Result<Vec<Sample>> {
+    let dir = tempfile::tempdir()?;
+    let forwarder = forwarder_bin()?;
+    let mock_port = free_port()?;
+    let first = s
+        .phases
+        .first()
+        .map_or(Duration::from_millis(100), |p| p.upstream_latency);
+    let _mock = Proc::spawn(
+        "mock-llm",
+        Command::new(&forwarder)
+            .args(["mock-llm", "--listen", &format!("127.0.0.1:{mock_port}")])
+            .arg("--latency")
+            .arg(format!("{}ms", first.as_millis())),
+    )?;
+    let mock_url = format!("http://127.0.0.1:{mock_port}");
+    wait_http_ok(&format!("{mock_url}/healthz"), Duration::from_secs(10)).await?;
+
+    let fleet = Fleet::new(FleetConfig {
+        forwarder,
+        dir: dir.path().to_path_buf(),
+        upstream: format!("{mock_url}/v1"),
+        max_concurrency: s.max_concurrency,
+        namespace: "local".into(),
+        instance: "demo".into(),
+    });
+    fleet.init()?;
+    let mut prometheus = Prometheus::start(dir.path(), &fleet.targets_file(), s.scrape).await?;
+    let source = PromSource(prometheus_http_query::Client::try_from(
+        prometheus.url.as_str(),
+    )?);
+    fleet
+        .scale(s.policy.min)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let load = Load::start(fleet.endpoints());
+    let target = Target {
+        selector: default_selector("local", "demo"),
+        window: s.window,
+        live_pods: None,
+        max_age: s.scrape * 3,
+    };
+    let mut evaluator = Evaluator::new(s.policy.clone());
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    for phase in &s.phases {
+        load.set_rate(phase.rps);
+        let settings =
+            serde_json::json!({"latency": format!("{}ms", phase.upstream_latency.as_millis())});
+        http.put(format!("{mock_url}/mock/settings"))
+            .json(&settings)
+            .send()
+            .await?;
+        if !phase.prometheus_up {
+            prometheus.stop();
+        }
+        let phase_end = Instant::now() + phase.duration;
+        while Instant::now() < phase_end {
+            tokio::time::sleep(s.interval).await;
+            let e = evaluator
+                .evaluate(&source, &target, &fleet)
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?;
+            let state = fleet.state().await.map_err(|e| anyhow::anyhow!(e))?;
+            let (p99, errors, requests) = load.recent(s.interval);
+            let sample = Sample {
+                t: started.elapsed().as_secs_f64(),
+                phase: phase.name,
+                offered_rps: phase.rps,
+                client_p99_ms: p99,
+                client_errors: errors,
+                client_requests: requests,
+                replicas: state.current,
+                ready: state.ready,
+                reason: e.decision.reason,
+                metrics_available: e.decision.metrics_available,
+                upstream_slow: e.decision.upstream_slow,
+                slo_breached: e.decision.breach.is_some(),
+                qps: e.observed.qps,
+                p99_ms: e.observed.p99_ms,
+                upstream_p99_ms: e.observed.upstream_p99_ms,
+                explanation: operator::autoscale::evaluate::explain(&e),
+            };
+            on_sample(&sample);
+            samples.push(sample);
+        }
+    }
+    load.set_rate(0.0);
+    Ok(samples)
+}
+
+/// The timeline as aligned text lines.
+pub fn format_sample(s: &Sample) -> String {
+    let ms = |v: Option<f64>| v.map_or("   -".to_string(), |v| format!("{v:4.0}"));
+    format!(
+        "t={:5.1}s {:<14} load={:4.0}rps client_p99={}ms errors={:<3} replicas={} ready={} | {}{}{}",
+        s.t,
+        s.phase,
+        s.offered_rps,
+        ms(s.client_p99_ms),
+        s.client_errors,
+        s.replicas,
+        s.ready,
+        s.explanation,
+        if s.slo_breached { " SLOBreached" } else { "" },
+        if s.upstream_slow { " UpstreamSlow" } else { "" },
+    )
+}
