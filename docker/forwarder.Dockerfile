@@ -4,7 +4,11 @@
 # root: `make image-forwarder` or
 #   docker build -f docker/forwarder.Dockerfile -t ghcr.io/modelforwarder/forwarder:0.1.0 .
 # The operator starts forwarder pods with `command: [forwarder]`, so the
-# binary must be on PATH (/usr/local/bin).
+# binary must be on PATH (/usr/local/bin). Standalone, the embedded defaults
+# listen on 127.0.0.1: publish it with
+#   docker run -p 8080:8080 -e FORWARDER_SERVER__LISTEN=0.0.0.0:8080 <image>
+# (no listen override is baked in: FORWARDER_* variables override the config
+# file the operator renders).
 ARG RUST_VERSION=1.95
 ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
 

