@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmarks the forwarder against mock-llm directly and against nginx as a
-# plain reverse proxy, on loopback only, in one bounded run (≈ 2–3 minutes).
+# plain reverse proxy, on loopback only, in one bounded run (≈ 2.5 minutes).
 # Prints a table of figures with their targets and writes it, plus the raw wrk
 # output, to bench-results/<timestamp>.txt (gitignored). See docs/benchmarks.md.
 #
@@ -294,6 +294,11 @@ SEED_MOCK_PORT=$(free_port); start_mock "$SEED_MOCK_PORT" --latency 200ms
 SEED_FWD_PORT=$(free_port); start_forwarder "$SEED_FWD_PORT" "$SEED_MOCK_PORT" false; SEED_FWD=$FWD_PID
 sleep 1
 IDLE_RSS=$(status_kib "$SEED_FWD" VmRSS)
+# Control: the same load straight at the mock, to separate the forwarder's tail
+# from what wrk, the mock and a shared 2-core box do at 800 connections.
+log "seed control: mock --latency 200ms direct, ${SEED_CONNS} connections (${SEED_DURATION}s)"
+run_wrk "seed direct" "$LUA_POST" "http://127.0.0.1:$SEED_MOCK_PORT$PATH_CC" "$SEED_CONNS" "$SEED_DURATION" --timeout 5s
+SD_rps=$W_rps; SD_p50=$W_p50; SD_p99=$W_p99; SD_err=$((W_errors))
 log "seed scenario: mock --latency 200ms, forwarder, ${SEED_CONNS} connections (${SEED_DURATION}s)"
 run_wrk "seed forwarder" "$LUA_POST" "http://127.0.0.1:$SEED_FWD_PORT$PATH_CC" "$SEED_CONNS" "$SEED_DURATION" --timeout 5s
 S_rps=$W_rps; S_p50=$W_p50; S_p99=$W_p99; S_max=$W_max; S_req=$W_requests
@@ -341,6 +346,7 @@ report() {
   row "4. seed req/s (200 ms mock, 800 conns)" "$S_rps ($S_req req)" "info" "ideal $((SEED_CONNS * 5))"
   row "4. seed P50" "$(ms "$S_p50")" "info" ""
   row "4. seed P99" "$(ms "$S_p99")" "< 250 ms" "$(verdict "$S_p99 < 250000")"
+  row "4. seed control (wrk -> 200ms mock): req/s; P50/P99" "$SD_rps; $(awk -v a="$SD_p50" -v b="$SD_p99" 'BEGIN {printf "%.1f / %.1f ms", a / 1000, b / 1000}')" "reference" "err $SD_err"
   row "4. seed errors (HTTP>=400 + socket/timeout)" "$S_err ($S_status http, $S_sock socket)" "0" "$(verdict "$S_err == 0 && $S_non2xx == 0")"
   row "5. forwarder RSS idle after start (VmRSS)" "$(mib "$IDLE_RSS")" "< 20 MiB" "$(verdict "$IDLE_RSS < 20480")"
   row "5. forwarder peak RSS after seed (VmHWM)" "$(mib "$PEAK_RSS")" "info" ""
