@@ -7,6 +7,9 @@ use anyhow::Context as _;
 use clap::Parser;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::Client;
+use operator::autoscale::alerts;
+use operator::autoscale::run::Autoscaler;
+use operator::autoscale::Prometheus;
 use operator::leader::{Election, LeaderConfig};
 use operator::reconcile::Context;
 use operator::telemetry::{self, Metrics};
@@ -23,11 +26,20 @@ struct Args {
     /// Forwarder image for resources without `spec.pod.image`.
     #[arg(long, env = "FORWARDER_IMAGE", default_value = operator::DEFAULT_FORWARDER_IMAGE)]
     forwarder_image: String,
-    /// Prometheus base URL for the autoscaler. Accepted now; the autoscaler
-    /// that reads it is not built yet.
+    /// Prometheus base URL; setting it turns the SLO autoscaler on.
     #[arg(long, env = "PROMETHEUS_URL")]
     prometheus_url: Option<String>,
-    /// Address of `/metrics` and `/healthz`.
+    /// How often each resource is evaluated (an alert on `POST /alerts`
+    /// evaluates at once). Default: one typical 15 s scrape interval.
+    #[arg(long, env = "AUTOSCALE_INTERVAL", default_value = "15s", value_parser = humantime::parse_duration)]
+    autoscale_interval: std::time::Duration,
+    /// PromQL rate window: four scrapes, so one missed scrape never empties it.
+    #[arg(long, env = "AUTOSCALE_RATE_WINDOW", default_value = "1m", value_parser = humantime::parse_duration)]
+    rate_window: std::time::Duration,
+    /// Series older than this are stale: three scrapes.
+    #[arg(long, env = "AUTOSCALE_MAX_SAMPLE_AGE", default_value = "45s", value_parser = humantime::parse_duration)]
+    max_sample_age: std::time::Duration,
+    /// Address of `/metrics`, `/healthz` and the alert webhook `/alerts`.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
     /// Compete for a Lease before acting (disable only for a single replica).
@@ -52,6 +64,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     if args.log_format == "text" {
         tracing_subscriber::fmt().with_env_filter(filter).init();
@@ -63,10 +76,15 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let metrics = Metrics::new().context("creating metrics")?;
-    let server = tokio::spawn(telemetry::serve(
-        args.metrics_addr,
-        Arc::new(metrics.clone()),
-    ));
+    // Alerts queue evaluations; a small bound, since one per resource suffices.
+    let (trigger, triggered) = tokio::sync::mpsc::channel(64);
+    let shared = Arc::new(metrics.clone());
+    let app = telemetry::router(shared.clone()).merge(alerts::router(trigger, shared));
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("listening on {}", args.metrics_addr))?;
+    tracing::info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /alerts");
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
     let client = Client::try_default()
         .await
@@ -76,9 +94,18 @@ async fn main() -> anyhow::Result<()> {
         .clone()
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("operator-{}", std::process::id()));
-    if args.prometheus_url.is_some() {
-        tracing::info!("--prometheus-url is set; the autoscaler that uses it is not built yet");
-    }
+    let prometheus = match &args.prometheus_url {
+        Some(url) => Some(
+            prometheus_http_query::Client::try_from(url.as_str())
+                .with_context(|| format!("--prometheus-url {url}"))?,
+        ),
+        None => {
+            tracing::warn!(
+                "no --prometheus-url: the autoscaler is off; replicas stay within [min, max]"
+            );
+            None
+        }
+    };
 
     let mut election = None;
     if args.leader_election {
@@ -114,6 +141,21 @@ async fn main() -> anyhow::Result<()> {
         default_image: args.forwarder_image.clone(),
         metrics: metrics.clone(),
     });
+    // Only the leader autoscales, like it reconciles.
+    let autoscaler = prometheus.map(|p| {
+        let scaler = Autoscaler {
+            client: client.clone(),
+            namespace: args.namespace.clone(),
+            recorder: ctx.recorder.clone(),
+            metrics: metrics.clone(),
+            source: Arc::new(Prometheus(p)),
+            interval: args.autoscale_interval,
+            window: args.rate_window,
+            max_age: args.max_sample_age,
+        };
+        tracing::info!(interval = ?args.autoscale_interval, "starting the autoscaler");
+        tokio::spawn(scaler.run(triggered))
+    });
     tracing::info!(namespace = ?args.namespace, image = %args.forwarder_image, "starting the controller");
     let controller = operator::controller::run(client, args.namespace.clone(), ctx);
 
@@ -134,6 +176,9 @@ async fn main() -> anyhow::Result<()> {
         None => controller.await,
     }
     server.abort();
+    if let Some(a) = autoscaler {
+        a.abort();
+    }
     Ok(())
 }
 

@@ -26,6 +26,12 @@ pub struct Metrics {
     pub invalid_objects: IntCounter,
     /// 1 while this replica holds the leader lease.
     pub leader: IntGauge,
+    /// Autoscaler decisions, by direction (`up`, `down`, `none`) and reason.
+    pub scale_decisions: IntCounterVec,
+    /// SLO breaches seen by the autoscaler, by resource.
+    pub slo_breaches: IntCounterVec,
+    /// Alerts received on the webhook, by result (`accepted`, `ignored`, `invalid`).
+    pub alerts: IntCounterVec,
 }
 
 impl Metrics {
@@ -62,6 +68,30 @@ impl Metrics {
             "modelforwarder_operator_leader",
             "1 while this replica holds the leader lease",
         )?;
+        let scale_decisions = IntCounterVec::new(
+            Opts::new(
+                "modelforwarder_scale_decisions_total",
+                "Autoscaler decisions, by direction and reason",
+            ),
+            &["direction", "reason"],
+        )?;
+        let slo_breaches = IntCounterVec::new(
+            Opts::new(
+                "modelforwarder_slo_breaches_total",
+                "Evaluations that found a ModelForwarder breaching its SLO",
+            ),
+            &["namespace", "name"],
+        )?;
+        let alerts = IntCounterVec::new(
+            Opts::new(
+                "modelforwarder_operator_alerts_total",
+                "Alertmanager alerts received on the webhook, by result",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(scale_decisions.clone()))?;
+        registry.register(Box::new(slo_breaches.clone()))?;
+        registry.register(Box::new(alerts.clone()))?;
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(duration.clone()))?;
@@ -74,6 +104,9 @@ impl Metrics {
             duration,
             invalid_objects,
             leader,
+            scale_decisions,
+            slo_breaches,
+            alerts,
         })
     }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use kube::client::Body;
 use kube::core::error_boundary::InvalidObject;
 use kube::core::{DeserializeGuard, ObjectMeta};
@@ -17,134 +17,12 @@ use operator::reconcile::{error_policy, reconcile, Context, Error, RESYNC, RETRY
 use operator::telemetry::Metrics;
 use serde_json::{json, Value};
 
-type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+mod support;
+use support::*;
 
 const NS: &str = "ai";
 const NAME: &str = "bot";
 const UID: &str = "0b5e7f5c-0000-4000-8000-000000000001";
-
-/// One expected request and its answer.
-struct Step {
-    method: &'static str,
-    path: String,
-    /// Substrings the query must contain (e.g. the field manager).
-    query: Vec<&'static str>,
-    reply: Reply,
-}
-
-enum Reply {
-    Json(Value),
-    NotFound,
-    /// 422 Invalid with this message.
-    Invalid(&'static str),
-    /// Answer with the request body (what a server-side apply returns,
-    /// near enough), optionally merged with extra fields.
-    Echo(Value),
-}
-
-fn step(method: &'static str, path: impl Into<String>, reply: Reply) -> Step {
-    Step {
-        method,
-        path: path.into(),
-        query: Vec::new(),
-        reply,
-    }
-}
-
-fn apply(path: impl Into<String>, manager: &'static str, extra: Value) -> Step {
-    Step {
-        method: "PATCH",
-        path: path.into(),
-        query: vec![manager, "force=true"],
-        reply: Reply::Echo(extra),
-    }
-}
-
-/// A recorded request: method, path, decoded body.
-#[derive(Debug, Clone)]
-struct Seen {
-    method: String,
-    #[allow(dead_code)] // shown by Debug when an assertion fails
-    path: String,
-    body: Value,
-}
-
-fn merge(base: &mut Value, extra: &Value) {
-    match (base, extra) {
-        (Value::Object(b), Value::Object(e)) => {
-            for (k, v) in e {
-                merge(b.entry(k.clone()).or_insert(Value::Null), v);
-            }
-        }
-        (b, e) => *b = e.clone(),
-    }
-}
-
-async fn verify(mut handle: Handle, steps: Vec<Step>) -> Vec<Seen> {
-    let mut seen = Vec::new();
-    for (i, s) in steps.into_iter().enumerate() {
-        let (req, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
-            .await
-            .unwrap_or_else(|_| {
-                panic!("step {i}: expected {} {}, got no request", s.method, s.path)
-            })
-            .unwrap_or_else(|| panic!("step {i}: client gone before {} {}", s.method, s.path));
-        let method = req.method().to_string();
-        let path = req.uri().path().to_string();
-        let query = req.uri().query().unwrap_or_default().to_string();
-        assert_eq!(
-            (method.as_str(), path.as_str()),
-            (s.method, s.path.as_str()),
-            "step {i}: unexpected request (query {query})"
-        );
-        for q in &s.query {
-            assert!(
-                query.contains(q),
-                "step {i}: {method} {path}: query {query:?} lacks {q:?}"
-            );
-        }
-        let bytes = req.into_body().collect_bytes().await.expect("request body");
-        let body: Value = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).expect("JSON request body")
-        };
-        let (status, answer) = match s.reply {
-            Reply::Json(v) => (StatusCode::OK, v),
-            Reply::NotFound => (
-                StatusCode::NOT_FOUND,
-                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                       "reason": "NotFound", "code": 404, "message": "not found"}),
-            ),
-            Reply::Invalid(message) => (
-                StatusCode::UNPROCESSABLE_ENTITY,
-                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                       "reason": "Invalid", "code": 422, "message": message}),
-            ),
-            Reply::Echo(extra) => {
-                let mut v = body.clone();
-                merge(&mut v, &extra);
-                (StatusCode::OK, v)
-            }
-        };
-        let bytes = serde_json::to_vec(&answer).expect("encode answer");
-        send.send_response(
-            Response::builder()
-                .status(status)
-                .header("content-type", "application/json")
-                .body(Body::from(bytes))
-                .expect("response"),
-        );
-        seen.push(Seen { method, path, body });
-    }
-    // Nothing else may follow.
-    if let Ok(Some((req, _))) =
-        tokio::time::timeout(Duration::from_millis(300), handle.next_request()).await
-    {
-        panic!("unexpected extra request: {} {}", req.method(), req.uri());
-    }
-    seen
-}
 
 fn context(client: Client) -> Arc<Context> {
     Arc::new(Context {

@@ -1,0 +1,268 @@
+//! The autoscaler's requests against kube-rs's mocked API server: what it
+//! reads, how it scales, the status it owns and the Events it publishes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use http::{Request, Response};
+use kube::client::Body;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::Client;
+use operator::autoscale::metrics::{MetricsError, Target};
+use operator::autoscale::policy::Observed;
+use operator::autoscale::run::Autoscaler;
+use operator::autoscale::workload::policy_for;
+use operator::autoscale::{Evaluator, MetricsSource};
+use operator::crd::ModelForwarder;
+use operator::telemetry::Metrics;
+use serde_json::{json, Value};
+
+mod support;
+use support::*;
+
+const NS: &str = "ai";
+const NAME: &str = "bot";
+
+struct Fixed(Option<Observed>);
+
+#[async_trait]
+impl MetricsSource for Fixed {
+    async fn read(&self, target: &Target) -> Result<Observed, MetricsError> {
+        // The autoscaler passes the live pods it listed.
+        assert_eq!(
+            target.live_pods.as_ref().map(|p| p.len()),
+            Some(2),
+            "terminating pods are not live"
+        );
+        self.0
+            .clone()
+            .ok_or(MetricsError::Shape("prometheus unreachable"))
+    }
+}
+
+fn resource(status: Option<Value>) -> ModelForwarder {
+    let mut v = json!({
+        "apiVersion": "llm.forwarder.dev/v1alpha1",
+        "kind": "ModelForwarder",
+        "metadata": {"name": NAME, "namespace": NS, "uid": "u-1", "generation": 2},
+        "spec": {
+            "upstreams": [{"name": "m", "provider": "mock", "models": ["mock"]}],
+            "replicas": {"min": 1, "max": 10},
+            "slo": {"p99LatencyMs": 500, "maxErrorRate": 0.01, "targetQpsPerReplica": 50}
+        }
+    });
+    if let Some(s) = status {
+        v["status"] = s;
+    }
+    serde_json::from_value(v).expect("valid resource")
+}
+
+fn reads() -> Vec<Step> {
+    let pod = |name: &str, deleting: bool| {
+        let mut p = json!({"metadata": {"name": name, "namespace": NS}});
+        if deleting {
+            p["metadata"]["deletionTimestamp"] = json!("2026-11-24T00:00:00Z");
+        }
+        p
+    };
+    vec![
+        step(
+            "GET",
+            format!("/apis/apps/v1/namespaces/{NS}/deployments/{NAME}"),
+            Reply::Json(json!({
+                "apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": NAME, "namespace": NS},
+                "spec": {"replicas": 2, "selector": {}, "template": {}},
+                "status": {"replicas": 2, "readyReplicas": 2}
+            })),
+        ),
+        step(
+            "GET",
+            format!("/api/v1/namespaces/{NS}/pods"),
+            Reply::Json(json!({
+                "apiVersion": "v1", "kind": "PodList", "metadata": {},
+                "items": [pod("bot-a", false), pod("bot-b", false), pod("bot-old", true)]
+            })),
+        ),
+    ]
+}
+
+/// The stored resource, as the API server returns it from a status patch.
+fn stored() -> Value {
+    serde_json::to_value(resource(None)).expect("encode")
+}
+
+fn status_path() -> String {
+    format!("/apis/llm.forwarder.dev/v1alpha1/namespaces/{NS}/modelforwarders/{NAME}/status")
+}
+
+async fn evaluate(
+    mf: ModelForwarder,
+    metrics: Option<Observed>,
+    steps: Vec<Step>,
+) -> (Vec<Seen>, Metrics) {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let m = Metrics::new().expect("metrics");
+    let scaler = Autoscaler {
+        client: client.clone(),
+        namespace: Some(NS.into()),
+        recorder: Recorder::new(
+            client,
+            Reporter {
+                controller: "modelforwarder-operator".into(),
+                instance: None,
+            },
+        ),
+        metrics: m.clone(),
+        source: Arc::new(Fixed(metrics)),
+        interval: Duration::from_secs(15),
+        window: Duration::from_secs(60),
+        max_age: Duration::from_secs(45),
+    };
+    let verifier = tokio::spawn(verify(handle, steps));
+    let mut ev = Evaluator::new(policy_for(&mf.spec));
+    tokio::time::timeout(Duration::from_secs(10), scaler.evaluate_one(&mf, &mut ev))
+        .await
+        .expect("evaluation finishes")
+        .expect("evaluation succeeds")
+        .expect("the resource is autoscaled");
+    (verifier.await.expect("verifier"), m)
+}
+
+#[tokio::test]
+async fn scales_the_deployment_records_status_and_explains_it() {
+    let busy = Observed {
+        qps: Some(300.0),
+        p99_ms: Some(120.0),
+        error_rate: Some(0.0),
+        inflight: Some(12.0),
+        upstream_p99_ms: Some(119.0),
+        reporting: 2,
+    };
+    let mut steps = reads();
+    steps.push(apply(
+        format!("/apis/apps/v1/namespaces/{NS}/deployments/{NAME}"),
+        "fieldManager=modelforwarder-operator-scaler",
+        json!({}),
+    ));
+    steps.push(apply(
+        status_path(),
+        "fieldManager=modelforwarder-operator-autoscaler",
+        stored(),
+    ));
+    steps.push(step(
+        "POST",
+        format!("/apis/events.k8s.io/v1/namespaces/{NS}/events"),
+        Reply::Echo(json!({})),
+    ));
+    let (seen, metrics) = evaluate(resource(None), Some(busy), steps).await;
+
+    assert_eq!(
+        seen[2].body["spec"]["replicas"], 6,
+        "2 → 6: 300 qps at 50 per replica"
+    );
+    let status = &seen[3].body["status"];
+    assert_eq!(status["desiredReplicas"], 6);
+    assert_eq!(status["metrics"]["qps"], 300.0);
+    assert!(status["lastScaleReason"]
+        .as_str()
+        .unwrap()
+        .starts_with("2 → 6 (Capacity)"));
+    let cond = |t: &str| {
+        status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == t)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(cond("SLOBreached")["status"], "False");
+    assert_eq!(cond("MetricsAvailable")["status"], "True");
+    assert_eq!(cond("UpstreamSlow")["status"], "False");
+    assert_eq!(seen[4].body["reason"], "Scaled");
+    assert!(metrics
+        .render()
+        .contains(r#"modelforwarder_scale_decisions_total{direction="up",reason="capacity"} 1"#));
+}
+
+#[tokio::test]
+async fn a_slow_upstream_raises_conditions_and_events_but_does_not_scale() {
+    let slow = Observed {
+        qps: Some(100.0),
+        p99_ms: Some(2000.0),
+        error_rate: Some(0.0),
+        inflight: Some(200.0),
+        upstream_p99_ms: Some(1990.0),
+        reporting: 2,
+    };
+    let mut steps = reads();
+    steps.push(apply(
+        status_path(),
+        "fieldManager=modelforwarder-operator-autoscaler",
+        stored(),
+    ));
+    steps.push(step(
+        "POST",
+        format!("/apis/events.k8s.io/v1/namespaces/{NS}/events"),
+        Reply::Echo(json!({})),
+    ));
+    steps.push(step(
+        "POST",
+        format!("/apis/events.k8s.io/v1/namespaces/{NS}/events"),
+        Reply::Echo(json!({})),
+    ));
+    let (seen, metrics) = evaluate(resource(None), Some(slow), steps).await;
+    let status = &seen[2].body["status"];
+    assert_eq!(status["desiredReplicas"], 2);
+    let conds = status["conditions"].as_array().unwrap();
+    let breached = conds.iter().find(|c| c["type"] == "SLOBreached").unwrap();
+    assert_eq!(breached["status"], "True");
+    assert_eq!(breached["message"], "P99 2000 ms > 500 ms");
+    assert_eq!(
+        conds.iter().find(|c| c["type"] == "UpstreamSlow").unwrap()["status"],
+        "True"
+    );
+    assert_eq!(seen[3].body["reason"], "SLOBreached");
+    assert_eq!(seen[4].body["reason"], "UpstreamSlow");
+    assert!(metrics
+        .render()
+        .contains(r#"modelforwarder_slo_breaches_total{name="bot",namespace="ai"} 1"#));
+}
+
+#[tokio::test]
+async fn prometheus_down_holds_replicas_and_says_so() {
+    let previous = json!({"conditions": [{
+        "type": "MetricsAvailable", "status": "True", "reason": "MetricsRead", "message": "",
+        "lastTransitionTime": "2026-11-24T00:00:00Z"
+    }]});
+    let mut steps = reads();
+    steps.push(apply(
+        status_path(),
+        "fieldManager=modelforwarder-operator-autoscaler",
+        stored(),
+    ));
+    steps.push(step(
+        "POST",
+        format!("/apis/events.k8s.io/v1/namespaces/{NS}/events"),
+        Reply::Echo(json!({})),
+    ));
+    let (seen, _) = evaluate(resource(Some(previous)), None, steps).await;
+    let status = &seen[2].body["status"];
+    assert_eq!(status["desiredReplicas"], 2, "held");
+    let available = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "MetricsAvailable")
+        .unwrap()
+        .clone();
+    assert_eq!(available["status"], "False");
+    assert!(available["message"]
+        .as_str()
+        .unwrap()
+        .contains("prometheus unreachable"));
+    assert_eq!(seen[3].body["reason"], "MetricsUnavailable");
+}
