@@ -598,6 +598,45 @@ mod tests {
         assert_eq!(h.len(), 4);
     }
 
+    /// The bar users' autoscalers miss: a ±50% square wave with a 2-minute
+    /// period must not make replicas reverse direction more than once per
+    /// 10 minutes (15 s evaluations, the default 300 s stabilization).
+    #[test]
+    fn square_wave_load_reverses_at_most_once_per_ten_minutes() {
+        let p = Policy::new(1, 50, 500.0, 0.01, 50.0, 300 * S, 4);
+        let mut current = 10;
+        let mut history = Vec::new();
+        let mut last_dir = 0i8;
+        let mut reversals = Vec::new();
+        for tick in 0..(30 * 60 / 15) {
+            let now = tick * 15 * S;
+            let high = (now.as_secs() / 60) % 2 == 0;
+            let qps = if high { 750.0 } else { 250.0 };
+            let d = decide(&p, &healthy(qps, current), at(current), &history, now);
+            history.push(Recommendation {
+                at: now,
+                replicas: d.recommendation,
+            });
+            prune(&mut history, p.stabilization, now);
+            if d.desired != current {
+                let dir = if d.desired > current { 1 } else { -1 };
+                if last_dir != 0 && dir != last_dir {
+                    reversals.push(now);
+                }
+                last_dir = dir;
+                current = d.desired;
+            }
+        }
+        for w in reversals.windows(2) {
+            assert!(w[1] - w[0] >= 600 * S, "reversals at {reversals:?}");
+        }
+        // Sized for the peaks, within the tolerance band.
+        assert!(
+            f64::from(current) * 50.0 * 1.1 >= 750.0,
+            "{current} replicas"
+        );
+    }
+
     fn arb_obs() -> impl Strategy<Value = Observed> {
         (
             proptest::option::of(0.0..5000.0f64),
