@@ -610,7 +610,7 @@ mod tests {
         let mut reversals = Vec::new();
         for tick in 0..(30 * 60 / 15) {
             let now = tick * 15 * S;
-            let high = (now.as_secs() / 60) % 2 == 0;
+            let high = (now.as_secs() / 60).is_multiple_of(2);
             let qps = if high { 750.0 } else { 250.0 };
             let d = decide(&p, &healthy(qps, current), at(current), &history, now);
             history.push(Recommendation {
