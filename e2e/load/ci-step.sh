@@ -23,8 +23,14 @@ LOCUST=${LOCUST:-.venv/bin/locust}
 [ -x "$LOCUST" ] || { echo "ci-step.sh: no $LOCUST: run ./scripts/test.sh (installs scripts/requirements-test.txt)" >&2; exit 1; }
 
 if [ -z "${MF_FORWARDER_BIN:-}" ]; then
-  cargo build -q --locked -p forwarder --bin forwarder
   MF_FORWARDER_BIN="${CARGO_TARGET_DIR:-target}/debug/forwarder"
+  # `cargo test --workspace` has just built it (with the test run's feature
+  # set; `cargo build -p forwarder` would rebuild dependencies for another):
+  # build only when it is missing or older than its sources.
+  if [ ! -x "$MF_FORWARDER_BIN" ] ||
+     [ -n "$(find forwarder forwarder-config Cargo.lock -type f -newer "$MF_FORWARDER_BIN" -print -quit)" ]; then
+    cargo build -q --locked -p forwarder --bin forwarder
+  fi
 fi
 
 # The forwarder reads FORWARDER_* variables as config overrides: start it

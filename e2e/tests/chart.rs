@@ -881,3 +881,122 @@ fn gitops_examples_use_real_paths_and_values_the_chart_accepts() {
         }
     }
 }
+
+/// The `operator` binary next to this test's (target/<profile>/operator);
+/// `cargo test --workspace` builds it for the operator's own tests.
+fn operator_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let bin = profile_dir.join(format!("operator{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it with `cargo build -p operator --bin operator` \
+         (`cargo test --workspace` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// The operator accepts every flag and value the chart renders: started with
+/// them and no cluster, it gets past argument parsing (clap exits 2 on a bad
+/// flag) and fails only at connecting to Kubernetes.
+#[test]
+fn the_operator_accepts_the_arguments_the_chart_renders() {
+    let bin = operator_binary();
+    let all_on = chart_dir().join("ci/all-on-values.yaml");
+    let namespaced = chart_dir().join("ci/namespaced-values.yaml");
+    let sets: [Vec<&str>; 4] = [
+        vec![],
+        vec!["-f", all_on.to_str().unwrap()],
+        vec!["-f", namespaced.to_str().unwrap()],
+        vec![
+            "--set",
+            "leaderElection.enabled=false",
+            "--set",
+            "logFormat=text",
+        ],
+    ];
+    let home = std::env::temp_dir().join(format!("mf-chart-home-{}", std::process::id()));
+    std::fs::create_dir_all(&home).unwrap();
+    for set in sets {
+        let docs = render(&set);
+        let args: Vec<String> = container_args(&docs)
+            .into_iter()
+            // Port 0: never collide with anything listening on this machine.
+            .map(|a| {
+                if a.starts_with("--metrics-addr=") {
+                    "--metrics-addr=127.0.0.1:0".into()
+                } else {
+                    a
+                }
+            })
+            .collect();
+        let out = Command::new(&bin)
+            .args(&args)
+            .env_clear()
+            .env("HOME", &home)
+            .env("KUBECONFIG", home.join("no-such-kubeconfig"))
+            .env("POD_NAMESPACE", RELEASE_NS)
+            .env("POD_NAME", "mf-operator-0")
+            .output()
+            .expect("running the operator");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_ne!(
+            out.status.code(),
+            Some(2),
+            "the operator refused the chart's arguments {args:?}:\n{stderr}"
+        );
+        assert!(
+            !out.status.success(),
+            "the operator ran without a cluster?\n{stdout}{stderr}"
+        );
+        assert!(
+            format!("{stdout}{stderr}").contains("Kubernetes"),
+            "expected a Kubernetes connection error for {args:?}, got:\n{stdout}{stderr}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&home);
+}
+
+/// A Deployment's selector is immutable: it must not carry anything that
+/// changes between chart versions, or `helm upgrade` fails.
+#[test]
+fn selectors_survive_upgrades() {
+    let docs = render(&[
+        "-f",
+        chart_dir().join("ci/all-on-values.yaml").to_str().unwrap(),
+    ]);
+    let selector = s(deployment(&docs), &["spec", "selector", "matchLabels"])
+        .and_then(Value::as_mapping)
+        .expect("selector");
+    for (k, _) in selector {
+        let k = k.as_str().unwrap();
+        assert!(
+            !matches!(k, "app.kubernetes.io/version" | "helm.sh/chart"),
+            "the Deployment selector carries {k}, which changes on upgrade"
+        );
+    }
+    let template_labels = s(
+        deployment(&docs),
+        &["spec", "template", "metadata", "labels"],
+    )
+    .and_then(Value::as_mapping)
+    .expect("pod labels");
+    for (k, v) in selector {
+        assert_eq!(
+            template_labels.get(k),
+            Some(v),
+            "pod template lacks selector label {k:?}"
+        );
+    }
+    // The PDB selects the same pods.
+    let pdb = one(&docs, "PodDisruptionBudget");
+    assert_eq!(
+        s(pdb, &["spec", "selector", "matchLabels"]).and_then(Value::as_mapping),
+        Some(selector)
+    );
+}
