@@ -57,7 +57,10 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 if [ -z "${BENCH_SKIP_BUILD:-}" ]; then
   log "building target/release/forwarder"
   cargo build --release -p forwarder -j 2 >&2
+  log "building target/release/examples/loadgen (HTTP/WebSocket/gRPC client)"
+  cargo build --release -p forwarder --example loadgen -j 2 >&2
 fi
+LOADGEN=$ROOT/target/release/examples/loadgen
 [ -x "$BIN" ] || { echo "missing $BIN" >&2; exit 1; }
 
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
@@ -304,6 +307,48 @@ run_wrk "seed forwarder" "$LUA_POST" "http://127.0.0.1:$SEED_FWD_PORT$PATH_CC" "
 S_rps=$W_rps; S_p50=$W_p50; S_p99=$W_p99; S_max=$W_max; S_req=$W_requests
 S_err=$((W_errors)); S_sock=$((W_connect + W_read + W_write + W_timeout)); S_status=$W_status; S_non2xx=$W_non2xx
 PEAK_RSS=$(status_kib "$SEED_FWD" VmHWM)
+
+# ------------------------------------------------------------------ 6 ----
+# The three front ends side by side with one client (loadgen: closed loop,
+# equal client cost), then 10,000 idle WebSocket connections held.
+
+stop "$SEED_FWD"
+PROTO_MOCK_PORT=$(free_port); start_mock "$PROTO_MOCK_PORT"
+PROTO_PORT=$(free_port); PROTO_GRPC_PORT=$(free_port)
+cat >"$WORK/proto.yaml" <<EOF
+server: {listen: 127.0.0.1:$PROTO_PORT}
+grpc: {enabled: true, listen: 127.0.0.1:$PROTO_GRPC_PORT}
+logging: {access_log: false}
+upstreams:
+  - {name: mock, provider: openai, base_url: "http://127.0.0.1:$PROTO_MOCK_PORT/v1", models: [mock]}
+EOF
+"$BIN" serve --config "$WORK/proto.yaml" >/dev/null 2>"$WORK/proto.err" &
+PROTO_FWD=$!; CHILDREN+=("$PROTO_FWD")
+wait_http "http://127.0.0.1:$PROTO_PORT/readyz"
+declare -A G_rps G_p50 G_p99 G_err
+for proto in http ws grpc; do
+  target=127.0.0.1:$PROTO_PORT
+  [ "$proto" = grpc ] && target=127.0.0.1:$PROTO_GRPC_PORT
+  log "protocols: loadgen $proto, ${CONNS} workers (${DURATION}s)"
+  line=$("$LOADGEN" load --protocol "$proto" --target "$target" --concurrency "$CONNS" --duration "${DURATION}s" 2>>"$RAW" | tail -1)
+  echo "loadgen $proto: $line" >>"$RAW"
+  G_rps[$proto]=$(sed -n 's/.* rps=\([0-9]*\).*/\1/p' <<<"$line")
+  G_p50[$proto]=$(sed -n 's/.* p50_ms=\([0-9.]*\).*/\1/p' <<<"$line")
+  G_p99[$proto]=$(sed -n 's/.* p99_ms=\([0-9.]*\).*/\1/p' <<<"$line")
+  G_err[$proto]=$(sed -n 's/.* errors=\([0-9]*\).*/\1/p' <<<"$line")
+done
+IDLE_WS=${BENCH_IDLE_WS:-10000}
+WS_RSS_BEFORE=$(status_kib "$PROTO_FWD" VmRSS)
+log "protocols: holding $IDLE_WS idle WebSocket connections"
+rm -f "$WORK/ws.ready"
+"$LOADGEN" idle-ws --target "127.0.0.1:$PROTO_PORT" --connections "$IDLE_WS" --hold 8s --ready-file "$WORK/ws.ready" >>"$RAW" 2>&1 &
+IDLE_PID=$!; CHILDREN+=("$IDLE_PID")
+for _ in $(seq 1 120); do [ -f "$WORK/ws.ready" ] && break; sleep 0.5; done
+sleep 2
+WS_OPEN=$(curl -s "http://127.0.0.1:$PROTO_PORT/metrics" | awk '/^forwarder_connections\{protocol="websocket"\}/ {print $2}')
+WS_RSS_HELD=$(status_kib "$PROTO_FWD" VmRSS)
+wait "$IDLE_PID" 2>/dev/null || true
+WS_PER_CONN=$(awk -v a="$WS_RSS_BEFORE" -v b="$WS_RSS_HELD" -v n="${WS_OPEN:-0}" 'BEGIN {if (n > 0) printf "%.1f", (b - a) / n; else print "n/a"}')
 ELAPSED=$((SECONDS - START))
 
 # --------------------------------------------------------------- report ----
@@ -350,6 +395,12 @@ report() {
   row "4. seed errors (HTTP>=400 + socket/timeout)" "$S_err ($S_status http, $S_sock socket)" "0" "$(verdict "$S_err == 0 && $S_non2xx == 0")"
   row "5. forwarder RSS idle after start (VmRSS)" "$(mib "$IDLE_RSS")" "< 20 MiB" "$(verdict "$IDLE_RSS < 20480")"
   row "5. forwarder peak RSS after seed (VmHWM)" "$(mib "$PEAK_RSS")" "info" ""
+  local p
+  for p in http ws grpc; do
+    row "6. $p via loadgen (${CONNS} workers): req/s; P50/P99" "${G_rps[$p]}; ${G_p50[$p]} / ${G_p99[$p]} ms" "info" "err ${G_err[$p]}"
+  done
+  row "6. idle WebSocket connections held (gauge)" "${WS_OPEN:-?} of $IDLE_WS" "$IDLE_WS" "$(verdict "${WS_OPEN:-0} >= $IDLE_WS")"
+  row "6. forwarder RSS before / holding them" "$(mib "$WS_RSS_BEFORE") / $(mib "$WS_RSS_HELD")" "info" "${WS_PER_CONN} KiB/conn"
   echo
   echo "CPU in cores during the max runs (2 = whole box): wrk; 'other' = busy CPU not charged to wrk, proxy or mock"
   echo "(other jobs, and kernel softirq time - loopback packet processing - of which 'softirq' is shown separately)"
