@@ -1000,3 +1000,247 @@ fn selectors_survive_upgrades() {
         Some(selector)
     );
 }
+
+// --- the operator's real requests against the chart's RBAC ------------------
+
+/// One request the operator made: (API group, resource[/subresource], verb,
+/// namespace).
+type Call = (String, String, String, String);
+
+/// Maps a Kubernetes API request to the RBAC terms that authorize it.
+fn classify(method: &str, path: &str, query: &str) -> Call {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", _version, rest @ ..] => (String::new(), rest),
+        ["apis", group, _version, rest @ ..] => (group.to_string(), rest),
+        _ => panic!("not an API path: {path}"),
+    };
+    let (ns, rest) = match rest {
+        ["namespaces", ns, rest @ ..] if !rest.is_empty() => (ns.to_string(), rest),
+        rest => ("*".to_string(), rest),
+    };
+    let (resource, named) = match rest {
+        [res] => (res.to_string(), false),
+        [res, _name] => (res.to_string(), true),
+        [res, _name, sub] => (format!("{res}/{sub}"), true),
+        _ => panic!("unexpected API path: {path}"),
+    };
+    let verb = match (method, named) {
+        ("GET", true) => "get",
+        ("GET", false) if query.contains("watch=true") => "watch",
+        ("GET", false) => "list",
+        ("POST", _) => "create",
+        ("PATCH", _) => "patch",
+        ("PUT", _) => "update",
+        ("DELETE", true) => "delete",
+        ("DELETE", false) => "deletecollection",
+        _ => panic!("unexpected method {method} {path}"),
+    };
+    (group, resource, verb.to_string(), ns)
+}
+
+/// A permissive fake API server: named reads find Secrets (with any key) and
+/// whatever `existing` holds, nothing else; writes are echoed; every request
+/// is recorded.
+async fn fake_api_server(
+    mut handle: tower_test::mock::Handle<
+        http::Request<kube::client::Body>,
+        http::Response<kube::client::Body>,
+    >,
+    existing: Vec<(String, serde_json::Value)>,
+    resource: serde_json::Value,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Call>>>,
+) {
+    use serde_json::json;
+    while let Some((req, send)) = handle.next_request().await {
+        let method = req.method().to_string();
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().unwrap_or_default().to_string();
+        let body = req.into_body().collect_bytes().await.unwrap_or_default();
+        let call = classify(&method, &path, &query);
+        seen.lock().unwrap().push(call.clone());
+        let (status, reply) = match call.2.as_str() {
+            "get" if call.1 == "secrets" => (
+                200,
+                json!({"apiVersion": "v1", "kind": "Secret",
+                       "metadata": {"name": path.rsplit('/').next(), "namespace": call.3,
+                                    "resourceVersion": "7"},
+                       "data": {"primary": "eA==", "web": "eA=="}}),
+            ),
+            "get" => match existing.iter().find(|(p, _)| *p == path) {
+                Some((_, obj)) => (200, obj.clone()),
+                None => (
+                    404,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                           "reason": "NotFound", "code": 404, "message": "not found"}),
+                ),
+            },
+            "list" | "watch" => (
+                200,
+                json!({"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": []}),
+            ),
+            "delete" => (
+                200,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200}),
+            ),
+            // A status write answers with the whole resource.
+            _ if call.1 == "modelforwarders/status" => {
+                let written: serde_json::Value =
+                    serde_json::from_slice(&body).unwrap_or_else(|_| json!({}));
+                let mut obj = resource.clone();
+                obj["status"] = written["status"].clone();
+                (200, obj)
+            }
+            _ => {
+                let mut obj: serde_json::Value =
+                    serde_json::from_slice(&body).unwrap_or_else(|_| json!({}));
+                if obj.get("metadata").is_some() {
+                    obj["metadata"]["resourceVersion"] = json!("8");
+                    obj["metadata"]["uid"] = json!("00000000-0000-4000-8000-0000000000ff");
+                }
+                (200, obj)
+            }
+        };
+        let response = http::Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(kube::client::Body::from(
+                serde_json::to_vec(&reply).unwrap(),
+            ))
+            .unwrap();
+        send.send_response(response);
+    }
+}
+
+/// Runs the operator's reconciler once on `mf` against the fake server and
+/// returns every request it made.
+async fn operator_calls(
+    mf: serde_json::Value,
+    existing: Vec<(String, serde_json::Value)>,
+) -> Vec<Call> {
+    use kube::runtime::events::{Recorder, Reporter};
+    let (svc, handle) = tower_test::mock::pair::<
+        http::Request<kube::client::Body>,
+        http::Response<kube::client::Body>,
+    >();
+    let client = kube::Client::new(svc, "default");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let server = tokio::spawn(fake_api_server(handle, existing, mf.clone(), seen.clone()));
+    let ctx = std::sync::Arc::new(operator::reconcile::Context {
+        client: client.clone(),
+        recorder: Recorder::new(
+            client,
+            Reporter {
+                controller: "modelforwarder-operator".into(),
+                instance: Some("chart-test".into()),
+            },
+        ),
+        default_image: operator::DEFAULT_FORWARDER_IMAGE.into(),
+        metrics: operator::telemetry::Metrics::new().expect("metrics"),
+    });
+    let mf: operator::crd::ModelForwarder = serde_json::from_value(mf).expect("resource");
+    let result = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        operator::reconcile::reconcile(
+            std::sync::Arc::new(kube::core::DeserializeGuard(Ok(mf))),
+            ctx.clone(),
+        ),
+    )
+    .await
+    .expect("reconcile finishes");
+    assert!(result.is_ok(), "reconcile failed: {:?}", result.err());
+    drop(ctx);
+    server.abort();
+    let calls = seen.lock().unwrap().clone();
+    calls
+}
+
+fn assert_calls_granted(calls: &[Call], docs: &[Value]) {
+    let granted = grants(docs);
+    for (group, resource, verb, ns) in calls {
+        let ok = granted.iter().any(|(p, g, r, v, names)| {
+            (p == "*" || p == ns) && g == group && r == resource && v == verb && names.is_empty()
+        });
+        assert!(
+            ok,
+            "the operator made a call the chart does not allow: {verb} {group}/{resource} in {ns}"
+        );
+    }
+}
+
+/// The reconciler's real requests, for a new resource (every object
+/// applied, Events, status) and for one whose PDB must go (min back to 1),
+/// are each allowed by the chart's RBAC, cluster-wide and namespaced.
+#[tokio::test]
+async fn every_request_the_reconciler_makes_is_granted_by_the_chart() {
+    use serde_json::json;
+    let uid = "0b5e7f5c-0000-4000-8000-00000000c4a7";
+    let resource = |min: i32| {
+        json!({
+            "apiVersion": "llm.forwarder.dev/v1alpha1", "kind": "ModelForwarder",
+            "metadata": {"name": "bot", "namespace": "ai", "uid": uid, "generation": 2, "resourceVersion": "5"},
+            "spec": {
+                "protocols": ["http", "websocket", "grpc"],
+                "upstreams": [{"name": "primary", "provider": "openai", "baseUrl": "https://llm.internal/v1",
+                               "models": ["qwen-max"], "apiKeySecretRef": {"name": "llm-keys", "key": "primary"}}],
+                "auth": {"apiKeysSecretRef": {"name": "clients"}},
+                "replicas": {"min": min, "max": 5}
+            }
+        })
+    };
+    let mut calls = operator_calls(resource(2), vec![]).await;
+    // An existing PDB of this resource, now that min is 1: deleted.
+    let pdb = json!({
+        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        "metadata": {"name": "bot", "namespace": "ai", "resourceVersion": "3",
+                     "labels": operator::render::labels::common("bot"),
+                     "ownerReferences": [{"apiVersion": "llm.forwarder.dev/v1alpha1", "kind": "ModelForwarder",
+                                          "name": "bot", "uid": uid, "controller": true}]},
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": operator::render::labels::selector("bot")}}
+    });
+    calls.extend(
+        operator_calls(
+            resource(1),
+            vec![(
+                "/apis/policy/v1/namespaces/ai/poddisruptionbudgets/bot".into(),
+                pdb,
+            )],
+        )
+        .await,
+    );
+    let kinds: BTreeSet<(String, String, String)> = calls
+        .iter()
+        .map(|(g, r, v, _)| (g.clone(), r.clone(), v.clone()))
+        .collect();
+    eprintln!("reconciler requests: {kinds:?}");
+    // Not vacuous: the writes happened.
+    for want in [
+        ("apps", "deployments", "patch"),
+        ("", "configmaps", "patch"),
+        ("", "services", "patch"),
+        ("policy", "poddisruptionbudgets", "patch"),
+        ("policy", "poddisruptionbudgets", "delete"),
+        ("", "secrets", "get"),
+        ("llm.forwarder.dev", "modelforwarders/status", "patch"),
+        ("events.k8s.io", "events", "create"),
+    ] {
+        assert!(
+            kinds.contains(&(want.0.to_string(), want.1.to_string(), want.2.to_string())),
+            "expected the reconciler to {} {}/{}; it made {kinds:?}",
+            want.2,
+            want.0,
+            want.1
+        );
+    }
+    assert_calls_granted(&calls, &render(&[]));
+    assert_calls_granted(&calls, &render(&["--set", "watchNamespace=ai"]));
+    // And every one is in the table the exact-RBAC tests use.
+    for (g, r, v, _) in &calls {
+        assert!(
+            OPERATOR_CALLS
+                .iter()
+                .any(|(cg, cr, cv, _)| cg == g && cr == r && cv.contains(&v.as_str())),
+            "{v} {g}/{r} is not in OPERATOR_CALLS"
+        );
+    }
+}
