@@ -1004,8 +1004,8 @@ fn selectors_survive_upgrades() {
 // --- the operator's real requests against the chart's RBAC ------------------
 
 /// One request the operator made: (API group, resource[/subresource], verb,
-/// namespace).
-type Call = (String, String, String, String);
+/// namespace, object name or "").
+type Call = (String, String, String, String, String);
 
 /// Maps a Kubernetes API request to the RBAC terms that authorize it.
 fn classify(method: &str, path: &str, query: &str) -> Call {
@@ -1019,12 +1019,13 @@ fn classify(method: &str, path: &str, query: &str) -> Call {
         ["namespaces", ns, rest @ ..] if !rest.is_empty() => (ns.to_string(), rest),
         rest => ("*".to_string(), rest),
     };
-    let (resource, named) = match rest {
-        [res] => (res.to_string(), false),
-        [res, _name] => (res.to_string(), true),
-        [res, _name, sub] => (format!("{res}/{sub}"), true),
+    let (resource, name) = match rest {
+        [res] => (res.to_string(), ""),
+        [res, name] => (res.to_string(), *name),
+        [res, name, sub] => (format!("{res}/{sub}"), *name),
         _ => panic!("unexpected API path: {path}"),
     };
+    let named = !name.is_empty();
     let verb = match (method, named) {
         ("GET", true) => "get",
         ("GET", false) if query.contains("watch=true") => "watch",
@@ -1036,7 +1037,7 @@ fn classify(method: &str, path: &str, query: &str) -> Call {
         ("DELETE", false) => "deletecollection",
         _ => panic!("unexpected method {method} {path}"),
     };
-    (group, resource, verb.to_string(), ns)
+    (group, resource, verb.to_string(), ns, name.to_string())
 }
 
 /// A permissive fake API server: named reads find Secrets (with any key) and
@@ -1052,6 +1053,7 @@ async fn fake_api_server(
     seen: std::sync::Arc<std::sync::Mutex<Vec<Call>>>,
 ) {
     use serde_json::json;
+    let mut stored: BTreeMap<String, serde_json::Value> = BTreeMap::new();
     while let Some((req, send)) = handle.next_request().await {
         let method = req.method().to_string();
         let path = req.uri().path().to_string();
@@ -1069,6 +1071,7 @@ async fn fake_api_server(
             ),
             "get" => match existing.iter().find(|(p, _)| *p == path) {
                 Some((_, obj)) => (200, obj.clone()),
+                None if stored.contains_key(&path) => (200, stored[&path].clone()),
                 None => (
                     404,
                     json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
@@ -1098,6 +1101,12 @@ async fn fake_api_server(
                     obj["metadata"]["resourceVersion"] = json!("8");
                     obj["metadata"]["uid"] = json!("00000000-0000-4000-8000-0000000000ff");
                 }
+                // Later reads find what was written.
+                let key = match (call.2.as_str(), obj["metadata"]["name"].as_str()) {
+                    ("create", Some(name)) => format!("{path}/{name}"),
+                    _ => path.clone(),
+                };
+                stored.insert(key, obj.clone());
                 (200, obj)
             }
         };
@@ -1157,9 +1166,13 @@ async fn operator_calls(
 
 fn assert_calls_granted(calls: &[Call], docs: &[Value]) {
     let granted = grants(docs);
-    for (group, resource, verb, ns) in calls {
+    for (group, resource, verb, ns, name) in calls {
         let ok = granted.iter().any(|(p, g, r, v, names)| {
-            (p == "*" || p == ns) && g == group && r == resource && v == verb && names.is_empty()
+            (p == "*" || p == ns)
+                && g == group
+                && r == resource
+                && v == verb
+                && (names.is_empty() || names.contains(name))
         });
         assert!(
             ok,
@@ -1210,7 +1223,7 @@ async fn every_request_the_reconciler_makes_is_granted_by_the_chart() {
     );
     let kinds: BTreeSet<(String, String, String)> = calls
         .iter()
-        .map(|(g, r, v, _)| (g.clone(), r.clone(), v.clone()))
+        .map(|(g, r, v, _, _)| (g.clone(), r.clone(), v.clone()))
         .collect();
     eprintln!("reconciler requests: {kinds:?}");
     // Not vacuous: the writes happened.
@@ -1235,7 +1248,7 @@ async fn every_request_the_reconciler_makes_is_granted_by_the_chart() {
     assert_calls_granted(&calls, &render(&[]));
     assert_calls_granted(&calls, &render(&["--set", "watchNamespace=ai"]));
     // And every one is in the table the exact-RBAC tests use.
-    for (g, r, v, _) in &calls {
+    for (g, r, v, _, _) in &calls {
         assert!(
             OPERATOR_CALLS
                 .iter()
@@ -1243,4 +1256,133 @@ async fn every_request_the_reconciler_makes_is_granted_by_the_chart() {
             "{v} {g}/{r} is not in OPERATOR_CALLS"
         );
     }
+}
+
+/// The controller's lists and watches (the resources, owned objects,
+/// Secrets), cluster-wide and scoped to one namespace, are each allowed by
+/// the chart rendered for that mode.
+#[tokio::test]
+async fn every_list_and_watch_the_controller_opens_is_granted_by_the_chart() {
+    use kube::runtime::events::{Recorder, Reporter};
+    for (scope, set) in [
+        (None, vec![]),
+        (Some("ai"), vec!["--set", "watchNamespace=ai"]),
+    ] {
+        let (svc, handle) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        let client = kube::Client::new(svc, "default");
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let server = tokio::spawn(fake_api_server(
+            handle,
+            vec![],
+            serde_json::json!({}),
+            seen.clone(),
+        ));
+        let ctx = std::sync::Arc::new(operator::reconcile::Context {
+            client: client.clone(),
+            recorder: Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: "modelforwarder-operator".into(),
+                    instance: Some("chart-test".into()),
+                },
+            ),
+            default_image: operator::DEFAULT_FORWARDER_IMAGE.into(),
+            metrics: operator::telemetry::Metrics::new().expect("metrics"),
+        });
+        let controller = tokio::spawn(operator::controller::run(
+            client,
+            scope.map(str::to_string),
+            ctx,
+        ));
+        // Long enough for every reflector's first list and watch.
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        controller.abort();
+        server.abort();
+        let calls = seen.lock().unwrap().clone();
+        let opened: BTreeSet<(String, String, String)> = calls
+            .iter()
+            .map(|(g, r, v, _, _)| (g.clone(), r.clone(), v.clone()))
+            .collect();
+        eprintln!("controller requests ({scope:?}): {opened:?}");
+        for (g, r) in [
+            ("llm.forwarder.dev", "modelforwarders"),
+            ("apps", "deployments"),
+            ("", "configmaps"),
+            ("", "services"),
+            ("policy", "poddisruptionbudgets"),
+            ("", "secrets"),
+        ] {
+            assert!(
+                opened.contains(&(g.to_string(), r.to_string(), "list".to_string())),
+                "the controller ({scope:?}) did not list {g}/{r}: {opened:?}"
+            );
+        }
+        let expected_ns = scope.unwrap_or("*");
+        for (g, r, v, ns, _) in &calls {
+            if v == "list" || v == "watch" {
+                assert_eq!(ns, expected_ns, "{v} {g}/{r} outside the watched scope");
+            }
+        }
+        assert_calls_granted(&calls, &render(&set));
+    }
+}
+
+/// Leader election's requests on its Lease (in the operator's namespace,
+/// under the chart's lease name) are allowed by the chart's Role, whose
+/// get/patch are limited to that one name.
+#[tokio::test]
+async fn leader_election_requests_are_granted_by_the_chart() {
+    let (svc, handle) = tower_test::mock::pair::<
+        http::Request<kube::client::Body>,
+        http::Response<kube::client::Body>,
+    >();
+    let client = kube::Client::new(svc, "default");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let server = tokio::spawn(fake_api_server(
+        handle,
+        vec![],
+        serde_json::json!({}),
+        seen.clone(),
+    ));
+    let cfg = operator::leader::LeaderConfig {
+        lease_name: LEASE.into(),
+        namespace: RELEASE_NS.into(),
+        identity: "mf-operator-0".into(),
+        duration_secs: 15,
+        grace_secs: 5,
+    };
+    let election = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        operator::leader::Election::start(client, &cfg),
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    drop(election);
+    server.abort();
+    let calls = seen.lock().unwrap().clone();
+    let kinds: BTreeSet<(&str, &str)> =
+        calls.iter().map(|c| (c.2.as_str(), c.4.as_str())).collect();
+    eprintln!("leader election requests (verb, name): {kinds:?}");
+    for verb in ["get", "create", "patch"] {
+        assert!(
+            kinds.iter().any(|(v, _)| *v == verb),
+            "leader election made no {verb} request: {kinds:?}"
+        );
+    }
+    assert!(
+        calls.iter().any(|c| c.1 == "leases"),
+        "no Lease request was made"
+    );
+    for c in &calls {
+        assert_eq!(
+            (c.0.as_str(), c.1.as_str()),
+            ("coordination.k8s.io", "leases")
+        );
+        assert_eq!(c.3, RELEASE_NS);
+    }
+    assert_calls_granted(&calls, &render(&[]));
+    assert_calls_granted(&calls, &render(&["--set", "watchNamespace=ai"]));
 }
