@@ -228,6 +228,9 @@ impl PortForward {
 }
 
 fn http() -> anyhow::Result<reqwest::Client> {
+    // reqwest is built without a default TLS crypto provider in this
+    // workspace; install one (plain-HTTP requests still need it).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     Ok(reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()?)
@@ -280,7 +283,7 @@ async fn check_http(port: u16) -> anyhow::Result<()> {
         .send()
         .await?;
     ensure!(r.status() == 401, "without a key: {}", r.status());
-    say("HTTP: simple API, OpenAI SSE stream and 401 through the Service");
+    say("HTTP: simple API to the upstream, OpenAI SSE stream, 401 without a key");
     Ok(())
 }
 
@@ -349,7 +352,7 @@ async fn check_grpc(port: u16) -> anyhow::Result<()> {
         unauthenticated.code() == tonic::Code::Unauthenticated,
         "{unauthenticated:?}"
     );
-    say("gRPC: Forward through the Service, UNAUTHENTICATED without a key");
+    say("gRPC: Forward to the upstream, UNAUTHENTICATED without a key");
     Ok(())
 }
 
@@ -686,4 +689,107 @@ async fn chart_upgrade_keeps_resources_running_and_reconciled() -> anyhow::Resul
     say("the upgraded operator reconciles the existing resource");
     mfs.delete(&name, &DeleteParams::background()).await?;
     Ok(())
+}
+
+// --- the scenario's clients, proven locally ---------------------------------
+
+/// A binary built next to this test (target/<profile>/<name>).
+fn sibling_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .ok_or_else(|| anyhow!("unexpected test path {}", exe.display()))?;
+    let bin = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    ensure!(
+        bin.is_file(),
+        "{} is missing: build it with `cargo build -p forwarder --bin forwarder` \
+         (`cargo test --workspace` does)",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn local_process(bin: &std::path::Path, args: &[&str]) -> anyhow::Result<Child> {
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    // FORWARDER_* variables are config overrides: keep the caller's out.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("FORWARDER_") {
+            cmd.env_remove(k);
+        }
+    }
+    Ok(cmd.spawn()?)
+}
+
+async fn wait_http_ok(url: &str) -> anyhow::Result<()> {
+    let http = http()?;
+    wait_for(url, Duration::from_secs(30), || async {
+        Ok(http
+            .get(url)
+            .send()
+            .await
+            .ok()
+            .filter(|r| r.status().is_success())
+            .map(|_| ()))
+    })
+    .await
+}
+
+/// Runs this file's HTTP, WebSocket and gRPC checks against a local
+/// forwarder set up like the full example (client keys, a `mock-llm`
+/// upstream for qwen-max, the in-process mock, gRPC on): the cluster
+/// scenario's clients are exercised on every CI run, not only on kind.
+#[tokio::test]
+async fn scenario_clients_pass_against_a_local_forwarder_like_the_full_example(
+) -> anyhow::Result<()> {
+    let forwarder = sibling_binary("forwarder")?;
+    let dir = std::env::temp_dir().join(format!("mf-scenario-local-{}", std::process::id()));
+    let keys = dir.join("client-keys");
+    std::fs::create_dir_all(&keys)?;
+    std::fs::write(keys.join("web-frontend"), CLIENT_KEY)?;
+    let (mock_port, http_port, grpc_port) = (free_port()?, free_port()?, free_port()?);
+    let config = dir.join("forwarder.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "server: {{listen: \"127.0.0.1:{http_port}\"}}\n\
+             auth: {{api_keys_file: \"{}\"}}\n\
+             grpc: {{enabled: true, listen: \"127.0.0.1:{grpc_port}\"}}\n\
+             logging: {{access_log: false}}\n\
+             upstreams:\n\
+             \x20 - {{name: primary, provider: openai, base_url: \"http://127.0.0.1:{mock_port}/v1\", models: [qwen-max]}}\n\
+             \x20 - {{name: local, provider: mock, models: [mock]}}\n",
+            keys.display()
+        ),
+    )?;
+    let mock_listen = format!("127.0.0.1:{mock_port}");
+    let _mock = local_process(
+        &forwarder,
+        &["mock-llm", "--listen", &mock_listen, "--latency", "5ms"],
+    )?;
+    let _fwd = local_process(
+        &forwarder,
+        &["serve", "--config", config.to_str().unwrap_or_default()],
+    )?;
+    wait_http_ok(&format!("http://127.0.0.1:{mock_port}/healthz")).await?;
+    wait_http_ok(&format!("http://127.0.0.1:{http_port}/readyz")).await?;
+
+    let result = async {
+        check_http(http_port).await?;
+        check_websocket(http_port).await?;
+        check_grpc(grpc_port).await
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
