@@ -77,6 +77,18 @@ fi
   { cat "$OUT/validate.log"; fail "schema validation of e2e/kind/prometheus.yaml"; }
 echo "ok: e2e/kind/prometheus.yaml schema-valid"
 
+# The packaged chart (what a chart repository would serve) holds the CRD and
+# the dashboard, and renders like the source tree.
+"$HELM" package "$CHART" -d "$OUT/pkg" >/dev/null || fail "helm package"
+pkg=$(ls "$OUT"/pkg/*.tgz)
+tar -tzf "$pkg" >"$OUT/pkg.list"
+for f in crds/modelforwarder.yaml dashboards/modelforwarder.json values.schema.json; do
+  grep -qx "modelforwarder-operator/$f" "$OUT/pkg.list" || fail "the packaged chart lacks $f"
+done
+"$HELM" template mf "$pkg" --namespace mf-system --include-crds -f "$CHART/ci/all-on-values.yaml" >"$OUT/from-package.yaml"
+cmp -s "$OUT/from-package.yaml" "$OUT/all-on.yaml" || fail "the packaged chart renders differently from $CHART"
+echo "ok: helm package ($(basename "$pkg")) holds the CRD and dashboard and renders the same"
+
 # Values the chart must refuse.
 refuse() {
   local why=$1; shift
