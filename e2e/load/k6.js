@@ -176,7 +176,7 @@ export function baseline() {
 }
 
 function ms(metric, stat) {
-  return metric && metric.values[stat] !== undefined ? metric.values[stat].toFixed(0) : 'n/a';
+  return metric && metric.values[stat] !== undefined ? `${metric.values[stat].toFixed(0)}ms` : 'n/a';
 }
 
 export function handleSummary(data) {
@@ -187,9 +187,9 @@ export function handleSummary(data) {
   const lines = [
     '',
     `=== ModelForwarder load: scenario=${SCENARIO} url=${BASE_URL}`,
-    `requests=${total} QPS=${rate.toFixed(1)} P50=${ms(m.http_req_duration, 'p(50)')}ms P99=${ms(m.http_req_duration, 'p(99)')}ms error_rate=${(err * 100).toFixed(4)}%`,
-    `  short        P50=${ms(m.mf_short_duration, 'p(50)')}ms P99=${ms(m.mf_short_duration, 'p(99)')}ms`,
-    `  long-stream  P50=${ms(m.mf_long_stream_duration, 'p(50)')}ms P99=${ms(m.mf_long_stream_duration, 'p(99)')}ms`,
+    `requests=${total} QPS=${rate.toFixed(1)} P50=${ms(m.http_req_duration, 'p(50)')} P99=${ms(m.http_req_duration, 'p(99)')} error_rate=${(err * 100).toFixed(4)}%`,
+    `  short        P50=${ms(m.mf_short_duration, 'p(50)')} P99=${ms(m.mf_short_duration, 'p(99)')}`,
+    `  long-stream  P50=${ms(m.mf_long_stream_duration, 'p(50)')} P99=${ms(m.mf_long_stream_duration, 'p(99)')}`,
     total === 0 ? 'FAIL: no request was made' : err > MAX_ERROR_RATE ? `FAIL: error rate above ${MAX_ERROR_RATE}` : 'OK',
     '',
   ];
