@@ -10,6 +10,9 @@ use forwarder::config::{self, LatencyDist, LoggingConfig, MockSettings};
 use forwarder::server::Server;
 use forwarder::telemetry::init_logging;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "forwarder",

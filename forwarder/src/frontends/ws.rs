@@ -40,6 +40,8 @@ use forwarder_config::WebSocketConfig;
 /// The subprotocol a client may ask for; chosen when offered.
 pub const SUBPROTOCOL: &str = "modelforwarder.v1";
 const BEARER_PREFIX: &str = "bearer.";
+/// Initial read/write buffer of a connection.
+const WS_BUFFER_BYTES: usize = 4 * 1024;
 
 #[derive(Clone)]
 pub struct WsState {
@@ -87,7 +89,12 @@ pub async fn upgrade(
             .cloned(),
     );
     let tracker = st.lifecycle.sessions.clone();
-    ws.max_message_size(cfg.max_frame_bytes)
+    // tungstenite's default 128 KiB read and write buffers per connection
+    // would cost over a gigabyte at 10,000 idle connections; messages larger
+    // than these still work (the buffers grow), they just start small.
+    ws.read_buffer_size(WS_BUFFER_BYTES)
+        .write_buffer_size(WS_BUFFER_BYTES)
+        .max_message_size(cfg.max_frame_bytes)
         .max_frame_size(cfg.max_frame_bytes)
         .protocols(chosen)
         .on_upgrade(move |socket| tracker.track_future(session(socket, st, credential, id.0, cfg)))
