@@ -10,9 +10,6 @@ use forwarder::config::{self, LatencyDist, LoggingConfig, MockSettings};
 use forwarder::server::Server;
 use forwarder::telemetry::init_logging;
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "forwarder",
