@@ -375,6 +375,18 @@ pub struct Scaling {
     #[serde(default = "default_up_step")]
     #[schemars(range(min = 1, max = 100))]
     pub max_scale_up_step: u32,
+    /// PromQL label matchers (without braces) selecting this resource's
+    /// forwarder series, replacing the default
+    /// `namespace="<ns>",app_kubernetes_io_instance="<name>"`; for scrape
+    /// configs that label pods differently. Series must still carry `pod`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub metrics_selector: Option<String>,
+    /// Rate window of the queries, in seconds; default: the operator's
+    /// `--rate-window` (1 minute). Keep it at least four scrape intervals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 3600))]
+    pub rate_window_seconds: Option<u32>,
 }
 
 fn default_stabilization() -> u32 {
@@ -389,6 +401,8 @@ impl Default for Scaling {
         Self {
             scale_down_stabilization_seconds: default_stabilization(),
             max_scale_up_step: default_up_step(),
+            metrics_selector: None,
+            rate_window_seconds: None,
         }
     }
 }

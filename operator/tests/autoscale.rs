@@ -24,11 +24,12 @@ use support::*;
 const NS: &str = "ai";
 const NAME: &str = "bot";
 
-struct Fixed(Option<Observed>);
+struct Fixed(Option<Observed>, std::sync::Mutex<Option<Target>>);
 
 #[async_trait]
 impl MetricsSource for Fixed {
     async fn read(&self, target: &Target) -> Result<Observed, MetricsError> {
+        *self.1.lock().unwrap() = Some(target.clone());
         // The autoscaler passes the live pods it listed.
         assert_eq!(
             target.live_pods.as_ref().map(|p| p.len()),
@@ -102,9 +103,20 @@ async fn evaluate(
     metrics: Option<Observed>,
     steps: Vec<Step>,
 ) -> (Vec<Seen>, Metrics) {
+    let (seen, m, _) = evaluate_with_target(mf, metrics, steps).await;
+    (seen, m)
+}
+
+/// Also returns what the autoscaler asked the metrics source for.
+async fn evaluate_with_target(
+    mf: ModelForwarder,
+    metrics: Option<Observed>,
+    steps: Vec<Step>,
+) -> (Vec<Seen>, Metrics, Target) {
     let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(svc, "default");
     let m = Metrics::new().expect("metrics");
+    let source = Arc::new(Fixed(metrics, Default::default()));
     let scaler = Autoscaler {
         client: client.clone(),
         namespace: Some(NS.into()),
@@ -116,7 +128,7 @@ async fn evaluate(
             },
         ),
         metrics: m.clone(),
-        source: Arc::new(Fixed(metrics)),
+        source: source.clone(),
         interval: Duration::from_secs(15),
         window: Duration::from_secs(60),
         max_age: Duration::from_secs(45),
@@ -128,7 +140,8 @@ async fn evaluate(
         .expect("evaluation finishes")
         .expect("evaluation succeeds")
         .expect("the resource is autoscaled");
-    (verifier.await.expect("verifier"), m)
+    let target = source.1.lock().unwrap().clone().expect("metrics were read");
+    (verifier.await.expect("verifier"), m, target)
 }
 
 #[tokio::test]
@@ -265,4 +278,33 @@ async fn prometheus_down_holds_replicas_and_says_so() {
         .unwrap()
         .contains("prometheus unreachable"));
     assert_eq!(seen[3].body["reason"], "MetricsUnavailable");
+}
+
+#[tokio::test]
+async fn the_resource_can_override_the_selector_and_the_rate_window() {
+    let mut mf = resource(None);
+    mf.spec.scaling.metrics_selector = Some(r#"job="llm",deployment="bot""#.into());
+    mf.spec.scaling.rate_window_seconds = Some(120);
+    let mut steps = reads();
+    steps.push(apply(
+        status_path(),
+        "fieldManager=modelforwarder-operator-autoscaler",
+        stored(),
+    ));
+    let (_, _, target) = evaluate_with_target(mf, None, steps).await;
+    assert_eq!(target.selector, r#"job="llm",deployment="bot""#);
+    assert_eq!(target.window, Duration::from_secs(120));
+
+    let mut steps = reads();
+    steps.push(apply(
+        status_path(),
+        "fieldManager=modelforwarder-operator-autoscaler",
+        stored(),
+    ));
+    let (_, _, target) = evaluate_with_target(resource(None), None, steps).await;
+    assert_eq!(
+        target.selector,
+        r#"namespace="ai",app_kubernetes_io_instance="bot""#
+    );
+    assert_eq!(target.window, Duration::from_secs(60));
 }

@@ -122,9 +122,15 @@ impl Autoscaler {
             pods: Api::namespaced(self.client.clone(), &ns),
             name: name.clone(),
         };
+        let scaling = &mf.spec.scaling;
         let target = Target {
-            selector: default_selector(&ns, &name),
-            window: self.window,
+            selector: scaling
+                .metrics_selector
+                .clone()
+                .unwrap_or_else(|| default_selector(&ns, &name)),
+            window: scaling
+                .rate_window_seconds
+                .map_or(self.window, |s| Duration::from_secs(u64::from(s))),
             live_pods: None,
             max_age: self.max_age,
         };
