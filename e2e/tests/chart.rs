@@ -1078,6 +1078,10 @@ async fn fake_api_server(
                            "reason": "NotFound", "code": 404, "message": "not found"}),
                 ),
             },
+            "list" if existing.iter().any(|(p, _)| *p == path) => (
+                200,
+                existing.iter().find(|(p, _)| *p == path).unwrap().1.clone(),
+            ),
             "list" | "watch" => (
                 200,
                 json!({"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": []}),
@@ -1382,6 +1386,136 @@ async fn leader_election_requests_are_granted_by_the_chart() {
             ("coordination.k8s.io", "leases")
         );
         assert_eq!(c.3, RELEASE_NS);
+    }
+    assert_calls_granted(&calls, &render(&[]));
+    assert_calls_granted(&calls, &render(&["--set", "watchNamespace=ai"]));
+}
+
+struct BusyForwarder;
+
+#[async_trait::async_trait]
+impl operator::autoscale::MetricsSource for BusyForwarder {
+    async fn read(
+        &self,
+        _target: &operator::autoscale::metrics::Target,
+    ) -> Result<operator::autoscale::policy::Observed, operator::autoscale::metrics::MetricsError>
+    {
+        Ok(operator::autoscale::policy::Observed {
+            qps: Some(400.0),
+            p99_ms: Some(900.0),
+            error_rate: Some(0.0),
+            inflight: Some(40.0),
+            upstream_p99_ms: Some(100.0),
+            reporting: 2,
+        })
+    }
+}
+
+/// One autoscaler evaluation of a busy forwarder (it scales up: reads the
+/// Deployment and the live pods, patches replicas, writes status, records
+/// an Event): every request it makes is granted by the chart.
+#[tokio::test]
+async fn every_request_the_autoscaler_makes_is_granted_by_the_chart() {
+    use kube::runtime::events::{Recorder, Reporter};
+    use serde_json::json;
+    let uid = "0b5e7f5c-0000-4000-8000-00000000a5ca";
+    let mf = json!({
+        "apiVersion": "llm.forwarder.dev/v1alpha1", "kind": "ModelForwarder",
+        "metadata": {"name": "bot", "namespace": "ai", "uid": uid, "generation": 2, "resourceVersion": "5"},
+        "spec": {
+            "upstreams": [{"name": "local", "provider": "mock", "models": ["mock"]}],
+            "replicas": {"min": 2, "max": 10},
+            "slo": {"p99LatencyMs": 500, "maxErrorRate": 0.01, "targetQpsPerReplica": 50}
+        }
+    });
+    let labels = operator::render::labels::pod("bot", &BTreeMap::new());
+    let deployment = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "bot", "namespace": "ai", "generation": 4, "resourceVersion": "9",
+                     "labels": labels,
+                     "ownerReferences": [{"apiVersion": "llm.forwarder.dev/v1alpha1", "kind": "ModelForwarder",
+                                          "name": "bot", "uid": uid, "controller": true}]},
+        "spec": {"replicas": 2,
+                 "selector": {"matchLabels": operator::render::labels::selector("bot")},
+                 "template": {"metadata": {"labels": labels}, "spec": {"containers": []}}},
+        "status": {"observedGeneration": 4, "replicas": 2, "readyReplicas": 2, "availableReplicas": 2, "updatedReplicas": 2}
+    });
+    let pod = |n: &str| {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": n, "namespace": "ai", "labels": labels},
+            "spec": {"containers": []},
+            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
+        })
+    };
+    let pods = json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "9"},
+                      "items": [pod("bot-a"), pod("bot-b")]});
+
+    let (svc, handle) = tower_test::mock::pair::<
+        http::Request<kube::client::Body>,
+        http::Response<kube::client::Body>,
+    >();
+    let client = kube::Client::new(svc, "default");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let server = tokio::spawn(fake_api_server(
+        handle,
+        vec![
+            (
+                "/apis/apps/v1/namespaces/ai/deployments/bot".into(),
+                deployment,
+            ),
+            ("/api/v1/namespaces/ai/pods".into(), pods),
+        ],
+        mf.clone(),
+        seen.clone(),
+    ));
+    let autoscaler = operator::autoscale::run::Autoscaler {
+        client: client.clone(),
+        namespace: Some("ai".into()),
+        recorder: Recorder::new(
+            client,
+            Reporter {
+                controller: "modelforwarder-operator".into(),
+                instance: Some("chart-test".into()),
+            },
+        ),
+        metrics: operator::telemetry::Metrics::new().expect("metrics"),
+        source: std::sync::Arc::new(BusyForwarder),
+        interval: std::time::Duration::from_secs(15),
+        window: std::time::Duration::from_secs(60),
+        max_age: std::time::Duration::from_secs(45),
+    };
+    let mf: operator::crd::ModelForwarder = serde_json::from_value(mf).expect("resource");
+    let mut evaluator =
+        operator::autoscale::Evaluator::new(operator::autoscale::workload::policy_for(&mf.spec));
+    let evaluation = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        autoscaler.evaluate_one(&mf, &mut evaluator),
+    )
+    .await
+    .expect("evaluation finishes");
+    server.abort();
+    let evaluation = evaluation.expect("evaluation succeeds");
+    eprintln!("autoscaler decision: {evaluation:?}");
+    let calls = seen.lock().unwrap().clone();
+    let kinds: BTreeSet<(String, String, String)> = calls
+        .iter()
+        .map(|(g, r, v, _, _)| (g.clone(), r.clone(), v.clone()))
+        .collect();
+    eprintln!("autoscaler requests: {kinds:?}");
+    for want in [
+        ("apps", "deployments", "get"),
+        ("", "pods", "list"),
+        ("apps", "deployments", "patch"),
+        ("llm.forwarder.dev", "modelforwarders/status", "patch"),
+    ] {
+        assert!(
+            kinds.contains(&(want.0.to_string(), want.1.to_string(), want.2.to_string())),
+            "expected the autoscaler to {} {}/{}; it made {kinds:?}",
+            want.2,
+            want.0,
+            want.1
+        );
     }
     assert_calls_granted(&calls, &render(&[]));
     assert_calls_granted(&calls, &render(&["--set", "watchNamespace=ai"]));
