@@ -39,6 +39,10 @@ struct Args {
     /// Series older than this are stale: three scrapes.
     #[arg(long, env = "AUTOSCALE_MAX_SAMPLE_AGE", default_value = "45s", value_parser = humantime::parse_duration)]
     max_sample_age: std::time::Duration,
+    /// Create a PrometheusRule with each resource's SLO alerts (needs the
+    /// prometheus-operator CRDs and RBAC on prometheusrules).
+    #[arg(long, env = "PROMETHEUS_RULES", default_value_t = false, action = clap::ArgAction::Set)]
+    prometheus_rules: bool,
     /// Address of `/metrics`, `/healthz` and the alert webhook `/alerts`.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
@@ -152,6 +156,7 @@ async fn main() -> anyhow::Result<()> {
             interval: args.autoscale_interval,
             window: args.rate_window,
             max_age: args.max_sample_age,
+            prometheus_rules: args.prometheus_rules,
         };
         tracing::info!(interval = ?args.autoscale_interval, "starting the autoscaler");
         tokio::spawn(scaler.run(triggered))

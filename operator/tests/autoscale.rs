@@ -132,6 +132,7 @@ async fn evaluate_with_target(
         interval: Duration::from_secs(15),
         window: Duration::from_secs(60),
         max_age: Duration::from_secs(45),
+        prometheus_rules: false,
     };
     let verifier = tokio::spawn(verify(handle, steps));
     let mut ev = Evaluator::new(policy_for(&mf.spec));

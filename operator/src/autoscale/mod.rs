@@ -9,6 +9,7 @@ pub mod alerts;
 pub mod evaluate;
 pub mod metrics;
 pub mod policy;
+pub mod rules;
 pub mod run;
 pub mod workload;
 

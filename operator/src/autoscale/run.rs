@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use super::alerts::Key;
 use super::evaluate::{explain, Evaluation, Evaluator, MetricsSource, ScaleError};
 use super::metrics::{default_selector, Target};
+use super::rules;
 use super::workload::{
     direction, is_true, policy_for, reason_label, status_patch, DeploymentTarget,
     AUTOSCALER_FIELD_MANAGER, METRICS_AVAILABLE, SLO_BREACHED, UPSTREAM_SLOW,
@@ -37,6 +38,8 @@ pub struct Autoscaler {
     pub window: Duration,
     /// Series older than this are stale (default 45 s: three scrapes).
     pub max_age: Duration,
+    /// Create a PrometheusRule with the SLO alerts per resource.
+    pub prometheus_rules: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +63,8 @@ impl Autoscaler {
     /// Runs until the process ends.
     pub async fn run(self, mut trigger: mpsc::Receiver<Key>) {
         let mut evaluators: HashMap<Key, Evaluator> = HashMap::new();
+        // The last rule applied per resource, so an unchanged one is not re-sent.
+        let mut rules_applied: HashMap<Key, serde_json::Value> = HashMap::new();
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -84,6 +89,21 @@ impl Autoscaler {
                 let k = key(mf);
                 if only.as_ref().is_some_and(|o| *o != k) {
                     continue;
+                }
+                if self.prometheus_rules {
+                    let rule = rules::render(mf);
+                    if rules_applied.get(&k) != Some(&rule) {
+                        match rules::apply(self.client.clone(), mf, &rule).await {
+                            Ok(()) => {
+                                rules_applied.insert(k.clone(), rule);
+                            }
+                            Err(e) => tracing::warn!(
+                                name = %mf.name_any(),
+                                error = %e,
+                                "cannot apply the PrometheusRule (are the prometheus-operator CRDs installed?)"
+                            ),
+                        }
+                    }
                 }
                 let ev = evaluators
                     .entry(k)

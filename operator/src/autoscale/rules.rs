@@ -1,0 +1,129 @@
+//! Opt-in (`--prometheus-rules`): a PrometheusRule per ModelForwarder with
+//! its SLO alerts, for clusters running the prometheus-operator. Routed to
+//! the operator's `/alerts` webhook, the alerts make the autoscaler
+//! evaluate at once; they also page humans like any other alert.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::{json, Value};
+
+use super::metrics::default_selector;
+use crate::crd::ModelForwarder;
+use crate::render::labels::{common, FIELD_MANAGER};
+
+pub fn api_resource() -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "monitoring.coreos.com",
+        "v1",
+        "PrometheusRule",
+    ))
+}
+
+/// The rule object for a resource (pure).
+pub fn render(mf: &ModelForwarder) -> Value {
+    let ns = mf.namespace().unwrap_or_default();
+    let name = mf.name_any();
+    let sel = mf
+        .spec
+        .scaling
+        .metrics_selector
+        .clone()
+        .unwrap_or_else(|| default_selector(&ns, &name));
+    let slo = &mf.spec.slo;
+    let labels = json!({"severity": "warning", "modelforwarder": name, "namespace": ns});
+    let owner = mf.meta().uid.as_ref().map(|uid| OwnerReference {
+        api_version: ModelForwarder::api_version(&()).into(),
+        kind: ModelForwarder::kind(&()).into(),
+        name: name.clone(),
+        uid: uid.clone(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    });
+    json!({
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {
+            "name": format!("{name}-slo"),
+            "namespace": ns,
+            "labels": common(&name),
+            "ownerReferences": owner.into_iter().collect::<Vec<_>>(),
+        },
+        "spec": {"groups": [{
+            "name": format!("modelforwarder-{name}"),
+            "rules": [
+                {
+                    "alert": "ModelForwarderP99High",
+                    "expr": format!(
+                        "histogram_quantile(0.99, sum by (le) (rate(forwarder_request_duration_seconds_bucket{{{sel}}}[5m]))) * 1000 > {}",
+                        slo.p99_latency_ms
+                    ),
+                    "for": "2m",
+                    "labels": labels,
+                    "annotations": {
+                        "summary": format!("{name}: P99 latency above {} ms", slo.p99_latency_ms),
+                        "description": "The forwarder's P99 latency breaches its SLO; the operator re-evaluates replicas when this fires.",
+                    },
+                },
+                {
+                    "alert": "ModelForwarderErrorRateHigh",
+                    "expr": format!(
+                        r#"sum(rate(forwarder_requests_total{{{sel},code=~"5.."}}[5m])) / sum(rate(forwarder_requests_total{{{sel}}}[5m])) > {}"#,
+                        slo.max_error_rate
+                    ),
+                    "for": "2m",
+                    "labels": labels,
+                    "annotations": {
+                        "summary": format!("{name}: error rate above {}", slo.max_error_rate),
+                        "description": "More 5xx answers than the SLO allows.",
+                    },
+                },
+            ],
+        }]},
+    })
+}
+
+/// Applies the rule under the operator's field manager.
+pub async fn apply(client: Client, mf: &ModelForwarder, rule: &Value) -> Result<(), kube::Error> {
+    let ns = mf.namespace().unwrap_or_default();
+    let api: Api<DynamicObject> = Api::namespaced_with(client, &ns, &api_resource());
+    let name = format!("{}-slo", mf.name_any());
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(rule),
+    )
+    .await
+    .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_carry_the_slo_and_name_the_resource_for_the_webhook() {
+        let mf: ModelForwarder = serde_json::from_value(json!({
+            "apiVersion": "llm.forwarder.dev/v1alpha1", "kind": "ModelForwarder",
+            "metadata": {"name": "bot", "namespace": "ai", "uid": "u-1"},
+            "spec": {"upstreams": [{"name": "m", "provider": "mock", "models": ["mock"]}],
+                     "slo": {"p99LatencyMs": 400, "maxErrorRate": 0.02, "targetQpsPerReplica": 50}}
+        }))
+        .unwrap();
+        let r = render(&mf);
+        assert_eq!(r["metadata"]["name"], "bot-slo");
+        assert_eq!(r["metadata"]["ownerReferences"][0]["uid"], "u-1");
+        let rules = r["spec"]["groups"][0]["rules"].as_array().unwrap();
+        let p99 = rules[0]["expr"].as_str().unwrap();
+        assert!(
+            p99.contains(r#"{namespace="ai",app_kubernetes_io_instance="bot"}"#)
+                && p99.ends_with("> 400"),
+            "{p99}"
+        );
+        assert!(rules[1]["expr"].as_str().unwrap().ends_with("> 0.02"));
+        // The labels the webhook reads to pick the resource.
+        assert_eq!(rules[0]["labels"]["modelforwarder"], "bot");
+        assert_eq!(rules[0]["labels"]["namespace"], "ai");
+        assert_eq!(api_resource().plural, "prometheusrules");
+    }
+}
