@@ -90,6 +90,7 @@ read -r fw_repo fw_tag <<<"$(split_image "$FORWARDER_IMAGE")"
   --set forwarderImage.repository="$fw_repo" --set forwarderImage.tag="$fw_tag" \
   --set watchNamespace="$E2E_NAMESPACE" \
   --set prometheusUrl=http://prometheus.monitoring.svc:9090 \
+  --set autoscaler.interval=5s --set autoscaler.rateWindow=20s --set autoscaler.maxSampleAge=15s \
   --set 'logLevel=info\,operator=debug' \
   --wait --timeout 180s
 
