@@ -66,9 +66,11 @@ kind load docker-image --name "$KIND_CLUSTER" "$FORWARDER_IMAGE" "$OPERATOR_IMAG
 log "Prometheus and Alertmanager (namespace monitoring)"
 kubectl apply --server-side -f e2e/kind/prometheus.yaml
 # The chart's SLO rules as a plain Prometheus rule file: the spec of its
-# PrometheusRule (one source of truth for the alerts).
+# PrometheusRule (one source of truth for the alerts), quicker to fire than
+# in production (1m window, 30s for) so the scenarios see the webhook loop.
 "$HELM" template "$RELEASE" "$CHART" --namespace "$RELEASE_NAMESPACE" \
-    --set prometheusRule.enabled=true --show-only templates/prometheusrule.yaml |
+    --set prometheusRule.enabled=true --set prometheusRule.slo.window=1m --set prometheusRule.slo.for=30s \
+    --show-only templates/prometheusrule.yaml |
   sed -n '/^spec:/,$p' | tail -n +2 | sed 's/^  //' >"$(dirname "$KUBECONFIG_FILE")/slo-rules.yaml"
 kubectl -n monitoring create configmap prometheus-rules \
   --from-file=slo.yaml="$(dirname "$KUBECONFIG_FILE")/slo-rules.yaml" \

@@ -580,6 +580,37 @@ async fn scales_up_under_load_reports_slo_and_scales_down_after_the_window() -> 
     );
     drop(pf);
 
+    // The breach also went metric → alert → webhook: Prometheus (rules from
+    // the chart, `for: 30s` in up.sh) fired, Alertmanager posted to the
+    // operator's /alerts, which counted it.
+    let release = env_or("RELEASE", "modelforwarder-operator");
+    let release_ns = env_or("RELEASE_NAMESPACE", "modelforwarder-system");
+    let op = PortForward::start(&release_ns, &release, &[8080]).await?;
+    let http = http()?;
+    let alerts = wait_for(
+        "an Alertmanager alert at the operator's webhook",
+        Duration::from_secs(240),
+        || async {
+            let text = http
+                .get(format!("http://127.0.0.1:{}/metrics", op.ports[0]))
+                .send()
+                .await?
+                .text()
+                .await?;
+            let received: f64 = text
+                .lines()
+                .filter(|l| l.starts_with("modelforwarder_operator_alerts_total"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            Ok((received > 0.0).then_some(received))
+        },
+    )
+    .await?;
+    say(&format!(
+        "the operator's webhook received {alerts} alert(s)"
+    ));
+    drop(op);
+
     // No load: back to min only after the stabilization window (60 s).
     let stopped = tokio::time::Instant::now();
     wait_for(
