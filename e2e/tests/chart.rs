@@ -1484,6 +1484,7 @@ async fn every_request_the_autoscaler_makes_is_granted_by_the_chart() {
         interval: std::time::Duration::from_secs(15),
         window: std::time::Duration::from_secs(60),
         max_age: std::time::Duration::from_secs(45),
+        prometheus_rules: false,
     };
     let mf: operator::crd::ModelForwarder = serde_json::from_value(mf).expect("resource");
     let mut evaluator =
@@ -1519,4 +1520,65 @@ async fn every_request_the_autoscaler_makes_is_granted_by_the_chart() {
     }
     assert_calls_granted(&calls, &render(&[]));
     assert_calls_granted(&calls, &render(&["--set", "watchNamespace=ai"]));
+}
+
+/// The PrometheusRule the operator applies per resource (with
+/// `--prometheus-rules`, which `rbac.prometheusRules=true` passes along with
+/// `prometheusUrl`) is granted only when that value is on.
+#[tokio::test]
+async fn prometheus_rule_requests_are_granted_only_with_rbac_prometheus_rules() {
+    use serde_json::json;
+    let mf: operator::crd::ModelForwarder = serde_json::from_value(json!({
+        "apiVersion": "llm.forwarder.dev/v1alpha1", "kind": "ModelForwarder",
+        "metadata": {"name": "bot", "namespace": "ai", "uid": "0b5e7f5c-0000-4000-8000-0000000001e5"},
+        "spec": {"upstreams": [{"name": "local", "provider": "mock", "models": ["mock"]}]}
+    }))
+    .expect("resource");
+    let (svc, handle) = tower_test::mock::pair::<
+        http::Request<kube::client::Body>,
+        http::Response<kube::client::Body>,
+    >();
+    let client = kube::Client::new(svc, "default");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let server = tokio::spawn(fake_api_server(handle, vec![], json!({}), seen.clone()));
+    let rule = operator::autoscale::rules::render(&mf);
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        operator::autoscale::rules::apply(client, &mf, &rule),
+    )
+    .await
+    .expect("apply finishes")
+    .expect("apply succeeds");
+    server.abort();
+    let calls = seen.lock().unwrap().clone();
+    eprintln!("PrometheusRule requests: {calls:?}");
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.0 == "monitoring.coreos.com" && c.1 == "prometheusrules"),
+        "no PrometheusRule request: {calls:?}"
+    );
+    assert_calls_granted(&calls, &render(&["--set", "rbac.prometheusRules=true"]));
+    assert_calls_granted(
+        &calls,
+        &render(&[
+            "--set",
+            "rbac.prometheusRules=true",
+            "--set",
+            "watchNamespace=ai",
+        ]),
+    );
+    let default = grants(&render(&[]));
+    assert!(
+        !default.iter().any(|g| g.2 == "prometheusrules"),
+        "PrometheusRules granted by default"
+    );
+    // The rules come with the autoscaler, which needs prometheusUrl.
+    let url = "prometheusUrl=http://prometheus:9090";
+    let docs = render(&["--set", "rbac.prometheusRules=true", "--set", url]);
+    assert!(container_args(&docs).contains(&"--prometheus-rules=true".to_string()));
+    let docs = render(&["--set", url]);
+    assert!(!container_args(&docs)
+        .iter()
+        .any(|a| a.starts_with("--prometheus-rules")));
 }
