@@ -12,9 +12,12 @@ CHART            := charts/modelforwarder-operator
 HELM             ?= $(if $(wildcard .tools/bin/helm),.tools/bin/helm,helm)
 KIND_CLUSTER     ?= modelforwarder
 FORWARDER_URL    ?= http://127.0.0.1:8080
+SCENARIO         ?= baseline
+LOCUST           ?= $(if $(wildcard .venv/bin/locust),.venv/bin/locust,locust)
+K6               ?= $(if $(wildcard .venv/bin/k6),.venv/bin/k6,k6)
 
 .PHONY: help images image-forwarder image-operator push helm chart-check crds \
-        kind-up kind-down e2e load-ci test
+        kind-up kind-down e2e load load-k6 load-ci test
 
 help: ## this list
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -56,6 +59,12 @@ e2e: ## the Rust e2e suite against the kind cluster (after kind-up)
 	KUBECONFIG=$${KUBECONFIG:-$(CURDIR)/.tools/kind-$(KIND_CLUSTER).kubeconfig} \
 	  FORWARDER_IMAGE=$(FORWARDER_IMAGE) HELM=$(HELM) \
 	  cargo test -p e2e -- --nocapture --test-threads=1
+
+load: ## a Locust scenario against FORWARDER_URL (SCENARIO=baseline|step|soak|mixed)
+	$(LOCUST) -f e2e/load/locustfile.py --headless --only-summary --host $(FORWARDER_URL) --scenario $(SCENARIO)
+
+load-k6: ## the same scenario with k6
+	$(K6) run -e BASE_URL=$(FORWARDER_URL) -e SCENARIO=$(SCENARIO) e2e/load/k6.js
 
 load-ci: ## the scaled-down Locust step scenario against a local forwarder + mock-llm
 	bash e2e/load/ci-step.sh
