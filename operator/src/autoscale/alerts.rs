@@ -64,7 +64,8 @@ struct Hook {
     metrics: Arc<Metrics>,
 }
 
-/// `POST /alerts`, to merge into the operator's HTTP server.
+/// `POST /alerts`, to merge into the operator's HTTP server. Answers 503
+/// until this replica leads (`metrics.leader`).
 pub fn router(trigger: mpsc::Sender<Key>, metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/alerts", post(receive))
@@ -75,6 +76,15 @@ async fn receive(
     State(h): State<Hook>,
     body: axum::body::Bytes,
 ) -> (StatusCode, Json<serde_json::Value>) {
+    // Only the leader evaluates: a standby answers 503 so Alertmanager
+    // retries (and, behind a Service, may reach the leader).
+    if h.metrics.leader.get() != 1 {
+        h.metrics.alerts.with_label_values(&["not_leader"]).inc();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"error": "this operator replica is not the leader"})),
+        );
+    }
     let keys = match firing(&body) {
         Ok(k) => k,
         Err(e) => {
@@ -125,10 +135,41 @@ mod tests {
         assert!(firing(b"not json").is_err());
     }
 
+    /// Posts `body` to `/alerts` on a fresh server; returns the raw answer.
+    async fn post(app: Router, body: &str) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!(
+            "POST /alerts HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        tokio::io::AsyncWriteExt::write_all(&mut stream, req.as_bytes())
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut answer)
+            .await
+            .unwrap();
+        answer
+    }
+
+    #[tokio::test]
+    async fn a_standby_replica_answers_503_so_alertmanager_retries() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let body = r#"{"alerts":[{"status":"firing","labels":{"namespace":"ai","modelforwarder":"bot"}}]}"#;
+        let answer = post(router(tx, metrics.clone()), body).await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(rx.try_recv().is_err(), "nothing queued");
+    }
+
     #[tokio::test]
     async fn the_webhook_triggers_an_evaluation_at_once() {
         let (tx, mut rx) = mpsc::channel(8);
         let metrics = Arc::new(Metrics::new().unwrap());
+        metrics.leader.set(1);
         let app = router(tx, metrics.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
