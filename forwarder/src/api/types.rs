@@ -1,6 +1,45 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+impl ChatRequest {
+    /// One user message: the shape of the simple API, the WebSocket
+    /// `prompt` form and gRPC's `prompt` field.
+    pub fn from_prompt(model: impl Into<String>, prompt: impl Into<String>) -> Self {
+        Self {
+            model: model.into(),
+            messages: vec![ChatMessage::text("user", prompt)],
+            stream: false,
+            params: Map::new(),
+        }
+    }
+
+    /// Sets the tuning fields the simple API and gRPC carry explicitly.
+    pub fn with_tuning(mut self, max_tokens: Option<u32>, temperature: Option<f64>) -> Self {
+        if let Some(m) = max_tokens {
+            self.params.insert("max_tokens".into(), m.into());
+        }
+        if let Some(t) = temperature {
+            self.params.insert("temperature".into(), t.into());
+        }
+        self
+    }
+}
+
+/// The messages of a request given either a prompt or a message list (not
+/// both). An empty result is left to the pipeline's validation.
+pub fn prompt_or_messages(
+    prompt: Option<String>,
+    messages: Vec<ChatMessage>,
+) -> Result<Vec<ChatMessage>, super::ApiError> {
+    match (prompt, messages.is_empty()) {
+        (Some(_), false) => Err(super::ApiError::BadRequest(
+            "send either prompt or messages, not both".into(),
+        )),
+        (Some(prompt), true) => Ok(vec![ChatMessage::text("user", prompt)]),
+        (None, _) => Ok(messages),
+    }
+}
+
 /// An OpenAI-style chat completion request. Parameters this forwarder does
 /// not interpret (temperature, tools, …) ride along in `params` untouched.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Request, Response, Status};
 
-use crate::api::{ApiError, ChatMessage, ChatRequest, ChatResponse, Usage};
+use crate::api::{prompt_or_messages, ApiError, ChatMessage, ChatRequest, ChatResponse, Usage};
 use crate::auth;
 use crate::pipeline::{Answer, Call, Pipeline, Reply, RequestMeta};
 use crate::telemetry::Protocol;
@@ -62,38 +62,21 @@ fn to_chat(req: ForwardRequest, stream: bool) -> Result<Call, ApiError> {
     if req.model_id.is_empty() {
         return Err(ApiError::BadRequest("model_id is required".into()));
     }
-    let messages = match (req.prompt.is_empty(), req.messages.is_empty()) {
-        (false, false) => {
-            return Err(ApiError::BadRequest(
-                "send either prompt or messages, not both".into(),
-            ))
-        }
-        (false, true) => vec![ChatMessage::text("user", req.prompt)],
-        (true, false) => req
-            .messages
-            .into_iter()
-            .map(|m| ChatMessage::text(&m.role, m.content))
-            .collect(),
-        (true, true) => {
-            return Err(ApiError::BadRequest(
-                "prompt or messages is required".into(),
-            ))
-        }
-    };
-    let mut params = serde_json::Map::new();
-    if let Some(m) = req.max_tokens {
-        params.insert("max_tokens".into(), m.into());
+    let messages = req
+        .messages
+        .into_iter()
+        .map(|m| ChatMessage::text(&m.role, m.content))
+        .collect();
+    let prompt = Some(req.prompt).filter(|p| !p.is_empty());
+    let chat = ChatRequest {
+        model: req.model_id,
+        messages: prompt_or_messages(prompt, messages)?,
+        stream,
+        params: Default::default(),
     }
-    if let Some(t) = req.temperature {
-        params.insert("temperature".into(), t.into());
-    }
+    .with_tuning(req.max_tokens, req.temperature);
     Ok(Call {
-        chat: ChatRequest {
-            model: req.model_id,
-            messages,
-            stream,
-            params,
-        },
+        chat,
         idempotency_key: Some(req.request_id).filter(|k| !k.is_empty()),
     })
 }

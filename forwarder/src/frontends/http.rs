@@ -16,9 +16,7 @@ use axum::{Extension, Json, Router};
 use futures::StreamExt;
 use serde_json::json;
 
-use crate::api::{
-    unix_now, ApiError, ChatMessage, ChatRequest, ModelInfo, SimpleRequest, SimpleResponse,
-};
+use crate::api::{unix_now, ApiError, ChatRequest, ModelInfo, SimpleRequest, SimpleResponse};
 use crate::auth;
 use crate::pipeline::{Answer, Call, Pipeline, Reply, ReplyStream, RequestMeta};
 use crate::telemetry::Protocol;
@@ -183,19 +181,8 @@ async fn simple_message(
 }
 
 pub fn simple_to_chat(req: &SimpleRequest) -> ChatRequest {
-    let mut params = serde_json::Map::new();
-    if let Some(m) = req.max_tokens {
-        params.insert("max_tokens".into(), m.into());
-    }
-    if let Some(t) = req.temperature {
-        params.insert("temperature".into(), t.into());
-    }
-    ChatRequest {
-        model: req.model_id.clone(),
-        messages: vec![ChatMessage::text("user", req.prompt.clone())],
-        stream: false,
-        params,
-    }
+    ChatRequest::from_prompt(&req.model_id, &req.prompt)
+        .with_tuning(req.max_tokens, req.temperature)
 }
 
 fn mark_replayed(mut resp: Response, replayed: bool) -> Response {

@@ -31,7 +31,7 @@ use tokio::task::{AbortHandle, JoinSet};
 
 use super::http::RequestId;
 use super::Lifecycle;
-use crate::api::{ApiError, ChatMessage, ChatRequest, Usage};
+use crate::api::{prompt_or_messages, ApiError, ChatMessage, ChatRequest, Usage};
 use crate::auth;
 use crate::pipeline::{Answer, Call, Pipeline, Reply, RequestMeta};
 use crate::telemetry::Protocol;
@@ -127,18 +127,9 @@ struct WsRequest {
 
 impl WsRequest {
     fn into_chat(self) -> Result<ChatRequest, ApiError> {
-        let messages = match (self.prompt, self.messages.is_empty()) {
-            (Some(_), false) => {
-                return Err(ApiError::BadRequest(
-                    "send either prompt or messages, not both".into(),
-                ))
-            }
-            (Some(prompt), true) => vec![ChatMessage::text("user", prompt)],
-            (None, _) => self.messages,
-        };
         Ok(ChatRequest {
             model: self.model,
-            messages,
+            messages: prompt_or_messages(self.prompt, self.messages)?,
             stream: self.stream,
             params: self.params,
         })

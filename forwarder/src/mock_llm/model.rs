@@ -242,12 +242,7 @@ mod tests {
     use super::*;
 
     fn req(prompt: &str) -> ChatRequest {
-        ChatRequest {
-            model: "m".into(),
-            messages: vec![ChatMessage::text("user", prompt)],
-            stream: false,
-            params: Default::default(),
-        }
+        ChatRequest::from_prompt("m", prompt)
     }
 
     #[test]

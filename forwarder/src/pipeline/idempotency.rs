@@ -187,15 +187,9 @@ impl Flights {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::ChatMessage;
 
     fn chat(prompt: &str) -> ChatRequest {
-        ChatRequest {
-            model: "m".into(),
-            messages: vec![ChatMessage::text("user", prompt)],
-            stream: false,
-            params: Default::default(),
-        }
+        ChatRequest::from_prompt("m", prompt)
     }
 
     #[test]
