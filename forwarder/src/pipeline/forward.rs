@@ -203,6 +203,13 @@ async fn first_data_event(
 }
 
 fn record(metrics: &Metrics, upstream: &str, model: &str, outcome: &str, started: Instant) {
+    if outcome == "success" {
+        if let Some(series) = metrics.upstream_series(upstream, model) {
+            series.success.inc();
+            series.duration.observe(started.elapsed().as_secs_f64());
+            return;
+        }
+    }
     metrics
         .upstream_requests
         .with_label_values(&[upstream, model, outcome])
