@@ -3,7 +3,7 @@
 //! requests, streams and WebSocket sessions included, finish within the
 //! grace period).
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -11,9 +11,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::frontends::conn::CountedListener;
+use crate::frontends::conn::{ConnTimeouts, CountedListener, ReadTimeouts};
 use crate::frontends::grpc::{pb, GrpcFrontend};
-use crate::frontends::{http, Lifecycle};
+use crate::frontends::{http, serve, Lifecycle};
 use crate::pipeline::Pipeline;
 use crate::telemetry::Metrics;
 use crate::BuildError;
@@ -48,13 +48,26 @@ async fn bind(
     addr: SocketAddr,
     metrics: &Metrics,
     protocol: &str,
+    cfg: &Config,
 ) -> Result<CountedListener, StartError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Bind { addr, source })?;
+    let s = &cfg.server;
+    let timeouts = ConnTimeouts {
+        write: s.write_timeout,
+        // gRPC streams are long-lived and tonic has no hook to tell the
+        // connection which are in flight: only the write timeout there.
+        read: (protocol == "http").then_some(ReadTimeouts {
+            header: s.header_timeout,
+            idle: s.idle_timeout,
+        }),
+    };
     Ok(CountedListener::new(
         listener,
         metrics.connections.with_label_values(&[protocol]),
+        s.max_connections,
+        timeouts,
     ))
 }
 
@@ -71,33 +84,28 @@ impl Server {
             }
         };
 
-        let http_listener = bind(cfg.server.listen, &metrics, "http").await?;
-        let addr = axum::serve::Listener::local_addr(&http_listener).map_err(|source| {
-            StartError::Bind {
+        let http_listener = bind(cfg.server.listen, &metrics, "http", &cfg).await?;
+        let addr = http_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
                 addr: cfg.server.listen,
                 source,
-            }
-        })?;
+            })?;
         let app = http::router(pipeline.clone(), lifecycle.clone());
-        let http_task = tokio::spawn(logged(
-            "http",
-            axum::serve(http_listener, app)
-                .with_graceful_shutdown(when_stopped())
-                .into_future(),
-        ));
+        let server_cfg = cfg.server.clone();
+        let stop_http = when_stopped();
+        let http_task = tokio::spawn(async move {
+            serve::serve_http(http_listener, app, &server_cfg, stop_http).await;
+        });
         let mut listeners = vec![http_task];
 
         let (mut grpc_addr, mut health) = (None, None);
         if cfg.grpc.enabled {
-            let listener = bind(cfg.grpc.listen, &metrics, "grpc").await?;
-            grpc_addr = Some(
-                axum::serve::Listener::local_addr(&listener).map_err(|source| {
-                    StartError::Bind {
-                        addr: cfg.grpc.listen,
-                        source,
-                    }
-                })?,
-            );
+            let listener = bind(cfg.grpc.listen, &metrics, "grpc", &cfg).await?;
+            grpc_addr = Some(listener.local_addr().map_err(|source| StartError::Bind {
+                addr: cfg.grpc.listen,
+                source,
+            })?);
             let (reporter, health_service) = tonic_health::server::health_reporter();
             reporter
                 .set_serving::<pb::forwarder_server::ForwarderServer<GrpcFrontend>>()
@@ -111,7 +119,16 @@ impl Server {
                 let (io, _) = listener.accept_counted().await;
                 Some((Ok::<_, std::io::Error>(io), listener))
             });
+            let s = &cfg.server;
             let router = tonic::transport::Server::builder()
+                // Unary calls and the head of streamed ones.
+                .timeout(s.request_timeout)
+                .max_concurrent_streams(s.http2_max_concurrent_streams)
+                .concurrency_limit_per_connection(s.http2_max_concurrent_streams as usize)
+                .http2_max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX))
+                // Pings find dead peers of idle connections.
+                .http2_keepalive_interval(Some(s.idle_timeout))
+                .http2_keepalive_timeout(Some(s.write_timeout))
                 .add_service(health_service)
                 .add_service(reflection)
                 .add_service(GrpcFrontend::service(pipeline.clone()));

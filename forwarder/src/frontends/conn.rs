@@ -1,67 +1,303 @@
-//! A TCP listener that counts open connections per protocol
-//! (`forwarder_connections`), shared by the HTTP and gRPC servers.
+//! The TCP edge shared by the HTTP and gRPC servers: a listener that caps
+//! and counts open connections (`forwarder_connections`), and a connection
+//! wrapper that enforces the server-side timeouts no HTTP library offers
+//! together:
+//!
+//! - **write timeout**: a write that stays pending (the client stopped
+//!   reading) longer than `server.write_timeout` fails, so the HTTP server
+//!   drops the connection and, with it, the in-flight request and its
+//!   upstream call;
+//! - **header timeout** (HTTP listener only): a request head must arrive
+//!   within `server.header_timeout` of its first byte (of the accept for a
+//!   new connection), which also covers hyper's protocol sniffing;
+//! - **idle timeout** (HTTP listener only): a connection with no request in
+//!   flight is closed after `server.idle_timeout` without a byte.
+//!
+//! Which requests are in flight is told by the HTTP service through
+//! [`Activity`]; the wrapper only watches bytes and clocks.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
+
+/// Timeouts applied to each accepted connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnTimeouts {
+    pub write: Duration,
+    /// Header and idle timeouts; `None` for listeners whose server tracks
+    /// requests itself (gRPC), where only the write timeout applies.
+    pub read: Option<ReadTimeouts>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ReadTimeouts {
+    pub header: Duration,
+    pub idle: Duration,
+}
 
 pub struct CountedListener {
     inner: TcpListener,
     gauge: IntGauge,
+    permits: Arc<Semaphore>,
+    timeouts: ConnTimeouts,
 }
 
+/// Longest pause after a failed `accept` (out of file descriptors, …).
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
 impl CountedListener {
-    pub fn new(inner: TcpListener, gauge: IntGauge) -> Self {
-        Self { inner, gauge }
+    pub fn new(
+        inner: TcpListener,
+        gauge: IntGauge,
+        max_connections: usize,
+        timeouts: ConnTimeouts,
+    ) -> Self {
+        Self {
+            inner,
+            gauge,
+            permits: Arc::new(Semaphore::new(max_connections.min(Semaphore::MAX_PERMITS))),
+            timeouts,
+        }
     }
 
-    /// Accepts the next connection; transient errors (such as running out of
-    /// file descriptors) are logged and retried after a pause instead of
-    /// ending the server.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    /// Accepts the next connection once fewer than the cap are open: until
+    /// then new connections wait in the kernel's backlog, costing nothing
+    /// here. Transient errors (such as running out of file descriptors) are
+    /// logged and retried after a growing pause instead of ending the server
+    /// or spinning. Cancel-safe.
     pub async fn accept_counted(&mut self) -> (Counted, SocketAddr) {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the connection semaphore is never closed");
+        let mut backoff = Duration::from_millis(10);
         loop {
             match self.inner.accept().await {
                 Ok((stream, addr)) => {
                     let _ = stream.set_nodelay(true);
-                    self.gauge.inc();
-                    let conn = Counted {
-                        stream,
-                        gauge: self.gauge.clone(),
-                    };
-                    return (conn, addr);
+                    return (Counted::new(stream, self, permit), addr);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
                 }
             }
         }
     }
 }
 
-impl axum::serve::Listener for CountedListener {
-    type Io = Counted;
-    type Addr = SocketAddr;
+/// What the HTTP service tells a connection about its requests.
+#[derive(Debug, Default)]
+pub struct Activity {
+    /// Requests whose answer is not yet fully written.
+    in_flight: AtomicUsize,
+    /// Upgraded to WebSocket: the session has its own idle handling.
+    upgraded: AtomicBool,
+}
 
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        self.accept_counted().await
+impl Activity {
+    /// Marks a request in flight until the returned guard is dropped.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
     }
 
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.inner.local_addr()
+    pub fn set_upgraded(&self) {
+        self.upgraded.store(true, Ordering::Relaxed);
     }
 }
 
-/// A connection that leaves the gauge when dropped.
+/// One request in flight on a connection.
+pub struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What a connection waits for, seen from its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waiting {
+    /// A request head has begun (or the connection is new).
+    Head { since: Instant },
+    /// Nothing in flight, nothing begun.
+    Idle { since: Instant },
+    /// A request is in flight: its own deadline governs.
+    Busy,
+}
+
+/// The HTTP/2 connection preface's first bytes.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
+struct ReadGuard {
+    timeouts: ReadTimeouts,
+    activity: Arc<Activity>,
+    waiting: Waiting,
+    /// HTTP/2 multiplexes frames: any frame while idle (a PING) only renews
+    /// the idle period; there is no "head" to time.
+    h2: bool,
+    sniffed: bool,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl ReadGuard {
+    fn busy(&self) -> bool {
+        self.activity.in_flight.load(Ordering::Relaxed) > 0
+    }
+
+    /// Bytes arrived.
+    fn on_bytes(&mut self, bytes: &[u8]) {
+        if !self.sniffed && !bytes.is_empty() {
+            self.sniffed = true;
+            let n = bytes.len().min(H2_PREFACE.len());
+            self.h2 = bytes[..n] == H2_PREFACE[..n];
+        }
+        if let Waiting::Idle { .. } = self.waiting {
+            let now = Instant::now();
+            self.waiting = if self.h2 || self.busy() {
+                Waiting::Idle { since: now }
+            } else {
+                Waiting::Head { since: now }
+            };
+        }
+    }
+
+    /// The read is pending: when must it have completed?
+    fn deadline(&mut self) -> Option<Instant> {
+        if self.busy() {
+            self.waiting = Waiting::Busy;
+            return None;
+        }
+        let (since, limit) = match self.waiting {
+            Waiting::Busy => {
+                let now = Instant::now();
+                self.waiting = Waiting::Idle { since: now };
+                (now, self.timeouts.idle)
+            }
+            Waiting::Idle { since } => (since, self.timeouts.idle),
+            Waiting::Head { since } if self.h2 => (since, self.timeouts.idle),
+            Waiting::Head { since } => (since, self.timeouts.header),
+        };
+        since.checked_add(limit)
+    }
+}
+
+/// Polls `timer` armed for `deadline`: whether it has passed.
+fn expired(timer: &mut Option<Pin<Box<Sleep>>>, deadline: Instant, cx: &mut Context<'_>) -> bool {
+    match timer {
+        Some(t) => {
+            if t.deadline() != deadline {
+                t.as_mut().reset(deadline);
+            }
+        }
+        None => *timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+    }
+    timer
+        .as_mut()
+        .is_some_and(|t| t.as_mut().poll(cx).is_ready())
+}
+
+fn timed_out(what: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, what)
+}
+
+/// A connection: leaves the gauge and frees its slot under the cap when
+/// dropped, and enforces the timeouts above.
 pub struct Counted {
     stream: TcpStream,
     gauge: IntGauge,
+    _permit: OwnedSemaphorePermit,
+    write_timeout: Duration,
+    /// When the pending write must have progressed; `None` while writes flow.
+    write_deadline: Option<Instant>,
+    write_timer: Option<Pin<Box<Sleep>>>,
+    read: Option<ReadGuard>,
+}
+
+impl Counted {
+    fn new(stream: TcpStream, listener: &CountedListener, permit: OwnedSemaphorePermit) -> Self {
+        listener.gauge.inc();
+        let t = listener.timeouts;
+        Self {
+            stream,
+            gauge: listener.gauge.clone(),
+            _permit: permit,
+            write_timeout: t.write,
+            write_deadline: None,
+            write_timer: None,
+            read: t.read.map(|timeouts| ReadGuard {
+                timeouts,
+                activity: Arc::default(),
+                // The first request head is due within the header timeout
+                // of the accept.
+                waiting: Waiting::Head {
+                    since: Instant::now(),
+                },
+                h2: false,
+                sniffed: false,
+                timer: None,
+            }),
+        }
+    }
+
+    /// The request tracker the HTTP service reports to (a fresh, unused one
+    /// when this listener has no read timeouts).
+    pub fn activity(&self) -> Arc<Activity> {
+        self.read
+            .as_ref()
+            .map_or_else(Arc::default, |r| r.activity.clone())
+    }
+
+    /// A write could not proceed: fail it once it has waited too long.
+    fn write_stalled<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        let deadline = match self.write_deadline {
+            Some(d) => d,
+            None => match Instant::now().checked_add(self.write_timeout) {
+                Some(d) => {
+                    self.write_deadline = Some(d);
+                    d
+                }
+                None => return Poll::Pending,
+            },
+        };
+        if expired(&mut self.write_timer, deadline, cx) {
+            return Poll::Ready(Err(timed_out("the client stopped reading")));
+        }
+        Poll::Pending
+    }
+
+    fn write_progressed<T>(
+        &mut self,
+        r: Poll<io::Result<T>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<T>> {
+        match r {
+            Poll::Pending => self.write_stalled(cx),
+            ready => {
+                self.write_deadline = None;
+                ready
+            }
+        }
+    }
 }
 
 impl Drop for Counted {
@@ -76,7 +312,34 @@ impl AsyncRead for Counted {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let res = Pin::new(&mut this.stream).poll_read(cx, buf);
+        let Some(guard) = &mut this.read else {
+            return res;
+        };
+        if guard.activity.upgraded.load(Ordering::Relaxed) {
+            // A WebSocket session now owns the connection and its timers.
+            this.read = None;
+            return res;
+        }
+        match res {
+            Poll::Ready(Ok(())) => {
+                guard.on_bytes(&buf.filled()[before..]);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => match guard.deadline() {
+                Some(deadline) if expired(&mut guard.timer, deadline, cx) => {
+                    let what = match guard.waiting {
+                        Waiting::Head { .. } if !guard.h2 => "request head not received in time",
+                        _ => "idle connection timed out",
+                    };
+                    Poll::Ready(Err(timed_out(what)))
+                }
+                _ => Poll::Pending,
+            },
+            err => err,
+        }
     }
 }
 
@@ -86,15 +349,21 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.write_progressed(r, cx)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.stream).poll_flush(cx);
+        this.write_progressed(r, cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.stream).poll_shutdown(cx);
+        this.write_progressed(r, cx)
     }
 
     fn poll_write_vectored(
@@ -102,7 +371,9 @@ impl AsyncWrite for Counted {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.write_progressed(r, cx)
     }
 
     fn is_write_vectored(&self) -> bool {
