@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use super::balance::{least_outstanding, Candidate, SmoothWrr};
-use super::breaker::Breaker;
+use super::breaker::{Admission, Breaker, Verdict};
 use super::providers::{self, Provider};
 use super::UpstreamError;
 use crate::telemetry::Metrics;
@@ -107,39 +107,42 @@ impl Pools {
     }
 
     /// Chooses an endpoint for `model`, preferring ones not in `tried`
-    /// (failover), and takes a lease on it.
+    /// (failover), and takes a lease on it. Fails with `AllOpen` only when
+    /// no endpoint of the model admits a request: a closed circuit always
+    /// does, so a model with a healthy endpoint never gets `AllOpen`.
     pub fn pick(&self, model: &str, tried: &[usize]) -> Result<Lease, PickError> {
         let pool = self.models.get(model).ok_or(PickError::UnknownModel)?;
         let now = Instant::now();
-        let available: Vec<bool> = pool
+        let mut available: Vec<bool> = pool
             .endpoints
             .iter()
             .map(|e| e.breaker.lock().available(now))
             .collect();
-        let fresh: Vec<bool> = available
+        let mut fresh: Vec<bool> = available
             .iter()
             .enumerate()
             .map(|(i, a)| *a && !tried.contains(&i))
             .collect();
         // Fail over to an untried endpoint if any; else any available one.
-        let eligible = if fresh.iter().any(|x| *x) {
-            fresh
-        } else {
-            available
-        };
-        for _ in 0..pool.endpoints.len() {
-            let Some(index) = self.choose(pool, &eligible) else {
-                break;
-            };
-            let ep = &pool.endpoints[index];
-            if ep.breaker.lock().try_acquire(now) {
-                ep.outstanding.fetch_add(1, Ordering::Relaxed);
-                return Ok(Lease {
-                    endpoint: ep.clone(),
-                    index,
-                    settled: false,
-                    metrics: self.metrics.clone(),
-                });
+        // An endpoint that refuses (its half-open probe was just taken by
+        // another request) is struck off and the choice made again.
+        for eligible in [&mut fresh, &mut available] {
+            while let Some(index) = self.choose(pool, eligible) {
+                let ep = &pool.endpoints[index];
+                let admitted = ep.breaker.lock().admit(now);
+                match admitted {
+                    Some(admission) => {
+                        ep.outstanding.fetch_add(1, Ordering::Relaxed);
+                        return Ok(Lease {
+                            endpoint: ep.clone(),
+                            index,
+                            admission,
+                            settled: false,
+                            metrics: self.metrics.clone(),
+                        });
+                    }
+                    None => eligible[index] = false,
+                }
             }
         }
         let retry_in = pool
@@ -175,32 +178,54 @@ impl Pools {
 }
 
 /// One request's hold on an endpoint: counts as in-flight until dropped and
-/// reports the attempt's outcome to the endpoint's breaker.
+/// reports the attempt's outcome to the endpoint's breaker. The lease of a
+/// half-open probe carries the probe token: its report decides the circuit.
+/// A lease dropped without a report is neutral (a cancelled request says
+/// nothing about the endpoint) and hands a probe token back.
 pub struct Lease {
     pub endpoint: Arc<Endpoint>,
     /// Position in the model's pool, for failover bookkeeping.
     pub index: usize,
+    admission: Admission,
     settled: bool,
     metrics: Arc<Metrics>,
 }
 
 impl Lease {
     pub fn succeeded(mut self) {
-        self.settle(|b, _| b.on_success());
+        self.settle(Verdict::Success);
     }
 
+    /// An endpoint failure (connect error, timeout of the endpoint's own
+    /// attempt timeout, 5xx, broken stream) counts against the breaker;
+    /// anything else is neutral.
     pub fn failed(mut self, err: &UpstreamError) {
-        if err.is_endpoint_failure() {
-            self.settle(|b, now| b.on_failure(now));
+        let verdict = if err.is_endpoint_failure() {
+            Verdict::Failure
         } else {
-            self.settle(|b, _| b.on_neutral());
-        }
+            Verdict::Neutral
+        };
+        self.settle(verdict);
     }
 
-    fn settle(&mut self, f: impl FnOnce(&mut Breaker, Instant)) {
+    /// No verdict on the endpoint: use it when the attempt was cut short by
+    /// the request's overall deadline (not the endpoint's own timeout), or
+    /// cancelled. Same as dropping the lease, said explicitly.
+    pub fn neutral(mut self) {
+        self.settle(Verdict::Neutral);
+    }
+
+    /// Whether this lease holds the half-open probe token.
+    pub fn is_probe(&self) -> bool {
+        self.admission == Admission::Probe
+    }
+
+    fn settle(&mut self, verdict: Verdict) {
         self.settled = true;
         let mut b = self.endpoint.breaker.lock();
-        f(&mut b, Instant::now());
+        b.record(self.admission, verdict, Instant::now());
+        // Set under the breaker's lock so concurrent settles cannot leave
+        // the gauge showing an older state.
         self.metrics
             .circuit_open
             .with_label_values(&[&self.endpoint.name])
@@ -211,7 +236,7 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if !self.settled {
-            self.settle(|b, _| b.on_neutral());
+            self.settle(Verdict::Neutral);
         }
         self.endpoint.outstanding.fetch_sub(1, Ordering::Relaxed);
     }
