@@ -241,3 +241,139 @@ impl Drop for Lease {
         self.endpoint.outstanding.fetch_sub(1, Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use forwarder_config::UpstreamConfig;
+
+    const OPEN: Duration = Duration::from_millis(30);
+
+    /// Two endpoints `a` (index 0) and `b` (index 1) serving model `m`;
+    /// every failure opens a circuit.
+    fn pools(strategy: Strategy) -> (Pools, Arc<Metrics>) {
+        let mut cfg = Config::default();
+        cfg.upstreams = ["a", "b"]
+            .iter()
+            .map(|n| UpstreamConfig {
+                name: (*n).into(),
+                models: vec!["m".into()],
+                ..UpstreamConfig::builtin_mock()
+            })
+            .collect();
+        cfg.circuit_breaker.failure_threshold = 1;
+        cfg.circuit_breaker.open_duration = OPEN;
+        cfg.routing.strategy = strategy;
+        let metrics = Arc::new(Metrics::new());
+        (Pools::from_config(&cfg, metrics.clone()).unwrap(), metrics)
+    }
+
+    fn open_gauge(m: &Metrics, name: &str) -> i64 {
+        m.circuit_open.with_label_values(&[name]).get()
+    }
+
+    /// Opens `a` and waits until it is half-open.
+    fn open_a(p: &Pools) {
+        let lease = p.pick("m", &[1]).unwrap();
+        assert_eq!(lease.index, 0);
+        lease.failed(&UpstreamError::Timeout);
+        std::thread::sleep(OPEN + Duration::from_millis(5));
+    }
+
+    #[test]
+    fn half_open_endpoint_takes_one_probe_and_others_go_to_the_closed_one() {
+        for strategy in [Strategy::LeastOutstanding, Strategy::RoundRobin] {
+            let (p, m) = pools(strategy);
+            open_a(&p);
+            assert_eq!(open_gauge(&m, "a"), 1);
+            let probe = p.pick("m", &[1]).unwrap();
+            assert!(probe.is_probe() && probe.index == 0);
+            // While the probe is out, everything goes to b, even a request
+            // that already tried b: never "no healthy upstream".
+            let held: Vec<Lease> = (0..20)
+                .map(|k| {
+                    let tried: &[usize] = if k % 2 == 0 { &[] } else { &[1] };
+                    let l = p.pick("m", tried).expect("b is healthy");
+                    assert_eq!(l.index, 1, "{strategy:?}");
+                    assert!(!l.is_probe());
+                    l
+                })
+                .collect();
+            drop(held);
+            probe.succeeded();
+            assert_eq!(open_gauge(&m, "a"), 0);
+            assert!(!p.pick("m", &[1]).unwrap().is_probe());
+        }
+    }
+
+    #[test]
+    fn a_dropped_probe_lease_returns_the_token() {
+        let (p, m) = pools(Strategy::LeastOutstanding);
+        open_a(&p);
+        let probe = p.pick("m", &[1]).unwrap();
+        assert!(probe.is_probe());
+        drop(probe);
+        assert_eq!(open_gauge(&m, "a"), 1, "no verdict: still open");
+        let again = p.pick("m", &[1]).unwrap();
+        assert!(
+            again.is_probe() && again.index == 0,
+            "the next request probes"
+        );
+        again.failed(&UpstreamError::Timeout);
+        assert_eq!(open_gauge(&m, "a"), 1);
+        // reopened: a is not available, b takes everything
+        assert_eq!(p.pick("m", &[1]).unwrap().index, 1);
+    }
+
+    #[test]
+    fn neutral_attempts_do_not_open_the_circuit() {
+        let (p, m) = pools(Strategy::LeastOutstanding);
+        for _ in 0..5 {
+            p.pick("m", &[1]).unwrap().neutral();
+            let l = p.pick("m", &[1]).unwrap();
+            l.failed(&UpstreamError::Status {
+                status: 429,
+                retry_after: None,
+                message: String::new(),
+            });
+        }
+        assert_eq!(open_gauge(&m, "a"), 0);
+        assert!(!p.pick("m", &[1]).unwrap().is_probe());
+    }
+
+    #[test]
+    fn only_when_every_circuit_is_open_is_there_no_upstream() {
+        let (p, m) = pools(Strategy::LeastOutstanding);
+        p.pick("m", &[1]).unwrap().failed(&UpstreamError::Timeout);
+        p.pick("m", &[0]).unwrap().failed(&UpstreamError::Timeout);
+        assert_eq!((open_gauge(&m, "a"), open_gauge(&m, "b")), (1, 1));
+        match p.pick("m", &[]) {
+            Err(PickError::AllOpen { retry_in }) => assert!(retry_in.unwrap() <= OPEN),
+            _ => panic!("every circuit is open"),
+        }
+    }
+
+    #[test]
+    fn concurrent_picks_never_fail_while_a_closed_endpoint_exists() {
+        let (p, _) = pools(Strategy::LeastOutstanding);
+        let p = Arc::new(p);
+        for _ in 0..20 {
+            open_a(&p);
+            let threads: Vec<_> = (0..4)
+                .map(|_| {
+                    let p = p.clone();
+                    std::thread::spawn(move || {
+                        for _ in 0..200 {
+                            let l = p.pick("m", &[]).expect("b is closed");
+                            if l.index == 0 {
+                                // keep a half-open: the probe gives no verdict
+                                l.neutral();
+                            }
+                        }
+                    })
+                })
+                .collect();
+            threads.into_iter().for_each(|t| t.join().unwrap());
+        }
+    }
+}
