@@ -252,15 +252,17 @@ mod tests {
     /// Two endpoints `a` (index 0) and `b` (index 1) serving model `m`;
     /// every failure opens a circuit.
     fn pools(strategy: Strategy) -> (Pools, Arc<Metrics>) {
-        let mut cfg = Config::default();
-        cfg.upstreams = ["a", "b"]
-            .iter()
-            .map(|n| UpstreamConfig {
-                name: (*n).into(),
-                models: vec!["m".into()],
-                ..UpstreamConfig::builtin_mock()
-            })
-            .collect();
+        let mut cfg = Config {
+            upstreams: ["a", "b"]
+                .iter()
+                .map(|n| UpstreamConfig {
+                    name: (*n).into(),
+                    models: vec!["m".into()],
+                    ..UpstreamConfig::builtin_mock()
+                })
+                .collect(),
+            ..Config::default()
+        };
         cfg.circuit_breaker.failure_threshold = 1;
         cfg.circuit_breaker.open_duration = OPEN;
         cfg.routing.strategy = strategy;
