@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures::task::AtomicWaker;
 use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -111,6 +112,9 @@ pub struct Activity {
     in_flight: AtomicUsize,
     /// Upgraded to WebSocket: the session has its own idle handling.
     upgraded: AtomicBool,
+    /// The connection's reader, woken when the last request ends so its
+    /// idle timer starts even if the HTTP server does not read again.
+    reader: AtomicWaker,
 }
 
 impl Activity {
@@ -130,7 +134,9 @@ pub struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.reader.wake();
+        }
     }
 }
 
@@ -161,7 +167,7 @@ struct ReadGuard {
 
 impl ReadGuard {
     fn busy(&self) -> bool {
-        self.activity.in_flight.load(Ordering::Relaxed) > 0
+        self.activity.in_flight.load(Ordering::Acquire) > 0
     }
 
     /// Bytes arrived.
@@ -182,10 +188,14 @@ impl ReadGuard {
     }
 
     /// The read is pending: when must it have completed?
-    fn deadline(&mut self) -> Option<Instant> {
+    fn deadline(&mut self, cx: &Context<'_>) -> Option<Instant> {
         if self.busy() {
-            self.waiting = Waiting::Busy;
-            return None;
+            self.activity.reader.register(cx.waker());
+            // Re-check: the last request may have ended meanwhile.
+            if self.busy() {
+                self.waiting = Waiting::Busy;
+                return None;
+            }
         }
         let (since, limit) = match self.waiting {
             Waiting::Busy => {
@@ -328,7 +338,7 @@ impl AsyncRead for Counted {
                 guard.on_bytes(&buf.filled()[before..]);
                 Poll::Ready(Ok(()))
             }
-            Poll::Pending => match guard.deadline() {
+            Poll::Pending => match guard.deadline(cx) {
                 Some(deadline) if expired(&mut guard.timer, deadline, cx) => {
                     let what = match guard.waiting {
                         Waiting::Head { .. } if !guard.h2 => "request head not received in time",

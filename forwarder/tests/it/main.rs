@@ -7,6 +7,7 @@ mod common;
 mod endpoints;
 mod errors;
 mod grpc;
+mod hostile;
 mod idempotency;
 mod metrics;
 mod python_clients;
