@@ -423,3 +423,68 @@ async fn connections_beyond_the_cap_wait_in_the_backlog_then_are_served() {
     drop(held);
     fwd.assert_answers("a full connection table").await;
 }
+
+#[tokio::test]
+async fn a_websocket_session_outlives_the_http_idle_and_header_timeouts() {
+    let mut cfg = crate::common::config(vec![forwarder::config::UpstreamConfig::builtin_mock()]);
+    cfg.server.header_timeout = Duration::from_millis(500);
+    cfg.server.idle_timeout = Duration::from_millis(500);
+    let fwd = crate::common::start(cfg).await;
+    let mut ws = crate::common::ws_connect(&fwd.ws, &[]).await.unwrap();
+    // Quiet for longer than both HTTP timeouts: the session owns its timers.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    crate::common::ws_send(
+        &mut ws,
+        serde_json::json!({"type": "request", "id": "1", "model": "mock", "prompt": "hi"}),
+    )
+    .await;
+    let done = crate::common::ws_recv(&mut ws).await;
+    assert_eq!(done["type"], "done", "{done}");
+}
+
+#[tokio::test]
+async fn a_huge_request_head_gets_431() {
+    let fwd = forwarder(&["max_header_bytes: 16384"], "").await;
+    let mut conn = fwd.connect().await;
+    let big = "a".repeat(32 * 1024);
+    conn.write_all(format!("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut conn, Duration::from_secs(5))
+        .await
+        .expect("answered and closed");
+    assert!(
+        answer.starts_with(b"HTTP/1.1 431"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    fwd.assert_answers("a huge head").await;
+}
+
+#[tokio::test]
+async fn http2_connections_are_served_and_idle_ones_closed() {
+    let fwd = forwarder(&["idle_timeout: 1s", "header_timeout: 5s"], "").await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2
+        .post(format!("{}/v1/chat/completions", fwd.base))
+        .bearer_auth(KEY)
+        .json(&crate::common::chat("mock", "over h2"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.status(), 200);
+    // The idle h2 connection is closed after about a second.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fwd.open_connections().await > 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "idle HTTP/2 connection kept open"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(h2);
+}
