@@ -151,8 +151,9 @@ enum Waiting {
     Busy,
 }
 
-/// The HTTP/2 connection preface's first bytes.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+/// The HTTP/2 connection preface's first bytes: enough to tell it apart.
+const H2_PREFACE: &[u8; SNIFF_LEN] = b"PRI ";
+const SNIFF_LEN: usize = 4;
 
 struct ReadGuard {
     timeouts: ReadTimeouts,
@@ -161,7 +162,10 @@ struct ReadGuard {
     /// HTTP/2 multiplexes frames: any frame while idle (a PING) only renews
     /// the idle period; there is no "head" to time.
     h2: bool,
-    sniffed: bool,
+    /// The first bytes, until there are enough to tell HTTP/2 from HTTP/1
+    /// (`PRI ` versus `POST`, `PUT`, …): a client trickling `P` must not
+    /// pass for HTTP/2 and escape the header timeout.
+    sniff: Option<([u8; SNIFF_LEN], usize)>,
     timer: Option<Pin<Box<Sleep>>>,
 }
 
@@ -172,10 +176,14 @@ impl ReadGuard {
 
     /// Bytes arrived.
     fn on_bytes(&mut self, bytes: &[u8]) {
-        if !self.sniffed && !bytes.is_empty() {
-            self.sniffed = true;
-            let n = bytes.len().min(H2_PREFACE.len());
-            self.h2 = bytes[..n] == H2_PREFACE[..n];
+        if let Some((buf, len)) = &mut self.sniff {
+            let n = bytes.len().min(SNIFF_LEN - *len);
+            buf[*len..*len + n].copy_from_slice(&bytes[..n]);
+            *len += n;
+            if *len == SNIFF_LEN {
+                self.h2 = buf == H2_PREFACE;
+                self.sniff = None;
+            }
         }
         if let Waiting::Idle { .. } = self.waiting {
             let now = Instant::now();
@@ -263,7 +271,7 @@ impl Counted {
                     since: Instant::now(),
                 },
                 h2: false,
-                sniffed: false,
+                sniff: Some(([0; SNIFF_LEN], 0)),
                 timer: None,
             }),
         }

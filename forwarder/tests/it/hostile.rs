@@ -152,6 +152,35 @@ async fn slow_headers_are_cut_off_within_the_header_timeout() {
         "closed after {elapsed:?}, expected about the 1.5 s header timeout"
     );
     fwd.assert_answers("a slow head").await;
+
+    // Trickled from the very first byte, before the protocol is known.
+    let mut conn = fwd.connect().await;
+    let started = Instant::now();
+    let (mut rd, mut wr) = conn.split();
+    let trickle = async {
+        for b in b"POST /v1/chat/completions HTTP/1.1\r\n"
+            .iter()
+            .cycle()
+            .take(40)
+        {
+            if wr.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    let mut buf = [0u8; 64];
+    tokio::select! {
+        () = trickle => panic!("a head trickled from its first byte was never cut off"),
+        r = rd.read(&mut buf) => assert!(matches!(r, Ok(0) | Err(_)), "{r:?}"),
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_secs(3),
+        "closed after {elapsed:?}, expected about the 1.5 s header timeout"
+    );
+    fwd.assert_answers("a head trickled from its first byte")
+        .await;
 }
 
 #[tokio::test]
