@@ -101,6 +101,50 @@ pub fn next_delay_capped(
     )
 }
 
+/// How long one attempt may run: the endpoint's own timeout, or less when
+/// the request's deadline comes first. When `by_deadline`, a timeout says
+/// nothing about the endpoint: settle the lease with `Lease::neutral()`,
+/// not as a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttemptBudget {
+    pub limit: Duration,
+    pub by_deadline: bool,
+}
+
+pub fn attempt_budget(endpoint_timeout: Duration, remaining: Duration) -> AttemptBudget {
+    AttemptBudget {
+        limit: endpoint_timeout.min(remaining),
+        by_deadline: remaining < endpoint_timeout,
+    }
+}
+
+/// Whether waiting `delay` from `now` still ends before `deadline`; a
+/// delay that would overflow the clock does not.
+pub fn fits_before<I>(now: I, delay: Duration, deadline: I) -> bool
+where
+    I: Copy + PartialOrd + CheckedAdd,
+{
+    now.checked_add_duration(delay)
+        .is_some_and(|end| end < deadline)
+}
+
+/// `checked_add` for both clocks the forwarder uses.
+pub trait CheckedAdd: Sized {
+    fn checked_add_duration(self, d: Duration) -> Option<Self>;
+}
+
+impl CheckedAdd for std::time::Instant {
+    fn checked_add_duration(self, d: Duration) -> Option<Self> {
+        self.checked_add(d)
+    }
+}
+
+impl CheckedAdd for tokio::time::Instant {
+    fn checked_add_duration(self, d: Duration) -> Option<Self> {
+        self.checked_add(d)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,6 +230,36 @@ mod tests {
     fn jitter_spans_zero_to_the_ceiling() {
         assert_eq!(full_jitter(3, 100 * MS, Duration::MAX, 0.0), Duration::ZERO);
         assert_eq!(full_jitter(3, 100 * MS, Duration::MAX, 0.5), 200 * MS);
+    }
+
+    #[test]
+    fn an_attempt_cut_by_the_request_deadline_is_marked_so() {
+        let s = Duration::from_secs(1);
+        assert_eq!(
+            attempt_budget(10 * s, 30 * s),
+            AttemptBudget {
+                limit: 10 * s,
+                by_deadline: false
+            }
+        );
+        assert_eq!(
+            attempt_budget(10 * s, 3 * s),
+            AttemptBudget {
+                limit: 3 * s,
+                by_deadline: true
+            }
+        );
+    }
+
+    #[test]
+    fn waits_that_would_overflow_the_clock_do_not_fit() {
+        let now = tokio::time::Instant::now();
+        let deadline = now + Duration::from_secs(5);
+        assert!(fits_before(now, Duration::from_secs(1), deadline));
+        assert!(!fits_before(now, Duration::from_secs(5), deadline));
+        assert!(!fits_before(now, Duration::MAX, deadline));
+        let std_now = std::time::Instant::now();
+        assert!(!fits_before(std_now, Duration::MAX, std_now));
     }
 
     #[test]
