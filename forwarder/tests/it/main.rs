@@ -9,6 +9,7 @@ mod errors;
 mod grpc;
 mod hostile;
 mod idempotency;
+mod keys;
 mod metrics;
 mod python_clients;
 mod resilience;
