@@ -91,8 +91,8 @@ async fn emptying_the_file_rejects_everyone_and_deleting_it_keeps_the_keys() {
 #[tokio::test]
 async fn a_line_file_identity_survives_lines_moving() {
     // One request per second per client (the least there is): a second
-    // request from the same
-    // identity within the second is limited, whatever line its key is on.
+    // request from the same identity within the second is limited,
+    // whatever line its key is on.
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("keys");
     std::fs::write(&file, "sk-moving\n").unwrap();
