@@ -57,10 +57,12 @@ async fn bind(
     let timeouts = ConnTimeouts {
         write: s.write_timeout,
         // gRPC streams are long-lived and tonic has no hook to tell the
-        // connection which are in flight: only the write timeout there.
-        read: (protocol == "http").then_some(ReadTimeouts {
+        // connection which are in flight: there only the opening is timed
+        // (HTTP/2 keep-alive pings find dead peers later).
+        read: Some(ReadTimeouts {
             header: s.header_timeout,
             idle: s.idle_timeout,
+            opening_only: protocol == "grpc",
         }),
     };
     Ok(CountedListener::new(

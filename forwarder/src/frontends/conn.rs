@@ -7,9 +7,10 @@
 //!   reading) longer than `server.write_timeout` fails, so the HTTP server
 //!   drops the connection and, with it, the in-flight request and its
 //!   upstream call;
-//! - **header timeout** (HTTP listener only): a request head must arrive
-//!   within `server.header_timeout` of its first byte (of the accept for a
-//!   new connection), which also covers hyper's protocol sniffing;
+//! - **header timeout**: a request head must arrive within
+//!   `server.header_timeout` of its first byte (of the accept for a new
+//!   connection), which also covers hyper's protocol sniffing; on the gRPC
+//!   listener only the connection's opening is timed so;
 //! - **idle timeout** (HTTP listener only): a connection with no request in
 //!   flight is closed after `server.idle_timeout` without a byte.
 //!
@@ -45,6 +46,10 @@ pub struct ConnTimeouts {
 pub struct ReadTimeouts {
     pub header: Duration,
     pub idle: Duration,
+    /// Only the connection's first bytes are timed (against `header`): for
+    /// servers that do not report their requests (gRPC), where a quiet
+    /// connection may be a stream in flight.
+    pub opening_only: bool,
 }
 
 pub struct CountedListener {
@@ -344,6 +349,9 @@ impl AsyncRead for Counted {
         match res {
             Poll::Ready(Ok(())) => {
                 guard.on_bytes(&buf.filled()[before..]);
+                if guard.timeouts.opening_only && guard.sniff.is_none() {
+                    this.read = None;
+                }
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => match guard.deadline(cx) {

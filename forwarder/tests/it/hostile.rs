@@ -517,3 +517,31 @@ async fn http2_connections_are_served_and_idle_ones_closed() {
     }
     drop(h2);
 }
+
+#[tokio::test]
+async fn a_grpc_connection_that_never_opens_is_closed_and_grpc_still_works() {
+    let mut cfg = crate::common::config(vec![forwarder::config::UpstreamConfig::builtin_mock()]);
+    cfg.server.header_timeout = Duration::from_millis(800);
+    let fwd = crate::common::start(cfg).await;
+    let grpc = fwd.grpc.clone().expect("gRPC enabled");
+    let mut silent = TcpStream::connect(grpc.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let closed = read_until_closed(&mut silent, Duration::from_secs(5)).await;
+    assert!(closed.is_some(), "a silent gRPC connection must be closed");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // A real client, quiet for longer than the header timeout between
+    // calls, keeps working.
+    let mut client = crate::common::grpc_client(&fwd).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let reply = client
+        .forward(forwarder::frontends::grpc::pb::ForwardRequest {
+            model_id: "mock".into(),
+            prompt: "hi".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("a unary call after a quiet spell");
+    assert_eq!(reply.into_inner().reply, "mock reply: hi");
+}
