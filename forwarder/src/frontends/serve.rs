@@ -73,6 +73,9 @@ pub async fn serve_http(
     });
 }
 
+/// HTTP/2's default stream window (RFC 9113 §6.9.2).
+const H2_STREAM_WINDOW: u32 = 65_535;
+
 fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
@@ -84,7 +87,12 @@ fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
         .max_buf_size(cfg.max_header_bytes.max(8192));
     b.http2()
         .max_concurrent_streams(cfg.http2_max_concurrent_streams)
-        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
+        // Flow-control windows bound what a client can make us buffer
+        // unread (hyper's defaults are 1 MiB each): per stream the
+        // protocol's default, per connection four streams' worth.
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(4 * H2_STREAM_WINDOW);
     b
 }
 

@@ -506,6 +506,16 @@ async fn http2_connections_are_served_and_idle_ones_closed() {
         .unwrap();
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
     assert_eq!(r.status(), 200);
+    // A body far larger than the flow-control windows still arrives.
+    let big = "word ".repeat(150_000);
+    let r = h2
+        .post(format!("{}/v1/chat/completions", fwd.base))
+        .bearer_auth(KEY)
+        .json(&crate::common::chat("mock", &big))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     // The idle h2 connection is closed after about a second.
     let deadline = Instant::now() + Duration::from_secs(5);
     while fwd.open_connections().await > 1.0 {
