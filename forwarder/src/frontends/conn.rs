@@ -174,6 +174,42 @@ struct ReadGuard {
     timer: Option<Pin<Box<Sleep>>>,
 }
 
+/// The state after bytes arrived at `now`: on HTTP/1 the first byte after
+/// an idle spell begins a head, timed from then. On HTTP/2 frames without
+/// a request (PING, SETTINGS) do not end idleness: a connection kept open
+/// by pings alone is still idle.
+fn after_bytes(waiting: Waiting, h2: bool, now: Instant) -> Waiting {
+    match waiting {
+        Waiting::Idle { .. } if !h2 => Waiting::Head { since: now },
+        other => other,
+    }
+}
+
+/// A read is pending: the state, and the instant the read must have
+/// completed by (`None`: no limit, or one beyond the clock's range).
+/// `now` is called only when an idle spell begins.
+fn when_pending(
+    waiting: Waiting,
+    busy: bool,
+    h2: bool,
+    t: &ReadTimeouts,
+    now: impl FnOnce() -> Instant,
+) -> (Waiting, Option<Instant>) {
+    if busy {
+        return (Waiting::Busy, None);
+    }
+    let waiting = match waiting {
+        Waiting::Busy => Waiting::Idle { since: now() },
+        other => other,
+    };
+    let (since, limit) = match waiting {
+        Waiting::Head { since } if !h2 => (since, t.header),
+        Waiting::Head { since } | Waiting::Idle { since } => (since, t.idle),
+        Waiting::Busy => return (waiting, None),
+    };
+    (waiting, since.checked_add(limit))
+}
+
 impl ReadGuard {
     fn busy(&self) -> bool {
         self.activity.in_flight.load(Ordering::Acquire) > 0
@@ -191,36 +227,22 @@ impl ReadGuard {
             }
         }
         if let Waiting::Idle { .. } = self.waiting {
-            let now = Instant::now();
-            self.waiting = if self.h2 || self.busy() {
-                Waiting::Idle { since: now }
-            } else {
-                Waiting::Head { since: now }
-            };
+            self.waiting = after_bytes(self.waiting, self.h2, Instant::now());
         }
     }
 
     /// The read is pending: when must it have completed?
     fn deadline(&mut self, cx: &Context<'_>) -> Option<Instant> {
-        if self.busy() {
+        let mut busy = self.busy();
+        if busy {
             self.activity.reader.register(cx.waker());
             // Re-check: the last request may have ended meanwhile.
-            if self.busy() {
-                self.waiting = Waiting::Busy;
-                return None;
-            }
+            busy = self.busy();
         }
-        let (since, limit) = match self.waiting {
-            Waiting::Busy => {
-                let now = Instant::now();
-                self.waiting = Waiting::Idle { since: now };
-                (now, self.timeouts.idle)
-            }
-            Waiting::Idle { since } => (since, self.timeouts.idle),
-            Waiting::Head { since } if self.h2 => (since, self.timeouts.idle),
-            Waiting::Head { since } => (since, self.timeouts.header),
-        };
-        since.checked_add(limit)
+        let (waiting, deadline) =
+            when_pending(self.waiting, busy, self.h2, &self.timeouts, Instant::now);
+        self.waiting = waiting;
+        deadline
     }
 }
 
@@ -412,5 +434,77 @@ impl tonic::transport::server::Connected for Counted {
 
     fn connect_info(&self) -> Self::ConnectInfo {
         self.stream.connect_info()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: ReadTimeouts = ReadTimeouts {
+        header: Duration::from_secs(10),
+        idle: Duration::from_secs(75),
+        opening_only: false,
+    };
+    const S: Duration = Duration::from_secs(1);
+
+    fn never() -> Instant {
+        panic!("no idle spell begins here")
+    }
+
+    #[test]
+    fn a_new_connection_owes_its_head_within_the_header_timeout() {
+        let t0 = Instant::now();
+        let w = Waiting::Head { since: t0 };
+        assert_eq!(
+            when_pending(w, false, false, &T, never),
+            (w, Some(t0 + 10 * S))
+        );
+        // bytes of the head do not extend it
+        let w = after_bytes(w, false, t0 + 5 * S);
+        assert_eq!(
+            when_pending(w, false, false, &T, never).1,
+            Some(t0 + 10 * S)
+        );
+    }
+
+    #[test]
+    fn http1_idle_then_a_new_head_is_timed_from_its_first_byte() {
+        let t0 = Instant::now();
+        let (w, d) = when_pending(Waiting::Busy, true, false, &T, never);
+        assert_eq!((w, d), (Waiting::Busy, None), "in flight: no read limit");
+        let (w, d) = when_pending(w, false, false, &T, || t0);
+        assert_eq!((w, d), (Waiting::Idle { since: t0 }, Some(t0 + 75 * S)));
+        let w = after_bytes(w, false, t0 + 60 * S);
+        assert_eq!(w, Waiting::Head { since: t0 + 60 * S });
+        assert_eq!(
+            when_pending(w, false, false, &T, never).1,
+            Some(t0 + 70 * S)
+        );
+    }
+
+    #[test]
+    fn http2_pings_do_not_end_idleness() {
+        let t0 = Instant::now();
+        let (w, _) = when_pending(Waiting::Busy, false, true, &T, || t0);
+        let w = after_bytes(w, true, t0 + 70 * S);
+        assert_eq!(w, Waiting::Idle { since: t0 });
+        assert_eq!(when_pending(w, false, true, &T, never).1, Some(t0 + 75 * S));
+        // an HTTP/2 connection past its preface is timed as idle, not as a head
+        let w = Waiting::Head { since: t0 };
+        assert_eq!(when_pending(w, false, true, &T, never).1, Some(t0 + 75 * S));
+    }
+
+    #[test]
+    fn limits_beyond_the_clock_mean_no_limit_not_a_panic() {
+        let huge = ReadTimeouts {
+            header: Duration::MAX,
+            idle: Duration::MAX,
+            opening_only: false,
+        };
+        let w = Waiting::Head {
+            since: Instant::now(),
+        };
+        assert_eq!(when_pending(w, false, false, &huge, never).1, None);
     }
 }
