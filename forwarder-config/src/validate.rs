@@ -2,7 +2,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::time::Duration;
 
-use crate::{Config, MockSettings, Provider, UpstreamConfig};
+use crate::{Config, LatencyDist, MockSettings, Provider, UpstreamConfig};
 
 /// One semantic problem in a config, with the dotted path of its field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -276,6 +276,21 @@ fn validate_mock(e: &mut Errors, at: &str, m: &MockSettings) {
         format!("{at}.error_status"),
         "must be an HTTP error status (400-599)",
     );
+    let latencies: &[Duration] = match &m.latency {
+        LatencyDist::Fixed(d) => &[*d],
+        LatencyDist::Uniform { min, max } => &[*min, *max],
+        LatencyDist::Normal { mean, std_dev } => &[*mean, *std_dev],
+    };
+    for d in latencies {
+        e.duration(*d, true, format!("{at}.latency"));
+    }
+    if let Some(secs) = m.retry_after_secs {
+        e.check(
+            secs <= MAX_DURATION.as_secs(),
+            format!("{at}.retry_after_secs"),
+            format!("must be at most {}", MAX_DURATION.as_secs()),
+        );
+    }
     if let Some(tps) = m.tokens_per_second {
         e.check(
             tps > 0.0 && tps.is_finite(),
@@ -347,6 +362,21 @@ mod tests {
             .map(|e| e.field)
             .collect();
         assert_eq!(f, vec!["mock.error_rate", "mock.error_status"]);
+        let m = MockSettings {
+            latency: LatencyDist::Uniform {
+                min: Duration::ZERO,
+                max: Duration::from_secs(u64::MAX),
+            },
+            retry_after_secs: Some(u64::MAX),
+            ..Default::default()
+        };
+        let f: Vec<_> = m
+            .validate("mock")
+            .unwrap_err()
+            .into_iter()
+            .map(|e| e.field)
+            .collect();
+        assert_eq!(f, vec!["mock.latency", "mock.retry_after_secs"]);
     }
 
     #[test]
