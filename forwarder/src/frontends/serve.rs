@@ -92,7 +92,12 @@ fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
         // unread (hyper's defaults are 1 MiB each): per stream the
         // protocol's default, per connection four streams' worth.
         .initial_stream_window_size(H2_STREAM_WINDOW)
-        .initial_connection_window_size(4 * H2_STREAM_WINDOW);
+        .initial_connection_window_size(4 * H2_STREAM_WINDOW)
+        // What one stream may hold unsent for a client that stopped reading
+        // it (hyper's default is ~400 KiB). Such a stream stalls without
+        // stalling the connection, so the write timeout does not see it:
+        // the pipeline's own stall timer and deadline end it.
+        .max_send_buf_size(64 * 1024);
     b
 }
 
