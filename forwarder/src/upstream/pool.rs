@@ -220,8 +220,23 @@ impl Lease {
         self.admission == Admission::Probe
     }
 
+    /// The endpoint has answered well enough to be trusted (a stream's first
+    /// chunk arrived) before the attempt is over: a probe closes the circuit
+    /// now rather than at the end of a long stream, and the lease goes on as
+    /// a normal one (a later failure counts as any failure). No-op otherwise.
+    pub fn confirm(&mut self) {
+        if self.admission == Admission::Probe {
+            self.record(Verdict::Success);
+            self.admission = Admission::Normal;
+        }
+    }
+
     fn settle(&mut self, verdict: Verdict) {
         self.settled = true;
+        self.record(verdict);
+    }
+
+    fn record(&self, verdict: Verdict) {
         let mut b = self.endpoint.breaker.lock();
         b.record(self.admission, verdict, Instant::now());
         // Set under the breaker's lock so concurrent settles cannot leave
@@ -306,6 +321,22 @@ mod tests {
             assert_eq!(open_gauge(&m, "a"), 0);
             assert!(!p.pick("m", &[1]).unwrap().is_probe());
         }
+    }
+
+    #[test]
+    fn a_confirmed_probe_closes_the_circuit_before_its_stream_ends() {
+        let (p, m) = pools(Strategy::LeastOutstanding);
+        open_a(&p);
+        let mut probe = p.pick("m", &[1]).unwrap();
+        assert!(probe.is_probe());
+        probe.confirm();
+        assert!(!probe.is_probe());
+        assert_eq!(open_gauge(&m, "a"), 0, "closed at the first chunk");
+        let other = p.pick("m", &[1]).unwrap();
+        assert_eq!(other.index, 0, "a takes normal traffic again");
+        drop(other);
+        drop(probe); // the stream ends without a verdict: still closed
+        assert_eq!(open_gauge(&m, "a"), 0);
     }
 
     #[test]
