@@ -165,7 +165,7 @@ async fn chat_completions(State(p): State<Arc<Pipeline>>, req: Request) -> Respo
 }
 
 async fn forward_openai(p: &Pipeline, id: &RequestId, headers: HeaderMap, body: Body) -> Response {
-    let admitted = match p.admit(meta(headers, &id)) {
+    let admitted = match p.admit(meta(headers, id)) {
         Ok(a) => a,
         Err(e) => return e.into_response(),
     };
@@ -219,7 +219,7 @@ async fn simple_message(State(p): State<Arc<Pipeline>>, req: Request) -> Respons
 }
 
 async fn forward_simple(p: &Pipeline, id: &RequestId, headers: HeaderMap, body: Body) -> Response {
-    let admitted = match p.admit(meta(headers, &id)) {
+    let admitted = match p.admit(meta(headers, id)) {
         Ok(a) => a,
         Err(e) => return e.into_response(),
     };
