@@ -1407,6 +1407,7 @@ impl operator::autoscale::MetricsSource for BusyForwarder {
             inflight: Some(40.0),
             upstream_p99_ms: Some(100.0),
             reporting: 2,
+            ..Default::default()
         })
     }
 }

@@ -147,6 +147,7 @@ impl ScaleTarget for Fleet {
                 .filter(|p| p.ready.load(Ordering::Relaxed))
                 .count() as u32,
             live_pods: pods.iter().map(|p| p.name.clone()).collect(),
+            foreign_managers: vec![],
         })
     }
 

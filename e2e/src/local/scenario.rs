@@ -84,9 +84,10 @@ pub async fn run(s: Scenario, mut on_sample: impl FnMut(&Sample)) -> anyhow::Res
     });
     fleet.init()?;
     let mut prometheus = Prometheus::start(dir.path(), &fleet.targets_file(), s.scrape).await?;
-    let source = PromSource(prometheus_http_query::Client::try_from(
-        prometheus.url.as_str(),
-    )?);
+    let source = PromSource::new(
+        prometheus_http_query::Client::try_from(prometheus.url.as_str())?,
+        s.interval / 3,
+    );
     fleet
         .scale(s.policy.min)
         .await
