@@ -36,6 +36,9 @@ pub struct Fleet {
     cfg: FleetConfig,
     pods: Mutex<Vec<Pod>>,
     next: std::sync::atomic::AtomicU32,
+    /// Pods still to start that will never become ready (the "replica
+    /// that never gets ready" fault).
+    stuck: std::sync::atomic::AtomicU32,
     /// Ready endpoints, as a Service would route to.
     endpoints: Arc<parking_lot::RwLock<Vec<String>>>,
 }
@@ -46,12 +49,19 @@ impl Fleet {
             cfg,
             pods: Mutex::new(Vec::new()),
             next: Default::default(),
+            stuck: Default::default(),
             endpoints: Default::default(),
         }
     }
 
     pub fn targets_file(&self) -> PathBuf {
         self.cfg.dir.join("targets.json")
+    }
+
+    /// The next `n` pods started never become ready: they run and are
+    /// scraped, but the readiness probe never passes.
+    pub fn make_next_stuck(&self, n: u32) {
+        self.stuck.store(n, Ordering::Relaxed);
     }
 
     /// The endpoint list the load generator routes over.
@@ -91,7 +101,14 @@ impl Fleet {
             self.endpoints.clone(),
         );
         let endpoint = url.clone();
+        let stuck = self
+            .stuck
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
         tokio::spawn(async move {
+            if stuck {
+                return;
+            }
             let client = reqwest::Client::new();
             for _ in 0..200 {
                 if let Ok(r) = client.get(&probe_url).send().await {
@@ -159,7 +176,12 @@ impl ScaleTarget for Fleet {
             pods.push(pod);
         }
         while pods.len() > replicas as usize {
-            let Some(pod) = pods.pop() else { break };
+            // As a ReplicaSet does: unready pods go first, then the newest.
+            let i = pods
+                .iter()
+                .rposition(|p| !p.ready.load(Ordering::Relaxed))
+                .unwrap_or(pods.len() - 1);
+            let pod = pods.remove(i);
             // Out of the endpoints first, then SIGTERM: the forwarder drains.
             self.endpoints.write().retain(|u| *u != pod.url);
             pod.proc.terminate();
