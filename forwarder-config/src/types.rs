@@ -26,6 +26,10 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     /// The gRPC front end, on its own listener.
     pub grpc: GrpcConfig,
+    /// Headers passed through between clients and upstreams.
+    pub headers: HeadersConfig,
+    /// Bounds on what upstreams may send.
+    pub limits: LimitsConfig,
 }
 
 impl Default for Config {
@@ -42,6 +46,8 @@ impl Default for Config {
             logging: LoggingConfig::default(),
             websocket: WebSocketConfig::default(),
             grpc: GrpcConfig::default(),
+            headers: HeadersConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -156,15 +162,20 @@ pub struct IdempotencyConfig {
     /// How long a completed answer is replayed for a repeated key.
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
-    /// Most answers kept in memory; the oldest go first.
-    pub max_entries: u64,
+    /// Bytes of answers kept in memory (keys and bodies); the least
+    /// recently used go first, so a new answer is always admitted.
+    pub max_bytes: u64,
+    /// Largest answer recorded for replay (a streamed answer's events
+    /// included); a longer answer is relayed but not stored.
+    pub max_record_bytes: usize,
 }
 
 impl Default for IdempotencyConfig {
     fn default() -> Self {
         Self {
             ttl: Duration::from_secs(600),
-            max_entries: 100_000,
+            max_bytes: 64 * 1024 * 1024,
+            max_record_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -411,6 +422,51 @@ impl Default for GrpcConfig {
         Self {
             enabled: false,
             listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+        }
+    }
+}
+
+/// Which headers cross the forwarder. Names are case-insensitive; a name
+/// ending in `*` matches every header with that prefix. Everything else is
+/// dropped: hop-by-hop and credential headers never pass.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HeadersConfig {
+    /// From the client's request to the upstream.
+    pub to_upstream: Vec<String>,
+    /// From the upstream's response to the client.
+    pub to_client: Vec<String>,
+}
+
+impl Default for HeadersConfig {
+    fn default() -> Self {
+        Self {
+            to_upstream: ["openai-organization", "openai-project", "openai-beta"]
+                .map(String::from)
+                .to_vec(),
+            to_client: ["x-ratelimit-*", "openai-processing-ms", "openai-model"]
+                .map(String::from)
+                .to_vec(),
+        }
+    }
+}
+
+/// Bounds on upstream answers, so memory stays bounded whatever an upstream sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest non-streamed upstream answer, in bytes; a longer one is a 502.
+    pub max_upstream_body_bytes: usize,
+    /// Largest single Server-Sent Event from an upstream, in bytes; a longer
+    /// one ends the stream with an error.
+    pub max_event_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_upstream_body_bytes: 16 * 1024 * 1024,
+            max_event_bytes: 1024 * 1024,
         }
     }
 }

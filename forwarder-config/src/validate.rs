@@ -116,10 +116,42 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
     );
 
     e.check(
-        config.idempotency.max_entries >= 1,
-        "idempotency.max_entries",
-        "must be at least 1",
+        config.idempotency.max_bytes >= 1024,
+        "idempotency.max_bytes",
+        "must be at least 1024",
     );
+    e.check(
+        config.idempotency.max_record_bytes >= 1
+            && config.idempotency.max_record_bytes as u64 <= config.idempotency.max_bytes,
+        "idempotency.max_record_bytes",
+        "must be between 1 and idempotency.max_bytes",
+    );
+    e.check(
+        config.limits.max_upstream_body_bytes >= 1024,
+        "limits.max_upstream_body_bytes",
+        "must be at least 1024",
+    );
+    e.check(
+        config.limits.max_event_bytes >= 1024,
+        "limits.max_event_bytes",
+        "must be at least 1024",
+    );
+    for (field, names) in [
+        ("headers.to_upstream", &config.headers.to_upstream),
+        ("headers.to_client", &config.headers.to_client),
+    ] {
+        for name in names {
+            let bare = name.strip_suffix('*').unwrap_or(name);
+            e.check(
+                !bare.is_empty()
+                    && bare
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)),
+                field,
+                "entries must be header names (letters, digits, - _ .), optionally ending in *",
+            );
+        }
+    }
     e.check(
         !config.auth.reload_interval.is_zero(),
         "auth.reload_interval",

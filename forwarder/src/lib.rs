@@ -9,6 +9,7 @@ pub mod frontends;
 pub mod mock_llm;
 pub mod pipeline;
 pub mod server;
+pub mod sse;
 pub mod telemetry;
 pub mod upstream;
 

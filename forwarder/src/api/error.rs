@@ -1,5 +1,7 @@
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
@@ -23,8 +25,10 @@ pub enum ApiError {
     #[error("rate limit exceeded")]
     RateLimited { retry_after: Option<Duration> },
     /// The upstream rejected the request itself (4xx other than 429/401/403).
-    #[error("upstream rejected the request: {message}")]
-    UpstreamRejected { status: u16, message: String },
+    /// Its body is passed on as it came when it is an OpenAI-shaped error,
+    /// so clients keep `type`, `code` and `param` (`context_length_exceeded`).
+    #[error("the upstream rejected the request ({status})")]
+    UpstreamRejected { status: u16, body: Bytes },
     #[error("upstream error: {0}")]
     BadGateway(String),
     #[error("no healthy upstream for model {model:?}")]
@@ -34,6 +38,10 @@ pub enum ApiError {
     },
     #[error("upstream timed out: {0}")]
     GatewayTimeout(String),
+    #[error("the request body was not received in time")]
+    RequestTimeout,
+    #[error("method not allowed")]
+    MethodNotAllowed,
     #[error("the server is shutting down")]
     ShuttingDown,
     /// Every `server.max_concurrency` slot stayed busy until the deadline.
@@ -66,6 +74,8 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -87,6 +97,8 @@ impl ApiError {
             Self::Overloaded => ("server_error", "overloaded"),
             Self::TooManyInFlight(_) => ("rate_limit_error", "too_many_in_flight"),
             Self::DuplicateId(_) => ("invalid_request_error", "duplicate_request_id"),
+            Self::RequestTimeout => ("invalid_request_error", "request_timeout"),
+            Self::MethodNotAllowed => ("invalid_request_error", "method_not_allowed"),
         }
     }
 
@@ -101,13 +113,44 @@ impl ApiError {
 
     /// The JSON error body, shared by HTTP responses and stream error events.
     pub fn body(&self) -> serde_json::Value {
+        if let Some(v) = self.upstream_error_object() {
+            return v;
+        }
         let (kind, code) = self.kind();
         json!({"error": {"message": self.to_string(), "type": kind, "code": code}})
     }
 }
 
+impl ApiError {
+    /// An upstream 4xx body that is an OpenAI-shaped error object.
+    fn upstream_error_object(&self) -> Option<serde_json::Value> {
+        let Self::UpstreamRejected { body, .. } = self else {
+            return None;
+        };
+        let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+        v.get("error")
+            .is_some_and(serde_json::Value::is_object)
+            .then_some(v)
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if let Self::UpstreamRejected { status, body } = &self {
+            if self.upstream_error_object().is_some() {
+                // Byte for byte, as the upstream sent it.
+                let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST);
+                return (
+                    status,
+                    [(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    )],
+                    body.clone(),
+                )
+                    .into_response();
+            }
+        }
         let mut resp = (self.status(), axum::Json(self.body())).into_response();
         if let Some(after) = self.retry_after() {
             // Retry-After is whole seconds; round up so clients never come back early.

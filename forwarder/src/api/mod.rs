@@ -2,7 +2,11 @@
 //! responses and stream chunks, and the error type with its HTTP mapping.
 
 mod error;
+mod headers;
 mod types;
+mod view;
 
 pub use error::ApiError;
+pub use headers::HeaderAllow;
 pub use types::*;
+pub use view::{ChunkView, CompletionView};

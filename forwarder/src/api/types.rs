@@ -13,6 +13,17 @@ impl ChatRequest {
         }
     }
 
+    /// A streamed request that asks for usage in its last chunk (what the
+    /// WebSocket and gRPC front ends show in their final frame).
+    pub fn streamed_with_usage(mut self) -> Self {
+        self.stream = true;
+        self.params.insert(
+            "stream_options".into(),
+            serde_json::json!({"include_usage": true}),
+        );
+        self
+    }
+
     /// Sets the tuning fields the simple API and gRPC carry explicitly.
     pub fn with_tuning(mut self, max_tokens: Option<u32>, temperature: Option<f64>) -> Self {
         if let Some(m) = max_tokens {
@@ -212,12 +223,14 @@ pub struct SimpleRequest {
     pub temperature: Option<f64>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct SimpleResponse {
     pub reply: String,
     pub model_id: String,
     pub request_id: String,
-    pub usage: Usage,
+    /// The upstream's `usage` as it sent it; absent when it sent none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Box<serde_json::value::RawValue>>,
 }
 
 pub fn unix_now() -> u64 {

@@ -2,23 +2,26 @@
 //! (`POST /v1/chat/completions` with SSE streaming, `GET /v1/models`), and
 //! the health, readiness and metrics endpoints.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use futures::StreamExt;
 use serde_json::json;
 
-use crate::api::{unix_now, ApiError, ChatRequest, ModelInfo, SimpleRequest, SimpleResponse};
+use crate::api::{
+    unix_now, ApiError, ChatRequest, CompletionView, ModelInfo, SimpleRequest, SimpleResponse,
+};
 use crate::auth;
-use crate::pipeline::{Answer, Call, Pipeline, Reply, ReplyStream, RequestMeta};
+use crate::pipeline::envelope::{Reply, ReplyBody};
+use crate::pipeline::{Answer, Call, Pipeline, RequestMeta};
+use crate::sse;
 use crate::telemetry::Protocol;
 
 use super::{ws, Lifecycle};
@@ -47,10 +50,12 @@ pub fn router(pipeline: Arc<Pipeline>, lifecycle: Lifecycle) -> Router {
     app.route("/api/v1/message", post(simple_message))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(list_models))
+        .route("/v1/models/{id}", get(get_model))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(|| async { not_found("no such endpoint") })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed.into_response() })
         .with_state(pipeline)
         .layer(middleware::from_fn(request_id))
 }
@@ -76,21 +81,22 @@ fn valid_request_id(v: &str) -> bool {
     !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic())
 }
 
-fn meta(headers: &HeaderMap, id: &RequestId) -> RequestMeta {
-    RequestMeta {
-        protocol: Protocol::Http,
-        request_id: id.0.clone(),
-        credential: auth::credential(headers).map(str::to_string),
-        idempotency_key: headers
-            .get(IDEMPOTENCY_KEY)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.trim().to_string())
-            .filter(|v| !v.is_empty()),
-    }
+/// The pipeline's view of an HTTP request; the header map moves in whole
+/// (the pipeline passes on the allow-listed part).
+fn meta(headers: HeaderMap, id: &RequestId) -> RequestMeta {
+    let mut meta = RequestMeta::new(Protocol::Http, id.0.clone());
+    meta.credential = auth::credential(&headers).map(str::to_string);
+    meta.idempotency_key = headers
+        .get(IDEMPOTENCY_KEY)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty());
+    meta.headers = headers;
+    meta
 }
 
-/// Reads the body up to the configured limit. The result is only looked at
-/// after authentication, so a 413 is never shown to an unknown client.
+/// Reads the body up to the configured limit. Called only after the
+/// request was admitted: an unauthenticated body is never buffered.
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(body, limit).await.map_err(|e| {
         let too_large = e
@@ -105,84 +111,114 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     })
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(
-    body: Result<Bytes, ApiError>,
-) -> Result<T, ApiError> {
-    serde_json::from_slice(&body?)
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
+/// `POST /v1/chat/completions`: the body goes upstream as it came, and the
+/// answer comes back as the upstream sent it.
 async fn chat_completions(
     State(p): State<Arc<Pipeline>>,
     Extension(id): Extension<RequestId>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let admitted = match p.admit(meta(headers, &id)) {
+        Ok(a) => a,
+        Err(e) => return e.into_response(),
+    };
     let body = read_body(body, p.config().server.max_body_bytes).await;
-    let answer = p
-        .run(meta(&headers, &id), || {
-            Ok(Call {
-                chat: parse_json(body)?,
-                idempotency_key: None,
-            })
-        })
-        .await;
-    match answer {
-        Ok(Answer {
-            reply: Reply::Complete(resp),
-            replayed,
-        }) => mark_replayed(Json(resp).into_response(), replayed),
-        Ok(Answer {
-            reply: Reply::Stream(stream),
-            replayed,
-        }) => mark_replayed(sse(stream), replayed),
+    let call = body.map(|body| Call {
+        body,
+        idempotency_key: None,
+    });
+    match p.run(admitted, call).await {
+        Ok(answer) => openai_response(answer),
         Err(e) => e.into_response(),
     }
 }
 
+fn openai_response(answer: Answer) -> Response {
+    let Reply { headers, body } = answer.reply;
+    let mut resp = match body {
+        ReplyBody::Complete(bytes) => {
+            ([(header::CONTENT_TYPE, "application/json")], bytes).into_response()
+        }
+        ReplyBody::Stream(events) => sse_response(events),
+    };
+    resp.headers_mut().extend(headers);
+    mark_replayed(resp, answer.replayed)
+}
+
+/// Relays events verbatim; a failed stream ends with an error event and no
+/// `[DONE]`, so clients cannot mistake it for a complete answer.
+fn sse_response(events: crate::pipeline::EventStream) -> Response {
+    let body = events.map(|item| {
+        Ok::<_, Infallible>(match item {
+            Ok(event) => event,
+            Err(e) => sse::data_event(e.body().to_string().as_bytes()),
+        })
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response()
+}
+
+/// `POST /api/v1/message`: translated to a chat request at this edge.
 async fn simple_message(
     State(p): State<Arc<Pipeline>>,
     Extension(id): Extension<RequestId>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let admitted = match p.admit(meta(headers, &id)) {
+        Ok(a) => a,
+        Err(e) => return e.into_response(),
+    };
     let body = read_body(body, p.config().server.max_body_bytes).await;
     let mut client_request_id = None;
-    let answer = p
-        .run(meta(&headers, &id), || {
-            let req: SimpleRequest = parse_json(body)?;
-            client_request_id.clone_from(&req.request_id);
-            Ok(Call {
-                chat: simple_to_chat(&req),
-                idempotency_key: req.request_id,
-            })
+    let call = body.and_then(|body| {
+        let req: SimpleRequest = parse_json(&body)?;
+        client_request_id.clone_from(&req.request_id);
+        Ok(Call {
+            body: simple_to_chat(&req),
+            idempotency_key: req.request_id,
         })
-        .await;
-    match answer {
-        Ok(Answer {
-            reply: Reply::Complete(resp),
-            replayed,
-        }) => {
-            let body = SimpleResponse {
-                reply: resp.reply_text(),
-                model_id: resp.model.clone(),
-                request_id: client_request_id.unwrap_or(id.0),
-                usage: resp.usage.unwrap_or_default(),
-            };
-            mark_replayed(Json(body).into_response(), replayed)
-        }
+    });
+    let answer = match p.run(admitted, call).await {
+        Ok(a) => a,
+        Err(e) => return e.into_response(),
+    };
+    let ReplyBody::Complete(bytes) = &answer.reply.body else {
         // The simple API never asks for a stream.
-        Ok(Answer {
-            reply: Reply::Stream(_),
-            ..
-        }) => ApiError::BadGateway("unexpected stream".into()).into_response(),
+        return ApiError::BadGateway("unexpected stream".into()).into_response();
+    };
+    match CompletionView::parse(bytes) {
+        Ok(view) => {
+            let body = SimpleResponse {
+                reply: view.text,
+                model_id: view.model,
+                request_id: client_request_id.unwrap_or(id.0),
+                usage: view.usage,
+            };
+            mark_replayed(Json(body).into_response(), answer.replayed)
+        }
         Err(e) => e.into_response(),
     }
 }
 
-pub fn simple_to_chat(req: &SimpleRequest) -> ChatRequest {
-    ChatRequest::from_prompt(&req.model_id, &req.prompt)
-        .with_tuning(req.max_tokens, req.temperature)
+/// The simple API's request as a chat-completions body.
+pub fn simple_to_chat(req: &SimpleRequest) -> Bytes {
+    let chat = ChatRequest::from_prompt(&req.model_id, &req.prompt)
+        .with_tuning(req.max_tokens, req.temperature);
+    // Serialising plain strings and numbers cannot fail.
+    serde_json::to_vec(&chat).unwrap_or_default().into()
 }
 
 fn mark_replayed(mut resp: Response, replayed: bool) -> Response {
@@ -191,28 +227,6 @@ fn mark_replayed(mut resp: Response, replayed: bool) -> Response {
             .insert(REPLAYED, HeaderValue::from_static("true"));
     }
     resp
-}
-
-/// Server-Sent Events as OpenAI sends them: one `data:` line per chunk,
-/// `data: [DONE]` at a clean end, an error object if the stream fails.
-fn sse(stream: ReplyStream) -> Response {
-    let failed = Arc::new(AtomicBool::new(false));
-    let seen = failed.clone();
-    let events = stream
-        .map(move |item| match item {
-            Ok(chunk) => Event::default().json_data(chunk),
-            Err(e) => {
-                seen.store(true, Ordering::Relaxed);
-                Ok(Event::default().data(e.body().to_string()))
-            }
-        })
-        .chain(
-            futures::stream::once(async move { Ok(Event::default().data("[DONE]")) })
-                .filter(move |_| futures::future::ready(!failed.load(Ordering::Relaxed))),
-        );
-    Sse::new(events)
-        .keep_alive(KeepAlive::default())
-        .into_response()
 }
 
 async fn list_models(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Response {
@@ -231,6 +245,26 @@ async fn list_models(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Resp
         })
         .collect();
     Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn get_model(
+    State(p): State<Arc<Pipeline>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(e) = p.authenticate(auth::credential(&headers)) {
+        return e.into_response();
+    }
+    if !p.has_model(&model) {
+        return ApiError::ModelNotFound(model).into_response();
+    }
+    Json(ModelInfo {
+        id: model,
+        object: "model",
+        created: unix_now(),
+        owned_by: "modelforwarder",
+    })
+    .into_response()
 }
 
 async fn readyz(State(p): State<Arc<Pipeline>>) -> Response {

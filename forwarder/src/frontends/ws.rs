@@ -6,10 +6,15 @@
 //! `{"type":"cancel","id":"r1"}`
 //! Server → client:
 //! `{"type":"delta","id":"r1","delta":"…"}` (streams only),
-//! `{"type":"done","id":"r1","model":"m","reply":"…"?,"finish_reason":"stop","usage":{…},"replayed":false}`
-//! (`reply` only for non-streamed requests),
+//! `{"type":"done","id":"r1","model":"m","reply":"…"?,"finish_reason":"stop","usage":{…}?,"replayed":false}`
+//! (`reply` only for non-streamed requests; `usage` as the upstream sent
+//! it, absent when it sent none),
 //! `{"type":"error","id":"r1","status":404,"error":{"message","type","code"}}`,
 //! `{"type":"cancelled","id":"r1"}`.
+//! A request refused because its id is already in flight is answered with
+//! `"id": null` and `"refused_id": "r1"`, so it cannot be mistaken for the
+//! running request's failure. A frame larger than `websocket.max_frame_bytes`
+//! closes the connection with code 1009 (message too big).
 //!
 //! Authentication happens at the upgrade: `Authorization: Bearer`,
 //! `x-api-key`, a `Sec-WebSocket-Protocol` entry `bearer.<key>` (browsers
@@ -31,9 +36,13 @@ use tokio::task::{AbortHandle, JoinSet};
 
 use super::http::RequestId;
 use super::Lifecycle;
-use crate::api::{prompt_or_messages, ApiError, ChatMessage, ChatRequest, Usage};
+use crate::api::{
+    prompt_or_messages, ApiError, ChatMessage, ChatRequest, ChunkView, CompletionView,
+};
 use crate::auth;
-use crate::pipeline::{Answer, Call, Pipeline, Reply, RequestMeta};
+use crate::pipeline::envelope::ReplyBody;
+use crate::pipeline::{Answer, Call, Pipeline, RequestMeta};
+use crate::sse;
 use crate::telemetry::Protocol;
 use forwarder_config::WebSocketConfig;
 
@@ -126,13 +135,21 @@ struct WsRequest {
 }
 
 impl WsRequest {
-    fn into_chat(self) -> Result<ChatRequest, ApiError> {
-        Ok(ChatRequest {
+    /// The request as a chat-completions body (this edge's translation).
+    fn into_body(self) -> Result<bytes::Bytes, ApiError> {
+        let mut chat = ChatRequest {
             model: self.model,
             messages: prompt_or_messages(self.prompt, self.messages)?,
-            stream: self.stream,
+            stream: false,
             params: self.params,
-        })
+        };
+        if self.stream && !chat.params.contains_key("stream_options") {
+            chat = chat.streamed_with_usage();
+        }
+        chat.stream = self.stream;
+        serde_json::to_vec(&chat)
+            .map(Into::into)
+            .map_err(|e| ApiError::BadRequest(format!("invalid request: {e}")))
     }
 }
 
@@ -140,12 +157,28 @@ fn frame(v: Value) -> Message {
     Message::Text(Utf8Bytes::from(v.to_string()))
 }
 
-fn error_frame(id: Option<&str>, e: &ApiError) -> Message {
+fn error_body(id: Option<&str>, e: &ApiError) -> Value {
     let mut body = e.body();
     body["type"] = json!("error");
     body["id"] = json!(id);
     body["status"] = json!(e.status().as_u16());
-    frame(body)
+    body
+}
+
+fn error_frame(id: Option<&str>, e: &ApiError) -> Message {
+    frame(error_body(id, e))
+}
+
+/// A frame over `websocket.max_frame_bytes`.
+fn is_too_big(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(tungstenite::Error::Capacity(_)) = err.downcast_ref::<tungstenite::Error>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// Decrements the session gauge however the session ends.
@@ -191,8 +224,12 @@ async fn session(
                     Ok((task, ())) => task,
                     Err(e) => e.id(),
                 };
+                // The id may already name a newer request (after a cancel):
+                // only the task that ended leaves the table.
                 if let Some(id) = ids.remove(&task) {
-                    by_id.remove(&id);
+                    if by_id.get(&id).is_some_and(|h| h.id() == task) {
+                        by_id.remove(&id);
+                    }
                 }
                 idle.as_mut().reset(tokio::time::Instant::now() + cfg.idle_timeout);
             }
@@ -212,8 +249,12 @@ async fn session(
                         }
                     }
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                    // The client closed, went away, or broke the protocol
-                    // (an oversized frame among others): nobody to answer.
+                    Some(Err(e)) if is_too_big(&e) => {
+                        tasks.abort_all();
+                        break Some((1009, "message too big"));
+                    }
+                    // The client closed, went away, or broke the protocol:
+                    // nobody to answer.
                     Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
                         tasks.abort_all();
                         break None;
@@ -289,14 +330,19 @@ async fn on_text(
     };
     if let Some(err) = refusal {
         let err = p.reject(Protocol::WebSocket, &format!("{conn_id}/{id}"), err);
-        return out.send(error_frame(Some(&id), &err)).await.is_ok();
+        // A duplicate's refusal must not look like the running request's error.
+        let f = match err {
+            ApiError::DuplicateId(_) => {
+                let mut f = error_body(None, &err);
+                f["refused_id"] = json!(id);
+                f
+            }
+            _ => error_body(Some(&id), &err),
+        };
+        return out.send(frame(f)).await.is_ok();
     }
-    let meta = RequestMeta {
-        protocol: Protocol::WebSocket,
-        request_id: format!("{conn_id}/{id}"),
-        credential: credential.clone(),
-        idempotency_key: None,
-    };
+    let mut meta = RequestMeta::new(Protocol::WebSocket, format!("{conn_id}/{id}"));
+    meta.credential.clone_from(credential);
     let (pipeline, out, task_id) = (p.clone(), out.clone(), id.clone());
     let handle = tasks.spawn(async move {
         answer(&pipeline, meta, req, &out, &task_id).await;
@@ -316,60 +362,68 @@ async fn answer(
     id: &str,
 ) {
     let key = req.idempotency_key.clone();
-    let result = p
-        .run(meta, || {
-            Ok(Call {
-                chat: req.into_chat()?,
+    let result = match p.admit(meta) {
+        Ok(admitted) => {
+            let call = req.into_body().map(|body| Call {
+                body,
                 idempotency_key: key,
-            })
-        })
-        .await;
-    let (reply, replayed) = match result {
-        Ok(Answer { reply, replayed }) => (reply, replayed),
+            });
+            p.run(admitted, call).await
+        }
+        Err(e) => Err(e),
+    };
+    let (body, replayed) = match result {
+        Ok(Answer { reply, replayed }) => (reply.body, replayed),
         Err(e) => {
             let _ = out.send(error_frame(Some(id), &e)).await;
             return;
         }
     };
-    let done =
-        |model: &str, reply: Option<String>, finish: Option<String>, usage: Option<Usage>| {
-            let mut v = json!({"type": "done", "id": id, "model": model, "finish_reason": finish,
-                           "usage": usage.unwrap_or_default(), "replayed": replayed});
-            if let Some(r) = reply {
-                v["reply"] = json!(r);
-            }
-            frame(v)
-        };
-    match reply {
-        Reply::Complete(r) => {
-            let finish = r.choices.first().and_then(|c| c.finish_reason.clone());
-            let _ = out
-                .send(done(&r.model, Some(r.reply_text()), finish, r.usage))
-                .await;
+    let done = |model: &str, reply: Option<String>, finish: Option<String>, usage| {
+        let mut v = json!({"type": "done", "id": id, "model": model, "finish_reason": finish,
+                           "replayed": replayed});
+        if let Some(r) = reply {
+            v["reply"] = json!(r);
         }
-        Reply::Stream(mut stream) => {
+        if let Some(u) = usage {
+            v["usage"] = json!(u);
+        }
+        frame(v)
+    };
+    match body {
+        ReplyBody::Complete(bytes) => {
+            let f = match CompletionView::parse(&bytes) {
+                Ok(v) => done(&v.model, Some(v.text), v.finish_reason, v.usage),
+                Err(e) => error_frame(Some(id), &e),
+            };
+            let _ = out.send(f).await;
+        }
+        ReplyBody::Stream(mut stream) => {
             let (mut model, mut finish, mut usage) = (String::new(), None, None);
             while let Some(item) = stream.next().await {
-                match item {
-                    Ok(chunk) => {
+                let chunk = item.and_then(|event| match sse::data(&event) {
+                    Some(data) => ChunkView::parse(&data),
+                    None => Ok(None), // a keep-alive comment
+                });
+                match chunk {
+                    Ok(Some(c)) => {
                         if model.is_empty() {
-                            model.clone_from(&chunk.model);
+                            model = c.model;
                         }
-                        if let Some(f) = chunk.choices.first().and_then(|c| c.finish_reason.clone())
-                        {
-                            finish = Some(f);
+                        if c.finish_reason.is_some() {
+                            finish = c.finish_reason;
                         }
-                        if chunk.usage.is_some() {
-                            usage = chunk.usage;
+                        if c.usage.is_some() {
+                            usage = c.usage;
                         }
-                        let delta = chunk.delta_text();
-                        if !delta.is_empty() {
-                            let f = frame(json!({"type": "delta", "id": id, "delta": delta}));
+                        if !c.delta.is_empty() {
+                            let f = frame(json!({"type": "delta", "id": id, "delta": c.delta}));
                             if out.send(f).await.is_err() {
                                 return;
                             }
                         }
                     }
+                    Ok(None) => {}
                     Err(e) => {
                         let _ = out.send(error_frame(Some(id), &e)).await;
                         return;

@@ -171,9 +171,18 @@ impl MockModel {
             .read()
             .tokens_per_second
             .map(|tps| Duration::from_secs_f64(1.0 / tps));
-        // Chunk 0 is the role, 1..=total the words, total+1 the finish.
+        // As OpenAI does: usage only when asked for, in a last chunk of its own.
+        let include_usage = req
+            .params
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false);
+        // Chunk 0 is the role, 1..=total the words, total+1 the finish,
+        // total+2 the usage (when asked for).
         let total = words.total;
-        stream::iter(0..total + 2).then(move |i| {
+        let count = total + 2 + usize::from(include_usage);
+        stream::iter(0..count).then(move |i| {
             let c = if i == 0 {
                 chunk(
                     Delta {
@@ -193,8 +202,12 @@ impl MockModel {
                     None,
                     None,
                 )
+            } else if i == total + 1 {
+                chunk(Delta::default(), Some("stop"), None)
             } else {
-                chunk(Delta::default(), Some("stop"), Some(usage))
+                let mut c = chunk(Delta::default(), None, Some(usage));
+                c.choices.clear();
+                c
             };
             async move {
                 if let (Some(p), true) = (pace, i > 1) {

@@ -124,7 +124,7 @@ async fn chat(State(model): State<Arc<MockModel>>, body: axum::body::Bytes) -> R
             let code = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
             let mut resp = (
                 code,
-                Json(json!({"error": {"message": "injected mock error", "type": "mock_error", "code": status}})),
+                Json(json!({"error": {"message": "injected mock error", "type": "mock_error", "param": null, "code": "injected_fault"}})),
             )
                 .into_response();
             if let Some(ra) = retry_after {

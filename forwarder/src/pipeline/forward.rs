@@ -1,6 +1,7 @@
 //! The attempt loop: pick an endpoint, call it under a timeout, and on a
 //! safe failure back off and try again (failing over to another endpoint
-//! when there is one), all within the request's deadline.
+//! when there is one), all within the request's deadline. Streams are
+//! relayed event by event and judged complete only by their terminal event.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -8,25 +9,28 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::{FutureExt, Stream, StreamExt};
 use tokio::time::{Instant, Sleep};
 
-use crate::api::{ApiError, ChatChunk, ChatRequest, ChatResponse};
+use super::envelope::{Envelope, Reply, ReplyBody};
+use crate::api::ApiError;
+use crate::sse;
 use crate::telemetry::Metrics;
-use crate::upstream::providers::ChunkStream;
+use crate::upstream::providers::RawEvents;
 use crate::upstream::retry::{full_jitter, next_delay};
 use crate::upstream::{Endpoint, Lease, PickError, Pools, UpstreamError};
 use forwarder_config::RetryConfig;
 
-/// Where a request went: for the access log.
+/// Where a request went: for the access log and the forwarder's own-time metric.
 #[derive(Debug, Clone, Default)]
 pub struct Trace {
     pub upstream: Option<String>,
     pub attempts: u32,
+    /// Time spent in upstream attempts and backoff until the answer began
+    /// (the whole answer for a completion, the first event for a stream).
+    pub upstream_time: Duration,
 }
-
-/// A stream of answer chunks as the client sees it; an `Err` is the last item.
-pub type ReplyStream = futures::stream::BoxStream<'static, Result<ChatChunk, ApiError>>;
 
 pub struct Forwarder {
     pub pools: Pools,
@@ -35,78 +39,82 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    pub async fn complete(
-        &self,
-        chat: &ChatRequest,
-        deadline: Instant,
-        trace: &mut Trace,
-    ) -> Result<ChatResponse, ApiError> {
-        let (resp, lease, started) = self
-            .attempts(chat, deadline, trace, |ep| async move {
-                ep.provider.complete(chat).await
-            })
-            .await?;
-        self.record(&lease.endpoint.name, &chat.model, "success", started);
-        lease.succeeded();
-        Ok(resp)
-    }
-
-    /// Opens a stream. Retries happen only until the first chunk has arrived:
-    /// after that, bytes have reached the client and a retry could duplicate them.
-    pub async fn stream(
-        &self,
-        chat: &ChatRequest,
-        deadline: Instant,
-        trace: &mut Trace,
-    ) -> Result<ReplyStream, ApiError> {
-        let ((first, rest), lease, started) = self
-            .attempts(chat, deadline, trace, |ep| async move {
-                let mut s = ep.provider.stream(chat).await?;
-                match s.next().await {
-                    Some(Ok(first)) => Ok((first, s)),
-                    Some(Err(e)) => Err(e),
-                    None => Err(UpstreamError::Protocol(
-                        "stream ended before any chunk".into(),
-                    )),
+    pub async fn complete(&self, env: &Envelope, trace: &mut Trace) -> Result<Reply, ApiError> {
+        let (done, lease, started) = self
+            .attempts(env, trace, |ep, limit| async move {
+                match tokio::time::timeout(limit, ep.provider.complete(env)).await {
+                    Ok(result) => result,
+                    Err(_) => Err(UpstreamError::Timeout),
                 }
             })
             .await?;
+        self.record(&lease.endpoint.name, &env.model, "success", started);
+        lease.succeeded();
+        Ok(Reply {
+            headers: done.headers,
+            body: ReplyBody::Complete(done.body),
+        })
+    }
+
+    /// Opens a stream. Retries happen only until its first data event has
+    /// arrived: after that, bytes reach the client and a retry could
+    /// duplicate them. Keep-alive comments before it count as liveness.
+    pub async fn stream(&self, env: &Envelope, trace: &mut Trace) -> Result<Reply, ApiError> {
+        let ((headers, first, rest), lease, started) = self
+            .attempts(env, trace, |ep, limit| async move {
+                let opened = match tokio::time::timeout(limit, ep.provider.stream(env)).await {
+                    Ok(opened) => opened?,
+                    Err(_) => return Err(UpstreamError::Timeout),
+                };
+                let mut events = opened.events;
+                let first = first_data_event(&mut events, ep.timeout, env.ctx.deadline).await?;
+                Ok((opened.headers, first, events))
+            })
+            .await?;
         let idle = lease.endpoint.timeout;
-        Ok(UpstreamStream {
+        let deadline = env.ctx.deadline;
+        let stream = UpstreamStream {
             first: Some(first),
             inner: rest,
             lease: Some(lease),
+            finished: false,
             idle,
             deadline,
             timer: Box::pin(tokio::time::sleep_until(deadline)),
             started,
-            model: chat.model.clone(),
+            model: env.model.clone(),
             metrics: self.metrics.clone(),
-        }
-        .boxed())
+        };
+        Ok(Reply {
+            headers,
+            body: ReplyBody::Stream(stream.boxed()),
+        })
     }
 
     async fn attempts<'a, T, F, Fut>(
         &self,
-        chat: &'a ChatRequest,
-        deadline: Instant,
+        env: &'a Envelope,
         trace: &mut Trace,
         mut call: F,
     ) -> Result<(T, Lease, Instant), ApiError>
     where
-        F: FnMut(Arc<Endpoint>) -> Fut,
+        F: FnMut(Arc<Endpoint>, Duration) -> Fut,
         Fut: Future<Output = Result<T, UpstreamError>> + 'a,
     {
-        let model = &chat.model;
+        let model = &env.model;
+        let deadline = env.ctx.deadline;
+        let began = Instant::now();
         let mut tried: Vec<usize> = Vec::new();
         let mut attempt = 0;
-        loop {
+        let result = loop {
             attempt += 1;
             let lease = match self.pools.pick(model, &tried) {
                 Ok(lease) => lease,
-                Err(PickError::UnknownModel) => return Err(ApiError::ModelNotFound(model.clone())),
+                Err(PickError::UnknownModel) => {
+                    break Err(ApiError::ModelNotFound(model.clone()));
+                }
                 Err(PickError::AllOpen { retry_in }) => {
-                    return Err(ApiError::NoHealthyUpstream {
+                    break Err(ApiError::NoHealthyUpstream {
                         model: model.clone(),
                         retry_after: retry_in,
                     })
@@ -114,25 +122,30 @@ impl Forwarder {
             };
             let now = Instant::now();
             if now >= deadline {
-                return Err(ApiError::GatewayTimeout(
+                break Err(ApiError::GatewayTimeout(
                     "the request deadline passed".into(),
                 ));
             }
             let limit = lease.endpoint.timeout.min(deadline - now);
             trace.attempts = attempt;
             trace.upstream = Some(lease.endpoint.name.clone());
-            let err = match tokio::time::timeout(limit, call(lease.endpoint.clone())).await {
-                Ok(Ok(value)) => return Ok((value, lease, now)),
-                Ok(Err(e)) => e,
-                Err(_) => UpstreamError::Timeout,
+            let err = match call(lease.endpoint.clone(), limit).await {
+                Ok(value) => break Ok((value, lease, now)),
+                Err(e) => e,
             };
             let name = lease.endpoint.name.clone();
             self.record(&name, model, err.label(), now);
             tracing::debug!(upstream = %name, attempt, error = %err, "upstream attempt failed");
             tried.push(lease.index);
-            lease.failed(&err);
+            if matches!(err, UpstreamError::Timeout) && Instant::now() >= deadline {
+                // Cut short by the request's own deadline, not the endpoint's
+                // fault: neutral for the breaker (an unsettled lease is).
+                drop(lease);
+            } else {
+                lease.failed(&err);
+            }
             if !err.retryable() || attempt >= self.retry.max_attempts {
-                return Err(to_api_error(&err));
+                break Err(to_api_error(&err));
             }
             let failover = self.pools.has_untried(model, &tried);
             let jitter = full_jitter(
@@ -142,20 +155,50 @@ impl Forwarder {
                 rand::random::<f64>(),
             );
             let delay = next_delay(jitter, err.retry_after(), !failover);
-            if Instant::now() + delay >= deadline {
+            if Instant::now()
+                .checked_add(delay)
+                .is_none_or(|at| at >= deadline)
+            {
                 // Waiting would outlive the request: answer with what we know.
-                return Err(to_api_error(&err));
+                break Err(to_api_error(&err));
             }
             self.metrics
                 .retries
                 .with_label_values(&[&name, err.label()])
                 .inc();
             tokio::time::sleep(delay).await;
-        }
+        };
+        trace.upstream_time = began.elapsed();
+        result
     }
 
     fn record(&self, upstream: &str, model: &str, outcome: &str, started: Instant) {
         record(&self.metrics, upstream, model, outcome, started);
+    }
+}
+
+/// Reads events until the first one carrying data; comments before it are
+/// keep-alives that restart the idle timer.
+async fn first_data_event(
+    events: &mut RawEvents,
+    idle: Duration,
+    deadline: Instant,
+) -> Result<Bytes, UpstreamError> {
+    loop {
+        let until = Instant::now()
+            .checked_add(idle)
+            .map_or(deadline, |t| t.min(deadline));
+        match tokio::time::timeout_at(until, events.next()).await {
+            Err(_) => return Err(UpstreamError::Timeout),
+            Ok(None) => {
+                return Err(UpstreamError::Protocol(
+                    "stream ended before any event".into(),
+                ))
+            }
+            Ok(Some(Err(e))) => return Err(e),
+            Ok(Some(Ok(event))) if sse::scan(&event).comment_only => continue,
+            Ok(Some(Ok(event))) => return Ok(event),
+        }
     }
 }
 
@@ -171,7 +214,8 @@ fn record(metrics: &Metrics, upstream: &str, model: &str, outcome: &str, started
 }
 
 /// What the client is told when the upstream failed for good. Upstream
-/// internals (addresses, bodies of 5xx) are not passed on.
+/// internals (addresses, bodies of 5xx) are not passed on; a 4xx body is,
+/// as the upstream sent it.
 pub fn to_api_error(err: &UpstreamError) -> ApiError {
     match err {
         UpstreamError::Timeout => {
@@ -183,6 +227,9 @@ pub fn to_api_error(err: &UpstreamError) -> ApiError {
         UpstreamError::Protocol(_) => {
             ApiError::BadGateway("the upstream connection failed or sent malformed data".into())
         }
+        UpstreamError::TooLarge(limit) => ApiError::BadGateway(format!(
+            "the upstream's answer exceeds the limit of {limit} bytes"
+        )),
         UpstreamError::Status {
             status: 429,
             retry_after,
@@ -193,25 +240,27 @@ pub fn to_api_error(err: &UpstreamError) -> ApiError {
         UpstreamError::Status {
             status: 401 | 403, ..
         } => ApiError::BadGateway("the upstream rejected the forwarder's credentials".into()),
-        UpstreamError::Status { status, .. } if *status >= 500 => {
+        UpstreamError::Status { status, .. } if *status >= 500 || *status < 400 => {
             ApiError::BadGateway(format!("the upstream answered {status}"))
         }
-        UpstreamError::Status {
-            status, message, ..
-        } => ApiError::UpstreamRejected {
+        UpstreamError::Status { status, body, .. } => ApiError::UpstreamRejected {
             status: *status,
-            message: message.clone(),
+            body: body.clone(),
         },
     }
 }
 
-/// An upstream stream after its first chunk: enforces the idle timeout
-/// between chunks and the overall deadline, and settles the endpoint's lease
+/// An upstream stream after its first data event: relays events verbatim,
+/// enforces the idle timeout between events and the overall deadline,
+/// judges the end (complete only after `[DONE]`, or a `finish_reason` from
+/// an upstream that sends no `[DONE]`), and settles the endpoint's lease
 /// (breaker, in-flight count, metrics) when it ends, fails or is dropped.
 struct UpstreamStream {
-    first: Option<ChatChunk>,
-    inner: ChunkStream,
+    first: Option<Bytes>,
+    inner: RawEvents,
     lease: Option<Lease>,
+    /// A choice has finished: an end without `[DONE]` is still complete.
+    finished: bool,
     idle: Duration,
     deadline: Instant,
     timer: Pin<Box<Sleep>>,
@@ -222,7 +271,9 @@ struct UpstreamStream {
 
 impl UpstreamStream {
     fn rearm(&mut self) {
-        let at = (Instant::now() + self.idle).min(self.deadline);
+        let at = Instant::now()
+            .checked_add(self.idle)
+            .map_or(self.deadline, |t| t.min(self.deadline));
         self.timer.as_mut().reset(at);
     }
 
@@ -238,38 +289,58 @@ impl UpstreamStream {
             );
             match outcome {
                 Ok(()) => lease.succeeded(),
+                // The request's deadline is not the endpoint's fault.
+                Err(UpstreamError::Timeout) if Instant::now() >= self.deadline => drop(lease),
                 Err(e) => lease.failed(e),
             }
         }
     }
+
+    /// Passes one upstream event on, noting what it says.
+    fn relay(&mut self, event: Bytes) -> Poll<Option<Result<Bytes, ApiError>>> {
+        self.rearm();
+        let info = sse::scan(&event);
+        if info.done {
+            self.settle(Ok(()));
+        }
+        self.finished |= info.finished;
+        Poll::Ready(Some(Ok(event)))
+    }
 }
 
 impl Stream for UpstreamStream {
-    type Item = Result<ChatChunk, ApiError>;
+    type Item = Result<Bytes, ApiError>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         if let Some(first) = this.first.take() {
-            this.rearm();
-            return Poll::Ready(Some(Ok(first)));
+            return this.relay(first);
         }
         if this.lease.is_none() {
             return Poll::Ready(None);
         }
         match this.inner.poll_next_unpin(cx) {
-            Poll::Ready(Some(Ok(chunk))) => {
-                this.rearm();
-                Poll::Ready(Some(Ok(chunk)))
+            Poll::Ready(Some(Ok(event))) => this.relay(event),
+            Poll::Ready(None) if this.finished => {
+                // Every choice finished but the upstream sends no `[DONE]`:
+                // complete; clients still get the terminal event they expect.
+                this.settle(Ok(()));
+                Poll::Ready(Some(Ok(Bytes::from_static(sse::DONE_EVENT))))
             }
             Poll::Ready(None) => {
-                this.settle(Ok(()));
-                Poll::Ready(None)
+                this.settle(Err(&UpstreamError::Protocol(
+                    "stream ended before its terminal event".into(),
+                )));
+                Poll::Ready(Some(Err(ApiError::BadGateway(
+                    "the upstream stream ended before it was complete".into(),
+                ))))
             }
             Poll::Ready(Some(Err(e))) => {
                 this.settle(Err(&e));
-                Poll::Ready(Some(Err(ApiError::BadGateway(
-                    "the upstream stream broke off".into(),
-                ))))
+                Poll::Ready(Some(Err(match e {
+                    UpstreamError::TooLarge(_) => to_api_error(&e),
+                    _ => ApiError::BadGateway("the upstream stream broke off".into()),
+                })))
             }
             Poll::Pending => {
                 if this.timer.poll_unpin(cx).is_ready() {

@@ -1,34 +1,48 @@
 //! Idempotency: a completed answer is stored under the client's key and
 //! replayed for repeats within the TTL; concurrent duplicates share one
 //! upstream call. The store is a trait so a shared (Redis) store can replace
-//! the in-memory one; coalescing of in-flight calls is per process.
+//! the in-memory one; in-flight claims are per process, each held by a
+//! guard that releases its key when dropped, however the request ends.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures::future::{BoxFuture, Shared};
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::api::{ApiError, ChatChunk, ChatRequest, ChatResponse};
+use crate::api::ApiError;
 use crate::auth::Identity;
 use crate::pipeline::forward::Trace;
 
-/// An answer kept for replay, with the fingerprint of the request that
-/// produced it (a key reused for a different request is an error, not a replay).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A digest of the request that produced an answer: a key reused for a
+/// different request is an error, not a replay.
+pub type Fingerprint = [u8; 32];
+
+/// An answer kept for replay.
+#[derive(Debug, Clone)]
 pub struct StoredAnswer {
-    pub fingerprint: String,
+    pub fingerprint: Fingerprint,
     pub reply: StoredReply,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub enum StoredReply {
-    Complete(ChatResponse),
-    Stream(Vec<ChatChunk>),
+    /// A completion's body, as the upstream sent it.
+    Complete(Bytes),
+    /// A stream's events, concatenated, `[DONE]` included.
+    Stream(Bytes),
+}
+
+impl StoredAnswer {
+    fn weight(&self) -> usize {
+        match &self.reply {
+            StoredReply::Complete(b) | StoredReply::Stream(b) => b.len() + 64,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,17 +56,22 @@ pub trait IdempotencyStore: Send + Sync {
     async fn put(&self, key: &str, answer: StoredAnswer) -> Result<(), StoreError>;
 }
 
-/// The embedded store: bounded (oldest evicted first) with a TTL.
+/// The embedded store: bounded in bytes, least recently used evicted first
+/// (so a new answer is always admitted), each answer kept for the TTL.
 pub struct MemoryStore {
     cache: moka::sync::Cache<String, Arc<StoredAnswer>>,
 }
 
 impl MemoryStore {
-    pub fn new(ttl: Duration, max_entries: u64) -> Self {
+    pub fn new(ttl: Duration, max_bytes: u64) -> Self {
         Self {
             cache: moka::sync::Cache::builder()
                 .time_to_live(ttl)
-                .max_capacity(max_entries)
+                .max_capacity(max_bytes)
+                .weigher(|k: &String, v: &Arc<StoredAnswer>| {
+                    u32::try_from(k.len() + v.weight()).unwrap_or(u32::MAX)
+                })
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .build(),
         }
     }
@@ -71,33 +90,35 @@ impl IdempotencyStore for MemoryStore {
 }
 
 /// The store key: scoped by client so two clients never share answers.
+/// With authentication off every caller is `anonymous`: one shared scope.
 pub fn scoped_key(who: &Identity, key: &str) -> String {
     format!("{}\u{1f}{}", who.0, key)
 }
 
-/// A digest of everything that shapes the answer.
-pub fn fingerprint(chat: &ChatRequest) -> String {
-    let bytes = serde_json::to_vec(chat).unwrap_or_default();
-    let digest = Sha256::digest(&bytes);
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+/// A digest of everything that shapes the answer: the model and the body's bytes.
+pub fn fingerprint(model: &str, body: &[u8]) -> Fingerprint {
+    let mut h = Sha256::new();
+    h.update(model.as_bytes());
+    h.update([0x1f]);
+    h.update(body);
+    h.finalize().into()
 }
 
-/// The outcome of a shared upstream call.
-pub type Flight = Shared<BoxFuture<'static, (Result<ChatResponse, ApiError>, Trace)>>;
+/// The outcome of a shared upstream call: the completion's headers and body.
+pub type FlightResult = (Result<(http::HeaderMap, Bytes), ApiError>, Trace);
+pub type Flight = Shared<BoxFuture<'static, FlightResult>>;
 
 enum InFlight {
     Complete {
-        fingerprint: String,
+        fingerprint: Fingerprint,
         flight: Flight,
     },
     /// Streams are not shared: a second reader would miss what was sent.
-    Stream {
-        fingerprint: String,
-    },
+    Stream { fingerprint: Fingerprint },
 }
 
 impl InFlight {
-    fn fingerprint(&self) -> &str {
+    fn fingerprint(&self) -> &Fingerprint {
         match self {
             Self::Complete { fingerprint, .. } | Self::Stream { fingerprint } => fingerprint,
         }
@@ -110,45 +131,64 @@ pub struct Flights {
     map: Mutex<HashMap<String, InFlight>>,
 }
 
+/// A hold on a key: released when dropped.
+pub struct Claim {
+    flights: Arc<Flights>,
+    key: String,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.flights.map.lock().remove(&self.key);
+    }
+}
+
 impl Flights {
     /// Claims `key` for a stream. Streams are never shared, so a duplicate
     /// of a running stream is refused (409) rather than joined.
-    pub fn claim_stream(&self, key: &str, fingerprint: &str) -> Result<(), ApiError> {
+    pub fn claim_stream(
+        self: &Arc<Self>,
+        key: &str,
+        fingerprint: Fingerprint,
+    ) -> Result<Claim, ApiError> {
         let mut map = self.map.lock();
         match map.get(key) {
-            Some(f) if f.fingerprint() != fingerprint => Err(ApiError::IdempotencyMismatch),
+            Some(f) if *f.fingerprint() != fingerprint => Err(ApiError::IdempotencyMismatch),
             Some(_) => Err(ApiError::IdempotencyInProgress),
             None => {
-                map.insert(
-                    key.to_string(),
-                    InFlight::Stream {
-                        fingerprint: fingerprint.to_string(),
-                    },
-                );
-                Ok(())
+                map.insert(key.to_string(), InFlight::Stream { fingerprint });
+                Ok(Claim {
+                    flights: self.clone(),
+                    key: key.to_string(),
+                })
             }
         }
     }
 
     /// Claims `key` for a completion computed by `make` (spawned so that it
     /// finishes, and is stored, even if every waiting client goes away), or
-    /// joins the flight that won the race.
+    /// joins the flight that won the race. `make` gets the claim and drops
+    /// it when done.
     pub fn lead_or_join(
-        &self,
+        self: &Arc<Self>,
         key: &str,
-        fingerprint: &str,
-        make: impl FnOnce() -> BoxFuture<'static, (Result<ChatResponse, ApiError>, Trace)>,
+        fingerprint: Fingerprint,
+        make: impl FnOnce(Claim) -> BoxFuture<'static, FlightResult>,
     ) -> Result<(Flight, bool), ApiError> {
         use futures::FutureExt;
         let mut map = self.map.lock();
         match map.get(key) {
-            Some(f) if f.fingerprint() != fingerprint => Err(ApiError::IdempotencyMismatch),
+            Some(f) if *f.fingerprint() != fingerprint => Err(ApiError::IdempotencyMismatch),
             Some(InFlight::Complete { flight, .. }) => Ok((flight.clone(), false)),
             Some(InFlight::Stream { .. }) => Err(ApiError::IdempotencyInProgress),
             None => {
-                // Spawned while the lock is held: the task's own `release`
-                // blocks until the entry exists, so it can never be left behind.
-                let task = tokio::spawn(make());
+                let claim = Claim {
+                    flights: self.clone(),
+                    key: key.to_string(),
+                };
+                // Spawned while the lock is held: the claim's release blocks
+                // until the entry exists, so it can never be left behind.
+                let task = tokio::spawn(make(claim));
                 let flight: Flight = async move {
                     task.await.unwrap_or_else(|_| {
                         (
@@ -162,17 +202,13 @@ impl Flights {
                 map.insert(
                     key.to_string(),
                     InFlight::Complete {
-                        fingerprint: fingerprint.to_string(),
+                        fingerprint,
                         flight: flight.clone(),
                     },
                 );
                 Ok((flight, true))
             }
         }
-    }
-
-    pub fn release(&self, key: &str) {
-        self.map.lock().remove(key);
     }
 
     pub fn len(&self) -> usize {
@@ -188,50 +224,64 @@ impl Flights {
 mod tests {
     use super::*;
 
-    fn chat(prompt: &str) -> ChatRequest {
-        ChatRequest::from_prompt("m", prompt)
-    }
-
     #[test]
     fn fingerprints_differ_by_content_and_scope_by_client() {
-        assert_eq!(fingerprint(&chat("a")), fingerprint(&chat("a")));
-        assert_ne!(fingerprint(&chat("a")), fingerprint(&chat("b")));
+        assert_eq!(fingerprint("m", b"a"), fingerprint("m", b"a"));
+        assert_ne!(fingerprint("m", b"a"), fingerprint("m", b"b"));
+        assert_ne!(fingerprint("m", b"a"), fingerprint("n", b"a"));
         let (a, b) = (Identity("a".into()), Identity("b".into()));
         assert_ne!(scoped_key(&a, "k"), scoped_key(&b, "k"));
     }
 
     #[tokio::test]
-    async fn a_second_claim_joins_or_is_refused() {
-        let flights = Flights::default();
-        assert!(flights.claim_stream("s", "f1").is_ok());
+    async fn a_dropped_claim_releases_its_key() {
+        let flights = Arc::new(Flights::default());
+        let claim = flights.claim_stream("s", [1; 32]).unwrap();
         assert!(matches!(
-            flights.claim_stream("s", "f1"),
+            flights.claim_stream("s", [1; 32]),
             Err(ApiError::IdempotencyInProgress)
         ));
         assert!(matches!(
-            flights.claim_stream("s", "f2"),
+            flights.claim_stream("s", [2; 32]),
             Err(ApiError::IdempotencyMismatch)
         ));
-        flights.release("s");
+        drop(claim);
         assert!(flights.is_empty());
 
         use futures::FutureExt;
-        let make = || async { (Err(ApiError::BadGateway("x".into())), Trace::default()) }.boxed();
-        let (_, led) = flights.lead_or_join("c", "f", make).unwrap();
-        let (flight, led_again) = flights.lead_or_join("c", "f", make).unwrap();
-        assert!(led && !led_again);
+        let make = |claim: Claim| {
+            async move {
+                drop(claim);
+                (Err(ApiError::BadGateway("x".into())), Trace::default())
+            }
+            .boxed()
+        };
+        let (flight, led) = flights.lead_or_join("c", [3; 32], make).unwrap();
+        assert!(led);
         assert!(flight.await.0.is_err());
+        assert!(
+            flights.is_empty(),
+            "the leader's claim is released when it ends"
+        );
     }
 
     #[tokio::test]
-    async fn memory_store_round_trips() {
-        let store = MemoryStore::new(Duration::from_secs(60), 10);
-        assert!(store.get("k").await.unwrap().is_none());
-        let answer = StoredAnswer {
-            fingerprint: "f".into(),
-            reply: StoredReply::Stream(vec![]),
+    async fn memory_store_is_bounded_in_bytes_and_admits_new_answers() {
+        let store = MemoryStore::new(Duration::from_secs(60), 10_000);
+        let answer = |n: usize| StoredAnswer {
+            fingerprint: [0; 32],
+            reply: StoredReply::Complete(Bytes::from(vec![b'x'; n])),
         };
-        store.put("k", answer).await.unwrap();
-        assert_eq!(store.get("k").await.unwrap().unwrap().fingerprint, "f");
+        for i in 0..50 {
+            store.put(&format!("k{i}"), answer(1000)).await.unwrap();
+            store.cache.run_pending_tasks();
+            assert!(
+                store.get(&format!("k{i}")).await.unwrap().is_some(),
+                "k{i} admitted"
+            );
+        }
+        store.cache.run_pending_tasks();
+        assert!(store.cache.weighted_size() <= 10_000);
+        assert!(store.get("k0").await.unwrap().is_none(), "oldest evicted");
     }
 }

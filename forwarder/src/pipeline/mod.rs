@@ -1,38 +1,48 @@
 //! The one request pipeline every front end calls:
-//! authenticate → rate-limit → validate → idempotency (replay or coalesce)
-//! → route → retry/backoff/breaker → provider, wrapped by metrics and the
-//! access log. Front ends only translate their wire format to a
-//! [`RequestMeta`] plus a parse closure, and the [`Answer`] back.
+//! admit (authenticate → rate-limit) → validate → claim (idempotency replay
+//! or join) → dispatch → route → retry/backoff/breaker → provider, wrapped
+//! by metrics and the access log. Front ends translate their wire format to
+//! an [`envelope::Envelope`]'s parts and the [`Answer`] back; no stage sees
+//! a wire format.
 
+pub mod envelope;
 mod forward;
 pub mod idempotency;
 mod observe;
 mod rate_limit;
 mod stream_end;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use futures::{FutureExt, StreamExt};
+use http::HeaderMap;
+use parking_lot::Mutex;
 use stream_end::{on_end, StreamEnd};
 use tokio::time::Instant;
 
-use crate::api::{ApiError, ChatChunk, ChatRequest, ChatResponse};
+use crate::api::{ApiError, HeaderAllow};
 use crate::auth::{ApiKeys, Identity};
+use crate::sse;
 use crate::telemetry::{Metrics, Protocol};
 use crate::upstream::Pools;
 use crate::BuildError;
+use envelope::{peek, Context, Envelope, Reply, ReplyBody};
 use forward::{Forwarder, Trace};
 use forwarder_config::Config;
 use idempotency::{
-    fingerprint, scoped_key, Flights, IdempotencyStore, MemoryStore, StoredAnswer, StoredReply,
+    fingerprint, scoped_key, Fingerprint, Flights, IdempotencyStore, MemoryStore, StoredAnswer,
+    StoredReply,
 };
 use observe::Observer;
 use rate_limit::RateLimit;
 
-pub use forward::{to_api_error, ReplyStream};
+pub use envelope::EventStream;
+pub use forward::to_api_error;
 
-/// What a front end knows about a request before its body is parsed.
+/// What a front end knows about a request before its body is read.
 #[derive(Debug, Clone)]
 pub struct RequestMeta {
     pub protocol: Protocol,
@@ -41,24 +51,52 @@ pub struct RequestMeta {
     pub credential: Option<String>,
     /// From a header (`Idempotency-Key`); wins over a key in the body.
     pub idempotency_key: Option<String>,
+    /// The client's headers; those on `headers.to_upstream` are passed on.
+    pub headers: HeaderMap,
+    /// A deadline the client asked for (gRPC's `grpc-timeout`); the
+    /// configured `server.request_timeout` still caps it.
+    pub timeout: Option<Duration>,
 }
 
-/// A parsed request: the chat call and a body-level idempotency key
-/// (the simple API's `request_id`).
+impl RequestMeta {
+    pub fn new(protocol: Protocol, request_id: String) -> Self {
+        Self {
+            protocol,
+            request_id,
+            credential: None,
+            idempotency_key: None,
+            headers: HeaderMap::new(),
+            timeout: None,
+        }
+    }
+}
+
+/// A request's body in OpenAI's chat-completions format, and a body-level
+/// idempotency key (the simple API's `request_id`).
 pub struct Call {
-    pub chat: ChatRequest,
+    pub body: Bytes,
     pub idempotency_key: Option<String>,
-}
-
-pub enum Reply {
-    Complete(ChatResponse),
-    Stream(ReplyStream),
 }
 
 pub struct Answer {
     pub reply: Reply,
     /// Answered from an earlier request with the same idempotency key.
     pub replayed: bool,
+}
+
+/// A request that passed authentication and the rate limit; its body has
+/// not been read yet. Dropping it counts the request as abandoned.
+pub struct Admission {
+    obs: Observer,
+    principal: Identity,
+    meta: RequestMeta,
+    started: Instant,
+}
+
+impl Admission {
+    pub fn principal(&self) -> &Identity {
+        &self.principal
+    }
 }
 
 /// Longest accepted idempotency key.
@@ -72,21 +110,22 @@ pub struct Pipeline {
     flights: Arc<Flights>,
     forwarder: Arc<Forwarder>,
     metrics: Arc<Metrics>,
+    to_upstream: HeaderAllow,
     ready: AtomicBool,
     /// `server.max_concurrency` slots, when bounded, and how many wait.
     slots: Option<Arc<tokio::sync::Semaphore>>,
-    waiting: std::sync::atomic::AtomicUsize,
+    waiting: AtomicUsize,
 }
 
 /// Counts a request in the slot queue for as long as it waits (also when
 /// its client goes away while waiting).
 struct Waiting<'a> {
-    count: &'a std::sync::atomic::AtomicUsize,
+    count: &'a AtomicUsize,
     ahead: usize,
 }
 
 impl<'a> Waiting<'a> {
-    fn join(count: &'a std::sync::atomic::AtomicUsize) -> Self {
+    fn join(count: &'a AtomicUsize) -> Self {
         let ahead = count.fetch_add(1, Ordering::Relaxed);
         Self { count, ahead }
     }
@@ -109,12 +148,13 @@ impl Pipeline {
             None => None,
         };
         let pools = Pools::from_config(&cfg, metrics.clone())?;
+        metrics.init_series(&enabled_protocols(&cfg), &pools.models());
         Ok(Self {
             keys,
             limit: cfg.rate_limit.as_ref().map(RateLimit::new),
             store: Arc::new(MemoryStore::new(
                 cfg.idempotency.ttl,
-                cfg.idempotency.max_entries,
+                cfg.idempotency.max_bytes,
             )),
             flights: Arc::new(Flights::default()),
             forwarder: Arc::new(Forwarder {
@@ -123,6 +163,7 @@ impl Pipeline {
                 metrics: metrics.clone(),
             }),
             metrics,
+            to_upstream: HeaderAllow::new(&cfg.headers.to_upstream),
             ready: AtomicBool::new(true),
             slots: cfg
                 .server
@@ -149,6 +190,10 @@ impl Pipeline {
         self.forwarder.pools.models()
     }
 
+    pub fn has_model(&self, model: &str) -> bool {
+        self.forwarder.pools.has_model(model)
+    }
+
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
     }
@@ -158,7 +203,7 @@ impl Pipeline {
         self.ready.store(false, Ordering::Relaxed);
     }
 
-    /// Checks a credential on its own (WebSocket upgrades, gRPC metadata).
+    /// Checks a credential on its own (WebSocket upgrades, `/v1/models`).
     pub fn authenticate(&self, credential: Option<&str>) -> Result<Identity, ApiError> {
         match &self.keys {
             None => Ok(Identity::anonymous()),
@@ -169,51 +214,70 @@ impl Pipeline {
         }
     }
 
-    /// Counts a request refused by a front end before it reached `run`
-    /// (a failed WebSocket upgrade, a connection's in-flight limit), so
-    /// metrics and the access log see every refusal.
+    /// Counts a request refused by a front end before it reached the
+    /// pipeline (a failed WebSocket upgrade, a connection's in-flight
+    /// limit), so metrics and the access log see every refusal.
     pub fn reject(&self, protocol: Protocol, request_id: &str, err: ApiError) -> ApiError {
+        self.observer(protocol, request_id).fail(err)
+    }
+
+    fn observer(&self, protocol: Protocol, request_id: &str) -> Observer {
         Observer::new(
             self.metrics.clone(),
             self.cfg.logging.access_log,
             protocol,
             request_id,
         )
-        .fail(err)
     }
 
-    /// Runs one request through every stage. `parse` runs after
-    /// authentication, so an unauthenticated client learns nothing about
-    /// what the server would accept.
-    pub async fn run(
-        &self,
-        meta: RequestMeta,
-        parse: impl FnOnce() -> Result<Call, ApiError>,
-    ) -> Result<Answer, ApiError> {
-        let mut obs = Observer::new(
-            self.metrics.clone(),
-            self.cfg.logging.access_log,
-            meta.protocol,
-            &meta.request_id,
-        );
-        let identity = self
+    /// The first stage, from headers alone: authenticate and rate-limit.
+    /// Front ends call it before reading a body, so an unauthenticated
+    /// client costs no body buffering and learns nothing about what the
+    /// server would accept.
+    pub fn admit(&self, meta: RequestMeta) -> Result<Admission, ApiError> {
+        let mut obs = self.observer(meta.protocol, &meta.request_id);
+        let principal = self
             .authenticate(meta.credential.as_deref())
             .map_err(|e| obs.fail(e))?;
         if let Some(limit) = &self.limit {
-            limit.check(&identity).map_err(|e| obs.fail(e))?;
+            limit.check(&principal).map_err(|e| obs.fail(e))?;
         }
-        let call = parse().map_err(|e| obs.fail(e))?;
-        let chat = call.chat;
-        let known = self.forwarder.pools.has_model(&chat.model);
-        obs.set_model(&chat.model, known);
-        obs.stream = chat.stream;
+        Ok(Admission {
+            obs,
+            principal,
+            meta,
+            started: Instant::now(),
+        })
+    }
+
+    /// Runs an admitted request through the remaining stages. `call` is
+    /// the front end's reading of the body, or why it could not be read.
+    pub async fn run(
+        &self,
+        adm: Admission,
+        call: Result<Call, ApiError>,
+    ) -> Result<Answer, ApiError> {
+        let Admission {
+            mut obs,
+            principal,
+            meta,
+            started,
+        } = adm;
+        let call = call.map_err(|e| obs.fail(e))?;
+        let (model, stream) = match peek(&call.body) {
+            Ok(p) => (p.model.into_owned(), p.stream),
+            Err(e) => return Err(obs.fail(e)),
+        };
+        let known = self.forwarder.pools.has_model(&model);
+        obs.set_model(&model, known);
+        obs.stream = stream;
         if !known {
-            return Err(obs.fail(ApiError::ModelNotFound(chat.model)));
+            return Err(obs.fail(ApiError::ModelNotFound(model)));
         }
-        if chat.messages.is_empty() {
-            return Err(obs.fail(ApiError::BadRequest("messages must not be empty".into())));
-        }
-        let deadline = Instant::now() + self.cfg.server.request_timeout;
+        let timeout = meta.timeout.map_or(self.cfg.server.request_timeout, |t| {
+            t.min(self.cfg.server.request_timeout)
+        });
+        let deadline = started.checked_add(timeout).unwrap_or(started);
         let key = meta.idempotency_key.or(call.idempotency_key);
         if key.as_ref().is_some_and(|k| k.len() > MAX_KEY_LEN) {
             return Err(obs.fail(ApiError::BadRequest(format!(
@@ -228,25 +292,34 @@ impl Pipeline {
             ),
             None => None,
         };
-        let answer = match key {
+        let env = Envelope {
+            ctx: Context {
+                principal,
+                request_id: meta.request_id,
+                deadline,
+                protocol: meta.protocol,
+            },
+            model,
+            stream,
+            idempotency_key: key,
+            headers: self.to_upstream.filter(&meta.headers),
+            body: call.body,
+        };
+        let answer = match env.idempotency_key.clone() {
             Some(k) => {
-                self.keyed(obs, scoped_key(&identity, &k), chat, deadline)
-                    .await
+                let key = scoped_key(&env.ctx.principal, &k);
+                self.keyed(obs, key, env).await
             }
-            None => self.dispatch(obs, chat, deadline).await,
+            None => self.dispatch(obs, env).await,
         };
         // A stream holds its slot until it ends.
         match (answer, slot) {
-            (
-                Ok(Answer {
-                    reply: Reply::Stream(s),
-                    replayed,
-                }),
-                Some(slot),
-            ) => Ok(Answer {
-                reply: Reply::Stream(on_end(s, move |_| drop(slot))),
-                replayed,
-            }),
+            (Ok(mut answer), Some(slot)) => {
+                if let ReplyBody::Stream(s) = answer.reply.body {
+                    answer.reply.body = ReplyBody::Stream(on_end(s, move |_| drop(slot)));
+                }
+                Ok(answer)
+            }
             (answer, _) => answer,
         }
     }
@@ -275,29 +348,17 @@ impl Pipeline {
     }
 
     /// Forwards without idempotency.
-    async fn dispatch(
-        &self,
-        mut obs: Observer,
-        chat: ChatRequest,
-        deadline: Instant,
-    ) -> Result<Answer, ApiError> {
+    async fn dispatch(&self, mut obs: Observer, env: Envelope) -> Result<Answer, ApiError> {
         let mut trace = Trace::default();
-        let result = if chat.stream {
-            self.forwarder
-                .stream(&chat, deadline, &mut trace)
-                .await
-                .map(Reply::Stream)
+        let result = if env.stream {
+            self.forwarder.stream(&env, &mut trace).await
         } else {
-            self.forwarder
-                .complete(&chat, deadline, &mut trace)
-                .await
-                .map(Reply::Complete)
+            self.forwarder.complete(&env, &mut trace).await
         };
-        obs.upstream = trace.upstream;
-        obs.attempts = trace.attempts;
+        obs.trace(&trace);
         match result {
             Ok(reply) => Ok(Answer {
-                reply: finish_on_success(obs, reply),
+                reply: obs.watch(reply),
                 replayed: false,
             }),
             Err(e) => Err(obs.fail(e)),
@@ -309,51 +370,57 @@ impl Pipeline {
         &self,
         mut obs: Observer,
         key: String,
-        chat: ChatRequest,
-        deadline: Instant,
+        env: Envelope,
     ) -> Result<Answer, ApiError> {
-        let fp = fingerprint(&chat);
+        let fp = fingerprint(&env.model, &env.body);
         if let Some(answer) = self.lookup(&key, &fp).await.map_err(|e| obs.fail(e))? {
             obs.replay = Some("stored");
-            return Ok(answer.into_answer(obs, &self.metrics));
+            return Ok(self.replay(obs, answer));
         }
-        if chat.stream {
-            return self.keyed_stream(obs, key, fp, chat, deadline).await;
+        if env.stream {
+            return self.keyed_stream(obs, key, fp, env).await;
         }
-        let (store, flights, forwarder) = (
-            self.store.clone(),
-            self.flights.clone(),
-            self.forwarder.clone(),
-        );
-        let (task_key, task_fp) = (key.clone(), fp.clone());
+        let (store, forwarder) = (self.store.clone(), self.forwarder.clone());
+        let max_record = self.cfg.idempotency.max_record_bytes;
+        let task_key = key.clone();
         let (flight, leader) = self
             .flights
-            .lead_or_join(&key, &fp, move || {
+            .lead_or_join(&key, fp, move |claim| {
                 async move {
                     let mut trace = Trace::default();
                     // Re-check under the claim: an earlier leader may have
                     // stored its answer between our lookup and our claim.
                     let stored = match store.get(&task_key).await {
+                        Ok(Some(a)) if a.fingerprint != fp => Some(Err(ApiError::IdempotencyMismatch)),
                         Ok(Some(StoredAnswer {
-                            reply: StoredReply::Complete(r),
+                            reply: StoredReply::Complete(body),
                             ..
-                        })) => Some(r),
+                        })) => Some(Ok((HeaderMap::new(), body))),
                         _ => None,
                     };
                     let result = match stored {
-                        Some(r) => Ok(r),
-                        None => forwarder.complete(&chat, deadline, &mut trace).await,
+                        Some(r) => r,
+                        None => match forwarder.complete(&env, &mut trace).await {
+                            Ok(Reply {
+                                headers,
+                                body: ReplyBody::Complete(body),
+                            }) => {
+                                if body.len() <= max_record {
+                                    let answer = StoredAnswer {
+                                        fingerprint: fp,
+                                        reply: StoredReply::Complete(body.clone()),
+                                    };
+                                    if let Err(e) = store.put(&task_key, answer).await {
+                                        tracing::warn!(error = %e, "could not store an idempotent answer");
+                                    }
+                                }
+                                Ok((headers, body))
+                            }
+                            Ok(_) => Err(ApiError::BadGateway("unexpected stream".into())),
+                            Err(e) => Err(e),
+                        },
                     };
-                    if let Ok(resp) = &result {
-                        let answer = StoredAnswer {
-                            fingerprint: task_fp,
-                            reply: StoredReply::Complete(resp.clone()),
-                        };
-                        if let Err(e) = store.put(&task_key, answer).await {
-                            tracing::warn!(error = %e, "could not store an idempotent answer");
-                        }
-                    }
-                    flights.release(&task_key);
+                    drop(claim);
                     (result, trace)
                 }
                 .boxed()
@@ -361,20 +428,19 @@ impl Pipeline {
             .map_err(|e| obs.fail(e))?;
         let (result, trace) = flight.await;
         if leader {
-            obs.upstream = trace.upstream;
-            obs.attempts = trace.attempts;
+            obs.trace(&trace);
         } else {
             obs.replay = Some("coalesced");
             self.metrics.idempotent_replays.inc();
         }
         match result {
-            Ok(resp) => {
-                obs.finish(200);
-                Ok(Answer {
-                    reply: Reply::Complete(resp),
-                    replayed: !leader,
-                })
-            }
+            Ok((headers, body)) => Ok(Answer {
+                reply: obs.watch(Reply {
+                    headers,
+                    body: ReplyBody::Complete(body),
+                }),
+                replayed: !leader,
+            }),
             Err(e) => Err(obs.fail(e)),
         }
     }
@@ -383,75 +449,73 @@ impl Pipeline {
         &self,
         mut obs: Observer,
         key: String,
-        fp: String,
-        chat: ChatRequest,
-        deadline: Instant,
+        fp: Fingerprint,
+        env: Envelope,
     ) -> Result<Answer, ApiError> {
-        self.flights
-            .claim_stream(&key, &fp)
+        // Held until the stream is stored or abandoned; a client that goes
+        // away before the first event drops it with this future.
+        let claim = self
+            .flights
+            .claim_stream(&key, fp)
             .map_err(|e| obs.fail(e))?;
         // Re-check under the claim (see `keyed`).
-        match self.lookup(&key, &fp).await {
-            Ok(Some(answer)) => {
-                self.flights.release(&key);
-                obs.replay = Some("stored");
-                return Ok(answer.into_answer(obs, &self.metrics));
-            }
-            Ok(None) => {}
-            Err(e) => {
-                self.flights.release(&key);
-                return Err(obs.fail(e));
-            }
+        if let Some(answer) = self.lookup(&key, &fp).await.map_err(|e| obs.fail(e))? {
+            obs.replay = Some("stored");
+            return Ok(self.replay(obs, answer));
         }
         let mut trace = Trace::default();
-        let result = self.forwarder.stream(&chat, deadline, &mut trace).await;
-        obs.upstream = trace.upstream;
-        obs.attempts = trace.attempts;
-        let stream = match result {
-            Ok(s) => s,
-            Err(e) => {
-                self.flights.release(&key);
-                return Err(obs.fail(e));
-            }
+        let result = self.forwarder.stream(&env, &mut trace).await;
+        obs.trace(&trace);
+        let reply = result.map_err(|e| obs.fail(e))?;
+        let ReplyBody::Stream(stream) = reply.body else {
+            return Err(obs.fail(ApiError::BadGateway("unexpected completion".into())));
         };
-        // Record the chunks; store them only if the stream completes, and
-        // release the key either way.
-        let chunks = Arc::new(parking_lot::Mutex::new(Vec::<ChatChunk>::new()));
-        let recording = chunks.clone();
+        // Record the events; store them only if the stream completes within
+        // the record bound. The claim is released either way.
+        let max_record = self.cfg.idempotency.max_record_bytes;
+        let recording = Arc::new(Mutex::new(Some(BytesMut::new())));
+        let rec = recording.clone();
         let recorded = stream.inspect(move |item| {
-            if let Ok(chunk) = item {
-                recording.lock().push(chunk.clone());
+            let mut rec = rec.lock();
+            if let (Ok(event), Some(buf)) = (item, rec.as_mut()) {
+                if buf.len() + event.len() > max_record {
+                    *rec = None;
+                } else {
+                    buf.extend_from_slice(event);
+                }
             }
         });
-        let (store, flights) = (self.store.clone(), self.flights.clone());
+        let store = self.store.clone();
         let recorded = on_end(recorded.boxed(), move |end| {
-            if end != StreamEnd::Completed {
-                flights.release(&key);
+            let events = recording.lock().take();
+            let (StreamEnd::Completed, Some(events)) = (end, events) else {
                 return;
-            }
-            let reply = StoredReply::Stream(std::mem::take(&mut *chunks.lock()));
+            };
             tokio::spawn(async move {
                 let answer = StoredAnswer {
                     fingerprint: fp,
-                    reply,
+                    reply: StoredReply::Stream(events.freeze()),
                 };
                 if let Err(e) = store.put(&key, answer).await {
                     tracing::warn!(error = %e, "could not store an idempotent answer");
                 }
-                flights.release(&key);
+                drop(claim);
             });
         });
         Ok(Answer {
-            reply: finish_on_success(obs, Reply::Stream(recorded)),
+            reply: obs.watch(Reply {
+                headers: reply.headers,
+                body: ReplyBody::Stream(recorded),
+            }),
             replayed: false,
         })
     }
 
     /// A stored answer for `key`, if its fingerprint matches.
-    async fn lookup(&self, key: &str, fp: &str) -> Result<Option<Stored>, ApiError> {
+    async fn lookup(&self, key: &str, fp: &Fingerprint) -> Result<Option<StoredReply>, ApiError> {
         match self.store.get(key).await {
-            Ok(Some(a)) if a.fingerprint != fp => Err(ApiError::IdempotencyMismatch),
-            Ok(Some(a)) => Ok(Some(Stored(a.reply))),
+            Ok(Some(a)) if a.fingerprint != *fp => Err(ApiError::IdempotencyMismatch),
+            Ok(Some(a)) => Ok(Some(a.reply)),
             Ok(None) => Ok(None),
             Err(e) => {
                 // An unavailable store must not fail the request: forward it.
@@ -460,40 +524,33 @@ impl Pipeline {
             }
         }
     }
-}
 
-/// A stored answer found for a repeated key.
-struct Stored(StoredReply);
-
-impl Stored {
-    fn into_answer(self, obs: Observer, metrics: &Metrics) -> Answer {
-        metrics.idempotent_replays.inc();
-        let reply = match self.0 {
-            StoredReply::Complete(r) => Reply::Complete(r),
-            StoredReply::Stream(chunks) => {
-                Reply::Stream(futures::stream::iter(chunks.into_iter().map(Ok)).boxed())
-            }
+    fn replay(&self, obs: Observer, stored: StoredReply) -> Answer {
+        self.metrics.idempotent_replays.inc();
+        let body = match stored {
+            StoredReply::Complete(body) => ReplyBody::Complete(body),
+            StoredReply::Stream(events) => ReplyBody::Stream(
+                futures::stream::iter(sse::split_all(events).into_iter().map(Ok)).boxed(),
+            ),
         };
         Answer {
-            reply: finish_on_success(obs, reply),
+            reply: obs.watch(Reply {
+                headers: HeaderMap::new(),
+                body,
+            }),
             replayed: true,
         }
     }
 }
 
-/// Closes the observer: now for a completion, at the stream's end for a stream.
-fn finish_on_success(mut obs: Observer, reply: Reply) -> Reply {
-    match reply {
-        Reply::Complete(r) => {
-            obs.finish(200);
-            Reply::Complete(r)
-        }
-        Reply::Stream(s) => Reply::Stream(on_end(s, move |end| {
-            obs.finish(match end {
-                StreamEnd::Completed => 200,
-                StreamEnd::Failed(code) => code,
-                StreamEnd::Dropped => observe::CLIENT_CLOSED,
-            })
-        })),
+/// The front ends this config serves, for the zero-valued series.
+fn enabled_protocols(cfg: &Config) -> Vec<Protocol> {
+    let mut p = vec![Protocol::Http];
+    if cfg.websocket.enabled {
+        p.push(Protocol::WebSocket);
     }
+    if cfg.grpc.enabled {
+        p.push(Protocol::Grpc);
+    }
+    p
 }

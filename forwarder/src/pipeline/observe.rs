@@ -1,10 +1,18 @@
 //! Wraps every request: the in-flight gauge, the request counter and
-//! duration histogram, and one access-log line, recorded exactly once
-//! whether the request succeeds, fails, or the client goes away.
+//! duration histogram, the forwarder's own time and a stream's time to
+//! first token, and one access-log line, recorded exactly once whether the
+//! request succeeds, fails, or the client goes away.
 
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+
+use super::envelope::{EventStream, Reply, ReplyBody};
+use super::forward::Trace;
 use crate::api::ApiError;
 use crate::telemetry::{Metrics, Protocol};
 
@@ -26,6 +34,8 @@ pub struct Observer {
     /// `stored` or `coalesced` when answered through idempotency.
     pub replay: Option<&'static str>,
     pub stream: bool,
+    /// Time spent upstream (attempts and backoff) before the answer began.
+    upstream_time: Duration,
     done: bool,
 }
 
@@ -48,6 +58,7 @@ impl Observer {
             attempts: 0,
             replay: None,
             stream: false,
+            upstream_time: Duration::ZERO,
             done: false,
         }
     }
@@ -56,6 +67,60 @@ impl Observer {
     pub fn set_model(&mut self, name: &str, known: bool) {
         if known {
             self.model = Some(name.to_string());
+        }
+    }
+
+    /// Notes where the request went.
+    pub fn trace(&mut self, trace: &Trace) {
+        self.upstream.clone_from(&trace.upstream);
+        self.attempts = trace.attempts;
+        self.upstream_time = trace.upstream_time;
+    }
+
+    /// Closes the observation when the answer ends: now for a completion,
+    /// at the last event for a stream (whose first event also marks the
+    /// time to first token).
+    pub fn watch(mut self, reply: Reply) -> Reply {
+        let body = match reply.body {
+            ReplyBody::Complete(body) => {
+                self.answer_began();
+                self.finish(200);
+                ReplyBody::Complete(body)
+            }
+            ReplyBody::Stream(inner) => ReplyBody::Stream(
+                Observed {
+                    inner,
+                    obs: self,
+                    began: false,
+                    failed: None,
+                }
+                .boxed(),
+            ),
+        };
+        Reply {
+            headers: reply.headers,
+            body,
+        }
+    }
+
+    /// The answer's first byte is ready: the forwarder's own share of the
+    /// time so far is what the upstream and backoff did not take.
+    fn answer_began(&self) {
+        let Some(model) = self.model.as_deref() else {
+            return;
+        };
+        let proto = self.protocol.label();
+        let elapsed = self.started.elapsed();
+        let own = elapsed.saturating_sub(self.upstream_time);
+        self.metrics
+            .own_duration
+            .with_label_values(&[proto, model])
+            .observe(own.as_secs_f64());
+        if self.stream {
+            self.metrics
+                .time_to_first_token
+                .with_label_values(&[proto, model])
+                .observe(elapsed.as_secs_f64());
         }
     }
 
@@ -103,5 +168,39 @@ impl Observer {
 impl Drop for Observer {
     fn drop(&mut self) {
         self.finish(CLIENT_CLOSED);
+    }
+}
+
+/// A stream under observation: the first event marks the time to first
+/// token; the end (or the client's going away) closes the observation.
+struct Observed {
+    inner: EventStream,
+    obs: Observer,
+    began: bool,
+    failed: Option<u16>,
+}
+
+impl Stream for Observed {
+    type Item = Result<Bytes, ApiError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        let item = futures::ready!(this.inner.poll_next_unpin(cx));
+        match &item {
+            Some(Ok(_)) if !this.began => {
+                this.began = true;
+                this.obs.answer_began();
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => this.failed = Some(e.status().as_u16()),
+            None => this.obs.finish(this.failed.unwrap_or(200)),
+        }
+        Poll::Ready(item)
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        self.obs.finish(self.failed.unwrap_or(CLIENT_CLOSED));
     }
 }

@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 
 use futures::{Stream, StreamExt};
 
-use super::ReplyStream;
+use super::EventStream as ReplyStream;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamEnd {
@@ -72,7 +72,7 @@ mod tests {
     use crate::api::ApiError;
     use std::sync::{Arc, Mutex};
 
-    fn run(items: Vec<Result<crate::api::ChatChunk, ApiError>>, take: usize) -> Option<StreamEnd> {
+    fn run(items: Vec<Result<bytes::Bytes, ApiError>>, take: usize) -> Option<StreamEnd> {
         let seen = Arc::new(Mutex::new(None));
         let s = seen.clone();
         let mut stream = on_end(futures::stream::iter(items).boxed(), move |e| {

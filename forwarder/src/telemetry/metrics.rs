@@ -36,6 +36,12 @@ pub struct Metrics {
     registry: Registry,
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
+    /// Time spent in the forwarder itself: the request's duration until its
+    /// answer began, minus upstream attempts and backoff. The autoscaler
+    /// scales on this, so a slow or failing upstream does not add replicas.
+    pub own_duration: HistogramVec,
+    /// Streams: request arrival to the first event sent to the client.
+    pub time_to_first_token: HistogramVec,
     pub upstream_requests: IntCounterVec,
     pub upstream_duration: HistogramVec,
     pub inflight: IntGauge,
@@ -62,6 +68,24 @@ impl Metrics {
             HistogramOpts::new(
                 "forwarder_request_duration_seconds",
                 "Time from request to the last byte of the answer.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["protocol", "model"],
+        )
+        .expect("valid metric");
+        let own_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "forwarder_own_duration_seconds",
+                "Time spent in the forwarder until the answer began, excluding upstream attempts and backoff.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["protocol", "model"],
+        )
+        .expect("valid metric");
+        let time_to_first_token = HistogramVec::new(
+            HistogramOpts::new(
+                "forwarder_time_to_first_token_seconds",
+                "Streamed requests: time from arrival to the first event sent to the client.",
             )
             .buckets(DURATION_BUCKETS.to_vec()),
             &["protocol", "model"],
@@ -121,6 +145,8 @@ impl Metrics {
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
+            Box::new(own_duration.clone()),
+            Box::new(time_to_first_token.clone()),
             Box::new(upstream_requests.clone()),
             Box::new(upstream_duration.clone()),
             Box::new(inflight.clone()),
@@ -135,6 +161,8 @@ impl Metrics {
             registry,
             requests,
             request_duration,
+            own_duration,
+            time_to_first_token,
             upstream_requests,
             upstream_duration,
             inflight,
@@ -142,6 +170,22 @@ impl Metrics {
             circuit_open,
             idempotent_replays,
             connections,
+        }
+    }
+
+    /// Creates the per-model series at zero, so a new replica reports at
+    /// once (a rate over a series that does not exist yet is no data, and
+    /// the autoscaler would have to guess).
+    pub fn init_series(&self, protocols: &[Protocol], models: &[String]) {
+        for p in protocols {
+            for m in models {
+                let labels = [p.label(), m.as_str()];
+                self.requests
+                    .with_label_values(&[p.label(), m.as_str(), "200"]);
+                self.request_duration.with_label_values(&labels);
+                self.own_duration.with_label_values(&labels);
+                self.time_to_first_token.with_label_values(&labels);
+            }
         }
     }
 

@@ -7,12 +7,17 @@ pub enum UpstreamError {
     Connect(String),
     #[error("attempt timed out")]
     Timeout,
-    #[error("upstream answered {status}: {message}")]
+    /// A non-2xx answer. The body (bounded) is kept for 4xx, which are
+    /// passed on to the client; it is never logged.
+    #[error("upstream answered {status}")]
     Status {
         status: u16,
         retry_after: Option<Duration>,
-        message: String,
+        body: bytes::Bytes,
     },
+    /// The answer (or one stream event) exceeds the configured bound.
+    #[error("upstream answer exceeds {0} bytes")]
+    TooLarge(usize),
     /// Connection reset, malformed body, broken stream.
     #[error("upstream protocol error: {0}")]
     Protocol(String),
@@ -25,6 +30,8 @@ impl UpstreamError {
         match self {
             Self::Connect(_) | Self::Timeout | Self::Protocol(_) => true,
             Self::Status { status, .. } => *status == 429 || *status >= 500,
+            // The same request would get the same answer.
+            Self::TooLarge(_) => false,
         }
     }
 
@@ -34,6 +41,7 @@ impl UpstreamError {
         match self {
             Self::Connect(_) | Self::Timeout | Self::Protocol(_) => true,
             Self::Status { status, .. } => *status >= 500,
+            Self::TooLarge(_) => false,
         }
     }
 
@@ -43,6 +51,7 @@ impl UpstreamError {
             Self::Connect(_) => "connect_error",
             Self::Timeout => "timeout",
             Self::Protocol(_) => "protocol_error",
+            Self::TooLarge(_) => "too_large",
             Self::Status { status: 429, .. } => "rate_limited",
             Self::Status { status, .. } if *status >= 500 => "server_error",
             Self::Status { .. } => "client_error",

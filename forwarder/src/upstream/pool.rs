@@ -52,12 +52,13 @@ pub enum PickError {
 impl Pools {
     pub fn from_config(cfg: &Config, metrics: Arc<Metrics>) -> Result<Self, BuildError> {
         let mut models: HashMap<String, ModelPool> = HashMap::new();
+        let limits = providers::AdapterLimits::from_config(cfg);
         for u in &cfg.upstreams {
             let endpoint = Arc::new(Endpoint {
                 name: u.name.clone(),
                 weight: u.weight,
                 timeout: u.timeout,
-                provider: providers::build(u)?,
+                provider: providers::build(u, &limits)?,
                 breaker: Mutex::new(Breaker::new(
                     cfg.circuit_breaker.failure_threshold,
                     cfg.circuit_breaker.open_duration,

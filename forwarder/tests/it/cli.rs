@@ -125,3 +125,68 @@ fn mock_llm_rejects_bad_settings() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("error_rate"));
 }
+
+/// At trace level, with JSON logs, a request's prompt, reply and API key
+/// appear nowhere in the forwarder's output.
+#[tokio::test]
+async fn no_log_level_shows_prompts_replies_or_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.yaml");
+    std::fs::write(&keys, "alice: sk-very-secret-key-123\n").unwrap();
+    let port = free_port();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "server: {{listen: 127.0.0.1:{port}}}\nauth: {{api_keys_file: {}}}\nlogging: {{level: trace, format: json, access_log: true}}\n",
+            keys.display()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("log");
+    let mut cmd = binary();
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(&cfg)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
+        .stderr(Stdio::from(
+            std::fs::File::create(dir.path().join("err")).unwrap(),
+        ));
+    let child = Child(cmd.spawn().unwrap());
+    let base = format!("http://127.0.0.1:{port}");
+    crate::shutdown::wait_ready(&base).await;
+    let http = crate::common::client();
+    let auth = "Bearer sk-very-secret-key-123";
+    for stream in [false, true] {
+        let r = http
+            .post(format!("{base}/v1/chat/completions"))
+            .header("authorization", auth)
+            .json(&json!({"model": "mock", "stream": stream,
+                          "messages": [{"role": "user", "content": "PROMPT-TOP-SECRET"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.text().await.unwrap().contains("PROMPT-TOP-SECRET"));
+    }
+    let r = http
+        .post(format!("{base}/api/v1/message"))
+        .header("x-api-key", "sk-wrong-but-secret-456")
+        .json(&json!({"model_id": "mock", "prompt": "PROMPT-TOP-SECRET"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    drop(child);
+    let logs = std::fs::read_to_string(&log).unwrap()
+        + &std::fs::read_to_string(dir.path().join("err")).unwrap();
+    assert!(logs.contains("\"request\""), "the access log is on: {logs}");
+    for secret in [
+        "PROMPT-TOP-SECRET",
+        "sk-very-secret-key-123",
+        "sk-wrong-but-secret-456",
+    ] {
+        assert!(!logs.contains(secret), "{secret} leaked into the logs");
+    }
+}

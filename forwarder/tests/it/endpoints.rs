@@ -87,3 +87,22 @@ async fn openai_upstream_gets_the_request_and_parameters() {
         .await;
     assert_eq!(r.body["reply"], "mock reply:");
 }
+
+#[tokio::test]
+async fn wrong_methods_get_405_with_a_json_error_and_models_can_be_read_one_by_one() {
+    let mut cfg = forwarder::config::Config::default();
+    cfg.server.listen = loopback();
+    let fwd = start(cfg).await;
+    let r = fwd.get("/v1/chat/completions", &[]).await;
+    assert_eq!(r.status, 405, "{}", r.text);
+    assert_eq!(r.error_code(), "method_not_allowed");
+    assert_eq!(r.body["error"]["type"], "invalid_request_error");
+
+    let r = fwd.get("/v1/models/mock", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["id"], "mock");
+    assert_eq!(r.body["object"], "model");
+    let r = fwd.get("/v1/models/nope", &[]).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.error_code(), "model_not_found");
+}

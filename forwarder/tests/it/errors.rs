@@ -158,11 +158,10 @@ async fn upstream_failures_map_to_502_504_and_pass_through_4xx() {
             retry_after: None,
         },
     );
-    assert_error_shape(
-        &fwd.post("/v1/chat/completions", &body, &[]).await,
-        400,
-        "upstream_rejected",
-    );
+    // An upstream 4xx reaches the client as the upstream sent it.
+    let r = fwd.post("/v1/chat/completions", &body, &[]).await;
+    assert_error_shape(&r, 400, "injected_fault");
+    assert!(r.body["error"]["param"].is_null(), "{}", r.text);
 }
 
 #[tokio::test]

@@ -180,3 +180,41 @@ async fn keys_are_scoped_per_client() {
     );
     assert_eq!(m.model.requests(), 2);
 }
+
+/// The claim on a key is a guard: a client that goes away before its stream
+/// began does not leave the key locked.
+#[tokio::test]
+async fn a_client_that_cancels_before_the_first_event_releases_its_key() {
+    let m = mock(MockSettings {
+        latency: LatencyDist::Fixed(Duration::from_millis(400)),
+        ..Default::default()
+    })
+    .await;
+    let fwd = start(config(vec![upstream("a", &m, "m")])).await;
+    let mut body = chat("m", "hi");
+    body["stream"] = json!(true);
+    let url = format!("{}/v1/chat/completions", fwd.base);
+    let first = {
+        let (http, url, body) = (fwd.http.clone(), url.clone(), body.clone());
+        tokio::spawn(async move {
+            http.post(url)
+                .header("idempotency-key", "gone")
+                .json(&body)
+                .send()
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    first.abort();
+    let _ = first.await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let again = fwd
+        .post(
+            "/v1/chat/completions",
+            &body,
+            &[("idempotency-key", "gone")],
+        )
+        .await;
+    assert_eq!(again.status, 200, "{}", again.text);
+    assert!(again.text.ends_with("data: [DONE]\n\n"), "{}", again.text);
+}

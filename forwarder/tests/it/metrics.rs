@@ -98,3 +98,53 @@ async fn counters_and_histograms_match_the_traffic_sent() {
     assert_eq!(v("forwarder_circuit_open", &[("upstream", "up-1")]), 0.0);
     assert!(text.contains("forwarder_idempotent_replays_total 0"));
 }
+
+/// A new replica reports at once: its per-model series exist at zero
+/// before any traffic (the autoscaler reads zero as data, not as absence).
+#[tokio::test]
+async fn series_exist_at_zero_from_start_then_own_time_and_ttft_are_observed() {
+    let m = mock(MockSettings {
+        latency: forwarder::config::LatencyDist::Fixed(std::time::Duration::from_millis(50)),
+        ..Default::default()
+    })
+    .await;
+    let fwd = start(config(vec![upstream("up-1", &m, "m")])).await;
+    let text = fwd.get("/metrics", &[]).await.text;
+    for proto in ["http", "websocket", "grpc"] {
+        let labels = [("protocol", proto), ("model", "m"), ("code", "200")];
+        assert_eq!(
+            metric_value(&text, "forwarder_requests_total", &labels),
+            Some(0.0),
+            "{proto}"
+        );
+        for h in [
+            "forwarder_request_duration_seconds_count",
+            "forwarder_own_duration_seconds_count",
+            "forwarder_time_to_first_token_seconds_count",
+        ] {
+            let labels = [("protocol", proto), ("model", "m")];
+            assert_eq!(metric_value(&text, h, &labels), Some(0.0), "{h} {proto}");
+        }
+    }
+
+    fwd.post("/v1/chat/completions", &chat("m", "hi"), &[])
+        .await;
+    let mut body = chat("m", "hi");
+    body["stream"] = json!(true);
+    let r = fwd
+        .post_raw("/v1/chat/completions", body.to_string().into_bytes(), &[])
+        .await;
+    assert!(r.text.ends_with("data: [DONE]\n\n"));
+    let text = fwd.get("/metrics", &[]).await.text;
+    let labels = [("protocol", "http"), ("model", "m")];
+    let v = |name: &str| metric_value(&text, name, &labels).unwrap();
+    assert_eq!(v("forwarder_own_duration_seconds_count"), 2.0);
+    assert_eq!(
+        v("forwarder_time_to_first_token_seconds_count"),
+        1.0,
+        "streams only"
+    );
+    // The upstream's 50 ms each are not the forwarder's own time.
+    assert!(v("forwarder_own_duration_seconds_sum") < 0.05, "{text}");
+    assert!(v("forwarder_time_to_first_token_seconds_sum") >= 0.05);
+}

@@ -4,9 +4,10 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use forwarder::config::Config;
+use forwarder::config::{Config, Provider, UpstreamConfig};
 
 use crate::common::*;
+use crate::scripted::Scripted;
 
 fn python() -> PathBuf {
     let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
@@ -17,11 +18,26 @@ fn python() -> PathBuf {
     venv
 }
 
-/// A forwarder with all three front ends and one API key.
-async fn forwarder(dir: &tempfile::TempDir) -> Fwd {
+/// A forwarder with all three front ends and one API key; with `scripted`,
+/// also the hand-written upstream's `full` and `reject` models.
+async fn forwarder(dir: &tempfile::TempDir, scripted: Option<&Scripted>) -> Fwd {
     let keys = dir.path().join("keys");
     std::fs::write(&keys, "py: sk-py-test\n").unwrap();
     let mut cfg = Config::default();
+    if let Some(up) = scripted {
+        cfg.upstreams.push(UpstreamConfig {
+            name: "scripted".into(),
+            provider: Provider::Openai,
+            base_url: Some(up.base_url()),
+            models: vec!["full".into(), "reject".into()],
+            weight: 1,
+            api_key_file: None,
+            api_key_env: None,
+            connect_timeout: std::time::Duration::from_secs(1),
+            timeout: std::time::Duration::from_secs(5),
+            mock: None,
+        });
+    }
     cfg.server.listen = loopback();
     cfg.grpc.enabled = true;
     cfg.grpc.listen = loopback();
@@ -51,7 +67,8 @@ async fn run_script(script: &str, env: Vec<(&'static str, String)>) {
 #[tokio::test]
 async fn the_official_openai_python_sdk_works_unchanged() {
     let dir = tempfile::tempdir().unwrap();
-    let fwd = forwarder(&dir).await;
+    let up = Scripted::start().await;
+    let fwd = forwarder(&dir, Some(&up)).await;
     run_script(
         "openai_sdk.py",
         vec![
@@ -65,7 +82,7 @@ async fn the_official_openai_python_sdk_works_unchanged() {
 #[tokio::test]
 async fn python_websockets_and_grpcio_clients_work() {
     let dir = tempfile::tempdir().unwrap();
-    let fwd = forwarder(&dir).await;
+    let fwd = forwarder(&dir, None).await;
     let grpc = fwd
         .grpc
         .clone()

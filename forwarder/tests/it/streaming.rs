@@ -32,7 +32,9 @@ async fn streams_every_token_in_order_then_done() {
     })
     .await;
     let fwd = start(config(vec![upstream("a", &m, "m")])).await;
-    let resp = open(&fwd, &stream_body("m", "one two three four five six")).await;
+    let mut body = stream_body("m", "one two three four five six");
+    body["stream_options"] = json!({"include_usage": true});
+    let resp = open(&fwd, &body).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let events = sse_events(resp).await;
@@ -54,8 +56,11 @@ async fn streams_every_token_in_order_then_done() {
         .iter()
         .all(|c| c["object"] == "chat.completion.chunk"));
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    // With include_usage, usage comes last in a chunk of its own.
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!(finish["choices"][0]["finish_reason"], "stop");
     let last = chunks.last().unwrap();
-    assert_eq!(last["choices"][0]["finish_reason"], "stop");
+    assert_eq!(last["choices"], json!([]));
     assert_eq!(last["usage"]["completion_tokens"], 8);
 }
 

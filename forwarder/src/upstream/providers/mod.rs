@@ -1,4 +1,7 @@
-//! Provider adapters: one per upstream API kind, all behind one trait.
+//! Provider adapters: one per upstream API kind, all behind one trait. Each
+//! adapter owns the mapping between the envelope's body (OpenAI's
+//! chat-completions format) and its upstream's wire format, so a new
+//! provider kind is one file here.
 
 mod mock;
 mod openai;
@@ -6,34 +9,70 @@ mod openai;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures::stream::BoxStream;
+use http::HeaderMap;
 
-use crate::api::{ChatChunk, ChatRequest, ChatResponse};
+use crate::api::HeaderAllow;
+use crate::pipeline::envelope::Envelope;
 use crate::upstream::UpstreamError;
 
 pub use mock::MockProvider;
 pub use openai::OpenAiProvider;
 
-/// A stream of completion chunks, ending after the last one.
-pub type ChunkStream = BoxStream<'static, Result<ChatChunk, UpstreamError>>;
+/// A whole completion: headers on the `to_client` allow-list and the body.
+pub struct Completed {
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// An open stream: headers, then whole SSE events in OpenAI's format.
+pub struct Opened {
+    pub headers: HeaderMap,
+    pub events: RawEvents,
+}
+
+/// Whole Server-Sent Events, each ending with its blank line. The stream
+/// ends when the upstream's body ends; whether it ended complete is for the
+/// caller to judge from the events (`[DONE]`, `finish_reason`).
+pub type RawEvents = BoxStream<'static, Result<Bytes, UpstreamError>>;
 
 /// One upstream endpoint's API. Timeouts are the caller's business.
 #[async_trait]
 pub trait Provider: Send + Sync {
-    async fn complete(&self, req: &ChatRequest) -> Result<ChatResponse, UpstreamError>;
+    async fn complete(&self, req: &Envelope) -> Result<Completed, UpstreamError>;
 
     /// Resolves once the upstream has accepted the request and its stream
     /// has begun; errors after that come through the stream.
-    async fn stream(&self, req: &ChatRequest) -> Result<ChunkStream, UpstreamError>;
+    async fn stream(&self, req: &Envelope) -> Result<Opened, UpstreamError>;
+}
+
+/// What every adapter shares: bounds and the response-header allow-list.
+#[derive(Clone)]
+pub struct AdapterLimits {
+    pub max_body_bytes: usize,
+    pub max_event_bytes: usize,
+    pub to_client: HeaderAllow,
+}
+
+impl AdapterLimits {
+    pub fn from_config(cfg: &forwarder_config::Config) -> Self {
+        Self {
+            max_body_bytes: cfg.limits.max_upstream_body_bytes,
+            max_event_bytes: cfg.limits.max_event_bytes,
+            to_client: HeaderAllow::new(&cfg.headers.to_client),
+        }
+    }
 }
 
 /// Builds the adapter an upstream's config asks for.
 pub fn build(
     cfg: &forwarder_config::UpstreamConfig,
+    limits: &AdapterLimits,
 ) -> Result<Arc<dyn Provider>, crate::BuildError> {
     use forwarder_config::Provider as Kind;
     Ok(match cfg.provider {
         Kind::Mock => Arc::new(MockProvider::new(cfg.mock.clone().unwrap_or_default())),
-        Kind::Openai => Arc::new(OpenAiProvider::new(cfg)?),
+        Kind::Openai => Arc::new(OpenAiProvider::new(cfg, limits.clone())?),
     })
 }

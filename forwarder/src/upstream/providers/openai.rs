@@ -1,28 +1,36 @@
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use eventsource_stream::Eventsource;
-use futures::StreamExt;
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt};
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 
-use super::{ChunkStream, Provider};
-use crate::api::{ChatChunk, ChatRequest, ChatResponse};
+use super::{AdapterLimits, Completed, Opened, Provider};
+use crate::pipeline::envelope::Envelope;
+use crate::sse::{self, Splitter};
 use crate::upstream::UpstreamError;
 use crate::BuildError;
 
-/// Any OpenAI-compatible `/chat/completions` server.
+/// Any OpenAI-compatible `/chat/completions` server. Bodies pass through
+/// untouched both ways: this adapter's format mapping is the identity.
 pub struct OpenAiProvider {
     client: reqwest::Client,
     /// Parsed once: parsing a URL per request was ~15% of the forwarder's CPU.
     url: reqwest::Url,
     auth: Option<HeaderValue>,
+    limits: AdapterLimits,
 }
 
-/// Longest upstream error body read to extract a message.
-const MAX_ERROR_BODY: usize = 8 * 1024;
+/// Longest upstream error body kept (4xx bodies are passed to the client).
+const MAX_ERROR_BODY: usize = 64 * 1024;
 
 impl OpenAiProvider {
-    pub fn new(cfg: &forwarder_config::UpstreamConfig) -> Result<Self, BuildError> {
+    pub fn new(
+        cfg: &forwarder_config::UpstreamConfig,
+        limits: AdapterLimits,
+    ) -> Result<Self, BuildError> {
         let base = cfg
             .base_url
             .as_deref()
@@ -55,16 +63,21 @@ impl OpenAiProvider {
             .map_err(|e| BuildError::new(format!("upstream {}: {e}", cfg.name)))?;
         let url = reqwest::Url::parse(&format!("{base}/chat/completions"))
             .map_err(|e| BuildError::new(format!("upstreams.{}.base_url: {e}", cfg.name)))?;
-        Ok(Self { client, url, auth })
+        Ok(Self {
+            client,
+            url,
+            auth,
+            limits,
+        })
     }
 
-    async fn send(&self, req: &ChatRequest) -> Result<reqwest::Response, UpstreamError> {
-        let body = serde_json::to_vec(req).map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+    async fn send(&self, req: &Envelope) -> Result<reqwest::Response, UpstreamError> {
         let mut builder = self
             .client
             .post(self.url.clone())
+            .headers(req.headers.clone())
             .header(CONTENT_TYPE, "application/json")
-            .body(body);
+            .body(req.body.clone());
         if let Some(auth) = &self.auth {
             builder = builder.header(AUTHORIZATION, auth.clone());
         }
@@ -118,69 +131,127 @@ async fn status_error(resp: reqwest::Response) -> UpstreamError {
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.trim().parse::<u64>().ok())
         .map(Duration::from_secs);
-    let mut body = Vec::new();
-    let mut stream = resp.bytes_stream();
-    while let Some(Ok(chunk)) = stream.next().await {
-        body.extend_from_slice(&chunk);
-        if body.len() >= MAX_ERROR_BODY {
-            break;
-        }
-    }
+    // 5xx bodies are never shown to clients: do not even read them.
+    let body = if status < 500 {
+        read_bounded(resp, MAX_ERROR_BODY, true)
+            .await
+            .unwrap_or_default()
+    } else {
+        Bytes::new()
+    };
     UpstreamError::Status {
         status,
         retry_after,
-        message: error_message(&body),
+        body,
     }
 }
 
-/// The `error.message` of an OpenAI-shaped error body, else a short excerpt.
-fn error_message(body: &[u8]) -> String {
-    serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v.pointer("/error/message")?.as_str().map(str::to_string))
-        .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned())
+/// Reads a body up to `limit` bytes: truncated when `truncate`, else an
+/// error. A body that arrives in one chunk is kept without a copy.
+async fn read_bounded(
+    resp: reqwest::Response,
+    limit: usize,
+    truncate: bool,
+) -> Result<Bytes, UpstreamError> {
+    let mut first: Option<Bytes> = None;
+    let mut rest = BytesMut::new();
+    let mut len = 0usize;
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let mut chunk = chunk.map_err(classify)?;
+        if len + chunk.len() > limit {
+            if !truncate {
+                return Err(UpstreamError::TooLarge(limit));
+            }
+            chunk.truncate(limit - len);
+        }
+        len += chunk.len();
+        match &first {
+            None => first = Some(chunk),
+            Some(f) => {
+                if rest.is_empty() {
+                    rest.extend_from_slice(f);
+                }
+                rest.extend_from_slice(&chunk);
+            }
+        }
+        if len >= limit {
+            break;
+        }
+    }
+    Ok(if rest.is_empty() {
+        first.unwrap_or_default()
+    } else {
+        rest.freeze()
+    })
 }
 
 #[async_trait]
 impl Provider for OpenAiProvider {
-    async fn complete(&self, req: &ChatRequest) -> Result<ChatResponse, UpstreamError> {
+    async fn complete(&self, req: &Envelope) -> Result<Completed, UpstreamError> {
         let resp = self.send(req).await?;
-        let bytes = resp.bytes().await.map_err(classify)?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| UpstreamError::Protocol(format!("invalid completion from upstream: {e}")))
+        let headers = self.limits.to_client.filter(resp.headers());
+        let body = read_bounded(resp, self.limits.max_body_bytes, false).await?;
+        Ok(Completed { headers, body })
     }
 
-    async fn stream(&self, req: &ChatRequest) -> Result<ChunkStream, UpstreamError> {
+    async fn stream(&self, req: &Envelope) -> Result<Opened, UpstreamError> {
         let resp = self.send(req).await?;
-        let events = resp.bytes_stream().eventsource();
-        let chunks = events
-            .take_while(|ev| {
-                let done = matches!(ev, Ok(e) if e.data.trim() == "[DONE]");
-                futures::future::ready(!done)
-            })
-            .filter_map(|ev| {
-                futures::future::ready(match ev {
-                    Ok(e) if e.data.trim().is_empty() => None,
-                    Ok(e) => Some(serde_json::from_str::<ChatChunk>(&e.data).map_err(|err| {
-                        UpstreamError::Protocol(format!(
-                            "invalid stream chunk from upstream: {err}"
-                        ))
-                    })),
-                    Err(e) => Some(Err(UpstreamError::Protocol(e.to_string()))),
-                })
-            });
-        Ok(chunks.boxed())
+        let headers = self.limits.to_client.filter(resp.headers());
+        let events = EventReader {
+            body: resp.bytes_stream().boxed(),
+            splitter: Splitter::new(self.limits.max_event_bytes),
+            ended: false,
+        };
+        Ok(Opened {
+            headers,
+            events: events.boxed(),
+        })
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Cuts an upstream body into whole SSE events.
+struct EventReader {
+    body: futures::stream::BoxStream<'static, reqwest::Result<Bytes>>,
+    splitter: Splitter,
+    ended: bool,
+}
 
-    #[test]
-    fn error_message_prefers_the_openai_shape() {
-        let body = br#"{"error": {"message": "slow down", "type": "x"}}"#;
-        assert_eq!(error_message(body), "slow down");
-        assert_eq!(error_message(b"plain failure"), "plain failure");
+impl Stream for EventReader {
+    type Item = Result<Bytes, UpstreamError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            match this.splitter.next_event() {
+                Ok(Some(event)) => return Poll::Ready(Some(Ok(event))),
+                Ok(None) => {}
+                Err(e) => {
+                    this.ended = true;
+                    return Poll::Ready(Some(Err(UpstreamError::TooLarge(e.0))));
+                }
+            }
+            match futures::ready!(this.body.poll_next_unpin(cx)) {
+                Some(Ok(chunk)) => this.splitter.push(&chunk),
+                Some(Err(e)) => {
+                    this.ended = true;
+                    return Poll::Ready(Some(Err(classify(e))));
+                }
+                None => {
+                    this.ended = true;
+                    // Servers that close right after `data: [DONE]` without
+                    // its blank line still ended cleanly; any other partial
+                    // event is dropped, and the stream judged incomplete.
+                    let rest = this.splitter.take_partial();
+                    if sse::scan(&rest).done {
+                        return Poll::Ready(Some(Ok(Bytes::from_static(sse::DONE_EVENT))));
+                    }
+                    return Poll::Ready(None);
+                }
+            }
+        }
     }
 }

@@ -1,0 +1,232 @@
+//! Server-Sent Events as bytes: a splitter that cuts an upstream body into
+//! whole events without decoding them, and a scanner that reads the few
+//! things the forwarder must know (`[DONE]`, `finish_reason`, `usage`) from
+//! an event's bytes. Events are relayed to clients verbatim.
+
+use bytes::{Bytes, BytesMut};
+use memchr::memmem;
+
+/// The terminal event OpenAI-compatible servers send.
+pub const DONE_EVENT: &[u8] = b"data: [DONE]\n\n";
+
+/// Cuts a byte stream into whole events (each ending with its blank line).
+/// One event may be at most `max_event` bytes: an upstream that sends a
+/// longer one is broken or hostile, and is reported rather than buffered.
+pub struct Splitter {
+    buf: BytesMut,
+    max_event: usize,
+    /// Where to resume looking for a blank line.
+    scanned: usize,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct EventTooLarge(pub usize);
+
+impl Splitter {
+    pub fn new(max_event: usize) -> Self {
+        Self {
+            buf: BytesMut::new(),
+            max_event,
+            scanned: 0,
+        }
+    }
+
+    pub fn push(&mut self, chunk: &[u8]) {
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// The next whole event, if one is buffered.
+    pub fn next_event(&mut self) -> Result<Option<Bytes>, EventTooLarge> {
+        // Resume a few bytes back so a terminator split across chunks is found.
+        let from = self.scanned.saturating_sub(3);
+        match event_end(&self.buf[from..]) {
+            Some(end) => {
+                self.scanned = 0;
+                Ok(Some(self.buf.split_to(from + end).freeze()))
+            }
+            None if self.buf.len() > self.max_event => Err(EventTooLarge(self.max_event)),
+            None => {
+                self.scanned = self.buf.len();
+                Ok(None)
+            }
+        }
+    }
+
+    /// What is left after the body ended: a partial event, if any.
+    pub fn take_partial(&mut self) -> Bytes {
+        self.scanned = 0;
+        self.buf.split().freeze()
+    }
+}
+
+/// The end (exclusive) of the first event in `buf`: the position after the
+/// first blank line (`\n\n`, `\r\n\r\n` or `\r\r`).
+fn event_end(buf: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while let Some(off) = memchr::memchr2(b'\n', b'\r', &buf[i..]) {
+        let at = i + off;
+        let rest = &buf[at..];
+        if rest.starts_with(b"\n\n") || rest.starts_with(b"\r\r") {
+            return Some(at + 2);
+        }
+        if rest.starts_with(b"\r\n\r\n") {
+            return Some(at + 4);
+        }
+        if rest.starts_with(b"\r\n\n") || rest.starts_with(b"\n\r\n") {
+            return Some(at + 3);
+        }
+        i = at + 1;
+    }
+    None
+}
+
+/// What the forwarder reads from one event.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EventInfo {
+    /// The event carries no data (only comments or other fields): a keep-alive.
+    pub comment_only: bool,
+    /// `data: [DONE]`.
+    pub done: bool,
+    /// Some choice carries a non-null `finish_reason`.
+    pub finished: bool,
+    /// A non-null `usage` object.
+    pub has_usage: bool,
+}
+
+/// Scans an event's bytes without decoding its JSON. Substring checks are
+/// enough here: a `"finish_reason":` key can only appear inside a string
+/// value as `\"finish_reason\":`, which these patterns do not match.
+pub fn scan(event: &[u8]) -> EventInfo {
+    let mut info = EventInfo {
+        comment_only: true,
+        ..Default::default()
+    };
+    for line in event.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(data) = line.strip_prefix(b"data:") else {
+            continue;
+        };
+        info.comment_only = false;
+        let data = data.strip_prefix(b" ").unwrap_or(data);
+        if data.trim_ascii() == b"[DONE]" {
+            info.done = true;
+            continue;
+        }
+        info.finished |= has_non_null(data, b"\"finish_reason\":");
+        info.has_usage |= has_non_null(data, b"\"usage\":");
+    }
+    info
+}
+
+/// Whether `key` occurs in `data` followed by a value other than `null`.
+fn has_non_null(data: &[u8], key: &[u8]) -> bool {
+    memmem::find_iter(data, key).any(|at| {
+        let value = data[at + key.len()..].trim_ascii_start();
+        !value.is_empty() && !value.starts_with(b"null")
+    })
+}
+
+/// The `data` of an event, with multi-line data joined by `\n` (per the
+/// SSE spec); `None` for an event without data.
+pub fn data(event: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
+    let mut lines = event
+        .split(|b| *b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+        .filter_map(|l| l.strip_prefix(b"data:"))
+        .map(|d| d.strip_prefix(b" ").unwrap_or(d));
+    let first = lines.next()?;
+    match lines.next() {
+        None => Some(std::borrow::Cow::Borrowed(first)),
+        Some(second) => {
+            let mut joined = first.to_vec();
+            for l in std::iter::once(second).chain(lines) {
+                joined.push(b'\n');
+                joined.extend_from_slice(l);
+            }
+            Some(std::borrow::Cow::Owned(joined))
+        }
+    }
+}
+
+/// One data event holding `json`.
+pub fn data_event(json: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(json.len() + 8);
+    b.extend_from_slice(b"data: ");
+    b.extend_from_slice(json);
+    b.extend_from_slice(b"\n\n");
+    b.freeze()
+}
+
+/// Splits a recorded stream (events concatenated) back into events.
+pub fn split_all(mut recorded: Bytes) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    while let Some(end) = event_end(&recorded) {
+        out.push(recorded.split_to(end));
+    }
+    if recorded.iter().any(|b| !b.is_ascii_whitespace()) {
+        out.push(recorded);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(chunks: &[&[u8]]) -> Vec<Bytes> {
+        let mut s = Splitter::new(1024);
+        let mut out = Vec::new();
+        for c in chunks {
+            s.push(c);
+            while let Some(e) = s.next_event().unwrap() {
+                out.push(e);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn events_are_cut_at_blank_lines_across_chunk_boundaries() {
+        let events = split(&[b"data: {\"a\":1}\n", b"\ndata: x\r\n\r", b"\n: ping\n\n"]);
+        assert_eq!(
+            events,
+            vec![
+                Bytes::from_static(b"data: {\"a\":1}\n\n"),
+                Bytes::from_static(b"data: x\r\n\r\n"),
+                Bytes::from_static(b": ping\n\n"),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_oversized_event_is_an_error_not_a_buffer() {
+        let mut s = Splitter::new(8);
+        s.push(b"data: 0123456789");
+        assert_eq!(s.next_event(), Err(EventTooLarge(8)));
+    }
+
+    #[test]
+    fn scanner_reads_done_finish_and_usage() {
+        assert!(scan(b"data: [DONE]\n\n").done);
+        assert!(scan(b": keep-alive\n\n").comment_only);
+        let chunk = br#"data: {"choices":[{"delta":{"content":"\"finish_reason\": x"},"finish_reason":null}],"usage":null}"#;
+        let info = scan(chunk);
+        assert!(!info.finished && !info.has_usage && !info.done && !info.comment_only);
+        let last = br#"data: {"choices":[{"delta":{},"finish_reason": "stop"}],"usage":{"total_tokens":3}}"#;
+        let info = scan(last);
+        assert!(info.finished && info.has_usage);
+    }
+
+    #[test]
+    fn data_joins_multi_line_fields() {
+        assert_eq!(data(b"data: a\ndata: b\n\n").unwrap().as_ref(), b"a\nb");
+        assert_eq!(data(b"data:x\n\n").unwrap().as_ref(), b"x");
+        assert!(data(b": c\n\n").is_none());
+    }
+
+    #[test]
+    fn recorded_streams_split_back_into_events() {
+        let rec = Bytes::from_static(b"data: 1\n\ndata: 2\n\ndata: [DONE]\n\n");
+        assert_eq!(split_all(rec).len(), 3);
+    }
+}
