@@ -71,7 +71,10 @@ impl Fleet {
 
     fn start_pod(&self) -> anyhow::Result<Pod> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{}-{id}", self.cfg.instance);
+        self.start_named(format!("{}-{id}", self.cfg.instance))
+    }
+
+    fn start_named(&self, name: String) -> anyhow::Result<Pod> {
         let port = free_port()?;
         let config = self.cfg.dir.join(format!("{name}.yaml"));
         std::fs::write(
@@ -145,6 +148,41 @@ impl Fleet {
         std::fs::write(&tmp, serde_json::to_vec_pretty(&groups)?)?;
         std::fs::rename(&tmp, self.targets_file())?;
         Ok(())
+    }
+
+    /// Runs one forwarder per name (pods that a real ReplicaSet created),
+    /// stopping those whose pod is gone; returns the names whose forwarder
+    /// is ready. For a fleet driven by a real API server.
+    pub async fn adopt(
+        &self,
+        names: &std::collections::BTreeSet<String>,
+    ) -> anyhow::Result<Vec<String>> {
+        let mut pods = self.pods.lock().await;
+        let mut changed = false;
+        while let Some(i) = pods.iter().position(|p| !names.contains(&p.name)) {
+            let pod = pods.remove(i);
+            self.endpoints.write().retain(|u| *u != pod.url);
+            pod.proc.terminate();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(6)).await;
+                drop(pod);
+            });
+            changed = true;
+        }
+        for name in names {
+            if !pods.iter().any(|p| p.name == *name) {
+                pods.push(self.start_named(name.clone())?);
+                changed = true;
+            }
+        }
+        if changed {
+            self.write_targets(&pods)?;
+        }
+        Ok(pods
+            .iter()
+            .filter(|p| p.ready.load(Ordering::Relaxed))
+            .map(|p| p.name.clone())
+            .collect())
     }
 
     /// Writes an empty target list (before Prometheus starts).

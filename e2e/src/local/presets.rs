@@ -27,7 +27,9 @@ pub fn standard(stretch: u32) -> Scenario {
     let mut policy = Policy::new(1, 6, 300.0, 0.05, 25.0, S * 12 * stretch, 2);
     policy.min_samples = 20.0;
     policy.ready_timeout = S * 6 * stretch;
-    policy.settle = S * 4;
+    // The rate window plus an interval: requests that queued before a
+    // scale-up still complete, slowly, a little after it.
+    policy.settle = S * 6;
     policy.max_gap = S * 6;
     Scenario {
         policy,
@@ -41,7 +43,9 @@ pub fn standard(stretch: u32) -> Scenario {
             phase("idle", 26, 0.0),
             Phase {
                 upstream_errors: 1.0,
-                ..phase("upstream-5xx", 10, 20.0)
+                // Retried failures complete in bursts up to ~1.4× the
+                // offered rate: 15/s stays under one replica's 27.5/s.
+                ..phase("upstream-5xx", 10, 15.0)
             },
             // The first step's two new pods never get ready; the load wants
             // more than that step.

@@ -4,6 +4,7 @@
 //! Returns the timeline for assertions (the test) or plotting (the demo).
 
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use operator::autoscale::metrics::{default_selector, Target};
@@ -73,7 +74,27 @@ pub struct Sample {
     pub explanation: String,
 }
 
-pub async fn run(s: Scenario, mut on_sample: impl FnMut(&Sample)) -> anyhow::Result<Vec<Sample>> {
+/// Runs the scenario with local processes as the scale target.
+pub async fn run(s: Scenario, on_sample: impl FnMut(&Sample)) -> anyhow::Result<Vec<Sample>> {
+    run_with(
+        s,
+        ("local", "demo"),
+        |fleet| Ok(fleet as Arc<dyn ScaleTarget>),
+        on_sample,
+    )
+    .await
+}
+
+/// Runs the scenario for the forwarder `instance` in `namespace` (the
+/// labels Prometheus attaches), scaled through the target `workload`
+/// builds around the fleet: the fleet itself, or a real API server's
+/// Deployment whose pods the fleet follows.
+pub async fn run_with(
+    s: Scenario,
+    (namespace, instance): (&str, &str),
+    workload: impl FnOnce(Arc<Fleet>) -> anyhow::Result<Arc<dyn ScaleTarget>>,
+    mut on_sample: impl FnMut(&Sample),
+) -> anyhow::Result<Vec<Sample>> {
     let dir = tempfile::tempdir()?;
     let forwarder = forwarder_bin()?;
     let mock_port = free_port()?;
@@ -91,14 +112,14 @@ pub async fn run(s: Scenario, mut on_sample: impl FnMut(&Sample)) -> anyhow::Res
     let mock_url = format!("http://127.0.0.1:{mock_port}");
     wait_http_ok(&format!("{mock_url}/healthz"), Duration::from_secs(10)).await?;
 
-    let fleet = Fleet::new(FleetConfig {
+    let fleet = Arc::new(Fleet::new(FleetConfig {
         forwarder,
         dir: dir.path().to_path_buf(),
         upstream: format!("{mock_url}/v1"),
         max_concurrency: s.max_concurrency,
-        namespace: "local".into(),
-        instance: "demo".into(),
-    });
+        namespace: namespace.into(),
+        instance: instance.into(),
+    }));
     fleet.init()?;
     let mut prometheus = Prometheus::start(dir.path(), &fleet.targets_file(), s.scrape).await?;
     let timeout = s.interval / 3;
@@ -111,13 +132,14 @@ pub async fn run(s: Scenario, mut on_sample: impl FnMut(&Sample)) -> anyhow::Res
         prometheus_http_query::Client::try_from(hung.url.as_str())?,
         timeout,
     );
-    fleet
+    let scaled = workload(fleet.clone())?;
+    scaled
         .scale(s.policy.min)
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
     let load = Load::start(fleet.endpoints());
     let target = Target {
-        selector: default_selector("local", "demo"),
+        selector: default_selector(namespace, instance),
         window: s.window,
         live_pods: None,
         max_age: s.scrape * 3,
@@ -156,11 +178,11 @@ pub async fn run(s: Scenario, mut on_sample: impl FnMut(&Sample)) -> anyhow::Res
             tokio::time::sleep(s.interval).await;
             let began = Instant::now();
             let e = evaluator
-                .evaluate(source, &target, &fleet)
+                .evaluate(source, &target, scaled.as_ref())
                 .await
                 .map_err(|e| anyhow::anyhow!(e))?;
             let eval_secs = began.elapsed().as_secs_f64();
-            let state = fleet.state().await.map_err(|e| anyhow::anyhow!(e))?;
+            let state = scaled.state().await.map_err(|e| anyhow::anyhow!(e))?;
             let (p99, errors, requests) = load.recent(s.interval);
             let sample = Sample {
                 t: started.elapsed().as_secs_f64(),

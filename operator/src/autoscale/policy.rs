@@ -14,8 +14,8 @@
 //!    the bottleneck: saturated, or its own time (measured directly,
 //!    upstream attempts and backoff excluded) is a large share of the
 //!    budget. A breach from fewer than `min_samples` requests is no
-//!    evidence. After a scale-up, SLO steps wait one rate window, until
-//!    the new replicas show in the percentiles.
+//!    evidence. After a scale-up, SLO steps wait `settle` (a rate window and
+//!    an interval), until the new replicas show in the percentiles.
 //! 4. Up fast (bounded by the max step), but not again while replicas
 //!    added earlier are not yet Ready, for at most `ready_timeout`.
 //! 5. Down slowly: only to the highest recommendation of the whole
@@ -51,7 +51,8 @@ pub struct Policy {
     pub min_samples: f64,
     /// How long a scale-up waits for earlier replicas to become Ready.
     pub ready_timeout: Duration,
-    /// After a scale-up, SLO-driven steps wait this long (the rate window).
+    /// After a scale-up, SLO-driven steps wait this long (the rate window
+    /// and an interval).
     pub settle: Duration,
     /// Largest gap between evaluations for the history to count as
     /// covering the stabilization window.
@@ -64,8 +65,8 @@ impl Policy {
     /// adds well under 1 ms, so a quarter of the budget means it is queueing;
     /// 512 in flight per replica is where a 2-core pod starts to queue; a
     /// P99 from fewer than 100 requests is just the maximum; 5 minutes is
-    /// far beyond a forwarder's start time; settle and gap match the
-    /// operator's 1-minute window and 15 s interval (three evaluations).
+    /// far beyond a forwarder's start time; settle (window + interval) and gap
+    /// (three evaluations) match the operator's 1-minute window and 15 s interval.
     pub fn new(
         min: u32,
         max: u32,
@@ -89,7 +90,7 @@ impl Policy {
             max_inflight_per_replica: 512.0,
             min_samples: 100.0,
             ready_timeout: Duration::from_secs(300),
-            settle: Duration::from_secs(60),
+            settle: Duration::from_secs(75),
             max_gap: Duration::from_secs(45),
         }
     }
@@ -273,16 +274,17 @@ fn signals(p: &Policy, obs: &Observed, r: Replicas) -> Signals {
         ttft_ms: ttft,
         error_rate: errors,
     });
+    // QPS above the target is the capacity rule's to size, not evidence
+    // that a breach is the forwarder's: with retries, completions of a
+    // failing upstream arrive in bursts above the offered rate. A
+    // saturated forwarder queues, and queueing is its own time.
     let serving = f64::from(r.ready.max(1));
-    let saturated_qps =
-        qps.is_some_and(|q| q / serving > p.target_qps_per_replica * (1.0 + p.tolerance));
-    let bottleneck = saturated_qps
-        || match clean(obs.own_p99_ms) {
-            Some(own) => own > p.own_latency_share * p.p99_slo_ms,
-            // Old forwarders without the own-time histogram: only
-            // saturation can blame the forwarder.
-            None => clean(obs.inflight).is_some_and(|i| i / serving > p.max_inflight_per_replica),
-        };
+    let bottleneck = match clean(obs.own_p99_ms) {
+        Some(own) => own > p.own_latency_share * p.p99_slo_ms,
+        // No own time in the window (an older forwarder, or only failed
+        // requests): in-flight saturation stands in.
+        None => clean(obs.inflight).is_some_and(|i| i / serving > p.max_inflight_per_replica),
+    };
     let partial = obs.reporting < r.ready;
     // A missing P99 is only expected when the window holds too few
     // requests to have one (zero traffic: no samples, P99 NaN).
@@ -581,15 +583,27 @@ mod tests {
                 reason: Reason::Stable,
             },
             Case {
-                name: "error breach while saturated",
+                name: "error breach while the forwarder queues",
                 obs: Observed {
                     error_rate: Some(0.02),
+                    own_p99_ms: Some(200.0),
                     ..healthy(240.0, 4)
                 },
                 r: at(4),
                 history: vec![],
                 desired: 8,
                 reason: Reason::ErrorSlo,
+            },
+            Case {
+                name: "error breach with QPS above target only: capacity sizes it",
+                obs: Observed {
+                    error_rate: Some(0.02),
+                    ..healthy(240.0, 4)
+                },
+                r: at(4),
+                history: vec![],
+                desired: 5,
+                reason: Reason::Capacity,
             },
             Case {
                 name: "error breach without saturation: more forwarders would not help",
@@ -837,7 +851,7 @@ mod tests {
             },
             at(8),
             &h,
-            160 * S,
+            180 * S,
         );
         assert_eq!(d.reason, Reason::LatencySlo, "the window has passed");
     }
@@ -862,6 +876,28 @@ mod tests {
         let d = decide(&p, &failing, at(4), &History::default(), Duration::ZERO);
         assert_eq!((d.desired, d.reason), (4, Reason::Stable), "{d:?}");
         assert!(d.upstream_slow && d.breach.is_some());
+        // Seen on the real API server: retried failures complete in bursts
+        // above the offered rate (28/s for 20/s offered on one replica),
+        // with no own time in the window (every request failed).
+        let burst = Observed {
+            qps: Some(27.9),
+            requests: Some(110.0),
+            p99_ms: Some(225.0),
+            own_p99_ms: None,
+            error_rate: Some(1.0),
+            inflight: Some(0.0),
+            reporting: 1,
+            ..Default::default()
+        };
+        let small = Policy {
+            min: 1,
+            target_qps_per_replica: 25.0,
+            min_samples: 20.0,
+            ..policy()
+        };
+        let d = decide(&small, &burst, at(1), &History::default(), Duration::ZERO);
+        assert_eq!(d.desired, 2, "capacity only, no SLO step: {d:?}");
+        assert!(d.upstream_slow);
         // Without the own-time histogram (an older forwarder), in-flight
         // saturation still counts.
         let old = Observed {

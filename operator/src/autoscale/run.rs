@@ -201,9 +201,10 @@ impl Autoscaler {
             live_pods: None,
             max_age: self.max_age,
         };
-        // SLO steps wait one rate window after a scale-up; three missed
-        // evaluations make a gap in the stabilization history.
-        ev.policy.settle = target.window;
+        // SLO steps wait a rate window and an interval after a scale-up
+        // (requests queued before it still complete, slowly, just after);
+        // three missed evaluations make a gap in the stabilization history.
+        ev.policy.settle = target.window + self.interval;
         ev.policy.max_gap = self.interval * 3;
         let e = ev
             .evaluate(self.source.as_ref(), &target, &workload)
