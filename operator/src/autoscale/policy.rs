@@ -140,6 +140,7 @@ pub struct History {
     /// Since when fewer replicas than wanted are Ready; reset by each
     /// scale-up, so new pods get a full `ready_timeout`.
     pub not_ready_since: Option<Duration>,
+    /// When replicas were last added, moved to when they were all Ready.
     pub last_scale_up: Option<Duration>,
 }
 
@@ -164,6 +165,11 @@ impl History {
             self.last_scale_up = Some(now);
             self.not_ready_since = Some(now);
         } else if r.ready >= r.current {
+            // The added replicas serve from now: settle from here, not
+            // from the decision (pods take a while to become Ready).
+            if self.not_ready_since.is_some() && self.last_scale_up.is_some() {
+                self.last_scale_up = Some(now);
+            }
             self.not_ready_since = None;
         } else if self.not_ready_since.is_none() {
             self.not_ready_since = Some(now);
@@ -842,17 +848,16 @@ mod tests {
             115 * S,
         );
         assert_eq!((d.desired, d.reason), (8, Reason::Settling));
+        // All 8 Ready at 115 s: the settle time runs from there.
         h.record(&p, at(8), &d, 115 * S);
-        let d = decide(
-            &p,
-            &Observed {
-                reporting: 8,
-                ..breach
-            },
-            at(8),
-            &h,
-            180 * S,
-        );
+        assert_eq!(h.last_scale_up, Some(115 * S));
+        let still = Observed {
+            reporting: 8,
+            ..breach
+        };
+        let d = decide(&p, &still, at(8), &h, 185 * S);
+        assert_eq!(d.reason, Reason::Settling, "70 s after Ready");
+        let d = decide(&p, &still, at(8), &h, 195 * S);
         assert_eq!(d.reason, Reason::LatencySlo, "the window has passed");
     }
 
