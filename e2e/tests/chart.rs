@@ -683,6 +683,8 @@ fn assert_known_metrics(expr: &str, origin: &str) {
         "forwarder_request_duration_seconds_bucket",
         "forwarder_upstream_requests_total",
         "forwarder_upstream_duration_seconds_bucket",
+        "forwarder_own_duration_seconds_bucket",
+        "forwarder_time_to_first_token_seconds_bucket",
         "forwarder_inflight_requests",
         "modelforwarder_operator_reconcile_errors_total",
         "modelforwarder_operator_leader",
@@ -771,6 +773,8 @@ fn prometheus_rule_and_dashboard_query_the_metrics_contract() {
         "P99 latency",
         "Error rate (5xx share)",
         "Replicas",
+        "Forwarder own time P99",
+        "Time to first token P99",
     ] {
         assert!(titles.contains(&want), "dashboard lacks {want}: {titles:?}");
     }
@@ -1407,6 +1411,7 @@ impl operator::autoscale::MetricsSource for BusyForwarder {
             inflight: Some(40.0),
             upstream_p99_ms: Some(100.0),
             reporting: 2,
+            ..Default::default()
         })
     }
 }

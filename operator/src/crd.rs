@@ -341,6 +341,13 @@ pub struct Slo {
     #[serde(default = "default_qps")]
     #[schemars(range(min = 1, max = 1000000))]
     pub target_qps_per_replica: u32,
+    /// Target 99th-percentile time to first token of streamed requests, in
+    /// milliseconds. When set, streams are judged by it instead of by their
+    /// total duration (which is the model's generation time): while the
+    /// window holds streamed requests, `p99LatencyMs` is not applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 600000))]
+    pub ttft_p99_ms: Option<u32>,
 }
 
 fn default_p99() -> u32 {
@@ -359,6 +366,7 @@ impl Default for Slo {
             p99_latency_ms: default_p99(),
             max_error_rate: default_error_rate(),
             target_qps_per_replica: default_qps(),
+            ttft_p99_ms: None,
         }
     }
 }
@@ -366,6 +374,10 @@ impl Default for Slo {
 /// Scaling behaviour (used by the autoscaler, a later component).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
+// Label matchers only (`name op "value"`, comma separated): the selector is
+// placed inside PromQL braces, so anything else could change the query.
+// The autoscaler checks the same (`autoscale::metrics::validate_selector`).
+#[x_kube(validation = kube::core::Rule::new(r#"!has(self.metricsSelector) || self.metricsSelector.matches('^\\s*[a-zA-Z_][a-zA-Z0-9_]*\\s*(=~|!~|!=|=)\\s*"([^"\\\\\\n]|\\\\.)*"\\s*(,\\s*[a-zA-Z_][a-zA-Z0-9_]*\\s*(=~|!~|!=|=)\\s*"([^"\\\\\\n]|\\\\.)*"\\s*)*,?\\s*$')"#).message(r#"metricsSelector must be PromQL label matchers only, such as job="llm",pod=~"bot-.*" (operators =, !=, =~, !~; double-quoted values)"#))]
 pub struct Scaling {
     /// How long the metrics must justify a smaller count before scaling down.
     #[serde(default = "default_stabilization")]
@@ -379,6 +391,7 @@ pub struct Scaling {
     /// forwarder series, replacing the default
     /// `namespace="<ns>",app_kubernetes_io_instance="<name>"`; for scrape
     /// configs that label pods differently. Series must still carry `pod`.
+    /// Only matchers `name op "value"` (=, !=, =~, !~), comma separated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 1024))]
     pub metrics_selector: Option<String>,
@@ -497,8 +510,18 @@ pub struct ModelForwarderStatus {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ObservedMetrics {
-    /// 99th-percentile request latency, in milliseconds.
-    pub p99_latency_ms: f64,
+    /// 99th-percentile request latency, in milliseconds; absent without
+    /// requests in the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99_latency_ms: Option<f64>,
+    /// 99th-percentile time spent in the forwarder itself (upstream
+    /// attempts and backoff excluded), in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub own_p99_latency_ms: Option<f64>,
+    /// 99th-percentile time to first token of streamed requests, in
+    /// milliseconds; absent without streams in the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttft_p99_ms: Option<f64>,
     /// Requests per second over all pods.
     pub qps: f64,
     /// Fraction of requests that failed.

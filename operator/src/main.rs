@@ -36,6 +36,10 @@ struct Args {
     /// PromQL rate window: four scrapes, so one missed scrape never empties it.
     #[arg(long, env = "AUTOSCALE_RATE_WINDOW", default_value = "1m", value_parser = humantime::parse_duration)]
     rate_window: std::time::Duration,
+    /// Bound on each Prometheus query: a Prometheus that accepts and never
+    /// answers then reads as unavailable within one interval.
+    #[arg(long, env = "PROMETHEUS_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    prometheus_timeout: std::time::Duration,
     /// Series older than this are stale: three scrapes.
     #[arg(long, env = "AUTOSCALE_MAX_SAMPLE_AGE", default_value = "45s", value_parser = humantime::parse_duration)]
     max_sample_age: std::time::Duration,
@@ -152,7 +156,12 @@ async fn main() -> anyhow::Result<()> {
             namespace: args.namespace.clone(),
             recorder: ctx.recorder.clone(),
             metrics: metrics.clone(),
-            source: Arc::new(Prometheus(p)),
+            // Two query rounds (freshness, then the rest at once) must fit
+            // in one interval.
+            source: Arc::new(Prometheus::new(
+                p,
+                args.prometheus_timeout.min(args.autoscale_interval / 3),
+            )),
             interval: args.autoscale_interval,
             window: args.rate_window,
             max_age: args.max_sample_age,
