@@ -112,7 +112,7 @@ pub async fn run(client: Client, namespace: Option<String>, mut ctx: Context) {
         .with_config(
             controller::Config::default()
                 .debounce(Duration::from_millis(500))
-                .concurrency(8),
+                .concurrency(32),
         )
         .owns_stream(deployment_events)
         .owns_stream(config_map_events)

@@ -442,8 +442,11 @@ async fn report_invalid(invalid: &InvalidObject, ctx: &Context) {
 
 /// Reconciles one valid ModelForwarder.
 pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action, Error> {
-    // Owner references cascade the deletion; nothing to clean up by hand.
+    // Owner references cascade the deletion; nothing to clean up by hand
+    // but the retry state.
     if mf.metadata.deletion_timestamp.is_some() {
+        ctx.failures
+            .clear(&(mf.namespace().unwrap_or_default(), mf.name_any()));
         return Ok(Action::await_change());
     }
     let name = mf.name_any();
@@ -792,6 +795,32 @@ mod tests {
         assert_eq!(scale_target(Some(1), &r), Some(2), "below min → min");
         assert_eq!(scale_target(Some(3), &r), None, "within bounds: leave it");
         assert_eq!(scale_target(Some(9), &r), Some(5), "above max → max");
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        for n in 1..=24u32 {
+            let base = RETRY.saturating_mul(1 << (n - 1).min(16)).min(RETRY_MAX);
+            let d = backoff(n);
+            assert!(
+                d >= base.mul_f64(0.75) && d < base.mul_f64(1.25),
+                "retry {n}: {d:?} not within 25% of {base:?}"
+            );
+        }
+        // Jitter: resources failing together do not retry together.
+        let delays: std::collections::BTreeSet<_> = (0..20).map(|_| backoff(3)).collect();
+        assert!(delays.len() > 1);
+    }
+
+    #[test]
+    fn repeated_failures_count_and_publish_once_per_distinct_error() {
+        let f = Failures::default();
+        let key = ("ns".to_string(), "bot".to_string());
+        assert_eq!(f.record(key.clone(), "quota"), (1, true));
+        assert_eq!(f.record(key.clone(), "quota"), (2, false));
+        assert_eq!(f.record(key.clone(), "webhook"), (3, true));
+        f.clear(&key);
+        assert_eq!(f.record(key, "webhook"), (1, true));
     }
 
     #[test]

@@ -930,3 +930,154 @@ async fn a_leader_that_cannot_renew_stops_and_a_released_lease_is_taken_at_once(
     assert!(released.elapsed() < Duration::from_secs(2));
     drop(a);
 }
+
+/// Scale figures for docs/operator.md (not a pass/fail test): N resources
+/// (`SCALE_N`, default 100) applied to the in-process controller; prints
+/// the time from the last apply until every resource is reconciled, the
+/// operator's API requests per minute at steady state, and the test
+/// process's RSS (operator plus test client; the control plane runs in its
+/// own processes).
+///
+/// `KUBEBUILDER_ASSETS=$PWD/target/k8s-bin cargo test --release -p operator --test api -- --ignored scale_figures --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "scale figures, run on demand (needs KUBEBUILDER_ASSETS)"]
+async fn scale_figures() {
+    use futures::StreamExt;
+    let n: usize = std::env::var("SCALE_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let (admin, ns) = setup("scale-figures").await;
+    let log = Log::default();
+    let client = recording_client(&log, Arc::default()).await;
+    let _running = run_controller(client, &ns);
+    let api: Api<ModelForwarder> = Api::namespaced(admin.clone(), &ns);
+
+    let started = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let admin = admin.clone();
+            let ns = ns.clone();
+            async move { create(&admin, &ns, &format!("mf-{i}"), spec(1, 3)).await }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    let applied = started.elapsed();
+    let last_apply = Instant::now();
+    let deps: Api<Deployment> = Api::namespaced(admin.clone(), &ns);
+    loop {
+        let mfs = api.list(&ListParams::default()).await.unwrap().items;
+        let done = mfs
+            .iter()
+            .filter(|m| {
+                m.status.as_ref().and_then(|s| s.observed_generation) == m.metadata.generation
+            })
+            .count();
+        let dep_count = deps
+            .list_metadata(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .len();
+        if done == n && dep_count == n {
+            break;
+        }
+        if last_apply.elapsed() > Duration::from_secs(300) {
+            let mut problems: Vec<String> = mfs
+                .iter()
+                .filter_map(|m| condition(m, "Degraded"))
+                .filter(|c| c.0 == "True")
+                .map(|c| format!("{}: {}", c.1, c.2))
+                .collect();
+            problems.sort();
+            problems.dedup();
+            panic!(
+                "after 300 s: {done}/{n} with a current status, {dep_count} Deployments; problems: {:?}",
+                &problems[..problems.len().min(5)]
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reconciled = last_apply.elapsed();
+    let during = log
+        .take()
+        .iter()
+        .filter(|(_, p)| !p.contains("watch=true"))
+        .count();
+
+    // Steady state: once the Deployment controller has rolled out every
+    // Deployment (its status changes are real changes the status follows).
+    let settle = Instant::now();
+    loop {
+        let all = deps.list(&ListParams::default()).await.unwrap().items;
+        let settled = all.iter().all(|d| {
+            let st = d.status.clone().unwrap_or_default();
+            st.observed_generation == d.metadata.generation
+                && st.replicas == d.spec.as_ref().and_then(|s| s.replicas)
+                && st
+                    .conditions
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Progressing")
+        });
+        if settled || settle.elapsed() > Duration::from_secs(600) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let settled_after = settle.elapsed();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    log.take();
+    let window = Duration::from_secs(60);
+    tokio::time::sleep(window).await;
+    let steady: Vec<_> = log
+        .take()
+        .into_iter()
+        .filter(|(_, p)| !p.contains("watch=true"))
+        .collect();
+    let per_minute = steady.len() as f64 * 60.0 / window.as_secs_f64();
+
+    // A spec change reaching the children.
+    let changed = Instant::now();
+    api.patch(
+        "mf-0",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": {"min": 2}}})),
+    )
+    .await
+    .unwrap();
+    wait("the spec change", Duration::from_secs(30), || async {
+        deps.get("mf-0")
+            .await
+            .unwrap()
+            .spec
+            .and_then(|s| s.replicas)
+            == Some(2)
+    })
+    .await;
+    let propagation = changed.elapsed();
+
+    let rss = std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .unwrap_or_default()
+        .to_string();
+    eprintln!(
+        "scale figures: {n} resources; applies took {:.1} s; all reconciled {:.2} s after the last apply; \
+         {during} operator requests (non-watch) meanwhile; steady state: {per_minute:.0} requests/min ({:.2} per resource per minute); \
+         a spec change reached the Deployment in {:.2} s; {rss} (Deployments settled {:.0} s after that)",
+        applied.as_secs_f64(),
+        reconciled.as_secs_f64(),
+        per_minute / n as f64,
+        propagation.as_secs_f64(),
+        settled_after.as_secs_f64()
+    );
+    if !steady.is_empty() {
+        eprintln!(
+            "steady-state requests (first 10): {:?}",
+            &steady[..steady.len().min(10)]
+        );
+    }
+}
