@@ -386,7 +386,8 @@ fn launch(assets: &Path) -> Result<ControlPlane, String> {
         format!("--service-account-signing-key-file={d}/sa.key"),
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
         "--authorization-mode=Node,RBAC".into(),
-        "--service-cluster-ip-range=10.0.0.0/24".into(),
+        // Room for a thousand Services (the scale figures).
+        "--service-cluster-ip-range=10.0.0.0/16".into(),
         "--profiling=false".into(),
     ];
     let apiserver = assets.join("kube-apiserver");

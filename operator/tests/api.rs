@@ -356,6 +356,59 @@ async fn hand_edits_are_repaired_and_replicas_belong_to_the_scaler() {
     not(envtest),
     ignore = "set KUBEBUILDER_ASSETS: needs a real kube-apiserver"
 )]
+async fn conditions_from_two_writers_are_merged() {
+    let (admin, ns) = setup("conditions").await;
+    let ctx = context(admin.clone());
+    create(&admin, &ns, "bot", spec(1, 3)).await;
+    reconcile_stored(&ctx, &admin, &ns, "bot")
+        .await
+        .expect("reconcile");
+    let api: Api<ModelForwarder> = Api::namespaced(admin.clone(), &ns);
+    // The autoscaler's condition, under its own field manager.
+    api.patch_status(
+        "bot",
+        &PatchParams::apply("modelforwarder-operator-autoscaler").force(),
+        &Patch::Apply(json!({
+            "apiVersion": "llm.forwarder.dev/v1alpha1", "kind": "ModelForwarder",
+            "status": {"conditions": [{"type": "SLOBreached", "status": "False", "reason": "WithinSLO",
+                                       "message": "p99 within the SLO", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+        })),
+    )
+    .await
+    .expect("autoscaler status");
+    // A spec change: the operator writes its status again.
+    api.patch(
+        "bot",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": {"max": 4}}})),
+    )
+    .await
+    .unwrap();
+    reconcile_stored(&ctx, &admin, &ns, "bot")
+        .await
+        .expect("reconcile");
+    let mf = fetch(&admin, &ns, "bot").await;
+    assert_eq!(
+        mf.status.as_ref().and_then(|s| s.observed_generation),
+        mf.metadata.generation,
+        "the operator wrote its status"
+    );
+    assert!(
+        condition(&mf, "Ready").is_some(),
+        "the operator's conditions"
+    );
+    assert_eq!(
+        condition(&mf, "SLOBreached").map(|c| c.1),
+        Some("WithinSLO".to_string()),
+        "the autoscaler's condition survives the operator's status apply"
+    );
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(envtest),
+    ignore = "set KUBEBUILDER_ASSETS: needs a real kube-apiserver"
+)]
 async fn the_pdb_follows_the_replica_count() {
     let (admin, ns) = setup("pdb").await;
     let ctx = context(admin.clone());
