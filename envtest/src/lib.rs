@@ -281,11 +281,28 @@ fn exited(child: &mut Child, dir: &Path, name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// A scratch folder; tmpfs when there is one, since etcd syncs a lot.
+/// Bytes available to an unprivileged writer under `path`.
+fn available(path: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return 0;
+    };
+    // SAFETY: a valid C string and a zeroed out-struct for statvfs to fill.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return 0;
+        }
+        st.f_bavail as u64 * st.f_frsize as u64
+    }
+}
+
+/// A scratch folder; tmpfs when there is one with room (etcd syncs a lot
+/// and preallocates 64 MB WAL files; a container's default 64 MB /dev/shm
+/// is too small).
 fn scratch() -> Result<PathBuf, String> {
     let shm = Path::new("/dev/shm");
-    let base = if shm.is_dir() && std::fs::metadata(shm).is_ok_and(|m| !m.permissions().readonly())
-    {
+    let base = if shm.is_dir() && available(shm) >= 1 << 30 {
         shm.to_path_buf()
     } else {
         std::env::temp_dir()
@@ -369,7 +386,8 @@ fn launch(assets: &Path) -> Result<ControlPlane, String> {
         format!("--service-account-signing-key-file={d}/sa.key"),
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
         "--authorization-mode=Node,RBAC".into(),
-        "--service-cluster-ip-range=10.0.0.0/24".into(),
+        // Room for a thousand Services (the scale figures).
+        "--service-cluster-ip-range=10.0.0.0/16".into(),
         "--profiling=false".into(),
     ];
     let apiserver = assets.join("kube-apiserver");

@@ -43,9 +43,33 @@ pub const GROUP: &str = "llm.forwarder.dev";
     ),
     printcolumn(
         name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "The Ready condition"
+    ),
+    printcolumn(
+        name = "Degraded",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Degraded\")].status",
+        description = "The Degraded condition"
+    ),
+    printcolumn(
+        name = "Pods",
         type_ = "integer",
         json_path = ".status.readyReplicas",
         description = "Pods ready to serve"
+    ),
+    printcolumn(
+        name = "Min",
+        type_ = "integer",
+        json_path = ".spec.replicas.min",
+        description = "Fewest replicas"
+    ),
+    printcolumn(
+        name = "Max",
+        type_ = "integer",
+        json_path = ".spec.replicas.max",
+        description = "Most replicas"
     ),
     printcolumn(
         name = "Desired",
@@ -72,6 +96,7 @@ pub const GROUP: &str = "llm.forwarder.dev";
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = api_server_formats)]
 pub struct ModelForwarderSpec {
     /// Protocols the forwarder serves. `http` (simple and OpenAI-compatible
     /// APIs) and `websocket` (`/api/v1/ws`) share the `http` port 8080;
@@ -114,6 +139,43 @@ pub struct ModelForwarderSpec {
     #[serde(default)]
     pub pod: PodOverrides,
 }
+
+/// Schema fixes for the API server, applied to the whole (inlined) spec:
+/// - `format: uint32` is not a Kubernetes format (the API server warns on
+///   every apply): unsigned fields become `int32`, their `minimum` (0 or
+///   more) stays;
+/// - quantities (`x-kubernetes-int-or-string` fields such as
+///   `resources.limits.cpu`) get the pattern Kubernetes parses, so
+///   `cpu: lots` is refused when the resource is written instead of failing
+///   every apply of the Deployment.
+pub fn api_server_formats(schema: &mut schemars::Schema) {
+    fn walk(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if m.get("format").and_then(|f| f.as_str()) == Some("uint32") {
+                    m.insert("format".into(), "int32".into());
+                    m.entry("minimum").or_insert(0.into());
+                }
+                let quantity = m.get("x-kubernetes-int-or-string") == Some(&true.into())
+                    && m.get("description")
+                        .and_then(|d| d.as_str())
+                        .is_some_and(|d| d.starts_with("Quantity is"));
+                if quantity {
+                    m.insert("pattern".into(), QUANTITY_PATTERN.into());
+                }
+                m.values_mut().for_each(walk);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    let mut v = serde_json::Value::from(std::mem::take(schema));
+    walk(&mut v);
+    *schema = schemars::Schema::try_from(v).unwrap_or_default();
+}
+
+/// What `resource.Quantity` accepts (the pattern controller-gen emits).
+pub const QUANTITY_PATTERN: &str = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$";
 
 fn default_protocols() -> Vec<Protocol> {
     vec![Protocol::Http]

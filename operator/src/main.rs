@@ -117,16 +117,13 @@ async fn main() -> anyhow::Result<()> {
 
     let mut election = None;
     if args.leader_election {
-        let cfg = LeaderConfig {
-            lease_name: args.lease_name.clone(),
-            namespace: args
-                .lease_namespace
+        let cfg = LeaderConfig::new(
+            args.lease_name.clone(),
+            args.lease_namespace
                 .clone()
                 .unwrap_or_else(|| client.default_namespace().to_string()),
-            identity: identity.clone(),
-            duration_secs: 15,
-            grace_secs: 5,
-        };
+            identity.clone(),
+        );
         tracing::info!(lease = %cfg.lease_name, namespace = %cfg.namespace, %identity, "waiting for the leader lease");
         let mut e = Election::start(client.clone(), &cfg)
             .await
@@ -137,24 +134,25 @@ async fn main() -> anyhow::Result<()> {
     }
     metrics.leader.set(1);
 
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "modelforwarder-operator".into(),
-                instance: Some(identity),
-            },
-        ),
-        default_image: args.forwarder_image.clone(),
-        metrics: metrics.clone(),
-    });
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "modelforwarder-operator".into(),
+            instance: Some(identity),
+        },
+    );
+    let ctx = Context::new(
+        client.clone(),
+        recorder.clone(),
+        args.forwarder_image.clone(),
+        metrics.clone(),
+    );
     // Only the leader autoscales, like it reconciles.
     let autoscaler = prometheus.map(|p| {
         let scaler = Autoscaler {
             client: client.clone(),
             namespace: args.namespace.clone(),
-            recorder: ctx.recorder.clone(),
+            recorder,
             metrics: metrics.clone(),
             // Two query rounds (freshness, then the rest at once) must fit
             // in one interval.
@@ -177,11 +175,17 @@ async fn main() -> anyhow::Result<()> {
         Some(mut e) => {
             tokio::select! {
                 () = controller => {
+                    // Stop acting first, then let the standby lead at once.
+                    if let Some(a) = &autoscaler {
+                        a.abort();
+                    }
+                    metrics.leader.set(0);
                     tracing::info!("controller stopped; releasing the lease");
                     e.release().await.context("releasing the leader lease")?;
                 }
                 lost = e.lost() => {
-                    // Exit at once: a new leader may already be acting.
+                    // Exit at once: a new leader may be acting as soon as
+                    // the lease expires.
                     tracing::error!(error = %lost, "leadership lost; exiting");
                     std::process::exit(1);
                 }
