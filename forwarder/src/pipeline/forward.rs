@@ -83,7 +83,12 @@ impl Forwarder {
             finished: false,
             idle,
             deadline,
-            timer: Box::pin(tokio::time::sleep_until(deadline)),
+            last_event: Instant::now(),
+            timer: Box::pin(tokio::time::sleep_until(
+                Instant::now()
+                    .checked_add(idle)
+                    .map_or(deadline, |t| t.min(deadline)),
+            )),
             started,
             model: env.model.clone(),
             metrics: self.metrics.clone(),
@@ -271,6 +276,7 @@ struct UpstreamStream {
     finished: bool,
     idle: Duration,
     deadline: Instant,
+    last_event: Instant,
     timer: Pin<Box<Sleep>>,
     started: Instant,
     model: String,
@@ -278,11 +284,29 @@ struct UpstreamStream {
 }
 
 impl UpstreamStream {
+    /// Notes an event. The timer is not moved per event (that costs a
+    /// timer-wheel update per token); when it fires, it is pushed to the
+    /// idle limit after the last event instead, if that is still ahead.
     fn rearm(&mut self) {
-        let at = Instant::now()
-            .checked_add(self.idle)
-            .map_or(self.deadline, |t| t.min(self.deadline));
-        self.timer.as_mut().reset(at);
+        self.last_event = Instant::now();
+    }
+
+    /// Whether the stream has really stalled (or passed its deadline) now
+    /// that the timer fired; otherwise re-arms it.
+    fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
+        loop {
+            if self.timer.poll_unpin(cx).is_pending() {
+                return false;
+            }
+            let at = self
+                .last_event
+                .checked_add(self.idle)
+                .map_or(self.deadline, |t| t.min(self.deadline));
+            if at <= Instant::now() {
+                return true;
+            }
+            self.timer.as_mut().reset(at);
+        }
     }
 
     fn settle(&mut self, outcome: Result<(), &UpstreamError>) {
@@ -351,7 +375,7 @@ impl Stream for UpstreamStream {
                 })))
             }
             Poll::Pending => {
-                if this.timer.poll_unpin(cx).is_ready() {
+                if this.stalled(cx) {
                     this.settle(Err(&UpstreamError::Timeout));
                     return Poll::Ready(Some(Err(ApiError::GatewayTimeout(
                         "the upstream stream stalled".into(),

@@ -119,8 +119,11 @@ impl Observer {
     }
 
     /// The forwarder's own time, once per request: at the answer's first
-    /// byte, or at a failure (so an upstream answering only errors still
-    /// shows the forwarder's own time, and does not look like saturation).
+    /// byte, or at a failure the forwarder answered without the upstream
+    /// (a bad request, a shed request). A request that failed upstream adds
+    /// no sample: it waited on the upstream, its slot included, and must not
+    /// read as the forwarder's latency (the autoscaler would add replicas
+    /// for a failing upstream).
     fn record_own(&mut self) {
         if self.own_recorded {
             return;
@@ -143,7 +146,7 @@ impl Observer {
             return;
         }
         self.done = true;
-        if code != CLIENT_CLOSED {
+        if code != CLIENT_CLOSED && self.attempts == 0 {
             self.record_own();
         }
         let model = self.model.as_deref().unwrap_or("unknown");

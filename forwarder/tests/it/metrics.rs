@@ -149,10 +149,11 @@ async fn series_exist_at_zero_from_start_then_own_time_and_ttft_are_observed() {
     assert!(v("forwarder_time_to_first_token_seconds_sum") >= 0.05);
 }
 
-/// An upstream that only fails still leaves the forwarder's own time
-/// observed (and small): retries and backoff are not the forwarder's.
+/// The forwarder's own time never counts a request that failed upstream: retries, backoff and the
+/// slot held meanwhile are the upstream's doing, and must not make the
+/// autoscaler add replicas for a failing upstream.
 #[tokio::test]
-async fn own_time_is_observed_for_failures_and_excludes_backoff() {
+async fn own_time_is_not_observed_for_requests_that_failed_upstream() {
     let m = mock(MockSettings {
         error_rate: 1.0,
         error_status: 503,
@@ -164,13 +165,19 @@ async fn own_time_is_observed_for_failures_and_excludes_backoff() {
     cfg.retry.base_delay = std::time::Duration::from_millis(100);
     cfg.retry.max_delay = std::time::Duration::from_millis(100);
     let fwd = start(cfg).await;
+    let own_count = |text: &str| {
+        let labels = [("protocol", "http"), ("model", "m")];
+        metric_value(text, "forwarder_own_duration_seconds_count", &labels).unwrap()
+    };
     let r = fwd
         .post("/v1/chat/completions", &chat("m", "hi"), &[])
         .await;
     assert_eq!(r.status, 502);
-    let text = fwd.get("/metrics", &[]).await.text;
-    let labels = [("protocol", "http"), ("model", "m")];
-    let v = |name: &str| metric_value(&text, name, &labels).unwrap();
-    assert_eq!(v("forwarder_own_duration_seconds_count"), 1.0);
-    assert!(v("forwarder_own_duration_seconds_sum") < 0.05, "{text}");
+    assert_eq!(own_count(&fwd.get("/metrics", &[]).await.text), 0.0);
+    m.model.set_settings(MockSettings::default());
+    let r = fwd
+        .post("/v1/chat/completions", &chat("m", "hi"), &[])
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(own_count(&fwd.get("/metrics", &[]).await.text), 1.0);
 }
