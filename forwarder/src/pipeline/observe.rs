@@ -118,12 +118,11 @@ impl Observer {
         }
     }
 
-    /// The forwarder's own time, once per request: at the answer's first
-    /// byte, or at a failure the forwarder answered without the upstream
-    /// (a bad request, a shed request). A request that failed upstream adds
-    /// no sample: it waited on the upstream, its slot included, and must not
-    /// read as the forwarder's latency (the autoscaler would add replicas
-    /// for a failing upstream).
+    /// The forwarder's own time, once per request, when its answer began.
+    /// A failed request adds no sample: it failed upstream (its slot held
+    /// by the upstream meanwhile) or was shed after queueing behind such
+    /// requests, and neither must read as the forwarder's own latency (the
+    /// autoscaler would add replicas for a failing upstream).
     fn record_own(&mut self) {
         if self.own_recorded {
             return;
@@ -146,9 +145,7 @@ impl Observer {
             return;
         }
         self.done = true;
-        if code != CLIENT_CLOSED && self.attempts == 0 {
-            self.record_own();
-        }
+
         let model = self.model.as_deref().unwrap_or("unknown");
         let elapsed = self.started.elapsed();
         let proto = self.protocol.label();
