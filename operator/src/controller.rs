@@ -20,7 +20,7 @@ use kube::core::DeserializeGuard;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{controller, predicates, watcher, Controller, WatchStreamExt};
-use kube::{Api, Client, Resource};
+use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 
 use crate::crd::ModelForwarder;
@@ -66,6 +66,8 @@ where
     let (reader, writer) = reflector::store();
     let stream = watcher(scoped::<K>(client, ns), cfg)
         .default_backoff()
+        // The reconciler never reads managedFields: do not keep them.
+        .modify(|o: &mut K| o.managed_fields_mut().clear())
         .reflect(writer)
         .touched_objects();
     (reader, stream)
@@ -81,6 +83,7 @@ pub async fn run(client: Client, namespace: Option<String>, mut ctx: Context) {
     let (store, writer) = reflector::store();
     let primary = watcher(resources, watcher::Config::default().any_semantic())
         .default_backoff()
+        .modify(|o: &mut DeserializeGuard<ModelForwarder>| o.managed_fields_mut().clear())
         .reflect(writer)
         .applied_objects()
         // Status writes do not change the generation: no reconcile for them.
@@ -112,7 +115,7 @@ pub async fn run(client: Client, namespace: Option<String>, mut ctx: Context) {
         .with_config(
             controller::Config::default()
                 .debounce(Duration::from_millis(500))
-                .concurrency(32),
+                .concurrency(8),
         )
         .owns_stream(deployment_events)
         .owns_stream(config_map_events)
