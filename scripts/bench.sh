@@ -279,8 +279,8 @@ hist_pct() { # file p
          for (i = 1; i <= NR; i++) {t += c[i]; if (t >= rank) {print v[i]; exit}}}'
 }
 
-warmup() { # url [lua]
-  wrk -t"$THREADS" -c"$CONNS" -d"${WARMUP}s" -s "${2:-$LUA_POST}" "$1" >/dev/null 2>&1 || true
+warmup() { # url [lua conns]
+  wrk -t"$THREADS" -c"${3:-$CONNS}" -d"${WARMUP}s" -s "${2:-$LUA_POST}" "$1" >/dev/null 2>&1 || true
 }
 
 # max_run label url proxy_pids... -> req/s, errors, CPU µs/request of the proxy and the mock
@@ -332,7 +332,7 @@ paced_runs() {
 # stream_run label url proxy_pids... -> streams/s, errors, bytes/stream, CPU per event
 stream_run() {
   local label=$1 url=$2; shift 2
-  warmup "$url" "$LUA_STREAM"
+  warmup "$url" "$LUA_STREAM" "$STREAM_CONNS"
   log "streams of $STREAM_TOKENS tokens: $label (${DURATION}s)"
   win_begin "$@"
   run_wrk "stream $label" "$LUA_STREAM" "$url" "$STREAM_CONNS" "$DURATION"
