@@ -16,4 +16,4 @@ mod validate;
 pub use latency::{LatencyDist, ParseLatencyError};
 pub use load::{load, load_from_str, ConfigError};
 pub use types::*;
-pub use validate::{validate, FieldError};
+pub use validate::{validate, FieldError, MAX_DURATION};

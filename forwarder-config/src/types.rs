@@ -84,6 +84,32 @@ pub struct ServerConfig {
     /// the autoscaler scales on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrency: Option<usize>,
+    /// A new connection must deliver its first request head, and a kept-alive
+    /// connection the rest of a head once its first byte arrived, within
+    /// this time; else it is closed (slowloris).
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A request body must arrive in full within this time of its head;
+    /// else the request is answered 408 and the connection closed.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// A kept-alive connection with no request in flight is closed after
+    /// this long without a byte from the client. Longer than the idle
+    /// timeout of the load balancer in front (60 s for most), so the
+    /// balancer, not the forwarder, closes idle connections.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A client that accepts no bytes for this long while an answer waits to
+    /// be written is disconnected, and its upstream call cancelled.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Connections open at once (HTTP and gRPC listeners each). Beyond it,
+    /// new connections wait in the kernel's accept backlog.
+    pub max_connections: usize,
+    /// Largest request head: HTTP/1 header section, HTTP/2 header list.
+    pub max_header_bytes: usize,
+    /// Concurrent streams one HTTP/2 connection may open.
+    pub http2_max_concurrent_streams: u32,
 }
 
 impl Default for ServerConfig {
@@ -94,6 +120,13 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(120),
             shutdown: ShutdownConfig::default(),
             max_concurrency: None,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(75),
+            write_timeout: Duration::from_secs(30),
+            max_connections: 16_384,
+            max_header_bytes: 64 * 1024,
+            http2_max_concurrent_streams: 256,
         }
     }
 }

@@ -1,7 +1,8 @@
 use std::collections::HashSet;
 use std::fmt;
+use std::time::Duration;
 
-use crate::{Config, MockSettings, Provider, UpstreamConfig};
+use crate::{Config, LatencyDist, MockSettings, Provider, UpstreamConfig};
 
 /// One semantic problem in a config, with the dotted path of its field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +17,11 @@ impl fmt::Display for FieldError {
     }
 }
 
+/// The longest duration any setting may hold. Durations are added to
+/// clocks (`Instant + d` panics on overflow), so none may be near the
+/// clock's range; a week is far above any sensible timeout or TTL.
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
 #[derive(Default)]
 struct Errors(Vec<FieldError>);
 
@@ -26,6 +32,24 @@ impl Errors {
                 field: field.into(),
                 message: message.into(),
             });
+        }
+    }
+
+    /// A duration that may be zero only if `zero_ok`, and never above
+    /// [`MAX_DURATION`].
+    fn duration(&mut self, d: Duration, zero_ok: bool, field: impl Into<String>) {
+        let field = field.into();
+        if !zero_ok && d.is_zero() {
+            self.check(false, field, "must be greater than zero");
+        } else {
+            self.check(
+                d <= MAX_DURATION,
+                field,
+                format!(
+                    "must be at most {}",
+                    humantime::format_duration(MAX_DURATION)
+                ),
+            );
         }
     }
 }
@@ -41,10 +65,32 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
         "server.max_body_bytes",
         "must be at least 1024",
     );
+    e.duration(s.request_timeout, false, "server.request_timeout");
+    e.duration(s.header_timeout, false, "server.header_timeout");
+    e.duration(s.body_timeout, false, "server.body_timeout");
+    e.duration(s.idle_timeout, false, "server.idle_timeout");
+    e.duration(s.write_timeout, false, "server.write_timeout");
+    e.duration(s.shutdown.drain_delay, true, "server.shutdown.drain_delay");
+    e.duration(
+        s.shutdown.grace_period,
+        true,
+        "server.shutdown.grace_period",
+    );
     e.check(
-        !s.request_timeout.is_zero(),
-        "server.request_timeout",
-        "must be greater than zero",
+        s.max_connections >= 1,
+        "server.max_connections",
+        "must be at least 1",
+    );
+    // hyper's HTTP/1 buffer must hold at least 8 KiB.
+    e.check(
+        (8192..=1024 * 1024).contains(&s.max_header_bytes),
+        "server.max_header_bytes",
+        "must be within 8192..1048576",
+    );
+    e.check(
+        s.http2_max_concurrent_streams >= 1,
+        "server.http2_max_concurrent_streams",
+        "must be at least 1",
     );
 
     e.check(
@@ -69,11 +115,8 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
         "websocket.send_buffer",
         "must be at least 1",
     );
-    e.check(
-        !ws.ping_interval.is_zero(),
-        "websocket.ping_interval",
-        "must be greater than zero",
-    );
+    e.duration(ws.ping_interval, false, "websocket.ping_interval");
+    e.duration(ws.idle_timeout, false, "websocket.idle_timeout");
     e.check(
         ws.idle_timeout > ws.ping_interval,
         "websocket.idle_timeout",
@@ -102,6 +145,8 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
         "retry.base_delay",
         "must not exceed retry.max_delay",
     );
+    e.duration(r.base_delay, true, "retry.base_delay");
+    e.duration(r.max_delay, true, "retry.max_delay");
 
     let b = &config.circuit_breaker;
     e.check(
@@ -109,11 +154,8 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
         "circuit_breaker.failure_threshold",
         "must be at least 1",
     );
-    e.check(
-        !b.open_duration.is_zero(),
-        "circuit_breaker.open_duration",
-        "must be greater than zero",
-    );
+    e.duration(b.open_duration, false, "circuit_breaker.open_duration");
+    e.duration(config.idempotency.ttl, false, "idempotency.ttl");
 
     e.check(
         config.idempotency.max_bytes >= 1024,
@@ -152,11 +194,7 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
             );
         }
     }
-    e.check(
-        !config.auth.reload_interval.is_zero(),
-        "auth.reload_interval",
-        "must be greater than zero",
-    );
+    e.duration(config.auth.reload_interval, false, "auth.reload_interval");
 
     if let Some(rl) = &config.rate_limit {
         e.check(
@@ -223,16 +261,8 @@ fn validate_upstream(e: &mut Errors, at: &str, u: &UpstreamConfig) {
         format!("{at}.weight"),
         "must be at most 1000",
     );
-    e.check(
-        !u.timeout.is_zero(),
-        format!("{at}.timeout"),
-        "must be greater than zero",
-    );
-    e.check(
-        !u.connect_timeout.is_zero(),
-        format!("{at}.connect_timeout"),
-        "must be greater than zero",
-    );
+    e.duration(u.timeout, false, format!("{at}.timeout"));
+    e.duration(u.connect_timeout, false, format!("{at}.connect_timeout"));
     e.check(
         !(u.api_key_file.is_some() && u.api_key_env.is_some()),
         format!("{at}.api_key_file"),
@@ -278,6 +308,21 @@ fn validate_mock(e: &mut Errors, at: &str, m: &MockSettings) {
         format!("{at}.error_status"),
         "must be an HTTP error status (400-599)",
     );
+    let latencies: &[Duration] = match &m.latency {
+        LatencyDist::Fixed(d) => &[*d],
+        LatencyDist::Uniform { min, max } => &[*min, *max],
+        LatencyDist::Normal { mean, std_dev } => &[*mean, *std_dev],
+    };
+    for d in latencies {
+        e.duration(*d, true, format!("{at}.latency"));
+    }
+    if let Some(secs) = m.retry_after_secs {
+        e.check(
+            secs <= MAX_DURATION.as_secs(),
+            format!("{at}.retry_after_secs"),
+            format!("must be at most {}", MAX_DURATION.as_secs()),
+        );
+    }
     if let Some(tps) = m.tokens_per_second {
         e.check(
             tps > 0.0 && tps.is_finite(),
@@ -349,6 +394,67 @@ mod tests {
             .map(|e| e.field)
             .collect();
         assert_eq!(f, vec!["mock.error_rate", "mock.error_status"]);
+        let m = MockSettings {
+            latency: LatencyDist::Uniform {
+                min: Duration::ZERO,
+                max: Duration::from_secs(u64::MAX),
+            },
+            retry_after_secs: Some(u64::MAX),
+            ..Default::default()
+        };
+        let f: Vec<_> = m
+            .validate("mock")
+            .unwrap_err()
+            .into_iter()
+            .map(|e| e.field)
+            .collect();
+        assert_eq!(f, vec!["mock.latency", "mock.retry_after_secs"]);
+    }
+
+    #[test]
+    fn durations_are_bounded_so_no_clock_overflows() {
+        let huge = Duration::from_secs(u64::MAX);
+        let mut c = Config::default();
+        c.server.write_timeout = huge;
+        c.server.header_timeout = Duration::ZERO;
+        c.server.shutdown.grace_period = huge;
+        c.retry.max_delay = huge;
+        c.retry.base_delay = huge;
+        c.circuit_breaker.open_duration = huge;
+        c.idempotency.ttl = huge;
+        c.upstreams[0].timeout = huge;
+        let f = fields(&c);
+        for want in [
+            "server.write_timeout",
+            "server.header_timeout",
+            "server.shutdown.grace_period",
+            "retry.max_delay",
+            "retry.base_delay",
+            "circuit_breaker.open_duration",
+            "idempotency.ttl",
+            "upstreams[0].timeout",
+        ] {
+            assert!(f.contains(&want.to_string()), "{want} missing in {f:?}");
+        }
+        c = Config::default();
+        c.server.idle_timeout = MAX_DURATION;
+        validate(&c).expect("the ceiling itself is allowed");
+    }
+
+    #[test]
+    fn connection_limits_are_validated() {
+        let mut c = Config::default();
+        c.server.max_connections = 0;
+        c.server.max_header_bytes = 100;
+        c.server.http2_max_concurrent_streams = 0;
+        assert_eq!(
+            fields(&c),
+            vec![
+                "server.max_connections",
+                "server.max_header_bytes",
+                "server.http2_max_concurrent_streams"
+            ]
+        );
     }
 
     #[test]

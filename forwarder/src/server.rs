@@ -3,7 +3,7 @@
 //! requests, streams and WebSocket sessions included, finish within the
 //! grace period).
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -11,9 +11,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::frontends::conn::CountedListener;
+use crate::frontends::conn::{ConnTimeouts, CountedListener, ReadTimeouts};
 use crate::frontends::grpc::{pb, GrpcFrontend};
-use crate::frontends::{http, Lifecycle};
+use crate::frontends::{http, serve, Lifecycle};
 use crate::pipeline::Pipeline;
 use crate::telemetry::Metrics;
 use crate::BuildError;
@@ -48,13 +48,28 @@ async fn bind(
     addr: SocketAddr,
     metrics: &Metrics,
     protocol: &str,
+    cfg: &Config,
 ) -> Result<CountedListener, StartError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Bind { addr, source })?;
+    let s = &cfg.server;
+    let timeouts = ConnTimeouts {
+        write: s.write_timeout,
+        // gRPC streams are long-lived and tonic has no hook to tell the
+        // connection which are in flight: there only the opening is timed
+        // (HTTP/2 keep-alive pings find dead peers later).
+        read: Some(ReadTimeouts {
+            header: s.header_timeout,
+            idle: s.idle_timeout,
+            opening_only: protocol == "grpc",
+        }),
+    };
     Ok(CountedListener::new(
         listener,
         metrics.connections.with_label_values(&[protocol]),
+        s.max_connections,
+        timeouts,
     ))
 }
 
@@ -71,49 +86,63 @@ impl Server {
             }
         };
 
-        let http_listener = bind(cfg.server.listen, &metrics, "http").await?;
-        let addr = axum::serve::Listener::local_addr(&http_listener).map_err(|source| {
-            StartError::Bind {
+        let http_listener = bind(cfg.server.listen, &metrics, "http", &cfg).await?;
+        let addr = http_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
                 addr: cfg.server.listen,
                 source,
-            }
-        })?;
+            })?;
         let app = http::router(pipeline.clone(), lifecycle.clone());
-        let http_task = tokio::spawn(logged(
-            "http",
-            axum::serve(http_listener, app)
-                .with_graceful_shutdown(when_stopped())
-                .into_future(),
-        ));
+        let server_cfg = cfg.server.clone();
+        let stop_http = when_stopped();
+        let http_task = tokio::spawn(async move {
+            serve::serve_http(http_listener, app, &server_cfg, stop_http).await;
+        });
         let mut listeners = vec![http_task];
 
         let (mut grpc_addr, mut health) = (None, None);
         if cfg.grpc.enabled {
-            let listener = bind(cfg.grpc.listen, &metrics, "grpc").await?;
-            grpc_addr = Some(
-                axum::serve::Listener::local_addr(&listener).map_err(|source| {
-                    StartError::Bind {
-                        addr: cfg.grpc.listen,
-                        source,
-                    }
-                })?,
-            );
+            let listener = bind(cfg.grpc.listen, &metrics, "grpc", &cfg).await?;
+            grpc_addr = Some(listener.local_addr().map_err(|source| StartError::Bind {
+                addr: cfg.grpc.listen,
+                source,
+            })?);
             let (reporter, health_service) = tonic_health::server::health_reporter();
             reporter
                 .set_serving::<pb::forwarder_server::ForwarderServer<GrpcFrontend>>()
                 .await;
             health = Some(reporter);
-            let reflection = tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            // Reflection for both protocol versions (grpcurl and older
+            // clients still speak v1alpha), listing health as well.
+            let reflection = || {
+                tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            };
+            let reflection_v1alpha = reflection()
+                .build_v1alpha()
+                .map_err(|e| BuildError::new(format!("grpc reflection: {e}")))?;
+            let reflection = reflection()
                 .build_v1()
                 .map_err(|e| BuildError::new(format!("grpc reflection: {e}")))?;
             let incoming = futures::stream::unfold(listener, |mut listener| async move {
                 let (io, _) = listener.accept_counted().await;
                 Some((Ok::<_, std::io::Error>(io), listener))
             });
+            let s = &cfg.server;
             let router = tonic::transport::Server::builder()
+                // Unary calls and the head of streamed ones.
+                .timeout(s.request_timeout)
+                .max_concurrent_streams(s.http2_max_concurrent_streams)
+                .concurrency_limit_per_connection(s.http2_max_concurrent_streams as usize)
+                .http2_max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX))
+                // Pings find dead peers of idle connections.
+                .http2_keepalive_interval(Some(s.idle_timeout))
+                .http2_keepalive_timeout(Some(s.write_timeout))
                 .add_service(health_service)
                 .add_service(reflection)
+                .add_service(reflection_v1alpha)
                 .add_service(GrpcFrontend::service(pipeline.clone()));
             listeners.push(tokio::spawn(logged(
                 "grpc",

@@ -3,7 +3,7 @@
 
 mod api_keys;
 
-pub use api_keys::{parse_keys, ApiKeys, KeyError};
+pub use api_keys::{parse_keys, ApiKeys, KeyError, ParseError};
 
 use http::HeaderMap;
 

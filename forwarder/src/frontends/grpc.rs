@@ -59,7 +59,12 @@ impl GrpcFrontend {
         let mut meta = RequestMeta::new(Protocol::Grpc, request_id);
         meta.credential = auth::credential(&headers).map(str::to_string);
         meta.idempotency_key = text("idempotency-key");
-        meta.timeout = text("grpc-timeout").and_then(|t| parse_grpc_timeout(&t));
+        // Answer a little before the client's deadline, so it gets
+        // DEADLINE_EXCEEDED with the HTTP mapping in metadata rather than
+        // the transport's bare CANCELLED when the deadline fires there.
+        meta.timeout = text("grpc-timeout")
+            .and_then(|t| parse_grpc_timeout(&t))
+            .map(|t| t.saturating_sub((t / 20).min(Duration::from_millis(20))));
         meta
     }
 

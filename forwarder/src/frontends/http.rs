@@ -11,7 +11,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Json, Router};
 use futures::StreamExt;
 use serde_json::json;
 
@@ -81,6 +81,17 @@ fn valid_request_id(v: &str) -> bool {
     !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic())
 }
 
+/// A request's id, headers and body, taken apart without copies (the
+/// `HeaderMap` and `Extension` extractors would clone).
+fn split(req: Request) -> (RequestId, HeaderMap, Body) {
+    let (mut parts, body) = req.into_parts();
+    let id = parts
+        .extensions
+        .remove::<RequestId>()
+        .unwrap_or_else(|| RequestId(uuid::Uuid::new_v4().to_string()));
+    (id, parts.headers, body)
+}
+
 /// The pipeline's view of an HTTP request; the header map moves in whole
 /// (the pipeline passes on the allow-listed part).
 fn meta(headers: HeaderMap, id: &RequestId) -> RequestMeta {
@@ -118,12 +129,8 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
 
 /// `POST /v1/chat/completions`: the body goes upstream as it came, and the
 /// answer comes back as the upstream sent it.
-async fn chat_completions(
-    State(p): State<Arc<Pipeline>>,
-    Extension(id): Extension<RequestId>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+async fn chat_completions(State(p): State<Arc<Pipeline>>, req: Request) -> Response {
+    let (id, headers, body) = split(req);
     let admitted = match p.admit(meta(headers, &id)) {
         Ok(a) => a,
         Err(e) => return e.into_response(),
@@ -171,12 +178,8 @@ fn sse_response(events: crate::pipeline::EventStream) -> Response {
 }
 
 /// `POST /api/v1/message`: translated to a chat request at this edge.
-async fn simple_message(
-    State(p): State<Arc<Pipeline>>,
-    Extension(id): Extension<RequestId>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+async fn simple_message(State(p): State<Arc<Pipeline>>, req: Request) -> Response {
+    let (id, headers, body) = split(req);
     let admitted = match p.admit(meta(headers, &id)) {
         Ok(a) => a,
         Err(e) => return e.into_response(),

@@ -18,7 +18,7 @@ use crate::api::ApiError;
 use crate::sse;
 use crate::telemetry::Metrics;
 use crate::upstream::providers::RawEvents;
-use crate::upstream::retry::{full_jitter, next_delay};
+use crate::upstream::retry::{attempt_budget, fits_before, full_jitter, next_delay_capped};
 use crate::upstream::{Endpoint, Lease, PickError, Pools, UpstreamError};
 use forwarder_config::RetryConfig;
 
@@ -71,6 +71,9 @@ impl Forwarder {
                 Ok((opened.headers, first, events))
             })
             .await?;
+        // A half-open probe whose stream has begun has proved the endpoint.
+        let mut lease = lease;
+        lease.confirm();
         let idle = lease.endpoint.timeout;
         let deadline = env.ctx.deadline;
         let stream = UpstreamStream {
@@ -126,10 +129,10 @@ impl Forwarder {
                     "the request deadline passed".into(),
                 ));
             }
-            let limit = lease.endpoint.timeout.min(deadline - now);
+            let budget = attempt_budget(lease.endpoint.timeout, deadline - now);
             trace.attempts = attempt;
             trace.upstream = Some(lease.endpoint.name.clone());
-            let err = match call(lease.endpoint.clone(), limit).await {
+            let err = match call(lease.endpoint.clone(), budget.limit).await {
                 Ok(value) => break Ok((value, lease, now)),
                 Err(e) => e,
             };
@@ -137,10 +140,10 @@ impl Forwarder {
             self.record(&name, model, err.label(), now);
             tracing::debug!(upstream = %name, attempt, error = %err, "upstream attempt failed");
             tried.push(lease.index);
-            if matches!(err, UpstreamError::Timeout) && Instant::now() >= deadline {
+            if matches!(err, UpstreamError::Timeout) && budget.by_deadline {
                 // Cut short by the request's own deadline, not the endpoint's
-                // fault: neutral for the breaker (an unsettled lease is).
-                drop(lease);
+                // fault: neutral for the breaker.
+                lease.neutral();
             } else {
                 lease.failed(&err);
             }
@@ -154,11 +157,9 @@ impl Forwarder {
                 self.retry.max_delay,
                 rand::random::<f64>(),
             );
-            let delay = next_delay(jitter, err.retry_after(), !failover);
-            if Instant::now()
-                .checked_add(delay)
-                .is_none_or(|at| at >= deadline)
-            {
+            let delay =
+                next_delay_capped(jitter, err.retry_after(), !failover, self.retry.max_delay);
+            if !fits_before(Instant::now(), delay, deadline) {
                 // Waiting would outlive the request: answer with what we know.
                 break Err(to_api_error(&err));
             }
@@ -203,6 +204,13 @@ async fn first_data_event(
 }
 
 fn record(metrics: &Metrics, upstream: &str, model: &str, outcome: &str, started: Instant) {
+    if outcome == "success" {
+        if let Some(series) = metrics.upstream_series(upstream, model) {
+            series.success.inc();
+            series.duration.observe(started.elapsed().as_secs_f64());
+            return;
+        }
+    }
     metrics
         .upstream_requests
         .with_label_values(&[upstream, model, outcome])
@@ -290,7 +298,7 @@ impl UpstreamStream {
             match outcome {
                 Ok(()) => lease.succeeded(),
                 // The request's deadline is not the endpoint's fault.
-                Err(UpstreamError::Timeout) if Instant::now() >= self.deadline => drop(lease),
+                Err(UpstreamError::Timeout) if Instant::now() >= self.deadline => lease.neutral(),
                 Err(e) => lease.failed(e),
             }
         }

@@ -149,6 +149,11 @@ impl Pipeline {
         };
         let pools = Pools::from_config(&cfg, metrics.clone())?;
         metrics.init_series(&enabled_protocols(&cfg), &pools.models());
+        metrics.init_upstream_series(
+            cfg.upstreams
+                .iter()
+                .flat_map(|u| u.models.iter().map(move |m| (u.name.as_str(), m.as_str()))),
+        );
         Ok(Self {
             keys,
             limit: cfg.rate_limit.as_ref().map(RateLimit::new),

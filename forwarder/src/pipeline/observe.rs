@@ -14,7 +14,7 @@ use futures::{Stream, StreamExt};
 use super::envelope::{EventStream, Reply, ReplyBody};
 use super::forward::Trace;
 use crate::api::ApiError;
-use crate::telemetry::{Metrics, Protocol};
+use crate::telemetry::{Metrics, ModelSeries, Protocol};
 
 /// Status recorded when the client disconnects before the answer ends
 /// (nginx's convention; no HTTP status fits).
@@ -29,6 +29,8 @@ pub struct Observer {
     /// The `model` label: the requested model if served, else `unknown`, so
     /// clients cannot grow the label set without bound.
     model: Option<String>,
+    /// The model's series, bound at start.
+    series: Option<Arc<ModelSeries>>,
     pub upstream: Option<String>,
     pub attempts: u32,
     /// `stored` or `coalesced` when answered through idempotency.
@@ -54,6 +56,7 @@ impl Observer {
             request_id: request_id.to_string(),
             started: Instant::now(),
             model: None,
+            series: None,
             upstream: None,
             attempts: 0,
             replay: None,
@@ -66,6 +69,7 @@ impl Observer {
     /// Sets the model label; `known` says whether the model is served.
     pub fn set_model(&mut self, name: &str, known: bool) {
         if known {
+            self.series = self.metrics.series(self.protocol, name);
             self.model = Some(name.to_string());
         }
     }
@@ -106,21 +110,14 @@ impl Observer {
     /// The answer's first byte is ready: the forwarder's own share of the
     /// time so far is what the upstream and backoff did not take.
     fn answer_began(&self) {
-        let Some(model) = self.model.as_deref() else {
+        let Some(series) = &self.series else {
             return;
         };
-        let proto = self.protocol.label();
         let elapsed = self.started.elapsed();
         let own = elapsed.saturating_sub(self.upstream_time);
-        self.metrics
-            .own_duration
-            .with_label_values(&[proto, model])
-            .observe(own.as_secs_f64());
+        series.own.observe(own.as_secs_f64());
         if self.stream {
-            self.metrics
-                .time_to_first_token
-                .with_label_values(&[proto, model])
-                .observe(elapsed.as_secs_f64());
+            series.ttft.observe(elapsed.as_secs_f64());
         }
     }
 
@@ -139,14 +136,23 @@ impl Observer {
         let elapsed = self.started.elapsed();
         let proto = self.protocol.label();
         self.metrics.inflight.dec();
-        self.metrics
-            .requests
-            .with_label_values(&[proto, model, &code.to_string()])
-            .inc();
-        self.metrics
-            .request_duration
-            .with_label_values(&[proto, model])
-            .observe(elapsed.as_secs_f64());
+        match &self.series {
+            Some(series) => {
+                if code == 200 {
+                    series.ok.inc();
+                } else {
+                    self.count(proto, model, code);
+                }
+                series.duration.observe(elapsed.as_secs_f64());
+            }
+            None => {
+                self.count(proto, model, code);
+                self.metrics
+                    .request_duration
+                    .with_label_values(&[proto, model])
+                    .observe(elapsed.as_secs_f64());
+            }
+        }
         if self.access_log {
             tracing::info!(
                 target: "access",
@@ -162,6 +168,16 @@ impl Observer {
                 "request"
             );
         }
+    }
+}
+
+impl Observer {
+    fn count(&self, proto: &str, model: &str, code: u16) {
+        let mut buf = itoa::Buffer::new();
+        self.metrics
+            .requests
+            .with_label_values(&[proto, model, buf.format(code)])
+            .inc();
     }
 }
 

@@ -2,9 +2,12 @@
 //! the operator's PromQL and the dashboards (DESIGN.md §2): change both
 //! together.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The front end a request came through (`protocol` label).
@@ -16,6 +19,12 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    pub const ALL: [Protocol; 3] = [Self::Http, Self::WebSocket, Self::Grpc];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Self::Http => "http",
@@ -51,6 +60,25 @@ pub struct Metrics {
     /// Open client connections: TCP connections on the HTTP and gRPC
     /// listeners, and WebSocket sessions.
     pub connections: IntGaugeVec,
+    /// Per served model and front end, the hot series bound once at start
+    /// (a label lookup hashes and locks on every request).
+    series: std::sync::OnceLock<HashMap<String, [Arc<ModelSeries>; 3]>>,
+    /// Per upstream and model, the series of a successful attempt.
+    upstream_series: std::sync::OnceLock<HashMap<String, HashMap<String, Arc<UpstreamSeries>>>>,
+}
+
+/// One (upstream, model)'s successful-attempt series, resolved once.
+pub struct UpstreamSeries {
+    pub success: IntCounter,
+    pub duration: Histogram,
+}
+
+/// One (front end, model)'s request series, resolved once.
+pub struct ModelSeries {
+    pub ok: IntCounter,
+    pub duration: Histogram,
+    pub own: Histogram,
+    pub ttft: Histogram,
 }
 
 impl Metrics {
@@ -170,23 +198,72 @@ impl Metrics {
             circuit_open,
             idempotent_replays,
             connections,
+            series: std::sync::OnceLock::new(),
+            upstream_series: std::sync::OnceLock::new(),
         }
     }
 
     /// Creates the per-model series at zero, so a new replica reports at
     /// once (a rate over a series that does not exist yet is no data, and
-    /// the autoscaler would have to guess).
+    /// the autoscaler would have to guess), and binds them for the hot path.
+    /// Only `protocols` get zero series; every front end gets bound handles.
     pub fn init_series(&self, protocols: &[Protocol], models: &[String]) {
-        for p in protocols {
+        let bind = |p: Protocol, m: &str| {
+            let labels = [p.label(), m];
+            Arc::new(ModelSeries {
+                ok: self.requests.with_label_values(&[p.label(), m, "200"]),
+                duration: self.request_duration.with_label_values(&labels),
+                own: self.own_duration.with_label_values(&labels),
+                ttft: self.time_to_first_token.with_label_values(&labels),
+            })
+        };
+        let table = models
+            .iter()
+            .map(|m| (m.clone(), Protocol::ALL.map(|p| bind(p, m))))
+            .collect();
+        let _ = self.series.set(table);
+        // Series of front ends that are off are not exported.
+        for p in Protocol::ALL.into_iter().filter(|p| !protocols.contains(p)) {
             for m in models {
                 let labels = [p.label(), m.as_str()];
-                self.requests
-                    .with_label_values(&[p.label(), m.as_str(), "200"]);
-                self.request_duration.with_label_values(&labels);
-                self.own_duration.with_label_values(&labels);
-                self.time_to_first_token.with_label_values(&labels);
+                let _ = self.requests.remove_label_values(&[p.label(), m, "200"]);
+                let _ = self.request_duration.remove_label_values(&labels);
+                let _ = self.own_duration.remove_label_values(&labels);
+                let _ = self.time_to_first_token.remove_label_values(&labels);
             }
         }
+    }
+
+    /// Binds the successful-attempt series of each (upstream, model).
+    pub fn init_upstream_series<'a>(&self, pairs: impl IntoIterator<Item = (&'a str, &'a str)>) {
+        let mut table: HashMap<String, HashMap<String, Arc<UpstreamSeries>>> = HashMap::new();
+        for (u, m) in pairs {
+            let series = Arc::new(UpstreamSeries {
+                success: self.upstream_requests.with_label_values(&[u, m, "success"]),
+                duration: self.upstream_duration.with_label_values(&[u, m]),
+            });
+            table
+                .entry(u.to_string())
+                .or_default()
+                .insert(m.to_string(), series);
+        }
+        let _ = self.upstream_series.set(table);
+    }
+
+    pub fn upstream_series(&self, upstream: &str, model: &str) -> Option<&UpstreamSeries> {
+        self.upstream_series
+            .get()?
+            .get(upstream)?
+            .get(model)
+            .map(|s| &**s)
+    }
+
+    /// The bound series of a served model.
+    pub fn series(&self, protocol: Protocol, model: &str) -> Option<Arc<ModelSeries>> {
+        self.series
+            .get()?
+            .get(model)
+            .map(|s| s[protocol.index()].clone())
     }
 
     /// The Prometheus text exposition of every metric.

@@ -1,20 +1,40 @@
 //! A per-endpoint circuit breaker as a pure state machine: callers pass the
 //! time in, so tests need no clock.
+//!
+//! Closed: every request goes through; `threshold` consecutive failures
+//! open it. Open: nothing goes through until `open_for` has passed. Then
+//! half-open: exactly one request, the probe, goes through; its lease holds
+//! the probe token and reports the verdict (success closes, failure reopens,
+//! no verdict hands the token back for the next request). Results of
+//! requests admitted before the circuit opened do not decide anything while
+//! it is open or half-open: only the probe does.
 
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    Closed {
-        failures: u32,
-    },
-    Open {
-        until: Instant,
-    },
-    /// One probe may run; `probe_started` is when it was let through.
-    HalfOpen {
-        probe_started: Option<Instant>,
-    },
+    Closed { failures: u32 },
+    Open { until: Instant },
+    HalfOpen { probe_out: bool },
+}
+
+/// How a request was let through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// The circuit is closed.
+    Normal,
+    /// The one half-open probe: its outcome decides the circuit.
+    Probe,
+}
+
+/// What an attempt says about the endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Success,
+    Failure,
+    /// No verdict: cancelled, cut short by the request's own deadline, or
+    /// refused for the request's sake (4xx, 429).
+    Neutral,
 }
 
 #[derive(Debug, Clone)]
@@ -38,64 +58,69 @@ impl Breaker {
         match self.state {
             State::Closed { .. } => true,
             State::Open { until } => now >= until,
-            State::HalfOpen { probe_started } => self.probe_lost(probe_started, now),
+            State::HalfOpen { probe_out } => !probe_out,
         }
     }
 
-    /// Takes the slot for one request; in half-open state, only one probe.
-    pub fn try_acquire(&mut self, now: Instant) -> bool {
+    /// Closed: trusted with normal traffic.
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed { .. })
+    }
+
+    /// Lets one request through if the state allows; in half-open state
+    /// only one at a time, the probe.
+    pub fn admit(&mut self, now: Instant) -> Option<Admission> {
         match self.state {
-            State::Closed { .. } => true,
+            State::Closed { .. } => Some(Admission::Normal),
             State::Open { until } if now >= until => {
-                self.state = State::HalfOpen {
-                    probe_started: Some(now),
-                };
-                true
+                self.state = State::HalfOpen { probe_out: true };
+                Some(Admission::Probe)
             }
-            State::Open { .. } => false,
-            State::HalfOpen { probe_started } if self.probe_lost(probe_started, now) => {
-                self.state = State::HalfOpen {
-                    probe_started: Some(now),
-                };
-                true
+            State::HalfOpen { probe_out: false } => {
+                self.state = State::HalfOpen { probe_out: true };
+                Some(Admission::Probe)
             }
-            State::HalfOpen { .. } => false,
+            State::Open { .. } | State::HalfOpen { probe_out: true } => None,
         }
     }
 
-    /// A probe whose outcome never came back (its caller was cancelled)
-    /// must not wedge the breaker half-open forever.
-    fn probe_lost(&self, probe_started: Option<Instant>, now: Instant) -> bool {
-        probe_started.is_none_or(|t| now.duration_since(t) >= self.open_for)
-    }
-
-    pub fn on_success(&mut self) {
-        self.state = State::Closed { failures: 0 };
-    }
-
-    pub fn on_failure(&mut self, now: Instant) {
-        self.state = match self.state {
-            State::Closed { failures } if failures + 1 < self.threshold => State::Closed {
-                failures: failures + 1,
-            },
-            _ => State::Open {
-                until: now + self.open_for,
-            },
+    /// Records how a request admitted as `admission` ended.
+    pub fn record(&mut self, admission: Admission, verdict: Verdict, now: Instant) {
+        self.state = match (self.state, admission, verdict) {
+            (State::HalfOpen { .. }, Admission::Probe, Verdict::Success) => {
+                State::Closed { failures: 0 }
+            }
+            (State::HalfOpen { .. }, Admission::Probe, Verdict::Failure) => self.open(now),
+            (State::HalfOpen { .. }, Admission::Probe, Verdict::Neutral) => {
+                State::HalfOpen { probe_out: false }
+            }
+            (State::Closed { .. }, _, Verdict::Success) => State::Closed { failures: 0 },
+            (State::Closed { failures }, _, Verdict::Failure) => {
+                if failures.saturating_add(1) >= self.threshold {
+                    self.open(now)
+                } else {
+                    State::Closed {
+                        failures: failures + 1,
+                    }
+                }
+            }
+            // Neutral outcomes, and late results of requests admitted before
+            // the circuit opened, change nothing.
+            (state, _, _) => state,
         };
     }
 
-    /// A request that ended without a verdict (cancelled, or a 4xx).
-    pub fn on_neutral(&mut self) {
-        if let State::HalfOpen { .. } = self.state {
-            self.state = State::HalfOpen {
-                probe_started: None,
-            };
-        }
+    fn open(&self, now: Instant) -> State {
+        // Validation bounds `open_for`; saturate anyway rather than panic.
+        let until = now
+            .checked_add(self.open_for)
+            .unwrap_or(now + Duration::from_secs(3600));
+        State::Open { until }
     }
 
     /// Open or half-open: the endpoint is not trusted with normal traffic.
     pub fn is_open(&self) -> bool {
-        !matches!(self.state, State::Closed { .. })
+        !self.is_closed()
     }
 
     /// When an open circuit will let a probe through.
@@ -112,17 +137,26 @@ mod tests {
     use super::*;
 
     const OPEN: Duration = Duration::from_secs(10);
+    use Admission::{Normal, Probe};
+    use Verdict::{Failure, Neutral, Success};
+
+    fn opened(t: Instant) -> Breaker {
+        let mut b = Breaker::new(1, OPEN);
+        b.record(Normal, Failure, t);
+        assert!(b.is_open());
+        b
+    }
 
     #[test]
     fn opens_after_threshold_consecutive_failures() {
         let t = Instant::now();
         let mut b = Breaker::new(3, OPEN);
-        b.on_failure(t);
-        b.on_failure(t);
-        assert!(b.try_acquire(t), "still closed after 2 of 3");
-        b.on_failure(t);
+        b.record(Normal, Failure, t);
+        b.record(Normal, Failure, t);
+        assert_eq!(b.admit(t), Some(Normal), "still closed after 2 of 3");
+        b.record(Normal, Failure, t);
         assert!(b.is_open());
-        assert!(!b.try_acquire(t + Duration::from_secs(9)));
+        assert_eq!(b.admit(t + Duration::from_secs(9)), None);
         assert_eq!(
             b.reopens_in(t + Duration::from_secs(4)),
             Some(Duration::from_secs(6))
@@ -130,52 +164,77 @@ mod tests {
     }
 
     #[test]
-    fn success_resets_the_failure_count() {
+    fn success_resets_the_failure_count_and_neutral_does_not_count() {
         let t = Instant::now();
         let mut b = Breaker::new(2, OPEN);
-        b.on_failure(t);
-        b.on_success();
-        b.on_failure(t);
-        assert!(!b.is_open());
+        b.record(Normal, Failure, t);
+        b.record(Normal, Success, t);
+        b.record(Normal, Failure, t);
+        assert!(b.is_closed());
+        b.record(Normal, Neutral, t);
+        assert!(b.is_closed(), "a neutral outcome is no failure");
     }
 
     #[test]
-    fn half_open_lets_exactly_one_probe_through() {
+    fn half_open_admits_exactly_one_probe() {
         let t = Instant::now();
-        let mut b = Breaker::new(1, OPEN);
-        b.on_failure(t);
+        let mut b = opened(t);
         let later = t + OPEN;
         assert!(b.available(later));
-        assert!(b.try_acquire(later), "the probe");
-        assert!(!b.try_acquire(later), "a second request while probing");
-        assert!(!b.available(later));
-        b.on_success();
-        assert!(!b.is_open());
-        assert!(b.try_acquire(later));
+        assert_eq!(b.admit(later), Some(Probe));
+        for k in 0..100 {
+            // however long the probe takes, nobody else gets through
+            assert_eq!(b.admit(later + OPEN * k), None);
+            assert!(!b.available(later + OPEN * k));
+        }
+        b.record(Probe, Success, later);
+        assert!(b.is_closed());
+        assert_eq!(b.admit(later), Some(Normal));
     }
 
     #[test]
     fn failed_probe_reopens() {
         let t = Instant::now();
-        let mut b = Breaker::new(1, OPEN);
-        b.on_failure(t);
+        let mut b = opened(t);
         let later = t + OPEN;
-        assert!(b.try_acquire(later));
-        b.on_failure(later);
-        assert!(!b.try_acquire(later + Duration::from_secs(1)));
-        assert!(b.try_acquire(later + OPEN));
+        assert_eq!(b.admit(later), Some(Probe));
+        b.record(Probe, Failure, later);
+        assert_eq!(b.admit(later + Duration::from_secs(1)), None);
+        assert_eq!(b.admit(later + OPEN), Some(Probe));
     }
 
     #[test]
-    fn a_lost_probe_does_not_wedge_the_breaker() {
+    fn a_probe_without_verdict_hands_the_token_back() {
         let t = Instant::now();
-        let mut b = Breaker::new(1, OPEN);
-        b.on_failure(t);
-        assert!(b.try_acquire(t + OPEN));
-        // the probe's caller vanished: after another open period, probe again
-        assert!(!b.try_acquire(t + OPEN + Duration::from_secs(1)));
-        assert!(b.try_acquire(t + OPEN * 2));
-        b.on_neutral();
-        assert!(b.try_acquire(t + OPEN * 2));
+        let mut b = opened(t);
+        assert_eq!(b.admit(t + OPEN), Some(Probe));
+        b.record(Probe, Neutral, t + OPEN);
+        assert!(b.is_open(), "still not trusted");
+        assert_eq!(b.admit(t + OPEN), Some(Probe), "the next request probes");
+        assert_eq!(b.admit(t + OPEN), None);
+    }
+
+    #[test]
+    fn late_results_of_normal_requests_do_not_decide_a_half_open_circuit() {
+        let t = Instant::now();
+        let mut b = opened(t);
+        assert_eq!(b.admit(t + OPEN), Some(Probe));
+        // a request admitted before the circuit opened ends now
+        b.record(Normal, Success, t + OPEN);
+        assert!(b.is_open());
+        assert_eq!(b.admit(t + OPEN), None, "the probe is still out");
+        b.record(Normal, Failure, t + OPEN);
+        assert!(!b.available(t + OPEN * 5), "still waiting for the probe");
+        b.record(Probe, Success, t + OPEN);
+        assert!(b.is_closed());
+    }
+
+    #[test]
+    fn a_huge_open_duration_does_not_panic() {
+        let t = Instant::now();
+        let mut b = Breaker::new(1, Duration::MAX);
+        b.record(Normal, Failure, t);
+        assert!(b.is_open());
+        assert_eq!(b.admit(t), None);
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use super::balance::{least_outstanding, Candidate, SmoothWrr};
-use super::breaker::Breaker;
+use super::breaker::{Admission, Breaker, Verdict};
 use super::providers::{self, Provider};
 use super::UpstreamError;
 use crate::telemetry::Metrics;
@@ -108,39 +108,42 @@ impl Pools {
     }
 
     /// Chooses an endpoint for `model`, preferring ones not in `tried`
-    /// (failover), and takes a lease on it.
+    /// (failover), and takes a lease on it. Fails with `AllOpen` only when
+    /// no endpoint of the model admits a request: a closed circuit always
+    /// does, so a model with a healthy endpoint never gets `AllOpen`.
     pub fn pick(&self, model: &str, tried: &[usize]) -> Result<Lease, PickError> {
         let pool = self.models.get(model).ok_or(PickError::UnknownModel)?;
         let now = Instant::now();
-        let available: Vec<bool> = pool
+        let mut available: Vec<bool> = pool
             .endpoints
             .iter()
             .map(|e| e.breaker.lock().available(now))
             .collect();
-        let fresh: Vec<bool> = available
+        let mut fresh: Vec<bool> = available
             .iter()
             .enumerate()
             .map(|(i, a)| *a && !tried.contains(&i))
             .collect();
         // Fail over to an untried endpoint if any; else any available one.
-        let eligible = if fresh.iter().any(|x| *x) {
-            fresh
-        } else {
-            available
-        };
-        for _ in 0..pool.endpoints.len() {
-            let Some(index) = self.choose(pool, &eligible) else {
-                break;
-            };
-            let ep = &pool.endpoints[index];
-            if ep.breaker.lock().try_acquire(now) {
-                ep.outstanding.fetch_add(1, Ordering::Relaxed);
-                return Ok(Lease {
-                    endpoint: ep.clone(),
-                    index,
-                    settled: false,
-                    metrics: self.metrics.clone(),
-                });
+        // An endpoint that refuses (its half-open probe was just taken by
+        // another request) is struck off and the choice made again.
+        for eligible in [&mut fresh, &mut available] {
+            while let Some(index) = self.choose(pool, eligible) {
+                let ep = &pool.endpoints[index];
+                let admitted = ep.breaker.lock().admit(now);
+                match admitted {
+                    Some(admission) => {
+                        ep.outstanding.fetch_add(1, Ordering::Relaxed);
+                        return Ok(Lease {
+                            endpoint: ep.clone(),
+                            index,
+                            admission,
+                            settled: false,
+                            metrics: self.metrics.clone(),
+                        });
+                    }
+                    None => eligible[index] = false,
+                }
             }
         }
         let retry_in = pool
@@ -176,32 +179,69 @@ impl Pools {
 }
 
 /// One request's hold on an endpoint: counts as in-flight until dropped and
-/// reports the attempt's outcome to the endpoint's breaker.
+/// reports the attempt's outcome to the endpoint's breaker. The lease of a
+/// half-open probe carries the probe token: its report decides the circuit.
+/// A lease dropped without a report is neutral (a cancelled request says
+/// nothing about the endpoint) and hands a probe token back.
 pub struct Lease {
     pub endpoint: Arc<Endpoint>,
     /// Position in the model's pool, for failover bookkeeping.
     pub index: usize,
+    admission: Admission,
     settled: bool,
     metrics: Arc<Metrics>,
 }
 
 impl Lease {
     pub fn succeeded(mut self) {
-        self.settle(|b, _| b.on_success());
+        self.settle(Verdict::Success);
     }
 
+    /// An endpoint failure (connect error, timeout of the endpoint's own
+    /// attempt timeout, 5xx, broken stream) counts against the breaker;
+    /// anything else is neutral.
     pub fn failed(mut self, err: &UpstreamError) {
-        if err.is_endpoint_failure() {
-            self.settle(|b, now| b.on_failure(now));
+        let verdict = if err.is_endpoint_failure() {
+            Verdict::Failure
         } else {
-            self.settle(|b, _| b.on_neutral());
+            Verdict::Neutral
+        };
+        self.settle(verdict);
+    }
+
+    /// No verdict on the endpoint: use it when the attempt was cut short by
+    /// the request's overall deadline (not the endpoint's own timeout), or
+    /// cancelled. Same as dropping the lease, said explicitly.
+    pub fn neutral(mut self) {
+        self.settle(Verdict::Neutral);
+    }
+
+    /// Whether this lease holds the half-open probe token.
+    pub fn is_probe(&self) -> bool {
+        self.admission == Admission::Probe
+    }
+
+    /// The endpoint has answered well enough to be trusted (a stream's first
+    /// chunk arrived) before the attempt is over: a probe closes the circuit
+    /// now rather than at the end of a long stream, and the lease goes on as
+    /// a normal one (a later failure counts as any failure). No-op otherwise.
+    pub fn confirm(&mut self) {
+        if self.admission == Admission::Probe {
+            self.record(Verdict::Success);
+            self.admission = Admission::Normal;
         }
     }
 
-    fn settle(&mut self, f: impl FnOnce(&mut Breaker, Instant)) {
+    fn settle(&mut self, verdict: Verdict) {
         self.settled = true;
+        self.record(verdict);
+    }
+
+    fn record(&self, verdict: Verdict) {
         let mut b = self.endpoint.breaker.lock();
-        f(&mut b, Instant::now());
+        b.record(self.admission, verdict, Instant::now());
+        // Set under the breaker's lock so concurrent settles cannot leave
+        // the gauge showing an older state.
         self.metrics
             .circuit_open
             .with_label_values(&[&self.endpoint.name])
@@ -212,8 +252,162 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if !self.settled {
-            self.settle(|b, _| b.on_neutral());
+            self.settle(Verdict::Neutral);
         }
         self.endpoint.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use forwarder_config::UpstreamConfig;
+
+    const OPEN: Duration = Duration::from_millis(30);
+
+    /// Two endpoints `a` (index 0) and `b` (index 1) serving model `m`;
+    /// every failure opens a circuit.
+    fn pools(strategy: Strategy) -> (Pools, Arc<Metrics>) {
+        let mut cfg = Config {
+            upstreams: ["a", "b"]
+                .iter()
+                .map(|n| UpstreamConfig {
+                    name: (*n).into(),
+                    models: vec!["m".into()],
+                    ..UpstreamConfig::builtin_mock()
+                })
+                .collect(),
+            ..Config::default()
+        };
+        cfg.circuit_breaker.failure_threshold = 1;
+        cfg.circuit_breaker.open_duration = OPEN;
+        cfg.routing.strategy = strategy;
+        let metrics = Arc::new(Metrics::new());
+        (Pools::from_config(&cfg, metrics.clone()).unwrap(), metrics)
+    }
+
+    fn open_gauge(m: &Metrics, name: &str) -> i64 {
+        m.circuit_open.with_label_values(&[name]).get()
+    }
+
+    /// Opens `a` and waits until it is half-open.
+    fn open_a(p: &Pools) {
+        let lease = p.pick("m", &[1]).unwrap();
+        assert_eq!(lease.index, 0);
+        lease.failed(&UpstreamError::Timeout);
+        std::thread::sleep(OPEN + Duration::from_millis(5));
+    }
+
+    #[test]
+    fn half_open_endpoint_takes_one_probe_and_others_go_to_the_closed_one() {
+        for strategy in [Strategy::LeastOutstanding, Strategy::RoundRobin] {
+            let (p, m) = pools(strategy);
+            open_a(&p);
+            assert_eq!(open_gauge(&m, "a"), 1);
+            let probe = p.pick("m", &[1]).unwrap();
+            assert!(probe.is_probe() && probe.index == 0);
+            // While the probe is out, everything goes to b, even a request
+            // that already tried b: never "no healthy upstream".
+            let held: Vec<Lease> = (0..20)
+                .map(|k| {
+                    let tried: &[usize] = if k % 2 == 0 { &[] } else { &[1] };
+                    let l = p.pick("m", tried).expect("b is healthy");
+                    assert_eq!(l.index, 1, "{strategy:?}");
+                    assert!(!l.is_probe());
+                    l
+                })
+                .collect();
+            drop(held);
+            probe.succeeded();
+            assert_eq!(open_gauge(&m, "a"), 0);
+            assert!(!p.pick("m", &[1]).unwrap().is_probe());
+        }
+    }
+
+    #[test]
+    fn a_confirmed_probe_closes_the_circuit_before_its_stream_ends() {
+        let (p, m) = pools(Strategy::LeastOutstanding);
+        open_a(&p);
+        let mut probe = p.pick("m", &[1]).unwrap();
+        assert!(probe.is_probe());
+        probe.confirm();
+        assert!(!probe.is_probe());
+        assert_eq!(open_gauge(&m, "a"), 0, "closed at the first chunk");
+        let other = p.pick("m", &[1]).unwrap();
+        assert_eq!(other.index, 0, "a takes normal traffic again");
+        drop(other);
+        drop(probe); // the stream ends without a verdict: still closed
+        assert_eq!(open_gauge(&m, "a"), 0);
+    }
+
+    #[test]
+    fn a_dropped_probe_lease_returns_the_token() {
+        let (p, m) = pools(Strategy::LeastOutstanding);
+        open_a(&p);
+        let probe = p.pick("m", &[1]).unwrap();
+        assert!(probe.is_probe());
+        drop(probe);
+        assert_eq!(open_gauge(&m, "a"), 1, "no verdict: still open");
+        let again = p.pick("m", &[1]).unwrap();
+        assert!(
+            again.is_probe() && again.index == 0,
+            "the next request probes"
+        );
+        again.failed(&UpstreamError::Timeout);
+        assert_eq!(open_gauge(&m, "a"), 1);
+        // reopened: a is not available, b takes everything
+        assert_eq!(p.pick("m", &[1]).unwrap().index, 1);
+    }
+
+    #[test]
+    fn neutral_attempts_do_not_open_the_circuit() {
+        let (p, m) = pools(Strategy::LeastOutstanding);
+        for _ in 0..5 {
+            p.pick("m", &[1]).unwrap().neutral();
+            let l = p.pick("m", &[1]).unwrap();
+            l.failed(&UpstreamError::Status {
+                status: 429,
+                retry_after: None,
+                body: bytes::Bytes::new(),
+            });
+        }
+        assert_eq!(open_gauge(&m, "a"), 0);
+        assert!(!p.pick("m", &[1]).unwrap().is_probe());
+    }
+
+    #[test]
+    fn only_when_every_circuit_is_open_is_there_no_upstream() {
+        let (p, m) = pools(Strategy::LeastOutstanding);
+        p.pick("m", &[1]).unwrap().failed(&UpstreamError::Timeout);
+        p.pick("m", &[0]).unwrap().failed(&UpstreamError::Timeout);
+        assert_eq!((open_gauge(&m, "a"), open_gauge(&m, "b")), (1, 1));
+        match p.pick("m", &[]) {
+            Err(PickError::AllOpen { retry_in }) => assert!(retry_in.unwrap() <= OPEN),
+            _ => panic!("every circuit is open"),
+        }
+    }
+
+    #[test]
+    fn concurrent_picks_never_fail_while_a_closed_endpoint_exists() {
+        let (p, _) = pools(Strategy::LeastOutstanding);
+        let p = Arc::new(p);
+        for _ in 0..20 {
+            open_a(&p);
+            let threads: Vec<_> = (0..4)
+                .map(|_| {
+                    let p = p.clone();
+                    std::thread::spawn(move || {
+                        for _ in 0..200 {
+                            let l = p.pick("m", &[]).expect("b is closed");
+                            if l.index == 0 {
+                                // keep a half-open: the probe gives no verdict
+                                l.neutral();
+                            }
+                        }
+                    })
+                })
+                .collect();
+            threads.into_iter().for_each(|t| t.join().unwrap());
+        }
     }
 }

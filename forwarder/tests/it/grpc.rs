@@ -221,10 +221,42 @@ async fn health_and_reflection_are_served() {
         panic!("unexpected reflection answer");
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(
-        names.contains(&"modelforwarder.v1.Forwarder".to_string()),
-        "{names:?}"
-    );
+    for service in ["modelforwarder.v1.Forwarder", "grpc.health.v1.Health"] {
+        assert!(names.contains(&service.to_string()), "{names:?}");
+    }
+
+    // Clients of the older reflection protocol are answered too.
+    {
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+        let channel = tonic::transport::Endpoint::from_shared(fwd.grpc.clone().unwrap())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let reply = ServerReflectionClient::new(channel)
+            .server_reflection_info(futures::stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner()
+            .next()
+            .await
+            .unwrap()
+            .unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+            panic!("unexpected v1alpha reflection answer");
+        };
+        assert!(list
+            .service
+            .iter()
+            .any(|s| s.name == "modelforwarder.v1.Forwarder"));
+    }
 
     // Shutting down flips health to NOT_SERVING during the drain delay.
     let Fwd { server, .. } = fwd;
@@ -243,4 +275,28 @@ async fn health_and_reflection_are_served() {
         tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
     );
     stopping.await.unwrap();
+}
+
+/// A client deadline (`grpc-timeout`) bounds the whole call, retries
+/// included, and is answered as DEADLINE_EXCEEDED with its HTTP mapping.
+#[tokio::test]
+async fn grpc_timeout_is_honoured_as_deadline_exceeded() {
+    let m = mock(MockSettings {
+        latency: forwarder::config::LatencyDist::Fixed(Duration::from_secs(3)),
+        ..Default::default()
+    })
+    .await;
+    let fwd = start(config(vec![upstream("a", &m, "m")])).await;
+    let mut client = grpc_client(&fwd).await;
+    let mut request = Request::new(req("m", "slow"));
+    request.set_timeout(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let err = client.forward(request).await.unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert_eq!(http_status(&err), "504");
 }

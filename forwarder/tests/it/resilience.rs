@@ -79,24 +79,28 @@ async fn gives_up_after_max_attempts_and_never_retries_client_errors() {
 }
 
 #[tokio::test]
-async fn honours_retry_after_on_the_same_endpoint() {
+async fn honours_retry_after_on_the_same_endpoint_capped_at_max_delay() {
     let m = mock(MockSettings::default()).await;
-    let fwd = start(config(vec![upstream("a", &m, "m")])).await;
-    m.model.fail_next(
-        1,
-        Fault::Error {
-            status: 429,
-            retry_after: Some(Duration::from_secs(1)),
-        },
-    );
-    let started = Instant::now();
-    let r = fwd
-        .post("/v1/chat/completions", &chat("m", "hi"), &[])
-        .await;
-    let took = started.elapsed();
-    assert_eq!(r.status, 200);
-    assert!(took >= Duration::from_millis(1000), "waited only {took:?}");
-    assert!(took < Duration::from_millis(2000), "took {took:?}");
+    let mut cfg = config(vec![upstream("a", &m, "m")]);
+    cfg.retry.max_delay = Duration::from_secs(1);
+    let fwd = start(cfg).await;
+    for (retry_after, why) in [(1, "honoured"), (3600, "capped at retry.max_delay")] {
+        m.model.fail_next(
+            1,
+            Fault::Error {
+                status: 429,
+                retry_after: Some(Duration::from_secs(retry_after)),
+            },
+        );
+        let started = Instant::now();
+        let r = fwd
+            .post("/v1/chat/completions", &chat("m", "hi"), &[])
+            .await;
+        let took = started.elapsed();
+        assert_eq!(r.status, 200, "{why}");
+        assert!(took >= Duration::from_millis(1000), "{why}: waited only {took:?}");
+        assert!(took < Duration::from_millis(2000), "{why}: took {took:?}");
+    }
 }
 
 #[tokio::test]

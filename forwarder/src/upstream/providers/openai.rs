@@ -5,11 +5,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
-use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 
 use super::{AdapterLimits, Completed, Opened, Provider};
 use crate::pipeline::envelope::Envelope;
 use crate::sse::{self, Splitter};
+use crate::upstream::retry::parse_retry_after;
 use crate::upstream::UpstreamError;
 use crate::BuildError;
 
@@ -125,12 +126,7 @@ fn classify(e: reqwest::Error) -> UpstreamError {
 
 async fn status_error(resp: reqwest::Response) -> UpstreamError {
     let status = resp.status().as_u16();
-    let retry_after = resp
-        .headers()
-        .get(RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+    let retry_after = parse_retry_after(resp.headers());
     // 5xx bodies are never shown to clients: do not even read them.
     let body = if status < 500 {
         read_bounded(resp, MAX_ERROR_BODY, true)
