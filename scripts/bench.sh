@@ -11,7 +11,7 @@
 #   BENCH_DURATION=3 ./scripts/bench.sh    shorter runs (the seed runs too, capped at 15 s)
 #
 # Other knobs (rarely needed): BENCH_THREADS (2), BENCH_CONNS (64),
-# BENCH_RATES ("200 3000"), BENCH_PACED_CONNS (32), BENCH_PACED_ROUNDS (2),
+# BENCH_RATES ("200 3000"), BENCH_PACED_CONNS (64), BENCH_PACED_ROUNDS (5),
 # BENCH_STREAM_TOKENS (500), BENCH_STREAM_CONNS (64), BENCH_SEED_CONNS (800),
 # BENCH_SEED_DURATION (15), BENCH_SETTLE (30), BENCH_PROTO_DURATION (5),
 # BENCH_IDLE_WS (10000), BENCH_WARMUP (2), BENCH_QUIET_WAIT (20),
@@ -26,8 +26,8 @@ SEED_DURATION=${BENCH_SEED_DURATION:-$((DURATION < 15 ? DURATION : 15))}
 THREADS=${BENCH_THREADS:-2}
 CONNS=${BENCH_CONNS:-64}
 read -r -a RATES <<<"${BENCH_RATES:-200 3000}"
-PACED_CONNS=${BENCH_PACED_CONNS:-32}
-PACED_ROUNDS=${BENCH_PACED_ROUNDS:-2}
+PACED_CONNS=${BENCH_PACED_CONNS:-64}
+PACED_ROUNDS=${BENCH_PACED_ROUNDS:-5}
 PACED_SEG=$((DURATION / PACED_ROUNDS)); ((PACED_SEG >= 1)) || PACED_SEG=1
 STREAM_TOKENS=${BENCH_STREAM_TOKENS:-500}
 STREAM_CONNS=${BENCH_STREAM_CONNS:-64}
@@ -535,7 +535,11 @@ RSS_X=$(ratio "$RSS_SETTLED" "$IDLE_RSS")
 
 row() { printf '%-52s %-30s %-20s %s\n' "$1" "$2" "$3" "$4"; }
 report() {
-  echo "ModelForwarder benchmark  $(date -u '+%Y-%m-%d %H:%M UTC')  git $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- forwarder 2>/dev/null || echo ' (forwarder/ modified)')"
+  # The commit the measured code comes from: the last one that changed anything
+  # but the benchmark itself (scripts/, docs/), e.g. main's, merged into a branch.
+  local code
+  code=$(git log -1 --format=%h -- . ':(exclude)scripts' ':(exclude)docs' 2>/dev/null || echo '?')
+  echo "ModelForwarder benchmark  $(date -u '+%Y-%m-%d %H:%M UTC')  git $(git rev-parse --short HEAD 2>/dev/null || echo '?') (forwarder code as of $code)$(git diff --quiet HEAD -- forwarder forwarder-config 2>/dev/null || echo ', with uncommitted changes')"
   echo "machine: $(nproc) cores, $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo); $(wrk --version 2>&1 | head -1 | awk '{print $1, $2}'), $("$NGINX" -v 2>&1 | sed 's/.*: //')"
   echo "max runs: wrk -t$THREADS -c$CONNS -d${DURATION}s POST $PATH_CC (+${WARMUP}s warm-up each)"
   echo "fixed rates: ${RATES[*]} req/s, wrk -c$PACED_CONNS with rate.lua, $PACED_ROUNDS rounds x ${PACED_SEG}s per target, order rotated, histograms pooled"
