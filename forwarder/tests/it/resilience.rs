@@ -98,7 +98,10 @@ async fn honours_retry_after_on_the_same_endpoint_capped_at_max_delay() {
             .await;
         let took = started.elapsed();
         assert_eq!(r.status, 200, "{why}");
-        assert!(took >= Duration::from_millis(1000), "{why}: waited only {took:?}");
+        assert!(
+            took >= Duration::from_millis(1000),
+            "{why}: waited only {took:?}"
+        );
         assert!(took < Duration::from_millis(2000), "{why}: took {took:?}");
     }
 }
