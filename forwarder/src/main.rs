@@ -102,6 +102,7 @@ fn load(args: &ConfigArgs) -> anyhow::Result<config::Config> {
 fn serve(args: ConfigArgs) -> anyhow::Result<()> {
     let cfg = load(&args)?;
     init_logging(&cfg.logging);
+    memory::bound_and_return();
     runtime()?.block_on(async {
         let server = Server::start(cfg).await?;
         tracing::info!(addr = %server.addr, grpc = ?server.grpc_addr, models = ?server.pipeline.models(), "forwarder listening");
@@ -171,4 +172,32 @@ async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = term => {}
     }
+}
+
+/// glibc's allocator keeps freed memory in per-thread arenas and rarely
+/// gives it back, so a burst would leave RSS high for good: fewer arenas,
+/// and a trim every few seconds, return it.
+mod memory {
+    #[cfg(target_env = "gnu")]
+    pub fn bound_and_return() {
+        // SAFETY: mallopt and malloc_trim only tune and trim the allocator;
+        // both are thread-safe and take plain integers.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+        let spawned = std::thread::Builder::new()
+            .name("malloc-trim".into())
+            .spawn(|| loop {
+                std::thread::sleep(std::time::Duration::from_secs(5));
+                unsafe {
+                    libc::malloc_trim(0);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "could not start the memory trimmer");
+        }
+    }
+
+    #[cfg(not(target_env = "gnu"))]
+    pub fn bound_and_return() {}
 }

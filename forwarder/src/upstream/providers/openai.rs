@@ -71,8 +71,16 @@ impl OpenAiProvider {
         http.set_keepalive(Some(Duration::from_secs(30)));
         http.set_connect_timeout(Some(cfg.connect_timeout));
         http.enforce_http(false);
+        // The system roots are loaded (once) only for https upstreams.
+        let tls = if base.starts_with("https:") {
+            tls_config().clone()
+        } else {
+            rustls::ClientConfig::builder()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        };
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls_config().clone())
+            .with_tls_config(tls)
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(http);
