@@ -3,8 +3,10 @@
 //! more, no less) in cluster-wide and single-namespace mode; the operator pod
 //! is locked down and wired to its flags; the monitoring parts select the
 //! labels the operator puts on forwarder pods; the chart's CRD is the
-//! generated one. No cluster needed; needs helm (`bash charts/install-helm.sh`,
-//! run by scripts/test.sh, or `HELM=/path/to/helm`).
+//! generated one; and, on a real API server (envtest, `KUBEBUILDER_ASSETS`),
+//! the operator runs as the chart's ServiceAccount without a single forbidden
+//! request. Needs helm (`bash charts/install-helm.sh`, run by
+//! scripts/test.sh, or `HELM=/path/to/helm`).
 //!
 //! Schema validation of the rendered manifests and `helm lint` are in
 //! charts/check.sh.
@@ -86,7 +88,8 @@ const OPERATOR_CALLS: &[(&str, &str, &[&str], Scope)] = &[
         &["create", "patch"],
         Scope::Watched,
     ),
-    // kube-lease-manager: get, create when missing, patch to renew/release.
+    // leader.rs: get, create when missing, merge patch (with the
+    // resourceVersion read) to renew and release.
     (
         "coordination.k8s.io",
         "leases",
@@ -383,6 +386,7 @@ fn operator_source_calls_only_what_the_rbac_table_lists() {
                 // k8s_openapi::...::Pod → Pod.
                 let ty = ty
                     .trim_start_matches("DeserializeGuard<")
+                    .trim_start_matches("PartialObjectMeta<")
                     .rsplit("::")
                     .next()
                     .unwrap_or_default()
@@ -683,6 +687,8 @@ fn assert_known_metrics(expr: &str, origin: &str) {
         "forwarder_request_duration_seconds_bucket",
         "forwarder_upstream_requests_total",
         "forwarder_upstream_duration_seconds_bucket",
+        "forwarder_own_duration_seconds_bucket",
+        "forwarder_time_to_first_token_seconds_bucket",
         "forwarder_inflight_requests",
         "modelforwarder_operator_reconcile_errors_total",
         "modelforwarder_operator_leader",
@@ -771,6 +777,8 @@ fn prometheus_rule_and_dashboard_query_the_metrics_contract() {
         "P99 latency",
         "Error rate (5xx share)",
         "Replicas",
+        "Forwarder own time P99",
+        "Time to first token P99",
     ] {
         assert!(titles.contains(&want), "dashboard lacks {want}: {titles:?}");
     }
@@ -1001,394 +1009,394 @@ fn selectors_survive_upgrades() {
     );
 }
 
-// --- the operator's real requests against the chart's RBAC ------------------
+// --- the operator as the chart's ServiceAccount, on a real API server -------
+//
+// The chart's RBAC is rendered with `helm template`, applied to a real API
+// server (envtest), and the operator's controller, leader election and
+// autoscaler run as the chart's ServiceAccount (impersonated). Every request
+// the operator makes is then authorised by the real RBAC authoriser: a
+// forbidden one is recorded and fails the test. Without KUBEBUILDER_ASSETS
+// these tests are reported as ignored.
 
-/// One request the operator made: (API group, resource[/subresource], verb,
-/// namespace, object name or "").
-type Call = (String, String, String, String, String);
+/// Requests answered 403, as "METHOD path".
+type Forbidden = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
-/// Maps a Kubernetes API request to the RBAC terms that authorize it.
-fn classify(method: &str, path: &str, query: &str) -> Call {
-    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let (group, rest) = match parts.as_slice() {
-        ["api", _version, rest @ ..] => (String::new(), rest),
-        ["apis", group, _version, rest @ ..] => (group.to_string(), rest),
-        _ => panic!("not an API path: {path}"),
-    };
-    let (ns, rest) = match rest {
-        ["namespaces", ns, rest @ ..] if !rest.is_empty() => (ns.to_string(), rest),
-        rest => ("*".to_string(), rest),
-    };
-    let (resource, name) = match rest {
-        [res] => (res.to_string(), ""),
-        [res, name] => (res.to_string(), *name),
-        [res, name, sub] => (format!("{res}/{sub}"), *name),
-        _ => panic!("unexpected API path: {path}"),
-    };
-    let named = !name.is_empty();
-    let verb = match (method, named) {
-        ("GET", true) => "get",
-        ("GET", false) if query.contains("watch=true") => "watch",
-        ("GET", false) => "list",
-        ("POST", _) => "create",
-        ("PATCH", _) => "patch",
-        ("PUT", _) => "update",
-        ("DELETE", true) => "delete",
-        ("DELETE", false) => "deletecollection",
-        _ => panic!("unexpected method {method} {path}"),
-    };
-    (group, resource, verb.to_string(), ns, name.to_string())
+/// Records every request the API server answers with 403 Forbidden.
+#[derive(Clone)]
+struct Audit<S> {
+    inner: S,
+    forbidden: Forbidden,
 }
 
-/// A permissive fake API server: named reads find Secrets (with any key) and
-/// whatever `existing` holds, nothing else; writes are echoed; every request
-/// is recorded.
-async fn fake_api_server(
-    mut handle: tower_test::mock::Handle<
-        http::Request<kube::client::Body>,
-        http::Response<kube::client::Body>,
-    >,
-    existing: Vec<(String, serde_json::Value)>,
-    resource: serde_json::Value,
-    seen: std::sync::Arc<std::sync::Mutex<Vec<Call>>>,
-) {
-    use serde_json::json;
-    let mut stored: BTreeMap<String, serde_json::Value> = BTreeMap::new();
-    while let Some((req, send)) = handle.next_request().await {
-        let method = req.method().to_string();
-        let path = req.uri().path().to_string();
-        let query = req.uri().query().unwrap_or_default().to_string();
-        let body = req.into_body().collect_bytes().await.unwrap_or_default();
-        let call = classify(&method, &path, &query);
-        seen.lock().unwrap().push(call.clone());
-        let (status, reply) = match call.2.as_str() {
-            "get" if call.1 == "secrets" => (
-                200,
-                json!({"apiVersion": "v1", "kind": "Secret",
-                       "metadata": {"name": path.rsplit('/').next(), "namespace": call.3,
-                                    "resourceVersion": "7"},
-                       "data": {"primary": "eA==", "web": "eA=="}}),
-            ),
-            "get" => match existing.iter().find(|(p, _)| *p == path) {
-                Some((_, obj)) => (200, obj.clone()),
-                None if stored.contains_key(&path) => (200, stored[&path].clone()),
-                None => (
-                    404,
-                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                           "reason": "NotFound", "code": 404, "message": "not found"}),
-                ),
-            },
-            "list" if existing.iter().any(|(p, _)| *p == path) => (
-                200,
-                existing.iter().find(|(p, _)| *p == path).unwrap().1.clone(),
-            ),
-            "list" | "watch" => (
-                200,
-                json!({"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": []}),
-            ),
-            "delete" => (
-                200,
-                json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200}),
-            ),
-            // A status write answers with the whole resource.
-            _ if call.1 == "modelforwarders/status" => {
-                let written: serde_json::Value =
-                    serde_json::from_slice(&body).unwrap_or_else(|_| json!({}));
-                let mut obj = resource.clone();
-                obj["status"] = written["status"].clone();
-                (200, obj)
+impl<S, B> tower::Service<http::Request<kube::client::Body>> for Audit<S>
+where
+    S: tower::Service<http::Request<kube::client::Body>, Response = http::Response<B>> + Send,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<kube::client::Body>) -> Self::Future {
+        let what = format!("{} {}", req.method(), req.uri());
+        let forbidden = self.forbidden.clone();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let res = fut.await?;
+            if res.status() == http::StatusCode::FORBIDDEN {
+                forbidden.lock().unwrap().push(what);
             }
-            _ => {
-                let mut obj: serde_json::Value =
-                    serde_json::from_slice(&body).unwrap_or_else(|_| json!({}));
-                if obj.get("metadata").is_some() {
-                    obj["metadata"]["resourceVersion"] = json!("8");
-                    obj["metadata"]["uid"] = json!("00000000-0000-4000-8000-0000000000ff");
-                }
-                // Later reads find what was written.
-                let key = match (call.2.as_str(), obj["metadata"]["name"].as_str()) {
-                    ("create", Some(name)) => format!("{path}/{name}"),
-                    _ => path.clone(),
-                };
-                stored.insert(key, obj.clone());
-                (200, obj)
-            }
-        };
-        let response = http::Response::builder()
-            .status(status)
-            .header("content-type", "application/json")
-            .body(kube::client::Body::from(
-                serde_json::to_vec(&reply).unwrap(),
-            ))
-            .unwrap();
-        send.send_response(response);
+            Ok(res)
+        })
     }
 }
 
-/// Runs the operator's reconciler once on `mf` against the fake server and
-/// returns every request it made.
-async fn operator_calls(
-    mf: serde_json::Value,
-    existing: Vec<(String, serde_json::Value)>,
-) -> Vec<Call> {
-    use kube::runtime::events::{Recorder, Reporter};
-    let (svc, handle) = tower_test::mock::pair::<
-        http::Request<kube::client::Body>,
-        http::Response<kube::client::Body>,
-    >();
-    let client = kube::Client::new(svc, "default");
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let server = tokio::spawn(fake_api_server(handle, existing, mf.clone(), seen.clone()));
-    let ctx = std::sync::Arc::new(operator::reconcile::Context {
-        client: client.clone(),
-        recorder: Recorder::new(
-            client,
-            Reporter {
-                controller: "modelforwarder-operator".into(),
-                instance: Some("chart-test".into()),
-            },
-        ),
-        default_image: operator::DEFAULT_FORWARDER_IMAGE.into(),
-        metrics: operator::telemetry::Metrics::new().expect("metrics"),
-    });
-    let mf: operator::crd::ModelForwarder = serde_json::from_value(mf).expect("resource");
-    let result = tokio::time::timeout(
-        std::time::Duration::from_secs(20),
-        operator::reconcile::reconcile(
-            std::sync::Arc::new(kube::core::DeserializeGuard(Ok(mf))),
-            ctx.clone(),
-        ),
+/// A client acting as `system:serviceaccount:NS:NAME`, whose 403s are
+/// recorded in `forbidden`.
+async fn service_account_client(
+    namespace: &str,
+    name: &str,
+    forbidden: &Forbidden,
+) -> kube::Client {
+    let mut config = envtest::control_plane().config().await;
+    config.auth_info.impersonate = Some(format!("system:serviceaccount:{namespace}:{name}"));
+    config.auth_info.impersonate_groups = Some(vec![
+        "system:serviceaccounts".into(),
+        format!("system:serviceaccounts:{namespace}"),
+        "system:authenticated".into(),
+    ]);
+    let forbidden = forbidden.clone();
+    kube::client::ClientBuilder::try_from(config)
+        .expect("client builder")
+        .with_layer(&tower::layer::layer_fn(move |inner| Audit {
+            inner,
+            forbidden: forbidden.clone(),
+        }))
+        .build()
+}
+
+/// Applies the chart's ServiceAccount and RBAC objects (as the admin) and
+/// returns the ServiceAccount's name.
+async fn install_rbac(admin: &kube::Client, release_ns: &str, docs: &[Value]) -> String {
+    use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+    use kube::api::{Api, Patch, PatchParams};
+    async fn apply<K>(api: Api<K>, doc: &Value)
+    where
+        K: kube::Resource
+            + Clone
+            + serde::de::DeserializeOwned
+            + serde::Serialize
+            + std::fmt::Debug,
+    {
+        let obj: K = serde_json::from_value(serde_json::to_value(doc).unwrap()).expect("typed");
+        let name = obj.meta().name.clone().expect("name");
+        api.patch(
+            &name,
+            &PatchParams::apply("chart-test").force(),
+            &Patch::Apply(&obj),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("applying {name}: {e}"));
+    }
+    let ns: Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": release_ns}})).unwrap();
+    let _ = Api::<Namespace>::all(admin.clone())
+        .create(&Default::default(), &ns)
+        .await;
+    let mut sa = None;
+    for doc in docs {
+        let namespace = s(doc, &["metadata", "namespace"])
+            .and_then(|v| v.as_str())
+            .unwrap_or(release_ns)
+            .to_string();
+        match kind(doc) {
+            "ServiceAccount" => {
+                sa = Some(str_at(doc, &["metadata", "name"]).to_string());
+                apply(
+                    Api::<ServiceAccount>::namespaced(admin.clone(), &namespace),
+                    doc,
+                )
+                .await
+            }
+            "ClusterRole" => apply(Api::<ClusterRole>::all(admin.clone()), doc).await,
+            "ClusterRoleBinding" => apply(Api::<ClusterRoleBinding>::all(admin.clone()), doc).await,
+            "Role" => apply(Api::<Role>::namespaced(admin.clone(), &namespace), doc).await,
+            "RoleBinding" => {
+                apply(
+                    Api::<RoleBinding>::namespaced(admin.clone(), &namespace),
+                    doc,
+                )
+                .await
+            }
+            _ => {}
+        }
+    }
+    sa.expect("the chart renders a ServiceAccount")
+}
+
+/// `helm template` with a release name and namespace of its own.
+fn render_release(release: &str, namespace: &str, args: &[&str]) -> Vec<Value> {
+    let out = Command::new(helm())
+        .args(["template", release])
+        .arg(chart_dir())
+        .args(["--namespace", namespace])
+        .args(args)
+        .output()
+        .expect("running helm");
+    assert!(
+        out.status.success(),
+        "helm template failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf-8 manifests");
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).expect("rendered YAML parses"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+async fn install_crd(admin: &kube::Client) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Api, Patch, PatchParams};
+    let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
+    let crd: CustomResourceDefinition =
+        serde_yaml::from_str(&operator::crdgen::render().expect("crd")).expect("crd yaml");
+    let name = kube::ResourceExt::name_any(&crd);
+    crds.patch(
+        &name,
+        &PatchParams::apply("chart-test").force(),
+        &Patch::Apply(&crd),
     )
     .await
-    .expect("reconcile finishes");
-    assert!(result.is_ok(), "reconcile failed: {:?}", result.err());
-    drop(ctx);
-    server.abort();
-    let calls = seen.lock().unwrap().clone();
-    calls
-}
-
-fn assert_calls_granted(calls: &[Call], docs: &[Value]) {
-    let granted = grants(docs);
-    for (group, resource, verb, ns, name) in calls {
-        let ok = granted.iter().any(|(p, g, r, v, names)| {
-            (p == "*" || p == ns)
-                && g == group
-                && r == resource
-                && v == verb
-                && (names.is_empty() || names.contains(name))
-        });
-        assert!(
-            ok,
-            "the operator made a call the chart does not allow: {verb} {group}/{resource} in {ns}"
-        );
-    }
-}
-
-/// The reconciler's real requests, for a new resource (every object
-/// applied, Events, status) and for one whose PDB must go (min back to 1),
-/// are each allowed by the chart's RBAC, cluster-wide and namespaced.
-#[tokio::test]
-async fn every_request_the_reconciler_makes_is_granted_by_the_chart() {
-    use serde_json::json;
-    let uid = "0b5e7f5c-0000-4000-8000-00000000c4a7";
-    let resource = |min: i32| {
-        json!({
-            "apiVersion": "llm.forwarder.dev/v1alpha1", "kind": "ModelForwarder",
-            "metadata": {"name": "bot", "namespace": "ai", "uid": uid, "generation": 2, "resourceVersion": "5"},
-            "spec": {
-                "protocols": ["http", "websocket", "grpc"],
-                "upstreams": [{"name": "primary", "provider": "openai", "baseUrl": "https://llm.internal/v1",
-                               "models": ["qwen-max"], "apiKeySecretRef": {"name": "llm-keys", "key": "primary"}}],
-                "auth": {"apiKeysSecretRef": {"name": "clients"}},
-                "replicas": {"min": min, "max": 5}
-            }
-        })
-    };
-    let mut calls = operator_calls(resource(2), vec![]).await;
-    // An existing PDB of this resource, now that min is 1: deleted.
-    let pdb = json!({
-        "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
-        "metadata": {"name": "bot", "namespace": "ai", "resourceVersion": "3",
-                     "labels": operator::render::labels::common("bot"),
-                     "ownerReferences": [{"apiVersion": "llm.forwarder.dev/v1alpha1", "kind": "ModelForwarder",
-                                          "name": "bot", "uid": uid, "controller": true}]},
-        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": operator::render::labels::selector("bot")}}
-    });
-    calls.extend(
-        operator_calls(
-            resource(1),
-            vec![(
-                "/apis/policy/v1/namespaces/ai/poddisruptionbudgets/bot".into(),
-                pdb,
-            )],
-        )
-        .await,
-    );
-    let kinds: BTreeSet<(String, String, String)> = calls
-        .iter()
-        .map(|(g, r, v, _, _)| (g.clone(), r.clone(), v.clone()))
-        .collect();
-    eprintln!("reconciler requests: {kinds:?}");
-    // Not vacuous: the writes happened.
-    for want in [
-        ("apps", "deployments", "patch"),
-        ("", "configmaps", "patch"),
-        ("", "services", "patch"),
-        ("policy", "poddisruptionbudgets", "patch"),
-        ("policy", "poddisruptionbudgets", "delete"),
-        ("", "secrets", "get"),
-        ("llm.forwarder.dev", "modelforwarders/status", "patch"),
-        ("events.k8s.io", "events", "create"),
-    ] {
-        assert!(
-            kinds.contains(&(want.0.to_string(), want.1.to_string(), want.2.to_string())),
-            "expected the reconciler to {} {}/{}; it made {kinds:?}",
-            want.2,
-            want.0,
-            want.1
-        );
-    }
-    assert_calls_granted(&calls, &render(&[]));
-    assert_calls_granted(&calls, &render(&["--set", "watchNamespace=ai"]));
-    // And every one is in the table the exact-RBAC tests use.
-    for (g, r, v, _, _) in &calls {
-        assert!(
-            OPERATOR_CALLS
+    .expect("install CRD");
+    until("the CRD is established", || async {
+        crds.get(&name).await.ok().is_some_and(|c| {
+            c.status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
                 .iter()
-                .any(|(cg, cr, cv, _)| cg == g && cr == r && cv.contains(&v.as_str())),
-            "{v} {g}/{r} is not in OPERATOR_CALLS"
+                .any(|c| c.type_ == "Established" && c.status == "True")
+        })
+    })
+    .await;
+}
+
+async fn until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
         );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
 
-/// The controller's lists and watches (the resources, owned objects,
-/// Secrets), cluster-wide and scoped to one namespace, are each allowed by
-/// the chart rendered for that mode.
-#[tokio::test]
-async fn every_list_and_watch_the_controller_opens_is_granted_by_the_chart() {
+/// The whole operator as the chart's ServiceAccount: leader election in its
+/// own namespace; the controller (every watch, a new resource's children
+/// with Secrets and a PDB, status, Events, deleting the PDB again); one
+/// autoscaler evaluation that scales up. No request may be forbidden.
+async fn operator_as_the_charts_service_account(release: &str, namespaced: bool) {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::Secret;
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    use kube::api::{Api, Patch, PatchParams, PostParams};
     use kube::runtime::events::{Recorder, Reporter};
-    for (scope, set) in [
-        (None, vec![]),
-        (Some("ai"), vec!["--set", "watchNamespace=ai"]),
+    use serde_json::json;
+
+    let cp = envtest::control_plane();
+    let admin = cp.client().await;
+    install_crd(&admin).await;
+    let ns = cp.namespace(&admin, &format!("{release}-ai")).await;
+    let release_ns = format!("{release}-system");
+    let mut args = vec![];
+    let watch = format!("watchNamespace={ns}");
+    if namespaced {
+        args = vec!["--set", watch.as_str()];
+    }
+    let docs = render_release(release, &release_ns, &args);
+    let sa = install_rbac(&admin, &release_ns, &docs).await;
+    let forbidden = Forbidden::default();
+    let client = service_account_client(&release_ns, &sa, &forbidden).await;
+
+    // Leader election, in the operator's namespace.
+    let cfg =
+        operator::leader::LeaderConfig::new(LEASE.into(), release_ns.clone(), "chart-test".into());
+    let mut election = operator::leader::Election::start(client.clone(), &cfg)
+        .await
+        .expect("election");
+    tokio::time::timeout(std::time::Duration::from_secs(20), election.acquired())
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "no lease as the chart's ServiceAccount; forbidden: {:?}",
+                forbidden.lock().unwrap()
+            )
+        })
+        .expect("acquired");
+
+    // The controller, watching the namespace or everything.
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "modelforwarder-operator".into(),
+            instance: Some("chart-test".into()),
+        },
+    );
+    let ctx = operator::reconcile::Context::new(
+        client.clone(),
+        recorder.clone(),
+        operator::DEFAULT_FORWARDER_IMAGE.into(),
+        operator::telemetry::Metrics::new().expect("metrics"),
+    );
+    let watched = namespaced.then(|| ns.clone());
+    let controller = tokio::spawn(operator::controller::run(client.clone(), watched, ctx));
+
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), &ns);
+    for (name, key) in [("clients", "web"), ("llm-keys", "primary")] {
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": name}, "stringData": {key: "x"}
+        }))
+        .unwrap();
+        secrets
+            .create(&PostParams::default(), &secret)
+            .await
+            .unwrap();
+    }
+    let mfs: Api<operator::crd::ModelForwarder> = Api::namespaced(admin.clone(), &ns);
+    let mf: operator::crd::ModelForwarder = serde_json::from_value(json!({
+        "apiVersion": "llm.forwarder.dev/v1alpha1", "kind": "ModelForwarder",
+        "metadata": {"name": "bot", "namespace": ns},
+        "spec": {
+            "protocols": ["http", "websocket", "grpc"],
+            "upstreams": [{"name": "primary", "provider": "openai", "baseUrl": "https://llm.internal/v1",
+                           "models": ["m"], "apiKeySecretRef": {"name": "llm-keys", "key": "primary"}}],
+            "auth": {"apiKeysSecretRef": {"name": "clients"}},
+            "replicas": {"min": 2, "max": 10},
+            "slo": {"p99LatencyMs": 500, "maxErrorRate": 0.01, "targetQpsPerReplica": 50}
+        }
+    }))
+    .unwrap();
+    mfs.create(&PostParams::default(), &mf)
+        .await
+        .expect("create");
+    let deps: Api<Deployment> = Api::namespaced(admin.clone(), &ns);
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(admin.clone(), &ns);
+    let report = || format!("forbidden: {:?}", forbidden.lock().unwrap());
+    until("children and status", || async {
+        deps.get_opt("bot").await.unwrap().is_some()
+            && pdbs.get_opt("bot").await.unwrap().is_some()
+            && mfs.get("bot").await.unwrap().status.is_some()
+    })
+    .await;
+    assert!(forbidden.lock().unwrap().is_empty(), "{}", report());
+
+    // One autoscaler evaluation: reads the Deployment and pods, scales,
+    // writes status and an Event.
+    let autoscaler = operator::autoscale::run::Autoscaler {
+        client: client.clone(),
+        namespace: Some(ns.clone()),
+        recorder,
+        metrics: operator::telemetry::Metrics::new().expect("metrics"),
+        source: std::sync::Arc::new(BusyForwarder),
+        interval: std::time::Duration::from_secs(15),
+        window: std::time::Duration::from_secs(60),
+        max_age: std::time::Duration::from_secs(45),
+        prometheus_rules: false,
+    };
+    let stored = mfs.get("bot").await.unwrap();
+    let mut evaluator = operator::autoscale::Evaluator::new(
+        operator::autoscale::workload::policy_for(&stored.spec),
+    );
+    let evaluation = autoscaler.evaluate_one(&stored, &mut evaluator).await;
+    eprintln!("autoscaler: {evaluation:?}");
+    assert!(forbidden.lock().unwrap().is_empty(), "{}", report());
+
+    // min back to 1 and one replica: the PDB is deleted.
+    mfs.patch(
+        "bot",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": {"min": 1, "desired": 1}}})),
+    )
+    .await
+    .unwrap();
+    until("the PDB to go", || async {
+        pdbs.get_opt("bot").await.unwrap().is_none()
+    })
+    .await;
+
+    controller.abort();
+    election.release().await.expect("release");
+    assert!(forbidden.lock().unwrap().is_empty(), "{}", report());
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(envtest),
+    ignore = "set KUBEBUILDER_ASSETS: needs a real kube-apiserver"
+)]
+async fn the_operator_runs_as_the_charts_service_account_cluster_wide() {
+    operator_as_the_charts_service_account("cw", false).await;
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(envtest),
+    ignore = "set KUBEBUILDER_ASSETS: needs a real kube-apiserver"
+)]
+async fn the_operator_runs_as_the_charts_service_account_in_one_namespace() {
+    operator_as_the_charts_service_account("one", true).await;
+}
+
+/// The PrometheusRules the operator applies per resource (with
+/// `--prometheus-rules`, which `rbac.prometheusRules=true` passes along with
+/// `prometheusUrl`) are granted only when that value is on.
+#[test]
+fn prometheus_rules_are_granted_only_with_rbac_prometheus_rules() {
+    for args in [
+        vec!["--set", "rbac.prometheusRules=true"],
+        vec![
+            "--set",
+            "rbac.prometheusRules=true",
+            "--set",
+            "watchNamespace=ai",
+        ],
     ] {
-        let (svc, handle) = tower_test::mock::pair::<
-            http::Request<kube::client::Body>,
-            http::Response<kube::client::Body>,
-        >();
-        let client = kube::Client::new(svc, "default");
-        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let server = tokio::spawn(fake_api_server(
-            handle,
-            vec![],
-            serde_json::json!({}),
-            seen.clone(),
-        ));
-        let ctx = std::sync::Arc::new(operator::reconcile::Context {
-            client: client.clone(),
-            recorder: Recorder::new(
-                client.clone(),
-                Reporter {
-                    controller: "modelforwarder-operator".into(),
-                    instance: Some("chart-test".into()),
-                },
-            ),
-            default_image: operator::DEFAULT_FORWARDER_IMAGE.into(),
-            metrics: operator::telemetry::Metrics::new().expect("metrics"),
-        });
-        let controller = tokio::spawn(operator::controller::run(
-            client,
-            scope.map(str::to_string),
-            ctx,
-        ));
-        // Long enough for every reflector's first list and watch.
-        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-        controller.abort();
-        server.abort();
-        let calls = seen.lock().unwrap().clone();
-        let opened: BTreeSet<(String, String, String)> = calls
-            .iter()
-            .map(|(g, r, v, _, _)| (g.clone(), r.clone(), v.clone()))
-            .collect();
-        eprintln!("controller requests ({scope:?}): {opened:?}");
-        for (g, r) in [
-            ("llm.forwarder.dev", "modelforwarders"),
-            ("apps", "deployments"),
-            ("", "configmaps"),
-            ("", "services"),
-            ("policy", "poddisruptionbudgets"),
-            ("", "secrets"),
-        ] {
+        let granted = grants(&render(&args));
+        for verb in PROMETHEUS_RULE_CALLS.2 {
             assert!(
-                opened.contains(&(g.to_string(), r.to_string(), "list".to_string())),
-                "the controller ({scope:?}) did not list {g}/{r}: {opened:?}"
+                granted
+                    .iter()
+                    .any(|g| g.2 == "prometheusrules" && g.3 == *verb),
+                "{args:?}: {verb} prometheusrules not granted"
             );
         }
-        let expected_ns = scope.unwrap_or("*");
-        for (g, r, v, ns, _) in &calls {
-            if v == "list" || v == "watch" {
-                assert_eq!(ns, expected_ns, "{v} {g}/{r} outside the watched scope");
-            }
-        }
-        assert_calls_granted(&calls, &render(&set));
     }
-}
-
-/// Leader election's requests on its Lease (in the operator's namespace,
-/// under the chart's lease name) are allowed by the chart's Role, whose
-/// get/patch are limited to that one name.
-#[tokio::test]
-async fn leader_election_requests_are_granted_by_the_chart() {
-    let (svc, handle) = tower_test::mock::pair::<
-        http::Request<kube::client::Body>,
-        http::Response<kube::client::Body>,
-    >();
-    let client = kube::Client::new(svc, "default");
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let server = tokio::spawn(fake_api_server(
-        handle,
-        vec![],
-        serde_json::json!({}),
-        seen.clone(),
-    ));
-    let cfg = operator::leader::LeaderConfig {
-        lease_name: LEASE.into(),
-        namespace: RELEASE_NS.into(),
-        identity: "mf-operator-0".into(),
-        duration_secs: 15,
-        grace_secs: 5,
-    };
-    let election = tokio::time::timeout(
-        std::time::Duration::from_secs(2),
-        operator::leader::Election::start(client, &cfg),
-    )
-    .await;
-    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
-    drop(election);
-    server.abort();
-    let calls = seen.lock().unwrap().clone();
-    let kinds: BTreeSet<(&str, &str)> =
-        calls.iter().map(|c| (c.2.as_str(), c.4.as_str())).collect();
-    eprintln!("leader election requests (verb, name): {kinds:?}");
-    for verb in ["get", "create", "patch"] {
-        assert!(
-            kinds.iter().any(|(v, _)| *v == verb),
-            "leader election made no {verb} request: {kinds:?}"
-        );
-    }
+    let default = grants(&render(&[]));
     assert!(
-        calls.iter().any(|c| c.1 == "leases"),
-        "no Lease request was made"
+        !default.iter().any(|g| g.2 == "prometheusrules"),
+        "PrometheusRules granted by default"
     );
-    for c in &calls {
-        assert_eq!(
-            (c.0.as_str(), c.1.as_str()),
-            ("coordination.k8s.io", "leases")
-        );
-        assert_eq!(c.3, RELEASE_NS);
-    }
-    assert_calls_granted(&calls, &render(&[]));
-    assert_calls_granted(&calls, &render(&["--set", "watchNamespace=ai"]));
+    // The rules come with the autoscaler, which needs prometheusUrl.
+    let url = "prometheusUrl=http://prometheus:9090";
+    let docs = render(&["--set", "rbac.prometheusRules=true", "--set", url]);
+    assert!(container_args(&docs).contains(&"--prometheus-rules=true".to_string()));
+    let docs = render(&["--set", url]);
+    assert!(!container_args(&docs)
+        .iter()
+        .any(|a| a.starts_with("--prometheus-rules")));
 }
 
 struct BusyForwarder;
@@ -1407,178 +1415,7 @@ impl operator::autoscale::MetricsSource for BusyForwarder {
             inflight: Some(40.0),
             upstream_p99_ms: Some(100.0),
             reporting: 2,
+            ..Default::default()
         })
     }
-}
-
-/// One autoscaler evaluation of a busy forwarder (it scales up: reads the
-/// Deployment and the live pods, patches replicas, writes status, records
-/// an Event): every request it makes is granted by the chart.
-#[tokio::test]
-async fn every_request_the_autoscaler_makes_is_granted_by_the_chart() {
-    use kube::runtime::events::{Recorder, Reporter};
-    use serde_json::json;
-    let uid = "0b5e7f5c-0000-4000-8000-00000000a5ca";
-    let mf = json!({
-        "apiVersion": "llm.forwarder.dev/v1alpha1", "kind": "ModelForwarder",
-        "metadata": {"name": "bot", "namespace": "ai", "uid": uid, "generation": 2, "resourceVersion": "5"},
-        "spec": {
-            "upstreams": [{"name": "local", "provider": "mock", "models": ["mock"]}],
-            "replicas": {"min": 2, "max": 10},
-            "slo": {"p99LatencyMs": 500, "maxErrorRate": 0.01, "targetQpsPerReplica": 50}
-        }
-    });
-    let labels = operator::render::labels::pod("bot", &BTreeMap::new());
-    let deployment = json!({
-        "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": "bot", "namespace": "ai", "generation": 4, "resourceVersion": "9",
-                     "labels": labels,
-                     "ownerReferences": [{"apiVersion": "llm.forwarder.dev/v1alpha1", "kind": "ModelForwarder",
-                                          "name": "bot", "uid": uid, "controller": true}]},
-        "spec": {"replicas": 2,
-                 "selector": {"matchLabels": operator::render::labels::selector("bot")},
-                 "template": {"metadata": {"labels": labels}, "spec": {"containers": []}}},
-        "status": {"observedGeneration": 4, "replicas": 2, "readyReplicas": 2, "availableReplicas": 2, "updatedReplicas": 2}
-    });
-    let pod = |n: &str| {
-        json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": n, "namespace": "ai", "labels": labels},
-            "spec": {"containers": []},
-            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
-        })
-    };
-    let pods = json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "9"},
-                      "items": [pod("bot-a"), pod("bot-b")]});
-
-    let (svc, handle) = tower_test::mock::pair::<
-        http::Request<kube::client::Body>,
-        http::Response<kube::client::Body>,
-    >();
-    let client = kube::Client::new(svc, "default");
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let server = tokio::spawn(fake_api_server(
-        handle,
-        vec![
-            (
-                "/apis/apps/v1/namespaces/ai/deployments/bot".into(),
-                deployment,
-            ),
-            ("/api/v1/namespaces/ai/pods".into(), pods),
-        ],
-        mf.clone(),
-        seen.clone(),
-    ));
-    let autoscaler = operator::autoscale::run::Autoscaler {
-        client: client.clone(),
-        namespace: Some("ai".into()),
-        recorder: Recorder::new(
-            client,
-            Reporter {
-                controller: "modelforwarder-operator".into(),
-                instance: Some("chart-test".into()),
-            },
-        ),
-        metrics: operator::telemetry::Metrics::new().expect("metrics"),
-        source: std::sync::Arc::new(BusyForwarder),
-        interval: std::time::Duration::from_secs(15),
-        window: std::time::Duration::from_secs(60),
-        max_age: std::time::Duration::from_secs(45),
-        prometheus_rules: false,
-    };
-    let mf: operator::crd::ModelForwarder = serde_json::from_value(mf).expect("resource");
-    let mut evaluator =
-        operator::autoscale::Evaluator::new(operator::autoscale::workload::policy_for(&mf.spec));
-    let evaluation = tokio::time::timeout(
-        std::time::Duration::from_secs(20),
-        autoscaler.evaluate_one(&mf, &mut evaluator),
-    )
-    .await
-    .expect("evaluation finishes");
-    server.abort();
-    let evaluation = evaluation.expect("evaluation succeeds");
-    eprintln!("autoscaler decision: {evaluation:?}");
-    let calls = seen.lock().unwrap().clone();
-    let kinds: BTreeSet<(String, String, String)> = calls
-        .iter()
-        .map(|(g, r, v, _, _)| (g.clone(), r.clone(), v.clone()))
-        .collect();
-    eprintln!("autoscaler requests: {kinds:?}");
-    for want in [
-        ("apps", "deployments", "get"),
-        ("", "pods", "list"),
-        ("apps", "deployments", "patch"),
-        ("llm.forwarder.dev", "modelforwarders/status", "patch"),
-    ] {
-        assert!(
-            kinds.contains(&(want.0.to_string(), want.1.to_string(), want.2.to_string())),
-            "expected the autoscaler to {} {}/{}; it made {kinds:?}",
-            want.2,
-            want.0,
-            want.1
-        );
-    }
-    assert_calls_granted(&calls, &render(&[]));
-    assert_calls_granted(&calls, &render(&["--set", "watchNamespace=ai"]));
-}
-
-/// The PrometheusRule the operator applies per resource (with
-/// `--prometheus-rules`, which `rbac.prometheusRules=true` passes along with
-/// `prometheusUrl`) is granted only when that value is on.
-#[tokio::test]
-async fn prometheus_rule_requests_are_granted_only_with_rbac_prometheus_rules() {
-    use serde_json::json;
-    let mf: operator::crd::ModelForwarder = serde_json::from_value(json!({
-        "apiVersion": "llm.forwarder.dev/v1alpha1", "kind": "ModelForwarder",
-        "metadata": {"name": "bot", "namespace": "ai", "uid": "0b5e7f5c-0000-4000-8000-0000000001e5"},
-        "spec": {"upstreams": [{"name": "local", "provider": "mock", "models": ["mock"]}]}
-    }))
-    .expect("resource");
-    let (svc, handle) = tower_test::mock::pair::<
-        http::Request<kube::client::Body>,
-        http::Response<kube::client::Body>,
-    >();
-    let client = kube::Client::new(svc, "default");
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let server = tokio::spawn(fake_api_server(handle, vec![], json!({}), seen.clone()));
-    let rule = operator::autoscale::rules::render(&mf);
-    tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        operator::autoscale::rules::apply(client, &mf, &rule),
-    )
-    .await
-    .expect("apply finishes")
-    .expect("apply succeeds");
-    server.abort();
-    let calls = seen.lock().unwrap().clone();
-    eprintln!("PrometheusRule requests: {calls:?}");
-    assert!(
-        calls
-            .iter()
-            .any(|c| c.0 == "monitoring.coreos.com" && c.1 == "prometheusrules"),
-        "no PrometheusRule request: {calls:?}"
-    );
-    assert_calls_granted(&calls, &render(&["--set", "rbac.prometheusRules=true"]));
-    assert_calls_granted(
-        &calls,
-        &render(&[
-            "--set",
-            "rbac.prometheusRules=true",
-            "--set",
-            "watchNamespace=ai",
-        ]),
-    );
-    let default = grants(&render(&[]));
-    assert!(
-        !default.iter().any(|g| g.2 == "prometheusrules"),
-        "PrometheusRules granted by default"
-    );
-    // The rules come with the autoscaler, which needs prometheusUrl.
-    let url = "prometheusUrl=http://prometheus:9090";
-    let docs = render(&["--set", "rbac.prometheusRules=true", "--set", url]);
-    assert!(container_args(&docs).contains(&"--prometheus-rules=true".to_string()));
-    let docs = render(&["--set", url]);
-    assert!(!container_args(&docs)
-        .iter()
-        .any(|a| a.starts_with("--prometheus-rules")));
 }

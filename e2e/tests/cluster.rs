@@ -6,7 +6,6 @@
 //! controller runs in this process, scoped to a fresh namespace, so no
 //! operator image is needed; forwarder pods need not become ready.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
@@ -157,18 +156,18 @@ async fn scenario(client: &Client, ns: &str) -> anyhow::Result<()> {
     secret(&secrets, "clients", "web", "sk-client-1").await?;
     secret(&secrets, "llm-keys", "primary", "sk-upstream-1").await?;
 
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        recorder: Recorder::new(
+    let ctx = Context::new(
+        client.clone(),
+        Recorder::new(
             client.clone(),
             Reporter {
                 controller: "modelforwarder-operator".into(),
                 instance: Some("e2e".into()),
             },
         ),
-        default_image: operator::DEFAULT_FORWARDER_IMAGE.into(),
-        metrics: Metrics::new()?,
-    });
+        operator::DEFAULT_FORWARDER_IMAGE.into(),
+        Metrics::new()?,
+    );
     let controller = tokio::spawn(operator::controller::run(
         client.clone(),
         Some(ns.to_string()),

@@ -1,4 +1,13 @@
 //! Wires the reconciler into a kube-runtime `Controller`.
+//!
+//! What the controller watches, and why it stays cheap at scale:
+//! - ModelForwarders, filtered by `metadata.generation`: a status write
+//!   (ours or the autoscaler's) does not trigger a reconcile;
+//! - the owned Deployments, ConfigMaps, Services and PDBs (labelled ones
+//!   only), through reflectors whose stores the reconciler reads instead of
+//!   GETting each child;
+//! - Secrets as metadata only (no data held in memory): a change maps to the
+//!   resources that reference the Secret, which then read its data.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,12 +17,14 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::core::DeserializeGuard;
-use kube::runtime::{controller, watcher, Controller};
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{controller, predicates, watcher, Controller, WatchStreamExt};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 
 use crate::crd::ModelForwarder;
-use crate::reconcile::{error_policy, reconcile, resources_referencing, Context};
+use crate::reconcile::{error_policy, reconcile, resources_referencing, Caches, Context};
 use crate::render::labels;
 
 fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
@@ -29,45 +40,98 @@ where
     }
 }
 
-/// Runs the controller until SIGTERM/SIGINT. `namespace`: watch only this
-/// namespace; `None`: all namespaces.
-pub async fn run(client: Client, namespace: Option<String>, ctx: Arc<Context>) {
+/// A reflector over the labelled children of one kind: its store, and the
+/// stream of changes that drives the controller.
+fn owned<K>(
+    client: &Client,
+    ns: Option<&str>,
+) -> (
+    Store<K>,
+    impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    // Owned objects carry the managed-by label; watching only those keeps
+    // the caches small.
+    let cfg = watcher::Config::default()
+        .labels(&format!("{}={}", labels::MANAGED_BY, labels::FIELD_MANAGER))
+        .any_semantic();
+    let (reader, writer) = reflector::store();
+    let stream = watcher(scoped::<K>(client, ns), cfg)
+        .default_backoff()
+        .reflect(writer)
+        .touched_objects();
+    (reader, stream)
+}
+
+/// Runs the controller until SIGTERM/SIGINT (or until the future is
+/// dropped). `namespace`: watch only this namespace; `None`: all.
+pub async fn run(client: Client, namespace: Option<String>, mut ctx: Context) {
     let ns = namespace.as_deref();
     // DeserializeGuard: a malformed object is handed to the reconciler as an
     // error (reported as an Event) instead of breaking the watch.
     let resources: Api<DeserializeGuard<ModelForwarder>> = scoped(&client, ns);
-    // Owned objects carry the managed-by label; watching only those keeps
-    // the caches small.
-    let owned = watcher::Config::default().labels(&format!(
-        "{}={}",
-        labels::MANAGED_BY,
-        labels::FIELD_MANAGER
-    ));
-    let controller = Controller::new(resources, watcher::Config::default().any_semantic())
+    let (store, writer) = reflector::store();
+    let primary = watcher(resources, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        // Status writes do not change the generation: no reconcile for them.
+        .predicate_filter(predicates::generation, Default::default());
+
+    let (deployments, deployment_events) = owned::<Deployment>(&client, ns);
+    let (config_maps, config_map_events) = owned::<ConfigMap>(&client, ns);
+    let (services, service_events) = owned::<Service>(&client, ns);
+    let (pdbs, pdb_events) = owned::<PodDisruptionBudget>(&client, ns);
+    ctx.caches = Some(Caches {
+        deployments,
+        config_maps,
+        services,
+        pdbs,
+    });
+    // Metadata only: the Secrets' data stays out of the operator's memory.
+    let secret_api: Api<PartialObjectMeta<Secret>> = match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let secrets = watcher(secret_api, watcher::Config::default())
+        .default_backoff()
+        .touched_objects();
+
+    let mapper_store = store.clone();
+    Controller::for_stream(primary, store)
         // A rollout sends a burst of Deployment status updates; fold each
         // burst into one reconcile, and bound the parallel ones.
         .with_config(
             controller::Config::default()
                 .debounce(Duration::from_millis(500))
-                .concurrency(8),
-        );
-    let store = controller.store();
-    controller
-        .owns(scoped::<Deployment>(&client, ns), owned.clone())
-        .owns(scoped::<ConfigMap>(&client, ns), owned.clone())
-        .owns(scoped::<Service>(&client, ns), owned.clone())
-        .owns(scoped::<PodDisruptionBudget>(&client, ns), owned)
-        .watches(
-            scoped::<Secret>(&client, ns),
-            watcher::Config::default(),
-            move |secret| resources_referencing(&store.state(), &secret),
+                .concurrency(32),
         )
+        .owns_stream(deployment_events)
+        .owns_stream(config_map_events)
+        .owns_stream(service_events)
+        .owns_stream(pdb_events)
+        .watches_stream(secrets, move |secret| {
+            resources_referencing(&mapper_store.state(), &secret)
+        })
         .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, error_policy, Arc::new(ctx))
         .for_each(|result| async move {
             match result {
                 Ok((obj, _)) => {
                     tracing::debug!(name = %obj.name, namespace = ?obj.namespace, "reconciled")
+                }
+                // Normal after a deletion: children events for a resource
+                // that is gone. Not worth a warning.
+                Err(controller::Error::ObjectNotFound(obj)) => {
+                    tracing::debug!(name = %obj.name, "object gone from the cache")
                 }
                 Err(e) => tracing::warn!(error = %e, "controller"),
             }

@@ -43,9 +43,33 @@ pub const GROUP: &str = "llm.forwarder.dev";
     ),
     printcolumn(
         name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "The Ready condition"
+    ),
+    printcolumn(
+        name = "Degraded",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Degraded\")].status",
+        description = "The Degraded condition"
+    ),
+    printcolumn(
+        name = "Pods",
         type_ = "integer",
         json_path = ".status.readyReplicas",
         description = "Pods ready to serve"
+    ),
+    printcolumn(
+        name = "Min",
+        type_ = "integer",
+        json_path = ".spec.replicas.min",
+        description = "Fewest replicas"
+    ),
+    printcolumn(
+        name = "Max",
+        type_ = "integer",
+        json_path = ".spec.replicas.max",
+        description = "Most replicas"
     ),
     printcolumn(
         name = "Desired",
@@ -72,6 +96,7 @@ pub const GROUP: &str = "llm.forwarder.dev";
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = api_server_formats)]
 pub struct ModelForwarderSpec {
     /// Protocols the forwarder serves. `http` (simple and OpenAI-compatible
     /// APIs) and `websocket` (`/api/v1/ws`) share the `http` port 8080;
@@ -114,6 +139,43 @@ pub struct ModelForwarderSpec {
     #[serde(default)]
     pub pod: PodOverrides,
 }
+
+/// Schema fixes for the API server, applied to the whole (inlined) spec:
+/// - `format: uint32` is not a Kubernetes format (the API server warns on
+///   every apply): unsigned fields become `int32`, their `minimum` (0 or
+///   more) stays;
+/// - quantities (`x-kubernetes-int-or-string` fields such as
+///   `resources.limits.cpu`) get the pattern Kubernetes parses, so
+///   `cpu: lots` is refused when the resource is written instead of failing
+///   every apply of the Deployment.
+pub fn api_server_formats(schema: &mut schemars::Schema) {
+    fn walk(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if m.get("format").and_then(|f| f.as_str()) == Some("uint32") {
+                    m.insert("format".into(), "int32".into());
+                    m.entry("minimum").or_insert(0.into());
+                }
+                let quantity = m.get("x-kubernetes-int-or-string") == Some(&true.into())
+                    && m.get("description")
+                        .and_then(|d| d.as_str())
+                        .is_some_and(|d| d.starts_with("Quantity is"));
+                if quantity {
+                    m.insert("pattern".into(), QUANTITY_PATTERN.into());
+                }
+                m.values_mut().for_each(walk);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    let mut v = serde_json::Value::from(std::mem::take(schema));
+    walk(&mut v);
+    *schema = schemars::Schema::try_from(v).unwrap_or_default();
+}
+
+/// What `resource.Quantity` accepts (the pattern controller-gen emits).
+pub const QUANTITY_PATTERN: &str = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$";
 
 fn default_protocols() -> Vec<Protocol> {
     vec![Protocol::Http]
@@ -341,6 +403,13 @@ pub struct Slo {
     #[serde(default = "default_qps")]
     #[schemars(range(min = 1, max = 1000000))]
     pub target_qps_per_replica: u32,
+    /// Target 99th-percentile time to first token of streamed requests, in
+    /// milliseconds. When set, streams are judged by it instead of by their
+    /// total duration (which is the model's generation time): while the
+    /// window holds streamed requests, `p99LatencyMs` is not applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 600000))]
+    pub ttft_p99_ms: Option<u32>,
 }
 
 fn default_p99() -> u32 {
@@ -359,6 +428,7 @@ impl Default for Slo {
             p99_latency_ms: default_p99(),
             max_error_rate: default_error_rate(),
             target_qps_per_replica: default_qps(),
+            ttft_p99_ms: None,
         }
     }
 }
@@ -366,6 +436,10 @@ impl Default for Slo {
 /// Scaling behaviour (used by the autoscaler, a later component).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
+// Label matchers only (`name op "value"`, comma separated): the selector is
+// placed inside PromQL braces, so anything else could change the query.
+// The autoscaler checks the same (`autoscale::metrics::validate_selector`).
+#[x_kube(validation = kube::core::Rule::new(r#"!has(self.metricsSelector) || self.metricsSelector.matches('^\\s*[a-zA-Z_][a-zA-Z0-9_]*\\s*(=~|!~|!=|=)\\s*"([^"\\\\\\n]|\\\\.)*"\\s*(,\\s*[a-zA-Z_][a-zA-Z0-9_]*\\s*(=~|!~|!=|=)\\s*"([^"\\\\\\n]|\\\\.)*"\\s*)*,?\\s*$')"#).message(r#"metricsSelector must be PromQL label matchers only, such as job="llm",pod=~"bot-.*" (operators =, !=, =~, !~; double-quoted values)"#))]
 pub struct Scaling {
     /// How long the metrics must justify a smaller count before scaling down.
     #[serde(default = "default_stabilization")]
@@ -379,6 +453,7 @@ pub struct Scaling {
     /// forwarder series, replacing the default
     /// `namespace="<ns>",app_kubernetes_io_instance="<name>"`; for scrape
     /// configs that label pods differently. Series must still carry `pod`.
+    /// Only matchers `name op "value"` (=, !=, =~, !~), comma separated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 1024))]
     pub metrics_selector: Option<String>,
@@ -497,8 +572,18 @@ pub struct ModelForwarderStatus {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ObservedMetrics {
-    /// 99th-percentile request latency, in milliseconds.
-    pub p99_latency_ms: f64,
+    /// 99th-percentile request latency, in milliseconds; absent without
+    /// requests in the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99_latency_ms: Option<f64>,
+    /// 99th-percentile time spent in the forwarder itself (upstream
+    /// attempts and backoff excluded), in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub own_p99_latency_ms: Option<f64>,
+    /// 99th-percentile time to first token of streamed requests, in
+    /// milliseconds; absent without streams in the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttft_p99_ms: Option<f64>,
     /// Requests per second over all pods.
     pub qps: f64,
     /// Fraction of requests that failed.

@@ -36,6 +36,10 @@ struct Args {
     /// PromQL rate window: four scrapes, so one missed scrape never empties it.
     #[arg(long, env = "AUTOSCALE_RATE_WINDOW", default_value = "1m", value_parser = humantime::parse_duration)]
     rate_window: std::time::Duration,
+    /// Bound on each Prometheus query: a Prometheus that accepts and never
+    /// answers then reads as unavailable within one interval.
+    #[arg(long, env = "PROMETHEUS_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    prometheus_timeout: std::time::Duration,
     /// Series older than this are stale: three scrapes.
     #[arg(long, env = "AUTOSCALE_MAX_SAMPLE_AGE", default_value = "45s", value_parser = humantime::parse_duration)]
     max_sample_age: std::time::Duration,
@@ -113,16 +117,13 @@ async fn main() -> anyhow::Result<()> {
 
     let mut election = None;
     if args.leader_election {
-        let cfg = LeaderConfig {
-            lease_name: args.lease_name.clone(),
-            namespace: args
-                .lease_namespace
+        let cfg = LeaderConfig::new(
+            args.lease_name.clone(),
+            args.lease_namespace
                 .clone()
                 .unwrap_or_else(|| client.default_namespace().to_string()),
-            identity: identity.clone(),
-            duration_secs: 15,
-            grace_secs: 5,
-        };
+            identity.clone(),
+        );
         tracing::info!(lease = %cfg.lease_name, namespace = %cfg.namespace, %identity, "waiting for the leader lease");
         let mut e = Election::start(client.clone(), &cfg)
             .await
@@ -133,26 +134,32 @@ async fn main() -> anyhow::Result<()> {
     }
     metrics.leader.set(1);
 
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "modelforwarder-operator".into(),
-                instance: Some(identity),
-            },
-        ),
-        default_image: args.forwarder_image.clone(),
-        metrics: metrics.clone(),
-    });
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "modelforwarder-operator".into(),
+            instance: Some(identity),
+        },
+    );
+    let ctx = Context::new(
+        client.clone(),
+        recorder.clone(),
+        args.forwarder_image.clone(),
+        metrics.clone(),
+    );
     // Only the leader autoscales, like it reconciles.
     let autoscaler = prometheus.map(|p| {
         let scaler = Autoscaler {
             client: client.clone(),
             namespace: args.namespace.clone(),
-            recorder: ctx.recorder.clone(),
+            recorder,
             metrics: metrics.clone(),
-            source: Arc::new(Prometheus(p)),
+            // Two query rounds (freshness, then the rest at once) must fit
+            // in one interval.
+            source: Arc::new(Prometheus::new(
+                p,
+                args.prometheus_timeout.min(args.autoscale_interval / 3),
+            )),
             interval: args.autoscale_interval,
             window: args.rate_window,
             max_age: args.max_sample_age,
@@ -168,11 +175,17 @@ async fn main() -> anyhow::Result<()> {
         Some(mut e) => {
             tokio::select! {
                 () = controller => {
+                    // Stop acting first, then let the standby lead at once.
+                    if let Some(a) = &autoscaler {
+                        a.abort();
+                    }
+                    metrics.leader.set(0);
                     tracing::info!("controller stopped; releasing the lease");
                     e.release().await.context("releasing the leader lease")?;
                 }
                 lost = e.lost() => {
-                    // Exit at once: a new leader may already be acting.
+                    // Exit at once: a new leader may be acting as soon as
+                    // the lease expires.
                     tracing::error!(error = %lost, "leadership lost; exiting");
                     std::process::exit(1);
                 }

@@ -8,9 +8,10 @@
 //! manager; write status only when it changed; publish Events for what was
 //! done and for new problems.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
-use std::sync::Arc;
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -22,7 +23,7 @@ use kube::core::error_boundary::InvalidObject;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -38,8 +39,59 @@ use crate::telemetry::Metrics;
 
 /// How often a healthy resource is reconciled even without a change.
 pub const RESYNC: Duration = Duration::from_secs(300);
-/// Retry delay after a failed reconciliation (API errors, conflicts).
-pub const RETRY: Duration = Duration::from_secs(15);
+/// First retry delay after a failed reconciliation; doubled on each
+/// further failure up to [`RETRY_MAX`], with jitter.
+pub const RETRY: Duration = Duration::from_secs(1);
+/// Longest retry delay.
+pub const RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// Delay before retry number `failures` (1 = the first): exponential from
+/// [`RETRY`] up to [`RETRY_MAX`], times a random factor in [0.75, 1.25) so
+/// resources that failed together do not retry together.
+pub fn backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(16);
+    let base = RETRY.saturating_mul(1 << exp).min(RETRY_MAX);
+    let r = std::collections::hash_map::RandomState::new().hash_one(Instant::now());
+    let factor = 0.75 + (r % 1000) as f64 / 2000.0;
+    base.mul_f64(factor)
+}
+
+/// The controller's caches of the owned objects: the reconciler reads
+/// children from them instead of the API server.
+#[derive(Clone)]
+pub struct Caches {
+    pub deployments: Store<Deployment>,
+    pub config_maps: Store<ConfigMap>,
+    pub services: Store<Service>,
+    pub pdbs: Store<PodDisruptionBudget>,
+}
+
+/// Per-resource retry state: consecutive failures and the note of the last
+/// Warning Event, so a repeated failure is not published again.
+#[derive(Debug, Default)]
+pub struct Failures {
+    by_object: Mutex<HashMap<(String, String), (u32, String)>>,
+}
+
+impl Failures {
+    /// Counts a failure; returns the count and whether `note` differs from
+    /// the last one published for the object.
+    fn record(&self, key: (String, String), note: &str) -> (u32, bool) {
+        let mut m = self.by_object.lock().unwrap_or_else(|e| e.into_inner());
+        let e = m.entry(key).or_default();
+        e.0 += 1;
+        let changed = e.1 != note;
+        if changed {
+            e.1 = note.to_string();
+        }
+        (e.0, changed)
+    }
+
+    fn clear(&self, key: &(String, String)) {
+        let mut m = self.by_object.lock().unwrap_or_else(|e| e.into_inner());
+        m.remove(key);
+    }
+}
 
 /// Shared state of the controller.
 pub struct Context {
@@ -48,9 +100,31 @@ pub struct Context {
     /// Forwarder image when `spec.pod.image` is unset.
     pub default_image: String,
     pub metrics: Metrics,
+    /// Children caches; `None`: read children with GETs (a reconcile run
+    /// outside the controller).
+    pub caches: Option<Caches>,
+    pub failures: Failures,
 }
 
-/// Why a reconciliation failed; it is retried after [`RETRY`].
+impl Context {
+    pub fn new(
+        client: Client,
+        recorder: Recorder,
+        default_image: String,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            client,
+            recorder,
+            default_image,
+            metrics,
+            caches: None,
+            failures: Failures::default(),
+        }
+    }
+}
+
+/// Why a reconciliation failed; it is retried with [`backoff`].
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{action}: {source}")]
@@ -139,14 +213,15 @@ pub fn references_secret(mf: &ModelForwarder, namespace: &str, name: &str) -> bo
         && secret_uses(&mf.spec).iter().any(|u| u.name == name)
 }
 
-/// Resources to reconcile when a Secret changes (the controller's mapper).
-pub fn resources_referencing(
+/// Resources to reconcile when a Secret changes (the controller's mapper;
+/// the Secret watch holds metadata only).
+pub fn resources_referencing<S: Resource>(
     resources: &[Arc<DeserializeGuard<ModelForwarder>>],
-    secret: &Secret,
+    secret: &S,
 ) -> Vec<ObjectRef<DeserializeGuard<ModelForwarder>>> {
     let (Some(ns), Some(name)) = (
-        secret.metadata.namespace.as_deref(),
-        secret.metadata.name.as_deref(),
+        secret.meta().namespace.as_deref(),
+        secret.meta().name.as_deref(),
     ) else {
         return Vec::new();
     };
@@ -215,6 +290,43 @@ where
         .map_err(api_err(format!("reading {} {name}", K::kind(&()))))
 }
 
+/// A child from the controller's cache; a GET only when the cache has no
+/// such object (a first reconcile, or a foreign object the labelled watch
+/// cannot see, which must be detected rather than taken over).
+async fn cached<K>(
+    store: Option<&Store<K>>,
+    api: &Api<K>,
+    ns: &str,
+    name: &str,
+) -> Result<Option<K>, Error>
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug,
+{
+    if let Some(obj) = store.and_then(|s| s.get(&ObjectRef::new(name).within(ns))) {
+        return Ok(Some((*obj).clone()));
+    }
+    get(api, name).await
+}
+
+/// Hash of a Secret's data (keys and values), for the pods' config hash:
+/// a rotated key rolls the pods, a label change does not.
+pub fn secret_data_hash(secret: &Secret) -> String {
+    let mut h = Sha256::new();
+    for (k, v) in secret.data.iter().flatten() {
+        h.update(k.as_bytes());
+        h.update([0]);
+        h.update(&v.0);
+        h.update([0]);
+    }
+    for (k, v) in secret.string_data.iter().flatten() {
+        h.update(k.as_bytes());
+        h.update([1]);
+        h.update(v.as_bytes());
+        h.update([0]);
+    }
+    render::hex(&h.finalize()[..16])
+}
+
 fn owned_by(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, uid: &str) -> bool {
     meta.owner_references
         .iter()
@@ -274,13 +386,21 @@ pub fn error_policy(
         Ok(mf) => mf.name_any(),
         Err(invalid) => invalid.metadata.name.clone().unwrap_or_default(),
     };
-    tracing::warn!(%error, name, "reconcile failed; retrying");
+    let namespace = match &obj.0 {
+        Ok(mf) => mf.namespace().unwrap_or_default(),
+        Err(invalid) => invalid.metadata.namespace.clone().unwrap_or_default(),
+    };
     ctx.metrics.errors.with_label_values(&[error.kind()]).inc();
-    // Say it on the resource too. The policy is synchronous, so the Event is
-    // sent from a task; the recorder folds repeats into one Event series.
-    if let Ok(mf) = &obj.0 {
+    let note = error.to_string();
+    let (failures, changed) = ctx.failures.record((namespace, name.clone()), &note);
+    let delay = backoff(failures);
+    tracing::warn!(%error, name, failures, retry_in = ?delay, "reconcile failed; retrying");
+    // Say it on the resource too, once per distinct error rather than on
+    // every retry. The policy is synchronous, so the Event is sent from a
+    // task.
+    if let (Ok(mf), true) = (&obj.0, changed) {
         let regarding = mf.object_ref(&());
-        let note = format!("{error}; retrying in {}s", RETRY.as_secs());
+        let note = format!("{note}; retrying with backoff");
         tokio::spawn(async move {
             publish(
                 &ctx,
@@ -292,7 +412,7 @@ pub fn error_policy(
             .await;
         });
     }
-    Action::requeue(RETRY)
+    Action::requeue(delay)
 }
 
 /// An object that is not a valid ModelForwarder: say so on the object and
@@ -322,8 +442,11 @@ async fn report_invalid(invalid: &InvalidObject, ctx: &Context) {
 
 /// Reconciles one valid ModelForwarder.
 pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action, Error> {
-    // Owner references cascade the deletion; nothing to clean up by hand.
+    // Owner references cascade the deletion; nothing to clean up by hand
+    // but the retry state.
     if mf.metadata.deletion_timestamp.is_some() {
+        ctx.failures
+            .clear(&(mf.namespace().unwrap_or_default(), mf.name_any()));
         return Ok(Action::await_change());
     }
     let name = mf.name_any();
@@ -386,19 +509,34 @@ pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action,
                 ));
             }
         }
-        secret_versions.insert(
-            secret_name.clone(),
-            secret.resource_version().unwrap_or_default(),
-        );
+        secret_versions.insert(secret_name.clone(), secret_data_hash(&secret));
     }
 
     warnings.extend(unsupported(&mf.spec));
 
     let cm_name = config_map_name(&name);
-    let existing_dep = get(&deployments, &name).await?;
-    let existing_cm = get(&config_maps, &cm_name).await?;
-    let existing_svc = get(&services, &name).await?;
-    let existing_pdb = get(&pdbs, &name).await?;
+    let caches = ctx.caches.as_ref();
+    let existing_dep = cached(caches.map(|c| &c.deployments), &deployments, &ns, &name).await?;
+    let existing_cm = cached(caches.map(|c| &c.config_maps), &config_maps, &ns, &cm_name).await?;
+    let existing_svc = cached(caches.map(|c| &c.services), &services, &ns, &name).await?;
+    // The replica count the Deployment will have after this pass: the PDB
+    // follows it (one replica needs no PDB; an autoscaled pool does).
+    let current_replicas = existing_dep
+        .as_ref()
+        .and_then(|d| d.spec.as_ref())
+        .and_then(|s| s.replicas);
+    let replicas = scale_target(current_replicas, &mf.spec.replicas)
+        .or(current_replicas)
+        .unwrap_or(mf.spec.replicas.min);
+    // Without a PDB to apply, only our own (labelled, cached) one matters:
+    // it is deleted. No GET for a name we do not need.
+    let existing_pdb = match (caches, replicas > 1) {
+        (Some(c), false) => c
+            .pdbs
+            .get(&ObjectRef::new(&name).within(&ns))
+            .map(|p| (*p).clone()),
+        _ => cached(caches.map(|c| &c.pdbs), &pdbs, &ns, &name).await?,
+    };
     // Never take over an object someone else created under our name.
     for (kind, meta) in [
         ("Deployment", existing_dep.as_ref().map(|o| &o.metadata)),
@@ -410,7 +548,7 @@ pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action,
             existing_pdb
                 .as_ref()
                 .map(|o| &o.metadata)
-                .filter(|_| mf.spec.replicas.min > 1),
+                .filter(|_| replicas > 1),
         ),
     ] {
         if let Some(meta) = meta.filter(|m| !owned_by(m, &uid)) {
@@ -425,6 +563,7 @@ pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action,
     }
 
     let mut deployment = existing_dep;
+    let mut apply_error: Option<Error> = None;
     let mut done: Vec<String> = Vec::new();
     let mut scaled: Option<(Option<i32>, i32)> = None;
     if let (true, Some(config)) = (blocking.is_empty(), config) {
@@ -436,6 +575,7 @@ pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action,
                 spec: &mf.spec,
                 default_image: &ctx.default_image,
                 secret_versions: &secret_versions,
+                replicas,
             };
             let r = render::render(&inputs, &config)?;
             if ensure(
@@ -522,6 +662,13 @@ pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action,
                     "ApplyRejected",
                     format!("{action}: {}", status.message),
                 ));
+            }
+            // A refusal that will not heal by itself (a quota, a full
+            // Service IP range, an admission webhook): say so in a Degraded
+            // condition, and retry with backoff.
+            Err(e @ Error::Api { .. }) => {
+                blocking.push(Problem::new("ApplyFailed", e.to_string()));
+                apply_error = Some(e);
             }
             Err(e) => return Err(e),
         }
@@ -612,8 +759,20 @@ pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action,
         .map_err(api_err(format!("writing the status of {name}")))?;
     }
 
-    // A blocked resource waits for a change to itself or to a Secret it
-    // references (both trigger a reconcile) instead of retrying in a loop.
+    let key = (ns.clone(), name.clone());
+    if let Some(e) = apply_error {
+        // Retried by the error policy, with backoff.
+        return Err(e);
+    }
+    // A name conflict clears when the foreign object goes, which no watch
+    // of ours sees (it does not carry our label): look again, backing off.
+    if blocking.iter().any(|p| p.reason == "NameConflict") {
+        let (failures, _) = ctx.failures.record(key, "NameConflict");
+        return Ok(Action::requeue(backoff(failures)));
+    }
+    ctx.failures.clear(&key);
+    // Other blocked resources wait for a change to themselves or to a
+    // Secret they reference (both trigger a reconcile).
     Ok(if blocking.is_empty() {
         Action::requeue(RESYNC)
     } else {
@@ -636,6 +795,32 @@ mod tests {
         assert_eq!(scale_target(Some(1), &r), Some(2), "below min → min");
         assert_eq!(scale_target(Some(3), &r), None, "within bounds: leave it");
         assert_eq!(scale_target(Some(9), &r), Some(5), "above max → max");
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        for n in 1..=24u32 {
+            let base = RETRY.saturating_mul(1 << (n - 1).min(16)).min(RETRY_MAX);
+            let d = backoff(n);
+            assert!(
+                d >= base.mul_f64(0.75) && d < base.mul_f64(1.25),
+                "retry {n}: {d:?} not within 25% of {base:?}"
+            );
+        }
+        // Jitter: resources failing together do not retry together.
+        let delays: std::collections::BTreeSet<_> = (0..20).map(|_| backoff(3)).collect();
+        assert!(delays.len() > 1);
+    }
+
+    #[test]
+    fn repeated_failures_count_and_publish_once_per_distinct_error() {
+        let f = Failures::default();
+        let key = ("ns".to_string(), "bot".to_string());
+        assert_eq!(f.record(key.clone(), "quota"), (1, true));
+        assert_eq!(f.record(key.clone(), "quota"), (2, false));
+        assert_eq!(f.record(key.clone(), "webhook"), (3, true));
+        f.clear(&key);
+        assert_eq!(f.record(key, "webhook"), (1, true));
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The operator's own metrics and health endpoints.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -32,6 +34,18 @@ pub struct Metrics {
     pub slo_breaches: IntCounterVec,
     /// Alerts received on the webhook, by result (`accepted`, `ignored`, `invalid`).
     pub alerts: IntCounterVec,
+    /// Unix time at which the autoscaler last completed a round of
+    /// evaluations.
+    pub autoscaler_last_round: IntGauge,
+    /// Seconds after which a round that did not complete means a stalled
+    /// loop (`/healthz` fails); 0 while the autoscaler is not running.
+    stall_limit_secs: Arc<AtomicU64>,
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 impl Metrics {
@@ -89,6 +103,11 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let autoscaler_last_round = IntGauge::new(
+            "modelforwarder_autoscaler_last_round_timestamp_seconds",
+            "Unix time at which the autoscaler last completed a round of evaluations",
+        )?;
+        registry.register(Box::new(autoscaler_last_round.clone()))?;
         registry.register(Box::new(scale_decisions.clone()))?;
         registry.register(Box::new(slo_breaches.clone()))?;
         registry.register(Box::new(alerts.clone()))?;
@@ -107,7 +126,33 @@ impl Metrics {
             scale_decisions,
             slo_breaches,
             alerts,
+            autoscaler_last_round,
+            stall_limit_secs: Arc::default(),
         })
+    }
+
+    /// The autoscaler runs: from now on `/healthz` fails when no round
+    /// completes within `stall_limit`.
+    pub fn autoscaler_started(&self, stall_limit: Duration) {
+        self.autoscaler_last_round.set(unix_now());
+        self.stall_limit_secs
+            .store(stall_limit.as_secs().max(1), Ordering::Relaxed);
+    }
+
+    pub fn autoscaler_round_completed(&self) {
+        self.autoscaler_last_round.set(unix_now());
+    }
+
+    /// `Err` with the reason when the autoscaler's loop is stalled.
+    pub fn health(&self) -> Result<(), String> {
+        let limit = self.stall_limit_secs.load(Ordering::Relaxed);
+        let age = unix_now() - self.autoscaler_last_round.get();
+        if limit > 0 && age > limit as i64 {
+            return Err(format!(
+                "autoscaler stalled: last round completed {age}s ago (limit {limit}s)"
+            ));
+        }
+        Ok(())
     }
 
     /// The Prometheus text exposition of every metric.
@@ -130,11 +175,19 @@ async fn metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
     )
 }
 
-/// `/metrics` and `/healthz`.
+async fn healthz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    match m.health() {
+        Ok(()) => (StatusCode::OK, "ok".to_string()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+    }
+}
+
+/// `/metrics` and `/healthz` (failing while the autoscaler is stalled, so
+/// the kubelet restarts a replica whose loop hangs).
 pub fn router(m: Arc<Metrics>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .with_state(m)
 }
 
@@ -179,6 +232,30 @@ mod tests {
             let body = get_text(addr, path).await;
             assert!(body.contains(needle), "{path}: {body}");
         }
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn healthz_fails_while_the_autoscaler_is_stalled() {
+        let m = Arc::new(Metrics::new().expect("metrics"));
+        assert!(m.health().is_ok(), "no autoscaler: healthy");
+        m.autoscaler_started(Duration::from_secs(60));
+        assert!(m.health().is_ok());
+        // The last round completed long ago.
+        m.autoscaler_last_round.set(unix_now() - 61);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = router(m.clone());
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let body = get_text(addr, "/healthz").await;
+        assert!(
+            body.starts_with("HTTP/1.1 503") && body.contains("autoscaler stalled"),
+            "{body}"
+        );
+        m.autoscaler_round_completed();
+        assert!(get_text(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
         server.abort();
     }
 

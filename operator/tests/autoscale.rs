@@ -154,6 +154,7 @@ async fn scales_the_deployment_records_status_and_explains_it() {
         inflight: Some(12.0),
         upstream_p99_ms: Some(119.0),
         reporting: 2,
+        ..Default::default()
     };
     let mut steps = reads();
     steps.push(apply(
@@ -210,7 +211,10 @@ async fn a_slow_upstream_raises_conditions_and_events_but_does_not_scale() {
         error_rate: Some(0.0),
         inflight: Some(200.0),
         upstream_p99_ms: Some(1990.0),
+        own_p99_ms: Some(3.0),
+        requests: Some(6000.0),
         reporting: 2,
+        ..Default::default()
     };
     let mut steps = reads();
     steps.push(apply(

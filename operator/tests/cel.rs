@@ -89,3 +89,26 @@ fn the_name_must_make_a_valid_service_name() {
         assert!(e.contains("DNS-1035"), "{bad}: {e}");
     }
 }
+
+/// The selector goes inside PromQL braces: label matchers only.
+#[test]
+fn metrics_selector_is_label_matchers_only() {
+    for ok in [
+        r#"job="llm""#,
+        r#"job="llm", pod=~"bot-.*",env!="dev",x!~"a\"b""#,
+    ] {
+        check(json!({"scaling": {"metricsSelector": ok}})).expect(ok);
+    }
+    for bad in [
+        r#"job="llm"}) or vector(1000"#,
+        r#"job=llm"#,
+        r#"job='llm'"#,
+        r#"job="llm" pod="x""#,
+    ] {
+        let e = check(json!({"scaling": {"metricsSelector": bad}})).expect_err(bad);
+        assert!(
+            e.contains("metricsSelector must be PromQL label matchers only"),
+            "{e}"
+        );
+    }
+}

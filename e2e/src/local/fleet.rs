@@ -36,6 +36,9 @@ pub struct Fleet {
     cfg: FleetConfig,
     pods: Mutex<Vec<Pod>>,
     next: std::sync::atomic::AtomicU32,
+    /// Pods still to start that will never become ready (the "replica
+    /// that never gets ready" fault).
+    stuck: std::sync::atomic::AtomicU32,
     /// Ready endpoints, as a Service would route to.
     endpoints: Arc<parking_lot::RwLock<Vec<String>>>,
 }
@@ -46,12 +49,19 @@ impl Fleet {
             cfg,
             pods: Mutex::new(Vec::new()),
             next: Default::default(),
+            stuck: Default::default(),
             endpoints: Default::default(),
         }
     }
 
     pub fn targets_file(&self) -> PathBuf {
         self.cfg.dir.join("targets.json")
+    }
+
+    /// The next `n` pods started never become ready: they run and are
+    /// scraped, but the readiness probe never passes.
+    pub fn make_next_stuck(&self, n: u32) {
+        self.stuck.store(n, Ordering::Relaxed);
     }
 
     /// The endpoint list the load generator routes over.
@@ -61,7 +71,10 @@ impl Fleet {
 
     fn start_pod(&self) -> anyhow::Result<Pod> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{}-{id}", self.cfg.instance);
+        self.start_named(format!("{}-{id}", self.cfg.instance))
+    }
+
+    fn start_named(&self, name: String) -> anyhow::Result<Pod> {
         let port = free_port()?;
         let config = self.cfg.dir.join(format!("{name}.yaml"));
         std::fs::write(
@@ -91,7 +104,14 @@ impl Fleet {
             self.endpoints.clone(),
         );
         let endpoint = url.clone();
+        let stuck = self
+            .stuck
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
         tokio::spawn(async move {
+            if stuck {
+                return;
+            }
             let client = reqwest::Client::new();
             for _ in 0..200 {
                 if let Ok(r) = client.get(&probe_url).send().await {
@@ -130,6 +150,41 @@ impl Fleet {
         Ok(())
     }
 
+    /// Runs one forwarder per name (pods that a real ReplicaSet created),
+    /// stopping those whose pod is gone; returns the names whose forwarder
+    /// is ready. For a fleet driven by a real API server.
+    pub async fn adopt(
+        &self,
+        names: &std::collections::BTreeSet<String>,
+    ) -> anyhow::Result<Vec<String>> {
+        let mut pods = self.pods.lock().await;
+        let mut changed = false;
+        while let Some(i) = pods.iter().position(|p| !names.contains(&p.name)) {
+            let pod = pods.remove(i);
+            self.endpoints.write().retain(|u| *u != pod.url);
+            pod.proc.terminate();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(6)).await;
+                drop(pod);
+            });
+            changed = true;
+        }
+        for name in names {
+            if !pods.iter().any(|p| p.name == *name) {
+                pods.push(self.start_named(name.clone())?);
+                changed = true;
+            }
+        }
+        if changed {
+            self.write_targets(&pods)?;
+        }
+        Ok(pods
+            .iter()
+            .filter(|p| p.ready.load(Ordering::Relaxed))
+            .map(|p| p.name.clone())
+            .collect())
+    }
+
     /// Writes an empty target list (before Prometheus starts).
     pub fn init(&self) -> anyhow::Result<()> {
         self.write_targets(&[])
@@ -147,6 +202,7 @@ impl ScaleTarget for Fleet {
                 .filter(|p| p.ready.load(Ordering::Relaxed))
                 .count() as u32,
             live_pods: pods.iter().map(|p| p.name.clone()).collect(),
+            foreign_managers: vec![],
         })
     }
 
@@ -158,7 +214,12 @@ impl ScaleTarget for Fleet {
             pods.push(pod);
         }
         while pods.len() > replicas as usize {
-            let Some(pod) = pods.pop() else { break };
+            // As a ReplicaSet does: unready pods go first, then the newest.
+            let i = pods
+                .iter()
+                .rposition(|p| !p.ready.load(Ordering::Relaxed))
+                .unwrap_or(pods.len() - 1);
+            let pod = pods.remove(i);
             // Out of the endpoints first, then SIGTERM: the forwarder drains.
             self.endpoints.write().retain(|u| *u != pod.url);
             pod.proc.terminate();

@@ -4,34 +4,59 @@ use std::time::Duration;
 
 use operator::autoscale::policy::Policy;
 
-use super::scenario::{Phase, Scenario};
+use super::scenario::{Phase, PromState, Scenario};
 
 const MS: Duration = Duration::from_millis(1);
 const S: Duration = Duration::from_secs(1);
 
 /// Each replica runs at most 4 requests at once against a 100 ms upstream:
 /// about 40 requests/s of capacity. The SLO: P99 under 300 ms, 25
-/// requests/s per replica, 12 s stabilization.
+/// requests/s per replica (80 requests/s need 4 replicas), 12 s
+/// stabilization; the policy's time knobs scaled to a 2 s interval and a
+/// 4 s rate window (20 requests make a P99, 6 s ready timeout).
 pub fn standard(stretch: u32) -> Scenario {
-    let phase = |name, secs: u32, rps, latency_ms: u64, up| Phase {
+    let phase = |name, secs: u32, rps| Phase {
         name,
         duration: S * secs * stretch,
         rps,
-        upstream_latency: MS * latency_ms as u32,
-        prometheus_up: up,
+        upstream_latency: MS * 100,
+        upstream_errors: 0.0,
+        prometheus: PromState::Up,
+        stuck_pods: 0,
     };
+    let mut policy = Policy::new(1, 6, 300.0, 0.05, 25.0, S * 12 * stretch, 2);
+    policy.min_samples = 20.0;
+    policy.ready_timeout = S * 6 * stretch;
+    // The rate window plus an interval: requests that queued before a
+    // scale-up still complete, slowly, a little after it.
+    policy.settle = S * 6;
+    policy.max_gap = S * 6;
     Scenario {
-        policy: Policy::new(1, 4, 300.0, 0.05, 25.0, S * 12 * stretch, 2),
+        policy,
         interval: S * 2,
         scrape: S,
         window: S * 4,
         max_concurrency: 4,
         phases: vec![
-            phase("baseline", 10, 10.0, 100, true),
-            phase("step-up", 30, 80.0, 100, true),
-            phase("step-down", 28, 10.0, 100, true),
-            phase("upstream-slow", 14, 4.0, 600, true),
-            phase("prometheus-down", 8, 4.0, 100, false),
+            phase("baseline", 6, 10.0),
+            phase("step-up", 24, 80.0),
+            phase("idle", 26, 0.0),
+            Phase {
+                upstream_errors: 1.0,
+                // Retried failures complete in bursts up to ~1.4× the
+                // offered rate: 15/s stays under one replica's 27.5/s.
+                ..phase("upstream-5xx", 10, 15.0)
+            },
+            // The first step's two new pods never get ready; the load wants
+            // more than that step.
+            Phase {
+                stuck_pods: 2,
+                ..phase("never-ready", 16, 100.0)
+            },
+            Phase {
+                prometheus: PromState::Hung,
+                ..phase("prometheus-hung", 6, 40.0)
+            },
         ],
     }
 }

@@ -1,13 +1,15 @@
 //! A scripted run of the loop: phases of load, upstream latency and
-//! Prometheus availability, with the autoscaler evaluating on its interval.
+//! failures, Prometheus up, down or hung, and replicas that never get
+//! ready, with the autoscaler evaluating on its interval.
 //! Returns the timeline for assertions (the test) or plotting (the demo).
 
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use operator::autoscale::metrics::{default_selector, Target};
 use operator::autoscale::policy::{Policy, Reason};
-use operator::autoscale::{Evaluator, Prometheus as PromSource, ScaleTarget};
+use operator::autoscale::{Evaluator, MetricsSource, Prometheus as PromSource, ScaleTarget};
 
 use super::fleet::{Fleet, FleetConfig};
 use super::load::Load;
@@ -22,7 +24,19 @@ pub struct Phase {
     pub rps: f64,
     /// The upstream's latency.
     pub upstream_latency: Duration,
-    pub prometheus_up: bool,
+    /// Share of upstream answers that are HTTP 500.
+    pub upstream_errors: f64,
+    pub prometheus: PromState,
+    /// Pods started from this phase on that never become ready.
+    pub stuck_pods: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromState {
+    Up,
+    /// Accepts connections and never answers.
+    Hung,
+    Down,
 }
 
 pub struct Scenario {
@@ -48,6 +62,10 @@ pub struct Sample {
     pub ready: u32,
     pub reason: Reason,
     pub metrics_available: bool,
+    /// The condition reason when metrics were unavailable.
+    pub metrics_error: Option<&'static str>,
+    /// How long the evaluation took.
+    pub eval_secs: f64,
     pub upstream_slow: bool,
     pub slo_breached: bool,
     pub qps: Option<f64>,
@@ -56,7 +74,27 @@ pub struct Sample {
     pub explanation: String,
 }
 
-pub async fn run(s: Scenario, mut on_sample: impl FnMut(&Sample)) -> anyhow::Result<Vec<Sample>> {
+/// Runs the scenario with local processes as the scale target.
+pub async fn run(s: Scenario, on_sample: impl FnMut(&Sample)) -> anyhow::Result<Vec<Sample>> {
+    run_with(
+        s,
+        ("local", "demo"),
+        |fleet| Ok(fleet as Arc<dyn ScaleTarget>),
+        on_sample,
+    )
+    .await
+}
+
+/// Runs the scenario for the forwarder `instance` in `namespace` (the
+/// labels Prometheus attaches), scaled through the target `workload`
+/// builds around the fleet: the fleet itself, or a real API server's
+/// Deployment whose pods the fleet follows.
+pub async fn run_with(
+    s: Scenario,
+    (namespace, instance): (&str, &str),
+    workload: impl FnOnce(Arc<Fleet>) -> anyhow::Result<Arc<dyn ScaleTarget>>,
+    mut on_sample: impl FnMut(&Sample),
+) -> anyhow::Result<Vec<Sample>> {
     let dir = tempfile::tempdir()?;
     let forwarder = forwarder_bin()?;
     let mock_port = free_port()?;
@@ -74,26 +112,34 @@ pub async fn run(s: Scenario, mut on_sample: impl FnMut(&Sample)) -> anyhow::Res
     let mock_url = format!("http://127.0.0.1:{mock_port}");
     wait_http_ok(&format!("{mock_url}/healthz"), Duration::from_secs(10)).await?;
 
-    let fleet = Fleet::new(FleetConfig {
+    let fleet = Arc::new(Fleet::new(FleetConfig {
         forwarder,
         dir: dir.path().to_path_buf(),
         upstream: format!("{mock_url}/v1"),
         max_concurrency: s.max_concurrency,
-        namespace: "local".into(),
-        instance: "demo".into(),
-    });
+        namespace: namespace.into(),
+        instance: instance.into(),
+    }));
     fleet.init()?;
     let mut prometheus = Prometheus::start(dir.path(), &fleet.targets_file(), s.scrape).await?;
-    let source = PromSource(prometheus_http_query::Client::try_from(
-        prometheus.url.as_str(),
-    )?);
-    fleet
+    let timeout = s.interval / 3;
+    let source = PromSource::new(
+        prometheus_http_query::Client::try_from(prometheus.url.as_str())?,
+        timeout,
+    );
+    let hung = Hung::start().await?;
+    let hung_source = PromSource::new(
+        prometheus_http_query::Client::try_from(hung.url.as_str())?,
+        timeout,
+    );
+    let scaled = workload(fleet.clone())?;
+    scaled
         .scale(s.policy.min)
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
     let load = Load::start(fleet.endpoints());
     let target = Target {
-        selector: default_selector("local", "demo"),
+        selector: default_selector(namespace, instance),
         window: s.window,
         live_pods: None,
         max_age: s.scrape * 3,
@@ -104,23 +150,39 @@ pub async fn run(s: Scenario, mut on_sample: impl FnMut(&Sample)) -> anyhow::Res
     let mut samples = Vec::new();
     for phase in &s.phases {
         load.set_rate(phase.rps);
-        let settings =
-            serde_json::json!({"latency": format!("{}ms", phase.upstream_latency.as_millis())});
-        http.put(format!("{mock_url}/mock/settings"))
+        let settings = serde_json::json!({
+            "latency": format!("{}ms", phase.upstream_latency.as_millis()),
+            "error_rate": phase.upstream_errors,
+            "error_status": 500,
+        });
+        let answer = http
+            .put(format!("{mock_url}/mock/settings"))
             .json(&settings)
             .send()
             .await?;
-        if !phase.prometheus_up {
+        anyhow::ensure!(
+            answer.status().is_success(),
+            "mock settings: {}",
+            answer.text().await?
+        );
+        fleet.make_next_stuck(phase.stuck_pods);
+        if phase.prometheus == PromState::Down {
             prometheus.stop();
         }
+        let source: &dyn MetricsSource = match phase.prometheus {
+            PromState::Hung => &hung_source,
+            _ => &source,
+        };
         let phase_end = Instant::now() + phase.duration;
         while Instant::now() < phase_end {
             tokio::time::sleep(s.interval).await;
+            let began = Instant::now();
             let e = evaluator
-                .evaluate(&source, &target, &fleet)
+                .evaluate(source, &target, scaled.as_ref())
                 .await
                 .map_err(|e| anyhow::anyhow!(e))?;
-            let state = fleet.state().await.map_err(|e| anyhow::anyhow!(e))?;
+            let eval_secs = began.elapsed().as_secs_f64();
+            let state = scaled.state().await.map_err(|e| anyhow::anyhow!(e))?;
             let (p99, errors, requests) = load.recent(s.interval);
             let sample = Sample {
                 t: started.elapsed().as_secs_f64(),
@@ -133,6 +195,8 @@ pub async fn run(s: Scenario, mut on_sample: impl FnMut(&Sample)) -> anyhow::Res
                 ready: state.ready,
                 reason: e.decision.reason,
                 metrics_available: e.decision.metrics_available,
+                metrics_error: e.metrics_error.as_ref().map(|f| f.reason),
+                eval_secs,
                 upstream_slow: e.decision.upstream_slow,
                 slo_breached: e.decision.breach.is_some(),
                 qps: e.observed.qps,
@@ -146,6 +210,32 @@ pub async fn run(s: Scenario, mut on_sample: impl FnMut(&Sample)) -> anyhow::Res
     }
     load.set_rate(0.0);
     Ok(samples)
+}
+
+/// A "Prometheus" that accepts connections and never answers.
+struct Hung {
+    url: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Hung {
+    async fn start() -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        Ok(Self { url, task })
+    }
+}
+
+impl Drop for Hung {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// The timeline as aligned text lines.

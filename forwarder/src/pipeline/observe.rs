@@ -38,6 +38,7 @@ pub struct Observer {
     pub stream: bool,
     /// Time spent upstream (attempts and backoff) before the answer began.
     upstream_time: Duration,
+    own_recorded: bool,
     done: bool,
 }
 
@@ -62,6 +63,7 @@ impl Observer {
             replay: None,
             stream: false,
             upstream_time: Duration::ZERO,
+            own_recorded: false,
             done: false,
         }
     }
@@ -109,15 +111,24 @@ impl Observer {
 
     /// The answer's first byte is ready: the forwarder's own share of the
     /// time so far is what the upstream and backoff did not take.
-    fn answer_began(&self) {
-        let Some(series) = &self.series else {
+    fn answer_began(&mut self) {
+        self.record_own();
+        if let (Some(series), true) = (&self.series, self.stream) {
+            series.ttft.observe(self.started.elapsed().as_secs_f64());
+        }
+    }
+
+    /// The forwarder's own time, once per request: at the answer's first
+    /// byte, or at a failure (so an upstream answering only errors still
+    /// shows the forwarder's own time, and does not look like saturation).
+    fn record_own(&mut self) {
+        if self.own_recorded {
             return;
-        };
-        let elapsed = self.started.elapsed();
-        let own = elapsed.saturating_sub(self.upstream_time);
-        series.own.observe(own.as_secs_f64());
-        if self.stream {
-            series.ttft.observe(elapsed.as_secs_f64());
+        }
+        self.own_recorded = true;
+        if let Some(series) = &self.series {
+            let own = self.started.elapsed().saturating_sub(self.upstream_time);
+            series.own.observe(own.as_secs_f64());
         }
     }
 
@@ -132,6 +143,9 @@ impl Observer {
             return;
         }
         self.done = true;
+        if code != CLIENT_CLOSED {
+            self.record_own();
+        }
         let model = self.model.as_deref().unwrap_or("unknown");
         let elapsed = self.started.elapsed();
         let proto = self.protocol.label();

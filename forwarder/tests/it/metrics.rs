@@ -148,3 +148,29 @@ async fn series_exist_at_zero_from_start_then_own_time_and_ttft_are_observed() {
     assert!(v("forwarder_own_duration_seconds_sum") < 0.05, "{text}");
     assert!(v("forwarder_time_to_first_token_seconds_sum") >= 0.05);
 }
+
+/// An upstream that only fails still leaves the forwarder's own time
+/// observed (and small): retries and backoff are not the forwarder's.
+#[tokio::test]
+async fn own_time_is_observed_for_failures_and_excludes_backoff() {
+    let m = mock(MockSettings {
+        error_rate: 1.0,
+        error_status: 503,
+        ..Default::default()
+    })
+    .await;
+    let mut cfg = config(vec![upstream("up-1", &m, "m")]);
+    cfg.retry.max_attempts = 3;
+    cfg.retry.base_delay = std::time::Duration::from_millis(100);
+    cfg.retry.max_delay = std::time::Duration::from_millis(100);
+    let fwd = start(cfg).await;
+    let r = fwd
+        .post("/v1/chat/completions", &chat("m", "hi"), &[])
+        .await;
+    assert_eq!(r.status, 502);
+    let text = fwd.get("/metrics", &[]).await.text;
+    let labels = [("protocol", "http"), ("model", "m")];
+    let v = |name: &str| metric_value(&text, name, &labels).unwrap();
+    assert_eq!(v("forwarder_own_duration_seconds_count"), 1.0);
+    assert!(v("forwarder_own_duration_seconds_sum") < 0.05, "{text}");
+}

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::metrics::{self, MetricsError, Target};
-use super::policy::{self, Decision, Observed, Policy, Recommendation, Replicas};
+use super::policy::{self, Decision, History, Observed, Policy, Replicas};
 
 /// What runs the replicas.
 #[async_trait]
@@ -25,6 +25,9 @@ pub struct TargetState {
     pub current: u32,
     pub ready: u32,
     pub live_pods: BTreeSet<String>,
+    /// Field managers other than the autoscaler that set the workload's
+    /// replicas (an HPA, `kubectl scale`): they fight the autoscaler.
+    pub foreign_managers: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,37 +40,53 @@ pub trait MetricsSource: Send + Sync {
     async fn read(&self, target: &Target) -> Result<Observed, MetricsError>;
 }
 
-/// Prometheus over HTTP.
-pub struct Prometheus(pub prometheus_http_query::Client);
+/// Prometheus over HTTP, each query bounded by `timeout`.
+pub struct Prometheus {
+    pub client: prometheus_http_query::Client,
+    pub timeout: Duration,
+}
+
+impl Prometheus {
+    pub fn new(client: prometheus_http_query::Client, timeout: Duration) -> Self {
+        Self { client, timeout }
+    }
+}
 
 #[async_trait]
 impl MetricsSource for Prometheus {
     async fn read(&self, target: &Target) -> Result<Observed, MetricsError> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        metrics::read(&self.0, target, now).await
+        metrics::read(&self.client, target, self.timeout).await
     }
+}
+
+/// Why metrics could not be read, for conditions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsFailure {
+    /// A condition reason (`QueryTimeout`, `InvalidSelector`, …).
+    pub reason: &'static str,
+    pub message: String,
 }
 
 /// What one evaluation saw and did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Evaluation {
     pub from: u32,
+    /// Ready replicas when evaluated.
+    pub ready: u32,
     pub decision: Decision,
     pub observed: Observed,
     /// The metrics read failed (Prometheus down, …); `observed` is empty.
-    pub metrics_error: Option<String>,
+    pub metrics_error: Option<MetricsFailure>,
     pub scaled: bool,
+    pub foreign_managers: Vec<String>,
 }
 
-/// The per-workload memory the policy needs: its recent recommendations.
-/// Lost on restart by design: the stabilization rule then holds until a
-/// full window has been observed again.
+/// The per-workload memory the policy needs (its [`History`]). Lost on
+/// restart by design: the stabilization rule then holds until a full
+/// window has been observed again.
 pub struct Evaluator {
     pub policy: Policy,
-    history: Vec<Recommendation>,
+    history: History,
     origin: Instant,
 }
 
@@ -75,9 +94,15 @@ impl Evaluator {
     pub fn new(policy: Policy) -> Self {
         Self {
             policy,
-            history: Vec::new(),
+            history: History::default(),
             origin: Instant::now(),
         }
+    }
+
+    /// Not evaluated now (replicas pinned by hand): what was observed
+    /// before no longer describes the window.
+    pub fn forget(&mut self) {
+        self.history.forget();
     }
 
     pub async fn evaluate(
@@ -91,34 +116,33 @@ impl Evaluator {
         target.live_pods = Some(state.live_pods.clone());
         let (observed, metrics_error) = match source.read(&target).await {
             Ok(o) => (o, None),
-            Err(e) => (Observed::default(), Some(e.to_string())),
+            Err(e) => (
+                Observed::default(),
+                Some(MetricsFailure {
+                    reason: e.reason(),
+                    message: e.to_string(),
+                }),
+            ),
         };
         let now = self.origin.elapsed();
-        let decision = policy::decide(
-            &self.policy,
-            &observed,
-            Replicas {
-                current: state.current,
-                ready: state.ready,
-            },
-            &self.history,
-            now,
-        );
-        self.history.push(Recommendation {
-            at: now,
-            replicas: decision.recommendation,
-        });
-        policy::prune(&mut self.history, self.policy.stabilization, now);
+        let replicas = Replicas {
+            current: state.current,
+            ready: state.ready,
+        };
+        let decision = policy::decide(&self.policy, &observed, replicas, &self.history, now);
+        self.history.record(&self.policy, replicas, &decision, now);
         let scaled = decision.desired != state.current;
         if scaled {
             workload.scale(decision.desired).await?;
         }
         Ok(Evaluation {
             from: state.current,
+            ready: state.ready,
             decision,
             observed,
             metrics_error,
             scaled,
+            foreign_managers: state.foreign_managers,
         })
     }
 }
@@ -128,12 +152,14 @@ pub fn explain(e: &Evaluation) -> String {
     let o = &e.observed;
     let num = |v: Option<f64>, unit: &str| v.map_or("n/a".to_string(), |v| format!("{v:.1}{unit}"));
     format!(
-        "{} → {} ({:?}): qps={} p99={} upstream_p99={} error_rate={} inflight={} pods_reporting={}",
+        "{} → {} ({:?}): qps={} p99={} own_p99={} ttft_p99={} upstream_p99={} error_rate={} inflight={} pods_reporting={}",
         e.from,
         e.decision.desired,
         e.decision.reason,
         num(o.qps, ""),
         num(o.p99_ms, "ms"),
+        num(o.own_p99_ms, "ms"),
+        num(o.ttft_p99_ms, "ms"),
         num(o.upstream_p99_ms, "ms"),
         o.error_rate
             .map_or("n/a".to_string(), |v| format!("{v:.4}")),
@@ -179,6 +205,7 @@ mod tests {
                 current: n,
                 ready: n,
                 live_pods: (0..n).map(|i| format!("pod-{i}")).collect(),
+                foreign_managers: vec![],
             })
         }
         async fn scale(&self, replicas: u32) -> Result<(), ScaleError> {
@@ -208,6 +235,7 @@ mod tests {
             inflight: Some(10.0),
             upstream_p99_ms: Some(99.0),
             reporting: 2,
+            ..Default::default()
         });
         let e = ev.evaluate(&busy, &target(), &w).await.unwrap();
         assert!(e.scaled);

@@ -1,7 +1,10 @@
-//! Reads one ModelForwarder's metrics from Prometheus: QPS, error rate, P99,
-//! in-flight requests and the upstream's own P99, restricted to pods that
-//! exist and are being scraped. An unreachable Prometheus, an empty result,
-//! NaN or stale series all mean "no data" (`None`), never zero.
+//! Reads one ModelForwarder's metrics from Prometheus: QPS, error rate, the
+//! P99s of request duration, of the forwarder's own time and of time to
+//! first token, in-flight requests and the upstream's P99, restricted to
+//! pods that exist and are being scraped. An unreachable (or hung)
+//! Prometheus, an empty result or stale series mean "no data" (`None`),
+//! never zero; a NaN P99 from fresh series at zero traffic is "no samples"
+//! and the policy tells the two apart by the request count.
 //!
 //! Series are selected by the labels the recommended scrape config maps
 //! from pods (docs/operator.md): `namespace`, `pod`, and the pod label
@@ -21,6 +24,96 @@ pub enum MetricsError {
     Query(#[from] prometheus_http_query::Error),
     #[error("prometheus answered an unexpected result type for {0}")]
     Shape(&'static str),
+    #[error("prometheus did not answer the {0} query within {1:?}")]
+    Timeout(&'static str, Duration),
+    #[error(transparent)]
+    Selector(#[from] SelectorError),
+}
+
+impl MetricsError {
+    /// A condition reason for it.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            MetricsError::Query(_) => "QueryFailed",
+            MetricsError::Shape(_) => "UnexpectedResult",
+            MetricsError::Timeout(..) => "QueryTimeout",
+            MetricsError::Selector(_) => "InvalidSelector",
+        }
+    }
+}
+
+/// `spec.scaling.metricsSelector` that is not a list of label matchers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(r#"invalid spec.scaling.metricsSelector at character {at}: {what}; expected label matchers such as job="llm",pod=~"bot-.*" (operators =, !=, =~, !~; double-quoted values)"#)]
+pub struct SelectorError {
+    pub at: usize,
+    pub what: &'static str,
+}
+
+/// Checks a selector is label matchers only (`name op "value"`, comma
+/// separated) and returns it normalised, so nothing else can be spliced
+/// into a query. The CRD's CEL rule says the same; this also covers
+/// objects stored before the rule existed.
+pub fn validate_selector(s: &str) -> Result<String, SelectorError> {
+    let b: Vec<char> = s.chars().collect();
+    let mut i = 0;
+    let mut out = Vec::new();
+    let skip = |i: &mut usize| {
+        while *i < b.len() && b[*i].is_whitespace() {
+            *i += 1;
+        }
+    };
+    let fail = |at, what| Err(SelectorError { at, what });
+    loop {
+        skip(&mut i);
+        if i == b.len() && !out.is_empty() {
+            break;
+        }
+        let start = i;
+        if i < b.len() && (b[i].is_ascii_alphabetic() || b[i] == '_') {
+            i += 1;
+            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == '_') {
+                i += 1;
+            }
+        } else {
+            return fail(i, "a label name must start here");
+        }
+        let name: String = b[start..i].iter().collect();
+        skip(&mut i);
+        let op = match (b.get(i), b.get(i + 1)) {
+            (Some('='), Some('~')) => "=~",
+            (Some('!'), Some('~')) => "!~",
+            (Some('!'), Some('=')) => "!=",
+            (Some('='), _) => "=",
+            _ => return fail(i, "expected =, !=, =~ or !~"),
+        };
+        i += op.len();
+        skip(&mut i);
+        if b.get(i) != Some(&'"') {
+            return fail(i, "the value must be a double-quoted string");
+        }
+        let vstart = i;
+        i += 1;
+        loop {
+            match b.get(i) {
+                None | Some('\n') => return fail(vstart, "unterminated string"),
+                Some('\\') if b.get(i + 1).is_some_and(|c| *c != '\n') => i += 2,
+                Some('\\') => return fail(i, "a backslash must escape a character"),
+                Some('"') => break,
+                Some(_) => i += 1,
+            }
+        }
+        i += 1;
+        let value: String = b[vstart..i].iter().collect();
+        out.push(format!("{name}{op}{value}"));
+        skip(&mut i);
+        match b.get(i) {
+            None => break,
+            Some(',') => i += 1,
+            Some(_) => return fail(i, "expected a comma between matchers"),
+        }
+    }
+    Ok(out.join(","))
 }
 
 /// What to read for one resource.
@@ -35,6 +128,14 @@ pub struct Target {
     /// Series whose newest sample is older than this are ignored.
     pub max_age: Duration,
 }
+
+/// The histograms whose P99 is read, by what they are called in errors.
+pub const P99_HISTOGRAMS: [(&str, &str); 4] = [
+    ("p99", "forwarder_request_duration_seconds"),
+    ("own p99", "forwarder_own_duration_seconds"),
+    ("ttft p99", "forwarder_time_to_first_token_seconds"),
+    ("upstream p99", "forwarder_upstream_duration_seconds"),
+];
 
 /// The default selector for a resource.
 pub fn default_selector(namespace: &str, name: &str) -> String {
@@ -53,13 +154,15 @@ fn secs(d: Duration) -> String {
     format!("{}s", d.as_secs().max(1))
 }
 
-/// The per-pod queries (pure, so their text is tested).
-pub fn per_pod_queries(t: &Target) -> [(&'static str, String); 4] {
+/// The per-pod queries (pure, so their text is tested). Freshness is the
+/// age of each pod's newest sample, computed by Prometheus against its own
+/// clock: the operator's clock may differ.
+pub fn per_pod_queries(t: &Target) -> [(&'static str, String); 5] {
     let (sel, w) = (&t.selector, secs(t.window));
     [
         (
             "freshness",
-            format!("max by (pod) (timestamp(forwarder_inflight_requests{{{sel}}}))"),
+            format!("min by (pod) (time() - timestamp(forwarder_inflight_requests{{{sel}}}))"),
         ),
         (
             "qps",
@@ -72,6 +175,12 @@ pub fn per_pod_queries(t: &Target) -> [(&'static str, String); 4] {
         (
             "inflight",
             format!("sum by (pod) (forwarder_inflight_requests{{{sel}}})"),
+        ),
+        (
+            "streams",
+            format!(
+                "sum by (pod) (rate(forwarder_time_to_first_token_seconds_count{{{sel}}}[{w}]))"
+            ),
         ),
     ]
 }
@@ -100,14 +209,28 @@ fn regex_escape(v: &str) -> String {
         .replace('"', "\\\"")
 }
 
+/// Runs one instant query, bounded in time: a Prometheus that accepts
+/// connections and never answers must not hold the evaluation.
+async fn query(
+    client: &Client,
+    what: &'static str,
+    q: &str,
+    timeout: Duration,
+) -> Result<Data, MetricsError> {
+    match tokio::time::timeout(timeout, client.query(q).get()).await {
+        Ok(r) => Ok(r?.into_inner().0),
+        Err(_) => Err(MetricsError::Timeout(what, timeout)),
+    }
+}
+
 /// Per-pod values of an instant vector.
 async fn per_pod(
     client: &Client,
     what: &'static str,
     q: &str,
+    timeout: Duration,
 ) -> Result<BTreeMap<String, f64>, MetricsError> {
-    let result = client.query(q).get().await?;
-    match result.data() {
+    match query(client, what, q, timeout).await? {
         Data::Vector(v) => Ok(v
             .iter()
             .filter_map(|s| {
@@ -121,9 +244,13 @@ async fn per_pod(
 }
 
 /// A single value; empty or NaN is `None`.
-async fn scalar(client: &Client, what: &'static str, q: &str) -> Result<Option<f64>, MetricsError> {
-    let result = client.query(q).get().await?;
-    match result.data() {
+async fn scalar(
+    client: &Client,
+    what: &'static str,
+    q: &str,
+    timeout: Duration,
+) -> Result<Option<f64>, MetricsError> {
+    match query(client, what, q, timeout).await? {
         Data::Vector(v) => Ok(v
             .first()
             .map(|s| s.sample().value())
@@ -133,13 +260,23 @@ async fn scalar(client: &Client, what: &'static str, q: &str) -> Result<Option<f
     }
 }
 
-/// Reads everything the policy needs; `now_unix` is the caller's clock.
-pub async fn read(client: &Client, t: &Target, now_unix: f64) -> Result<Observed, MetricsError> {
-    let [fresh_q, qps_q, err_q, inflight_q] = per_pod_queries(t);
-    let fresh = per_pod(client, fresh_q.0, &fresh_q.1).await?;
+/// Reads everything the policy needs; each query is bounded by `timeout`
+/// and all but the first run concurrently, so a read takes at most about
+/// two timeouts.
+pub async fn read(
+    client: &Client,
+    t: &Target,
+    timeout: Duration,
+) -> Result<Observed, MetricsError> {
+    let t = Target {
+        selector: validate_selector(&t.selector)?,
+        ..t.clone()
+    };
+    let [fresh_q, qps_q, err_q, inflight_q, streams_q] = per_pod_queries(&t);
+    let fresh = per_pod(client, fresh_q.0, &fresh_q.1, timeout).await?;
     let usable: BTreeSet<String> = fresh
         .into_iter()
-        .filter(|(_, ts)| now_unix - ts <= t.max_age.as_secs_f64())
+        .filter(|(_, age)| *age <= t.max_age.as_secs_f64())
         .map(|(pod, _)| pod)
         .filter(|pod| t.live_pods.as_ref().is_none_or(|live| live.contains(pod)))
         .collect();
@@ -155,9 +292,24 @@ pub async fn read(client: &Client, t: &Target, now_unix: f64) -> Result<Observed
         let n = vals.len() as u32;
         ((n > 0).then(|| vals.iter().sum()), n)
     };
-    let (qps, reporting) = sum(&per_pod(client, qps_q.0, &qps_q.1).await?);
-    let (errors, _) = sum(&per_pod(client, err_q.0, &err_q.1).await?);
-    let (inflight, _) = sum(&per_pod(client, inflight_q.0, &inflight_q.1).await?);
+    let p99s: Vec<String> = P99_HISTOGRAMS
+        .iter()
+        .map(|(_, h)| p99_query(&t, h, &usable))
+        .collect();
+    let (qps, errors, inflight, streams, p99, own, ttft, upstream) = futures::try_join!(
+        per_pod(client, qps_q.0, &qps_q.1, timeout),
+        per_pod(client, err_q.0, &err_q.1, timeout),
+        per_pod(client, inflight_q.0, &inflight_q.1, timeout),
+        per_pod(client, streams_q.0, &streams_q.1, timeout),
+        scalar(client, P99_HISTOGRAMS[0].0, &p99s[0], timeout),
+        scalar(client, P99_HISTOGRAMS[1].0, &p99s[1], timeout),
+        scalar(client, P99_HISTOGRAMS[2].0, &p99s[2], timeout),
+        scalar(client, P99_HISTOGRAMS[3].0, &p99s[3], timeout),
+    )?;
+    let (qps, reporting) = sum(&qps);
+    let (errors, _) = sum(&errors);
+    let (inflight, _) = sum(&inflight);
+    let (streams, _) = sum(&streams);
     let error_rate = qps.map(|q| {
         if q > 0.0 {
             errors.unwrap_or(0.0) / q
@@ -165,24 +317,19 @@ pub async fn read(client: &Client, t: &Target, now_unix: f64) -> Result<Observed
             0.0
         }
     });
-    let p99 = scalar(
-        client,
-        "p99",
-        &p99_query(t, "forwarder_request_duration_seconds", &usable),
-    )
-    .await?;
-    let upstream = scalar(
-        client,
-        "upstream p99",
-        &p99_query(t, "forwarder_upstream_duration_seconds", &usable),
-    )
-    .await?;
+    let window = t.window.as_secs().max(1) as f64;
+    let ms = |v: Option<f64>| v.map(|s| s * 1000.0);
     Ok(Observed {
         qps,
-        p99_ms: p99.map(|s| s * 1000.0),
+        // rate × window is the window's increase: the P99's sample count.
+        requests: qps.map(|q| q * window),
+        p99_ms: ms(p99),
+        own_p99_ms: ms(own),
+        streams: streams.map(|s| s * window),
+        ttft_p99_ms: ms(ttft),
         error_rate,
         inflight,
-        upstream_p99_ms: upstream.map(|s| s * 1000.0),
+        upstream_p99_ms: ms(upstream),
         reporting,
     })
 }
@@ -222,5 +369,45 @@ mod tests {
             r#"namespace="a\"b",app_kubernetes_io_instance="c""#
         );
         assert_eq!(regex_escape("a.b"), r"a\.b");
+    }
+
+    #[test]
+    fn freshness_is_computed_by_prometheus() {
+        let q = per_pod_queries(&target());
+        assert!(
+            q[0].1.starts_with("min by (pod) (time() - timestamp("),
+            "{}",
+            q[0].1
+        );
+    }
+
+    #[test]
+    fn selectors_are_label_matchers_only() {
+        for (ok, normalised) in [
+            (r#"job="llm""#, r#"job="llm""#),
+            (
+                r#" job = "llm" , pod=~"bot-.*", env!="dev",x!~"a\"b", "#,
+                r#"job="llm",pod=~"bot-.*",env!="dev",x!~"a\"b""#,
+            ),
+            (r#"_a1="}""#, r#"_a1="}""#),
+        ] {
+            assert_eq!(validate_selector(ok).as_deref(), Ok(normalised), "{ok}");
+        }
+        for bad in [
+            "",
+            r#"job="llm"}) or vector(1000"#,
+            r#"job="llm"} + on() vector(1) or up{a="b""#,
+            r#"job=llm"#,
+            r#"job='llm'"#,
+            r#"job=="llm""#,
+            r#"1job="llm""#,
+            r#"job="llm" pod="x""#,
+            r#"job="unterminated"#,
+            r#"job.name="x""#,
+            ",",
+        ] {
+            let e = validate_selector(bad).expect_err(bad);
+            assert!(e.to_string().contains("label matchers"), "{e}");
+        }
     }
 }

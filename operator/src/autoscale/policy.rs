@@ -1,19 +1,26 @@
 //! The autoscaler's decision, as a pure function of what it observed:
-//! (metrics, policy, replicas, recent recommendations, now) → desired count
-//! and the reason. No I/O here; `autoscale::run` feeds it and acts on it.
+//! (metrics, policy, replicas, history, now) → desired count and the
+//! reason. No I/O here; `autoscale::evaluate` feeds it and acts on it.
 //!
 //! The rules, in order:
 //! 1. No data at all → hold (and say so); partial data never scales down.
+//!    Zero requests from fresh series is data: zero load.
 //! 2. Capacity: enough replicas for the QPS target, ignoring changes inside a
-//!    tolerance band so steady load never flaps.
-//! 3. SLO: a P99 or error-rate breach adds replicas in proportion to the
-//!    breach, but only when the forwarder is the bottleneck (saturated, or
-//!    adding its own latency). When the upstream's latency explains the P99,
-//!    more forwarders would not help: `UpstreamSlow`, no scaling.
+//!    tolerance band so steady load never flaps. The QPS is the sum over the
+//!    pods that report; a pod without series counts as zero load (as HPA
+//!    does when scaling up), never as an extrapolation of the others.
+//! 3. SLO: a P99 (or, for streams, TTFT P99) or error-rate breach adds
+//!    replicas in proportion to the breach, but only when the forwarder is
+//!    the bottleneck: saturated, or its own time (measured directly,
+//!    upstream attempts and backoff excluded) is a large share of the
+//!    budget. A breach from fewer than `min_samples` requests is no
+//!    evidence. After a scale-up, SLO steps wait `settle` (a rate window and
+//!    an interval), until the new replicas show in the percentiles.
 //! 4. Up fast (bounded by the max step), but not again while replicas
-//!    added earlier are not yet Ready (no 2→4→8→16 cascade).
+//!    added earlier are not yet Ready, for at most `ready_timeout`.
 //! 5. Down slowly: only to the highest recommendation of the whole
-//!    stabilization window, by bounded steps.
+//!    stabilization window, which the history must actually cover (no gap
+//!    longer than `max_gap`), by bounded steps.
 //! 6. Always within [min, max].
 
 use std::time::Duration;
@@ -24,24 +31,42 @@ pub struct Policy {
     pub min: u32,
     pub max: u32,
     pub p99_slo_ms: f64,
+    /// P99 time to first token for streamed requests; when set, streams are
+    /// judged by it instead of by their total duration.
+    pub ttft_slo_ms: Option<f64>,
     pub max_error_rate: f64,
     pub target_qps_per_replica: f64,
     pub stabilization: Duration,
     pub max_scale_up_step: u32,
     /// Relative band around the QPS target in which load changes are ignored.
     pub tolerance: f64,
-    /// Share of the P99 budget the forwarder itself may add (P99 minus the
-    /// upstream's P99) before it counts as the bottleneck.
+    /// Share of the P99 budget the forwarder's own time may take before it
+    /// counts as the bottleneck.
     pub own_latency_share: f64,
-    /// In-flight requests per replica beyond which a replica is saturated.
+    /// In-flight requests per replica beyond which a replica is saturated;
+    /// used only when the forwarder's own time is not reported (in-flight
+    /// counts also grow with a slow upstream).
     pub max_inflight_per_replica: f64,
+    /// Requests a window must hold before its P99 or error rate is evidence.
+    pub min_samples: f64,
+    /// How long a scale-up waits for earlier replicas to become Ready.
+    pub ready_timeout: Duration,
+    /// After a scale-up, SLO-driven steps wait this long (the rate window
+    /// and an interval).
+    pub settle: Duration,
+    /// Largest gap between evaluations for the history to count as
+    /// covering the stabilization window.
+    pub max_gap: Duration,
 }
 
 impl Policy {
     /// Defaults for the knobs the resource does not expose, with reasons:
     /// a 10% band is well above the noise of a 1-minute rate; the forwarder
     /// adds well under 1 ms, so a quarter of the budget means it is queueing;
-    /// 512 in flight per replica is where a 2-core pod starts to queue.
+    /// 512 in flight per replica is where a 2-core pod starts to queue; a
+    /// P99 from fewer than 100 requests is just the maximum; 5 minutes is
+    /// far beyond a forwarder's start time; settle (window + interval) and gap
+    /// (three evaluations) match the operator's 1-minute window and 15 s interval.
     pub fn new(
         min: u32,
         max: u32,
@@ -55,6 +80,7 @@ impl Policy {
             min,
             max,
             p99_slo_ms,
+            ttft_slo_ms: None,
             max_error_rate,
             target_qps_per_replica: target_qps,
             stabilization,
@@ -62,18 +88,31 @@ impl Policy {
             tolerance: 0.1,
             own_latency_share: 0.25,
             max_inflight_per_replica: 512.0,
+            min_samples: 100.0,
+            ready_timeout: Duration::from_secs(300),
+            settle: Duration::from_secs(75),
+            max_gap: Duration::from_secs(45),
         }
     }
 }
 
-/// Metrics for one resource, summed over its live pods (see `aggregate`).
+/// Metrics for one resource, summed over its live pods (see `metrics`).
 /// `None` means "no data", never zero.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Observed {
     pub qps: Option<f64>,
+    /// Requests in the rate window (the P99's sample count).
+    pub requests: Option<f64>,
     pub p99_ms: Option<f64>,
+    /// P99 of the forwarder's own time (upstream attempts and backoff
+    /// excluded).
+    pub own_p99_ms: Option<f64>,
+    /// Streamed requests in the rate window, and their TTFT P99.
+    pub streams: Option<f64>,
+    pub ttft_p99_ms: Option<f64>,
     pub error_rate: Option<f64>,
     pub inflight: Option<f64>,
+    /// Shown in explanations; decisions use `own_p99_ms`.
     pub upstream_p99_ms: Option<f64>,
     /// Live pods whose series were present.
     pub reporting: u32,
@@ -93,18 +132,74 @@ pub struct Recommendation {
     pub replicas: u32,
 }
 
+/// What the policy remembers between evaluations (times on the caller's
+/// monotonic clock). Updated by [`History::record`], pure as well.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct History {
+    pub recommendations: Vec<Recommendation>,
+    /// Since when fewer replicas than wanted are Ready; reset by each
+    /// scale-up, so new pods get a full `ready_timeout`.
+    pub not_ready_since: Option<Duration>,
+    /// When replicas were last added, moved to when they were all Ready.
+    pub last_scale_up: Option<Duration>,
+}
+
+impl From<Vec<Recommendation>> for History {
+    fn from(recommendations: Vec<Recommendation>) -> Self {
+        Self {
+            recommendations,
+            ..Self::default()
+        }
+    }
+}
+
+impl History {
+    /// Records an evaluation's outcome.
+    pub fn record(&mut self, p: &Policy, r: Replicas, d: &Decision, now: Duration) {
+        self.recommendations.push(Recommendation {
+            at: now,
+            replicas: d.recommendation,
+        });
+        prune(&mut self.recommendations, p.stabilization, now);
+        if d.desired > r.current {
+            self.last_scale_up = Some(now);
+            self.not_ready_since = Some(now);
+        } else if r.ready >= r.current {
+            // The added replicas serve from now: settle from here, not
+            // from the decision (pods take a while to become Ready).
+            if self.not_ready_since.is_some() && self.last_scale_up.is_some() {
+                self.last_scale_up = Some(now);
+            }
+            self.not_ready_since = None;
+        } else if self.not_ready_since.is_none() {
+            self.not_ready_since = Some(now);
+        }
+    }
+
+    /// Forgets the recommendations (while replicas are pinned by hand, the
+    /// autoscaler observed nothing).
+    pub fn forget(&mut self) {
+        *self = Self::default();
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
     /// Nothing to change.
     Stable,
     /// More (or fewer) replicas for the QPS target.
     Capacity,
-    /// A P99 breach with the forwarder as the bottleneck.
+    /// A P99 (or TTFT) breach with the forwarder as the bottleneck.
     LatencySlo,
     /// An error-rate breach with the forwarder as the bottleneck.
     ErrorSlo,
     /// Holding: replicas added earlier are not Ready yet.
     WaitingForReady,
+    /// Replicas stayed unready beyond `ready_timeout`: scaling up beside them.
+    ReadyTimeout,
+    /// An SLO breach right after a scale-up: waiting for the new replicas
+    /// to show in the percentiles.
+    Settling,
     /// Lower load, but not for the whole stabilization window yet.
     Stabilizing,
     /// Lower load for the whole window: stepping down.
@@ -115,10 +210,11 @@ pub enum Reason {
     Bounds,
 }
 
-/// An SLO breach, with the numbers.
+/// An SLO breach, with the numbers (observed, objective).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Breach {
     pub p99_ms: Option<(f64, f64)>,
+    pub ttft_ms: Option<(f64, f64)>,
     pub error_rate: Option<(f64, f64)>,
 }
 
@@ -130,33 +226,143 @@ pub struct Decision {
     /// caller records it in the history.
     pub recommendation: u32,
     pub breach: Option<Breach>,
-    /// The breach is explained by the upstream's own latency.
+    /// A breach the forwarder does not cause (the upstream is slow or
+    /// failing): more replicas would not help.
     pub upstream_slow: bool,
     pub metrics_available: bool,
+    /// How long some replicas have not been Ready, when they are not.
+    pub not_ready_for: Option<Duration>,
 }
 
 fn clean(v: Option<f64>) -> Option<f64> {
     v.filter(|x| x.is_finite() && *x >= 0.0)
 }
 
-pub fn decide(
-    p: &Policy,
-    obs: &Observed,
-    r: Replicas,
-    history: &[Recommendation],
-    now: Duration,
-) -> Decision {
+/// Load and SLO inputs, cleaned, with the evidence rules applied.
+struct Signals {
+    qps: Option<f64>,
+    breach: Option<Breach>,
+    bottleneck: bool,
+    /// Data the scale-down rule needs is missing.
+    incomplete: bool,
+}
+
+fn signals(p: &Policy, obs: &Observed, r: Replicas) -> Signals {
+    let qps = clean(obs.qps);
+    let enough = |n: Option<f64>| clean(n).is_none_or(|n| n >= p.min_samples);
+    let enough_requests = enough(obs.requests);
+    let p99 = clean(obs.p99_ms);
+    let error_rate = clean(obs.error_rate);
+    // Streams judged by time to first token (their total duration is the
+    // generation time, not the forwarder's): then the request P99, which
+    // mixes those durations in, is not judged.
+    let ttft = p.ttft_slo_ms.and_then(|slo| {
+        let streams = clean(obs.streams).filter(|n| *n >= p.min_samples)?;
+        (streams > 0.0)
+            .then_some(())
+            .and(clean(obs.ttft_p99_ms))
+            .map(|v| (v, slo))
+    });
+    let latency = if ttft.is_some() {
+        None
+    } else {
+        p99.filter(|_| enough_requests)
+            .filter(|v| *v > p.p99_slo_ms)
+            .map(|v| (v, p.p99_slo_ms))
+    };
+    let ttft = ttft.filter(|(v, slo)| v > slo);
+    let errors = error_rate
+        .filter(|_| enough_requests)
+        .filter(|v| *v > p.max_error_rate)
+        .map(|v| (v, p.max_error_rate));
+    let breach = (latency.is_some() || ttft.is_some() || errors.is_some()).then_some(Breach {
+        p99_ms: latency,
+        ttft_ms: ttft,
+        error_rate: errors,
+    });
+    // QPS above the target is the capacity rule's to size, not evidence
+    // that a breach is the forwarder's: with retries, completions of a
+    // failing upstream arrive in bursts above the offered rate. A
+    // saturated forwarder queues, and queueing is its own time.
+    let serving = f64::from(r.ready.max(1));
+    let bottleneck = match clean(obs.own_p99_ms) {
+        Some(own) => own > p.own_latency_share * p.p99_slo_ms,
+        // No own time in the window (an older forwarder, or only failed
+        // requests): in-flight saturation stands in.
+        None => clean(obs.inflight).is_some_and(|i| i / serving > p.max_inflight_per_replica),
+    };
+    let partial = obs.reporting < r.ready;
+    // A missing P99 is only expected when the window holds too few
+    // requests to have one (zero traffic: no samples, P99 NaN).
+    let few = clean(obs.requests).is_some_and(|n| n < p.min_samples);
+    let incomplete = partial || qps.is_none() || error_rate.is_none() || (p99.is_none() && !few);
+    Signals {
+        qps,
+        breach,
+        bottleneck,
+        incomplete,
+    }
+}
+
+/// The raw recommendation for `current` replicas: capacity, then SLO steps.
+fn recommend(p: &Policy, s: &Signals, current: u32, settling: bool) -> (u32, Reason) {
+    let base = current.max(1);
+    let capacity = s.qps.map(|q| {
+        let ratio = q / (f64::from(base) * p.target_qps_per_replica);
+        if (ratio - 1.0).abs() <= p.tolerance {
+            current
+        } else {
+            (q / p.target_qps_per_replica).ceil() as u32
+        }
+    });
+    let mut rec = capacity.unwrap_or(current);
+    let mut reason = if rec == current {
+        Reason::Stable
+    } else {
+        Reason::Capacity
+    };
+    if let Some(b) = s.breach.filter(|_| s.bottleneck) {
+        let factor = [
+            b.p99_ms.or(b.ttft_ms).map(|(v, slo)| v / slo),
+            b.error_rate
+                .map(|(v, max)| if max > 0.0 { v / max } else { 2.0 }),
+        ]
+        .into_iter()
+        .flatten()
+        .fold(1.0, f64::max);
+        let step = (f64::from(base) * (factor - 1.0)).ceil().max(1.0) as u32;
+        let n = current + step.min(p.max_scale_up_step);
+        if settling {
+            // The forwarder is the bottleneck: never down meanwhile.
+            if rec <= current {
+                (rec, reason) = (current, Reason::Settling);
+            }
+        } else if n > rec {
+            rec = n;
+            reason = if b.p99_ms.is_some() || b.ttft_ms.is_some() {
+                Reason::LatencySlo
+            } else {
+                Reason::ErrorSlo
+            };
+        }
+    }
+    if s.incomplete && rec < current {
+        rec = current;
+        reason = Reason::Stable;
+    }
+    if rec > current {
+        rec = rec.min(current + p.max_scale_up_step);
+    }
+    (rec, reason)
+}
+
+pub fn decide(p: &Policy, obs: &Observed, r: Replicas, h: &History, now: Duration) -> Decision {
     let clamp = |n: u32| n.clamp(p.min, p.max.max(p.min));
     let current = r.current;
-    let obs = Observed {
-        qps: clean(obs.qps),
-        p99_ms: clean(obs.p99_ms),
-        error_rate: clean(obs.error_rate),
-        inflight: clean(obs.inflight),
-        upstream_p99_ms: clean(obs.upstream_p99_ms),
-        reporting: obs.reporting,
-    };
-    let no_data = obs.qps.is_none() && obs.p99_ms.is_none() && obs.error_rate.is_none();
+    let not_ready_for =
+        (r.ready < current).then(|| now.saturating_sub(h.not_ready_since.unwrap_or(now)));
+    let no_data =
+        clean(obs.qps).is_none() && clean(obs.p99_ms).is_none() && clean(obs.error_rate).is_none();
     if no_data || obs.reporting == 0 {
         let desired = clamp(current);
         return Decision {
@@ -170,141 +376,83 @@ pub fn decide(
             breach: None,
             upstream_slow: false,
             metrics_available: false,
+            not_ready_for,
         };
     }
-
-    // Pods without series: extrapolate the sums from those reporting, and
-    // never scale down on such partial data.
-    let serving = r.ready.max(1);
-    let partial = obs.reporting < serving;
-    let extrapolate = if partial {
-        f64::from(serving) / f64::from(obs.reporting)
-    } else {
-        1.0
-    };
-    let qps = obs.qps.map(|q| q * extrapolate);
-    let inflight = obs.inflight.map(|i| i * extrapolate);
-    let base = current.max(1);
-
-    // 2. Capacity, with a tolerance band.
-    let capacity = qps.map(|q| {
-        let ratio = q / (f64::from(base) * p.target_qps_per_replica);
-        if (ratio - 1.0).abs() <= p.tolerance {
-            current
-        } else {
-            (q / p.target_qps_per_replica).ceil() as u32
-        }
-    });
-
-    // 3. SLO breaches and who causes them.
-    let latency_breach = obs
-        .p99_ms
-        .filter(|v| *v > p.p99_slo_ms)
-        .map(|v| (v, p.p99_slo_ms));
-    let error_breach = obs
-        .error_rate
-        .filter(|v| *v > p.max_error_rate)
-        .map(|v| (v, p.max_error_rate));
-    let breach = (latency_breach.is_some() || error_breach.is_some()).then_some(Breach {
-        p99_ms: latency_breach,
-        error_rate: error_breach,
-    });
-    let saturated_qps = qps
-        .is_some_and(|q| q / f64::from(serving) > p.target_qps_per_replica * (1.0 + p.tolerance));
-    let saturated_inflight =
-        inflight.is_some_and(|i| i / f64::from(serving) > p.max_inflight_per_replica);
-    let own_latency = match (obs.p99_ms, obs.upstream_p99_ms) {
-        (Some(total), Some(upstream)) => Some((total - upstream).max(0.0)),
-        _ => None,
-    };
-    // Unknown upstream latency cannot clear the forwarder: assume it is the
-    // bottleneck rather than ignore a breach.
-    let adds_latency = own_latency.is_none_or(|own| own > p.own_latency_share * p.p99_slo_ms);
-    let bottleneck = saturated_qps || saturated_inflight || adds_latency;
-    let upstream_slow = latency_breach.is_some() && !bottleneck;
-    let slo = breach.filter(|_| bottleneck).map(|b| {
-        let factor = [
-            b.p99_ms.map(|(v, slo)| v / slo),
-            b.error_rate
-                .map(|(v, max)| if max > 0.0 { v / max } else { 2.0 }),
-        ]
-        .into_iter()
-        .flatten()
-        .fold(1.0, f64::max);
-        let step = (f64::from(base) * (factor - 1.0)).ceil().max(1.0) as u32;
-        let reason = if latency_breach.is_some() {
-            Reason::LatencySlo
-        } else {
-            Reason::ErrorSlo
-        };
-        (current + step.min(p.max_scale_up_step), reason)
-    });
-
-    // Combine: the highest demand wins; missing inputs only hold.
-    let mut rec = capacity.unwrap_or(current);
-    let mut reason = if rec == current {
-        Reason::Stable
-    } else {
-        Reason::Capacity
-    };
-    if let Some((n, why)) = slo {
-        if n > rec {
-            rec = n;
-            reason = why;
-        }
-    }
-    let incomplete =
-        partial || obs.qps.is_none() || obs.p99_ms.is_none() || obs.error_rate.is_none();
-    if incomplete && rec < current {
-        rec = current;
-        reason = Reason::Stable;
-    }
-    if rec > current {
-        rec = rec.min(current + p.max_scale_up_step);
-    }
+    let s = signals(p, obs, r);
+    let settling = h
+        .last_scale_up
+        .is_some_and(|t| now.saturating_sub(t) < p.settle);
+    let (rec, reason) = recommend(p, &s, current, settling);
     let rec = clamp(rec);
 
     let (desired, reason) = if current < p.min || current > p.max {
         (clamp(rec.max(clamp(current))), Reason::Bounds)
     } else if rec > current {
-        if r.ready < current {
-            (current, Reason::WaitingForReady)
-        } else {
-            (rec, reason)
+        match not_ready_for {
+            Some(waited) if waited < p.ready_timeout => (current, Reason::WaitingForReady),
+            // Waited long enough: the unready replicas are no capacity;
+            // size as if they did not exist, and keep them beside.
+            Some(_) => {
+                let unready = current - r.ready;
+                let (need, _) = recommend(p, &s, r.ready, settling);
+                let n = (need + unready).max(rec).min(current + p.max_scale_up_step);
+                (clamp(n), Reason::ReadyTimeout)
+            }
+            None => (rec, reason),
         }
     } else if rec < current {
-        stabilize(p, rec, current, history, now)
+        stabilize(p, rec, current, h, now)
     } else {
-        (current, Reason::Stable)
+        (current, reason)
     };
     Decision {
         desired: clamp(desired),
         reason,
         recommendation: rec,
-        breach,
-        upstream_slow,
+        upstream_slow: s.breach.is_some() && !s.bottleneck,
+        breach: s.breach,
         metrics_available: true,
+        not_ready_for,
     }
 }
 
+/// Whether the history covers the whole window `[now - window, now]`:
+/// an entry at or before its start, and no gap between evaluations (or
+/// since the last one) longer than `max_gap`.
+fn covers(h: &[Recommendation], window: Duration, max_gap: Duration, now: Duration) -> bool {
+    if window.is_zero() {
+        return true;
+    }
+    let Some(since) = now.checked_sub(window) else {
+        return false;
+    };
+    let Some(start) = h.iter().rposition(|r| r.at <= since) else {
+        return false;
+    };
+    let mut last = h[start].at;
+    for r in &h[start + 1..] {
+        if r.at.saturating_sub(last) > max_gap {
+            return false;
+        }
+        last = r.at;
+    }
+    now.saturating_sub(last) <= max_gap
+}
+
 /// Scale down only to the highest recommendation seen over the whole
-/// window (which must be covered by history, so a restarted operator does
-/// not scale down on its first look), by at most a quarter per step.
-fn stabilize(
-    p: &Policy,
-    rec: u32,
-    current: u32,
-    history: &[Recommendation],
-    now: Duration,
-) -> (u32, Reason) {
+/// window (which must be covered by history, so a restarted operator, or
+/// one back from a gap, does not scale down on its first look), by at most
+/// a quarter per step.
+fn stabilize(p: &Policy, rec: u32, current: u32, h: &History, now: Duration) -> (u32, Reason) {
     let since = now.saturating_sub(p.stabilization);
-    let covered = p.stabilization.is_zero() || history.iter().any(|h| h.at <= since);
-    let highest = history
+    let recs = &h.recommendations;
+    let highest = recs
         .iter()
-        .filter(|h| h.at >= since)
-        .map(|h| h.replicas)
+        .filter(|r| r.at >= since)
+        .map(|r| r.replicas)
         .fold(rec, u32::max);
-    if !covered || highest >= current {
+    if !covers(recs, p.stabilization, p.max_gap, now) || highest >= current {
         return (current, Reason::Stabilizing);
     }
     let step = (current / 4).max(1);
@@ -335,10 +483,24 @@ mod tests {
             qps: Some(qps),
             p99_ms: Some(200.0),
             error_rate: Some(0.0),
+            requests: Some(qps * 60.0),
+            own_p99_ms: Some(1.0),
             inflight: Some(qps * 0.2),
             upstream_p99_ms: Some(199.0),
             reporting: pods,
+            ..Default::default()
         }
+    }
+
+    /// One recommendation every 15 s over [from, to) seconds.
+    fn steady(replicas: u32, from: u32, to: u32) -> Vec<Recommendation> {
+        (from..to)
+            .step_by(15)
+            .map(|t| Recommendation {
+                at: t * S,
+                replicas,
+            })
+            .collect()
     }
 
     fn at(current: u32) -> Replicas {
@@ -351,16 +513,7 @@ mod tests {
     #[test]
     fn table() {
         let p = policy();
-        let long_low = [
-            Recommendation {
-                at: Duration::ZERO,
-                replicas: 2,
-            },
-            Recommendation {
-                at: 200 * S,
-                replicas: 2,
-            },
-        ];
+        let long_low = steady(2, 0, 300);
         struct Case {
             name: &'static str,
             obs: Observed,
@@ -414,6 +567,7 @@ mod tests {
                 name: "latency breach, forwarder adds latency",
                 obs: Observed {
                     p99_ms: Some(1000.0),
+                    own_p99_ms: Some(700.0),
                     upstream_p99_ms: Some(300.0),
                     ..healthy(200.0, 4)
                 },
@@ -435,15 +589,27 @@ mod tests {
                 reason: Reason::Stable,
             },
             Case {
-                name: "error breach while saturated",
+                name: "error breach while the forwarder queues",
                 obs: Observed {
                     error_rate: Some(0.02),
+                    own_p99_ms: Some(200.0),
                     ..healthy(240.0, 4)
                 },
                 r: at(4),
                 history: vec![],
                 desired: 8,
                 reason: Reason::ErrorSlo,
+            },
+            Case {
+                name: "error breach with QPS above target only: capacity sizes it",
+                obs: Observed {
+                    error_rate: Some(0.02),
+                    ..healthy(240.0, 4)
+                },
+                r: at(4),
+                history: vec![],
+                desired: 5,
+                reason: Reason::Capacity,
             },
             Case {
                 name: "error breach without saturation: more forwarders would not help",
@@ -495,16 +661,13 @@ mod tests {
                 name: "a peak inside the window holds",
                 obs: healthy(50.0, 6),
                 r: at(6),
-                history: vec![
-                    Recommendation {
-                        at: Duration::ZERO,
-                        replicas: 2,
-                    },
-                    Recommendation {
-                        at: 250 * S,
-                        replicas: 6,
-                    },
-                ],
+                history: steady(2, 0, 300)
+                    .into_iter()
+                    .map(|r| Recommendation {
+                        replicas: if r.at == 255 * S { 6 } else { 2 },
+                        ..r
+                    })
+                    .collect(),
                 desired: 6,
                 reason: Reason::Stabilizing,
             },
@@ -531,11 +694,11 @@ mod tests {
                 reason: Reason::Capacity,
             },
             Case {
-                name: "one pod without series: extrapolated, no scale-down",
+                name: "one pod without series counts as zero load, no scale-down",
                 obs: healthy(300.0, 3),
                 r: at(4),
                 history: vec![],
-                desired: 8,
+                desired: 6,
                 reason: Reason::Capacity,
             },
             Case {
@@ -561,7 +724,8 @@ mod tests {
             },
         ];
         for c in cases {
-            let d = decide(&p, &c.obs, c.r, &c.history, 300 * S);
+            let h = History::from(c.history.clone());
+            let d = decide(&p, &c.obs, c.r, &h, 300 * S);
             assert_eq!(
                 (d.desired, d.reason),
                 (c.desired, c.reason),
@@ -578,11 +742,279 @@ mod tests {
             upstream_p99_ms: Some(990.0),
             ..healthy(200.0, 4)
         };
-        let d = decide(&policy(), &obs, at(4), &[], Duration::ZERO);
+        let none = History::default();
+        let d = decide(&policy(), &obs, at(4), &none, Duration::ZERO);
         assert!(d.upstream_slow);
         assert_eq!(d.breach.unwrap().p99_ms, Some((1000.0, 500.0)));
-        let d = decide(&policy(), &healthy(200.0, 4), at(4), &[], Duration::ZERO);
+        let d = decide(&policy(), &healthy(200.0, 4), at(4), &none, Duration::ZERO);
         assert!(!d.upstream_slow && d.breach.is_none() && d.metrics_available);
+    }
+
+    /// Runs the loop with 15 s evaluations and a fixed observation per
+    /// tick; returns the replica count after each tick.
+    fn run(
+        p: &Policy,
+        mut current: u32,
+        ticks: u32,
+        mut obs: impl FnMut(u32, u32) -> Observed,
+    ) -> Vec<u32> {
+        let mut h = History::default();
+        (0..ticks)
+            .map(|tick| {
+                let now = tick * 15 * S;
+                let d = decide(p, &obs(tick, current), at(current), &h, now);
+                h.record(p, at(current), &d, now);
+                current = d.desired;
+                current
+            })
+            .collect()
+    }
+
+    /// Issue 14: `6 → 6 (Stable): qps=0.0 p99=n/a` for minutes.
+    #[test]
+    fn zero_traffic_with_fresh_series_scales_down_to_min_after_the_window() {
+        let p = policy();
+        let idle = |_, pods| Observed {
+            qps: Some(0.0),
+            requests: Some(0.0),
+            p99_ms: None,
+            own_p99_ms: None,
+            error_rate: Some(0.0),
+            inflight: Some(0.0),
+            reporting: pods,
+            ..Default::default()
+        };
+        let replicas = run(&p, 6, 60, idle);
+        // Ticks 0..=19 are inside the first 300 s window.
+        assert!(replicas[..20].iter().all(|r| *r == 6), "{replicas:?}");
+        assert_eq!(*replicas.last().unwrap(), p.min, "{replicas:?}");
+    }
+
+    /// Issue 14: needed 5, reached 14 (1→3→7→11→14), new pods without
+    /// series made the old pods' rate count for them too.
+    #[test]
+    fn new_pods_without_series_count_as_zero_load_no_cascade() {
+        let p = Policy {
+            max_scale_up_step: 2,
+            ..policy()
+        };
+        // 250 requests/s need 5 replicas. Pods added by a step report no
+        // series for one evaluation.
+        let mut reporting_until = 1;
+        let replicas = run(&p, 1, 12, |_, pods| {
+            let r = reporting_until.min(pods);
+            reporting_until = pods;
+            Observed {
+                reporting: r,
+                ..healthy(250.0, r)
+            }
+        });
+        let peak = *replicas.iter().max().unwrap();
+        assert_eq!(peak, 5, "{replicas:?}");
+        assert_eq!(*replicas.last().unwrap(), 5);
+        // The exact case of the issue: 3 pods, 1 reporting.
+        let d = decide(
+            &policy(),
+            &healthy(250.0, 1),
+            at(3),
+            &History::default(),
+            Duration::ZERO,
+        );
+        assert_eq!((d.desired, d.reason), (5, Reason::Capacity));
+    }
+
+    /// After a scale-up the P99 of the window still holds the breach; no
+    /// second SLO step until the window has passed.
+    #[test]
+    fn slo_steps_wait_one_rate_window_after_a_scale_up() {
+        let p = policy();
+        let breach = Observed {
+            p99_ms: Some(900.0),
+            own_p99_ms: Some(600.0),
+            ..healthy(200.0, 4)
+        };
+        let mut h = History::default();
+        let d = decide(&p, &breach, at(4), &h, 100 * S);
+        assert_eq!((d.desired, d.reason), (8, Reason::LatencySlo));
+        h.record(&p, at(4), &d, 100 * S);
+        let d = decide(
+            &p,
+            &Observed {
+                reporting: 8,
+                ..breach.clone()
+            },
+            at(8),
+            &h,
+            115 * S,
+        );
+        assert_eq!((d.desired, d.reason), (8, Reason::Settling));
+        // All 8 Ready at 115 s: the settle time runs from there.
+        h.record(&p, at(8), &d, 115 * S);
+        assert_eq!(h.last_scale_up, Some(115 * S));
+        let still = Observed {
+            reporting: 8,
+            ..breach
+        };
+        let d = decide(&p, &still, at(8), &h, 185 * S);
+        assert_eq!(d.reason, Reason::Settling, "70 s after Ready");
+        let d = decide(&p, &still, at(8), &h, 195 * S);
+        assert_eq!(d.reason, Reason::LatencySlo, "the window has passed");
+    }
+
+    /// Issue 14: a failing upstream scaled the forwarders to max (retries
+    /// and backoff landed in "P99 minus upstream P99").
+    #[test]
+    fn a_failing_upstream_does_not_scale_up() {
+        let p = policy();
+        let failing = Observed {
+            qps: Some(200.0),
+            requests: Some(12000.0),
+            p99_ms: Some(7000.0),
+            upstream_p99_ms: Some(5.0),
+            own_p99_ms: Some(2.0),
+            error_rate: Some(1.0),
+            // Requests sleeping in backoff are in flight.
+            inflight: Some(4000.0),
+            reporting: 4,
+            ..Default::default()
+        };
+        let d = decide(&p, &failing, at(4), &History::default(), Duration::ZERO);
+        assert_eq!((d.desired, d.reason), (4, Reason::Stable), "{d:?}");
+        assert!(d.upstream_slow && d.breach.is_some());
+        // Seen on the real API server: retried failures complete in bursts
+        // above the offered rate (28/s for 20/s offered on one replica),
+        // with no own time in the window (every request failed).
+        let burst = Observed {
+            qps: Some(27.9),
+            requests: Some(110.0),
+            p99_ms: Some(225.0),
+            own_p99_ms: None,
+            error_rate: Some(1.0),
+            inflight: Some(0.0),
+            reporting: 1,
+            ..Default::default()
+        };
+        let small = Policy {
+            min: 1,
+            target_qps_per_replica: 25.0,
+            min_samples: 20.0,
+            ..policy()
+        };
+        let d = decide(&small, &burst, at(1), &History::default(), Duration::ZERO);
+        assert_eq!(d.desired, 2, "capacity only, no SLO step: {d:?}");
+        assert!(d.upstream_slow);
+        // Without the own-time histogram (an older forwarder), in-flight
+        // saturation still counts.
+        let old = Observed {
+            own_p99_ms: None,
+            ..failing
+        };
+        let d = decide(&p, &old, at(4), &History::default(), Duration::ZERO);
+        assert_eq!(d.reason, Reason::LatencySlo);
+    }
+
+    #[test]
+    fn one_slow_request_at_low_qps_is_no_breach() {
+        let p = policy();
+        let sparse = Observed {
+            qps: Some(0.5),
+            requests: Some(30.0),
+            p99_ms: Some(3000.0),
+            own_p99_ms: Some(2900.0),
+            ..healthy(0.5, 2)
+        };
+        let d = decide(&p, &sparse, at(2), &History::default(), Duration::ZERO);
+        assert!(d.breach.is_none(), "{d:?}");
+        assert_eq!(d.desired, 2);
+        let dense = Observed {
+            requests: Some(150.0),
+            ..sparse
+        };
+        let d = decide(&p, &dense, at(2), &History::default(), Duration::ZERO);
+        assert_eq!(d.reason, Reason::LatencySlo);
+    }
+
+    /// Issue 14: one pod that never gets ready blocked scale-up forever.
+    #[test]
+    fn the_ready_guard_is_bounded_in_time() {
+        let p = policy();
+        let r = Replicas {
+            current: 3,
+            ready: 2,
+        };
+        let h = History {
+            not_ready_since: Some(10 * S),
+            ..History::default()
+        };
+        let busy = healthy(300.0, 2);
+        let d = decide(&p, &busy, r, &h, 200 * S);
+        assert_eq!((d.desired, d.reason), (3, Reason::WaitingForReady));
+        assert_eq!(d.not_ready_for, Some(190 * S));
+        let d = decide(&p, &busy, r, &h, 311 * S);
+        // 300 requests/s need 6 ready replicas; one is stuck beside them
+        // (bounded by the step of 4).
+        assert_eq!((d.desired, d.reason), (7, Reason::ReadyTimeout), "{d:?}");
+        // A scale-up restarts the clock for the new pods.
+        let mut h = h;
+        h.record(&p, r, &d, 311 * S);
+        assert_eq!(h.not_ready_since, Some(311 * S));
+    }
+
+    /// Issue 14: after a gap in evaluations (or a `kubectl scale` pin) the
+    /// stabilization window was treated as covered.
+    #[test]
+    fn a_gap_in_the_history_does_not_cover_the_window() {
+        let p = policy();
+        let low = healthy(50.0, 6);
+        let mut gap = steady(2, 0, 120);
+        gap.extend(steady(2, 390, 400));
+        let d = decide(&p, &low, at(6), &History::from(gap), 400 * S);
+        assert_eq!(d.reason, Reason::Stabilizing, "{d:?}");
+        // Younger than the window: not covered either.
+        let young = History::from(steady(2, 0, 105));
+        let d = decide(&p, &low, at(6), &young, 105 * S);
+        assert_eq!(d.reason, Reason::Stabilizing, "{d:?}");
+        // Dense and long enough: down.
+        let d = decide(&p, &low, at(6), &History::from(steady(2, 90, 400)), 400 * S);
+        assert_eq!(d.reason, Reason::ScaleDown);
+        // A pin removed: the history is forgotten.
+        let mut h = History::from(steady(2, 0, 400));
+        h.forget();
+        assert_eq!(h, History::default());
+    }
+
+    #[test]
+    fn streams_are_judged_by_time_to_first_token_when_set() {
+        let mut p = policy();
+        // Streams last seconds (generation): request P99 far above 500 ms.
+        let streaming = Observed {
+            p99_ms: Some(9000.0),
+            streams: Some(5000.0),
+            ttft_p99_ms: Some(300.0),
+            ..healthy(200.0, 4)
+        };
+        let d = decide(&p, &streaming, at(4), &History::default(), Duration::ZERO);
+        assert!(
+            d.breach.is_some_and(|b| b.p99_ms.is_some()),
+            "no TTFT SLO: P99 judged"
+        );
+        p.ttft_slo_ms = Some(1000.0);
+        let d = decide(&p, &streaming, at(4), &History::default(), Duration::ZERO);
+        assert!(d.breach.is_none(), "TTFT within its SLO: {d:?}");
+        let slow_first_token = Observed {
+            ttft_p99_ms: Some(2500.0),
+            own_p99_ms: Some(400.0),
+            ..streaming
+        };
+        let d = decide(
+            &p,
+            &slow_first_token,
+            at(4),
+            &History::default(),
+            Duration::ZERO,
+        );
+        assert_eq!(d.breach.unwrap().ttft_ms, Some((2500.0, 1000.0)));
+        assert_eq!((d.desired, d.reason), (8, Reason::LatencySlo));
     }
 
     #[test]
@@ -605,7 +1037,7 @@ mod tests {
     fn square_wave_load_reverses_at_most_once_per_ten_minutes() {
         let p = Policy::new(1, 50, 500.0, 0.01, 50.0, 300 * S, 4);
         let mut current = 10;
-        let mut history = Vec::new();
+        let mut history = History::default();
         let mut last_dir = 0i8;
         let mut reversals = Vec::new();
         for tick in 0..(30 * 60 / 15) {
@@ -613,11 +1045,7 @@ mod tests {
             let high = (now.as_secs() / 60).is_multiple_of(2);
             let qps = if high { 750.0 } else { 250.0 };
             let d = decide(&p, &healthy(qps, current), at(current), &history, now);
-            history.push(Recommendation {
-                at: now,
-                replicas: d.recommendation,
-            });
-            prune(&mut history, p.stabilization, now);
+            history.record(&p, at(current), &d, now);
             if d.desired != current {
                 let dir = if d.desired > current { 1 } else { -1 };
                 if last_dir != 0 && dir != last_dir {
@@ -651,7 +1079,10 @@ mod tests {
                 error_rate: err,
                 inflight: qps.map(|q| q * 0.1),
                 upstream_p99_ms: up.zip(p99).map(|(u, p)| u.min(p)),
+                own_p99_ms: up.zip(p99).map(|(u, p)| (p - u).max(0.0)),
+                requests: qps.map(|q| q * 60.0),
                 reporting,
+                ..Default::default()
             })
     }
 
@@ -659,7 +1090,7 @@ mod tests {
         #[test]
         fn always_within_bounds(obs in arb_obs(), current in 0u32..40, ready in 0u32..40, min in 1u32..5, extra in 0u32..20) {
             let p = Policy::new(min, min + extra, 500.0, 0.01, 50.0, 60 * S, 4);
-            let d = decide(&p, &obs, Replicas { current, ready }, &[], 100 * S);
+            let d = decide(&p, &obs, Replicas { current, ready }, &History::default(), 100 * S);
             prop_assert!(d.desired >= p.min && d.desired <= p.max);
         }
 
@@ -667,7 +1098,7 @@ mod tests {
         fn never_down_on_missing_data(obs in arb_obs(), current in 2u32..20) {
             let p = policy();
             let missing = Observed { p99_ms: None, ..obs };
-            let history = [Recommendation { at: Duration::ZERO, replicas: 2 }];
+            let history = History::from(steady(2, 700, 1000));
             let d = decide(&p, &missing, at(current), &history, 1000 * S);
             prop_assert!(d.desired >= current);
         }
@@ -676,7 +1107,7 @@ mod tests {
         fn monotone_in_load(q1 in 0.0..3000.0f64, q2 in 0.0..3000.0f64, current in 2u32..20) {
             let p = policy();
             let (lo, hi) = if q1 <= q2 { (q1, q2) } else { (q2, q1) };
-            let history = [Recommendation { at: Duration::ZERO, replicas: 2 }];
+            let history = History::from(steady(2, 700, 1000));
             let a = decide(&p, &healthy(lo, current), at(current), &history, 1000 * S);
             let b = decide(&p, &healthy(hi, current), at(current), &history, 1000 * S);
             prop_assert!(a.desired <= b.desired, "{a:?} vs {b:?}");
@@ -688,13 +1119,12 @@ mod tests {
             // must not move the other way within the stabilization window.
             let p = policy();
             let mut current = start;
-            let mut history = Vec::new();
+            let mut history = History::default();
             let mut moves: Vec<(Duration, i8)> = Vec::new();
             for tick in 0..120u32 {
                 let now = tick * 15 * S;
                 let d = decide(&p, &healthy(qps, current), at(current), &history, now);
-                history.push(Recommendation { at: now, replicas: d.recommendation });
-                prune(&mut history, p.stabilization, now);
+                history.record(&p, at(current), &d, now);
                 if d.desired != current {
                     moves.push((now, if d.desired > current { 1 } else { -1 }));
                     current = d.desired;
@@ -711,7 +1141,7 @@ mod tests {
         fn at_most_one_step_of_overshoot_while_pending(qps in 0.0..5000.0f64, current in 2u32..16, ready in 0u32..16) {
             let p = policy();
             let r = Replicas { current, ready: ready.min(current) };
-            let d = decide(&p, &healthy(qps, r.ready.max(1)), r, &[], Duration::ZERO);
+            let d = decide(&p, &healthy(qps, r.ready.max(1)), r, &History::default(), Duration::ZERO);
             if r.ready < current {
                 prop_assert!(d.desired <= current, "{d:?}");
             } else {

@@ -8,7 +8,7 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchP
 use kube::{Client, Resource, ResourceExt};
 use serde_json::{json, Value};
 
-use super::metrics::default_selector;
+use super::metrics::{default_selector, validate_selector};
 use crate::crd::ModelForwarder;
 use crate::render::labels::{common, FIELD_MANAGER};
 
@@ -20,7 +20,9 @@ pub fn api_resource() -> ApiResource {
     ))
 }
 
-/// The rule object for a resource (pure).
+/// The rule object for a resource (pure). A `metricsSelector` that is not
+/// label matchers is never spliced in: the default selector stands in (the
+/// autoscaler does not apply rules for such a resource, and reports it).
 pub fn render(mf: &ModelForwarder) -> Value {
     let ns = mf.namespace().unwrap_or_default();
     let name = mf.name_any();
@@ -28,7 +30,8 @@ pub fn render(mf: &ModelForwarder) -> Value {
         .spec
         .scaling
         .metrics_selector
-        .clone()
+        .as_deref()
+        .and_then(|s| validate_selector(s).ok())
         .unwrap_or_else(|| default_selector(&ns, &name));
     let slo = &mf.spec.slo;
     let labels = json!({"severity": "warning", "modelforwarder": name, "namespace": ns});
@@ -40,6 +43,46 @@ pub fn render(mf: &ModelForwarder) -> Value {
         controller: Some(true),
         block_owner_deletion: Some(true),
     });
+    let mut rules = vec![
+        json!({
+            "alert": "ModelForwarderP99High",
+            "expr": format!(
+                "histogram_quantile(0.99, sum by (le) (rate(forwarder_request_duration_seconds_bucket{{{sel}}}[5m]))) * 1000 > {}",
+                slo.p99_latency_ms
+            ),
+            "for": "2m",
+            "labels": labels,
+            "annotations": {
+                "summary": format!("{name}: P99 latency above {} ms", slo.p99_latency_ms),
+                "description": "The forwarder's P99 latency breaches its SLO; the operator re-evaluates replicas when this fires.",
+            },
+        }),
+        json!({
+            "alert": "ModelForwarderErrorRateHigh",
+            "expr": format!(
+                r#"sum(rate(forwarder_requests_total{{{sel},code=~"5.."}}[5m])) / sum(rate(forwarder_requests_total{{{sel}}}[5m])) > {}"#,
+                slo.max_error_rate
+            ),
+            "for": "2m",
+            "labels": labels,
+            "annotations": {
+                "summary": format!("{name}: error rate above {}", slo.max_error_rate),
+                "description": "More 5xx answers than the SLO allows.",
+            },
+        }),
+    ];
+    rules.extend(slo.ttft_p99_ms.map(|ttft| json!({
+                "alert": "ModelForwarderTtftHigh",
+                "expr": format!(
+                    "histogram_quantile(0.99, sum by (le) (rate(forwarder_time_to_first_token_seconds_bucket{{{sel}}}[5m]))) * 1000 > {ttft}"
+                ),
+                "for": "2m",
+                "labels": labels,
+                "annotations": {
+                    "summary": format!("{name}: P99 time to first token above {ttft} ms"),
+                    "description": "Streams wait too long for their first token; the operator re-evaluates replicas when this fires.",
+                },
+            })));
     json!({
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
@@ -51,34 +94,7 @@ pub fn render(mf: &ModelForwarder) -> Value {
         },
         "spec": {"groups": [{
             "name": format!("modelforwarder-{name}"),
-            "rules": [
-                {
-                    "alert": "ModelForwarderP99High",
-                    "expr": format!(
-                        "histogram_quantile(0.99, sum by (le) (rate(forwarder_request_duration_seconds_bucket{{{sel}}}[5m]))) * 1000 > {}",
-                        slo.p99_latency_ms
-                    ),
-                    "for": "2m",
-                    "labels": labels,
-                    "annotations": {
-                        "summary": format!("{name}: P99 latency above {} ms", slo.p99_latency_ms),
-                        "description": "The forwarder's P99 latency breaches its SLO; the operator re-evaluates replicas when this fires.",
-                    },
-                },
-                {
-                    "alert": "ModelForwarderErrorRateHigh",
-                    "expr": format!(
-                        r#"sum(rate(forwarder_requests_total{{{sel},code=~"5.."}}[5m])) / sum(rate(forwarder_requests_total{{{sel}}}[5m])) > {}"#,
-                        slo.max_error_rate
-                    ),
-                    "for": "2m",
-                    "labels": labels,
-                    "annotations": {
-                        "summary": format!("{name}: error rate above {}", slo.max_error_rate),
-                        "description": "More 5xx answers than the SLO allows.",
-                    },
-                },
-            ],
+            "rules": rules,
         }]},
     })
 }
@@ -125,5 +141,30 @@ mod tests {
         assert_eq!(rules[0]["labels"]["modelforwarder"], "bot");
         assert_eq!(rules[0]["labels"]["namespace"], "ai");
         assert_eq!(api_resource().plural, "prometheusrules");
+        assert_eq!(rules.len(), 2, "no TTFT alert without a TTFT SLO");
+    }
+
+    #[test]
+    fn a_ttft_slo_adds_its_alert_and_a_bad_selector_is_never_spliced() {
+        let mf: ModelForwarder = serde_json::from_value(json!({
+            "apiVersion": "llm.forwarder.dev/v1alpha1", "kind": "ModelForwarder",
+            "metadata": {"name": "bot", "namespace": "ai", "uid": "u-1"},
+            "spec": {"upstreams": [{"name": "m", "provider": "mock", "models": ["mock"]}],
+                     "slo": {"ttftP99Ms": 800},
+                     "scaling": {"metricsSelector": "job=\"x\"}) or vector(1) or up{a=\"b\""}}
+        }))
+        .unwrap();
+        let r = render(&mf);
+        let rules = r["spec"]["groups"][0]["rules"].as_array().unwrap();
+        let ttft = rules[2]["expr"].as_str().unwrap();
+        assert!(
+            ttft.contains("forwarder_time_to_first_token_seconds_bucket")
+                && ttft.ends_with("> 800"),
+            "{ttft}"
+        );
+        for rule in rules {
+            let expr = rule["expr"].as_str().unwrap();
+            assert!(!expr.contains("vector(1)"), "{expr}");
+        }
     }
 }

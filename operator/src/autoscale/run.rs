@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::core::DeserializeGuard;
@@ -15,11 +17,11 @@ use tokio::sync::mpsc;
 
 use super::alerts::Key;
 use super::evaluate::{explain, Evaluation, Evaluator, MetricsSource, ScaleError};
-use super::metrics::{default_selector, Target};
+use super::metrics::{default_selector, validate_selector, Target};
 use super::rules;
 use super::workload::{
     direction, is_true, policy_for, reason_label, status_patch, DeploymentTarget,
-    AUTOSCALER_FIELD_MANAGER, METRICS_AVAILABLE, SLO_BREACHED, UPSTREAM_SLOW,
+    AUTOSCALER_FIELD_MANAGER, METRICS_AVAILABLE, SCALE_CONFLICT, SLO_BREACHED, UPSTREAM_SLOW,
 };
 use crate::crd::ModelForwarder;
 use crate::telemetry::Metrics;
@@ -50,7 +52,14 @@ pub enum Error {
     Scale(#[from] ScaleError),
     #[error("writing the status of {name}: {source}")]
     Status { name: String, source: kube::Error },
+    #[error("the evaluation did not finish within {0:?}")]
+    Timeout(Duration),
 }
+
+/// Resources evaluated at once: enough that one slow resource (a hung
+/// query, a slow API call) never delays the others by more than its own
+/// timeout, few enough to bound the load on Prometheus and the API server.
+const CONCURRENT_EVALUATIONS: usize = 16;
 
 impl Autoscaler {
     fn resources(&self) -> Api<DeserializeGuard<ModelForwarder>> {
@@ -60,8 +69,15 @@ impl Autoscaler {
         }
     }
 
+    /// An evaluation round older than this means the loop is stalled
+    /// (`/healthz` then fails): three intervals plus one evaluation's bound.
+    pub fn stall_limit(&self) -> Duration {
+        self.interval * 4
+    }
+
     /// Runs until the process ends.
     pub async fn run(self, mut trigger: mpsc::Receiver<Key>) {
+        self.metrics.autoscaler_started(self.stall_limit());
         let mut evaluators: HashMap<Key, Evaluator> = HashMap::new();
         // The last rule applied per resource, so an unchanged one is not re-sent.
         let mut rules_applied: HashMap<Key, serde_json::Value> = HashMap::new();
@@ -72,10 +88,17 @@ impl Autoscaler {
                 _ = tick.tick() => None,
                 Some(key) = trigger.recv() => Some(key),
             };
-            let list = match self.resources().list(&ListParams::default()).await {
-                Ok(l) => l,
-                Err(e) => {
+            let listed =
+                tokio::time::timeout(self.interval, self.resources().list(&ListParams::default()))
+                    .await;
+            let list = match listed {
+                Ok(Ok(l)) => l,
+                Ok(Err(e)) => {
                     tracing::warn!(error = %Error::List(e), "autoscaler: cannot list resources");
+                    continue;
+                }
+                Err(_) => {
+                    tracing::warn!(error = %Error::Timeout(self.interval), "autoscaler: cannot list resources");
                     continue;
                 }
             };
@@ -85,12 +108,20 @@ impl Autoscaler {
             if only.is_none() {
                 evaluators.retain(|k, _| resources.iter().any(|mf| key(mf) == *k));
             }
+            let this = &self;
+            let mut jobs = Vec::new();
             for mf in &resources {
                 let k = key(mf);
                 if only.as_ref().is_some_and(|o| *o != k) {
                     continue;
                 }
-                if self.prometheus_rules {
+                let selector_ok = mf
+                    .spec
+                    .scaling
+                    .metrics_selector
+                    .as_deref()
+                    .is_none_or(|s| validate_selector(s).is_ok());
+                if self.prometheus_rules && selector_ok {
                     let rule = rules::render(mf);
                     if rules_applied.get(&k) != Some(&rule) {
                         match rules::apply(self.client.clone(), mf, &rule).await {
@@ -105,10 +136,24 @@ impl Autoscaler {
                         }
                     }
                 }
-                let ev = evaluators
-                    .entry(k)
-                    .or_insert_with(|| Evaluator::new(policy_for(&mf.spec)));
-                match self.evaluate_one(mf, ev).await {
+                let mut ev = evaluators
+                    .remove(&k)
+                    .unwrap_or_else(|| Evaluator::new(policy_for(&mf.spec)));
+                jobs.push(async move {
+                    // Bounded, so one stuck resource cannot stall the round.
+                    let r = tokio::time::timeout(this.interval, this.evaluate_one(mf, &mut ev))
+                        .await
+                        .unwrap_or(Err(Error::Timeout(this.interval)));
+                    (k, ev, r, mf)
+                });
+            }
+            let done: Vec<_> = futures::stream::iter(jobs)
+                .buffer_unordered(CONCURRENT_EVALUATIONS)
+                .collect()
+                .await;
+            for (k, ev, r, mf) in done {
+                evaluators.insert(k, ev);
+                match r {
                     Ok(Some(e)) => tracing::info!(
                         namespace = %mf.namespace().unwrap_or_default(),
                         name = %mf.name_any(),
@@ -121,6 +166,7 @@ impl Autoscaler {
                     }
                 }
             }
+            self.metrics.autoscaler_round_completed();
         }
     }
 
@@ -132,6 +178,7 @@ impl Autoscaler {
         ev: &mut Evaluator,
     ) -> Result<Option<Evaluation>, Error> {
         if mf.spec.replicas.desired.is_some() || mf.metadata.deletion_timestamp.is_some() {
+            ev.forget();
             return Ok(None);
         }
         let ns = mf.namespace().unwrap_or_default();
@@ -154,6 +201,11 @@ impl Autoscaler {
             live_pods: None,
             max_age: self.max_age,
         };
+        // SLO steps wait a rate window and an interval after a scale-up
+        // (requests queued before it still complete, slowly, just after);
+        // three missed evaluations make a gap in the stabilization history.
+        ev.policy.settle = target.window + self.interval;
+        ev.policy.max_gap = self.interval * 3;
         let e = ev
             .evaluate(self.source.as_ref(), &target, &workload)
             .await?;
@@ -194,6 +246,9 @@ impl Autoscaler {
         }
         if d.upstream_slow && !is_true(prev, UPSTREAM_SLOW) {
             events.push((EventType::Warning, UPSTREAM_SLOW, message(conditions, 2)));
+        }
+        if !e.foreign_managers.is_empty() && !is_true(prev, SCALE_CONFLICT) {
+            events.push((EventType::Warning, SCALE_CONFLICT, message(conditions, 4)));
         }
         if !d.metrics_available && is_true(prev, METRICS_AVAILABLE) {
             events.push((

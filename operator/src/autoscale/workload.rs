@@ -1,7 +1,8 @@
 //! The Kubernetes side of the autoscaler: a forwarder Deployment as a
 //! [`ScaleTarget`], the policy from a resource's spec, and the status the
 //! autoscaler owns (desired replicas, metrics, last scale, and the
-//! `SLOBreached`, `MetricsAvailable`, `UpstreamSlow` conditions).
+//! `SLOBreached`, `MetricsAvailable`, `UpstreamSlow`, `ScalingLimited` and
+//! `ScaleConflict` conditions).
 
 use std::time::Duration;
 
@@ -23,11 +24,15 @@ pub const AUTOSCALER_FIELD_MANAGER: &str = "modelforwarder-operator-autoscaler";
 pub const SLO_BREACHED: &str = "SLOBreached";
 pub const METRICS_AVAILABLE: &str = "MetricsAvailable";
 pub const UPSTREAM_SLOW: &str = "UpstreamSlow";
+/// True while a scale-up is held for replicas that are not Ready.
+pub const SCALING_LIMITED: &str = "ScalingLimited";
+/// True while another field manager sets the Deployment's replicas.
+pub const SCALE_CONFLICT: &str = "ScaleConflict";
 
 /// The autoscaling policy a resource asks for.
 pub fn policy_for(spec: &ModelForwarderSpec) -> Policy {
     let min = spec.replicas.min.max(1) as u32;
-    Policy::new(
+    let mut p = Policy::new(
         min,
         (spec.replicas.max.max(1) as u32).max(min),
         f64::from(spec.slo.p99_latency_ms),
@@ -35,7 +40,41 @@ pub fn policy_for(spec: &ModelForwarderSpec) -> Policy {
         f64::from(spec.slo.target_qps_per_replica),
         Duration::from_secs(u64::from(spec.scaling.scale_down_stabilization_seconds)),
         spec.scaling.max_scale_up_step,
-    )
+    );
+    p.ttft_slo_ms = spec.slo.ttft_p99_ms.map(f64::from);
+    p
+}
+
+/// Field managers, other than the autoscaler's, that own the Deployment's
+/// `spec.replicas` (from `managedFields`): an HPA (`kube-controller-manager`
+/// on the scale subresource) or `kubectl scale deployment`. The
+/// autoscaler's forced apply takes the field back, so a manager listed
+/// here wrote it since the autoscaler's last scale.
+pub fn foreign_replica_managers(d: &Deployment) -> Vec<String> {
+    let mut out: Vec<String> = d
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| m.manager.as_deref() != Some(SCALER_FIELD_MANAGER))
+        .filter(|m| {
+            m.fields_v1
+                .as_ref()
+                .and_then(|f| f.0.get("f:spec"))
+                .and_then(|spec| spec.get("f:replicas"))
+                .is_some()
+        })
+        .map(|m| {
+            let name = m.manager.clone().unwrap_or_else(|| "(unnamed)".into());
+            match m.subresource.as_deref() {
+                Some(sub) if !sub.is_empty() => format!("{name} (/{sub})"),
+                _ => name,
+            }
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// A forwarder Deployment and its pods.
@@ -74,6 +113,7 @@ impl ScaleTarget for DeploymentTarget {
             current,
             ready,
             live_pods,
+            foreign_managers: foreign_replica_managers(&d),
         })
     }
 
@@ -143,6 +183,9 @@ pub fn status_patch(mf: &ModelForwarder, e: &Evaluation, now: &Time) -> Value {
             if let Some((v, slo)) = b.p99_ms {
                 parts.push(format!("P99 {v:.0} ms > {slo:.0} ms"));
             }
+            if let Some((v, slo)) = b.ttft_ms {
+                parts.push(format!("TTFT P99 {v:.0} ms > {slo:.0} ms"));
+            }
             if let Some((v, max)) = b.error_rate {
                 parts.push(format!("error rate {v:.4} > {max:.4}"));
             }
@@ -154,7 +197,11 @@ pub fn status_patch(mf: &ModelForwarder, e: &Evaluation, now: &Time) -> Value {
             prev,
             SLO_BREACHED,
             d.breach.is_some(),
-            if d.breach.is_some() { "Breached" } else { "WithinSLO" },
+            if d.breach.is_some() {
+                "Breached"
+            } else {
+                "WithinSLO"
+            },
             breach_msg,
             gen,
             now,
@@ -163,9 +210,13 @@ pub fn status_patch(mf: &ModelForwarder, e: &Evaluation, now: &Time) -> Value {
             prev,
             METRICS_AVAILABLE,
             d.metrics_available,
-            if d.metrics_available { "MetricsRead" } else { "NoData" },
             match (&e.metrics_error, d.metrics_available) {
-                (Some(err), _) => format!("holding replicas: {err}"),
+                (_, true) => "MetricsRead",
+                (Some(err), false) => err.reason,
+                (None, false) => "NoData",
+            },
+            match (&e.metrics_error, d.metrics_available) {
+                (Some(err), _) => format!("holding replicas: {}", err.message),
                 (None, false) => "holding replicas: no series for this resource's pods".into(),
                 (None, true) => format!("{} pod(s) reporting", o.reporting),
             },
@@ -176,12 +227,69 @@ pub fn status_patch(mf: &ModelForwarder, e: &Evaluation, now: &Time) -> Value {
             prev,
             UPSTREAM_SLOW,
             d.upstream_slow,
-            if d.upstream_slow { "UpstreamLatency" } else { "UpstreamOk" },
-            match (o.p99_ms, o.upstream_p99_ms, d.upstream_slow) {
-                (Some(p), Some(u), true) => format!(
-                    "the upstream's P99 ({u:.0} ms) explains the forwarder's ({p:.0} ms); more replicas would not help"
-                ),
-                _ => "the upstream does not explain the latency".into(),
+            if d.upstream_slow {
+                "UpstreamLatency"
+            } else {
+                "UpstreamOk"
+            },
+            if d.upstream_slow {
+                let ms = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:.0} ms"));
+                format!(
+                    "the forwarder's own P99 ({}) is within its share and it is not saturated; the breach comes from the upstream (P99 {}, error rate {}): more replicas would not help",
+                    ms(o.own_p99_ms),
+                    ms(o.upstream_p99_ms),
+                    o.error_rate.map_or("n/a".into(), |v| format!("{v:.4}")),
+                )
+            } else {
+                "the upstream does not explain an SLO breach".into()
+            },
+            gen,
+            now,
+        ),
+        {
+            let held = d.reason == Reason::WaitingForReady;
+            let waited = d.not_ready_for.unwrap_or_default().as_secs();
+            condition(
+                prev,
+                SCALING_LIMITED,
+                held,
+                match d.reason {
+                    Reason::WaitingForReady => "WaitingForReady",
+                    Reason::ReadyTimeout => "ReadyTimeout",
+                    _ => "NotLimited",
+                },
+                match d.reason {
+                    Reason::WaitingForReady => format!(
+                        "scale-up held: {} of {} replicas Ready after {waited}s (held for at most {}s)",
+                        e.ready,
+                        e.from,
+                        policy_for(&mf.spec).ready_timeout.as_secs(),
+                    ),
+                    Reason::ReadyTimeout => format!(
+                        "replicas not Ready for {waited}s: scaled up beside them; check why they do not become Ready"
+                    ),
+                    _ => "scale-ups are not held".into(),
+                },
+                gen,
+                now,
+            )
+        },
+        condition(
+            prev,
+            SCALE_CONFLICT,
+            !e.foreign_managers.is_empty(),
+            if e.foreign_managers.is_empty() {
+                "NoConflict"
+            } else {
+                "ForeignReplicaManager"
+            },
+            if e.foreign_managers.is_empty() {
+                "only the autoscaler sets the Deployment's replicas".into()
+            } else {
+                format!(
+                    "{} also set the Deployment's spec.replicas (an HPA or kubectl scale deployment?): remove it, or pin replicas with spec.replicas.desired",
+                    e.foreign_managers.join(", ")
+                )
             },
             gen,
             now,
@@ -191,9 +299,18 @@ pub fn status_patch(mf: &ModelForwarder, e: &Evaluation, now: &Time) -> Value {
         "desiredReplicas": d.desired,
         "conditions": conditions,
     });
-    if let (Some(qps), Some(p99), Some(err)) = (o.qps, o.p99_ms, o.error_rate) {
-        status["metrics"] =
-            json!({"p99LatencyMs": p99, "qps": qps, "errorRate": err, "observedAt": now});
+    if let (Some(qps), Some(err)) = (o.qps, o.error_rate) {
+        let mut m = json!({"qps": qps, "errorRate": err, "observedAt": now});
+        for (key, v) in [
+            ("p99LatencyMs", o.p99_ms),
+            ("ownP99LatencyMs", o.own_p99_ms),
+            ("ttftP99Ms", o.ttft_p99_ms),
+        ] {
+            if let Some(v) = v {
+                m[key] = json!(v);
+            }
+        }
+        status["metrics"] = m;
     }
     if e.scaled {
         status["lastScaleTime"] = json!(now);
@@ -231,9 +348,137 @@ pub fn reason_label(r: Reason) -> &'static str {
         Reason::LatencySlo => "latency_slo",
         Reason::ErrorSlo => "error_slo",
         Reason::WaitingForReady => "waiting_for_ready",
+        Reason::ReadyTimeout => "ready_timeout",
+        Reason::Settling => "settling",
         Reason::Stabilizing => "stabilizing",
         Reason::ScaleDown => "scale_down",
         Reason::NoData => "no_data",
         Reason::Bounds => "bounds",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::autoscale::evaluate::MetricsFailure;
+    use crate::autoscale::policy::{Decision, Observed};
+
+    fn deployment(managed: Value) -> Deployment {
+        serde_json::from_value(json!({
+            "metadata": {"name": "bot", "managedFields": managed},
+        }))
+        .expect("deployment")
+    }
+
+    #[test]
+    fn foreign_managers_of_replicas_come_from_managed_fields() {
+        let replicas = json!({"f:spec": {"f:replicas": {}}});
+        let d = deployment(json!([
+            {"manager": "modelforwarder-operator", "operation": "Apply",
+             "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:template": {}}}},
+            {"manager": SCALER_FIELD_MANAGER, "operation": "Apply",
+             "fieldsType": "FieldsV1", "fieldsV1": replicas},
+        ]));
+        assert!(foreign_replica_managers(&d).is_empty());
+        let d = deployment(json!([
+            {"manager": SCALER_FIELD_MANAGER, "operation": "Apply",
+             "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {}}},
+            {"manager": "kube-controller-manager", "operation": "Update", "subresource": "scale",
+             "fieldsType": "FieldsV1", "fieldsV1": replicas},
+            {"manager": "kubectl", "operation": "Update",
+             "fieldsType": "FieldsV1", "fieldsV1": replicas},
+        ]));
+        assert_eq!(
+            foreign_replica_managers(&d),
+            ["kube-controller-manager (/scale)", "kubectl"]
+        );
+    }
+
+    fn resource() -> ModelForwarder {
+        serde_json::from_value(json!({
+            "apiVersion": "llm.forwarder.dev/v1alpha1", "kind": "ModelForwarder",
+            "metadata": {"name": "bot", "namespace": "ai", "generation": 1},
+            "spec": {"upstreams": [{"name": "m", "provider": "mock", "models": ["mock"]}],
+                     "slo": {"ttftP99Ms": 800}}
+        }))
+        .expect("resource")
+    }
+
+    fn evaluation(reason: Reason, observed: Observed) -> Evaluation {
+        Evaluation {
+            from: 3,
+            ready: 2,
+            decision: Decision {
+                desired: 3,
+                reason,
+                recommendation: 3,
+                breach: None,
+                upstream_slow: false,
+                metrics_available: observed.qps.is_some(),
+                not_ready_for: Some(Duration::from_secs(40)),
+            },
+            observed,
+            metrics_error: None,
+            scaled: false,
+            foreign_managers: vec![],
+        }
+    }
+
+    fn cond<'a>(patch: &'a Value, type_: &str) -> &'a Value {
+        patch["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == type_)
+            .unwrap()
+    }
+
+    #[test]
+    fn status_says_why_scaling_is_held_who_else_scales_and_shows_ttft() {
+        let now = Time(jiff::Timestamp::UNIX_EPOCH);
+        let seen = Observed {
+            qps: Some(0.0),
+            error_rate: Some(0.0),
+            ttft_p99_ms: Some(420.0),
+            own_p99_ms: Some(0.4),
+            reporting: 2,
+            ..Default::default()
+        };
+        let mut e = evaluation(Reason::WaitingForReady, seen);
+        e.foreign_managers = vec!["kubectl".into()];
+        let p = status_patch(&resource(), &e, &now);
+        let limited = cond(&p, SCALING_LIMITED);
+        assert_eq!(
+            (&limited["status"], &limited["reason"]),
+            (&json!("True"), &json!("WaitingForReady"))
+        );
+        assert_eq!(
+            limited["message"],
+            "scale-up held: 2 of 3 replicas Ready after 40s (held for at most 300s)"
+        );
+        let conflict = cond(&p, SCALE_CONFLICT);
+        assert_eq!(conflict["status"], "True");
+        assert!(conflict["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("kubectl also set"));
+        // Zero traffic: metrics shown without a P99.
+        let m = &p["status"]["metrics"];
+        assert_eq!((&m["qps"], &m["ttftP99Ms"]), (&json!(0.0), &json!(420.0)));
+        assert!(m.get("p99LatencyMs").is_none());
+        assert_eq!(policy_for(&resource().spec).ttft_slo_ms, Some(800.0));
+
+        let mut e = evaluation(Reason::NoData, Observed::default());
+        e.metrics_error = Some(MetricsFailure {
+            reason: "QueryTimeout",
+            message: "prometheus did not answer".into(),
+        });
+        let p = status_patch(&resource(), &e, &now);
+        let available = cond(&p, METRICS_AVAILABLE);
+        assert_eq!(
+            (&available["status"], &available["reason"]),
+            (&json!("False"), &json!("QueryTimeout"))
+        );
+        assert_eq!(cond(&p, SCALING_LIMITED)["status"], "False");
     }
 }

@@ -31,9 +31,12 @@ pub struct Inputs<'a> {
     pub spec: &'a ModelForwarderSpec,
     /// Image used when `spec.pod.image` is unset.
     pub default_image: &'a str,
-    /// Referenced Secrets: name → resourceVersion. Part of the pod hash, so a
-    /// rotated key rolls the pods.
+    /// Referenced Secrets: name → hash of their data. Part of the pod hash,
+    /// so a rotated key rolls the pods (and a label change does not).
     pub secret_versions: &'a BTreeMap<String, String>,
+    /// The Deployment's replica count after this reconcile; the PDB
+    /// follows it.
+    pub replicas: i32,
 }
 
 /// The objects that run one ModelForwarder.
@@ -42,7 +45,7 @@ pub struct Rendered {
     pub config_map: ConfigMap,
     pub deployment: Deployment,
     pub service: Service,
-    /// Present only when `spec.replicas.min > 1`.
+    /// Present only when the replica count exceeds one.
     pub pdb: Option<PodDisruptionBudget>,
 }
 
@@ -129,6 +132,7 @@ pub(crate) mod tests {
             spec,
             default_image: "ghcr.io/modelforwarder/forwarder:0.1.0",
             secret_versions: secrets,
+            replicas: spec.replicas.min,
         }
     }
 
