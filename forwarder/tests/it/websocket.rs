@@ -332,3 +332,45 @@ async fn a_slow_reader_does_not_grow_memory() {
         assert_eq!(ws_recv(&mut ws).await["type"], "delta");
     }
 }
+
+/// An id may be reused once its request was cancelled, and the old task's
+/// end must not remove the new request from the in-flight table (a later
+/// duplicate is still refused, and the new request can still be cancelled).
+#[tokio::test]
+async fn an_id_reused_after_cancel_keeps_its_place_in_the_table() {
+    let m = mock(MockSettings {
+        tokens_per_second: Some(5.0),
+        reply_words: 50,
+        ..Default::default()
+    })
+    .await;
+    let fwd = start(config(vec![upstream("a", &m, "m")])).await;
+    let mut ws = ws_connect(&fwd.ws, &[]).await.unwrap();
+    let long = json!({"type": "request", "id": "r", "model": "m", "prompt": "x", "stream": true});
+    ws_send(&mut ws, long.clone()).await;
+    assert_eq!(ws_recv(&mut ws).await["type"], "delta");
+    ws_send(&mut ws, json!({"type": "cancel", "id": "r"})).await;
+    // The same id at once, before the cancelled task has been reaped.
+    ws_send(&mut ws, long.clone()).await;
+    let frames = ws_collect(&mut ws, "r").await;
+    assert_eq!(frames.last().unwrap()["type"], "cancelled", "{frames:?}");
+    // Let the cancelled task end, then check the new "r" is still known.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ws_send(&mut ws, long).await;
+    let dup = loop {
+        let f = ws_recv(&mut ws).await;
+        if f["type"] == "error" {
+            break f;
+        }
+    };
+    assert_eq!(dup["error"]["code"], "duplicate_request_id", "{dup}");
+    assert_eq!(dup["refused_id"], "r");
+    ws_send(&mut ws, json!({"type": "cancel", "id": "r"})).await;
+    let end = loop {
+        let f = ws_recv(&mut ws).await;
+        if f["type"] != "delta" {
+            break f;
+        }
+    };
+    assert_eq!(end["type"], "cancelled", "{end}");
+}
