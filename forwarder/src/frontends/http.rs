@@ -194,13 +194,18 @@ fn openai_response(answer: Answer) -> Response {
 
 /// Relays events verbatim; a failed stream ends with an error event and no
 /// `[DONE]`, so clients cannot mistake it for a complete answer.
+///
+/// Events already waiting are written as one chunk: an upstream that sends
+/// a burst (a cached or fast answer) then costs one write, not one per
+/// event. A paced stream is unaffected (one event is ready at a time).
 fn sse_response(events: crate::pipeline::EventStream) -> Response {
-    let body = events.map(|item| {
-        Ok::<_, Infallible>(match item {
+    let body = events
+        .map(|item| match item {
             Ok(event) => event,
             Err(e) => sse::data_event(e.body().to_string().as_bytes()),
         })
-    });
+        .ready_chunks(MAX_EVENTS_PER_WRITE)
+        .map(|events| Ok::<_, Infallible>(concat(events)));
     (
         [
             (header::CONTENT_TYPE, "text/event-stream"),
@@ -209,6 +214,20 @@ fn sse_response(events: crate::pipeline::EventStream) -> Response {
         Body::from_stream(body),
     )
         .into_response()
+}
+
+/// Most events joined into one write.
+const MAX_EVENTS_PER_WRITE: usize = 64;
+
+fn concat(mut events: Vec<Bytes>) -> Bytes {
+    if events.len() == 1 {
+        return events.pop().unwrap_or_default();
+    }
+    let mut out = bytes::BytesMut::with_capacity(events.iter().map(Bytes::len).sum());
+    for e in &events {
+        out.extend_from_slice(e);
+    }
+    out.freeze()
 }
 
 /// `POST /api/v1/message`: translated to a chat request at this edge.
