@@ -3,8 +3,10 @@
 //! things the forwarder must know (`[DONE]`, `finish_reason`, `usage`) from
 //! an event's bytes. Events are relayed to clients verbatim.
 
+use std::sync::LazyLock;
+
 use bytes::{Bytes, BytesMut};
-use memchr::memmem;
+use memchr::memmem::Finder;
 
 /// The terminal event OpenAI-compatible servers send.
 pub const DONE_EVENT: &[u8] = b"data: [DONE]\n\n";
@@ -96,13 +98,16 @@ pub struct EventInfo {
 /// Scans an event's bytes without decoding its JSON. Substring checks are
 /// enough here: a `"finish_reason":` key can only appear inside a string
 /// value as `\"finish_reason\":`, which these patterns do not match.
+/// This runs once per streamed token: lines are found with memchr and the
+/// key finders are built once.
 pub fn scan(event: &[u8]) -> EventInfo {
+    static FINISH: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"finish_reason\":"));
+    static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\":"));
     let mut info = EventInfo {
         comment_only: true,
         ..Default::default()
     };
-    for line in event.split(|b| *b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
+    for line in lines(event) {
         let Some(data) = line.strip_prefix(b"data:") else {
             continue;
         };
@@ -112,16 +117,30 @@ pub fn scan(event: &[u8]) -> EventInfo {
             info.done = true;
             continue;
         }
-        info.finished |= has_non_null(data, b"\"finish_reason\":");
-        info.has_usage |= has_non_null(data, b"\"usage\":");
+        info.finished |= has_non_null(data, &FINISH);
+        info.has_usage |= has_non_null(data, &USAGE);
     }
     info
 }
 
+/// An event's lines, without their `\r\n` or `\n`.
+fn lines(event: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = event;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let end = memchr::memchr(b'\n', rest).unwrap_or(rest.len());
+        let line = &rest[..end];
+        rest = rest.get(end + 1..).unwrap_or_default();
+        Some(line.strip_suffix(b"\r").unwrap_or(line))
+    })
+}
+
 /// Whether `key` occurs in `data` followed by a value other than `null`.
-fn has_non_null(data: &[u8], key: &[u8]) -> bool {
-    memmem::find_iter(data, key).any(|at| {
-        let value = data[at + key.len()..].trim_ascii_start();
+fn has_non_null(data: &[u8], key: &Finder<'_>) -> bool {
+    key.find_iter(data).any(|at| {
+        let value = data[at + key.needle().len()..].trim_ascii_start();
         !value.is_empty() && !value.starts_with(b"null")
     })
 }
@@ -129,9 +148,7 @@ fn has_non_null(data: &[u8], key: &[u8]) -> bool {
 /// The `data` of an event, with multi-line data joined by `\n` (per the
 /// SSE spec); `None` for an event without data.
 pub fn data(event: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
-    let mut lines = event
-        .split(|b| *b == b'\n')
-        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+    let mut lines = lines(event)
         .filter_map(|l| l.strip_prefix(b"data:"))
         .map(|d| d.strip_prefix(b" ").unwrap_or(d));
     let first = lines.next()?;
