@@ -280,9 +280,16 @@ async fn the_loop_scales_reports_conflicts_and_survives_a_hung_prometheus_on_a_r
         .filter_map(|m| m.manager.clone())
         .collect();
     assert_eq!(owners, ["modelforwarder-operator-scaler"], "{owners:?}");
-    let busy = mfs.get("busy").await.unwrap();
+    // The status is written after the replica patch: wait for it too (on a
+    // busy machine the two can be a moment apart).
+    let busy = wait("busy status says 6", Duration::from_secs(10), || async {
+        mfs.get("busy")
+            .await
+            .ok()
+            .filter(|mf| mf.status.as_ref().and_then(|s| s.desired_replicas) == Some(6))
+    })
+    .await;
     let status = busy.status.as_ref().expect("status written");
-    assert_eq!(status.desired_replicas, Some(6));
     // The real schema kept the new status fields.
     let m = status.metrics.as_ref().expect("metrics in status");
     assert_eq!(
