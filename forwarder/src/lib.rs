@@ -7,6 +7,7 @@ pub mod api;
 pub mod auth;
 pub mod frontends;
 pub mod mock_llm;
+pub mod openapi;
 pub mod pipeline;
 pub mod server;
 pub mod sse;

@@ -60,6 +60,7 @@ pub fn router(pipeline: Arc<Pipeline>, lifecycle: Lifecycle) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi_document))
         .fallback(|| async { not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed.into_response() })
         .with_state(pipeline)
@@ -340,6 +341,15 @@ async fn metrics(State(p): State<Arc<Pipeline>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         p.metrics().render(),
+    )
+        .into_response()
+}
+
+/// The OpenAPI document (`docs/openapi.json`, embedded at build time).
+async fn openapi_document() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        crate::openapi::DOCUMENT,
     )
         .into_response()
 }

@@ -12,6 +12,7 @@ mod hostile;
 mod idempotency;
 mod keys;
 mod metrics;
+mod openapi;
 mod python_clients;
 mod resilience;
 mod scripted;
