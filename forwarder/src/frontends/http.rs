@@ -247,10 +247,13 @@ async fn forward_simple(p: &Pipeline, id: &RequestId, headers: HeaderMap, body: 
     let mut client_request_id = None;
     let call = body.and_then(|body| {
         let req: SimpleRequest = parse_json(&body)?;
-        client_request_id.clone_from(&req.request_id);
+        // An empty `request_id` is no key, as an empty Idempotency-Key
+        // header is none (else every such request would share one key).
+        let key = req.request_id.clone().filter(|k| !k.trim().is_empty());
+        client_request_id.clone_from(&key);
         Ok(Call {
             body: simple_to_chat(&req),
-            idempotency_key: req.request_id,
+            idempotency_key: key,
         })
     });
     let answer = match p.run(admitted, call).await {

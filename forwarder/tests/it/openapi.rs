@@ -425,3 +425,30 @@ async fn every_documented_operation_reaches_a_handler_and_the_document_is_served
         );
     }
 }
+
+/// What schemathesis found (e2e/contract/schemathesis.sh), kept as
+/// regressions: an empty `request_id` was used as an idempotency key shared
+/// by every such request (a second, different one got 422), and a whole
+/// `max_tokens` spelled `331.0` (a JSON Schema integer) got 400.
+#[tokio::test]
+async fn simple_api_empty_request_id_is_no_key_and_whole_float_max_tokens_is_accepted() {
+    let m = mock(MockSettings::default()).await;
+    let fwd = start(config(vec![upstream("u", &m, "mock")])).await;
+    for prompt in ["one", "two"] {
+        let body = serde_json::json!({"model_id": "mock", "prompt": prompt, "request_id": ""});
+        let r = fwd.post("/api/v1/message", &body, &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert!(
+            !r.body["request_id"].as_str().unwrap().is_empty(),
+            "a generated id is echoed"
+        );
+        assert_eq!(r.header("idempotent-replayed"), None);
+    }
+    let body = serde_json::json!({"model_id": "mock", "prompt": "p", "max_tokens": 331.0});
+    let r = fwd.post("/api/v1/message", &body, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let body = serde_json::json!({"model_id": "mock", "prompt": "p", "max_tokens": 1.5});
+    let r = fwd.post("/api/v1/message", &body, &[]).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.error_code(), "invalid_request");
+}
