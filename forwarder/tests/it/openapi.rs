@@ -208,7 +208,7 @@ fn every_route_is_documented_and_every_operation_is_routed() {
     assert!(
         undocumented.is_empty(),
         "routes without an operation in docs/openapi.json: {undocumented:?}.\n\
-         Add each under `paths` (see the note at the top of forwarder/tests/it/openapi.rs)."
+         Add each under `paths` (how: docs/api-contract.md, \"Adding an operation\")."
     );
     let unrouted: Vec<String> = documented
         .iter()
