@@ -6,6 +6,7 @@
   jwt_tokens.py negative DIR
                            prints a JSON list of {case, token, reason,
                            target}: tokens the forwarder must refuse
+  jwt_tokens.py mint DIR   prints a JSON map kid -> valid token
   jwt_tokens.py clients DIR
                            mints a token per algorithm and uses each over
                            HTTP (openai SDK), WebSocket (websockets) and gRPC
@@ -229,6 +230,12 @@ def clients(out):
     print("ALL OK")
 
 
+def mint(out):
+    """A valid token per JWKS key, as a JSON map kid -> token."""
+    private, _ = load(out)
+    print(json.dumps({kid: sign(private, kid, alg, claims(sub="py-" + kid)) for kid, alg, _ in ASYMMETRIC}))
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
-    {"keys": keys, "negative": negative, "clients": clients}[mode](out)
+    {"keys": keys, "negative": negative, "clients": clients, "mint": mint}[mode](out)

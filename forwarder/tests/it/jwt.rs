@@ -275,3 +275,107 @@ print(jwt.encode({"sub": "bob", "iss": "https://issuer.test", "aud": "modelforwa
     assert_eq!(r.status, 401);
     assert_eq!(failures(&fwd, "unknown_key").await, 1.0);
 }
+
+/// A JWKS served over HTTP on loopback, counting its fetches.
+struct JwksServer {
+    url: String,
+    body: std::sync::Arc<parking_lot::Mutex<String>>,
+    fetches: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn jwks_server(body: String) -> JwksServer {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let body = Arc::new(parking_lot::Mutex::new(body));
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let (b, f) = (body.clone(), fetches.clone());
+    let app = axum::Router::new().route(
+        "/jwks",
+        axum::routing::get(move || {
+            let (b, f) = (b.clone(), f.clone());
+            async move {
+                f.fetch_add(1, Ordering::SeqCst);
+                let text = b.lock().clone();
+                text
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let url = format!("http://{}/jwks", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    JwksServer { url, body, fetches }
+}
+
+#[tokio::test]
+async fn a_jwks_url_is_fetched_refreshed_on_an_unknown_kid_and_rate_limited() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    tokens_py("keys", dir.path(), vec![]).await;
+    let tokens: Value = serde_json::from_str(&tokens_py("mint", dir.path(), vec![]).await).unwrap();
+    let jwks: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("jwks.json")).unwrap())
+            .unwrap();
+    let only = |kids: &[&str]| {
+        let keys: Vec<&Value> = jwks["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|k| kids.contains(&k["kid"].as_str().unwrap()))
+            .collect();
+        serde_json::json!({ "keys": keys }).to_string()
+    };
+    let server = jwks_server(only(&["es"])).await;
+    let mut cfg = jwt_config(dir.path(), true);
+    let jwt = cfg.auth.jwt.as_mut().unwrap();
+    jwt.jwks_file = None;
+    jwt.jwks_url = Some(server.url.clone());
+    jwt.refresh_interval = Duration::from_secs(3600);
+    jwt.min_refresh_interval = Duration::from_millis(500);
+    let fwd = start(cfg).await;
+    let call = |kid: &str| {
+        let bearer = format!("Bearer {}", tokens[kid].as_str().unwrap());
+        let fwd = &fwd;
+        async move {
+            fwd.post(
+                "/v1/chat/completions",
+                &chat("mock", "hi"),
+                &[("authorization", &bearer)],
+            )
+            .await
+            .status
+        }
+    };
+    // The first fetch happens in the background at start.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while call("es").await != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the JWKS was never fetched"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(server.fetches.load(Ordering::SeqCst), 1);
+    // A key the issuer publishes later: unknown at first, then fetched.
+    *server.body.lock() = only(&["es", "ed"]);
+    let started = tokio::time::Instant::now();
+    let mut refused = 0;
+    while call("ed").await != 200 {
+        refused += 1;
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the new key was never fetched"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(refused >= 1, "the first request saw an unknown kid");
+    assert!(failures(&fwd, "unknown_kid").await >= 1.0);
+    // Many unknown kids cost at most one fetch per min_refresh_interval.
+    for _ in 0..30 {
+        assert_eq!(call("rs").await, 401);
+    }
+    let fetches = server.fetches.load(Ordering::SeqCst);
+    assert!(
+        fetches <= 4,
+        "{fetches} fetches: unknown kids must not hammer the issuer"
+    );
+}

@@ -189,3 +189,84 @@ async fn a_broken_rotation_keeps_the_old_certificate_and_a_bad_start_fails() {
         .expect("a bad certificate fails the start");
     assert!(err.to_string().contains("server.tls"), "{err}");
 }
+
+/// Upstream TLS: a forwarder with mTLS on its listener is the upstream of
+/// another, which trusts its CA, presents a client certificate and connects
+/// by IP with `server_name` for SNI and the certificate check.
+#[tokio::test]
+async fn upstream_tls_with_a_custom_ca_client_certificate_and_server_name() {
+    use forwarder::config::{Provider, UpstreamConfig, UpstreamTlsConfig};
+    let dir = tempfile::tempdir().unwrap();
+    material(dir.path());
+    let upstream = Server::start(tls_config(dir.path(), true)).await.unwrap();
+    let via = |tls: Option<UpstreamTlsConfig>| {
+        let mut cfg = config(vec![]);
+        cfg.retry.max_attempts = 1;
+        cfg.upstreams = vec![UpstreamConfig {
+            name: "tls-upstream".into(),
+            provider: Provider::Openai,
+            base_url: Some(format!("https://127.0.0.1:{}/v1", upstream.addr.port())),
+            models: vec!["mock".into()],
+            weight: 1,
+            api_key_file: None,
+            api_key_env: None,
+            connect_timeout: Duration::from_secs(2),
+            timeout: Duration::from_secs(10),
+            mock: None,
+            tls,
+        }];
+        cfg
+    };
+    let good = UpstreamTlsConfig {
+        ca_file: Some(dir.path().join("ca.pem")),
+        cert_file: Some(dir.path().join("client.crt")),
+        key_file: Some(dir.path().join("client.key")),
+        server_name: Some("localhost".into()),
+    };
+    let cases = [
+        (
+            "trusted, with a client certificate",
+            Some(good.clone()),
+            200,
+        ),
+        (
+            "no client certificate",
+            Some(UpstreamTlsConfig {
+                cert_file: None,
+                key_file: None,
+                ..good.clone()
+            }),
+            502,
+        ),
+        (
+            "a server name the certificate does not carry",
+            Some(UpstreamTlsConfig {
+                server_name: Some("elsewhere.test".into()),
+                ..good.clone()
+            }),
+            502,
+        ),
+        ("system roots only", None, 502),
+    ];
+    for (name, tls, want) in cases {
+        let fwd = start(via(tls)).await;
+        let r = fwd
+            .post("/v1/chat/completions", &chat("mock", "up"), &[])
+            .await;
+        assert_eq!(r.status, want, "{name}: {}", r.text);
+        if want == 200 {
+            assert!(r.text.contains("mock reply: up"), "{}", r.text);
+        }
+        fwd.server.shutdown().await;
+    }
+    let bad = UpstreamTlsConfig {
+        cert_file: Some(dir.path().join("client.crt")),
+        key_file: None,
+        ..good
+    };
+    let err = Server::start(via(Some(bad)))
+        .await
+        .err()
+        .expect("half a client identity fails the start");
+    assert!(err.to_string().contains("cert_file and key_file"), "{err}");
+}
