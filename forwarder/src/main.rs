@@ -121,6 +121,10 @@ fn serve(args: ConfigArgs) -> anyhow::Result<()> {
 
 fn check_config(args: ConfigArgs) -> anyhow::Result<()> {
     let cfg = load(&args)?;
+    // The TLS files and the key files load as `serve` would load them.
+    if let Some(tls) = &cfg.server.tls {
+        forwarder::frontends::tls::TlsFiles::load(tls).context("server.tls")?;
+    }
     // Building the pipeline also reads key files, as `serve` would.
     let rt = runtime()?;
     let _guard = rt.enter();

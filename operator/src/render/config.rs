@@ -95,6 +95,7 @@ pub fn render(spec: &ModelForwarderSpec) -> Result<Config, Vec<Problem>> {
                 connect_timeout,
                 timeout,
                 mock: None,
+                tls: None,
             }),
             (p, c, t) => problems.extend([p.err(), c.err(), t.err()].into_iter().flatten()),
         }
