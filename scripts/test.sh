@@ -20,6 +20,7 @@ SYSTEM_DEPS=(
   "prometheus:prometheus"  # the autoscaler loop test scrapes real forwarders
   "etcd:etcd-server"  # envtest: the real API server's store (/usr/bin/etcd)
   "openssl:openssl"   # envtest: the control plane's certificates
+  "redis-server:redis-server"  # the store, cache and rate-limit tests run a real Redis
 )
 
 install_system_deps() {

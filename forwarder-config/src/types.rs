@@ -30,6 +30,8 @@ pub struct Config {
     pub headers: HeadersConfig,
     /// Bounds on what upstreams may send.
     pub limits: LimitsConfig,
+    /// Shared state (idempotency records, cached answers, job records).
+    pub store: StoreConfig,
 }
 
 impl Default for Config {
@@ -48,6 +50,7 @@ impl Default for Config {
             grpc: GrpcConfig::default(),
             headers: HeadersConfig::default(),
             limits: LimitsConfig::default(),
+            store: StoreConfig::default(),
         }
     }
 }
@@ -500,6 +503,101 @@ impl Default for LimitsConfig {
         Self {
             max_upstream_body_bytes: 16 * 1024 * 1024,
             max_event_bytes: 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreBackend {
+    /// In this process only: bounded in bytes, least recently used evicted first.
+    Memory,
+    /// Shared by every replica on one Redis.
+    Redis,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    pub backend: StoreBackend,
+    /// Memory backend: bytes kept (keys and records); the least recently
+    /// used go first, so a new record is always admitted.
+    pub max_bytes: u64,
+    /// Required when `backend: redis`.
+    pub redis: Option<RedisConfig>,
+    /// AES-256-GCM for every record written; required with Redis unless
+    /// `redis.allow_plaintext` is set.
+    pub encryption: Option<EncryptionConfig>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            backend: StoreBackend::Memory,
+            max_bytes: 64 * 1024 * 1024,
+            redis: None,
+            encryption: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:port` or `rediss://host:port` (TLS, rustls with the
+    /// system roots). Credentials belong in `username`/`password_file`.
+    pub url: String,
+    /// Database number.
+    pub db: i64,
+    /// ACL user; absent: the default user.
+    pub username: Option<String>,
+    /// File holding the password (a mounted Secret); absent: no AUTH.
+    pub password_file: Option<PathBuf>,
+    /// Bound on every call; past it the call fails and the use's failure
+    /// policy applies, so an outage never stalls a request.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Bound on (re)connecting.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Prefix of every key name.
+    pub key_prefix: String,
+    /// Start without `store.encryption`: records stored in the clear.
+    pub allow_plaintext: bool,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            db: 0,
+            username: None,
+            password_file: None,
+            timeout: Duration::from_millis(50),
+            connect_timeout: Duration::from_secs(1),
+            key_prefix: "mf".into(),
+            allow_plaintext: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EncryptionConfig {
+    /// The key ring: a file of `id: base64(32 bytes)` lines, or a directory
+    /// (a mounted Secret) with one file per key id. The newest key (the
+    /// last line; in a directory, the greatest id) encrypts; all decrypt.
+    pub key_file: PathBuf,
+    /// How often the key ring is checked for changes.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for EncryptionConfig {
+    fn default() -> Self {
+        Self {
+            key_file: PathBuf::new(),
+            reload_interval: Duration::from_secs(2),
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod mock_llm;
 pub mod pipeline;
 pub mod server;
 pub mod sse;
+pub mod store;
 pub mod telemetry;
 pub mod upstream;
 

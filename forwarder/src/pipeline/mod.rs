@@ -107,6 +107,8 @@ pub struct Pipeline {
     keys: Option<Arc<ApiKeys>>,
     limit: Option<RateLimit>,
     store: Arc<dyn IdempotencyStore>,
+    /// The process's shared store (idempotency, cache, jobs).
+    shared: Arc<dyn crate::store::Store>,
     flights: Arc<Flights>,
     forwarder: Arc<Forwarder>,
     metrics: Arc<Metrics>,
@@ -154,8 +156,10 @@ impl Pipeline {
                 .iter()
                 .flat_map(|u| u.models.iter().map(move |m| (u.name.as_str(), m.as_str()))),
         );
+        let shared = crate::store::build(&cfg, &metrics)?;
         Ok(Self {
             keys,
+            shared,
             limit: cfg.rate_limit.as_ref().map(RateLimit::new),
             store: Arc::new(MemoryStore::new(
                 cfg.idempotency.ttl,
@@ -181,6 +185,11 @@ impl Pipeline {
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// The process's shared store, for every subsystem that keeps state.
+    pub fn store(&self) -> &Arc<dyn crate::store::Store> {
+        &self.shared
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
