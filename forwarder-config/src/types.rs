@@ -198,12 +198,35 @@ pub struct IdempotencyConfig {
     /// How long a completed answer is replayed for a repeated key.
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
-    /// Bytes of answers kept in memory (keys and bodies); the least
-    /// recently used go first, so a new answer is always admitted.
+    /// Bounds `max_record_bytes`. Answers now live in the shared store,
+    /// whose memory backend is bounded by `store.max_bytes`.
     pub max_bytes: u64,
     /// Largest answer recorded for replay (a streamed answer's events
     /// included); a longer answer is relayed but not stored.
     pub max_record_bytes: usize,
+    /// What a request with a key does when the store fails (Redis down):
+    /// `fail_open` forwards it unprotected; `fail_closed` answers 503.
+    pub on_store_error: FailurePolicy,
+    /// How long a claim on a key holds without renewal; renewed every
+    /// third of it while the request runs, so a crashed replica's claim
+    /// frees the key after at most this long.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// How long a duplicate waits for another replica's claim on its key
+    /// to complete (then replays it) before answering 409; also bounded
+    /// by the request's own deadline.
+    #[serde(with = "humantime_serde")]
+    pub wait: Duration,
+}
+
+/// What a use of the store does when the store fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePolicy {
+    /// Go on as if the store had nothing (counted and logged).
+    FailOpen,
+    /// Refuse the request with 503 and a clear message.
+    FailClosed,
 }
 
 impl Default for IdempotencyConfig {
@@ -212,6 +235,9 @@ impl Default for IdempotencyConfig {
             ttl: Duration::from_secs(600),
             max_bytes: 64 * 1024 * 1024,
             max_record_bytes: 4 * 1024 * 1024,
+            on_store_error: FailurePolicy::FailOpen,
+            lease: Duration::from_secs(30),
+            wait: Duration::from_secs(30),
         }
     }
 }

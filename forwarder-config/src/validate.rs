@@ -156,6 +156,8 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
     );
     e.duration(b.open_duration, false, "circuit_breaker.open_duration");
     e.duration(config.idempotency.ttl, false, "idempotency.ttl");
+    e.duration(config.idempotency.lease, false, "idempotency.lease");
+    e.duration(config.idempotency.wait, true, "idempotency.wait");
 
     e.check(
         config.idempotency.max_bytes >= 1024,

@@ -49,6 +49,16 @@ impl ClaimGuard {
         self.fingerprint
     }
 
+    /// A handle that renews this claim from another task (a stream's
+    /// keep-alive) without owning it.
+    pub fn renewer(&self) -> Renewer {
+        Renewer {
+            core: self.core.clone(),
+            key: self.key.clone(),
+            token: self.token,
+        }
+    }
+
     /// Extends the claim; `false`: it was lost (the lease ran out and
     /// another request took the key).
     pub async fn renew(&self, lease: Duration) -> Result<bool, StoreError> {
@@ -88,6 +98,23 @@ impl ClaimGuard {
         self.core
             .backend
             .abandon(&self.core.name(&self.key), self.token)
+            .await
+    }
+}
+
+/// Renews a claim it does not own; dropping it does nothing.
+#[derive(Clone)]
+pub struct Renewer {
+    core: Arc<Core>,
+    key: StoreKey,
+    token: Token,
+}
+
+impl Renewer {
+    pub async fn renew(&self, lease: Duration) -> Result<bool, StoreError> {
+        self.core
+            .backend
+            .renew(&self.core.name(&self.key), self.token, lease)
             .await
     }
 }

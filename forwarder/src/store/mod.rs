@@ -28,7 +28,7 @@ use crate::telemetry::Metrics;
 use crate::BuildError;
 use forwarder_config::{Config, StoreBackend};
 
-pub use claim::{ClaimGuard, Claimed};
+pub use claim::{ClaimGuard, Claimed, Renewer};
 pub use error::StoreError;
 pub use key::{Fingerprint, Space, StoreKey};
 pub use keyring::{KeyRing, KeyRingError};

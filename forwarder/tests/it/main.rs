@@ -14,6 +14,7 @@ mod keys;
 mod metrics;
 mod python_clients;
 mod redis_server;
+mod replicas;
 mod resilience;
 mod scripted;
 mod shared_table;
