@@ -32,6 +32,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Shared state (idempotency records, cached answers, job records).
     pub store: StoreConfig,
+    /// The exact-match response cache, per model.
+    pub cache: CacheConfig,
 }
 
 impl Default for Config {
@@ -51,6 +53,7 @@ impl Default for Config {
             headers: HeadersConfig::default(),
             limits: LimitsConfig::default(),
             store: StoreConfig::default(),
+            cache: CacheConfig::default(),
         }
     }
 }
@@ -624,6 +627,49 @@ impl Default for EncryptionConfig {
         Self {
             key_file: PathBuf::new(),
             reload_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Cache policy per model name; a model not listed is never cached.
+    pub models: std::collections::BTreeMap<String, ModelCacheConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cacheable {
+    /// Only requests with `temperature: 0`, or whose client opts in with
+    /// the `X-Cache-Opt-In: true` header.
+    Deterministic,
+    /// Every request (the answers of a sampling model are then replayed).
+    All,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelCacheConfig {
+    pub enabled: bool,
+    /// How long an answer is served from the cache.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    pub cacheable: Cacheable,
+    /// One cache for every client (a public FAQ); default: per client.
+    pub shared: bool,
+    /// Larger answers are served but not cached.
+    pub max_entry_bytes: usize,
+}
+
+impl Default for ModelCacheConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            ttl: Duration::from_secs(600),
+            cacheable: Cacheable::Deterministic,
+            shared: false,
+            max_entry_bytes: 256 * 1024,
         }
     }
 }

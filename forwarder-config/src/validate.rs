@@ -219,6 +219,15 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
         "at least one upstream is required",
     );
     validate_store(&mut e, &config.store);
+    for (model, c) in &config.cache.models {
+        let at = format!("cache.models.{model}");
+        e.duration(c.ttl, false, format!("{at}.ttl"));
+        e.check(
+            c.max_entry_bytes >= 1,
+            format!("{at}.max_entry_bytes"),
+            "must be at least 1",
+        );
+    }
 
     let mut names = HashSet::new();
     for (i, u) in config.upstreams.iter().enumerate() {

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod cache;
 pub mod frontends;
 pub mod mock_llm;
 pub mod pipeline;

@@ -5,6 +5,7 @@
 //! an [`envelope::Envelope`]'s parts and the [`Answer`] back; no stage sees
 //! a wire format.
 
+mod cached;
 mod claims;
 pub mod envelope;
 mod forward;
@@ -106,6 +107,8 @@ pub struct Pipeline {
     cfg: Config,
     keys: Option<Arc<ApiKeys>>,
     limit: Option<RateLimit>,
+    /// The response cache, when some model has one.
+    cache: Option<Arc<crate::cache::ResponseCache>>,
     /// Idempotency claims and answers, on the shared store.
     claims: Arc<Claims>,
     /// The process's shared store (idempotency, cache, jobs).
@@ -158,8 +161,11 @@ impl Pipeline {
                 .flat_map(|u| u.models.iter().map(move |m| (u.name.as_str(), m.as_str()))),
         );
         let shared = crate::store::build(&cfg, &metrics)?;
+        let cache =
+            crate::cache::ResponseCache::new(&cfg.cache, shared.clone(), &metrics).map(Arc::new);
         Ok(Self {
             keys,
+            cache,
             limit: cfg.rate_limit.as_ref().map(RateLimit::new),
             claims: Arc::new(Claims {
                 store: shared.clone(),
@@ -299,6 +305,18 @@ impl Pipeline {
                 "idempotency key longer than {MAX_KEY_LEN} characters"
             ))));
         }
+        // The cache answers before a concurrency slot is taken: a hit
+        // costs no upstream capacity.
+        let directives = crate::cache::Directives::from_headers(&meta.headers);
+        let plan = self
+            .cache
+            .as_ref()
+            .and_then(|c| c.plan(&model, &principal.0, &call.body, directives));
+        if let (Some(cache), Some(plan)) = (&self.cache, &plan) {
+            if let Some(hit) = cached::lookup(cache, plan, stream).await {
+                return Ok(cached::hit(obs, hit));
+            }
+        }
         let slot = match &self.slots {
             Some(slots) => Some(
                 self.take_slot(slots, deadline)
@@ -327,6 +345,10 @@ impl Pipeline {
                 self.keyed(obs, key, skey, env).await
             }
             None => self.dispatch(obs, env).await,
+        };
+        let answer = match (&self.cache, plan) {
+            (Some(cache), Some(plan)) => cached::fill(cache, plan, answer),
+            _ => answer,
         };
         // A stream holds its slot until it ends.
         match (answer, slot) {

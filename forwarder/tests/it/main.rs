@@ -2,6 +2,7 @@
 //! sockets, driven by a real HTTP client.
 
 mod auth;
+mod cache;
 mod cli;
 mod common;
 mod endpoints;

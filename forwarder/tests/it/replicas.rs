@@ -180,3 +180,38 @@ async fn redis_killed_and_restarted_mid_run_follows_the_policy() {
     );
     assert_eq!(m.model.requests(), m_before + 1);
 }
+
+#[cfg_attr(not(redis_server), ignore = "redis-server not installed")]
+#[tokio::test]
+async fn a_cached_answer_is_served_by_the_other_replica() {
+    let m = mock(MockSettings::default()).await;
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    write_keys(&keys, &[("k1", 7)]);
+    let mk = || {
+        let mut cfg = config(vec![upstream("a", &m, "m")]);
+        cfg.store = redis.store_config(Some(&keys));
+        cfg.cache
+            .models
+            .insert("m".into(), forwarder::config::ModelCacheConfig::default());
+        cfg
+    };
+    let (a, b) = (start(mk()).await, start(mk()).await);
+    connected(&a).await;
+    connected(&b).await;
+    let mut body = chat("m", "return policy?");
+    body["temperature"] = json!(0);
+    let first = a.post("/v1/chat/completions", &body, &[]).await;
+    assert_eq!(first.header("x-cache"), Some("MISS"));
+    // The answer is stored in the background just after it is sent.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let hit = b.post("/v1/chat/completions", &body, &[]).await;
+    assert_eq!(
+        hit.header("x-cache"),
+        Some("HIT"),
+        "served by the other replica"
+    );
+    assert_eq!(hit.body, first.body);
+    assert_eq!(m.model.requests(), 1);
+}
