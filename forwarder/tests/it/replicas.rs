@@ -215,3 +215,63 @@ async fn a_cached_answer_is_served_by_the_other_replica() {
     assert_eq!(hit.body, first.body);
     assert_eq!(m.model.requests(), 1);
 }
+
+/// `examples/config/redis.yaml` as a user would run it: two replicas from
+/// the same file (listen address and Redis URL overridden) share the cache
+/// and idempotency records, sealed with the demo key beside it.
+#[cfg_attr(not(redis_server), ignore = "redis-server not installed")]
+#[tokio::test]
+async fn the_example_redis_config_runs_two_sharing_replicas() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let yaml = std::fs::read_to_string(root.join("examples/config/redis.yaml")).unwrap();
+    let example = forwarder::config::load_from_str(&yaml).expect("the example is valid");
+    let redis = RedisServer::start().await;
+    let mk = || {
+        let mut cfg = example.clone();
+        cfg.server.listen = loopback();
+        cfg.logging.access_log = false;
+        let r = cfg.store.redis.as_mut().unwrap();
+        assert_eq!(r.url, "redis://127.0.0.1:6379");
+        r.url = redis.url();
+        let enc = cfg.store.encryption.as_mut().unwrap();
+        enc.key_file = root.join(&enc.key_file);
+        cfg
+    };
+    let (a, b) = (start(mk()).await, start(mk()).await);
+    connected(&a).await;
+    connected(&b).await;
+    let mut body = chat("mock", "what is the return policy?");
+    body["temperature"] = json!(0);
+    let first = a.post("/v1/chat/completions", &body, &[]).await;
+    assert_eq!(
+        (first.status, first.header("x-cache")),
+        (200, Some("MISS")),
+        "{}",
+        first.text
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let hit = b.post("/v1/chat/completions", &body, &[]).await;
+    assert_eq!(hit.header("x-cache"), Some("HIT"));
+    assert_eq!(hit.body, first.body);
+    let key = [("idempotency-key", "example-1")];
+    let sampled = chat("mock", "tell me a story");
+    let one = a.post("/v1/chat/completions", &sampled, &key).await;
+    let two = b.post("/v1/chat/completions", &sampled, &key).await;
+    assert_eq!(two.header("idempotent-replayed"), Some("true"));
+    assert_eq!(two.body, one.body);
+    // Nothing readable in Redis: digested names, sealed values.
+    let mut c = redis.conn().await;
+    let names: Vec<String> = redis::cmd("KEYS")
+        .arg("mf:*")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(names.len() >= 2, "{names:?}");
+    for n in names {
+        let v: Vec<u8> = redis::cmd("GET").arg(&n).query_async(&mut c).await.unwrap();
+        assert!(
+            !v.windows(6).any(|w| w == b"policy" || w == b"a stor"),
+            "{n} holds plaintext"
+        );
+    }
+}
