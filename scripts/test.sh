@@ -23,6 +23,7 @@ SYSTEM_DEPS=(
   "jmeter:jmeter"     # e2e/load/*.jmx (Debian's JMeter 2.13)
   "/usr/share/jmeter/lib/ext/ApacheJMeter_http.jar:jmeter-http"  # its HTTP sampler
   "javac:default-jdk-headless"  # builds the XStream shim JMeter 2.13 needs (e2e/load/jmeter.sh)
+  "redis-server:redis-server"  # the store, cache and rate-limit tests run a real Redis
 )
 
 # A dependency is there when its command is on PATH (or its file exists, for

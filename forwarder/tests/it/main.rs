@@ -2,6 +2,7 @@
 //! sockets, driven by a real HTTP client.
 
 mod auth;
+mod cache;
 mod cli;
 mod common;
 mod endpoints;
@@ -15,10 +16,13 @@ mod keys;
 mod metrics;
 mod openapi;
 mod python_clients;
+mod redis_server;
+mod replicas;
 mod resilience;
 mod scripted;
 mod shared_table;
 mod shutdown;
+mod store;
 mod streaming;
 mod tls;
 mod websocket;

@@ -248,6 +248,7 @@ fn every_api_error() -> Vec<ApiError> {
         ApiError::Overloaded,
         ApiError::TooManyInFlight(1),
         ApiError::DuplicateId("x".into()),
+        ApiError::StoreUnavailable("x"),
     ];
     for e in &all {
         match e {
@@ -267,7 +268,8 @@ fn every_api_error() -> Vec<ApiError> {
             | ApiError::ShuttingDown
             | ApiError::Overloaded
             | ApiError::TooManyInFlight(_)
-            | ApiError::DuplicateId(_) => {}
+            | ApiError::DuplicateId(_)
+            | ApiError::StoreUnavailable(_) => {}
         }
     }
     all
