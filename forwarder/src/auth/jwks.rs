@@ -430,3 +430,61 @@ mod fetch {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An RSA JWK (a real 2048-bit modulus is not needed to pick keys).
+    const JWKS: &str = r#"{"keys": [
+        {"kty": "RSA", "kid": "rs", "n": "sXchDaQebHnPiGvyDOAT4saGEUetSyo9MKLOoWFsueri23bOdgWp4Dy1WlUzewbgBHod5pcM9H95GQRV3JDXboIRROSBigeC5yjU1hGzHHyXss8UDprecbAYxknTcQkhslANGRUZmdTOQ5qTRsLAt6BTYuyvVRdhS8exSZEy_c4gs_7svlJJQ4H9_NxsiIoLwAEk7-Q3UXERGYw_75IDrGA84-lA_-Ct4eTlXHBIY2EaV7t7LjJaynVJCpkv4LKjTTAumiGUIuQhrNhZLuF_RJLqHpM2kgWFLU7-VTdL1VbC2tejvcI2BlMkEpk1BzBZI0KQB0GaDWFLN-aEAw3vRw", "e": "AQAB"},
+        {"kty": "oct", "kid": "oct", "alg": "HS256", "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0"},
+        {"kty": "oct", "kid": "enc", "use": "enc", "k": "c2VjcmV0"}
+    ]}"#;
+
+    #[test]
+    fn keys_verify_only_their_own_pinned_algorithms() {
+        let allowed = [Algorithm::RS256, Algorithm::HS256, Algorithm::ES256];
+        let set = KeySet::from_jwks(JWKS.as_bytes(), &allowed).unwrap();
+        assert_eq!(set.len(), 2, "the encryption key is skipped");
+        let n = |alg, kid| set.candidates(alg, kid).map(|c| c.len());
+        assert_eq!(n(Algorithm::RS256, Some("rs")), Ok(1));
+        // Algorithm confusion: HS256 named with the RSA key's kid.
+        assert_eq!(
+            n(Algorithm::HS256, Some("rs")),
+            Err(AuthFailure::AlgNotAllowed)
+        );
+        assert_eq!(n(Algorithm::HS256, Some("oct")), Ok(1));
+        assert_eq!(
+            n(Algorithm::RS256, Some("oct")),
+            Err(AuthFailure::AlgNotAllowed)
+        );
+        assert_eq!(
+            n(Algorithm::RS256, Some("gone")),
+            Err(AuthFailure::UnknownKid)
+        );
+        assert_eq!(n(Algorithm::ES256, None), Err(AuthFailure::AlgNotAllowed));
+        // Not allowed by configuration: PS256 although the key is RSA.
+        assert_eq!(
+            n(Algorithm::PS256, Some("rs")),
+            Err(AuthFailure::AlgNotAllowed)
+        );
+
+        let secret = KeySet::from_secret(b"s3cret", &allowed);
+        assert_eq!(
+            secret.candidates(Algorithm::HS256, None).map(|c| c.len()),
+            Ok(1)
+        );
+        assert_eq!(
+            secret.candidates(Algorithm::RS256, None).map(|c| c.len()),
+            Err(AuthFailure::AlgNotAllowed)
+        );
+        assert_eq!(
+            KeySet::default()
+                .candidates(Algorithm::RS256, None)
+                .map(|c| c.len()),
+            Err(AuthFailure::KeysUnavailable)
+        );
+        assert!(KeySet::from_jwks(b"{not json", &allowed).is_err());
+    }
+}
