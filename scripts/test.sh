@@ -20,13 +20,25 @@ SYSTEM_DEPS=(
   "prometheus:prometheus"  # the autoscaler loop test scrapes real forwarders
   "etcd:etcd-server"  # envtest: the real API server's store (/usr/bin/etcd)
   "openssl:openssl"   # envtest: the control plane's certificates
+  "jmeter:jmeter"     # e2e/load/*.jmx (Debian's JMeter 2.13)
+  "/usr/share/jmeter/lib/ext/ApacheJMeter_http.jar:jmeter-http"  # its HTTP sampler
+  "javac:default-jdk-headless"  # builds the XStream shim JMeter 2.13 needs (e2e/load/jmeter.sh)
   "redis-server:redis-server"  # the store, cache and rate-limit tests run a real Redis
 )
+
+# A dependency is there when its command is on PATH (or its file exists, for
+# packages without a command).
+have_dep() {
+  case $1 in
+    /*) [ -e "$1" ] ;;
+    *) command -v "$1" >/dev/null 2>&1 ;;
+  esac
+}
 
 install_system_deps() {
   local missing=()
   for pair in "${SYSTEM_DEPS[@]}"; do
-    command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair##*:}")
+    have_dep "${pair%%:*}" || missing+=("${pair##*:}")
   done
   if ! python3 -m venv --help >/dev/null 2>&1; then missing+=("python3-venv"); fi
   if ((${#missing[@]})); then
@@ -108,5 +120,14 @@ cargo test --workspace --locked
 
 log "load: CI step scenario (Locust, local forwarder + mock-llm)"
 bash e2e/load/ci-step.sh
+
+log "contract: schemathesis against docs/openapi.json (auth on, ~1 min)"
+bash e2e/contract/schemathesis.sh
+
+log "load: JMeter step and mixed plans, scaled down (~35 s)"
+bash e2e/load/jmeter-ci.sh
+
+log "soak: 2 minutes of mixed load with faults, resource trends checked"
+bash e2e/soak/soak.sh
 
 log "all checks passed"

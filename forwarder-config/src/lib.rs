@@ -10,10 +10,12 @@
 
 mod latency;
 mod load;
+mod security;
 mod types;
 mod validate;
 
 pub use latency::{LatencyDist, ParseLatencyError};
 pub use load::{load, load_from_str, ConfigError};
+pub use security::*;
 pub use types::*;
 pub use validate::{validate, FieldError, MAX_DURATION};

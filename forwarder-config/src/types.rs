@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::LatencyDist;
+use crate::{JwtConfig, LatencyDist, TlsConfig, UpstreamTlsConfig};
 
 /// The whole forwarder configuration. `Config::default()` is the embedded
 /// default: 127.0.0.1:8080, no auth, one model `mock` on the built-in mock.
@@ -116,6 +116,9 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// Concurrent streams one HTTP/2 connection may open.
     pub http2_max_concurrent_streams: u32,
+    /// TLS on the HTTP and gRPC listeners; absent: plain TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -133,6 +136,7 @@ impl Default for ServerConfig {
             max_connections: 16_384,
             max_header_bytes: 64 * 1024,
             http2_max_concurrent_streams: 256,
+            tls: None,
         }
     }
 }
@@ -170,6 +174,10 @@ pub struct AuthConfig {
     /// How often the key file is checked for changes.
     #[serde(with = "humantime_serde")]
     pub reload_interval: Duration,
+    /// JWT verification; with API keys also on, a credential is tried as a
+    /// key first, then (if it looks like a JWT) as a token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<JwtConfig>,
 }
 
 impl Default for AuthConfig {
@@ -177,6 +185,7 @@ impl Default for AuthConfig {
         Self {
             api_keys_file: None,
             reload_interval: Duration::from_secs(2),
+            jwt: None,
         }
     }
 }
@@ -373,6 +382,10 @@ pub struct UpstreamConfig {
     /// Behaviour of a `mock` upstream; ignored for other providers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mock: Option<MockSettings>,
+    /// TLS towards an `https://` base URL: CA bundle, client certificate,
+    /// server name. Plain `http://` URLs never use TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTlsConfig>,
 }
 
 fn default_weight() -> u32 {
@@ -399,6 +412,7 @@ impl UpstreamConfig {
             connect_timeout: default_connect_timeout(),
             timeout: default_attempt_timeout(),
             mock: None,
+            tls: None,
         }
     }
 }

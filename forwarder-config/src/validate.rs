@@ -197,6 +197,17 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
         }
     }
     e.duration(config.auth.reload_interval, false, "auth.reload_interval");
+    if let Some(jwt) = &config.auth.jwt {
+        validate_jwt(&mut e, jwt);
+    }
+    if let Some(tls) = &config.server.tls {
+        e.duration(tls.reload_interval, false, "server.tls.reload_interval");
+        e.check(
+            !tls.client_cert_principal || tls.client_ca_file.is_some(),
+            "server.tls.client_cert_principal",
+            "needs server.tls.client_ca_file (only verified certificates name a client)",
+        );
+    }
 
     if let Some(rl) = &config.rate_limit {
         e.check(
@@ -253,6 +264,68 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
         Ok(())
     } else {
         Err(e.0)
+    }
+}
+
+fn validate_jwt(e: &mut Errors, jwt: &crate::JwtConfig) {
+    let sources = [
+        jwt.secret_file.is_some(),
+        jwt.jwks_file.is_some(),
+        jwt.jwks_url.is_some(),
+    ];
+    e.check(
+        sources.iter().filter(|s| **s).count() == 1,
+        "auth.jwt",
+        "exactly one of secret_file, jwks_file and jwks_url is required",
+    );
+    e.check(
+        !jwt.algorithms.is_empty(),
+        "auth.jwt.algorithms",
+        "name at least one algorithm",
+    );
+    for a in &jwt.algorithms {
+        e.check(
+            crate::JWT_ALGORITHMS.contains(&a.as_str()),
+            "auth.jwt.algorithms",
+            format!(
+                "unknown algorithm {a:?} (one of {})",
+                crate::JWT_ALGORITHMS.join(", ")
+            ),
+        );
+    }
+    if jwt.secret_file.is_some() {
+        e.check(
+            jwt.algorithms.iter().all(|a| a.starts_with("HS")),
+            "auth.jwt.algorithms",
+            "a secret_file verifies HS256/HS384/HS512 only",
+        );
+    }
+    if let Some(url) = &jwt.jwks_url {
+        e.check(
+            url.starts_with("https://") || url.starts_with("http://"),
+            "auth.jwt.jwks_url",
+            "must be an http(s) URL",
+        );
+    }
+    e.check(
+        jwt.max_token_bytes >= 64,
+        "auth.jwt.max_token_bytes",
+        "must be at least 64",
+    );
+    e.check(
+        !jwt.principal_claim.is_empty(),
+        "auth.jwt.principal_claim",
+        "must not be empty",
+    );
+    e.duration(jwt.leeway, true, "auth.jwt.leeway");
+    e.duration(jwt.refresh_interval, false, "auth.jwt.refresh_interval");
+    e.duration(
+        jwt.min_refresh_interval,
+        true,
+        "auth.jwt.min_refresh_interval",
+    );
+    if let Some(age) = jwt.max_age {
+        e.duration(age, false, "auth.jwt.max_age");
     }
 }
 
@@ -533,6 +606,30 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(fields(&c), vec!["upstreams"]);
+    }
+    #[test]
+    fn jwt_needs_exactly_one_key_source_and_known_algorithms() {
+        let mut c = Config::default();
+        c.auth.jwt = Some(crate::JwtConfig {
+            algorithms: vec!["HS256".into()],
+            ..Default::default()
+        });
+        assert_eq!(fields(&c), vec!["auth.jwt"]);
+        let jwt = c.auth.jwt.as_mut().unwrap();
+        jwt.secret_file = Some("s".into());
+        jwt.jwks_url = Some("https://idp/jwks".into());
+        assert_eq!(fields(&c), vec!["auth.jwt"]);
+        let jwt = c.auth.jwt.as_mut().unwrap();
+        jwt.jwks_url = None;
+        jwt.algorithms = vec!["RS256".into(), "none".into()];
+        assert_eq!(
+            fields(&c),
+            vec!["auth.jwt.algorithms", "auth.jwt.algorithms"],
+            "none is unknown, RS256 cannot use a secret"
+        );
+        let jwt = c.auth.jwt.as_mut().unwrap();
+        jwt.algorithms = vec!["HS512".into()];
+        assert!(validate(&c).is_ok());
     }
 }
 

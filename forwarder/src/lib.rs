@@ -8,6 +8,7 @@ pub mod auth;
 pub mod cache;
 pub mod frontends;
 pub mod mock_llm;
+pub mod openapi;
 pub mod pipeline;
 pub mod server;
 pub mod sse;

@@ -1,4 +1,5 @@
-//! The `forwarder` binary: `serve` (default), `mock-llm`, `check-config`.
+//! The `forwarder` binary: `serve` (default), `mock-llm`, `check-config`,
+//! `openapi`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -32,6 +33,8 @@ enum Command {
     MockLlm(MockArgs),
     /// Load and validate a configuration, then exit (non-zero if invalid).
     CheckConfig(ConfigArgs),
+    /// Print the OpenAPI 3.1 document of the HTTP interface (JSON).
+    Openapi,
 }
 
 #[derive(Args, Clone, Default)]
@@ -78,6 +81,10 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::MockLlm(args) => mock_llm(args),
         Command::CheckConfig(args) => check_config(args),
+        Command::Openapi => {
+            print!("{}", forwarder::openapi::DOCUMENT);
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -114,6 +121,10 @@ fn serve(args: ConfigArgs) -> anyhow::Result<()> {
 
 fn check_config(args: ConfigArgs) -> anyhow::Result<()> {
     let cfg = load(&args)?;
+    // The TLS files and the key files load as `serve` would load them.
+    if let Some(tls) = &cfg.server.tls {
+        forwarder::frontends::tls::TlsFiles::load(tls).context("server.tls")?;
+    }
     // Building the pipeline also reads key files, as `serve` would.
     let rt = runtime()?;
     let _guard = rt.enter();

@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::frontends::conn::{ConnTimeouts, CountedListener, ReadTimeouts};
 use crate::frontends::grpc::{pb, GrpcFrontend};
+use crate::frontends::tls::{self, TlsConn, TlsFiles};
 use crate::frontends::{http, serve, Lifecycle};
 use crate::pipeline::Pipeline;
 use crate::telemetry::Metrics;
@@ -86,6 +87,12 @@ impl Server {
             }
         };
 
+        let tls = match &cfg.server.tls {
+            Some(t) => {
+                Some(TlsFiles::load(t).map_err(|e| BuildError::new(format!("server.tls: {e}")))?)
+            }
+            None => None,
+        };
         let http_listener = bind(cfg.server.listen, &metrics, "http", &cfg).await?;
         let addr = http_listener
             .local_addr()
@@ -96,8 +103,9 @@ impl Server {
         let app = http::router(pipeline.clone(), lifecycle.clone());
         let server_cfg = cfg.server.clone();
         let stop_http = when_stopped();
+        let http_tls = tls.clone();
         let http_task = tokio::spawn(async move {
-            serve::serve_http(http_listener, app, &server_cfg, stop_http).await;
+            serve::serve_http(http_listener, app, &server_cfg, http_tls, stop_http).await;
         });
         let mut listeners = vec![http_task];
 
@@ -126,10 +134,6 @@ impl Server {
             let reflection = reflection()
                 .build_v1()
                 .map_err(|e| BuildError::new(format!("grpc reflection: {e}")))?;
-            let incoming = futures::stream::unfold(listener, |mut listener| async move {
-                let (io, _) = listener.accept_counted().await;
-                Some((Ok::<_, std::io::Error>(io), listener))
-            });
             let s = &cfg.server;
             let router = tonic::transport::Server::builder()
                 // Unary calls and the head of streamed ones.
@@ -144,15 +148,38 @@ impl Server {
                 .add_service(reflection)
                 .add_service(reflection_v1alpha)
                 .add_service(GrpcFrontend::service(pipeline.clone()));
-            listeners.push(tokio::spawn(logged(
-                "grpc",
-                router.serve_with_incoming_shutdown(incoming, when_stopped()),
-            )));
+            let task = match &tls {
+                None => {
+                    let incoming = futures::stream::unfold(listener, |mut listener| async move {
+                        let (io, _) = listener.accept_counted().await;
+                        Some((Ok::<_, std::io::Error>(io), listener))
+                    });
+                    tokio::spawn(logged(
+                        "grpc",
+                        router.serve_with_incoming_shutdown(incoming, when_stopped()),
+                    ))
+                }
+                Some(tls) => {
+                    let incoming =
+                        tls_incoming(listener, tls.clone(), s.header_timeout, when_stopped());
+                    tokio::spawn(logged(
+                        "grpc",
+                        router.serve_with_incoming_shutdown(incoming, when_stopped()),
+                    ))
+                }
+            };
+            listeners.push(task);
         }
 
         let mut background = Vec::new();
         if let Some(keys) = pipeline.api_keys() {
             background.push(keys.clone().watch(cfg.auth.reload_interval));
+        }
+        if let Some(tls) = &tls {
+            background.push(tls.clone().watch());
+        }
+        if let (Some(jwt), Some(jwt_cfg)) = (pipeline.jwt(), &cfg.auth.jwt) {
+            background.push(jwt.keys().clone().watch(jwt_cfg));
         }
         Ok(Self {
             addr,
@@ -207,6 +234,35 @@ impl Server {
         }
         tracing::info!("stopped");
     }
+}
+
+/// TLS connections for the gRPC server: accepts until `stop`, handshakes
+/// each connection in its own task (a slow client holds up no other), and
+/// yields those that complete.
+fn tls_incoming(
+    mut listener: CountedListener,
+    tls: Arc<TlsFiles>,
+    handshake_timeout: std::time::Duration,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> impl futures::Stream<Item = Result<TlsConn, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                () = &mut stop => break,
+                (io, _) = listener.accept_counted() => {
+                    let (tx, acceptor) = (tx.clone(), tls.acceptor());
+                    tokio::spawn(async move {
+                        if let Some(conn) = tls::handshake(acceptor, io, handshake_timeout).await {
+                            let _ = tx.send(Ok(conn)).await;
+                        }
+                    });
+                }
+            }
+        }
+    });
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
 }
 
 /// Runs a server future, logging how it failed.

@@ -140,6 +140,11 @@ pub struct ModelForwarderSpec {
     #[serde(default)]
     pub pod: PodOverrides,
 
+    /// TLS on the forwarder's listeners; absent: plain TCP (terminate TLS
+    /// in front, or inside a mesh).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
+
     /// Shared state on Redis (idempotency records, cached answers, shared
     /// rate limits), so the replicas act as one. Absent: each pod keeps
     /// its own in memory.
@@ -306,25 +311,105 @@ pub struct Auth {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_keys_secret_ref: Option<SecretRef>,
 
-    /// JWT bearer-token validation. NOT YET ENFORCED: the forwarder does not
-    /// support JWT yet; setting it marks the resource Degraded
-    /// (`JwtUnsupported`) while everything else is deployed.
+    /// JWT bearer-token verification. With `apiKeysSecretRef` too, a
+    /// credential is tried as an API key, then as a JWT.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt: Option<Jwt>,
 }
 
-/// JWT validation settings (not yet enforced by the forwarder).
+/// JWT verification: exactly one key source (`jwksSecretRef`, `jwksUrl` or
+/// `secretRef` for HS256/384/512 shared secrets). Secret-mounted keys are
+/// reloaded by the forwarder when the Secret changes (and the pods roll).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("(has(self.jwksSecretRef) ? 1 : 0) + (has(self.jwksUrl) ? 1 : 0) + (has(self.secretRef) ? 1 : 0) == 1").message("exactly one of jwksSecretRef, jwksUrl and secretRef is required"))]
+#[x_kube(validation = kube::core::Rule::new("!has(self.secretRef) || self.algorithms.all(a, a.startsWith('HS'))").message("secretRef verifies HS256/HS384/HS512 only"))]
 pub struct Jwt {
-    /// Expected `iss` claim.
+    /// Required `iss` claim; absent: not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 2048))]
-    pub issuer: String,
-    /// Expected `aud` claim.
+    pub issuer: Option<String>,
+    /// A required `aud` value (kept for older resources; see `audiences`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 2048))]
-    pub audience: String,
-    /// Secret key holding the JSON Web Key Set used to verify signatures.
-    pub jwks_secret_ref: SecretKeyRef,
+    pub audience: Option<String>,
+    /// Accepted `aud` values; a token must name one of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub audiences: Vec<String>,
+    /// Accepted signature algorithms; each key verifies only those of its
+    /// own type, so `none` and HMAC-with-a-public-key are always refused.
+    #[serde(default = "default_jwt_algorithms")]
+    #[schemars(length(min = 1, max = 12), extend("x-kubernetes-list-type" = "set"))]
+    pub algorithms: Vec<JwtAlgorithm>,
+    /// Secret key holding a JSON Web Key Set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_secret_ref: Option<SecretKeyRef>,
+    /// URL of the issuer's JWKS, fetched and cached by each pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), regex(pattern = r"^https?://"))]
+    pub jwks_url: Option<String>,
+    /// Secret key holding an HMAC shared secret (HS256/384/512).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretKeyRef>,
+    /// Claim naming the client (scopes rate limits and idempotency); default `sub`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub principal_claim: Option<String>,
+    /// Claim listing the models the client may use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub models_claim: Option<String>,
+    /// Claim holding the client's rate-limit tier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub tier_claim: Option<String>,
+}
+
+/// A JWT signature algorithm.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JwtAlgorithm {
+    HS256,
+    HS384,
+    HS512,
+    RS256,
+    RS384,
+    RS512,
+    PS256,
+    PS384,
+    PS512,
+    ES256,
+    ES384,
+    EdDSA,
+}
+
+impl JwtAlgorithm {
+    pub fn name(self) -> String {
+        format!("{self:?}")
+    }
+}
+
+fn default_jwt_algorithms() -> Vec<JwtAlgorithm> {
+    vec![JwtAlgorithm::RS256]
+}
+
+/// TLS on the forwarder's listeners (HTTPS, WSS, gRPC over TLS).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("!self.clientCertPrincipal || has(self.clientCaSecretRef)").message("clientCertPrincipal needs clientCaSecretRef"))]
+pub struct Tls {
+    /// A `kubernetes.io/tls` Secret (`tls.crt`, `tls.key`), e.g. one that
+    /// cert-manager issues and renews; renewals are picked up without
+    /// dropping connections.
+    pub secret_ref: SecretRef,
+    /// Secret key holding the CA bundle client certificates must chain to:
+    /// set, clients must present one (mTLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca_secret_ref: Option<SecretKeyRef>,
+    /// With mTLS, a request without an API key or token is the client
+    /// named by its certificate's subject CN.
+    #[serde(default)]
+    pub client_cert_principal: bool,
 }
 
 /// Retry policy: exponential backoff with full jitter.

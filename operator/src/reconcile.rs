@@ -167,8 +167,9 @@ pub struct SecretUse {
     pub field: String,
 }
 
-/// Secrets the forwarder pods mount. The JWKS Secret is not included: JWT
-/// is not enforced yet, so its absence must not block the forwarder.
+/// Secrets the forwarder pods mount: their versions are in the pod hash,
+/// so a changed Secret also rolls the pods (the forwarder reloads keys and
+/// certificates itself before that).
 pub fn secret_uses(spec: &ModelForwarderSpec) -> Vec<SecretUse> {
     let mut uses = Vec::new();
     if let Some(r) = spec
@@ -181,6 +182,36 @@ pub fn secret_uses(spec: &ModelForwarderSpec) -> Vec<SecretUse> {
             key: None,
             field: "spec.auth.apiKeysSecretRef".into(),
         });
+    }
+    if let Some(jwt) = spec.auth.as_ref().and_then(|a| a.jwt.as_ref()) {
+        for (r, field) in [
+            (&jwt.jwks_secret_ref, "spec.auth.jwt.jwksSecretRef"),
+            (&jwt.secret_ref, "spec.auth.jwt.secretRef"),
+        ] {
+            if let Some(r) = r {
+                uses.push(SecretUse {
+                    name: r.name.clone(),
+                    key: Some(r.key.clone()),
+                    field: field.into(),
+                });
+            }
+        }
+    }
+    if let Some(tls) = &spec.tls {
+        for key in ["tls.crt", "tls.key"] {
+            uses.push(SecretUse {
+                name: tls.secret_ref.name.clone(),
+                key: Some(key.into()),
+                field: "spec.tls.secretRef".into(),
+            });
+        }
+        if let Some(r) = &tls.client_ca_secret_ref {
+            uses.push(SecretUse {
+                name: r.name.clone(),
+                key: Some(r.key.clone()),
+                field: "spec.tls.clientCaSecretRef".into(),
+            });
+        }
     }
     if let Some(e) = &spec.encryption {
         uses.push(SecretUse {
@@ -213,16 +244,10 @@ pub fn secret_uses(spec: &ModelForwarderSpec) -> Vec<SecretUse> {
 }
 
 /// Parts of the spec the forwarder does not implement yet: reported as
-/// Degraded, while everything else is deployed.
-pub fn unsupported(spec: &ModelForwarderSpec) -> Vec<Problem> {
-    let mut problems = Vec::new();
-    if spec.auth.as_ref().is_some_and(|a| a.jwt.is_some()) {
-        problems.push(Problem::new(
-            "JwtUnsupported",
-            "spec.auth.jwt is set but the forwarder does not enforce JWT yet; only API keys (if configured) authenticate clients",
-        ));
-    }
-    problems
+/// Degraded, while everything else is deployed. None today (JWT, once
+/// reported here as `JwtUnsupported`, is enforced).
+pub fn unsupported(_spec: &ModelForwarderSpec) -> Vec<Problem> {
+    Vec::new()
 }
 
 /// Whether a Secret (by namespace and name) is referenced by a resource.
@@ -895,19 +920,41 @@ mod tests {
     }
 
     #[test]
-    fn jwt_is_reported_as_unsupported() {
+    fn jwt_and_tls_secrets_are_required_and_tracked() {
         let mut spec = crate::render::config::tests::spec();
-        assert!(unsupported(&spec).is_empty());
         spec.auth = serde_json::from_value(serde_json::json!({
             "jwt": {"issuer": "https://id", "audience": "bot",
                     "jwksSecretRef": {"name": "jwks", "key": "jwks.json"}}
         }))
         .expect("auth");
-        let problems = unsupported(&spec);
-        assert_eq!(problems.len(), 1);
-        assert_eq!(problems[0].reason, "JwtUnsupported");
-        // The JWKS Secret is not required while JWT is not enforced.
-        assert!(secret_uses(&spec).iter().all(|u| u.name != "jwks"));
+        spec.tls = serde_json::from_value(serde_json::json!({
+            "secretRef": {"name": "mf-tls"},
+            "clientCaSecretRef": {"name": "client-ca", "key": "ca.crt"}
+        }))
+        .expect("tls");
+        assert!(unsupported(&spec).is_empty(), "JWT is enforced now");
+        let uses = secret_uses(&spec);
+        let find = |name: &str| {
+            uses.iter()
+                .filter(|u| u.name == name)
+                .map(|u| (u.key.clone().unwrap_or_default(), u.field.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            find("jwks"),
+            vec![("jwks.json".into(), "spec.auth.jwt.jwksSecretRef".into())]
+        );
+        assert_eq!(
+            find("mf-tls"),
+            vec![
+                ("tls.crt".into(), "spec.tls.secretRef".into()),
+                ("tls.key".into(), "spec.tls.secretRef".into())
+            ]
+        );
+        assert_eq!(
+            find("client-ca"),
+            vec![("ca.crt".into(), "spec.tls.clientCaSecretRef".into())]
+        );
     }
 
     #[test]

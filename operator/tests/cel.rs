@@ -114,6 +114,48 @@ fn metrics_selector_is_label_matchers_only() {
 }
 
 #[test]
+fn jwt_needs_exactly_one_key_source() {
+    let jwks = json!({"name": "jwks", "key": "jwks.json"});
+    check(json!({"auth": {"jwt": {"issuer": "https://id", "jwksSecretRef": jwks}}}))
+        .expect("one source");
+    check(json!({"auth": {"jwt": {"jwksUrl": "https://id/jwks", "algorithms": ["ES256"]}}}))
+        .expect("a URL");
+    check(
+        json!({"auth": {"jwt": {"secretRef": {"name": "s", "key": "k"}, "algorithms": ["HS256"]}}}),
+    )
+    .expect("an HMAC secret");
+    let e = check(json!({"auth": {"jwt": {"issuer": "https://id"}}})).unwrap_err();
+    assert!(
+        e.contains("exactly one of jwksSecretRef, jwksUrl and secretRef"),
+        "{e}"
+    );
+    let e = check(json!({"auth": {"jwt": {"jwksSecretRef": jwks, "jwksUrl": "https://id/jwks"}}}))
+        .unwrap_err();
+    assert!(e.contains("exactly one of"), "{e}");
+    // The default algorithm (RS256) cannot use a shared secret.
+    let e = check(json!({"auth": {"jwt": {"secretRef": {"name": "s", "key": "k"}}}})).unwrap_err();
+    assert!(
+        e.contains("secretRef verifies HS256/HS384/HS512 only"),
+        "{e}"
+    );
+}
+
+#[test]
+fn client_cert_principal_needs_a_client_ca() {
+    check(json!({"tls": {"secretRef": {"name": "mf-tls"}}})).expect("server TLS");
+    check(json!({"tls": {"secretRef": {"name": "mf-tls"},
+                         "clientCaSecretRef": {"name": "ca", "key": "ca.crt"},
+                         "clientCertPrincipal": true}}))
+    .expect("mTLS naming clients");
+    let e = check(json!({"tls": {"secretRef": {"name": "mf-tls"}, "clientCertPrincipal": true}}))
+        .unwrap_err();
+    assert!(
+        e.contains("clientCertPrincipal needs clientCaSecretRef"),
+        "{e}"
+    );
+}
+
+#[test]
 fn a_store_needs_encryption_or_an_explicit_plaintext_opt_in() {
     check(json!({
         "store": {"address": "redis.ai:6379"},

@@ -217,10 +217,32 @@ pub struct SimpleRequest {
     /// Doubles as the idempotency key.
     #[serde(default)]
     pub request_id: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole_u32")]
     pub max_tokens: Option<u32>,
     #[serde(default)]
     pub temperature: Option<f64>,
+}
+
+/// A count that JSON may spell `256` or `256.0` (JSON Schema's `integer`
+/// admits both, and some clients send whole floats); fractions, negatives
+/// and values past `u32::MAX` are errors.
+fn whole_u32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let whole = match n.as_u64() {
+        Some(v) => u32::try_from(v).ok(),
+        None => n
+            .as_f64()
+            .filter(|f| f.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(f))
+            .map(|f| f as u32),
+    };
+    whole.map(Some).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "max_tokens must be a whole number from 0 to {}, not {n}",
+            u32::MAX
+        ))
+    })
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -238,4 +260,31 @@ pub fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn max_tokens(v: &str) -> Result<Option<u32>, String> {
+        let body = format!(r#"{{"model_id":"m","prompt":"p","max_tokens":{v}}}"#);
+        serde_json::from_str::<SimpleRequest>(&body)
+            .map(|r| r.max_tokens)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn max_tokens_takes_whole_numbers_however_spelled() {
+        assert_eq!(max_tokens("331"), Ok(Some(331)));
+        assert_eq!(max_tokens("331.0"), Ok(Some(331)));
+        assert_eq!(max_tokens("4294967295"), Ok(Some(u32::MAX)));
+        assert_eq!(max_tokens("null"), Ok(None));
+        for bad in ["1.5", "-1", "4294967296", "1e300", "\"7\""] {
+            let e = max_tokens(bad).unwrap_err();
+            assert!(
+                e.contains("max_tokens") || e.contains("invalid type"),
+                "{bad}: {e}"
+            );
+        }
+    }
 }

@@ -58,6 +58,13 @@ impl GrpcFrontend {
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let mut meta = RequestMeta::new(Protocol::Grpc, request_id);
         meta.credential = auth::credential(&headers).map(str::to_string);
+        // Set by the TLS listener's connections (the subject of a verified
+        // client certificate); plain connections carry none.
+        meta.peer = req
+            .extensions()
+            .get::<Option<super::tls::PeerSubject>>()
+            .and_then(|p| p.as_ref())
+            .map(|p| p.0.to_string());
         meta.idempotency_key = text("idempotency-key");
         // Answer a little before the client's deadline, so it gets
         // DEADLINE_EXCEEDED with the HTTP mapping in metadata rather than

@@ -11,6 +11,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::{Json, Router};
 use futures::StreamExt;
 use serde_json::json;
@@ -19,6 +20,7 @@ use crate::api::{
     unix_now, ApiError, ChatRequest, CompletionView, ModelInfo, SimpleRequest, SimpleResponse,
 };
 use crate::auth;
+use crate::frontends::tls::PeerSubject;
 use crate::pipeline::envelope::{Reply, ReplyBody};
 use crate::pipeline::{Answer, Call, Pipeline, RequestMeta};
 use crate::sse;
@@ -60,6 +62,7 @@ pub fn router(pipeline: Arc<Pipeline>, lifecycle: Lifecycle) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi_document))
         .fallback(|| async { not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed.into_response() })
         .with_state(pipeline)
@@ -112,19 +115,31 @@ fn valid_request_id(v: &str) -> bool {
 
 /// A request's id, headers and body, taken apart without copies (the
 /// `HeaderMap` extractor would clone).
-fn split(req: Request) -> (RequestId, HeaderMap, Body) {
-    let (parts, body) = req.into_parts();
+fn split(req: Request) -> (RequestId, Presented, Body) {
+    let (mut parts, body) = req.into_parts();
+    let peer = parts.extensions.remove::<PeerSubject>();
     (
         RequestId(request_id_of(&parts.headers)),
-        parts.headers,
+        Presented {
+            headers: parts.headers,
+            peer,
+        },
         body,
     )
 }
 
+/// A request's headers and its connection's client certificate subject.
+struct Presented {
+    headers: HeaderMap,
+    peer: Option<PeerSubject>,
+}
+
 /// The pipeline's view of an HTTP request; the header map moves in whole
 /// (the pipeline passes on the allow-listed part).
-fn meta(headers: HeaderMap, id: &RequestId) -> RequestMeta {
+fn meta(presented: Presented, id: &RequestId) -> RequestMeta {
+    let Presented { headers, peer } = presented;
     let mut meta = RequestMeta::new(Protocol::Http, id.0.clone());
+    meta.peer = peer.map(|p| p.0.to_string());
     meta.credential = auth::credential(&headers).map(str::to_string);
     meta.idempotency_key = headers
         .get(IDEMPOTENCY_KEY)
@@ -164,7 +179,7 @@ async fn chat_completions(State(p): State<Arc<Pipeline>>, req: Request) -> Respo
     with_request_id(resp, &id.0)
 }
 
-async fn forward_openai(p: &Pipeline, id: &RequestId, headers: HeaderMap, body: Body) -> Response {
+async fn forward_openai(p: &Pipeline, id: &RequestId, headers: Presented, body: Body) -> Response {
     let admitted = match p.admit(meta(headers, id)) {
         Ok(a) => a,
         Err(e) => return e.into_response(),
@@ -237,7 +252,7 @@ async fn simple_message(State(p): State<Arc<Pipeline>>, req: Request) -> Respons
     with_request_id(resp, &id.0)
 }
 
-async fn forward_simple(p: &Pipeline, id: &RequestId, headers: HeaderMap, body: Body) -> Response {
+async fn forward_simple(p: &Pipeline, id: &RequestId, headers: Presented, body: Body) -> Response {
     let admitted = match p.admit(meta(headers, id)) {
         Ok(a) => a,
         Err(e) => return e.into_response(),
@@ -246,10 +261,13 @@ async fn forward_simple(p: &Pipeline, id: &RequestId, headers: HeaderMap, body: 
     let mut client_request_id = None;
     let call = body.and_then(|body| {
         let req: SimpleRequest = parse_json(&body)?;
-        client_request_id.clone_from(&req.request_id);
+        // An empty `request_id` is no key, as an empty Idempotency-Key
+        // header is none (else every such request would share one key).
+        let key = req.request_id.clone().filter(|k| !k.trim().is_empty());
+        client_request_id.clone_from(&key);
         Ok(Call {
             body: simple_to_chat(&req),
-            idempotency_key: req.request_id,
+            idempotency_key: key,
         })
     });
     let answer = match p.run(admitted, call).await {
@@ -290,14 +308,26 @@ fn mark_replayed(mut resp: Response, replayed: bool) -> Response {
     resp
 }
 
-async fn list_models(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Response {
-    if let Err(e) = p.authenticate(auth::credential(&headers)) {
-        return e.into_response();
-    }
+/// The subject of the connection's client certificate, from the extension
+/// the TLS server puts on each request.
+fn peer_of(peer: &Option<Extension<PeerSubject>>) -> Option<&str> {
+    peer.as_ref().map(|Extension(p)| &*p.0)
+}
+
+async fn list_models(
+    State(p): State<Arc<Pipeline>>,
+    peer: Option<Extension<PeerSubject>>,
+    headers: HeaderMap,
+) -> Response {
+    let principal = match p.authenticate_peer(auth::credential(&headers), peer_of(&peer)) {
+        Ok(principal) => principal,
+        Err(e) => return e.into_response(),
+    };
     let created = unix_now();
     let data: Vec<ModelInfo> = p
         .models()
         .into_iter()
+        .filter(|m| principal.may_use(m))
         .map(|id| ModelInfo {
             id,
             object: "model",
@@ -311,10 +341,15 @@ async fn list_models(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Resp
 async fn get_model(
     State(p): State<Arc<Pipeline>>,
     Path(model): Path<String>,
+    peer: Option<Extension<PeerSubject>>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(e) = p.authenticate(auth::credential(&headers)) {
-        return e.into_response();
+    let principal = match p.authenticate_peer(auth::credential(&headers), peer_of(&peer)) {
+        Ok(principal) => principal,
+        Err(e) => return e.into_response(),
+    };
+    if !principal.may_use(&model) {
+        return ApiError::ModelNotFound(model).into_response();
     }
     if !p.has_model(&model) {
         return ApiError::ModelNotFound(model).into_response();
@@ -340,6 +375,15 @@ async fn metrics(State(p): State<Arc<Pipeline>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         p.metrics().render(),
+    )
+        .into_response()
+}
+
+/// The OpenAPI document (`docs/openapi.json`, embedded at build time).
+async fn openapi_document() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        crate::openapi::DOCUMENT,
     )
         .into_response()
 }

@@ -5,6 +5,7 @@ pub mod conn;
 pub mod grpc;
 pub mod http;
 pub mod serve;
+pub mod tls;
 pub mod ws;
 
 use tokio_util::sync::CancellationToken;

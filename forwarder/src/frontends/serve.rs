@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 use tower::Service;
 
 use super::conn::{Activity, CountedListener, InFlight};
+use super::tls::{PeerSubject, TlsFiles};
 use forwarder_config::ServerConfig;
 
 /// Serves `router` on `listener` until `stop` resolves, then waits for the
@@ -34,10 +35,12 @@ pub async fn serve_http(
     mut listener: CountedListener,
     router: Router,
     cfg: &ServerConfig,
+    tls: Option<Arc<TlsFiles>>,
     stop: impl Future<Output = ()>,
 ) {
-    let builder = builder(cfg);
+    let builder = Arc::new(builder(cfg));
     let body_timeout = cfg.body_timeout;
+    let handshake_timeout = cfg.header_timeout;
     let graceful = GracefulShutdown::new();
     // Owning the connection tasks here means aborting this task (grace
     // period over) closes them all.
@@ -51,13 +54,36 @@ pub async fn serve_http(
                     router: router.clone(),
                     activity: io.activity(),
                     body_timeout,
+                    peer: None,
                 };
-                let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(io), service)
-                    .into_owned();
-                let conn = graceful.watch(conn);
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
+                // The handshake runs in the connection's task, never in
+                // this loop: a slow client must not hold up accepting.
+                let acceptor = tls.as_ref().map(|t| t.acceptor());
                 conns.spawn(async move {
-                    if let Err(e) = conn.await {
+                    let result = match acceptor {
+                        None => {
+                            let conn = builder
+                                .serve_connection_with_upgrades(TokioIo::new(io), service)
+                                .into_owned();
+                            watcher.watch(conn).await
+                        }
+                        Some(acceptor) => {
+                            let Some(tls) = super::tls::handshake(acceptor, io, handshake_timeout).await else {
+                                return;
+                            };
+                            let service = ConnService {
+                                peer: tls.peer.clone(),
+                                ..service
+                            };
+                            let conn = builder
+                                .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                                .into_owned();
+                            watcher.watch(conn).await
+                        }
+                    };
+                    if let Err(e) = result {
                         // Timeouts and resets: the client's doing, not ours.
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
@@ -108,6 +134,8 @@ struct ConnService {
     router: Router,
     activity: Arc<Activity>,
     body_timeout: Duration,
+    /// The verified client certificate's subject (mTLS connections).
+    peer: Option<PeerSubject>,
 }
 
 type ResponseFuture =
@@ -122,7 +150,10 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         let in_flight = self.activity.begin();
         let activity = self.activity.clone();
         let mut router = self.router.clone();
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        if let Some(peer) = &self.peer {
+            parts.extensions.insert(peer.clone());
+        }
         if hyper::body::Body::is_end_stream(&body) {
             // No body to wait for (GET, upgrades, empty POST).
             let fut = router.call(Request::from_parts(parts, Body::new(body)));

@@ -35,6 +35,7 @@ use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 
 use super::http::RequestId;
+use super::tls::PeerSubject;
 use super::Lifecycle;
 use crate::api::{
     prompt_or_messages, ApiError, ChatMessage, ChatRequest, ChunkView, CompletionView,
@@ -62,6 +63,7 @@ pub async fn upgrade(
     State(st): State<WsState>,
     Extension(id): Extension<RequestId>,
     Query(query): Query<HashMap<String, String>>,
+    peer: Option<Extension<PeerSubject>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -79,7 +81,12 @@ pub async fn upgrade(
         .or(query.get("api_key").map(String::as_str))
         .map(str::to_string);
     let p = &st.pipeline;
-    if let Err(e) = p.authenticate(credential.as_deref()) {
+    let presented = Presented {
+        credential,
+        peer: peer.map(|Extension(p)| p.0.to_string()),
+    };
+    if let Err(e) = p.authenticate_peer(presented.credential.as_deref(), presented.peer.as_deref())
+    {
         return p.reject(Protocol::WebSocket, &id.0, e).into_response();
     }
     if st.lifecycle.stop.is_cancelled() {
@@ -106,7 +113,7 @@ pub async fn upgrade(
         .max_message_size(cfg.max_frame_bytes)
         .max_frame_size(cfg.max_frame_bytes)
         .protocols(chosen)
-        .on_upgrade(move |socket| tracker.track_future(session(socket, st, credential, id.0, cfg)))
+        .on_upgrade(move |socket| tracker.track_future(session(socket, st, presented, id.0, cfg)))
 }
 
 /// A request frame.
@@ -190,10 +197,18 @@ impl Drop for SessionGauge {
     }
 }
 
+/// What the client authenticated with at the upgrade; every request on
+/// the connection is admitted with it.
+#[derive(Clone)]
+struct Presented {
+    credential: Option<String>,
+    peer: Option<String>,
+}
+
 async fn session(
     socket: WebSocket,
     st: WsState,
-    credential: Option<String>,
+    credential: Presented,
     conn_id: String,
     cfg: WebSocketConfig,
 ) {
@@ -287,7 +302,7 @@ async fn session(
 async fn on_text(
     st: &WsState,
     cfg: &WebSocketConfig,
-    credential: &Option<String>,
+    credential: &Presented,
     conn_id: &str,
     out: &mpsc::Sender<Message>,
     text: &str,
@@ -342,7 +357,8 @@ async fn on_text(
         return out.send(frame(f)).await.is_ok();
     }
     let mut meta = RequestMeta::new(Protocol::WebSocket, format!("{conn_id}/{id}"));
-    meta.credential.clone_from(credential);
+    meta.credential.clone_from(&credential.credential);
+    meta.peer.clone_from(&credential.peer);
     let (pipeline, out, task_id) = (p.clone(), out.clone(), id.clone());
     let handle = tasks.spawn(async move {
         answer(&pipeline, meta, req, &out, &task_id).await;

@@ -27,7 +27,7 @@ use stream_end::{on_end, StreamEnd};
 use tokio::time::Instant;
 
 use crate::api::{ApiError, HeaderAllow};
-use crate::auth::{ApiKeys, Identity};
+use crate::auth::{ApiKeys, AuthFailure, Authenticators, Identity, JwtVerifier, Principal};
 use crate::sse;
 use crate::store::{Space, StoreKey};
 use crate::telemetry::{Metrics, Protocol};
@@ -58,6 +58,8 @@ pub struct RequestMeta {
     /// A deadline the client asked for (gRPC's `grpc-timeout`); the
     /// configured `server.request_timeout` still caps it.
     pub timeout: Option<Duration>,
+    /// The subject of the connection's verified client certificate (mTLS).
+    pub peer: Option<String>,
 }
 
 impl RequestMeta {
@@ -69,6 +71,7 @@ impl RequestMeta {
             idempotency_key: None,
             headers: HeaderMap::new(),
             timeout: None,
+            peer: None,
         }
     }
 }
@@ -91,6 +94,8 @@ pub struct Answer {
 pub struct Admission {
     obs: Observer,
     principal: Identity,
+    /// Models a token restricts the client to.
+    models: Option<Arc<[String]>>,
     meta: RequestMeta,
     started: Instant,
 }
@@ -107,6 +112,7 @@ const MAX_KEY_LEN: usize = 256;
 pub struct Pipeline {
     cfg: Config,
     keys: Option<Arc<ApiKeys>>,
+    jwt: Option<Arc<JwtVerifier>>,
     limit: Option<RateLimit>,
     /// Limits kept in the store (`rate_limit.shared`).
     shared_limit: Option<shared_limit::SharedLimit>,
@@ -156,6 +162,15 @@ impl Pipeline {
             }
             None => None,
         };
+        let jwt = match &cfg.auth.jwt {
+            Some(j) => Some(Arc::new(
+                JwtVerifier::new(j).map_err(|e| BuildError::new(format!("auth.jwt: {e}")))?,
+            )),
+            None => None,
+        };
+        for reason in AuthFailure::ALL {
+            metrics.auth_failures.with_label_values(&[reason.label()]);
+        }
         let pools = Pools::from_config(&cfg, metrics.clone())?;
         metrics.init_series(&enabled_protocols(&cfg), &pools.models());
         metrics.init_upstream_series(
@@ -168,6 +183,7 @@ impl Pipeline {
             crate::cache::ResponseCache::new(&cfg.cache, shared.clone(), &metrics).map(Arc::new);
         Ok(Self {
             keys,
+            jwt,
             cache,
             limit: cfg
                 .rate_limit
@@ -236,15 +252,42 @@ impl Pipeline {
         self.ready.store(false, Ordering::Relaxed);
     }
 
-    /// Checks a credential on its own (WebSocket upgrades, `/v1/models`).
+    pub fn jwt(&self) -> Option<&Arc<JwtVerifier>> {
+        self.jwt.as_ref()
+    }
+
+    /// Checks a credential on its own (`/v1/models`).
     pub fn authenticate(&self, credential: Option<&str>) -> Result<Identity, ApiError> {
-        match &self.keys {
-            None => Ok(Identity::anonymous()),
-            Some(keys) => credential
-                .filter(|c| !c.is_empty())
-                .and_then(|c| keys.verify(c))
-                .ok_or(ApiError::Unauthorized),
-        }
+        self.authenticate_peer(credential, None).map(|p| p.identity)
+    }
+
+    /// Checks a credential presented over a connection whose verified
+    /// client certificate names `peer` (WebSocket upgrades, every request
+    /// through [`Pipeline::admit`]). The client learns only "401"; the
+    /// reason goes to the log and `forwarder_auth_failures_total`.
+    pub fn authenticate_peer(
+        &self,
+        credential: Option<&str>,
+        peer: Option<&str>,
+    ) -> Result<Principal, ApiError> {
+        let auth = Authenticators {
+            keys: self.keys.as_deref(),
+            jwt: self.jwt.as_deref(),
+            client_cert: self
+                .cfg
+                .server
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.client_cert_principal),
+        };
+        auth.authenticate(credential, peer).map_err(|reason| {
+            self.metrics
+                .auth_failures
+                .with_label_values(&[reason.label()])
+                .inc();
+            tracing::info!(reason = reason.label(), "authentication failed");
+            ApiError::Unauthorized
+        })
     }
 
     /// Counts a request refused by a front end before it reached the
@@ -269,8 +312,12 @@ impl Pipeline {
     /// server would accept.
     pub fn admit(&self, meta: RequestMeta) -> Result<Admission, ApiError> {
         let mut obs = self.observer(meta.protocol, &meta.request_id);
-        let principal = self
-            .authenticate(meta.credential.as_deref())
+        let Principal {
+            identity: principal,
+            models,
+            ..
+        } = self
+            .authenticate_peer(meta.credential.as_deref(), meta.peer.as_deref())
             .map_err(|e| obs.fail(e))?;
         if let Some(limit) = &self.limit {
             limit.check(&principal).map_err(|e| obs.fail(e))?;
@@ -278,6 +325,7 @@ impl Pipeline {
         Ok(Admission {
             obs,
             principal,
+            models,
             meta,
             started: Instant::now(),
         })
@@ -293,6 +341,7 @@ impl Pipeline {
         let Admission {
             mut obs,
             principal,
+            models,
             meta,
             started,
         } = adm;
@@ -304,7 +353,9 @@ impl Pipeline {
         let known = self.forwarder.pools.has_model(&model);
         obs.set_model(&model, known);
         obs.stream = stream;
-        if !known {
+        // A model the client's token does not grant is, to it, one that
+        // does not exist (as OpenAI answers).
+        if !known || models.is_some_and(|m| !m.contains(&model)) {
             return Err(obs.fail(ApiError::ModelNotFound(model)));
         }
         let timeout = meta.timeout.map_or(self.cfg.server.request_timeout, |t| {

@@ -60,6 +60,8 @@ pub struct Metrics {
     /// Open client connections: TCP connections on the HTTP and gRPC
     /// listeners, and WebSocket sessions.
     pub connections: IntGaugeVec,
+    /// Refused credentials, by reason (`expired`, `bad_signature`, …).
+    pub auth_failures: IntCounterVec,
     /// Per served model and front end, the hot series bound once at start
     /// (a label lookup hashes and locks on every request).
     series: std::sync::OnceLock<HashMap<String, [Arc<ModelSeries>; 3]>>,
@@ -170,8 +172,17 @@ impl Metrics {
             &["protocol"],
         )
         .expect("valid metric");
+        let auth_failures = IntCounterVec::new(
+            Opts::new(
+                "forwarder_auth_failures_total",
+                "Requests refused authentication, by reason.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(auth_failures.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(requests.clone()),
             Box::new(request_duration.clone()),
             Box::new(own_duration.clone()),
             Box::new(time_to_first_token.clone()),
@@ -198,6 +209,7 @@ impl Metrics {
             circuit_open,
             idempotent_replays,
             connections,
+            auth_failures,
             series: std::sync::OnceLock::new(),
             upstream_series: std::sync::OnceLock::new(),
         }

@@ -7,6 +7,7 @@ mod error;
 pub mod pool;
 pub mod providers;
 pub mod retry;
+pub mod tls;
 
 pub use error::UpstreamError;
 pub use pool::{Endpoint, Lease, PickError, Pools};

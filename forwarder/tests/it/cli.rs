@@ -190,3 +190,38 @@ async fn no_log_level_shows_prompts_replies_or_keys() {
         assert!(!logs.contains(secret), "{secret} leaked into the logs");
     }
 }
+
+/// The JWT + TLS example a user copies must pass `check-config` (which
+/// loads its certificate, key and secret) from the repository root.
+#[test]
+fn the_jwt_tls_example_config_checks() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = binary()
+        .current_dir(&root)
+        .args(["check-config", "--config", "examples/config/jwt-tls.yaml"])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("configuration OK"), "{text}");
+    // The same file with a broken certificate path fails, naming the field.
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = std::fs::read_to_string(root.join("examples/config/jwt-tls.yaml"))
+        .unwrap()
+        .replace("tls/server.crt", "tls/missing.crt");
+    std::fs::write(dir.path().join("c.yaml"), yaml).unwrap();
+    let out = binary()
+        .current_dir(&root)
+        .arg("check-config")
+        .arg("--config")
+        .arg(dir.path().join("c.yaml"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success());
+    assert!(
+        text.contains("server.tls") && text.contains("missing.crt"),
+        "{text}"
+    );
+}

@@ -37,6 +37,7 @@ pub fn upstream(name: &str, mock: &MockServer, model: &str) -> UpstreamConfig {
         connect_timeout: Duration::from_secs(1),
         timeout: Duration::from_secs(5),
         mock: None,
+        tls: None,
     }
 }
 

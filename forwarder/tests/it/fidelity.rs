@@ -35,6 +35,7 @@ async fn setup() -> (Scripted, Fwd) {
         connect_timeout: Duration::from_secs(1),
         timeout: Duration::from_millis(300),
         mock: None,
+        tls: None,
     }]);
     (up, start(cfg).await)
 }

@@ -36,6 +36,7 @@ async fn forwarder(dir: &tempfile::TempDir, scripted: Option<&Scripted>) -> Fwd 
             connect_timeout: std::time::Duration::from_secs(1),
             timeout: std::time::Duration::from_secs(5),
             mock: None,
+            tls: None,
         });
     }
     cfg.server.listen = loopback();

@@ -27,6 +27,12 @@ pub const UPSTREAM_KEYS_DIR: &str = "/etc/forwarder/upstream-keys";
 pub const ENCRYPTION_KEYS_DIR: &str = "/etc/forwarder/encryption-keys";
 /// Mount of `spec.store.passwordSecretRef` (one file).
 pub const REDIS_PASSWORD_DIR: &str = "/etc/forwarder/redis-password";
+/// Directory of the mounted JWT key (`jwks.json` or `secret`).
+pub const JWT_KEYS_DIR: &str = "/etc/forwarder/jwt";
+/// Directory of the mounted kubernetes.io/tls Secret (`tls.crt`, `tls.key`).
+pub const TLS_DIR: &str = "/etc/forwarder/tls";
+/// Directory of the mounted client CA bundle (`ca.crt`).
+pub const CLIENT_CA_DIR: &str = "/etc/forwarder/client-ca";
 /// After SIGTERM, how long `/readyz` fails before the listener closes.
 pub const DRAIN_DELAY: Duration = Duration::from_secs(5);
 /// How long in-flight requests may finish once the listener has closed.
@@ -99,6 +105,7 @@ pub fn render(spec: &ModelForwarderSpec) -> Result<Config, Vec<Problem>> {
                 connect_timeout,
                 timeout,
                 mock: None,
+                tls: None,
             }),
             (p, c, t) => problems.extend([p.err(), c.err(), t.err()].into_iter().flatten()),
         }
@@ -141,9 +148,10 @@ pub fn render(spec: &ModelForwarderSpec) -> Result<Config, Vec<Problem>> {
     config.grpc.listen = SocketAddr::from(([0, 0, 0, 0], GRPC_PORT));
     config.server.shutdown.drain_delay = DRAIN_DELAY;
     config.server.shutdown.grace_period = GRACE_PERIOD;
-    match store_and_limits(spec, &mut config) {
-        Ok(()) => {}
-        Err(p) => problems.push(p),
+    config.auth.jwt = spec.auth.as_ref().and_then(|a| a.jwt.as_ref()).map(jwt);
+    config.server.tls = spec.tls.as_ref().map(tls);
+    if let Err(p) = store_and_limits(spec, &mut config) {
+        problems.push(p);
     }
 
     // Models are declared per upstream (at least one each), so this only
@@ -165,6 +173,44 @@ pub fn render(spec: &ModelForwarderSpec) -> Result<Config, Vec<Problem>> {
         Ok(config)
     } else {
         Err(problems)
+    }
+}
+
+/// `spec.auth.jwt` as the forwarder's settings, keys at their mount paths.
+fn jwt(j: &crate::crd::Jwt) -> forwarder_config::JwtConfig {
+    let dir = PathBuf::from(JWT_KEYS_DIR);
+    let mut audiences = j.audiences.clone();
+    audiences.extend(j.audience.clone());
+    let d = forwarder_config::JwtConfig::default();
+    forwarder_config::JwtConfig {
+        secret_file: j.secret_ref.as_ref().map(|_| dir.join("secret")),
+        jwks_file: j.jwks_secret_ref.as_ref().map(|_| dir.join("jwks.json")),
+        jwks_url: j.jwks_url.clone(),
+        algorithms: j.algorithms.iter().map(|a| a.name()).collect(),
+        issuer: j.issuer.clone(),
+        audiences,
+        principal_claim: j
+            .principal_claim
+            .clone()
+            .unwrap_or(d.principal_claim.clone()),
+        models_claim: j.models_claim.clone(),
+        tier_claim: j.tier_claim.clone(),
+        ..d
+    }
+}
+
+/// `spec.tls` as the forwarder's settings, files at their mount paths.
+fn tls(t: &crate::crd::Tls) -> forwarder_config::TlsConfig {
+    let dir = PathBuf::from(TLS_DIR);
+    forwarder_config::TlsConfig {
+        cert_file: dir.join("tls.crt"),
+        key_file: dir.join("tls.key"),
+        client_ca_file: t
+            .client_ca_secret_ref
+            .as_ref()
+            .map(|_| PathBuf::from(CLIENT_CA_DIR).join("ca.crt")),
+        client_cert_principal: t.client_cert_principal,
+        reload_interval: Duration::from_secs(5),
     }
 }
 
@@ -365,6 +411,45 @@ pub(crate) mod tests {
         let yaml = to_yaml(&c).expect("serialises");
         let loaded = forwarder_config::load_from_str(&yaml).expect("forwarder accepts it");
         assert_eq!(loaded, c);
+    }
+
+    #[test]
+    fn jwt_and_tls_render_to_mounted_paths() {
+        let mut s = spec();
+        s.auth = serde_json::from_value(serde_json::json!({
+            "jwt": {"issuer": "https://id", "audience": "bot", "audiences": ["api"],
+                    "algorithms": ["ES256", "EdDSA"], "modelsClaim": "models",
+                    "jwksSecretRef": {"name": "jwks", "key": "keys.json"}}
+        }))
+        .expect("auth");
+        s.tls = serde_json::from_value(serde_json::json!({
+            "secretRef": {"name": "mf-tls"},
+            "clientCaSecretRef": {"name": "ca", "key": "ca.crt"},
+            "clientCertPrincipal": true
+        }))
+        .expect("tls");
+        let c = render(&s).expect("renders");
+        let j = c.auth.jwt.as_ref().expect("jwt");
+        assert_eq!(
+            j.jwks_file.as_deref(),
+            Some(std::path::Path::new("/etc/forwarder/jwt/jwks.json"))
+        );
+        assert_eq!(j.algorithms, vec!["ES256", "EdDSA"]);
+        assert_eq!(j.audiences, vec!["api", "bot"]);
+        assert_eq!(j.issuer.as_deref(), Some("https://id"));
+        assert_eq!(j.models_claim.as_deref(), Some("models"));
+        let t = c.server.tls.as_ref().expect("tls");
+        assert_eq!(
+            t.cert_file,
+            std::path::Path::new("/etc/forwarder/tls/tls.crt")
+        );
+        assert_eq!(
+            t.client_ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/forwarder/client-ca/ca.crt"))
+        );
+        // The forwarder accepts what the operator renders.
+        let yaml = to_yaml(&c).expect("yaml");
+        assert_eq!(forwarder_config::load_from_str(&yaml).expect("loads"), c);
     }
 
     #[test]

@@ -8,15 +8,17 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
     HTTPGetAction, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, TCPSocketAction,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::config::{
-    CLIENT_KEYS_DIR, CONFIG_KEY, CONFIG_PATH, DRAIN_DELAY, ENCRYPTION_KEYS_DIR, GRACE_PERIOD,
-    GRPC_PORT, HTTP_PORT, REDIS_PASSWORD_DIR, UPSTREAM_KEYS_DIR,
+    CLIENT_CA_DIR, CLIENT_KEYS_DIR, CONFIG_KEY, CONFIG_PATH, DRAIN_DELAY, ENCRYPTION_KEYS_DIR,
+    GRACE_PERIOD, GRPC_PORT, HTTP_PORT, JWT_KEYS_DIR, REDIS_PASSWORD_DIR, TLS_DIR,
+    UPSTREAM_KEYS_DIR,
 };
 use super::{config_map_name, labels, metadata, Inputs};
 use crate::crd::Protocol;
@@ -51,19 +53,41 @@ fn default_resources() -> ResourceRequirements {
     }
 }
 
-fn probe(path: &str, period: i32, failures: i32) -> Probe {
+/// A probe of `path` on the HTTP port: over HTTPS when the listener has
+/// TLS (the kubelet does not verify the certificate); a TCP check when it
+/// requires client certificates, which the kubelet cannot present.
+fn probe(path: &str, period: i32, failures: i32, tls: Option<&crate::crd::Tls>) -> Probe {
+    let port = IntOrString::String("http".into());
+    let (http_get, tcp_socket) = match tls {
+        Some(t) if t.client_ca_secret_ref.is_some() => (
+            None,
+            Some(TCPSocketAction {
+                port,
+                ..TCPSocketAction::default()
+            }),
+        ),
+        _ => (
+            Some(HTTPGetAction {
+                path: Some(path.into()),
+                port,
+                scheme: tls.map(|_| "HTTPS".into()),
+                ..HTTPGetAction::default()
+            }),
+            None,
+        ),
+    };
     Probe {
-        http_get: Some(HTTPGetAction {
-            path: Some(path.into()),
-            port: IntOrString::String("http".into()),
-            ..HTTPGetAction::default()
-        }),
+        http_get,
+        tcp_socket,
         period_seconds: Some(period),
         failure_threshold: Some(failures),
         timeout_seconds: Some(2),
         ..Probe::default()
     }
 }
+
+/// A Secret's name and the (key, file name) pairs projected from it.
+type Projection<'a> = (&'a str, Vec<(&'a str, &'a str)>);
 
 fn volumes_and_mounts(inputs: &Inputs<'_>) -> (Vec<Volume>, Vec<VolumeMount>) {
     let mut volumes = vec![
@@ -118,6 +142,70 @@ fn volumes_and_mounts(inputs: &Inputs<'_>) -> (Vec<Volume>, Vec<VolumeMount>) {
         mounts.push(VolumeMount {
             name: "client-keys".into(),
             mount_path: CLIENT_KEYS_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+    // JWT key, TLS certificate and client CA: only the referenced keys,
+    // each at the fixed file name the rendered config names.
+    let jwt = inputs.spec.auth.as_ref().and_then(|a| a.jwt.as_ref());
+    let tls = inputs.spec.tls.as_ref();
+    let projected: [(&str, &str, Option<Projection>); 4] = [
+        (
+            "jwt-keys",
+            JWT_KEYS_DIR,
+            jwt.and_then(|j| j.jwks_secret_ref.as_ref())
+                .map(|r| (r.name.as_str(), vec![(r.key.as_str(), "jwks.json")])),
+        ),
+        (
+            "jwt-secret",
+            JWT_KEYS_DIR,
+            jwt.and_then(|j| j.secret_ref.as_ref())
+                .map(|r| (r.name.as_str(), vec![(r.key.as_str(), "secret")])),
+        ),
+        (
+            "tls",
+            TLS_DIR,
+            tls.map(|t| {
+                (
+                    t.secret_ref.name.as_str(),
+                    vec![("tls.crt", "tls.crt"), ("tls.key", "tls.key")],
+                )
+            }),
+        ),
+        (
+            "client-ca",
+            CLIENT_CA_DIR,
+            tls.and_then(|t| t.client_ca_secret_ref.as_ref())
+                .map(|r| (r.name.as_str(), vec![(r.key.as_str(), "ca.crt")])),
+        ),
+    ];
+    for (volume, dir, source) in projected {
+        let Some((secret, items)) = source else {
+            continue;
+        };
+        volumes.push(Volume {
+            name: volume.into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.into()),
+                items: Some(
+                    items
+                        .into_iter()
+                        .map(|(key, path)| KeyToPath {
+                            key: key.into(),
+                            path: path.into(),
+                            mode: None,
+                        })
+                        .collect(),
+                ),
+                default_mode: Some(SECRET_MODE),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: volume.into(),
+            mount_path: dir.into(),
             read_only: Some(true),
             ..VolumeMount::default()
         });
@@ -228,6 +316,9 @@ pub fn deployment(inputs: &Inputs<'_>, config_hash: &str) -> Deployment {
         ("prometheus.io/port".to_string(), HTTP_PORT.to_string()),
         ("prometheus.io/path".to_string(), "/metrics".to_string()),
     ]);
+    if inputs.spec.tls.is_some() {
+        annotations.insert("prometheus.io/scheme".to_string(), "https".to_string());
+    }
 
     let container = Container {
         name: "forwarder".into(),
@@ -240,8 +331,8 @@ pub fn deployment(inputs: &Inputs<'_>, config_hash: &str) -> Deployment {
         command: Some(vec!["forwarder".into()]),
         args: Some(vec!["serve".into(), "--config".into(), CONFIG_PATH.into()]),
         ports: Some(ports(inputs)),
-        liveness_probe: Some(probe("/healthz", 10, 3)),
-        readiness_probe: Some(probe("/readyz", 5, 2)),
+        liveness_probe: Some(probe("/healthz", 10, 3, inputs.spec.tls.as_ref())),
+        readiness_probe: Some(probe("/readyz", 5, 2, inputs.spec.tls.as_ref())),
         resources: Some(pod.resources.clone().unwrap_or_else(default_resources)),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
@@ -333,6 +424,71 @@ mod tests {
             .as_ref()
             .and_then(|s| s.template.spec.as_ref())
             .expect("pod spec")
+    }
+
+    #[test]
+    fn jwt_and_tls_secrets_are_projected_and_probes_follow_tls() {
+        let mut s = spec();
+        s.auth = serde_json::from_value(serde_json::json!({
+            "jwt": {"jwksSecretRef": {"name": "jwks", "key": "keys.json"}}
+        }))
+        .expect("auth");
+        s.tls = serde_json::from_value(serde_json::json!({"secretRef": {"name": "mf-tls"}}))
+            .expect("tls");
+        let d = render(&s);
+        let pod = pod_spec(&d);
+        let volumes = pod.volumes.as_ref().expect("volumes");
+        let items = |name: &str| {
+            volumes
+                .iter()
+                .find(|v| v.name == name)
+                .and_then(|v| v.secret.as_ref())
+                .map(|s| {
+                    let items = s.items.clone().unwrap_or_default();
+                    let pairs: Vec<(String, String)> =
+                        items.into_iter().map(|i| (i.key, i.path)).collect();
+                    (s.secret_name.clone().unwrap_or_default(), pairs)
+                })
+        };
+        assert_eq!(
+            items("jwt-keys"),
+            Some((
+                "jwks".into(),
+                vec![("keys.json".into(), "jwks.json".into())]
+            ))
+        );
+        assert_eq!(
+            items("tls"),
+            Some((
+                "mf-tls".into(),
+                vec![
+                    ("tls.crt".into(), "tls.crt".into()),
+                    ("tls.key".into(), "tls.key".into())
+                ]
+            ))
+        );
+        let c = &pod.containers[0];
+        let mounts: BTreeMap<_, _> = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| (m.name.as_str(), m.mount_path.as_str()))
+            .collect();
+        assert_eq!(mounts["jwt-keys"], JWT_KEYS_DIR);
+        assert_eq!(mounts["tls"], TLS_DIR);
+        let get = c.readiness_probe.as_ref().and_then(|p| p.http_get.as_ref());
+        assert_eq!(get.and_then(|g| g.scheme.as_deref()), Some("HTTPS"));
+        // With client certificates required the kubelet cannot speak
+        // HTTPS to it: the probes fall back to TCP.
+        s.tls = serde_json::from_value(serde_json::json!({
+            "secretRef": {"name": "mf-tls"},
+            "clientCaSecretRef": {"name": "ca", "key": "bundle.pem"}
+        }))
+        .expect("tls");
+        let d = render(&s);
+        let c = &pod_spec(&d).containers[0];
+        let probe = c.liveness_probe.as_ref().expect("probe");
+        assert!(probe.http_get.is_none() && probe.tcp_socket.is_some());
     }
 
     #[test]

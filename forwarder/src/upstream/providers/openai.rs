@@ -71,19 +71,32 @@ impl OpenAiProvider {
         http.set_keepalive(Some(Duration::from_secs(30)));
         http.set_connect_timeout(Some(cfg.connect_timeout));
         http.enforce_http(false);
-        // The system roots are loaded (once) only for https upstreams.
-        let tls = if base.starts_with("https:") {
-            tls_config().clone()
-        } else {
-            rustls::ClientConfig::builder()
+        // The system roots are loaded (once) only for https upstreams
+        // without a CA bundle of their own.
+        let https_url = base.starts_with("https:");
+        let tls = match (&cfg.tls, https_url) {
+            (Some(t), true) => {
+                crate::upstream::tls::client_config(&cfg.name, t, || tls_config().clone())?
+            }
+            (None, true) => tls_config().clone(),
+            (_, false) => rustls::ClientConfig::builder()
                 .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth()
+                .with_no_client_auth(),
         };
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
+        let server_name = match &cfg.tls {
+            Some(t) => crate::upstream::tls::server_name(&cfg.name, t)?,
+            None => None,
+        };
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
-            .https_or_http()
-            .enable_all_versions()
-            .wrap_connector(http);
+            .https_or_http();
+        let https = match server_name {
+            Some(name) => builder
+                .with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
+                .enable_all_versions()
+                .wrap_connector(http),
+            None => builder.enable_all_versions().wrap_connector(http),
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_timer(TokioTimer::new())

@@ -1,0 +1,87 @@
+//! Client TLS towards one upstream: its own CA bundle instead of the
+//! system roots, an optional client certificate (upstream mTLS) and an
+//! optional server name (SNI and certificate check) other than the URL's
+//! host. Files are read once at start; a bad file fails the start.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+use crate::BuildError;
+use forwarder_config::UpstreamTlsConfig;
+
+fn certs(path: &Path, at: &str) -> Result<Vec<CertificateDer<'static>>, BuildError> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| BuildError::new(format!("{at}: cannot read {}: {e}", path.display())))?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| BuildError::new(format!("{at}: {} is not valid PEM", path.display())))?;
+    if certs.is_empty() {
+        return Err(BuildError::new(format!(
+            "{at}: no certificate in {}",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+/// The client config for an upstream with `tls` settings; `system` gives
+/// the shared system-roots config used when no CA bundle is set.
+pub fn client_config(
+    name: &str,
+    tls: &UpstreamTlsConfig,
+    system: impl FnOnce() -> rustls::ClientConfig,
+) -> Result<rustls::ClientConfig, BuildError> {
+    crate::install_crypto_provider();
+    let at = format!("upstreams.{name}.tls");
+    let mut roots = rustls::RootCertStore::empty();
+    match &tls.ca_file {
+        Some(path) => {
+            for c in certs(path, &format!("{at}.ca_file"))? {
+                roots
+                    .add(c)
+                    .map_err(|e| BuildError::new(format!("{at}.ca_file: {e}")))?;
+            }
+        }
+        // No CA bundle and no client certificate: the shared config.
+        None if tls.cert_file.is_none() && tls.key_file.is_none() => return Ok(system()),
+        None => {
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        }
+    }
+    let builder = rustls::ClientConfig::builder().with_root_certificates(Arc::new(roots));
+    match (&tls.cert_file, &tls.key_file) {
+        (Some(cert), Some(key)) => {
+            let chain = certs(cert, &format!("{at}.cert_file"))?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|_| {
+                BuildError::new(format!(
+                    "{at}.key_file: no PEM private key in {}",
+                    key.display()
+                ))
+            })?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| BuildError::new(format!("{at}: {e}")))
+        }
+        (None, None) => Ok(builder.with_no_client_auth()),
+        _ => Err(BuildError::new(format!(
+            "{at}: cert_file and key_file go together"
+        ))),
+    }
+}
+
+/// The configured server name, checked.
+pub fn server_name(
+    name: &str,
+    tls: &UpstreamTlsConfig,
+) -> Result<Option<ServerName<'static>>, BuildError> {
+    tls.server_name
+        .as_ref()
+        .map(|n| {
+            ServerName::try_from(n.clone())
+                .map_err(|e| BuildError::new(format!("upstreams.{name}.tls.server_name: {e}")))
+        })
+        .transpose()
+}
