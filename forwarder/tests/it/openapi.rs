@@ -249,6 +249,10 @@ fn every_api_error() -> Vec<ApiError> {
         ApiError::TooManyInFlight(1),
         ApiError::DuplicateId("x".into()),
         ApiError::StoreUnavailable("x"),
+        ApiError::QuotaExceeded {
+            retry_after: std::time::Duration::from_secs(1),
+            limits: Vec::new(),
+        },
     ];
     for e in &all {
         match e {
@@ -269,7 +273,8 @@ fn every_api_error() -> Vec<ApiError> {
             | ApiError::Overloaded
             | ApiError::TooManyInFlight(_)
             | ApiError::DuplicateId(_)
-            | ApiError::StoreUnavailable(_) => {}
+            | ApiError::StoreUnavailable(_)
+            | ApiError::QuotaExceeded { .. } => {}
         }
     }
     all
