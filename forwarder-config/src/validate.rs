@@ -195,6 +195,7 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
         }
     }
     e.duration(config.auth.reload_interval, false, "auth.reload_interval");
+    validate_async(&config.async_jobs, &mut e);
 
     if let Some(rl) = &config.rate_limit {
         e.check(
@@ -342,6 +343,38 @@ impl MockSettings {
         } else {
             Err(e.0)
         }
+    }
+}
+
+/// `async`: bounds, and callbacks that can be signed when hosts are allowed.
+fn validate_async(a: &crate::AsyncConfig, e: &mut Errors) {
+    e.check(a.capacity >= 1, "async.capacity", "must be at least 1");
+    e.check(a.workers >= 1, "async.workers", "must be at least 1");
+    e.check(a.max_jobs >= 1, "async.max_jobs", "must be at least 1");
+    e.duration(a.job_ttl, false, "async.job_ttl");
+    let c = &a.callbacks;
+    e.check(
+        c.max_attempts >= 1,
+        "async.callbacks.max_attempts",
+        "must be at least 1",
+    );
+    e.duration(c.base_delay, true, "async.callbacks.base_delay");
+    e.duration(c.max_delay, true, "async.callbacks.max_delay");
+    e.duration(c.timeout, false, "async.callbacks.timeout");
+    e.check(
+        c.allowed_hosts.is_empty() || c.secrets_file.is_some(),
+        "async.callbacks.secrets_file",
+        "is required when allowed_hosts is set (callbacks are always signed)",
+    );
+    for h in &c.allowed_hosts {
+        e.check(
+            !h.host.is_empty()
+                && h.host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)),
+            "async.callbacks.allowed_hosts",
+            "entries must be host names or IP literals",
+        );
     }
 }
 

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod auth;
 pub mod frontends;
+pub mod jobs;
 pub mod mock_llm;
 pub mod pipeline;
 pub mod server;

@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use crate::frontends::conn::{ConnTimeouts, CountedListener, ReadTimeouts};
 use crate::frontends::grpc::{pb, GrpcFrontend};
 use crate::frontends::{http, serve, Lifecycle};
+use crate::jobs::Jobs;
 use crate::pipeline::Pipeline;
 use crate::telemetry::Metrics;
 use crate::BuildError;
@@ -42,6 +43,9 @@ pub struct Server {
     listeners: Vec<JoinHandle<()>>,
     health: Option<tonic_health::server::HealthReporter>,
     background: Vec<JoinHandle<()>>,
+    jobs: Option<Arc<Jobs>>,
+    /// Async job workers: stop fetching at shutdown, finish what they run.
+    workers: Vec<JoinHandle<()>>,
 }
 
 async fn bind(
@@ -93,7 +97,12 @@ impl Server {
                 addr: cfg.server.listen,
                 source,
             })?;
-        let app = http::router(pipeline.clone(), lifecycle.clone());
+        let jobs = if cfg.async_jobs.enabled {
+            Some(Jobs::new(pipeline.clone())?)
+        } else {
+            None
+        };
+        let app = http::router(pipeline.clone(), lifecycle.clone(), jobs.clone());
         let server_cfg = cfg.server.clone();
         let stop_http = when_stopped();
         let http_task = tokio::spawn(async move {
@@ -150,6 +159,7 @@ impl Server {
             )));
         }
 
+        let workers = jobs.as_ref().map(Jobs::start).unwrap_or_default();
         let mut background = Vec::new();
         if let Some(keys) = pipeline.api_keys() {
             background.push(keys.clone().watch(cfg.auth.reload_interval));
@@ -163,6 +173,8 @@ impl Server {
             listeners,
             health,
             background,
+            jobs,
+            workers,
         })
     }
 }
@@ -188,12 +200,23 @@ impl Server {
             .iter()
             .map(JoinHandle::abort_handle)
             .collect();
+        if let Some(jobs) = &self.jobs {
+            jobs.stop();
+        }
+        let aborts: Vec<_> = aborts
+            .into_iter()
+            .chain(self.workers.iter().map(JoinHandle::abort_handle))
+            .collect();
         let sessions = self.lifecycle.sessions.clone();
+        let workers = self.workers;
         let everything = async move {
             for listener in self.listeners {
                 let _ = listener.await;
             }
             sessions.wait().await;
+            for worker in workers {
+                let _ = worker.await;
+            }
         };
         if tokio::time::timeout(shutdown.grace_period, everything)
             .await

@@ -24,7 +24,21 @@ use crate::pipeline::{Answer, Call, Pipeline, RequestMeta};
 use crate::sse;
 use crate::telemetry::Protocol;
 
-use super::{ws, Lifecycle};
+use super::{jobs as async_jobs, ws, Lifecycle};
+use crate::jobs::Jobs;
+
+/// The HTTP routes' state: the pipeline, and the async jobs when enabled.
+#[derive(Clone)]
+pub struct HttpState {
+    pub pipeline: Arc<Pipeline>,
+    pub jobs: Option<Arc<Jobs>>,
+}
+
+impl axum::extract::FromRef<HttpState> for Arc<Pipeline> {
+    fn from_ref(s: &HttpState) -> Self {
+        s.pipeline.clone()
+    }
+}
 
 /// The request's id: the client's `X-Request-Id` if usable, else generated.
 #[derive(Debug, Clone)]
@@ -34,14 +48,18 @@ const REQUEST_ID: &str = "x-request-id";
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 const REPLAYED: &str = "idempotent-replayed";
 
-pub fn router(pipeline: Arc<Pipeline>, lifecycle: Lifecycle) -> Router {
+pub fn router(pipeline: Arc<Pipeline>, lifecycle: Lifecycle, jobs: Option<Arc<Jobs>>) -> Router {
+    let state = HttpState {
+        pipeline: pipeline.clone(),
+        jobs: jobs.clone(),
+    };
     // The two forwarding routes set their request id themselves: the
     // middleware's boxing and request extensions cost about a tenth of the
     // forwarder's instructions per request.
     let hot = Router::new()
         .route("/api/v1/message", post_only(simple_message))
         .route("/v1/chat/completions", post_only(chat_completions))
-        .with_state(pipeline.clone());
+        .with_state(state);
     let mut rest = Router::new();
     if pipeline.config().websocket.enabled {
         let ws = ws::WsState {
@@ -54,6 +72,7 @@ pub fn router(pipeline: Arc<Pipeline>, lifecycle: Lifecycle) -> Router {
                 .with_state(ws),
         );
     }
+    let async_routes = jobs.map(|jobs| async_jobs::routes(pipeline.clone(), jobs));
     let rest = rest
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
@@ -62,15 +81,20 @@ pub fn router(pipeline: Arc<Pipeline>, lifecycle: Lifecycle) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed.into_response() })
-        .with_state(pipeline)
-        .layer(middleware::from_fn(request_id));
+        .with_state(pipeline);
+    let rest = match async_routes {
+        Some(routes) => rest.merge(routes),
+        None => rest,
+    }
+    .layer(middleware::from_fn(request_id));
     hot.merge(rest)
 }
 
 /// A POST route whose other methods get the JSON 405.
-fn post_only<H, T>(handler: H) -> axum::routing::MethodRouter<Arc<Pipeline>>
+pub(super) fn post_only<H, T, S>(handler: H) -> axum::routing::MethodRouter<S>
 where
-    H: axum::handler::Handler<T, Arc<Pipeline>>,
+    H: axum::handler::Handler<T, S>,
+    S: Clone + Send + Sync + 'static,
     T: 'static,
 {
     post(handler).fallback(|| async {
@@ -91,7 +115,7 @@ fn request_id_of(headers: &HeaderMap) -> String {
 }
 
 /// Echoes the request id on a response.
-fn with_request_id(mut resp: Response, id: &str) -> Response {
+pub(super) fn with_request_id(mut resp: Response, id: &str) -> Response {
     if let Ok(v) = HeaderValue::from_str(id) {
         resp.headers_mut().insert(REQUEST_ID, v);
     }
@@ -123,7 +147,7 @@ fn split(req: Request) -> (RequestId, HeaderMap, Body) {
 
 /// The pipeline's view of an HTTP request; the header map moves in whole
 /// (the pipeline passes on the allow-listed part).
-fn meta(headers: HeaderMap, id: &RequestId) -> RequestMeta {
+pub(super) fn meta(headers: HeaderMap, id: &RequestId) -> RequestMeta {
     let mut meta = RequestMeta::new(Protocol::Http, id.0.clone());
     meta.credential = auth::credential(&headers).map(str::to_string);
     meta.idempotency_key = headers
@@ -137,7 +161,7 @@ fn meta(headers: HeaderMap, id: &RequestId) -> RequestMeta {
 
 /// Reads the body up to the configured limit. Called only after the
 /// request was admitted: an unauthenticated body is never buffered.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+pub(super) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(body, limit).await.map_err(|e| {
         let too_large = e
             .into_inner()
@@ -151,7 +175,7 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     })
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(super) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
@@ -231,26 +255,41 @@ fn concat(mut events: Vec<Bytes>) -> Bytes {
 }
 
 /// `POST /api/v1/message`: translated to a chat request at this edge.
-async fn simple_message(State(p): State<Arc<Pipeline>>, req: Request) -> Response {
+async fn simple_message(
+    State(p): State<Arc<Pipeline>>,
+    State(s): State<HttpState>,
+    req: Request,
+) -> Response {
     let (id, headers, body) = split(req);
-    let resp = forward_simple(&p, &id, headers, body).await;
+    let resp = forward_simple(&p, s.jobs.as_ref(), &id, headers, body).await;
     with_request_id(resp, &id.0)
 }
 
-async fn forward_simple(p: &Pipeline, id: &RequestId, headers: HeaderMap, body: Body) -> Response {
+async fn forward_simple(
+    p: &Pipeline,
+    jobs: Option<&Arc<Jobs>>,
+    id: &RequestId,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let admitted = match p.admit(meta(headers, id)) {
         Ok(a) => a,
         Err(e) => return e.into_response(),
     };
     let body = read_body(body, p.config().server.max_body_bytes).await;
+    let parsed = body.and_then(|body| parse_json::<SimpleRequest>(&body));
+    if let Ok(req) = &parsed {
+        if req.run_async {
+            return async_jobs::submit_simple(p, jobs, admitted, req).await;
+        }
+    }
     let mut client_request_id = None;
-    let call = body.and_then(|body| {
-        let req: SimpleRequest = parse_json(&body)?;
+    let call = parsed.map(|req| {
         client_request_id.clone_from(&req.request_id);
-        Ok(Call {
+        Call {
             body: simple_to_chat(&req),
             idempotency_key: req.request_id,
-        })
+        }
     });
     let answer = match p.run(admitted, call).await {
         Ok(a) => a,
@@ -344,7 +383,7 @@ async fn metrics(State(p): State<Arc<Pipeline>>) -> Response {
         .into_response()
 }
 
-fn not_found(msg: &str) -> Response {
+pub(super) fn not_found(msg: &str) -> Response {
     (
         StatusCode::NOT_FOUND,
         Json(json!({"error": {"message": msg, "type": "invalid_request_error", "code": "not_found"}})),

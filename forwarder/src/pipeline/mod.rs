@@ -97,6 +97,16 @@ impl Admission {
     pub fn principal(&self) -> &Identity {
         &self.principal
     }
+
+    /// Ends a request answered without running it (an accepted async job).
+    pub fn answered(mut self, code: u16) {
+        self.obs.finish(code);
+    }
+
+    /// Ends a request refused by its front end after admission.
+    pub fn refuse(mut self, err: ApiError) -> ApiError {
+        self.obs.fail(err)
+    }
 }
 
 /// Longest accepted idempotency key.
@@ -253,6 +263,17 @@ impl Pipeline {
             meta,
             started: Instant::now(),
         })
+    }
+
+    /// Admits a request for a principal authenticated and rate-limited
+    /// earlier (an async job, run by a worker after it was accepted).
+    pub fn admit_as(&self, principal: Identity, meta: RequestMeta) -> Admission {
+        Admission {
+            obs: self.observer(meta.protocol, &meta.request_id),
+            principal,
+            meta,
+            started: Instant::now(),
+        }
     }
 
     /// Runs an admitted request through the remaining stages. `call` is

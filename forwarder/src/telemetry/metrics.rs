@@ -267,6 +267,11 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every metric.
+    /// For subsystems that register their own series (async jobs).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         // Encoding into a Vec cannot fail for well-formed metrics.

@@ -10,3 +10,4 @@ pub mod retry;
 
 pub use error::UpstreamError;
 pub use pool::{Endpoint, Lease, PickError, Pools};
+pub(crate) use providers::tls_config;
