@@ -20,12 +20,23 @@ SYSTEM_DEPS=(
   "prometheus:prometheus"  # the autoscaler loop test scrapes real forwarders
   "etcd:etcd-server"  # envtest: the real API server's store (/usr/bin/etcd)
   "openssl:openssl"   # envtest: the control plane's certificates
+  # librdkafka (async jobs' Kafka queue) is built from the rdkafka crate's
+  # sources and linked statically: make, pkg-config, OpenSSL and zlib headers.
+  "make:make"
+  "pkg-config:pkg-config"
+  "/usr/include/openssl/ssl.h:libssl-dev"
+  "/usr/include/zlib.h:zlib1g-dev"
 )
 
 install_system_deps() {
   local missing=()
   for pair in "${SYSTEM_DEPS[@]}"; do
-    command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair##*:}")
+    local what="${pair%%:*}"
+    if [[ $what == /* ]]; then
+      [ -e "$what" ] || missing+=("${pair##*:}")  # a file (headers) the package ships
+    else
+      command -v "$what" >/dev/null 2>&1 || missing+=("${pair##*:}")
+    fi
   done
   if ! python3 -m venv --help >/dev/null 2>&1; then missing+=("python3-venv"); fi
   if ((${#missing[@]})); then
@@ -90,6 +101,41 @@ setup_k8s_binaries() {
   log "real API server tests: KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS"
 }
 setup_k8s_binaries
+
+# The Kafka-queue tests need a Kafka-protocol broker: tansu, named by
+# $TANSU_BIN, else on PATH, else ../shared/kafka/bin/tansu.gz decompressed
+# once into target/kafka-bin. Without one they are reported as ignored.
+setup_kafka_broker() {
+  if [ -n "${TANSU_BIN:-}" ]; then
+    log "Kafka tests: TANSU_BIN=$TANSU_BIN"
+    return
+  fi
+  if command -v tansu >/dev/null 2>&1; then
+    TANSU_BIN="$(command -v tansu)"
+    export TANSU_BIN
+    log "Kafka tests: tansu on PATH ($TANSU_BIN)"
+    return
+  fi
+  local gz=../shared/kafka/bin/tansu.gz out=target/kafka-bin
+  if [ ! -f "$gz" ]; then
+    log "Kafka tests WILL BE SKIPPED (reported as ignored): no TANSU_BIN, no tansu on PATH, no $gz"
+    return
+  fi
+  mkdir -p "$out"
+  local sum
+  sum=$(sha256sum "$gz" | cut -d' ' -f1)
+  if [ ! -x "$out/tansu" ] || [ "$(cat "$out/tansu.gz.sha256" 2>/dev/null)" != "$sum" ]; then
+    log "decompressing $gz into $out"
+    gzip -dc "$gz" > "$out/tansu.tmp"
+    chmod +x "$out/tansu.tmp"
+    mv "$out/tansu.tmp" "$out/tansu"
+    echo "$sum" > "$out/tansu.gz.sha256"
+  fi
+  TANSU_BIN="$(pwd)/$out/tansu"
+  export TANSU_BIN
+  log "Kafka tests: TANSU_BIN=$TANSU_BIN"
+}
+setup_kafka_broker
 
 if [ -z "${SKIP_LINT:-}" ]; then
   log "cargo fmt --check"

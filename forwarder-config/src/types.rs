@@ -528,6 +528,8 @@ pub struct AsyncConfig {
     /// Jobs (any state) kept per replica; the oldest finished go first.
     pub max_jobs: usize,
     pub callbacks: CallbackConfig,
+    /// With `queue: kafka`.
+    pub kafka: KafkaConfig,
 }
 
 impl Default for AsyncConfig {
@@ -540,6 +542,7 @@ impl Default for AsyncConfig {
             job_ttl: Duration::from_secs(24 * 3600),
             max_jobs: 100_000,
             callbacks: CallbackConfig::default(),
+            kafka: KafkaConfig::default(),
         }
     }
 }
@@ -550,6 +553,58 @@ pub enum QueueKind {
     /// In process and bounded: jobs do not survive a restart.
     #[default]
     Embedded,
+    /// A Kafka-protocol broker: `async.kafka`.
+    Kafka,
+}
+
+/// The Kafka queue: a jobs topic read by a consumer group; an offset is
+/// committed only after the job's result is stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port…]`.
+    pub bootstrap_servers: String,
+    pub topic: String,
+    /// Where a job goes after `max_attempts` failed runs, or a message that
+    /// is not a job.
+    pub dead_letter_topic: String,
+    pub consumer_group: String,
+    /// Partitions of the topics when the forwarder creates them.
+    pub partitions: i32,
+    /// Runs of one job (a transient upstream failure counts) before it is
+    /// dead-lettered.
+    pub max_attempts: u32,
+    /// `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`.
+    pub security_protocol: String,
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`, with SASL.
+    pub sasl_mechanism: Option<String>,
+    pub sasl_username_file: Option<PathBuf>,
+    pub sasl_password_file: Option<PathBuf>,
+    /// CA bundle (PEM) for the brokers' certificates, with SSL.
+    pub ssl_ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM), for mutual TLS.
+    pub ssl_cert_file: Option<PathBuf>,
+    pub ssl_key_file: Option<PathBuf>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: String::new(),
+            topic: "forwarder-jobs".into(),
+            dead_letter_topic: "forwarder-jobs-dead-letter".into(),
+            consumer_group: "forwarder".into(),
+            partitions: 12,
+            max_attempts: 3,
+            security_protocol: "plaintext".into(),
+            sasl_mechanism: None,
+            sasl_username_file: None,
+            sasl_password_file: None,
+            ssl_ca_file: None,
+            ssl_cert_file: None,
+            ssl_key_file: None,
+        }
+    }
 }
 
 /// Result callbacks, signed per the Standard Webhooks specification.

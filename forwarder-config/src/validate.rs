@@ -352,6 +352,66 @@ fn validate_async(a: &crate::AsyncConfig, e: &mut Errors) {
     e.check(a.workers >= 1, "async.workers", "must be at least 1");
     e.check(a.max_jobs >= 1, "async.max_jobs", "must be at least 1");
     e.duration(a.job_ttl, false, "async.job_ttl");
+    if a.queue == crate::QueueKind::Kafka {
+        let k = &a.kafka;
+        e.check(
+            !k.bootstrap_servers.trim().is_empty(),
+            "async.kafka.bootstrap_servers",
+            "is required with queue: kafka",
+        );
+        for (field, name) in [
+            ("async.kafka.topic", &k.topic),
+            ("async.kafka.dead_letter_topic", &k.dead_letter_topic),
+            ("async.kafka.consumer_group", &k.consumer_group),
+        ] {
+            e.check(
+                !name.is_empty()
+                    && name.len() <= 249
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)),
+                field,
+                "must be 1-249 characters of letters, digits, . _ -",
+            );
+        }
+        e.check(
+            k.topic != k.dead_letter_topic,
+            "async.kafka.dead_letter_topic",
+            "must differ from topic",
+        );
+        e.check(
+            k.partitions >= 1,
+            "async.kafka.partitions",
+            "must be at least 1",
+        );
+        e.check(
+            k.max_attempts >= 1,
+            "async.kafka.max_attempts",
+            "must be at least 1",
+        );
+        let sasl = matches!(k.security_protocol.as_str(), "sasl_plaintext" | "sasl_ssl");
+        e.check(
+            matches!(
+                k.security_protocol.as_str(),
+                "plaintext" | "ssl" | "sasl_plaintext" | "sasl_ssl"
+            ),
+            "async.kafka.security_protocol",
+            "must be plaintext, ssl, sasl_plaintext or sasl_ssl",
+        );
+        e.check(
+            !sasl
+                || (k.sasl_mechanism.is_some()
+                    && k.sasl_username_file.is_some()
+                    && k.sasl_password_file.is_some()),
+            "async.kafka.sasl_mechanism",
+            "SASL needs sasl_mechanism, sasl_username_file and sasl_password_file",
+        );
+        e.check(
+            k.ssl_cert_file.is_some() == k.ssl_key_file.is_some(),
+            "async.kafka.ssl_key_file",
+            "ssl_cert_file and ssl_key_file go together",
+        );
+    }
     let c = &a.callbacks;
     e.check(
         c.max_attempts >= 1,

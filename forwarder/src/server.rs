@@ -98,7 +98,7 @@ impl Server {
                 source,
             })?;
         let jobs = if cfg.async_jobs.enabled {
-            Some(Jobs::new(pipeline.clone())?)
+            Some(Jobs::new(pipeline.clone()).await?)
         } else {
             None
         };
@@ -224,6 +224,9 @@ impl Server {
         {
             tracing::warn!("grace period over; closing the remaining connections");
             aborts.iter().for_each(|a| a.abort());
+        }
+        if let Some(jobs) = &self.jobs {
+            jobs.close().await;
         }
         for task in self.background {
             task.abort();

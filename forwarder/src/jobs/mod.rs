@@ -5,15 +5,19 @@
 //!
 //! The job id is the request's idempotency key in the pipeline, so a job
 //! delivered twice runs upstream once: the second run replays or joins.
-//! Today's queue is the embedded one ([`queue::EmbeddedQueue`]): jobs and
-//! their results live in this process and are lost when it stops.
+//! Queues: embedded ([`queue::EmbeddedQueue`], in process, lost on restart)
+//! or Kafka (`kafka.rs`: at-least-once, an offset committed only after the
+//! job's result is stored). Job records live in this process (`table.rs`).
 
 mod callback;
+mod kafka;
 mod metrics;
 pub mod model;
+mod offsets;
 pub mod queue;
 mod table;
 pub mod webhook;
+pub mod wire;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -31,10 +35,10 @@ use crate::pipeline::{Call, Pipeline, RequestMeta};
 use crate::telemetry::Protocol;
 use crate::BuildError;
 use callback::Callbacks;
-use forwarder_config::AsyncConfig;
+use forwarder_config::{AsyncConfig, QueueKind};
 use metrics::JobMetrics;
 use model::{Callback, DeliveryState, Job, JobKind, JobResponse, JobState};
-use queue::{EmbeddedQueue, Queue, QueueError};
+use queue::{Delivery, EmbeddedQueue, Queue, QueueError};
 use table::{JobTable, Start};
 
 /// Why a cancellation was refused.
@@ -62,13 +66,17 @@ pub fn now_ms() -> u64 {
 }
 
 impl Jobs {
-    pub fn new(pipeline: Arc<Pipeline>) -> Result<Arc<Self>, BuildError> {
+    pub async fn new(pipeline: Arc<Pipeline>) -> Result<Arc<Self>, BuildError> {
         let cfg = pipeline.config().async_jobs.clone();
         let metrics = Arc::new(JobMetrics::new(pipeline.metrics().registry()));
         let callbacks = Callbacks::from_config(&cfg.callbacks)?.map(Arc::new);
+        let queue: Arc<dyn Queue> = match cfg.queue {
+            QueueKind::Embedded => Arc::new(EmbeddedQueue::new(cfg.capacity)),
+            QueueKind::Kafka => kafka::KafkaQueue::start(&cfg.kafka, cfg.workers).await?,
+        };
         Ok(Arc::new(Self {
             table: Arc::new(JobTable::new(cfg.max_jobs)),
-            queue: Arc::new(EmbeddedQueue::new(cfg.capacity)),
+            queue,
             to_upstream: HeaderAllow::new(&pipeline.config().headers.to_upstream),
             callbacks,
             metrics,
@@ -94,6 +102,7 @@ impl Jobs {
                 }
                 let ttl = u64::try_from(me.cfg.job_ttl.as_millis()).unwrap_or(u64::MAX);
                 me.table.sweep(now_ms(), ttl);
+                me.metrics.queue_depth.set(depth(me.queue.as_ref()));
             }
         }));
         tasks
@@ -102,7 +111,13 @@ impl Jobs {
     /// Stops fetching jobs; runs already started finish (the caller bounds
     /// the wait with the grace period).
     pub fn stop(&self) {
+        self.queue.stop();
         self.stop.cancel();
+    }
+
+    /// After the workers stopped: commits what finished.
+    pub async fn close(&self) {
+        self.queue.close().await;
     }
 
     /// Accepts a job for `owner`. `body` is a chat-completions request
@@ -153,11 +168,11 @@ impl Jobs {
         self.table
             .insert(job.clone(), now)
             .map_err(|()| ApiError::Overloaded)?;
-        if let Err(e) = self.queue.push(job.id.clone()).await {
+        if let Err(e) = self.queue.push(&job).await {
             // Never left queued with no delivery on the way.
             self.table.cancel(&job.id, &job.owner, now);
             return Err(match e {
-                QueueError::Full => ApiError::Overloaded,
+                QueueError::Full | QueueError::Unavailable => ApiError::Overloaded,
                 QueueError::Closed => ApiError::ShuttingDown,
             });
         }
@@ -192,20 +207,27 @@ impl Jobs {
                 },
             };
             self.metrics.queue_depth.set(depth(self.queue.as_ref()));
-            self.run(&delivery.job_id).await;
-            self.queue.ack(delivery).await;
+            self.handle(delivery).await;
         }
     }
 
-    async fn run(&self, id: &str) {
+    async fn handle(&self, delivery: Delivery) {
+        if let Some(job) = &delivery.job {
+            if !self.table.adopt(job, now_ms()) {
+                // No room: leave it unacknowledged, to be redelivered.
+                tracing::warn!("job table full; a delivered job is handed back");
+                return;
+            }
+        }
+        let id = delivery.job_id.clone();
         let picked = now_ms();
-        let job = match self.table.start(id, picked) {
+        let job = match self.table.start(&id, picked) {
             Start::Run(job) => job,
             Start::Expired => {
                 self.metrics.entered(JobState::Expired);
-                return;
+                return self.queue.ack(delivery).await;
             }
-            Start::Skip => return,
+            Start::Skip => return self.queue.ack(delivery).await,
         };
         self.metrics
             .wait
@@ -216,9 +238,24 @@ impl Jobs {
         self.metrics
             .run
             .observe(done.saturating_sub(picked) as f64 / 1000.0);
-        let Ok(job) = self.table.finish(id, response, done) else {
+        let transient = is_transient(response.status_code);
+        if transient && self.queue.can_retry(delivery.attempt) {
+            self.table.requeue(&id);
+            self.metrics.entered(JobState::Queued);
+            if let Err(e) = self.queue.retry(delivery, &job).await {
+                tracing::warn!(error = %e, "could not enqueue a job's retry; it is redelivered later");
+            }
             return;
-        };
+        }
+        // The result is stored before the delivery is acknowledged.
+        let finished = self.table.finish(&id, response, done);
+        if transient && delivery.token.is_some() {
+            let reason = format!("failed {} times", delivery.attempt);
+            self.queue.dead_letter(delivery, &job, &reason).await;
+        } else {
+            self.queue.ack(delivery).await;
+        }
+        let Ok(job) = finished else { return };
         self.metrics.entered(job.state);
         if let (Some(cb), Some(_)) = (&self.callbacks, &job.callback) {
             let payload = callback_payload(&job, done);
@@ -270,6 +307,12 @@ impl Jobs {
             },
         }
     }
+}
+
+/// Answers worth another run later: the upstream was overloaded or down
+/// (the pipeline's own retries are spent by then).
+fn is_transient(status: u16) -> bool {
+    matches!(status, 408 | 429 | 500 | 502 | 503 | 504)
 }
 
 fn depth(q: &dyn Queue) -> i64 {

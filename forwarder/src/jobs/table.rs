@@ -56,6 +56,22 @@ impl JobTable {
         Ok(())
     }
 
+    /// Takes in a job accepted elsewhere (another replica, or before a
+    /// restart) unless it is known already. False when there is no room.
+    pub fn adopt(&self, job: &Job, now_ms: u64) -> bool {
+        if self.inner.lock().0.contains_key(&job.id) {
+            return true;
+        }
+        self.insert(job.clone(), now_ms).is_ok()
+    }
+
+    /// A run that failed transiently goes back to `queued` for its next try.
+    pub fn requeue(&self, id: &str) {
+        if let Some(job) = self.inner.lock().0.get_mut(id) {
+            let _ = job.requeue();
+        }
+    }
+
     /// The job, if `owner` owns it: another client's job reads as absent.
     pub fn get(&self, id: &str, owner: &Identity) -> Option<Job> {
         self.inner

@@ -11,6 +11,7 @@ mod fidelity;
 mod grpc;
 mod hostile;
 mod idempotency;
+mod kafka;
 mod keys;
 mod metrics;
 mod python_clients;
