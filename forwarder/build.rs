@@ -8,6 +8,7 @@ use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     kafka_broker();
+    redis_server_cfg();
     let proto = "proto/modelforwarder/v1/forwarder.proto";
     println!("cargo:rerun-if-changed={proto}");
     let fds = protox::compile([proto], ["proto"])?;
@@ -35,5 +36,22 @@ fn kafka_broker() {
         println!("cargo:rerun-if-changed={}", bin.display());
         println!("cargo:rustc-cfg=kafka");
         println!("cargo:rustc-env=TANSU_PATH={}", bin.display());
+    }
+}
+
+/// `cfg(redis_server)`: a `redis-server` binary is on PATH, so the tests
+/// that need a real Redis run; without it they are reported as ignored
+/// (never as passed).
+fn redis_server_cfg() {
+    println!("cargo::rustc-check-cfg=cfg(redis_server)");
+    println!("cargo:rerun-if-env-changed=PATH");
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("redis-server"))
+            .find(|p| p.is_file())
+    });
+    if let Some(bin) = found {
+        println!("cargo:rerun-if-changed={}", bin.display());
+        println!("cargo:rustc-cfg=redis_server");
     }
 }

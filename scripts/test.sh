@@ -26,6 +26,7 @@ SYSTEM_DEPS=(
   "pkg-config:pkg-config"
   "/usr/include/openssl/ssl.h:libssl-dev"
   "/usr/include/zlib.h:zlib1g-dev"
+  "redis-server:redis-server"  # the store, cache and rate-limit tests run a real Redis
 )
 
 install_system_deps() {

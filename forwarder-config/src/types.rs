@@ -33,6 +33,10 @@ pub struct Config {
     /// Asynchronous jobs (`/v1/async/...`): queue, workers, retention, callbacks.
     #[serde(rename = "async")]
     pub async_jobs: AsyncConfig,
+    /// Shared state (idempotency records, cached answers, job records).
+    pub store: StoreConfig,
+    /// The exact-match response cache, per model.
+    pub cache: CacheConfig,
 }
 
 impl Default for Config {
@@ -52,6 +56,8 @@ impl Default for Config {
             headers: HeadersConfig::default(),
             limits: LimitsConfig::default(),
             async_jobs: AsyncConfig::default(),
+            store: StoreConfig::default(),
+            cache: CacheConfig::default(),
         }
     }
 }
@@ -199,12 +205,35 @@ pub struct IdempotencyConfig {
     /// How long a completed answer is replayed for a repeated key.
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
-    /// Bytes of answers kept in memory (keys and bodies); the least
-    /// recently used go first, so a new answer is always admitted.
+    /// Bounds `max_record_bytes`. Answers now live in the shared store,
+    /// whose memory backend is bounded by `store.max_bytes`.
     pub max_bytes: u64,
     /// Largest answer recorded for replay (a streamed answer's events
     /// included); a longer answer is relayed but not stored.
     pub max_record_bytes: usize,
+    /// What a request with a key does when the store fails (Redis down):
+    /// `fail_open` forwards it unprotected; `fail_closed` answers 503.
+    pub on_store_error: FailurePolicy,
+    /// How long a claim on a key holds without renewal; renewed every
+    /// third of it while the request runs, so a crashed replica's claim
+    /// frees the key after at most this long.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// How long a duplicate waits for another replica's claim on its key
+    /// to complete (then replays it) before answering 409; also bounded
+    /// by the request's own deadline.
+    #[serde(with = "humantime_serde")]
+    pub wait: Duration,
+}
+
+/// What a use of the store does when the store fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePolicy {
+    /// Go on as if the store had nothing (counted and logged).
+    FailOpen,
+    /// Refuse the request with 503 and a clear message.
+    FailClosed,
 }
 
 impl Default for IdempotencyConfig {
@@ -213,6 +242,9 @@ impl Default for IdempotencyConfig {
             ttl: Duration::from_secs(600),
             max_bytes: 64 * 1024 * 1024,
             max_record_bytes: 4 * 1024 * 1024,
+            on_store_error: FailurePolicy::FailOpen,
+            lease: Duration::from_secs(30),
+            wait: Duration::from_secs(30),
         }
     }
 }
@@ -649,4 +681,141 @@ pub struct CallbackHost {
     /// Allows `http://` to this host (otherwise only `https://`).
     #[serde(default)]
     pub allow_http: bool,
+}
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreBackend {
+    /// In this process only: bounded in bytes, least recently used evicted first.
+    Memory,
+    /// Shared by every replica on one Redis.
+    Redis,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    pub backend: StoreBackend,
+    /// Memory backend: bytes kept (keys and records); the least recently
+    /// used go first, so a new record is always admitted.
+    pub max_bytes: u64,
+    /// Required when `backend: redis`.
+    pub redis: Option<RedisConfig>,
+    /// AES-256-GCM for every record written; required with Redis unless
+    /// `redis.allow_plaintext` is set.
+    pub encryption: Option<EncryptionConfig>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            backend: StoreBackend::Memory,
+            max_bytes: 64 * 1024 * 1024,
+            redis: None,
+            encryption: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:port` or `rediss://host:port` (TLS, rustls with the
+    /// system roots). Credentials belong in `username`/`password_file`.
+    pub url: String,
+    /// Database number.
+    pub db: i64,
+    /// ACL user; absent: the default user.
+    pub username: Option<String>,
+    /// File holding the password (a mounted Secret); absent: no AUTH.
+    pub password_file: Option<PathBuf>,
+    /// Bound on every call; past it the call fails and the use's failure
+    /// policy applies, so an outage never stalls a request.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Bound on (re)connecting.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Prefix of every key name.
+    pub key_prefix: String,
+    /// Start without `store.encryption`: records stored in the clear.
+    pub allow_plaintext: bool,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            db: 0,
+            username: None,
+            password_file: None,
+            timeout: Duration::from_millis(50),
+            connect_timeout: Duration::from_secs(1),
+            key_prefix: "mf".into(),
+            allow_plaintext: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EncryptionConfig {
+    /// The key ring: a file of `id: base64(32 bytes)` lines, or a directory
+    /// (a mounted Secret) with one file per key id. The newest key (the
+    /// last line; in a directory, the greatest id) encrypts; all decrypt.
+    pub key_file: PathBuf,
+    /// How often the key ring is checked for changes.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for EncryptionConfig {
+    fn default() -> Self {
+        Self {
+            key_file: PathBuf::new(),
+            reload_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Cache policy per model name; a model not listed is never cached.
+    pub models: std::collections::BTreeMap<String, ModelCacheConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cacheable {
+    /// Only requests with `temperature: 0`, or whose client opts in with
+    /// the `X-Cache-Opt-In: true` header.
+    Deterministic,
+    /// Every request (the answers of a sampling model are then replayed).
+    All,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelCacheConfig {
+    pub enabled: bool,
+    /// How long an answer is served from the cache.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    pub cacheable: Cacheable,
+    /// One cache for every client (a public FAQ); default: per client.
+    pub shared: bool,
+    /// Larger answers are served but not cached.
+    pub max_entry_bytes: usize,
+}
+
+impl Default for ModelCacheConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            ttl: Duration::from_secs(600),
+            cacheable: Cacheable::Deterministic,
+            shared: false,
+            max_entry_bytes: 256 * 1024,
+        }
+    }
 }

@@ -156,6 +156,8 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
     );
     e.duration(b.open_duration, false, "circuit_breaker.open_duration");
     e.duration(config.idempotency.ttl, false, "idempotency.ttl");
+    e.duration(config.idempotency.lease, false, "idempotency.lease");
+    e.duration(config.idempotency.wait, true, "idempotency.wait");
 
     e.check(
         config.idempotency.max_bytes >= 1024,
@@ -217,6 +219,17 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
         "upstreams",
         "at least one upstream is required",
     );
+    validate_store(&mut e, &config.store);
+    for (model, c) in &config.cache.models {
+        let at = format!("cache.models.{model}");
+        e.duration(c.ttl, false, format!("{at}.ttl"));
+        e.check(
+            c.max_entry_bytes >= 1,
+            format!("{at}.max_entry_bytes"),
+            "must be at least 1",
+        );
+    }
+
     let mut names = HashSet::new();
     for (i, u) in config.upstreams.iter().enumerate() {
         let at = format!("upstreams[{i}]");
@@ -231,6 +244,52 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
         Ok(())
     } else {
         Err(e.0)
+    }
+}
+
+fn validate_store(e: &mut Errors, s: &crate::StoreConfig) {
+    e.check(
+        s.max_bytes >= 1024,
+        "store.max_bytes",
+        "must be at least 1024",
+    );
+    if let Some(enc) = &s.encryption {
+        e.check(
+            !enc.key_file.as_os_str().is_empty(),
+            "store.encryption.key_file",
+            "must be set",
+        );
+        e.duration(
+            enc.reload_interval,
+            false,
+            "store.encryption.reload_interval",
+        );
+    }
+    match (&s.backend, &s.redis) {
+        (crate::StoreBackend::Redis, None) => {
+            e.check(false, "store.redis", "required when store.backend is redis")
+        }
+        (crate::StoreBackend::Redis, Some(r)) => {
+            e.check(
+                r.url.starts_with("redis://") || r.url.starts_with("rediss://"),
+                "store.redis.url",
+                "must start with redis:// or rediss://",
+            );
+            e.check(r.db >= 0, "store.redis.db", "must not be negative");
+            e.duration(r.timeout, false, "store.redis.timeout");
+            e.duration(r.connect_timeout, false, "store.redis.connect_timeout");
+            e.check(
+                !r.key_prefix.is_empty() && !r.key_prefix.contains(char::is_whitespace),
+                "store.redis.key_prefix",
+                "must be non-empty, without spaces",
+            );
+            e.check(
+                s.encryption.is_some() || r.allow_plaintext,
+                "store.encryption",
+                "required with the redis backend (or set store.redis.allow_plaintext: true)",
+            );
+        }
+        _ => {}
     }
 }
 

@@ -5,12 +5,14 @@
 
 pub mod api;
 pub mod auth;
+pub mod cache;
 pub mod frontends;
 pub mod jobs;
 pub mod mock_llm;
 pub mod pipeline;
 pub mod server;
 pub mod sse;
+pub mod store;
 pub mod telemetry;
 pub mod upstream;
 

@@ -50,6 +50,9 @@ pub enum ApiError {
     /// A WebSocket connection already has this many requests in flight.
     #[error("too many requests in flight on this connection (limit {0})")]
     TooManyInFlight(usize),
+    /// The shared store (idempotency) failed and the policy is fail_closed.
+    #[error("the {0} store is unavailable; retry later")]
+    StoreUnavailable(&'static str),
     /// A WebSocket request reused the id of one still in flight.
     #[error("request id {0:?} is already in flight on this connection")]
     DuplicateId(String),
@@ -70,9 +73,10 @@ impl ApiError {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST)
             }
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
-            Self::NoHealthyUpstream { .. } | Self::ShuttingDown | Self::Overloaded => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::NoHealthyUpstream { .. }
+            | Self::ShuttingDown
+            | Self::Overloaded
+            | Self::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -95,6 +99,7 @@ impl ApiError {
             Self::GatewayTimeout(_) => ("upstream_error", "upstream_timeout"),
             Self::ShuttingDown => ("server_error", "shutting_down"),
             Self::Overloaded => ("server_error", "overloaded"),
+            Self::StoreUnavailable(_) => ("server_error", "store_unavailable"),
             Self::TooManyInFlight(_) => ("rate_limit_error", "too_many_in_flight"),
             Self::DuplicateId(_) => ("invalid_request_error", "duplicate_request_id"),
             Self::RequestTimeout => ("invalid_request_error", "request_timeout"),

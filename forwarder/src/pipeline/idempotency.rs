@@ -1,14 +1,13 @@
 //! Idempotency: a completed answer is stored under the client's key and
 //! replayed for repeats within the TTL; concurrent duplicates share one
-//! upstream call. The store is a trait so a shared (Redis) store can replace
-//! the in-memory one; in-flight claims are per process, each held by a
-//! guard that releases its key when dropped, however the request ends.
+//! upstream call. Answers and cross-replica claims live in the shared
+//! store (see `claims.rs`); this module keeps the per-process flights,
+//! each held by a guard that releases its key when dropped, so duplicates
+//! within one process join one call without polling the store.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use futures::future::{BoxFuture, Shared};
 use parking_lot::Mutex;
@@ -22,71 +21,13 @@ use crate::pipeline::forward::Trace;
 /// different request is an error, not a replay.
 pub type Fingerprint = [u8; 32];
 
-/// An answer kept for replay.
-#[derive(Debug, Clone)]
-pub struct StoredAnswer {
-    pub fingerprint: Fingerprint,
-    pub reply: StoredReply,
-}
-
+/// An answer kept for replay (encoded into a store record by `claims.rs`).
 #[derive(Debug, Clone)]
 pub enum StoredReply {
     /// A completion's body, as the upstream sent it.
     Complete(Bytes),
     /// A stream's events, concatenated, `[DONE]` included.
     Stream(Bytes),
-}
-
-impl StoredAnswer {
-    fn weight(&self) -> usize {
-        match &self.reply {
-            StoredReply::Complete(b) | StoredReply::Stream(b) => b.len() + 64,
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("idempotency store: {0}")]
-pub struct StoreError(pub String);
-
-/// Where answers are kept between requests.
-#[async_trait]
-pub trait IdempotencyStore: Send + Sync {
-    async fn get(&self, key: &str) -> Result<Option<StoredAnswer>, StoreError>;
-    async fn put(&self, key: &str, answer: StoredAnswer) -> Result<(), StoreError>;
-}
-
-/// The embedded store: bounded in bytes, least recently used evicted first
-/// (so a new answer is always admitted), each answer kept for the TTL.
-pub struct MemoryStore {
-    cache: moka::sync::Cache<String, Arc<StoredAnswer>>,
-}
-
-impl MemoryStore {
-    pub fn new(ttl: Duration, max_bytes: u64) -> Self {
-        Self {
-            cache: moka::sync::Cache::builder()
-                .time_to_live(ttl)
-                .max_capacity(max_bytes)
-                .weigher(|k: &String, v: &Arc<StoredAnswer>| {
-                    u32::try_from(k.len() + v.weight()).unwrap_or(u32::MAX)
-                })
-                .eviction_policy(moka::policy::EvictionPolicy::lru())
-                .build(),
-        }
-    }
-}
-
-#[async_trait]
-impl IdempotencyStore for MemoryStore {
-    async fn get(&self, key: &str) -> Result<Option<StoredAnswer>, StoreError> {
-        Ok(self.cache.get(key).map(|a| (*a).clone()))
-    }
-
-    async fn put(&self, key: &str, answer: StoredAnswer) -> Result<(), StoreError> {
-        self.cache.insert(key.to_string(), Arc::new(answer));
-        Ok(())
-    }
 }
 
 /// The store key: scoped by client so two clients never share answers.
@@ -104,8 +45,10 @@ pub fn fingerprint(model: &str, body: &[u8]) -> Fingerprint {
     h.finalize().into()
 }
 
-/// The outcome of a shared upstream call: the completion's headers and body.
-pub type FlightResult = (Result<(http::HeaderMap, Bytes), ApiError>, Trace);
+/// The outcome of a shared upstream call: the completion's headers, body,
+/// and whether it was a stored answer (from another replica) rather than
+/// a fresh upstream call.
+pub type FlightResult = (Result<(http::HeaderMap, Bytes, bool), ApiError>, Trace);
 pub type Flight = Shared<BoxFuture<'static, FlightResult>>;
 
 enum InFlight {
@@ -263,25 +206,5 @@ mod tests {
             flights.is_empty(),
             "the leader's claim is released when it ends"
         );
-    }
-
-    #[tokio::test]
-    async fn memory_store_is_bounded_in_bytes_and_admits_new_answers() {
-        let store = MemoryStore::new(Duration::from_secs(60), 10_000);
-        let answer = |n: usize| StoredAnswer {
-            fingerprint: [0; 32],
-            reply: StoredReply::Complete(Bytes::from(vec![b'x'; n])),
-        };
-        for i in 0..50 {
-            store.put(&format!("k{i}"), answer(1000)).await.unwrap();
-            store.cache.run_pending_tasks();
-            assert!(
-                store.get(&format!("k{i}")).await.unwrap().is_some(),
-                "k{i} admitted"
-            );
-        }
-        store.cache.run_pending_tasks();
-        assert!(store.cache.weighted_size() <= 10_000);
-        assert!(store.get("k0").await.unwrap().is_none(), "oldest evicted");
     }
 }

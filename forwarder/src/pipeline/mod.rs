@@ -5,6 +5,8 @@
 //! an [`envelope::Envelope`]'s parts and the [`Answer`] back; no stage sees
 //! a wire format.
 
+mod cached;
+mod claims;
 pub mod envelope;
 mod forward;
 pub mod idempotency;
@@ -26,16 +28,15 @@ use tokio::time::Instant;
 use crate::api::{ApiError, HeaderAllow};
 use crate::auth::{ApiKeys, Identity};
 use crate::sse;
+use crate::store::{Space, StoreKey};
 use crate::telemetry::{Metrics, Protocol};
 use crate::upstream::Pools;
 use crate::BuildError;
+use claims::{Begin, Claims};
 use envelope::{peek, Context, Envelope, Reply, ReplyBody};
 use forward::{Forwarder, Trace};
 use forwarder_config::Config;
-use idempotency::{
-    fingerprint, scoped_key, Fingerprint, Flights, IdempotencyStore, MemoryStore, StoredAnswer,
-    StoredReply,
-};
+use idempotency::{fingerprint, scoped_key, Fingerprint, Flights, StoredReply};
 use observe::Observer;
 use rate_limit::RateLimit;
 
@@ -116,7 +117,12 @@ pub struct Pipeline {
     cfg: Config,
     keys: Option<Arc<ApiKeys>>,
     limit: Option<RateLimit>,
-    store: Arc<dyn IdempotencyStore>,
+    /// The response cache, when some model has one.
+    cache: Option<Arc<crate::cache::ResponseCache>>,
+    /// Idempotency claims and answers, on the shared store.
+    claims: Arc<Claims>,
+    /// The process's shared store (idempotency, cache, jobs).
+    shared: Arc<dyn crate::store::Store>,
     flights: Arc<Flights>,
     forwarder: Arc<Forwarder>,
     metrics: Arc<Metrics>,
@@ -164,13 +170,17 @@ impl Pipeline {
                 .iter()
                 .flat_map(|u| u.models.iter().map(move |m| (u.name.as_str(), m.as_str()))),
         );
+        let shared = crate::store::build(&cfg, &metrics)?;
+        let cache =
+            crate::cache::ResponseCache::new(&cfg.cache, shared.clone(), &metrics).map(Arc::new);
         Ok(Self {
             keys,
+            cache,
             limit: cfg.rate_limit.as_ref().map(RateLimit::new),
-            store: Arc::new(MemoryStore::new(
-                cfg.idempotency.ttl,
-                cfg.idempotency.max_bytes,
-            )),
+            claims: Arc::new(Claims {
+                store: shared.clone(),
+                cfg: cfg.idempotency.clone(),
+            }),
             flights: Arc::new(Flights::default()),
             forwarder: Arc::new(Forwarder {
                 pools,
@@ -185,12 +195,18 @@ impl Pipeline {
                 .max_concurrency
                 .map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
             waiting: Default::default(),
+            shared,
             cfg,
         })
     }
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// The process's shared store, for every subsystem that keeps state.
+    pub fn store(&self) -> &Arc<dyn crate::store::Store> {
+        &self.shared
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -310,6 +326,18 @@ impl Pipeline {
                 "idempotency key longer than {MAX_KEY_LEN} characters"
             ))));
         }
+        // The cache answers before a concurrency slot is taken: a hit
+        // costs no upstream capacity.
+        let directives = crate::cache::Directives::from_headers(&meta.headers);
+        let plan = self
+            .cache
+            .as_ref()
+            .and_then(|c| c.plan(&model, &principal.0, &call.body, directives));
+        if let (Some(cache), Some(plan)) = (&self.cache, &plan) {
+            if let Some(hit) = cached::lookup(cache, plan, stream).await {
+                return Ok(cached::hit(obs, hit));
+            }
+        }
         let slot = match &self.slots {
             Some(slots) => Some(
                 self.take_slot(slots, deadline)
@@ -334,9 +362,14 @@ impl Pipeline {
         let answer = match env.idempotency_key.clone() {
             Some(k) => {
                 let key = scoped_key(&env.ctx.principal, &k);
-                self.keyed(obs, key, env).await
+                let skey = StoreKey::new(Space::Idempotency, &env.ctx.principal.0, k.as_bytes());
+                self.keyed(obs, key, skey, env).await
             }
             None => self.dispatch(obs, env).await,
+        };
+        let answer = match (&self.cache, plan) {
+            (Some(cache), Some(plan)) => cached::fill(cache, plan, answer),
+            _ => answer,
         };
         // A stream holds its slot until it ends.
         match (answer, slot) {
@@ -391,60 +424,66 @@ impl Pipeline {
         }
     }
 
-    /// Forwards under an idempotency key: replay, join or lead.
+    /// Forwards under an idempotency key: replay, join (this process's
+    /// flight) or lead (claim the key in the shared store, or wait for
+    /// another replica's answer).
     async fn keyed(
         &self,
         mut obs: Observer,
         key: String,
+        skey: StoreKey,
         env: Envelope,
     ) -> Result<Answer, ApiError> {
         let fp = fingerprint(&env.model, &env.body);
-        if let Some(answer) = self.lookup(&key, &fp).await.map_err(|e| obs.fail(e))? {
+        if let Some(answer) = self
+            .claims
+            .lookup(&skey, &fp)
+            .await
+            .map_err(|e| obs.fail(e))?
+        {
             obs.replay = Some("stored");
             return Ok(self.replay(obs, answer));
         }
         if env.stream {
-            return self.keyed_stream(obs, key, fp, env).await;
+            return self.keyed_stream(obs, key, skey, fp, env).await;
         }
-        let (store, forwarder) = (self.store.clone(), self.forwarder.clone());
+        let (claims, forwarder) = (self.claims.clone(), self.forwarder.clone());
         let max_record = self.cfg.idempotency.max_record_bytes;
-        let task_key = key.clone();
+        let ttl = self.cfg.idempotency.ttl;
+        let deadline = env.ctx.deadline;
         let (flight, leader) = self
             .flights
             .lead_or_join(&key, fp, move |claim| {
                 async move {
                     let mut trace = Trace::default();
-                    // Re-check under the claim: an earlier leader may have
-                    // stored its answer between our lookup and our claim.
-                    let stored = match store.get(&task_key).await {
-                        Ok(Some(a)) if a.fingerprint != fp => Some(Err(ApiError::IdempotencyMismatch)),
-                        Ok(Some(StoredAnswer {
-                            reply: StoredReply::Complete(body),
-                            ..
-                        })) => Some(Ok((HeaderMap::new(), body))),
-                        _ => None,
-                    };
-                    let result = match stored {
-                        Some(r) => r,
-                        None => match forwarder.complete(&env, &mut trace).await {
-                            Ok(Reply {
-                                headers,
-                                body: ReplyBody::Complete(body),
-                            }) => {
-                                if body.len() <= max_record {
-                                    let answer = StoredAnswer {
-                                        fingerprint: fp,
-                                        reply: StoredReply::Complete(body.clone()),
-                                    };
-                                    if let Err(e) = store.put(&task_key, answer).await {
-                                        tracing::warn!(error = %e, "could not store an idempotent answer");
+                    let result = match claims.begin(&skey, fp, false, deadline).await {
+                        Err(e) => Err(e),
+                        Ok(Begin::Replay(StoredReply::Complete(body))) => {
+                            Ok((HeaderMap::new(), body, true))
+                        }
+                        // The fingerprint covers `stream`: never a stream here.
+                        Ok(Begin::Replay(StoredReply::Stream(_))) => {
+                            Err(ApiError::IdempotencyMismatch)
+                        }
+                        Ok(Begin::Lead(lease)) => {
+                            match forwarder.complete(&env, &mut trace).await {
+                                Ok(Reply {
+                                    headers,
+                                    body: ReplyBody::Complete(body),
+                                }) => {
+                                    // A lease dropped unused abandons the claim.
+                                    if let Some(lease) = lease.filter(|_| body.len() <= max_record)
+                                    {
+                                        lease
+                                            .complete(&StoredReply::Complete(body.clone()), ttl)
+                                            .await;
                                     }
+                                    Ok((headers, body, false))
                                 }
-                                Ok((headers, body))
+                                Ok(_) => Err(ApiError::BadGateway("unexpected stream".into())),
+                                Err(e) => Err(e),
                             }
-                            Ok(_) => Err(ApiError::BadGateway("unexpected stream".into())),
-                            Err(e) => Err(e),
-                        },
+                        }
                     };
                     drop(claim);
                     (result, trace)
@@ -460,13 +499,19 @@ impl Pipeline {
             self.metrics.idempotent_replays.inc();
         }
         match result {
-            Ok((headers, body)) => Ok(Answer {
-                reply: obs.watch(Reply {
-                    headers,
-                    body: ReplyBody::Complete(body),
-                }),
-                replayed: !leader,
-            }),
+            Ok((headers, body, stored)) => {
+                if leader && stored {
+                    obs.replay = Some("stored");
+                    self.metrics.idempotent_replays.inc();
+                }
+                Ok(Answer {
+                    reply: obs.watch(Reply {
+                        headers,
+                        body: ReplyBody::Complete(body),
+                    }),
+                    replayed: !leader || stored,
+                })
+            }
             Err(e) => Err(obs.fail(e)),
         }
     }
@@ -475,6 +520,7 @@ impl Pipeline {
         &self,
         mut obs: Observer,
         key: String,
+        skey: StoreKey,
         fp: Fingerprint,
         env: Envelope,
     ) -> Result<Answer, ApiError> {
@@ -484,11 +530,18 @@ impl Pipeline {
             .flights
             .claim_stream(&key, fp)
             .map_err(|e| obs.fail(e))?;
-        // Re-check under the claim (see `keyed`).
-        if let Some(answer) = self.lookup(&key, &fp).await.map_err(|e| obs.fail(e))? {
-            obs.replay = Some("stored");
-            return Ok(self.replay(obs, answer));
-        }
+        let lease = match self
+            .claims
+            .begin(&skey, fp, true, env.ctx.deadline)
+            .await
+            .map_err(|e| obs.fail(e))?
+        {
+            Begin::Replay(answer) => {
+                obs.replay = Some("stored");
+                return Ok(self.replay(obs, answer));
+            }
+            Begin::Lead(lease) => lease,
+        };
         let mut trace = Trace::default();
         let result = self.forwarder.stream(&env, &mut trace).await;
         obs.trace(&trace);
@@ -497,8 +550,9 @@ impl Pipeline {
             return Err(obs.fail(ApiError::BadGateway("unexpected completion".into())));
         };
         // Record the events; store them only if the stream completes within
-        // the record bound. The claim is released either way.
+        // the record bound. The claims are released either way.
         let max_record = self.cfg.idempotency.max_record_bytes;
+        let ttl = self.cfg.idempotency.ttl;
         let recording = Arc::new(Mutex::new(Some(BytesMut::new())));
         let rec = recording.clone();
         let recorded = stream.inspect(move |item| {
@@ -511,20 +565,15 @@ impl Pipeline {
                 }
             }
         });
-        let store = self.store.clone();
         let recorded = on_end(recorded.boxed(), move |end| {
             let events = recording.lock().take();
-            let (StreamEnd::Completed, Some(events)) = (end, events) else {
+            let (StreamEnd::Completed, Some(events), Some(lease)) = (end, events, lease) else {
                 return;
             };
             tokio::spawn(async move {
-                let answer = StoredAnswer {
-                    fingerprint: fp,
-                    reply: StoredReply::Stream(events.freeze()),
-                };
-                if let Err(e) = store.put(&key, answer).await {
-                    tracing::warn!(error = %e, "could not store an idempotent answer");
-                }
+                lease
+                    .complete(&StoredReply::Stream(events.freeze()), ttl)
+                    .await;
                 drop(claim);
             });
         });
@@ -535,20 +584,6 @@ impl Pipeline {
             }),
             replayed: false,
         })
-    }
-
-    /// A stored answer for `key`, if its fingerprint matches.
-    async fn lookup(&self, key: &str, fp: &Fingerprint) -> Result<Option<StoredReply>, ApiError> {
-        match self.store.get(key).await {
-            Ok(Some(a)) if a.fingerprint != *fp => Err(ApiError::IdempotencyMismatch),
-            Ok(Some(a)) => Ok(Some(a.reply)),
-            Ok(None) => Ok(None),
-            Err(e) => {
-                // An unavailable store must not fail the request: forward it.
-                tracing::warn!(error = %e, "idempotency store lookup failed");
-                Ok(None)
-            }
-        }
     }
 
     fn replay(&self, obs: Observer, stored: StoredReply) -> Answer {

@@ -267,7 +267,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every metric.
-    /// For subsystems that register their own series (async jobs).
+    /// For subsystems that own their series (the store).
     pub fn registry(&self) -> &Registry {
         &self.registry
     }

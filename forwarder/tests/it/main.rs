@@ -3,6 +3,7 @@
 
 mod async_jobs;
 mod auth;
+mod cache;
 mod cli;
 mod common;
 mod endpoints;
@@ -15,9 +16,12 @@ mod kafka;
 mod keys;
 mod metrics;
 mod python_clients;
+mod redis_server;
+mod replicas;
 mod resilience;
 mod scripted;
 mod shared_table;
 mod shutdown;
+mod store;
 mod streaming;
 mod websocket;

@@ -1,0 +1,113 @@
+//! The response cache's place in the pipeline: a hit is answered before a
+//! concurrency slot is taken; a miss's answer is stored once complete
+//! (a stream only if it ended with `[DONE]`, never an error).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures::StreamExt;
+use http::{HeaderMap, HeaderValue};
+use parking_lot::Mutex;
+
+use super::envelope::{Reply, ReplyBody};
+use super::observe::Observer;
+use super::stream_end::{on_end, StreamEnd};
+use super::{Answer, EventStream};
+use crate::api::ApiError;
+use crate::cache::{convert, Decision, Plan, ResponseCache};
+
+/// The response header saying how the cache answered.
+pub const X_CACHE: &str = "x-cache";
+
+pub struct Hit {
+    age: Duration,
+    body: ReplyBody,
+}
+
+/// A stored answer in the shape the client asked for; counted as a hit.
+pub async fn lookup(cache: &ResponseCache, plan: &Plan, stream: bool) -> Option<Hit> {
+    let rec = cache.lookup(plan).await?;
+    let body = if stream {
+        let events = convert::to_events(&rec.value)?;
+        ReplyBody::Stream(futures::stream::iter(events.into_iter().map(Ok)).boxed())
+    } else {
+        ReplyBody::Complete(rec.value.clone())
+    };
+    cache.count(plan, "hit");
+    Some(Hit {
+        age: rec.age(),
+        body,
+    })
+}
+
+pub fn hit(mut obs: Observer, hit: Hit) -> Answer {
+    obs.replay = Some("cache");
+    let mut headers = HeaderMap::new();
+    headers.insert(X_CACHE, HeaderValue::from_static("HIT"));
+    headers.insert(http::header::AGE, HeaderValue::from(hit.age.as_secs()));
+    Answer {
+        reply: obs.watch(Reply {
+            headers,
+            body: hit.body,
+        }),
+        replayed: false,
+    }
+}
+
+/// Counts a forwarded request, marks its answer and stores it if allowed.
+pub fn fill(
+    cache: &Arc<ResponseCache>,
+    plan: Plan,
+    answer: Result<Answer, ApiError>,
+) -> Result<Answer, ApiError> {
+    let miss = plan.decision == Decision::Lookup;
+    cache.count(&plan, if miss { "miss" } else { "bypass" });
+    let mut answer = answer?;
+    answer.reply.headers.insert(
+        X_CACHE,
+        HeaderValue::from_static(if miss { "MISS" } else { "BYPASS" }),
+    );
+    if !plan.writes() {
+        return Ok(answer);
+    }
+    let body = std::mem::replace(
+        &mut answer.reply.body,
+        ReplyBody::Complete(Default::default()),
+    );
+    answer.reply.body = match body {
+        ReplyBody::Complete(bytes) => {
+            cache.store(&plan, bytes.clone());
+            ReplyBody::Complete(bytes)
+        }
+        ReplyBody::Stream(events) => ReplyBody::Stream(record(cache.clone(), plan, events)),
+    };
+    Ok(answer)
+}
+
+/// Records a stream's events (bounded) and stores the assembled
+/// completion when, and only when, the stream completed.
+fn record(cache: Arc<ResponseCache>, plan: Plan, events: EventStream) -> EventStream {
+    // Events carry framing around the text: allow some headroom.
+    let max = plan.max_entry().saturating_mul(4);
+    let recording = Arc::new(Mutex::new(Some(BytesMut::new())));
+    let rec = recording.clone();
+    let recorded = events.inspect(move |item| {
+        let mut rec = rec.lock();
+        if let (Ok(event), Some(buf)) = (item, rec.as_mut()) {
+            if buf.len() + event.len() > max {
+                *rec = None;
+            } else {
+                buf.extend_from_slice(event);
+            }
+        }
+    });
+    on_end(recorded.boxed(), move |end| {
+        let events = recording.lock().take();
+        if let (StreamEnd::Completed, Some(events)) = (end, events) {
+            if let Some(completion) = convert::from_events(events.freeze()) {
+                cache.store(&plan, completion);
+            }
+        }
+    })
+}

@@ -1,0 +1,56 @@
+//! What a backend provides: atomic operations on opaque blobs under names.
+//! Encoding, sealing and the caller-facing [`super::Store`] live above it
+//! (see `layer.rs`), so every backend gets encryption the same way.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::error::StoreError;
+use super::key::Fingerprint;
+
+/// Identifies one claim, so only its holder can renew, complete or abandon it.
+pub type Token = [u8; 16];
+
+/// A claim attempt's outcome on the raw blobs.
+pub enum RawClaimed {
+    Won,
+    Busy(Fingerprint),
+    /// A completed record's blob (still sealed).
+    Done(Bytes),
+}
+
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// A completed record's blob; an in-progress claim reads as `None`.
+    async fn get(&self, name: &str) -> Result<Option<Bytes>, StoreError>;
+    async fn put(&self, name: &str, blob: Bytes, ttl: Duration) -> Result<(), StoreError>;
+    async fn delete(&self, name: &str) -> Result<(), StoreError>;
+    /// Atomic: claims `name` for `lease` unless it is claimed or completed.
+    async fn claim(
+        &self,
+        name: &str,
+        token: Token,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<RawClaimed, StoreError>;
+    /// Extends a claim still held by `token`; `false` if it was lost.
+    async fn renew(&self, name: &str, token: Token, lease: Duration) -> Result<bool, StoreError>;
+    /// Stores `blob` and releases the claim in one step, if `token` still
+    /// holds it or nobody does; `false` if another claim or record holds it.
+    async fn complete(
+        &self,
+        name: &str,
+        token: Token,
+        blob: Bytes,
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
+    /// Releases a claim still held by `token`.
+    async fn abandon(&self, name: &str, token: Token) -> Result<(), StoreError>;
+    /// Releases a claim without awaiting, when the backend can (memory);
+    /// `false` means the caller must spawn [`Backend::abandon`].
+    fn abandon_now(&self, _name: &str, _token: Token) -> bool {
+        false
+    }
+}

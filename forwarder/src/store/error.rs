@@ -1,0 +1,18 @@
+use std::time::Duration;
+
+/// Why a store call failed. Callers apply their use's failure policy
+/// (the cache fails open; idempotency is configurable).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store call timed out after {0:?}")]
+    Timeout(Duration),
+    /// A record failed authentication or decoding. The layer above turns
+    /// it into a miss; backends report it.
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+    /// The claim was lost (its lease expired and another request took the key).
+    #[error("the claim on this key was lost")]
+    ClaimLost,
+}

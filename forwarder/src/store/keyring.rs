@@ -1,0 +1,366 @@
+//! The encryption key ring and AES-256-GCM sealing of records.
+//!
+//! Source: a file of `id: base64(32 bytes)` lines (`#` comments, blank
+//! lines skipped; the last key encrypts) or a directory (a mounted Secret)
+//! with one file per key id holding the base64 key (the greatest id, in
+//! byte order, encrypts). Every key decrypts, so adding a key rotates
+//! without a flush; removing one makes its records misses.
+//!
+//! Sealed blob: `[1][id len][id][nonce 12][ciphertext + tag 16]`. The
+//! associated data is the header (version and key id) and the record's
+//! key name, so a record copied to another key fails authentication.
+//! Errors name positions and ids, never key material.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use base64::Engine;
+use bytes::{BufMut, Bytes, BytesMut};
+use parking_lot::RwLock;
+use sha2::{Digest, Sha256};
+
+use super::layer::Seal;
+
+/// First byte of a sealed blob.
+pub const SEALED: u8 = 1;
+const NONCE: usize = 12;
+const MAX_ID: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyRingError {
+    #[error("cannot read the encryption key ring {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid encryption key ring {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+struct Ring {
+    /// In order; the last one encrypts.
+    keys: Vec<(String, Aes256Gcm)>,
+}
+
+impl Ring {
+    fn find(&self, id: &[u8]) -> Option<&Aes256Gcm> {
+        self.keys
+            .iter()
+            .find(|(k, _)| k.as_bytes() == id)
+            .map(|(_, c)| c)
+    }
+}
+
+pub struct KeyRing {
+    path: PathBuf,
+    ring: RwLock<Arc<Ring>>,
+    fingerprint: RwLock<[u8; 32]>,
+}
+
+impl KeyRing {
+    pub fn load(path: &Path) -> Result<Self, KeyRingError> {
+        let (ring, fingerprint) = read_source(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            ring: RwLock::new(Arc::new(ring)),
+            fingerprint: RwLock::new(fingerprint),
+        })
+    }
+
+    /// The ids, oldest first (the last encrypts).
+    pub fn ids(&self) -> Vec<String> {
+        self.ring
+            .read()
+            .keys
+            .iter()
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Re-reads the source; on error the current keys stay in force.
+    pub fn reload(&self) -> Result<bool, KeyRingError> {
+        let (ring, fingerprint) = read_source(&self.path)?;
+        if *self.fingerprint.read() == fingerprint {
+            return Ok(false);
+        }
+        *self.ring.write() = Arc::new(ring);
+        *self.fingerprint.write() = fingerprint;
+        Ok(true)
+    }
+
+    /// Polls the source (Secret volumes change by symlink swaps, which
+    /// file watchers miss) until the task is aborted.
+    pub fn watch(self: Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match self.reload() {
+                    Ok(true) => tracing::info!(keys = ?self.ids(), "encryption key ring reloaded"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "key ring reload failed; keeping the previous keys")
+                    }
+                }
+            }
+        })
+    }
+}
+
+fn aad(header: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(header.len() + 1 + name.len());
+    v.extend_from_slice(header);
+    v.push(0x1f);
+    v.extend_from_slice(name);
+    v
+}
+
+impl Seal for KeyRing {
+    fn seal(&self, name: &[u8], plain: &[u8]) -> Bytes {
+        let ring = self.ring.read().clone();
+        let (id, cipher) = ring.keys.last().expect("a loaded ring holds a key");
+        let nonce: [u8; NONCE] = rand::random();
+        let mut b = BytesMut::with_capacity(2 + id.len() + NONCE + plain.len() + 16);
+        b.put_u8(SEALED);
+        b.put_u8(id.len() as u8);
+        b.put_slice(id.as_bytes());
+        let ad = aad(&b, name);
+        let ct = cipher
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: plain,
+                    aad: &ad,
+                },
+            )
+            .expect("AES-GCM encryption of a bounded record cannot fail");
+        b.put_slice(&nonce);
+        b.put_slice(&ct);
+        b.freeze()
+    }
+
+    fn open(&self, name: &[u8], blob: &[u8]) -> Result<Bytes, String> {
+        let (&version, rest) = blob.split_first().ok_or("empty record")?;
+        if version != SEALED {
+            return Err("not sealed".into());
+        }
+        let (&id_len, rest) = rest.split_first().ok_or("truncated header")?;
+        let id_len = id_len as usize;
+        if rest.len() < id_len + NONCE + 16 {
+            return Err("truncated record".into());
+        }
+        let (id, rest) = rest.split_at(id_len);
+        let (nonce, ct) = rest.split_at(NONCE);
+        let ring = self.ring.read().clone();
+        let cipher = ring.find(id).ok_or_else(|| {
+            format!(
+                "sealed with key {:?}, not in the ring",
+                String::from_utf8_lossy(id)
+            )
+        })?;
+        let ad = aad(&blob[..2 + id_len], name);
+        cipher
+            .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad: &ad })
+            .map(Bytes::from)
+            .map_err(|_| "authentication failed".into())
+    }
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+fn cipher(key_b64: &str) -> Result<Aes256Gcm, String> {
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(key_b64.trim())
+        .map_err(|_| "the key is not base64".to_string())?;
+    Aes256Gcm::new_from_slice(&key).map_err(|_| format!("the key is {} bytes, not 32", key.len()))
+}
+
+fn read_source(path: &Path) -> Result<(Ring, [u8; 32]), KeyRingError> {
+    let err = |source| KeyRingError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let bad = |message: String| KeyRingError::Parse {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut fp = Sha256::new();
+    let mut keys = Vec::new();
+    if path.is_dir() {
+        let mut files = BTreeMap::new();
+        for entry in std::fs::read_dir(path).map_err(err)? {
+            let entry = entry.map_err(err)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || !entry.path().is_file() {
+                continue;
+            }
+            files.insert(name, std::fs::read_to_string(entry.path()).map_err(err)?);
+        }
+        for (id, key) in files {
+            if !valid_id(&id) {
+                return Err(bad(format!(
+                    "file {id:?}: ids are letters, digits, . _ - (at most {MAX_ID})"
+                )));
+            }
+            fp.update(id.as_bytes());
+            fp.update([0]);
+            fp.update(key.trim().as_bytes());
+            fp.update([0]);
+            keys.push((
+                id.clone(),
+                cipher(&key).map_err(|m| bad(format!("key {id:?}: {m}")))?,
+            ));
+        }
+    } else {
+        let text = std::fs::read_to_string(path).map_err(err)?;
+        fp.update(text.as_bytes());
+        keys = parse(&text).map_err(bad)?;
+    }
+    if keys.is_empty() {
+        return Err(bad("no keys".into()));
+    }
+    Ok((Ring { keys }, fp.finalize().into()))
+}
+
+fn parse(text: &str) -> Result<Vec<(String, Aes256Gcm)>, String> {
+    let mut keys: Vec<(String, Aes256Gcm)> = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((id, key)) = line.split_once(':') else {
+            return Err(format!("line {}: expected `id: base64-key`", n + 1));
+        };
+        let id = id.trim();
+        if !valid_id(id) {
+            return Err(format!(
+                "line {}: ids are letters, digits, . _ - (at most {MAX_ID})",
+                n + 1
+            ));
+        }
+        if keys.iter().any(|(k, _)| k == id) {
+            return Err(format!("line {}: duplicate key id {id:?}", n + 1));
+        }
+        let c = cipher(key).map_err(|m| format!("line {}: {m}", n + 1))?;
+        keys.push((id.to_string(), c));
+    }
+    Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(byte: u8) -> String {
+        base64::engine::general_purpose::STANDARD.encode([byte; 32])
+    }
+
+    fn ring(text: &str) -> (tempfile::TempDir, KeyRing) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        std::fs::write(&path, text).unwrap();
+        let r = KeyRing::load(&path).unwrap();
+        (dir, r)
+    }
+
+    #[test]
+    fn seals_and_opens_bound_to_the_key_name() {
+        let (_d, r) = ring(&format!("# demo\nk1: {}\n", key(1)));
+        let blob = r.seal(b"cache:ab", b"secret answer");
+        assert!(
+            !blob.windows(6).any(|w| w == b"secret"),
+            "ciphertext hides the plaintext"
+        );
+        assert_eq!(
+            r.open(b"cache:ab", &blob).unwrap().as_ref(),
+            b"secret answer"
+        );
+        assert!(
+            r.open(b"cache:cd", &blob).is_err(),
+            "moved to another key: refused"
+        );
+        for i in 0..blob.len() {
+            let mut t = blob.to_vec();
+            t[i] ^= 1;
+            assert!(
+                r.open(b"cache:ab", &t).is_err(),
+                "byte {i} flipped: refused"
+            );
+        }
+        assert_ne!(r.seal(b"n", b"x"), r.seal(b"n", b"x"), "random nonces");
+    }
+
+    #[test]
+    fn rotation_keeps_old_records_readable_and_reload_keeps_keys_on_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        std::fs::write(&path, format!("old: {}\n", key(1))).unwrap();
+        let r = KeyRing::load(&path).unwrap();
+        let old = r.seal(b"n", b"v1");
+        std::fs::write(&path, format!("old: {}\nnew: {}\n", key(1), key(2))).unwrap();
+        assert!(r.reload().unwrap());
+        assert_eq!(r.ids(), ["old", "new"]);
+        let new = r.seal(b"n", b"v2");
+        assert_eq!(&new[2..5], b"new", "the newest key encrypts");
+        assert_eq!(r.open(b"n", &old).unwrap().as_ref(), b"v1");
+        std::fs::write(&path, "broken").unwrap();
+        assert!(r.reload().is_err());
+        assert_eq!(
+            r.open(b"n", &new).unwrap().as_ref(),
+            b"v2",
+            "previous keys kept"
+        );
+        std::fs::write(&path, format!("new: {}\n", key(2))).unwrap();
+        assert!(r.reload().unwrap());
+        assert!(
+            r.open(b"n", &old).is_err(),
+            "a removed key no longer decrypts"
+        );
+    }
+
+    #[test]
+    fn a_secret_directory_is_a_ring_and_bad_sources_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("2026-01"), key(1)).unwrap();
+        std::fs::write(dir.path().join("2026-02"), key(2)).unwrap();
+        std::fs::write(dir.path().join("..data"), "ignored").unwrap();
+        let r = KeyRing::load(dir.path()).unwrap();
+        assert_eq!(r.ids(), ["2026-01", "2026-02"]);
+        for (text, want) in [
+            ("", "no keys"),
+            ("k1 AAAA", "line 1: expected"),
+            ("k1: notbase64!", "not base64"),
+            ("k1: AAAA", "3 bytes, not 32"),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("keys");
+            std::fs::write(&p, text).unwrap();
+            let e = KeyRing::load(&p).err().unwrap().to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+        let dup = format!("a: {}\na: {}\n", key(1), key(2));
+        let (_d, p) = {
+            let d = tempfile::tempdir().unwrap();
+            let p = d.path().join("k");
+            std::fs::write(&p, dup).unwrap();
+            (d, p)
+        };
+        assert!(KeyRing::load(&p)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("duplicate"));
+    }
+}

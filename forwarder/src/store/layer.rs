@@ -1,0 +1,187 @@
+//! The caller-facing store over any backend: encodes records, seals them
+//! when a key ring is configured, and turns a record that fails
+//! authentication or decoding into a miss (counted and logged, never served).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::backend::{Backend, RawClaimed};
+use super::claim::{ClaimGuard, Claimed};
+use super::error::StoreError;
+use super::key::{Fingerprint, StoreKey};
+use super::metrics::StoreMetrics;
+use super::record::Record;
+use super::Store;
+
+/// First byte of a blob that is a plain (unsealed) record.
+pub const PLAIN: u8 = 0;
+
+/// Authenticated encryption of records, bound to their key (`ad`).
+pub trait Seal: Send + Sync + 'static {
+    fn seal(&self, ad: &[u8], plain: &[u8]) -> Bytes;
+    /// The plaintext, or why the blob was refused (never its content).
+    fn open(&self, ad: &[u8], blob: &[u8]) -> Result<Bytes, String>;
+}
+
+pub struct Core {
+    pub backend: Arc<dyn Backend>,
+    pub seal: Option<Arc<dyn Seal>>,
+    pub metrics: StoreMetrics,
+}
+
+impl Core {
+    pub fn name(&self, key: &StoreKey) -> String {
+        key.name().to_string()
+    }
+
+    pub fn seal(&self, key: &StoreKey, record: &Record) -> Bytes {
+        let plain = record.encode();
+        match &self.seal {
+            Some(s) => s.seal(key.name().as_bytes(), &plain),
+            None => {
+                let mut b = BytesMut::with_capacity(1 + plain.len());
+                b.put_u8(PLAIN);
+                b.put_slice(&plain);
+                b.freeze()
+            }
+        }
+    }
+
+    /// A blob read back; `None` (counted, logged) if it cannot be trusted.
+    fn open(&self, key: &StoreKey, blob: Bytes) -> Option<Record> {
+        let plain = match (&self.seal, blob.first()) {
+            // With a key ring, plaintext records are refused: anyone who
+            // can write to the backend could otherwise plant answers.
+            (Some(s), _) => s.open(key.name().as_bytes(), &blob),
+            (None, Some(&PLAIN)) => Ok(blob.slice(1..)),
+            (None, _) => Err("sealed record but no encryption key configured".into()),
+        };
+        let record = plain.and_then(|p| Record::decode(p).ok_or_else(|| "undecodable".into()));
+        match record {
+            Ok(r) => Some(r),
+            Err(why) => {
+                self.metrics.corrupt.inc();
+                tracing::warn!(key = %key.name(), reason = %why, "stored record refused; treated as a miss");
+                None
+            }
+        }
+    }
+
+    fn failed(&self, op: &str, e: StoreError) -> StoreError {
+        self.metrics.errors.with_label_values(&[op]).inc();
+        e
+    }
+}
+
+/// A [`Store`] over a backend, sealing when configured.
+pub struct Layered {
+    core: Arc<Core>,
+    /// Background work that ends with the store (the key ring's reload).
+    tasks: Vec<tokio_util::task::AbortOnDropHandle<()>>,
+}
+
+impl Layered {
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        seal: Option<Arc<dyn Seal>>,
+        metrics: StoreMetrics,
+    ) -> Self {
+        Self {
+            core: Arc::new(Core {
+                backend,
+                seal,
+                metrics,
+            }),
+            tasks: Vec::new(),
+        }
+    }
+
+    pub fn hold(&mut self, task: tokio::task::JoinHandle<()>) {
+        self.tasks
+            .push(tokio_util::task::AbortOnDropHandle::new(task));
+    }
+}
+
+#[async_trait]
+impl Store for Layered {
+    async fn get(&self, key: &StoreKey) -> Result<Option<Record>, StoreError> {
+        let blob = self
+            .core
+            .backend
+            .get(&self.core.name(key))
+            .await
+            .map_err(|e| self.core.failed("get", e))?;
+        Ok(blob.and_then(|b| self.core.open(key, b)))
+    }
+
+    async fn put(
+        &self,
+        key: &StoreKey,
+        fingerprint: Fingerprint,
+        value: Bytes,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let blob = self.core.seal(key, &Record::new(fingerprint, value));
+        self.core
+            .backend
+            .put(&self.core.name(key), blob, ttl)
+            .await
+            .map_err(|e| self.core.failed("put", e))
+    }
+
+    async fn delete(&self, key: &StoreKey) -> Result<(), StoreError> {
+        self.core
+            .backend
+            .delete(&self.core.name(key))
+            .await
+            .map_err(|e| self.core.failed("delete", e))
+    }
+
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Claimed, StoreError> {
+        let name = self.core.name(key);
+        // Twice at most: a record that cannot be trusted is removed and the
+        // claim retried once, so it reads as a miss.
+        for _ in 0..2 {
+            let token: super::backend::Token = rand::random();
+            let raw = self
+                .core
+                .backend
+                .claim(&name, token, fingerprint, lease)
+                .await
+                .map_err(|e| self.core.failed("claim", e))?;
+            match raw {
+                RawClaimed::Won => {
+                    return Ok(Claimed::Won(ClaimGuard {
+                        core: self.core.clone(),
+                        key: key.clone(),
+                        token,
+                        fingerprint,
+                        held: true,
+                    }))
+                }
+                RawClaimed::Busy(fingerprint) => return Ok(Claimed::Busy { fingerprint }),
+                RawClaimed::Done(blob) => match self.core.open(key, blob) {
+                    Some(r) => return Ok(Claimed::Done(r)),
+                    None => {
+                        self.core
+                            .backend
+                            .delete(&name)
+                            .await
+                            .map_err(|e| self.core.failed("delete", e))?;
+                    }
+                },
+            }
+        }
+        Err(StoreError::Corrupt(
+            "a record kept reappearing corrupt".into(),
+        ))
+    }
+}

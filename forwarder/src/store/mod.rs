@@ -1,0 +1,113 @@
+//! Shared state: one store per process, built from config, used by
+//! idempotency, the response cache and async jobs. Callers see plaintext
+//! [`Record`]s under [`StoreKey`]s; a backend (memory or Redis) sees only
+//! digested names and, with a key ring, sealed blobs.
+//!
+//! Claims are atomic across every process on one backend: [`Store::claim`]
+//! returns a [`ClaimGuard`] that completes (store + release in one step)
+//! or, when dropped, abandons the key.
+
+mod backend;
+mod claim;
+mod error;
+mod key;
+mod keyring;
+mod layer;
+mod memory;
+mod metrics;
+mod record;
+mod redis;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::telemetry::Metrics;
+use crate::BuildError;
+use forwarder_config::{Config, StoreBackend};
+
+pub use claim::{ClaimGuard, Claimed, Renewer};
+pub use error::StoreError;
+pub use key::{Fingerprint, Space, StoreKey};
+pub use keyring::{KeyRing, KeyRingError};
+pub use metrics::StoreMetrics;
+pub use record::Record;
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The completed record under `key`; an in-progress claim, an expired
+    /// record and a record that fails authentication all read as `None`.
+    async fn get(&self, key: &StoreKey) -> Result<Option<Record>, StoreError>;
+    async fn put(
+        &self,
+        key: &StoreKey,
+        fingerprint: Fingerprint,
+        value: Bytes,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+    async fn delete(&self, key: &StoreKey) -> Result<(), StoreError>;
+    /// Atomic: claims `key` for `lease` unless claimed or completed.
+    async fn claim(
+        &self,
+        key: &StoreKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Claimed, StoreError>;
+}
+
+/// The process's store, from `cfg.store`. With Redis it connects in the
+/// background (calls fail fast until connected), so it needs a tokio runtime.
+pub fn build(cfg: &Config, metrics: &Metrics) -> Result<Arc<dyn Store>, BuildError> {
+    let m = StoreMetrics::new(metrics);
+    let mut reload = None;
+    let seal: Option<Arc<dyn layer::Seal>> = match &cfg.store.encryption {
+        Some(enc) => {
+            let ring = Arc::new(
+                KeyRing::load(&enc.key_file)
+                    .map_err(|e| BuildError::new(format!("store.encryption.key_file: {e}")))?,
+            );
+            if tokio::runtime::Handle::try_current().is_ok() {
+                reload = Some(ring.clone().watch(enc.reload_interval));
+            }
+            Some(ring)
+        }
+        None => None,
+    };
+    let backend: Arc<dyn backend::Backend> = match cfg.store.backend {
+        StoreBackend::Memory => {
+            Arc::new(memory::MemoryBackend::new(cfg.store.max_bytes, m.clone()))
+        }
+        StoreBackend::Redis => {
+            let r = cfg.store.redis.as_ref().ok_or_else(|| {
+                BuildError::new("store.redis: required when store.backend is redis")
+            })?;
+            if seal.is_none() && !r.allow_plaintext {
+                return Err(BuildError::new(
+                    "store.encryption: the redis store needs an encryption key ring \
+                     (or store.redis.allow_plaintext: true)",
+                ));
+            }
+            Arc::new(redis::RedisBackend::start(r).map_err(BuildError::new)?)
+        }
+    };
+    let mut store = layer::Layered::new(backend, seal, m);
+    if let Some(task) = reload {
+        store.hold(task);
+    }
+    Ok(Arc::new(store))
+}
+
+/// A memory store on its own (tests, tools).
+pub fn memory(max_bytes: u64) -> Arc<dyn Store> {
+    let m = StoreMetrics::unregistered();
+    Arc::new(layer::Layered::new(
+        Arc::new(memory::MemoryBackend::new(max_bytes, m.clone())),
+        None,
+        m,
+    ))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,271 @@
+//! The Redis backend: atomic claims as Lua scripts over one value per key
+//! (`C<token><fingerprint>` while claimed, `R<blob>` when completed), each
+//! with its expiry. Every call is bounded by `store.redis.timeout`; the
+//! connection is made in the background and re-made by the connection
+//! manager, so a Redis outage fails calls fast and never stalls a request.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::RwLock;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+
+use super::backend::{Backend, RawClaimed, Token};
+use super::error::StoreError;
+use super::key::Fingerprint;
+use forwarder_config::RedisConfig;
+
+const CLAIM: &str = r"
+local v = redis.call('GET', KEYS[1])
+if not v then
+  redis.call('SET', KEYS[1], 'C' .. ARGV[1] .. ARGV[2], 'PX', ARGV[3])
+  return {0, ''}
+end
+return {1, v}
+";
+
+const RENEW: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, 17) == 'C' .. ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+";
+
+const COMPLETE: &str = r"
+local v = redis.call('GET', KEYS[1])
+if (not v) or string.sub(v, 1, 17) == 'C' .. ARGV[1] then
+  redis.call('SET', KEYS[1], 'R' .. ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+";
+
+const ABANDON: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, 17) == 'C' .. ARGV[1] then
+  redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+struct Scripts {
+    claim: Script,
+    renew: Script,
+    complete: Script,
+    abandon: Script,
+}
+
+pub struct RedisBackend {
+    conn: Arc<RwLock<Option<ConnectionManager>>>,
+    prefix: String,
+    timeout: Duration,
+    scripts: Scripts,
+    /// Ends the background connect loop with the backend.
+    _connector: tokio_util::task::AbortOnDropHandle<()>,
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis().clamp(1, u64::MAX as u128) as u64
+}
+
+/// The client for `cfg`; the password is read from its file.
+pub fn client(cfg: &RedisConfig) -> Result<redis::Client, String> {
+    use redis::IntoConnectionInfo;
+    let mut info = cfg
+        .url
+        .as_str()
+        .into_connection_info()
+        .map_err(|e| format!("store.redis.url: {}", e.category()))?;
+    let mut redis_info = info.redis_settings().clone().set_db(cfg.db);
+    if let Some(user) = &cfg.username {
+        redis_info = redis_info.set_username(user);
+    }
+    if let Some(path) = &cfg.password_file {
+        let pw = std::fs::read_to_string(path)
+            .map_err(|e| format!("store.redis.password_file {}: {e}", path.display()))?;
+        redis_info = redis_info.set_password(pw.trim_end_matches(['\r', '\n']));
+    }
+    info = info.set_redis_settings(redis_info);
+    redis::Client::open(info).map_err(|e| format!("store.redis: {}", e.category()))
+}
+
+impl RedisBackend {
+    /// Starts connecting in the background; calls fail as unavailable
+    /// until the first connection is made.
+    pub fn start(cfg: &RedisConfig) -> Result<Self, String> {
+        let client = client(cfg)?;
+        let rt = tokio::runtime::Handle::try_current()
+            .map_err(|_| "the redis store needs a tokio runtime".to_string())?;
+        let conn = Arc::new(RwLock::new(None));
+        let slot = conn.clone();
+        let mgr_cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(cfg.connect_timeout))
+            .set_response_timeout(Some(cfg.timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let connect_timeout = cfg.connect_timeout;
+        let connector = rt.spawn(async move {
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                match ConnectionManager::new_with_config(client.clone(), mgr_cfg.clone()).await {
+                    Ok(c) => {
+                        tracing::info!("store: connected to redis");
+                        *slot.write() = Some(c);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e.category(), "store: cannot connect to redis yet; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(connect_timeout.max(Duration::from_secs(1)));
+                    }
+                }
+            }
+        });
+        Ok(Self {
+            conn,
+            prefix: format!("{}:", cfg.key_prefix),
+            timeout: cfg.timeout,
+            scripts: Scripts {
+                claim: Script::new(CLAIM),
+                renew: Script::new(RENEW),
+                complete: Script::new(COMPLETE),
+                abandon: Script::new(ABANDON),
+            },
+            _connector: tokio_util::task::AbortOnDropHandle::new(connector),
+        })
+    }
+
+    fn key(&self, name: &str) -> String {
+        let mut k = String::with_capacity(self.prefix.len() + name.len());
+        k.push_str(&self.prefix);
+        k.push_str(name);
+        k
+    }
+
+    /// Runs `f` on the connection within the call timeout.
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let conn = self
+            .conn
+            .read()
+            .clone()
+            .ok_or_else(|| StoreError::Unavailable("not connected to redis".into()))?;
+        match tokio::time::timeout(self.timeout, f(conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) if e.is_timeout() => Err(StoreError::Timeout(self.timeout)),
+            Ok(Err(e)) => Err(StoreError::Unavailable(e.category().to_string())),
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        }
+    }
+}
+
+fn record(v: Vec<u8>) -> Option<Bytes> {
+    match v.first() {
+        Some(b'R') => Some(Bytes::from(v).slice(1..)),
+        _ => None,
+    }
+}
+
+#[async_trait]
+impl Backend for RedisBackend {
+    async fn get(&self, name: &str) -> Result<Option<Bytes>, StoreError> {
+        let key = self.key(name);
+        let v: Option<Vec<u8>> = self
+            .call(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
+            .await?;
+        Ok(v.and_then(record))
+    }
+
+    async fn put(&self, name: &str, blob: Bytes, ttl: Duration) -> Result<(), StoreError> {
+        let key = self.key(name);
+        let mut value = Vec::with_capacity(1 + blob.len());
+        value.push(b'R');
+        value.extend_from_slice(&blob);
+        self.call(|mut c| async move {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg("PX")
+                .arg(millis(ttl))
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    async fn delete(&self, name: &str) -> Result<(), StoreError> {
+        let key = self.key(name);
+        self.call(|mut c| async move { redis::cmd("DEL").arg(key).query_async::<()>(&mut c).await })
+            .await
+    }
+
+    async fn claim(
+        &self,
+        name: &str,
+        token: Token,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<RawClaimed, StoreError> {
+        let key = self.key(name);
+        let mut inv = self.scripts.claim.key(key);
+        inv.arg(&token[..]).arg(&fingerprint[..]).arg(millis(lease));
+        let (state, v): (i64, Vec<u8>) = self
+            .call(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        if state == 0 {
+            return Ok(RawClaimed::Won);
+        }
+        match v.first() {
+            Some(b'C') if v.len() == 1 + 16 + 32 => {
+                let fp: Fingerprint = v[17..].try_into().expect("length checked");
+                Ok(RawClaimed::Busy(fp))
+            }
+            Some(b'R') => Ok(RawClaimed::Done(Bytes::from(v).slice(1..))),
+            _ => Err(StoreError::Corrupt("unrecognised value".into())),
+        }
+    }
+
+    async fn renew(&self, name: &str, token: Token, lease: Duration) -> Result<bool, StoreError> {
+        let key = self.key(name);
+        let mut inv = self.scripts.renew.key(key);
+        inv.arg(&token[..]).arg(millis(lease));
+        let r: i64 = self
+            .call(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        Ok(r == 1)
+    }
+
+    async fn complete(
+        &self,
+        name: &str,
+        token: Token,
+        blob: Bytes,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let key = self.key(name);
+        let mut inv = self.scripts.complete.key(key);
+        inv.arg(&token[..]).arg(blob.as_ref()).arg(millis(ttl));
+        let r: i64 = self
+            .call(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        Ok(r == 1)
+    }
+
+    async fn abandon(&self, name: &str, token: Token) -> Result<(), StoreError> {
+        let key = self.key(name);
+        let mut inv = self.scripts.abandon.key(key);
+        inv.arg(&token[..]);
+        let _: i64 = self
+            .call(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,182 @@
+//! Store semantics, run against the memory backend (the Redis backend is
+//! checked with the same expectations in forwarder/tests/it/store.rs).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::layer::{Layered, Seal};
+use super::memory::MemoryBackend;
+use super::*;
+
+fn store() -> (Arc<MemoryBackend>, StoreMetrics, Layered) {
+    store_with(None)
+}
+
+fn store_with(seal: Option<Arc<dyn Seal>>) -> (Arc<MemoryBackend>, StoreMetrics, Layered) {
+    let m = StoreMetrics::unregistered();
+    let b = Arc::new(MemoryBackend::new(1 << 20, m.clone()));
+    (b.clone(), m.clone(), Layered::new(b, seal, m))
+}
+
+const LEASE: Duration = Duration::from_secs(30);
+const TTL: Duration = Duration::from_secs(60);
+
+fn key(k: &str) -> StoreKey {
+    StoreKey::new(Space::Idempotency, "tenant", k.as_bytes())
+}
+
+#[tokio::test]
+async fn put_get_delete_round_trip() {
+    let (_, _, s) = store();
+    assert!(s.get(&key("a")).await.unwrap().is_none());
+    s.put(&key("a"), [1; 32], Bytes::from_static(b"v"), TTL)
+        .await
+        .unwrap();
+    let r = s.get(&key("a")).await.unwrap().unwrap();
+    assert_eq!((r.fingerprint, r.value.as_ref()), ([1; 32], &b"v"[..]));
+    s.delete(&key("a")).await.unwrap();
+    assert!(s.get(&key("a")).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn one_claim_wins_then_the_record_is_done() {
+    let (_, _, s) = store();
+    let Claimed::Won(guard) = s.claim(&key("k"), [1; 32], LEASE).await.unwrap() else {
+        panic!("first claim wins")
+    };
+    match s.claim(&key("k"), [2; 32], LEASE).await.unwrap() {
+        Claimed::Busy { fingerprint } => assert_eq!(fingerprint, [1; 32]),
+        other => panic!("expected Busy, got {other:?}"),
+    }
+    assert!(
+        s.get(&key("k")).await.unwrap().is_none(),
+        "a claim is not a record"
+    );
+    assert!(guard.renew(LEASE).await.unwrap());
+    guard
+        .complete(Bytes::from_static(b"answer"), TTL)
+        .await
+        .unwrap();
+    match s.claim(&key("k"), [1; 32], LEASE).await.unwrap() {
+        Claimed::Done(r) => assert_eq!(r.value.as_ref(), b"answer"),
+        other => panic!("expected Done, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_dropped_guard_frees_the_key_at_once() {
+    let (_, _, s) = store();
+    let Claimed::Won(guard) = s.claim(&key("k"), [1; 32], LEASE).await.unwrap() else {
+        panic!()
+    };
+    drop(guard);
+    assert!(matches!(
+        s.claim(&key("k"), [1; 32], LEASE).await.unwrap(),
+        Claimed::Won(_)
+    ));
+}
+
+#[tokio::test]
+async fn a_lapsed_lease_is_lost_and_cannot_overwrite_the_new_holder() {
+    let (_, _, s) = store();
+    let Claimed::Won(old) = s
+        .claim(&key("k"), [1; 32], Duration::from_millis(30))
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    let Claimed::Won(new) = s.claim(&key("k"), [1; 32], LEASE).await.unwrap() else {
+        panic!("the lapsed lease frees the key")
+    };
+    assert!(!old.renew(LEASE).await.unwrap(), "the old claim is lost");
+    assert!(matches!(
+        old.complete(Bytes::from_static(b"late"), TTL).await,
+        Err(StoreError::ClaimLost)
+    ));
+    new.complete(Bytes::from_static(b"new"), TTL).await.unwrap();
+    assert_eq!(
+        s.get(&key("k")).await.unwrap().unwrap().value.as_ref(),
+        b"new"
+    );
+}
+
+#[tokio::test]
+async fn records_expire_after_their_ttl() {
+    let (_, _, s) = store();
+    s.put(
+        &key("t"),
+        [0; 32],
+        Bytes::from_static(b"v"),
+        Duration::from_millis(30),
+    )
+    .await
+    .unwrap();
+    assert!(s.get(&key("t")).await.unwrap().is_some());
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    assert!(s.get(&key("t")).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn memory_is_bounded_in_bytes_lru_and_admits_new_records() {
+    let m = StoreMetrics::unregistered();
+    let b = Arc::new(MemoryBackend::new(20_000, m.clone()));
+    let s = Layered::new(b.clone(), None, m.clone());
+    for i in 0..50 {
+        let k = key(&format!("k{i}"));
+        s.put(&k, [0; 32], Bytes::from(vec![b'x'; 1000]), TTL)
+            .await
+            .unwrap();
+        b.settle();
+        assert!(s.get(&k).await.unwrap().is_some(), "k{i} admitted");
+    }
+    b.settle();
+    assert!(m.bytes.get() <= 20_000, "bytes {}", m.bytes.get());
+    assert!(m.evictions.get() > 0);
+    assert!(s.get(&key("k0")).await.unwrap().is_none(), "oldest evicted");
+}
+
+/// A test seal: XOR with a byte, with a check byte bound to the key.
+struct Xor;
+
+impl Seal for Xor {
+    fn seal(&self, ad: &[u8], plain: &[u8]) -> Bytes {
+        let mut v = vec![1, ad.iter().fold(0u8, |a, b| a ^ b)];
+        v.extend(plain.iter().map(|b| b ^ 0x5a));
+        v.into()
+    }
+    fn open(&self, ad: &[u8], blob: &[u8]) -> Result<Bytes, String> {
+        match blob {
+            [1, check, rest @ ..] if *check == ad.iter().fold(0u8, |a, b| a ^ b) => {
+                Ok(rest.iter().map(|b| b ^ 0x5a).collect::<Vec<_>>().into())
+            }
+            _ => Err("authentication failed".into()),
+        }
+    }
+}
+
+#[tokio::test]
+async fn records_that_fail_to_open_are_counted_misses_and_claimable() {
+    let (b, m, s) = store_with(Some(Arc::new(Xor)));
+    s.put(&key("a"), [1; 32], Bytes::from_static(b"v"), TTL)
+        .await
+        .unwrap();
+    assert!(s.get(&key("a")).await.unwrap().is_some());
+    // A plaintext record planted in the backend is refused.
+    use super::backend::Backend;
+    let name = key("a").name().to_string();
+    b.put(&name, Bytes::from_static(b"\0garbage"), TTL)
+        .await
+        .unwrap();
+    assert!(s.get(&key("a")).await.unwrap().is_none());
+    assert_eq!(m.corrupt.get(), 1);
+    // A claim on a corrupt record removes it and wins.
+    assert!(matches!(
+        s.claim(&key("a"), [1; 32], LEASE).await.unwrap(),
+        Claimed::Won(_)
+    ));
+    assert_eq!(m.corrupt.get(), 2);
+}
