@@ -158,7 +158,7 @@ async fn get_job(
         Ok(o) => o,
         Err(e) => return e.into_response(),
     };
-    match s.jobs.get(&owner, &id) {
+    match s.jobs.get(&owner, &id).await {
         Some(job) => Json(job.view(now_ms())).into_response(),
         None => not_found("no such job"),
     }
@@ -173,7 +173,7 @@ async fn cancel_job(
         Ok(o) => o,
         Err(e) => return e.into_response(),
     };
-    match s.jobs.cancel(&owner, &id) {
+    match s.jobs.cancel(&owner, &id).await {
         Ok(job) => Json(job.view(now_ms())).into_response(),
         Err(CancelError::NotFound) => not_found("no such job"),
         Err(CancelError::NotQueued(state)) => (

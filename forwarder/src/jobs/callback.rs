@@ -14,6 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::metrics::JobMetrics;
 use super::model::{DeliveryState, Job};
+use super::records::Records;
 use super::table::JobTable;
 use super::webhook::{backoff, check_url, Signer};
 use crate::BuildError;
@@ -74,6 +75,7 @@ impl Callbacks {
         job: Job,
         payload: Bytes,
         table: Arc<JobTable>,
+        records: Arc<Records>,
         metrics: Arc<JobMetrics>,
     ) {
         let Some(url) = job.callback.as_ref().map(|c| c.url.clone()) else {
@@ -90,13 +92,16 @@ impl Callbacks {
                 Err(_) => (DeliveryState::Pending, "retried"),
             };
             metrics.callbacks.with_label_values(&[label]).inc();
-            table.update(&job.id, |j| {
+            let updated = table.update(&job.id, |j| {
                 if let Some(c) = j.callback.as_mut() {
                     c.attempts = attempt;
                     c.state = state;
                     c.last_error = outcome.as_ref().err().cloned();
                 }
             });
+            if let Some(j) = updated {
+                records.save(&j).await;
+            }
             if state != DeliveryState::Pending {
                 return;
             }

@@ -7,7 +7,8 @@
 //! delivered twice runs upstream once: the second run replays or joins.
 //! Queues: embedded ([`queue::EmbeddedQueue`], in process, lost on restart)
 //! or Kafka (`kafka.rs`: at-least-once, an offset committed only after the
-//! job's result is stored). Job records live in this process (`table.rs`).
+//! job's result is stored). Job records live in this process (`table.rs`)
+//! and, for every replica to see, in the shared store (`records.rs`).
 
 mod callback;
 mod kafka;
@@ -15,6 +16,7 @@ mod metrics;
 pub mod model;
 mod offsets;
 pub mod queue;
+mod records;
 mod table;
 pub mod webhook;
 pub mod wire;
@@ -52,6 +54,7 @@ pub struct Jobs {
     cfg: AsyncConfig,
     pipeline: Arc<Pipeline>,
     table: Arc<JobTable>,
+    records: Arc<records::Records>,
     queue: Arc<dyn Queue>,
     callbacks: Option<Arc<Callbacks>>,
     metrics: Arc<JobMetrics>,
@@ -74,7 +77,12 @@ impl Jobs {
             QueueKind::Embedded => Arc::new(EmbeddedQueue::new(cfg.capacity)),
             QueueKind::Kafka => kafka::KafkaQueue::start(&cfg.kafka, cfg.workers).await?,
         };
+        let records = Arc::new(records::Records::new(
+            pipeline.store().clone(),
+            cfg.job_ttl.saturating_mul(2),
+        ));
         Ok(Arc::new(Self {
+            records,
             table: Arc::new(JobTable::new(cfg.max_jobs)),
             queue,
             to_upstream: HeaderAllow::new(&pipeline.config().headers.to_upstream),
@@ -176,20 +184,32 @@ impl Jobs {
                 QueueError::Closed => ApiError::ShuttingDown,
             });
         }
+        self.records.save(&job).await;
         self.metrics.queue_depth.set(depth(self.queue.as_ref()));
         self.metrics.entered(JobState::Queued);
         Ok(job)
     }
 
-    pub fn get(&self, owner: &Identity, id: &str) -> Option<Job> {
-        self.table.get(id, owner)
+    /// The job if `owner` owns it: the shared record (any replica's
+    /// progress), else this replica's own.
+    pub async fn get(&self, owner: &Identity, id: &str) -> Option<Job> {
+        match self.records.load(id).await {
+            Some(job) if &job.owner == owner => Some(job),
+            Some(_) => None,
+            None => self.table.get(id, owner),
+        }
     }
 
-    pub fn cancel(&self, owner: &Identity, id: &str) -> Result<Job, CancelError> {
+    pub async fn cancel(&self, owner: &Identity, id: &str) -> Result<Job, CancelError> {
+        // A job accepted by another replica is known here from its record.
+        if let Some(job) = self.records.load(id).await.filter(|j| &j.owner == owner) {
+            self.table.adopt(&job, now_ms());
+        }
         match self.table.cancel(id, owner, now_ms()) {
             None => Err(CancelError::NotFound),
             Some(Err(e)) => Err(CancelError::NotQueued(e.0)),
             Some(Ok(job)) => {
+                self.records.save(&job).await;
                 self.metrics.entered(JobState::Cancelled);
                 Ok(job)
             }
@@ -212,6 +232,14 @@ impl Jobs {
     }
 
     async fn handle(&self, delivery: Delivery) {
+        // Finished or cancelled on any replica (a redelivery after a crash,
+        // a DELETE elsewhere): its record says so, and it does not run again.
+        if let Some(stored) = self.records.load(&delivery.job_id).await {
+            if stored.state != JobState::Queued {
+                self.table.adopt(&stored, now_ms());
+                return self.queue.ack(delivery).await;
+            }
+        }
         if let Some(job) = &delivery.job {
             if !self.table.adopt(job, now_ms()) {
                 // No room: leave it unacknowledged, to be redelivered.
@@ -249,6 +277,10 @@ impl Jobs {
         }
         // The result is stored before the delivery is acknowledged.
         let finished = self.table.finish(&id, response, done);
+        if let Ok(job) = &finished {
+            // Stored before the delivery is acknowledged (committed).
+            self.records.save(job).await;
+        }
         if transient && delivery.token.is_some() {
             let reason = format!("failed {} times", delivery.attempt);
             self.queue.dead_letter(delivery, &job, &reason).await;
@@ -263,6 +295,7 @@ impl Jobs {
                 job,
                 payload,
                 self.table.clone(),
+                self.records.clone(),
                 self.metrics.clone(),
             ));
         }

@@ -9,7 +9,7 @@ use crate::auth::Identity;
 
 /// Where a job is in its life. `queued → running → succeeded | failed`;
 /// `queued → cancelled` (DELETE) or `expired` (not started in time).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     Queued,
@@ -64,7 +64,7 @@ pub struct JobResponse {
     pub body: Bytes,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeliveryState {
     Pending,

@@ -112,11 +112,12 @@ impl JobTable {
         Some(job.cancel(now_ms).map(|()| job.clone()))
     }
 
-    /// Applies `f` to a job's record (callback bookkeeping).
-    pub fn update(&self, id: &str, f: impl FnOnce(&mut Job)) {
-        if let Some(job) = self.inner.lock().0.get_mut(id) {
-            f(job);
-        }
+    /// Applies `f` to a job's record (callback bookkeeping); the result.
+    pub fn update(&self, id: &str, f: impl FnOnce(&mut Job)) -> Option<Job> {
+        let mut guard = self.inner.lock();
+        let job = guard.0.get_mut(id)?;
+        f(job);
+        Some(job.clone())
     }
 
     /// Drops records a full `ttl` past their expiry (they read `expired`

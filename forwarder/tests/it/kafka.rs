@@ -237,3 +237,69 @@ async fn a_job_that_keeps_failing_and_a_message_that_is_no_job_are_dead_lettered
         1.0
     );
 }
+
+/// Two replicas sharing the broker and a real Redis: a job accepted by one
+/// may run on either and is read back from the other; every job runs
+/// upstream once (N jobs, N upstream calls, each answer its own prompt's);
+/// then one replica shuts down mid-run and the other finishes everything.
+#[tokio::test]
+#[cfg_attr(
+    not(all(kafka, redis_server)),
+    ignore = "needs a Kafka-protocol broker (TANSU_BIN) and redis-server"
+)]
+async fn two_replicas_share_the_queue_and_the_records_and_run_each_job_once() {
+    let broker = Broker::start().await;
+    let redis = crate::redis_server::RedisServer::start().await;
+    let m = slow_mock_ms(20).await;
+    let mut cfg = kafka_config(&m, &broker, "jobs-replicas");
+    cfg.store = redis.store_config(None);
+    cfg.async_jobs.workers = 4;
+    cfg.server.shutdown.drain_delay = Duration::ZERO;
+    cfg.server.shutdown.grace_period = Duration::from_secs(5);
+    let a = start(cfg.clone()).await;
+    let b = start(cfg).await;
+    let n: usize = std::env::var("ASYNC_REPLICA_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let mut jobs = Vec::new();
+    for i in 0..n {
+        let via = if i % 2 == 0 { &a } else { &b };
+        let id = submit(via, &format!("prompt-{i}")).await;
+        jobs.push((id, i));
+    }
+    // Read half of them back on the replica that did not accept them.
+    for (id, i) in jobs.iter().take(n / 2) {
+        let other = if i % 2 == 0 { &b } else { &a };
+        let job = wait_done(other, id).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        let text = job["response"]["body"]["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap();
+        assert!(text.contains(&format!("prompt-{i}")), "{text}");
+    }
+    // One replica stops while jobs are queued and running: what it had
+    // fetched but not finished is handed back to the other.
+    a.server.shutdown().await;
+    for (id, i) in &jobs {
+        let job = wait_done(&b, id).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        let text = job["response"]["body"]["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap();
+        assert!(text.contains(&format!("prompt-{i}")), "{text}");
+    }
+    assert_eq!(
+        mock_requests(&m).await,
+        n as u64,
+        "each job reached the upstream once"
+    );
+}
+
+async fn slow_mock_ms(ms: u64) -> forwarder::mock_llm::MockServer {
+    mock(MockSettings {
+        latency: forwarder::config::LatencyDist::Fixed(Duration::from_millis(ms)),
+        ..MockSettings::default()
+    })
+    .await
+}
