@@ -516,6 +516,33 @@ mod tests {
     }
 
     #[test]
+    fn async_kafka_and_callbacks_are_validated() {
+        let mut c = Config::default();
+        c.async_jobs.workers = 0;
+        c.async_jobs.queue = crate::QueueKind::Kafka;
+        c.async_jobs.kafka.topic = "bad topic".into();
+        c.async_jobs.kafka.security_protocol = "sasl_ssl".into();
+        c.async_jobs.callbacks.allowed_hosts = vec![crate::CallbackHost {
+            host: "hooks.example".into(),
+            allow_http: false,
+        }];
+        let f = fields(&c);
+        for want in [
+            "async.workers",
+            "async.kafka.bootstrap_servers",
+            "async.kafka.topic",
+            "async.kafka.sasl_mechanism",
+            "async.callbacks.secrets_file",
+        ] {
+            assert!(f.contains(&want.to_string()), "{want}: {f:?}");
+        }
+        let mut ok = Config::default();
+        ok.async_jobs.queue = crate::QueueKind::Kafka;
+        ok.async_jobs.kafka.bootstrap_servers = "127.0.0.1:9092".into();
+        validate(&ok).unwrap();
+    }
+
+    #[test]
     fn every_problem_is_reported_with_its_field() {
         let mut c = Config::default();
         c.retry.max_attempts = 0;
