@@ -193,6 +193,36 @@ pub struct RateLimitConfig {
     /// Requests a client may send at once above the sustained rate.
     #[serde(default = "default_burst")]
     pub burst: u32,
+    /// Keep the limits in the store (`store.backend: redis`: one limit
+    /// across every replica), checked after the body is read; otherwise
+    /// in this process, before.
+    #[serde(default)]
+    pub shared: bool,
+    /// Tokens per client per minute (shared limits only): estimated from
+    /// the body before the call (bytes / 4), corrected after with the
+    /// usage a completion reports.
+    #[serde(default)]
+    pub tokens_per_minute: Option<u32>,
+    /// Shared limits when the store fails: `fail_open` admits, `fail_closed`
+    /// answers 503.
+    #[serde(default = "fail_open")]
+    pub on_store_error: FailurePolicy,
+}
+
+fn fail_open() -> FailurePolicy {
+    FailurePolicy::FailOpen
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            requests_per_second: 10,
+            burst: default_burst(),
+            shared: false,
+            tokens_per_minute: None,
+            on_store_error: FailurePolicy::FailOpen,
+        }
+    }
 }
 
 fn default_burst() -> u32 {

@@ -206,6 +206,16 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
             "must be at least 1",
         );
         e.check(rl.burst >= 1, "rate_limit.burst", "must be at least 1");
+        e.check(
+            rl.tokens_per_minute.is_none_or(|t| t >= 1),
+            "rate_limit.tokens_per_minute",
+            "must be at least 1",
+        );
+        e.check(
+            rl.shared || rl.tokens_per_minute.is_none(),
+            "rate_limit.tokens_per_minute",
+            "needs rate_limit.shared: true",
+        );
     }
 
     e.check(

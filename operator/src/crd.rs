@@ -97,6 +97,7 @@ pub const GROUP: &str = "llm.forwarder.dev";
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(transform = api_server_formats)]
+#[x_kube(validation = kube::core::Rule::new("!has(self.store) || has(self.encryption) || self.store.allowPlaintext").message("store needs encryption.keySecretRef (or store.allowPlaintext: true)"))]
 pub struct ModelForwarderSpec {
     /// Protocols the forwarder serves. `http` (simple and OpenAI-compatible
     /// APIs) and `websocket` (`/api/v1/ws`) share the `http` port 8080;
@@ -138,6 +139,26 @@ pub struct ModelForwarderSpec {
     /// Overrides for the forwarder pods.
     #[serde(default)]
     pub pod: PodOverrides,
+
+    /// Shared state on Redis (idempotency records, cached answers, shared
+    /// rate limits), so the replicas act as one. Absent: each pod keeps
+    /// its own in memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<StoreSpec>,
+
+    /// The exact-match response cache, per model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheSpec>,
+
+    /// Per-client rate limits, kept in the store (one limit across the
+    /// replicas when `store` is set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limits: Option<RateLimits>,
+
+    /// AES-256-GCM for every stored record. Required with `store` unless
+    /// `store.allowPlaintext` is true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
 }
 
 /// Schema fixes for the API server, applied to the whole (inlined) spec:
@@ -590,4 +611,140 @@ pub struct ObservedMetrics {
     pub error_rate: f64,
     /// When these values were read.
     pub observed_at: Time,
+}
+
+const GO_DURATION: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$";
+
+/// Redis connection for the shared store.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreSpec {
+    /// `host:port` of a standalone Redis.
+    #[schemars(
+        length(min = 3, max = 253),
+        regex(pattern = r"^[A-Za-z0-9.-]+:[0-9]{1,5}$")
+    )]
+    pub address: String,
+    /// Database number.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 255))]
+    pub db: u32,
+    /// TLS to Redis (`rediss://`, system roots).
+    #[serde(default)]
+    pub tls: bool,
+    /// ACL user; absent: the default user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9._-]+$"))]
+    pub username: Option<String>,
+    /// Secret key holding the password. Read at start: a change rolls the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret_ref: Option<SecretKeyRef>,
+    /// Bound on every Redis call (Go duration); then the use's failure policy.
+    #[serde(default = "default_store_timeout")]
+    #[schemars(regex(pattern = GO_DURATION))]
+    pub timeout: Duration,
+    /// Idempotency when Redis fails: `FailOpen` forwards unprotected,
+    /// `FailClosed` answers 503.
+    #[serde(default)]
+    pub idempotency_policy: FailurePolicy,
+    /// Store records in the clear (no `encryption`).
+    #[serde(default)]
+    pub allow_plaintext: bool,
+}
+
+fn default_store_timeout() -> Duration {
+    std::time::Duration::from_millis(50).into()
+}
+
+/// What a use of the store does when Redis fails.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FailurePolicy {
+    #[default]
+    FailOpen,
+    FailClosed,
+}
+
+/// The response cache.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheSpec {
+    /// Cache policy per model; models not listed are never cached.
+    #[schemars(
+        length(min = 1, max = 64),
+        extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["model"])
+    )]
+    pub models: Vec<ModelCache>,
+}
+
+/// One model's cache policy.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelCache {
+    #[schemars(length(min = 1, max = 256))]
+    pub model: String,
+    /// How long an answer is served (Go duration).
+    #[serde(default = "default_cache_ttl")]
+    #[schemars(regex(pattern = GO_DURATION))]
+    pub ttl: Duration,
+    /// `Deterministic`: only `temperature: 0` or clients sending
+    /// `X-Cache-Opt-In: true`; `All`: every request.
+    #[serde(default)]
+    pub cacheable: CacheableSpec,
+    /// One cache for every client (a public FAQ); default: per client.
+    #[serde(default)]
+    pub shared: bool,
+    /// Larger answers are served but not cached.
+    #[serde(default = "default_max_entry_bytes")]
+    #[schemars(range(min = 1, max = 16777216))]
+    pub max_entry_bytes: u32,
+}
+
+fn default_cache_ttl() -> Duration {
+    std::time::Duration::from_secs(600).into()
+}
+
+fn default_max_entry_bytes() -> u32 {
+    256 * 1024
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CacheableSpec {
+    #[default]
+    Deterministic,
+    All,
+}
+
+/// Per-client rate limits (GCRA).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimits {
+    #[schemars(range(min = 1, max = 1000000))]
+    pub requests_per_second: u32,
+    /// Requests allowed at once above the sustained rate.
+    #[serde(default = "default_rl_burst")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub burst: u32,
+    /// Tokens per client per minute (estimated before the call, corrected
+    /// with the usage a completion reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000000))]
+    pub tokens_per_minute: Option<u32>,
+    /// When the store fails: `FailOpen` admits, `FailClosed` answers 503.
+    #[serde(default)]
+    pub policy: FailurePolicy,
+}
+
+fn default_rl_burst() -> u32 {
+    10
+}
+
+/// Encryption at rest.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Encryption {
+    /// Secret of keys: each key of the Secret is a key id, its value a
+    /// base64 32-byte AES key; the greatest id encrypts, all decrypt.
+    /// Mounted as a directory and reloaded by the forwarder (rotation
+    /// without a restart); changes also roll the pods.
+    pub key_secret_ref: SecretRef,
 }

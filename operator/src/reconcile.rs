@@ -182,6 +182,24 @@ pub fn secret_uses(spec: &ModelForwarderSpec) -> Vec<SecretUse> {
             field: "spec.auth.apiKeysSecretRef".into(),
         });
     }
+    if let Some(e) = &spec.encryption {
+        uses.push(SecretUse {
+            name: e.key_secret_ref.name.clone(),
+            key: None,
+            field: "spec.encryption.keySecretRef".into(),
+        });
+    }
+    if let Some(r) = spec
+        .store
+        .as_ref()
+        .and_then(|s| s.password_secret_ref.as_ref())
+    {
+        uses.push(SecretUse {
+            name: r.name.clone(),
+            key: Some(r.key.clone()),
+            field: "spec.store.passwordSecretRef".into(),
+        });
+    }
     for (i, u) in spec.upstreams.iter().enumerate() {
         if let Some(r) = &u.api_key_secret_ref {
             uses.push(SecretUse {

@@ -112,3 +112,21 @@ fn metrics_selector_is_label_matchers_only() {
         );
     }
 }
+
+#[test]
+fn a_store_needs_encryption_or_an_explicit_plaintext_opt_in() {
+    check(json!({
+        "store": {"address": "redis.ai:6379"},
+        "encryption": {"keySecretRef": {"name": "store-keys"}}
+    }))
+    .expect("sealed");
+    check(json!({"store": {"address": "redis.ai:6379", "allowPlaintext": true}}))
+        .expect("explicit plaintext");
+    let e = check(json!({"store": {"address": "redis.ai:6379"}})).unwrap_err();
+    assert!(e.contains("store needs encryption.keySecretRef"), "{e}");
+    check(json!({
+        "cache": {"models": [{"model": "mock", "ttl": "5m", "shared": true}]},
+        "rateLimits": {"requestsPerSecond": 5, "tokensPerMinute": 10000}
+    }))
+    .expect("cache and limits without a store: per pod");
+}

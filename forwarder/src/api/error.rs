@@ -50,6 +50,13 @@ pub enum ApiError {
     /// A WebSocket connection already has this many requests in flight.
     #[error("too many requests in flight on this connection (limit {0})")]
     TooManyInFlight(usize),
+    /// A shared rate limit (requests or tokens) refused the request; the
+    /// `x-ratelimit-*` headers say which and when it resets.
+    #[error("rate limit exceeded")]
+    QuotaExceeded {
+        retry_after: Duration,
+        limits: Vec<(&'static str, String)>,
+    },
     /// The shared store (idempotency) failed and the policy is fail_closed.
     #[error("the {0} store is unavailable; retry later")]
     StoreUnavailable(&'static str),
@@ -68,7 +75,7 @@ impl ApiError {
             Self::IdempotencyInProgress | Self::DuplicateId(_) => StatusCode::CONFLICT,
             Self::TooManyInFlight(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::IdempotencyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited { .. } | Self::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamRejected { status, .. } => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST)
             }
@@ -92,7 +99,9 @@ impl ApiError {
             Self::PayloadTooLarge(_) => ("invalid_request_error", "request_too_large"),
             Self::IdempotencyInProgress => ("invalid_request_error", "idempotency_in_progress"),
             Self::IdempotencyMismatch => ("invalid_request_error", "idempotency_key_reused"),
-            Self::RateLimited { .. } => ("rate_limit_error", "rate_limit_exceeded"),
+            Self::RateLimited { .. } | Self::QuotaExceeded { .. } => {
+                ("rate_limit_error", "rate_limit_exceeded")
+            }
             Self::UpstreamRejected { .. } => ("invalid_request_error", "upstream_rejected"),
             Self::BadGateway(_) => ("upstream_error", "bad_gateway"),
             Self::NoHealthyUpstream { .. } => ("upstream_error", "no_healthy_upstream"),
@@ -112,6 +121,7 @@ impl ApiError {
             Self::RateLimited { retry_after } | Self::NoHealthyUpstream { retry_after, .. } => {
                 *retry_after
             }
+            Self::QuotaExceeded { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -162,6 +172,13 @@ impl IntoResponse for ApiError {
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
             if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
                 resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        if let Self::QuotaExceeded { limits, .. } = &self {
+            for (name, value) in limits {
+                if let Ok(v) = HeaderValue::from_str(value) {
+                    resp.headers_mut().insert(*name, v);
+                }
             }
         }
         resp

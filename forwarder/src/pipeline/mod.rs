@@ -12,6 +12,7 @@ mod forward;
 pub mod idempotency;
 mod observe;
 mod rate_limit;
+mod shared_limit;
 mod stream_end;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -117,6 +118,8 @@ pub struct Pipeline {
     cfg: Config,
     keys: Option<Arc<ApiKeys>>,
     limit: Option<RateLimit>,
+    /// Limits kept in the store (`rate_limit.shared`).
+    shared_limit: Option<shared_limit::SharedLimit>,
     /// The response cache, when some model has one.
     cache: Option<Arc<crate::cache::ResponseCache>>,
     /// Idempotency claims and answers, on the shared store.
@@ -176,7 +179,16 @@ impl Pipeline {
         Ok(Self {
             keys,
             cache,
-            limit: cfg.rate_limit.as_ref().map(RateLimit::new),
+            limit: cfg
+                .rate_limit
+                .as_ref()
+                .filter(|r| !r.shared)
+                .map(RateLimit::new),
+            shared_limit: cfg
+                .rate_limit
+                .as_ref()
+                .filter(|r| r.shared)
+                .map(|r| shared_limit::SharedLimit::new(r, shared.clone())),
             claims: Arc::new(Claims {
                 store: shared.clone(),
                 cfg: cfg.idempotency.clone(),
@@ -326,6 +338,17 @@ impl Pipeline {
                 "idempotency key longer than {MAX_KEY_LEN} characters"
             ))));
         }
+        // Shared limits need the store (async) and the body (tokens): they
+        // apply here, to cache hits too.
+        let estimated = shared_limit::estimate(&call.body);
+        let limit_headers = match &self.shared_limit {
+            Some(l) => l
+                .check(&principal, estimated)
+                .await
+                .map_err(|e| obs.fail(e))?,
+            None => Vec::new(),
+        };
+        let limited_principal = principal.clone();
         // The cache answers before a concurrency slot is taken: a hit
         // costs no upstream capacity.
         let directives = crate::cache::Directives::from_headers(&meta.headers);
@@ -335,7 +358,9 @@ impl Pipeline {
             .and_then(|c| c.plan(&model, &principal.0, &call.body, directives));
         if let (Some(cache), Some(plan)) = (&self.cache, &plan) {
             if let Some(hit) = cached::lookup(cache, plan, stream).await {
-                return Ok(cached::hit(obs, hit));
+                let mut answer = cached::hit(obs, hit);
+                add_headers(&mut answer, &limit_headers);
+                return Ok(answer);
             }
         }
         let slot = match &self.slots {
@@ -371,6 +396,28 @@ impl Pipeline {
             (Some(cache), Some(plan)) => cached::fill(cache, plan, answer),
             _ => answer,
         };
+        let answer = answer.map(|mut a| {
+            add_headers(&mut a, &limit_headers);
+            a
+        });
+        if let (
+            Some(l),
+            Ok(Answer {
+                reply:
+                    Reply {
+                        body: ReplyBody::Complete(body),
+                        ..
+                    },
+                ..
+            }),
+        ) = (&self.shared_limit, &answer)
+        {
+            if l.counts_tokens() {
+                if let Some(used) = total_tokens(body) {
+                    l.correct(&limited_principal, estimated, used).await;
+                }
+            }
+        }
         // A stream holds its slot until it ends.
         match (answer, slot) {
             (Ok(mut answer), Some(slot)) => {
@@ -602,6 +649,29 @@ impl Pipeline {
             replayed: true,
         }
     }
+}
+
+fn add_headers(answer: &mut Answer, headers: &shared_limit::LimitHeaders) {
+    for (name, value) in headers {
+        if let Ok(v) = http::HeaderValue::from_str(value) {
+            answer.reply.headers.insert(*name, v);
+        }
+    }
+}
+
+/// `usage.total_tokens` of a completion body.
+fn total_tokens(body: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Usage {
+        total_tokens: u64,
+    }
+    #[derive(serde::Deserialize)]
+    struct Body {
+        usage: Usage,
+    }
+    serde_json::from_slice::<Body>(body)
+        .ok()
+        .map(|b| b.usage.total_tokens)
 }
 
 /// The front ends this config serves, for the zero-valued series.

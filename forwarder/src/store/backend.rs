@@ -13,6 +13,54 @@ use super::key::Fingerprint;
 /// Identifies one claim, so only its holder can renew, complete or abandon it.
 pub type Token = [u8; 16];
 
+/// A rate limit's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateState {
+    pub allowed: bool,
+    /// Units left after this call.
+    pub remaining: u64,
+    /// When refused: how long until `cost` units are available.
+    pub retry_after_us: u64,
+    /// How long until the limit is full again.
+    pub reset_us: u64,
+}
+
+/// GCRA on a theoretical arrival time `tat` (µs), pure: the new `tat` to
+/// keep (if allowed) and the answer. Shared by the memory backend and, as
+/// Lua, by Redis.
+pub fn gcra_step(
+    now: u64,
+    tat: Option<u64>,
+    interval: u64,
+    burst: u64,
+    cost: u64,
+) -> (Option<u64>, RateState) {
+    let tat = tat.unwrap_or(now).max(now);
+    let new_tat = tat + interval * cost;
+    let allow_at = new_tat.saturating_sub(interval * burst);
+    if now < allow_at {
+        return (
+            None,
+            RateState {
+                allowed: false,
+                remaining: 0,
+                retry_after_us: allow_at - now,
+                reset_us: tat - now,
+            },
+        );
+    }
+    let remaining = (now + interval * burst - new_tat) / interval.max(1);
+    (
+        Some(new_tat),
+        RateState {
+            allowed: true,
+            remaining,
+            retry_after_us: 0,
+            reset_us: new_tat - now,
+        },
+    )
+}
+
 /// A claim attempt's outcome on the raw blobs.
 pub enum RawClaimed {
     Won,
@@ -48,6 +96,15 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<bool, StoreError>;
     /// Releases a claim still held by `token`.
     async fn abandon(&self, name: &str, token: Token) -> Result<(), StoreError>;
+    /// GCRA, atomic: spends `cost` units of a limit refilled one unit per
+    /// `interval_us`, holding at most `burst` units.
+    async fn gcra(
+        &self,
+        name: &str,
+        interval_us: u64,
+        burst: u64,
+        cost: u64,
+    ) -> Result<RateState, StoreError>;
     /// Releases a claim without awaiting, when the backend can (memory);
     /// `false` means the caller must spawn [`Backend::abandon`].
     fn abandon_now(&self, _name: &str, _token: Token) -> bool {

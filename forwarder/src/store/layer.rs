@@ -140,6 +140,22 @@ impl Store for Layered {
             .map_err(|e| self.core.failed("delete", e))
     }
 
+    async fn rate(
+        &self,
+        key: &StoreKey,
+        rate: super::Rate,
+        cost: u64,
+    ) -> Result<super::RateState, StoreError> {
+        let interval = u64::try_from(rate.interval.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        self.core
+            .backend
+            .gcra(&self.core.name(key), interval, rate.burst.max(1), cost)
+            .await
+            .map_err(|e| self.core.failed("rate", e))
+    }
+
     async fn claim(
         &self,
         key: &StoreKey,

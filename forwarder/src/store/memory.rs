@@ -9,7 +9,7 @@ use bytes::Bytes;
 use moka::ops::compute::{CompResult, Op};
 use moka::sync::Cache;
 
-use super::backend::{Backend, RawClaimed, Token};
+use super::backend::{gcra_step, Backend, RateState, RawClaimed, Token};
 use super::error::StoreError;
 use super::key::Fingerprint;
 use super::metrics::StoreMetrics;
@@ -21,6 +21,8 @@ enum Slot {
         fingerprint: Fingerprint,
     },
     Record(Bytes),
+    /// A rate limit's theoretical arrival time (µs since `epoch`).
+    Tat(u64),
 }
 
 #[derive(Clone)]
@@ -32,7 +34,7 @@ struct Entry {
 impl Entry {
     fn weight(&self) -> usize {
         match &self.slot {
-            Slot::Claim { .. } => 64,
+            Slot::Claim { .. } | Slot::Tat(_) => 64,
             Slot::Record(b) => b.len() + 64,
         }
     }
@@ -63,6 +65,7 @@ impl moka::Expiry<String, Entry> for PerEntry {
 
 pub struct MemoryBackend {
     cache: Cache<String, Entry>,
+    epoch: Instant,
     metrics: StoreMetrics,
 }
 
@@ -83,6 +86,7 @@ impl MemoryBackend {
                     }
                 })
                 .build(),
+            epoch: Instant::now(),
             metrics,
         }
     }
@@ -112,7 +116,7 @@ impl Backend for MemoryBackend {
     async fn get(&self, name: &str) -> Result<Option<Bytes>, StoreError> {
         Ok(self.cache.get(name).and_then(|e| match e.slot {
             Slot::Record(b) => Some(b),
-            Slot::Claim { .. } => None,
+            Slot::Claim { .. } | Slot::Tat(_) => None,
         }))
     }
 
@@ -151,6 +155,7 @@ impl Backend for MemoryBackend {
             CompResult::Unchanged(e) => match e.into_value().slot {
                 Slot::Claim { fingerprint, .. } => RawClaimed::Busy(fingerprint),
                 Slot::Record(b) => RawClaimed::Done(b),
+                Slot::Tat(_) => RawClaimed::Busy([0; 32]),
             },
             _ => RawClaimed::Won,
         })
@@ -188,6 +193,33 @@ impl Backend for MemoryBackend {
     async fn abandon(&self, name: &str, token: Token) -> Result<(), StoreError> {
         self.release(name, token);
         Ok(())
+    }
+
+    async fn gcra(
+        &self,
+        name: &str,
+        interval_us: u64,
+        burst: u64,
+        cost: u64,
+    ) -> Result<RateState, StoreError> {
+        let now = self.epoch.elapsed().as_micros() as u64;
+        let mut state = None;
+        self.cache.entry_by_ref(name).and_compute_with(|e| {
+            let tat = e.and_then(|e| match e.into_value().slot {
+                Slot::Tat(t) => Some(t),
+                _ => None,
+            });
+            let (keep, s) = gcra_step(now, tat, interval_us, burst, cost);
+            state = Some(s);
+            match keep {
+                Some(t) => Op::Put(Entry {
+                    slot: Slot::Tat(t),
+                    ttl: Duration::from_micros((t - now).max(1)),
+                }),
+                None => Op::Nop,
+            }
+        });
+        Ok(state.expect("the closure ran"))
     }
 
     fn abandon_now(&self, name: &str, token: Token) -> bool {

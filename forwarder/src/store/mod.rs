@@ -28,6 +28,7 @@ use crate::telemetry::Metrics;
 use crate::BuildError;
 use forwarder_config::{Config, StoreBackend};
 
+pub use backend::RateState;
 pub use claim::{ClaimGuard, Claimed, Renewer};
 pub use error::StoreError;
 pub use key::{Fingerprint, Space, StoreKey};
@@ -55,6 +56,21 @@ pub trait Store: Send + Sync + 'static {
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<Claimed, StoreError>;
+    /// A rate limit (GCRA), atomic across every process on the backend:
+    /// spends `cost` units of `rate` under `key`.
+    async fn rate(&self, key: &StoreKey, rate: Rate, cost: u64) -> Result<RateState, StoreError> {
+        let _ = (key, rate, cost);
+        Err(StoreError::Unavailable(
+            "this store does not keep rate limits".into(),
+        ))
+    }
+}
+
+/// A limit of `burst` units, refilled one unit per `interval`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub interval: Duration,
+    pub burst: u64,
 }
 
 /// The process's store, from `cfg.store`. With Redis it connects in the

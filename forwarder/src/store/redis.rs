@@ -13,7 +13,7 @@ use parking_lot::RwLock;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 
-use super::backend::{Backend, RawClaimed, Token};
+use super::backend::{Backend, RateState, RawClaimed, Token};
 use super::error::StoreError;
 use super::key::Fingerprint;
 use forwarder_config::RedisConfig;
@@ -53,7 +53,26 @@ end
 return 0
 ";
 
+/// GCRA in microseconds of Redis's own clock, so replicas' clocks do not matter.
+const GCRA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval * cost
+local allow_at = new_tat - interval * burst
+if now < allow_at then
+  return {0, 0, allow_at - now, tat - now}
+end
+redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.max(1, math.ceil((new_tat - now) / 1000)))
+return {1, math.floor((now + interval * burst - new_tat) / interval), 0, new_tat - now}
+";
+
 struct Scripts {
+    gcra: Script,
     claim: Script,
     renew: Script,
     complete: Script,
@@ -131,6 +150,7 @@ impl RedisBackend {
             prefix: format!("{}:", cfg.key_prefix),
             timeout: cfg.timeout,
             scripts: Scripts {
+                gcra: Script::new(GCRA),
                 claim: Script::new(CLAIM),
                 renew: Script::new(RENEW),
                 complete: Script::new(COMPLETE),
@@ -257,6 +277,27 @@ impl Backend for RedisBackend {
             .call(|mut c| async move { inv.invoke_async(&mut c).await })
             .await?;
         Ok(r == 1)
+    }
+
+    async fn gcra(
+        &self,
+        name: &str,
+        interval_us: u64,
+        burst: u64,
+        cost: u64,
+    ) -> Result<RateState, StoreError> {
+        let key = self.key(name);
+        let mut inv = self.scripts.gcra.key(key);
+        inv.arg(interval_us).arg(burst).arg(cost);
+        let (allowed, remaining, retry_after_us, reset_us): (i64, i64, i64, i64) = self
+            .call(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        Ok(RateState {
+            allowed: allowed == 1,
+            remaining: remaining.max(0) as u64,
+            retry_after_us: retry_after_us.max(0) as u64,
+            reset_us: reset_us.max(0) as u64,
+        })
     }
 
     async fn abandon(&self, name: &str, token: Token) -> Result<(), StoreError> {

@@ -78,6 +78,7 @@ async fn rate_limit_gives_429_with_retry_after() {
     cfg.rate_limit = Some(RateLimitConfig {
         requests_per_second: 1,
         burst: 2,
+        ..Default::default()
     });
     let fwd = start(cfg).await;
     let body = chat("mock", "hi");

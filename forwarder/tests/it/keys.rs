@@ -99,6 +99,7 @@ async fn a_line_file_identity_survives_lines_moving() {
     let limit = RateLimitConfig {
         requests_per_second: 1,
         burst: 1,
+        ..Default::default()
     };
     let fwd = with_keys(file.clone(), Some(limit)).await;
     assert_eq!(status(&fwd, "sk-moving").await, 200);

@@ -87,7 +87,7 @@ impl RedisServer {
             backend: StoreBackend::Redis,
             redis: Some(RedisConfig {
                 url: self.url(),
-                timeout: Duration::from_millis(100),
+                timeout: Duration::from_millis(250),
                 connect_timeout: Duration::from_millis(500),
                 allow_plaintext: keys.is_none(),
                 ..Default::default()

@@ -275,3 +275,60 @@ async fn the_example_redis_config_runs_two_sharing_replicas() {
         );
     }
 }
+
+#[cfg_attr(not(redis_server), ignore = "redis-server not installed")]
+#[tokio::test]
+async fn a_shared_rate_limit_holds_across_both_replicas() {
+    let m = mock(MockSettings::default()).await;
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    write_keys(&keys, &[("k1", 7)]);
+    let mk = || {
+        let mut cfg = config(vec![upstream("a", &m, "m")]);
+        cfg.store = redis.store_config(Some(&keys));
+        cfg.rate_limit = Some(forwarder::config::RateLimitConfig {
+            requests_per_second: 1,
+            burst: 4,
+            shared: true,
+            tokens_per_minute: Some(100_000),
+            ..Default::default()
+        });
+        // Generous: this test is about the limit, not about a slow machine
+        // timing a call out (fail_open would then admit without headers).
+        cfg.store.redis.as_mut().unwrap().timeout = Duration::from_secs(1);
+        cfg
+    };
+    let (a, b) = (start(mk()).await, start(mk()).await);
+    connected(&a).await;
+    connected(&b).await;
+    let body = chat("m", "hi");
+    let mut statuses = Vec::new();
+    let started = Instant::now();
+    for i in 0..6 {
+        let f = if i % 2 == 0 { &a } else { &b };
+        let r = f.post("/v1/chat/completions", &body, &[]).await;
+        if r.status == 200 {
+            assert!(r.header("x-ratelimit-remaining-requests").is_some());
+            assert_eq!(r.header("x-ratelimit-limit-tokens"), Some("100000"));
+        } else {
+            assert_eq!(r.status, 429, "{}", r.text);
+            assert_eq!(r.header("x-ratelimit-limit-requests"), Some("4"));
+            assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("0"));
+            let after: u64 = r.header("retry-after").unwrap().parse().unwrap();
+            assert!((1..=2).contains(&after), "{after}");
+        }
+        statuses.push(r.status);
+    }
+    // One limit across both: the burst of 4 admitted, then refused on
+    // either (one more per second elapsed, on a slow machine).
+    let ok = statuses.iter().filter(|s| **s == 200).count() as u64;
+    assert!(
+        ok >= 4 && ok <= 4 + started.elapsed().as_secs(),
+        "{statuses:?}"
+    );
+    assert_eq!(&statuses[..4], [200; 4]);
+    if started.elapsed() < Duration::from_secs(1) {
+        assert_eq!(statuses, [200, 200, 200, 200, 429, 429]);
+    }
+}

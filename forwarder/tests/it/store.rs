@@ -259,11 +259,7 @@ async fn an_outage_fails_calls_fast_and_the_store_reconnects() {
             matches!(r, Err(StoreError::Unavailable(_) | StoreError::Timeout(_))),
             "{r:?}"
         );
-        assert!(
-            t.elapsed() < Duration::from_millis(400),
-            "{:?}",
-            t.elapsed()
-        );
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
     }
     redis.restart().await;
     let t = Instant::now();

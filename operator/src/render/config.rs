@@ -23,6 +23,10 @@ pub const CONFIG_KEY: &str = "config.yaml";
 pub const CLIENT_KEYS_DIR: &str = "/etc/forwarder/client-keys";
 /// Parent directory of the per-upstream API-key mounts.
 pub const UPSTREAM_KEYS_DIR: &str = "/etc/forwarder/upstream-keys";
+/// Mount of `spec.encryption.keySecretRef` (a key ring directory).
+pub const ENCRYPTION_KEYS_DIR: &str = "/etc/forwarder/encryption-keys";
+/// Mount of `spec.store.passwordSecretRef` (one file).
+pub const REDIS_PASSWORD_DIR: &str = "/etc/forwarder/redis-password";
 /// After SIGTERM, how long `/readyz` fails before the listener closes.
 pub const DRAIN_DELAY: Duration = Duration::from_secs(5);
 /// How long in-flight requests may finish once the listener has closed.
@@ -137,6 +141,10 @@ pub fn render(spec: &ModelForwarderSpec) -> Result<Config, Vec<Problem>> {
     config.grpc.listen = SocketAddr::from(([0, 0, 0, 0], GRPC_PORT));
     config.server.shutdown.drain_delay = DRAIN_DELAY;
     config.server.shutdown.grace_period = GRACE_PERIOD;
+    match store_and_limits(spec, &mut config) {
+        Ok(()) => {}
+        Err(p) => problems.push(p),
+    }
 
     // Models are declared per upstream (at least one each), so this only
     // guards against a future spec shape that could leave one unserved.
@@ -158,6 +166,69 @@ pub fn render(spec: &ModelForwarderSpec) -> Result<Config, Vec<Problem>> {
     } else {
         Err(problems)
     }
+}
+
+/// `spec.store`, `spec.encryption`, `spec.cache` and `spec.rateLimits`.
+fn store_and_limits(spec: &ModelForwarderSpec, config: &mut Config) -> Result<(), Problem> {
+    use crate::crd::{CacheableSpec, FailurePolicy as Policy};
+    use forwarder_config::{
+        Cacheable, EncryptionConfig, FailurePolicy, ModelCacheConfig, RateLimitConfig, RedisConfig,
+        StoreBackend,
+    };
+    let policy = |p: Policy| match p {
+        Policy::FailOpen => FailurePolicy::FailOpen,
+        Policy::FailClosed => FailurePolicy::FailClosed,
+    };
+    if spec.encryption.is_some() {
+        config.store.encryption = Some(EncryptionConfig {
+            key_file: PathBuf::from(ENCRYPTION_KEYS_DIR),
+            ..EncryptionConfig::default()
+        });
+    }
+    if let Some(s) = &spec.store {
+        config.store.backend = StoreBackend::Redis;
+        config.store.redis = Some(RedisConfig {
+            url: format!("{}://{}", if s.tls { "rediss" } else { "redis" }, s.address),
+            db: i64::from(s.db),
+            username: s.username.clone(),
+            password_file: s
+                .password_secret_ref
+                .as_ref()
+                .map(|r| PathBuf::from(REDIS_PASSWORD_DIR).join(&r.key)),
+            timeout: duration("spec.store.timeout".into(), s.timeout)?,
+            allow_plaintext: s.allow_plaintext,
+            ..RedisConfig::default()
+        });
+        config.idempotency.on_store_error = policy(s.idempotency_policy);
+    }
+    if let Some(c) = &spec.cache {
+        for (i, m) in c.models.iter().enumerate() {
+            config.cache.models.insert(
+                m.model.clone(),
+                ModelCacheConfig {
+                    enabled: true,
+                    ttl: duration(format!("spec.cache.models[{i}].ttl"), m.ttl)?,
+                    cacheable: match m.cacheable {
+                        CacheableSpec::Deterministic => Cacheable::Deterministic,
+                        CacheableSpec::All => Cacheable::All,
+                    },
+                    shared: m.shared,
+                    max_entry_bytes: m.max_entry_bytes as usize,
+                },
+            );
+        }
+    }
+    if let Some(r) = &spec.rate_limits {
+        config.rate_limit = Some(RateLimitConfig {
+            requests_per_second: r.requests_per_second,
+            burst: r.burst,
+            // In the store: across replicas with Redis, per pod otherwise.
+            shared: true,
+            tokens_per_minute: r.tokens_per_minute,
+            on_store_error: policy(r.policy),
+        });
+    }
+    Ok(())
 }
 
 /// The config file's text, as the forwarder reads it.
@@ -189,6 +260,64 @@ pub(crate) mod tests {
             "replicas": {"min": 2, "max": 20}
         }))
         .expect("valid spec")
+    }
+
+    #[test]
+    fn renders_store_encryption_cache_and_rate_limits() {
+        let mut spec = spec();
+        let extra: ModelForwarderSpec = serde_json::from_value(serde_json::json!({
+            "upstreams": [{"name": "local", "provider": "mock", "models": ["mock"]}],
+            "store": {"address": "redis.ai:6380", "db": 2, "tls": true, "username": "fwd",
+                      "passwordSecretRef": {"name": "redis", "key": "password"},
+                      "timeout": "80ms", "idempotencyPolicy": "FailClosed"},
+            "encryption": {"keySecretRef": {"name": "store-keys"}},
+            "cache": {"models": [{"model": "mock", "ttl": "5m", "cacheable": "All", "shared": true}]},
+            "rateLimits": {"requestsPerSecond": 5, "burst": 20, "tokensPerMinute": 10000, "policy": "FailClosed"}
+        }))
+        .expect("valid spec");
+        spec.store = extra.store;
+        spec.encryption = extra.encryption;
+        spec.cache = extra.cache;
+        spec.rate_limits = extra.rate_limits;
+        let c = render(&spec).expect("renders");
+        let r = c.store.redis.as_ref().expect("redis");
+        assert_eq!(c.store.backend, forwarder_config::StoreBackend::Redis);
+        assert_eq!(r.url, "rediss://redis.ai:6380");
+        assert_eq!((r.db, r.username.as_deref()), (2, Some("fwd")));
+        assert_eq!(
+            r.password_file.as_deref(),
+            Some(std::path::Path::new(
+                "/etc/forwarder/redis-password/password"
+            ))
+        );
+        assert_eq!(r.timeout, Duration::from_millis(80));
+        assert!(!r.allow_plaintext);
+        assert_eq!(
+            c.store.encryption.as_ref().map(|e| e.key_file.clone()),
+            Some(PathBuf::from(ENCRYPTION_KEYS_DIR))
+        );
+        assert_eq!(
+            c.idempotency.on_store_error,
+            forwarder_config::FailurePolicy::FailClosed
+        );
+        let m = &c.cache.models["mock"];
+        assert_eq!((m.ttl, m.shared), (Duration::from_secs(300), true));
+        assert_eq!(m.cacheable, forwarder_config::Cacheable::All);
+        let rl = c.rate_limit.as_ref().expect("limits");
+        assert_eq!(
+            (rl.requests_per_second, rl.burst, rl.tokens_per_minute),
+            (5, 20, Some(10000))
+        );
+        assert!(rl.shared);
+        // The secrets are mounted and part of the pod hash.
+        let uses = crate::reconcile::secret_uses(&spec);
+        assert!(uses
+            .iter()
+            .any(|u| u.field == "spec.encryption.keySecretRef" && u.name == "store-keys"));
+        assert!(uses
+            .iter()
+            .any(|u| u.field == "spec.store.passwordSecretRef"
+                && u.key.as_deref() == Some("password")));
     }
 
     #[test]

@@ -15,8 +15,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::config::{
-    CLIENT_KEYS_DIR, CONFIG_KEY, CONFIG_PATH, DRAIN_DELAY, GRACE_PERIOD, GRPC_PORT, HTTP_PORT,
-    UPSTREAM_KEYS_DIR,
+    CLIENT_KEYS_DIR, CONFIG_KEY, CONFIG_PATH, DRAIN_DELAY, ENCRYPTION_KEYS_DIR, GRACE_PERIOD,
+    GRPC_PORT, HTTP_PORT, REDIS_PASSWORD_DIR, UPSTREAM_KEYS_DIR,
 };
 use super::{config_map_name, labels, metadata, Inputs};
 use crate::crd::Protocol;
@@ -118,6 +118,52 @@ fn volumes_and_mounts(inputs: &Inputs<'_>) -> (Vec<Volume>, Vec<VolumeMount>) {
         mounts.push(VolumeMount {
             name: "client-keys".into(),
             mount_path: CLIENT_KEYS_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+    if let Some(e) = &inputs.spec.encryption {
+        // A directory mount: the forwarder reloads the ring when the
+        // Secret changes; the pod hash rolls the pods as well.
+        volumes.push(Volume {
+            name: "encryption-keys".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(e.key_secret_ref.name.clone()),
+                default_mode: Some(SECRET_MODE),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: "encryption-keys".into(),
+            mount_path: ENCRYPTION_KEYS_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+    if let Some(r) = inputs
+        .spec
+        .store
+        .as_ref()
+        .and_then(|s| s.password_secret_ref.as_ref())
+    {
+        volumes.push(Volume {
+            name: "redis-password".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(r.name.clone()),
+                items: Some(vec![KeyToPath {
+                    key: r.key.clone(),
+                    path: r.key.clone(),
+                    mode: None,
+                }]),
+                default_mode: Some(SECRET_MODE),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: "redis-password".into(),
+            mount_path: REDIS_PASSWORD_DIR.into(),
             read_only: Some(true),
             ..VolumeMount::default()
         });
