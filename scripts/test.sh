@@ -23,6 +23,12 @@ SYSTEM_DEPS=(
   "jmeter:jmeter"     # e2e/load/*.jmx (Debian's JMeter 2.13)
   "/usr/share/jmeter/lib/ext/ApacheJMeter_http.jar:jmeter-http"  # its HTTP sampler
   "javac:default-jdk-headless"  # builds the XStream shim JMeter 2.13 needs (e2e/load/jmeter.sh)
+  # librdkafka (async jobs' Kafka queue) is built from the rdkafka crate's
+  # sources and linked statically: make, pkg-config, OpenSSL and zlib headers.
+  "make:make"
+  "pkg-config:pkg-config"
+  "/usr/include/openssl/ssl.h:libssl-dev"
+  "/usr/include/zlib.h:zlib1g-dev"
   "redis-server:redis-server"  # the store, cache and rate-limit tests run a real Redis
 )
 
@@ -103,6 +109,41 @@ setup_k8s_binaries() {
   log "real API server tests: KUBEBUILDER_ASSETS=$KUBEBUILDER_ASSETS"
 }
 setup_k8s_binaries
+
+# The Kafka-queue tests need a Kafka-protocol broker: tansu, named by
+# $TANSU_BIN, else on PATH, else ../shared/kafka/bin/tansu.gz decompressed
+# once into target/kafka-bin. Without one they are reported as ignored.
+setup_kafka_broker() {
+  if [ -n "${TANSU_BIN:-}" ]; then
+    log "Kafka tests: TANSU_BIN=$TANSU_BIN"
+    return
+  fi
+  if command -v tansu >/dev/null 2>&1; then
+    TANSU_BIN="$(command -v tansu)"
+    export TANSU_BIN
+    log "Kafka tests: tansu on PATH ($TANSU_BIN)"
+    return
+  fi
+  local gz=../shared/kafka/bin/tansu.gz out=target/kafka-bin
+  if [ ! -f "$gz" ]; then
+    log "Kafka tests WILL BE SKIPPED (reported as ignored): no TANSU_BIN, no tansu on PATH, no $gz"
+    return
+  fi
+  mkdir -p "$out"
+  local sum
+  sum=$(sha256sum "$gz" | cut -d' ' -f1)
+  if [ ! -x "$out/tansu" ] || [ "$(cat "$out/tansu.gz.sha256" 2>/dev/null)" != "$sum" ]; then
+    log "decompressing $gz into $out"
+    gzip -dc "$gz" > "$out/tansu.tmp"
+    chmod +x "$out/tansu.tmp"
+    mv "$out/tansu.tmp" "$out/tansu"
+    echo "$sum" > "$out/tansu.gz.sha256"
+  fi
+  TANSU_BIN="$(pwd)/$out/tansu"
+  export TANSU_BIN
+  log "Kafka tests: TANSU_BIN=$TANSU_BIN"
+}
+setup_kafka_broker
 
 if [ -z "${SKIP_LINT:-}" ]; then
   log "cargo fmt --check"

@@ -30,6 +30,9 @@ pub struct Config {
     pub headers: HeadersConfig,
     /// Bounds on what upstreams may send.
     pub limits: LimitsConfig,
+    /// Asynchronous jobs (`/v1/async/...`): queue, workers, retention, callbacks.
+    #[serde(rename = "async")]
+    pub async_jobs: AsyncConfig,
     /// Shared state (idempotency records, cached answers, job records).
     pub store: StoreConfig,
     /// The exact-match response cache, per model.
@@ -52,6 +55,7 @@ impl Default for Config {
             grpc: GrpcConfig::default(),
             headers: HeadersConfig::default(),
             limits: LimitsConfig::default(),
+            async_jobs: AsyncConfig::default(),
             store: StoreConfig::default(),
             cache: CacheConfig::default(),
         }
@@ -580,6 +584,148 @@ impl Default for LimitsConfig {
     }
 }
 
+/// Asynchronous jobs: accepted at once, run by workers through the same
+/// pipeline as synchronous requests, their results kept for `job_ttl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AsyncConfig {
+    pub enabled: bool,
+    /// Where accepted jobs wait for a worker.
+    pub queue: QueueKind,
+    /// Jobs that may wait in the embedded queue at once; beyond it a
+    /// submission is refused with 503 rather than queued without bound.
+    pub capacity: usize,
+    /// Jobs this replica runs at once.
+    pub workers: usize,
+    /// How long a job (and its result) is kept; a job not started by then
+    /// is not run and ends `expired`.
+    #[serde(with = "humantime_serde")]
+    pub job_ttl: Duration,
+    /// Jobs (any state) kept per replica; the oldest finished go first.
+    pub max_jobs: usize,
+    pub callbacks: CallbackConfig,
+    /// With `queue: kafka`.
+    pub kafka: KafkaConfig,
+}
+
+impl Default for AsyncConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            queue: QueueKind::Embedded,
+            capacity: 10_000,
+            workers: 10,
+            job_ttl: Duration::from_secs(24 * 3600),
+            max_jobs: 100_000,
+            callbacks: CallbackConfig::default(),
+            kafka: KafkaConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueKind {
+    /// In process and bounded: jobs do not survive a restart.
+    #[default]
+    Embedded,
+    /// A Kafka-protocol broker: `async.kafka`.
+    Kafka,
+}
+
+/// The Kafka queue: a jobs topic read by a consumer group; an offset is
+/// committed only after the job's result is stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port…]`.
+    pub bootstrap_servers: String,
+    pub topic: String,
+    /// Where a job goes after `max_attempts` failed runs, or a message that
+    /// is not a job.
+    pub dead_letter_topic: String,
+    pub consumer_group: String,
+    /// Partitions of the topics when the forwarder creates them.
+    pub partitions: i32,
+    /// Runs of one job (a transient upstream failure counts) before it is
+    /// dead-lettered.
+    pub max_attempts: u32,
+    /// `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`.
+    pub security_protocol: String,
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`, with SASL.
+    pub sasl_mechanism: Option<String>,
+    pub sasl_username_file: Option<PathBuf>,
+    pub sasl_password_file: Option<PathBuf>,
+    /// CA bundle (PEM) for the brokers' certificates, with SSL.
+    pub ssl_ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM), for mutual TLS.
+    pub ssl_cert_file: Option<PathBuf>,
+    pub ssl_key_file: Option<PathBuf>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: String::new(),
+            topic: "forwarder-jobs".into(),
+            dead_letter_topic: "forwarder-jobs-dead-letter".into(),
+            consumer_group: "forwarder".into(),
+            partitions: 12,
+            max_attempts: 3,
+            security_protocol: "plaintext".into(),
+            sasl_mechanism: None,
+            sasl_username_file: None,
+            sasl_password_file: None,
+            ssl_ca_file: None,
+            ssl_cert_file: None,
+            ssl_key_file: None,
+        }
+    }
+}
+
+/// Result callbacks, signed per the Standard Webhooks specification.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CallbackConfig {
+    /// Hosts a `callback_url` may name; none means callbacks are refused.
+    pub allowed_hosts: Vec<CallbackHost>,
+    /// Signing secrets (`whsec_<base64>`), one a line; the first signs,
+    /// every one is listed in the signature header (rotation).
+    pub secrets_file: Option<PathBuf>,
+    /// Delivery attempts before the job is marked `failed` delivery.
+    pub max_attempts: u32,
+    /// Backoff before attempt n is jittered in [d/2, d], d = min(max_delay, base_delay·2ⁿ⁻¹).
+    #[serde(with = "humantime_serde")]
+    pub base_delay: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+    /// One delivery attempt's deadline.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for CallbackConfig {
+    fn default() -> Self {
+        Self {
+            allowed_hosts: Vec::new(),
+            secrets_file: None,
+            max_attempts: 6,
+            base_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(60),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallbackHost {
+    /// A host name or IP literal, matched exactly (case-insensitive).
+    pub host: String,
+    /// Allows `http://` to this host (otherwise only `https://`).
+    #[serde(default)]
+    pub allow_http: bool,
+}
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StoreBackend {

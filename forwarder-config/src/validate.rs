@@ -208,6 +208,7 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
             "needs server.tls.client_ca_file (only verified certificates name a client)",
         );
     }
+    validate_async(&config.async_jobs, &mut e);
 
     if let Some(rl) = &config.rate_limit {
         e.check(
@@ -487,6 +488,98 @@ impl MockSettings {
     }
 }
 
+/// `async`: bounds, and callbacks that can be signed when hosts are allowed.
+fn validate_async(a: &crate::AsyncConfig, e: &mut Errors) {
+    e.check(a.capacity >= 1, "async.capacity", "must be at least 1");
+    e.check(a.workers >= 1, "async.workers", "must be at least 1");
+    e.check(a.max_jobs >= 1, "async.max_jobs", "must be at least 1");
+    e.duration(a.job_ttl, false, "async.job_ttl");
+    if a.queue == crate::QueueKind::Kafka {
+        let k = &a.kafka;
+        e.check(
+            !k.bootstrap_servers.trim().is_empty(),
+            "async.kafka.bootstrap_servers",
+            "is required with queue: kafka",
+        );
+        for (field, name) in [
+            ("async.kafka.topic", &k.topic),
+            ("async.kafka.dead_letter_topic", &k.dead_letter_topic),
+            ("async.kafka.consumer_group", &k.consumer_group),
+        ] {
+            e.check(
+                !name.is_empty()
+                    && name.len() <= 249
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)),
+                field,
+                "must be 1-249 characters of letters, digits, . _ -",
+            );
+        }
+        e.check(
+            k.topic != k.dead_letter_topic,
+            "async.kafka.dead_letter_topic",
+            "must differ from topic",
+        );
+        e.check(
+            k.partitions >= 1,
+            "async.kafka.partitions",
+            "must be at least 1",
+        );
+        e.check(
+            k.max_attempts >= 1,
+            "async.kafka.max_attempts",
+            "must be at least 1",
+        );
+        let sasl = matches!(k.security_protocol.as_str(), "sasl_plaintext" | "sasl_ssl");
+        e.check(
+            matches!(
+                k.security_protocol.as_str(),
+                "plaintext" | "ssl" | "sasl_plaintext" | "sasl_ssl"
+            ),
+            "async.kafka.security_protocol",
+            "must be plaintext, ssl, sasl_plaintext or sasl_ssl",
+        );
+        e.check(
+            !sasl
+                || (k.sasl_mechanism.is_some()
+                    && k.sasl_username_file.is_some()
+                    && k.sasl_password_file.is_some()),
+            "async.kafka.sasl_mechanism",
+            "SASL needs sasl_mechanism, sasl_username_file and sasl_password_file",
+        );
+        e.check(
+            k.ssl_cert_file.is_some() == k.ssl_key_file.is_some(),
+            "async.kafka.ssl_key_file",
+            "ssl_cert_file and ssl_key_file go together",
+        );
+    }
+    let c = &a.callbacks;
+    e.check(
+        c.max_attempts >= 1,
+        "async.callbacks.max_attempts",
+        "must be at least 1",
+    );
+    e.duration(c.base_delay, true, "async.callbacks.base_delay");
+    e.duration(c.max_delay, true, "async.callbacks.max_delay");
+    e.duration(c.timeout, false, "async.callbacks.timeout");
+    e.check(
+        c.allowed_hosts.is_empty() || c.secrets_file.is_some(),
+        "async.callbacks.secrets_file",
+        "is required when allowed_hosts is set (callbacks are always signed)",
+    );
+    for h in &c.allowed_hosts {
+        e.check(
+            !h.host.is_empty()
+                && h.host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)),
+            "async.callbacks.allowed_hosts",
+            "entries must be host names or IP literals",
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -503,6 +596,33 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         validate(&Config::default()).unwrap();
+    }
+
+    #[test]
+    fn async_kafka_and_callbacks_are_validated() {
+        let mut c = Config::default();
+        c.async_jobs.workers = 0;
+        c.async_jobs.queue = crate::QueueKind::Kafka;
+        c.async_jobs.kafka.topic = "bad topic".into();
+        c.async_jobs.kafka.security_protocol = "sasl_ssl".into();
+        c.async_jobs.callbacks.allowed_hosts = vec![crate::CallbackHost {
+            host: "hooks.example".into(),
+            allow_http: false,
+        }];
+        let f = fields(&c);
+        for want in [
+            "async.workers",
+            "async.kafka.bootstrap_servers",
+            "async.kafka.topic",
+            "async.kafka.sasl_mechanism",
+            "async.callbacks.secrets_file",
+        ] {
+            assert!(f.contains(&want.to_string()), "{want}: {f:?}");
+        }
+        let mut ok = Config::default();
+        ok.async_jobs.queue = crate::QueueKind::Kafka;
+        ok.async_jobs.kafka.bootstrap_servers = "127.0.0.1:9092".into();
+        validate(&ok).unwrap();
     }
 
     #[test]

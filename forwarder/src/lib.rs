@@ -7,6 +7,7 @@ pub mod api;
 pub mod auth;
 pub mod cache;
 pub mod frontends;
+pub mod jobs;
 pub mod mock_llm;
 pub mod openapi;
 pub mod pipeline;

@@ -15,6 +15,7 @@ use crate::frontends::conn::{ConnTimeouts, CountedListener, ReadTimeouts};
 use crate::frontends::grpc::{pb, GrpcFrontend};
 use crate::frontends::tls::{self, TlsConn, TlsFiles};
 use crate::frontends::{http, serve, Lifecycle};
+use crate::jobs::Jobs;
 use crate::pipeline::Pipeline;
 use crate::telemetry::Metrics;
 use crate::BuildError;
@@ -43,6 +44,9 @@ pub struct Server {
     listeners: Vec<JoinHandle<()>>,
     health: Option<tonic_health::server::HealthReporter>,
     background: Vec<JoinHandle<()>>,
+    jobs: Option<Arc<Jobs>>,
+    /// Async job workers: stop fetching at shutdown, finish what they run.
+    workers: Vec<JoinHandle<()>>,
 }
 
 async fn bind(
@@ -100,7 +104,12 @@ impl Server {
                 addr: cfg.server.listen,
                 source,
             })?;
-        let app = http::router(pipeline.clone(), lifecycle.clone());
+        let jobs = if cfg.async_jobs.enabled {
+            Some(Jobs::new(pipeline.clone()).await?)
+        } else {
+            None
+        };
+        let app = http::router(pipeline.clone(), lifecycle.clone(), jobs.clone());
         let server_cfg = cfg.server.clone();
         let stop_http = when_stopped();
         let http_tls = tls.clone();
@@ -171,6 +180,7 @@ impl Server {
             listeners.push(task);
         }
 
+        let workers = jobs.as_ref().map(Jobs::start).unwrap_or_default();
         let mut background = Vec::new();
         if let Some(keys) = pipeline.api_keys() {
             background.push(keys.clone().watch(cfg.auth.reload_interval));
@@ -190,6 +200,8 @@ impl Server {
             listeners,
             health,
             background,
+            jobs,
+            workers,
         })
     }
 }
@@ -215,12 +227,23 @@ impl Server {
             .iter()
             .map(JoinHandle::abort_handle)
             .collect();
+        if let Some(jobs) = &self.jobs {
+            jobs.stop();
+        }
+        let aborts: Vec<_> = aborts
+            .into_iter()
+            .chain(self.workers.iter().map(JoinHandle::abort_handle))
+            .collect();
         let sessions = self.lifecycle.sessions.clone();
+        let workers = self.workers;
         let everything = async move {
             for listener in self.listeners {
                 let _ = listener.await;
             }
             sessions.wait().await;
+            for worker in workers {
+                let _ = worker.await;
+            }
         };
         if tokio::time::timeout(shutdown.grace_period, everything)
             .await
@@ -228,6 +251,9 @@ impl Server {
         {
             tracing::warn!("grace period over; closing the remaining connections");
             aborts.iter().for_each(|a| a.abort());
+        }
+        if let Some(jobs) = &self.jobs {
+            jobs.close().await;
         }
         for task in self.background {
             task.abort();

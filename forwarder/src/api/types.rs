@@ -221,6 +221,12 @@ pub struct SimpleRequest {
     pub max_tokens: Option<u32>,
     #[serde(default)]
     pub temperature: Option<f64>,
+    /// Run as an async job: answered `202` with the job at once.
+    #[serde(default, rename = "async")]
+    pub run_async: bool,
+    /// With `async`: where the signed result is POSTed.
+    #[serde(default)]
+    pub callback_url: Option<String>,
 }
 
 /// A count that JSON may spell `256` or `256.0` (JSON Schema's `integer`

@@ -26,7 +26,21 @@ use crate::pipeline::{Answer, Call, Pipeline, RequestMeta};
 use crate::sse;
 use crate::telemetry::Protocol;
 
-use super::{ws, Lifecycle};
+use super::{jobs as async_jobs, ws, Lifecycle};
+use crate::jobs::Jobs;
+
+/// The HTTP routes' state: the pipeline, and the async jobs when enabled.
+#[derive(Clone)]
+pub struct HttpState {
+    pub pipeline: Arc<Pipeline>,
+    pub jobs: Option<Arc<Jobs>>,
+}
+
+impl axum::extract::FromRef<HttpState> for Arc<Pipeline> {
+    fn from_ref(s: &HttpState) -> Self {
+        s.pipeline.clone()
+    }
+}
 
 /// The request's id: the client's `X-Request-Id` if usable, else generated.
 #[derive(Debug, Clone)]
@@ -36,14 +50,18 @@ const REQUEST_ID: &str = "x-request-id";
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 const REPLAYED: &str = "idempotent-replayed";
 
-pub fn router(pipeline: Arc<Pipeline>, lifecycle: Lifecycle) -> Router {
+pub fn router(pipeline: Arc<Pipeline>, lifecycle: Lifecycle, jobs: Option<Arc<Jobs>>) -> Router {
+    let state = HttpState {
+        pipeline: pipeline.clone(),
+        jobs: jobs.clone(),
+    };
     // The two forwarding routes set their request id themselves: the
     // middleware's boxing and request extensions cost about a tenth of the
     // forwarder's instructions per request.
     let hot = Router::new()
         .route("/api/v1/message", post_only(simple_message))
         .route("/v1/chat/completions", post_only(chat_completions))
-        .with_state(pipeline.clone());
+        .with_state(state);
     let mut rest = Router::new();
     if pipeline.config().websocket.enabled {
         let ws = ws::WsState {
@@ -56,6 +74,7 @@ pub fn router(pipeline: Arc<Pipeline>, lifecycle: Lifecycle) -> Router {
                 .with_state(ws),
         );
     }
+    let async_routes = jobs.map(|jobs| async_jobs::routes(pipeline.clone(), jobs));
     let rest = rest
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
@@ -65,15 +84,20 @@ pub fn router(pipeline: Arc<Pipeline>, lifecycle: Lifecycle) -> Router {
         .route("/openapi.json", get(openapi_document))
         .fallback(|| async { not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed.into_response() })
-        .with_state(pipeline)
-        .layer(middleware::from_fn(request_id));
+        .with_state(pipeline);
+    let rest = match async_routes {
+        Some(routes) => rest.merge(routes),
+        None => rest,
+    }
+    .layer(middleware::from_fn(request_id));
     hot.merge(rest)
 }
 
 /// A POST route whose other methods get the JSON 405.
-fn post_only<H, T>(handler: H) -> axum::routing::MethodRouter<Arc<Pipeline>>
+pub(super) fn post_only<H, T, S>(handler: H) -> axum::routing::MethodRouter<S>
 where
-    H: axum::handler::Handler<T, Arc<Pipeline>>,
+    H: axum::handler::Handler<T, S>,
+    S: Clone + Send + Sync + 'static,
     T: 'static,
 {
     post(handler).fallback(|| async {
@@ -94,7 +118,7 @@ fn request_id_of(headers: &HeaderMap) -> String {
 }
 
 /// Echoes the request id on a response.
-fn with_request_id(mut resp: Response, id: &str) -> Response {
+pub(super) fn with_request_id(mut resp: Response, id: &str) -> Response {
     if let Ok(v) = HeaderValue::from_str(id) {
         resp.headers_mut().insert(REQUEST_ID, v);
     }
@@ -129,14 +153,14 @@ fn split(req: Request) -> (RequestId, Presented, Body) {
 }
 
 /// A request's headers and its connection's client certificate subject.
-struct Presented {
-    headers: HeaderMap,
-    peer: Option<PeerSubject>,
+pub(super) struct Presented {
+    pub(super) headers: HeaderMap,
+    pub(super) peer: Option<PeerSubject>,
 }
 
 /// The pipeline's view of an HTTP request; the header map moves in whole
 /// (the pipeline passes on the allow-listed part).
-fn meta(presented: Presented, id: &RequestId) -> RequestMeta {
+pub(super) fn meta(presented: Presented, id: &RequestId) -> RequestMeta {
     let Presented { headers, peer } = presented;
     let mut meta = RequestMeta::new(Protocol::Http, id.0.clone());
     meta.peer = peer.map(|p| p.0.to_string());
@@ -152,7 +176,7 @@ fn meta(presented: Presented, id: &RequestId) -> RequestMeta {
 
 /// Reads the body up to the configured limit. Called only after the
 /// request was admitted: an unauthenticated body is never buffered.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+pub(super) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(body, limit).await.map_err(|e| {
         let too_large = e
             .into_inner()
@@ -166,7 +190,7 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     })
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(super) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
@@ -246,29 +270,44 @@ fn concat(mut events: Vec<Bytes>) -> Bytes {
 }
 
 /// `POST /api/v1/message`: translated to a chat request at this edge.
-async fn simple_message(State(p): State<Arc<Pipeline>>, req: Request) -> Response {
+async fn simple_message(
+    State(p): State<Arc<Pipeline>>,
+    State(s): State<HttpState>,
+    req: Request,
+) -> Response {
     let (id, headers, body) = split(req);
-    let resp = forward_simple(&p, &id, headers, body).await;
+    let resp = forward_simple(&p, s.jobs.as_ref(), &id, headers, body).await;
     with_request_id(resp, &id.0)
 }
 
-async fn forward_simple(p: &Pipeline, id: &RequestId, headers: Presented, body: Body) -> Response {
+async fn forward_simple(
+    p: &Pipeline,
+    jobs: Option<&Arc<Jobs>>,
+    id: &RequestId,
+    headers: Presented,
+    body: Body,
+) -> Response {
     let admitted = match p.admit(meta(headers, id)) {
         Ok(a) => a,
         Err(e) => return e.into_response(),
     };
     let body = read_body(body, p.config().server.max_body_bytes).await;
+    let parsed = body.and_then(|body| parse_json::<SimpleRequest>(&body));
+    if let Ok(req) = &parsed {
+        if req.run_async {
+            return async_jobs::submit_simple(p, jobs, admitted, req).await;
+        }
+    }
     let mut client_request_id = None;
-    let call = body.and_then(|body| {
-        let req: SimpleRequest = parse_json(&body)?;
+    let call = parsed.map(|req| {
         // An empty `request_id` is no key, as an empty Idempotency-Key
         // header is none (else every such request would share one key).
         let key = req.request_id.clone().filter(|k| !k.trim().is_empty());
         client_request_id.clone_from(&key);
-        Ok(Call {
+        Call {
             body: simple_to_chat(&req),
             idempotency_key: key,
-        })
+        }
     });
     let answer = match p.run(admitted, call).await {
         Ok(a) => a,
@@ -388,7 +427,7 @@ async fn openapi_document() -> Response {
         .into_response()
 }
 
-fn not_found(msg: &str) -> Response {
+pub(super) fn not_found(msg: &str) -> Response {
     (
         StatusCode::NOT_FOUND,
         Json(json!({"error": {"message": msg, "type": "invalid_request_error", "code": "not_found"}})),

@@ -4,6 +4,7 @@
 pub mod conn;
 pub mod grpc;
 pub mod http;
+pub mod jobs;
 pub mod serve;
 pub mod tls;
 pub mod ws;

@@ -104,6 +104,24 @@ impl Admission {
     pub fn principal(&self) -> &Identity {
         &self.principal
     }
+
+    /// Whether the client's credential grants `model` (a JWT may name the
+    /// models it may use; API keys grant every model).
+    pub fn grants(&self, model: &str) -> bool {
+        self.models
+            .as_ref()
+            .is_none_or(|m| m.iter().any(|g| g == model))
+    }
+
+    /// Ends a request answered without running it (an accepted async job).
+    pub fn answered(mut self, code: u16) {
+        self.obs.finish(code);
+    }
+
+    /// Ends a request refused by its front end after admission.
+    pub fn refuse(mut self, err: ApiError) -> ApiError {
+        self.obs.fail(err)
+    }
 }
 
 /// Longest accepted idempotency key.
@@ -329,6 +347,19 @@ impl Pipeline {
             meta,
             started: Instant::now(),
         })
+    }
+
+    /// Admits a request for a principal authenticated and rate-limited
+    /// earlier (an async job, run by a worker after it was accepted).
+    /// The models grant was checked when the job was accepted.
+    pub fn admit_as(&self, principal: Identity, meta: RequestMeta) -> Admission {
+        Admission {
+            obs: self.observer(meta.protocol, &meta.request_id),
+            principal,
+            models: None,
+            meta,
+            started: Instant::now(),
+        }
     }
 
     /// Runs an admitted request through the remaining stages. `call` is

@@ -1,6 +1,7 @@
 //! Integration tests: real forwarders and mock-llm servers on loopback
 //! sockets, driven by a real HTTP client.
 
+mod async_jobs;
 mod auth;
 mod cache;
 mod cli;
@@ -12,6 +13,7 @@ mod grpc;
 mod hostile;
 mod idempotency;
 mod jwt;
+mod kafka;
 mod keys;
 mod metrics;
 mod openapi;

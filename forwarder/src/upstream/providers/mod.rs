@@ -5,6 +5,7 @@
 
 mod mock;
 mod openai;
+pub(crate) use openai::tls_config;
 
 use std::sync::Arc;
 

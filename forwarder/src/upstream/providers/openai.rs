@@ -143,7 +143,7 @@ impl OpenAiProvider {
 /// The client TLS settings every upstream shares: the system's roots,
 /// loaded once. Without any (a bare container), https upstreams fail to
 /// verify, plain http ones still work.
-fn tls_config() -> &'static rustls::ClientConfig {
+pub(crate) fn tls_config() -> &'static rustls::ClientConfig {
     static CONFIG: std::sync::OnceLock<rustls::ClientConfig> = std::sync::OnceLock::new();
     CONFIG.get_or_init(|| {
         let mut roots = rustls::RootCertStore::empty();

@@ -1,0 +1,191 @@
+//! HTTP routes of the async jobs: `POST /v1/async/chat/completions` (and the
+//! simple API's `"async": true`) accept a job with `202`; `GET` and
+//! `DELETE /v1/async/jobs/{id}` read and cancel it. A job is visible to
+//! the client that submitted it only: anyone else gets 404.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+
+use super::http::{meta, not_found, post_only, read_body, Presented, RequestId};
+use crate::api::{ApiError, SimpleRequest};
+use crate::auth;
+use crate::frontends::tls::PeerSubject;
+use crate::jobs::model::{Job, JobKind};
+use crate::jobs::{now_ms, CancelError, Jobs};
+use crate::pipeline::envelope::peek;
+use crate::pipeline::{Admission, Pipeline};
+
+/// The header naming a job's callback on the OpenAI-format route (the body
+/// goes upstream byte for byte, so it cannot carry the URL).
+pub const CALLBACK_URL: &str = "x-callback-url";
+
+#[derive(Clone)]
+struct JobsState {
+    pipeline: Arc<Pipeline>,
+    jobs: Arc<Jobs>,
+}
+
+pub fn routes(pipeline: Arc<Pipeline>, jobs: Arc<Jobs>) -> Router {
+    Router::new()
+        .route("/v1/async/chat/completions", post_only(submit_chat))
+        .route("/v1/async/jobs/{id}", get(get_job).delete(cancel_job))
+        .with_state(JobsState { pipeline, jobs })
+}
+
+async fn submit_chat(State(s): State<JobsState>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let id = parts
+        .extensions
+        .get::<RequestId>()
+        .cloned()
+        .unwrap_or_else(|| RequestId(uuid::Uuid::new_v4().to_string()));
+    let peer = parts.extensions.get::<PeerSubject>().cloned();
+    let headers = parts.headers;
+    let callback_url = match headers.get(CALLBACK_URL).map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(v)) => Some(v.trim().to_string()),
+        Some(Err(_)) => {
+            return ApiError::BadRequest(format!("{CALLBACK_URL} is not a valid URL"))
+                .into_response()
+        }
+    };
+    let upstream_headers = headers.clone();
+    let adm = match s.pipeline.admit(meta(Presented { headers, peer }, &id)) {
+        Ok(a) => a,
+        Err(e) => return e.into_response(),
+    };
+    let body = match read_body(body, s.pipeline.config().server.max_body_bytes).await {
+        Ok(b) => b,
+        Err(e) => return adm.refuse(e).into_response(),
+    };
+    submit(
+        &s.pipeline,
+        &s.jobs,
+        adm,
+        JobKind::Chat,
+        body,
+        &upstream_headers,
+        callback_url,
+    )
+    .await
+}
+
+/// The simple API's `"async": true`: the same job, its result the simple
+/// API's answer.
+pub async fn submit_simple(
+    p: &Pipeline,
+    jobs: Option<&Arc<Jobs>>,
+    adm: Admission,
+    req: &SimpleRequest,
+) -> Response {
+    let Some(jobs) = jobs else {
+        return adm
+            .refuse(ApiError::BadRequest(
+                "async jobs are not enabled on this forwarder".into(),
+            ))
+            .into_response();
+    };
+    let body = super::http::simple_to_chat(req);
+    let kind = JobKind::Simple {
+        request_id: req.request_id.clone(),
+    };
+    submit(
+        p,
+        jobs,
+        adm,
+        kind,
+        body,
+        &HeaderMap::new(),
+        req.callback_url.clone(),
+    )
+    .await
+}
+
+async fn submit(
+    p: &Pipeline,
+    jobs: &Jobs,
+    adm: Admission,
+    kind: JobKind,
+    body: Bytes,
+    headers: &HeaderMap,
+    callback_url: Option<String>,
+) -> Response {
+    let model = match peek(&body) {
+        Ok(peeked) if peeked.stream => {
+            return adm
+                .refuse(ApiError::BadRequest(
+                    "async jobs do not stream: drop \"stream\": true".into(),
+                ))
+                .into_response()
+        }
+        Ok(peeked) => peeked.model.into_owned(),
+        Err(e) => return adm.refuse(e).into_response(),
+    };
+    if !p.has_model(&model) || !adm.grants(&model) {
+        return adm.refuse(ApiError::ModelNotFound(model)).into_response();
+    }
+    let owner = adm.principal().clone();
+    match jobs
+        .submit(owner, kind, model, body, headers, callback_url)
+        .await
+    {
+        Ok(job) => {
+            adm.answered(StatusCode::ACCEPTED.as_u16());
+            accepted(&job)
+        }
+        Err(e) => adm.refuse(e).into_response(),
+    }
+}
+
+fn accepted(job: &Job) -> Response {
+    let mut resp = (StatusCode::ACCEPTED, Json(job.view(now_ms()))).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("/v1/async/jobs/{}", job.id)) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+async fn get_job(
+    State(s): State<JobsState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let owner = match s.pipeline.authenticate(auth::credential(&headers)) {
+        Ok(o) => o,
+        Err(e) => return e.into_response(),
+    };
+    match s.jobs.get(&owner, &id).await {
+        Some(job) => Json(job.view(now_ms())).into_response(),
+        None => not_found("no such job"),
+    }
+}
+
+async fn cancel_job(
+    State(s): State<JobsState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let owner = match s.pipeline.authenticate(auth::credential(&headers)) {
+        Ok(o) => o,
+        Err(e) => return e.into_response(),
+    };
+    match s.jobs.cancel(&owner, &id).await {
+        Ok(job) => Json(job.view(now_ms())).into_response(),
+        Err(CancelError::NotFound) => not_found("no such job"),
+        Err(CancelError::NotQueued(state)) => (
+            StatusCode::CONFLICT,
+            Json(serde_json::json!({"error": {
+                "message": format!("only a queued job can be cancelled; this one is {}", state.label()),
+                "type": "invalid_request_error",
+                "code": "job_not_cancellable",
+            }})),
+        )
+            .into_response(),
+    }
+}

@@ -1,0 +1,141 @@
+//! Job records in the shared store (memory, or Redis shared by every
+//! replica; sealed with AES-256-GCM when a key ring is configured), so any
+//! replica answers `GET` for a job another one accepted or ran, and a
+//! redelivered job that already finished is not run again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::model::{Callback, DeliveryState, Job, JobResponse, JobState};
+use super::wire;
+use crate::store::{Space, Store, StoreKey};
+
+pub struct Records {
+    store: Arc<dyn Store>,
+    ttl: Duration,
+}
+
+/// What the queue message does not carry: the job's progress.
+#[derive(Serialize, Deserialize)]
+struct Progress {
+    state: JobState,
+    started_at: Option<u64>,
+    finished_at: Option<u64>,
+    response: Option<(u16, String)>,
+    callback: Option<(DeliveryState, u32, Option<String>)>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredJob {
+    /// The job as accepted (the queue message's encoding).
+    job: Box<serde_json::value::RawValue>,
+    progress: Progress,
+}
+
+fn key(id: &str) -> StoreKey {
+    StoreKey::new(Space::Job, "job", id.as_bytes())
+}
+
+pub fn encode(job: &Job) -> Option<Bytes> {
+    let accepted = String::from_utf8(wire::encode(job)).ok()?;
+    let stored = StoredJob {
+        job: serde_json::value::RawValue::from_string(accepted).ok()?,
+        progress: Progress {
+            state: job.state,
+            started_at: job.started_at,
+            finished_at: job.finished_at,
+            response: job
+                .response
+                .as_ref()
+                .map(|r| (r.status_code, String::from_utf8_lossy(&r.body).into_owned())),
+            callback: job
+                .callback
+                .as_ref()
+                .map(|c| (c.state, c.attempts, c.last_error.clone())),
+        },
+    };
+    serde_json::to_vec(&stored).ok().map(Bytes::from)
+}
+
+pub fn decode(bytes: &[u8]) -> Option<Job> {
+    let stored: StoredJob = serde_json::from_slice(bytes).ok()?;
+    let mut job = wire::decode(stored.job.get().as_bytes()).ok()?;
+    let p = stored.progress;
+    job.state = p.state;
+    job.started_at = p.started_at;
+    job.finished_at = p.finished_at;
+    job.response = p.response.map(|(status_code, body)| JobResponse {
+        status_code,
+        body: Bytes::from(body),
+    });
+    if let (Some(cb), Some((state, attempts, last_error))) = (job.callback.as_mut(), p.callback) {
+        *cb = Callback {
+            url: std::mem::take(&mut cb.url),
+            state,
+            attempts,
+            last_error,
+        };
+    }
+    Some(job)
+}
+
+impl Records {
+    pub fn new(store: Arc<dyn Store>, ttl: Duration) -> Self {
+        Self { store, ttl }
+    }
+
+    /// Best effort: a store outage leaves the replica's own table current.
+    pub async fn save(&self, job: &Job) {
+        let Some(value) = encode(job) else { return };
+        if let Err(e) = self
+            .store
+            .put(&key(&job.id), [0; 32], value, self.ttl)
+            .await
+        {
+            tracing::warn!(error = %e, "could not store a job record");
+        }
+    }
+
+    pub async fn load(&self, id: &str) -> Option<Job> {
+        match self.store.get(&key(id)).await {
+            Ok(Some(record)) => decode(&record.value),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read a job record");
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Identity;
+    use crate::jobs::model::JobKind;
+
+    #[test]
+    fn a_finished_job_with_its_callback_survives_the_round_trip() {
+        let mut job = wire::decode(br#"{"v":1,"id":"job_9","owner":"alice","model":"m","body":"{}","headers":[],"callback_url":"https://h/x","created_at":1,"expires_at_ms":99000}"#).unwrap();
+        job.start(2000).unwrap();
+        job.finish(
+            JobResponse {
+                status_code: 200,
+                body: Bytes::from_static(b"{\"ok\":true}"),
+            },
+            3000,
+        )
+        .unwrap();
+        job.callback.as_mut().unwrap().attempts = 2;
+        let back = decode(&encode(&job).unwrap()).unwrap();
+        assert_eq!(back.owner, Identity("alice".into()));
+        assert_eq!(back.kind, JobKind::Chat);
+        assert_eq!(back.state, JobState::Succeeded);
+        assert_eq!(back.response, job.response);
+        assert_eq!(back.callback, job.callback);
+        assert_eq!(back.finished_at, Some(3));
+    }
+}

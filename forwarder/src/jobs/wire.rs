@@ -1,0 +1,135 @@
+//! A job as a queue message: everything a worker on any replica needs to
+//! run it and to answer its owner.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::model::{Callback, DeliveryState, Job, JobKind, JobState};
+use crate::auth::Identity;
+
+#[derive(Serialize, Deserialize)]
+struct WireJob {
+    v: u32,
+    id: String,
+    owner: String,
+    /// The simple API's client `request_id`; absent for a chat job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    simple: Option<Option<String>>,
+    model: String,
+    /// The chat-completions body (JSON, so UTF-8), byte for byte.
+    body: String,
+    headers: Vec<(String, String)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    callback_url: Option<String>,
+    created_at: u64,
+    expires_at_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("not a job message: {0}")]
+pub struct DecodeError(String);
+
+pub fn encode(job: &Job) -> Vec<u8> {
+    let wire = WireJob {
+        v: 1,
+        id: job.id.clone(),
+        owner: job.owner.0.clone(),
+        simple: match &job.kind {
+            JobKind::Chat => None,
+            JobKind::Simple { request_id } => Some(request_id.clone()),
+        },
+        model: job.model.clone(),
+        body: String::from_utf8_lossy(&job.body).into_owned(),
+        headers: job
+            .headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+            .collect(),
+        callback_url: job.callback.as_ref().map(|c| c.url.clone()),
+        created_at: job.created_at,
+        expires_at_ms: job.expires_at_ms,
+    };
+    serde_json::to_vec(&wire).unwrap_or_default()
+}
+
+/// The job a message carries, as it was accepted (`queued`).
+pub fn decode(bytes: &[u8]) -> Result<Job, DecodeError> {
+    let w: WireJob = serde_json::from_slice(bytes).map_err(|e| DecodeError(e.to_string()))?;
+    if w.v != 1 || w.id.is_empty() {
+        return Err(DecodeError(format!("unknown version {} or no id", w.v)));
+    }
+    let mut headers = http::HeaderMap::new();
+    for (k, v) in w.headers {
+        let (Ok(k), Ok(v)) = (
+            http::HeaderName::try_from(k.as_str()),
+            http::HeaderValue::try_from(v.as_str()),
+        ) else {
+            return Err(DecodeError("bad header".into()));
+        };
+        headers.append(k, v);
+    }
+    Ok(Job {
+        id: w.id,
+        owner: Identity(w.owner),
+        kind: match w.simple {
+            None => JobKind::Chat,
+            Some(request_id) => JobKind::Simple { request_id },
+        },
+        model: w.model,
+        body: Bytes::from(w.body),
+        headers,
+        state: JobState::Queued,
+        created_at: w.created_at,
+        started_at: None,
+        finished_at: None,
+        expires_at_ms: w.expires_at_ms,
+        response: None,
+        callback: w.callback_url.map(|url| Callback {
+            url,
+            state: DeliveryState::Pending,
+            attempts: 0,
+            last_error: None,
+        }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_survives_the_round_trip() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("openai-organization", "org".parse().unwrap());
+        let job = Job {
+            id: "job_1".into(),
+            owner: Identity("alice".into()),
+            kind: JobKind::Simple {
+                request_id: Some("r".into()),
+            },
+            model: "m".into(),
+            body: Bytes::from_static(br#"{"model":"m","messages":[{"content":"\u00e9"}]}"#),
+            headers,
+            state: JobState::Queued,
+            created_at: 5,
+            started_at: None,
+            finished_at: None,
+            expires_at_ms: 9000,
+            response: None,
+            callback: None,
+        };
+        let back = decode(&encode(&job)).unwrap();
+        assert_eq!(back.id, job.id);
+        assert_eq!(back.owner, job.owner);
+        assert_eq!(back.kind, job.kind);
+        assert_eq!(back.body, job.body, "byte for byte");
+        assert_eq!(back.headers, job.headers);
+        assert_eq!(back.expires_at_ms, 9000);
+    }
+
+    #[test]
+    fn garbage_is_not_a_job() {
+        assert!(decode(b"\xff\x00").is_err());
+        assert!(decode(br#"{"v":2,"id":"x"}"#).is_err());
+    }
+}

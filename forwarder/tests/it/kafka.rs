@@ -1,0 +1,305 @@
+//! The Kafka queue against a real Kafka-protocol broker (tansu, SQLite
+//! storage) on an ephemeral loopback port: offsets committed only after
+//! results are stored (a second consumer in the group re-runs nothing),
+//! transient failures retried then dead-lettered, and messages that are not
+//! jobs dead-lettered. Without a broker (`TANSU_BIN` unset and no `tansu` on
+//! PATH) these tests are reported as ignored.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use forwarder::config::{Config, MockSettings, QueueKind};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::Value;
+
+use crate::common::*;
+
+pub struct Broker {
+    child: Child,
+    pub addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Broker {
+    pub async fn start() -> Self {
+        let Some(bin) = option_env!("TANSU_PATH") else {
+            panic!("no broker: these tests run only when built with cfg(kafka)");
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let log = std::fs::File::create(dir.path().join("broker.log")).unwrap();
+        let mut child = Command::new(bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "sqlite://broker.db"])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("tansu starts");
+        let addr = format!("127.0.0.1:{port}");
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(&addr).await.is_ok() {
+                return Self {
+                    child,
+                    addr,
+                    _dir: dir,
+                };
+            }
+            tokio::time::sleep(50 * MS).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("tansu did not listen on {addr}");
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn kafka_config(m: &forwarder::mock_llm::MockServer, broker: &Broker, topic: &str) -> Config {
+    let mut cfg = config(vec![upstream("m", m, "mock")]);
+    cfg.grpc.enabled = false;
+    let a = &mut cfg.async_jobs;
+    a.queue = QueueKind::Kafka;
+    a.kafka.bootstrap_servers = broker.addr.clone();
+    a.kafka.topic = topic.into();
+    a.kafka.dead_letter_topic = format!("{topic}-dead");
+    a.kafka.consumer_group = format!("{topic}-group");
+    a.kafka.partitions = 4;
+    cfg
+}
+
+async fn wait_done(f: &Fwd, id: &str) -> Value {
+    for _ in 0..1200 {
+        let r = f.get(&format!("/v1/async/jobs/{id}"), &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let s = r.body["status"].as_str().unwrap();
+        if s != "queued" && s != "running" {
+            return r.body;
+        }
+        tokio::time::sleep(25 * MS).await;
+    }
+    panic!("job {id} did not finish");
+}
+
+async fn submit(f: &Fwd, prompt: &str) -> String {
+    let r = f
+        .post("/v1/async/chat/completions", &chat("mock", prompt), &[])
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    r.body["id"].as_str().unwrap().to_string()
+}
+
+async fn mock_requests(m: &forwarder::mock_llm::MockServer) -> u64 {
+    let v: Value = client()
+        .get(format!(
+            "{}/mock/stats",
+            m.base_url().trim_end_matches("/v1")
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["requests"].as_u64().expect("mock stats")
+}
+
+/// Every message on `topic` (from the start), as (key, payload).
+async fn read_topic(broker: &Broker, topic: &str, want: usize) -> Vec<(String, Vec<u8>)> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.addr)
+        .set("group.id", format!("inspect-{}", uuid_ish()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while out.len() < want {
+        let msg = tokio::time::timeout_at(deadline, consumer.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {want} messages on {topic}", out.len()))
+            .unwrap();
+        let key = String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned();
+        out.push((key, msg.payload().unwrap_or_default().to_vec()));
+    }
+    out
+}
+
+fn uuid_ish() -> u64 {
+    rand::random()
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(kafka),
+    ignore = "no Kafka-protocol broker: set TANSU_BIN (scripts/test.sh does)"
+)]
+async fn jobs_go_through_the_broker_and_committed_jobs_never_run_again() {
+    let broker = Broker::start().await;
+    let m = mock(MockSettings::default()).await;
+    let cfg = kafka_config(&m, &broker, "jobs-commit");
+    let a = start(cfg.clone()).await;
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        ids.push(submit(&a, &format!("job {i}")).await);
+    }
+    for id in &ids {
+        let job = wait_done(&a, id).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        assert_eq!(job["response"]["status_code"], 200);
+    }
+    assert_eq!(mock_requests(&m).await, 30);
+    a.server.shutdown().await;
+
+    // A new member of the group starts after the committed offsets: it
+    // runs the one new job and none of the 30.
+    let b = start(cfg).await;
+    let id = submit(&b, "after restart").await;
+    assert_eq!(wait_done(&b, &id).await["status"], "succeeded");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(mock_requests(&m).await, 31, "no committed job ran again");
+    let text = b.get("/metrics", &[]).await.text;
+    assert!(text.contains("forwarder_queue_depth"), "lag is exported");
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(kafka),
+    ignore = "no Kafka-protocol broker: set TANSU_BIN (scripts/test.sh does)"
+)]
+async fn a_job_that_keeps_failing_and_a_message_that_is_no_job_are_dead_lettered() {
+    let broker = Broker::start().await;
+    let m = mock(MockSettings {
+        error_rate: 1.0,
+        error_status: 503,
+        ..MockSettings::default()
+    })
+    .await;
+    let mut cfg = kafka_config(&m, &broker, "jobs-poison");
+    cfg.retry.max_attempts = 1;
+    cfg.async_jobs.kafka.max_attempts = 2;
+    let f = start(cfg).await;
+
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.addr)
+        .create()
+        .unwrap();
+    producer
+        .send(
+            FutureRecord::to("jobs-poison")
+                .key("garbage")
+                .payload("not a job"),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("produced");
+
+    let id = submit(&f, "doomed").await;
+    let job = wait_done(&f, &id).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(
+        job["response"]["status_code"], 502,
+        "as the sync endpoint answers"
+    );
+    assert_eq!(mock_requests(&m).await, 2, "one run per attempt");
+
+    let dead = read_topic(&broker, "jobs-poison-dead", 2).await;
+    let keys: Vec<&str> = dead.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(keys.contains(&"garbage"), "{keys:?}");
+    assert!(keys.contains(&id.as_str()), "{keys:?}");
+    let (_, payload) = dead.iter().find(|(k, _)| k == &id).unwrap();
+    let parked: Value = serde_json::from_slice(payload).unwrap();
+    assert_eq!(parked["id"], id.as_str(), "the job itself is parked");
+    assert_eq!(
+        f.metric("forwarder_jobs_total", &[("state", "failed")])
+            .await,
+        1.0
+    );
+}
+
+/// Two replicas sharing the broker and a real Redis: a job accepted by one
+/// may run on either and is read back from the other; every job runs
+/// upstream once (N jobs, N upstream calls, each answer its own prompt's);
+/// then one replica shuts down mid-run and the other finishes everything.
+#[tokio::test]
+#[cfg_attr(
+    not(all(kafka, redis_server)),
+    ignore = "needs a Kafka-protocol broker (TANSU_BIN) and redis-server"
+)]
+async fn two_replicas_share_the_queue_and_the_records_and_run_each_job_once() {
+    let broker = Broker::start().await;
+    let redis = crate::redis_server::RedisServer::start().await;
+    let m = slow_mock_ms(20).await;
+    let mut cfg = kafka_config(&m, &broker, "jobs-replicas");
+    cfg.store = redis.store_config(None);
+    cfg.async_jobs.workers = 4;
+    cfg.server.shutdown.drain_delay = Duration::ZERO;
+    cfg.server.shutdown.grace_period = Duration::from_secs(5);
+    let a = start(cfg.clone()).await;
+    let b = start(cfg).await;
+    let n: usize = std::env::var("ASYNC_REPLICA_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let mut jobs = Vec::new();
+    for i in 0..n {
+        let via = if i % 2 == 0 { &a } else { &b };
+        let id = submit(via, &format!("prompt-{i}")).await;
+        jobs.push((id, i));
+    }
+    // Read half of them back on the replica that did not accept them.
+    for (id, i) in jobs.iter().take(n / 2) {
+        let other = if i % 2 == 0 { &b } else { &a };
+        let job = wait_done(other, id).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        let text = job["response"]["body"]["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap();
+        assert!(text.contains(&format!("prompt-{i}")), "{text}");
+    }
+    // One replica stops while jobs are queued and running: what it had
+    // fetched but not finished is handed back to the other.
+    a.server.shutdown().await;
+    for (id, i) in &jobs {
+        let job = wait_done(&b, id).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        let text = job["response"]["body"]["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap();
+        assert!(text.contains(&format!("prompt-{i}")), "{text}");
+    }
+    assert_eq!(
+        mock_requests(&m).await,
+        n as u64,
+        "each job reached the upstream once"
+    );
+}
+
+async fn slow_mock_ms(ms: u64) -> forwarder::mock_llm::MockServer {
+    mock(MockSettings {
+        latency: forwarder::config::LatencyDist::Fixed(Duration::from_millis(ms)),
+        ..MockSettings::default()
+    })
+    .await
+}
