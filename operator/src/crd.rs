@@ -164,6 +164,12 @@ pub struct ModelForwarderSpec {
     /// `store.allowPlaintext` is true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<Encryption>,
+
+    /// Asynchronous jobs on Kafka (`POST /v1/async/chat/completions`).
+    /// Absent: the embedded queue, in each pod (jobs do not survive a
+    /// restart).
+    #[serde(rename = "async", default, skip_serializing_if = "Option::is_none")]
+    pub async_jobs: Option<AsyncSpec>,
 }
 
 /// Schema fixes for the API server, applied to the whole (inlined) spec:
@@ -832,4 +838,85 @@ pub struct Encryption {
     /// Mounted as a directory and reloaded by the forwarder (rotation
     /// without a restart); changes also roll the pods.
     pub key_secret_ref: SecretRef,
+}
+
+const KAFKA_NAME: &str = r"^[A-Za-z0-9._-]+$";
+
+/// Asynchronous jobs on a Kafka-protocol broker: a jobs topic read by a
+/// consumer group, with signed result callbacks.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("self.bootstrapServers.all(s, s.matches('^[A-Za-z0-9.-]+:[0-9]{1,5}$'))").message("bootstrapServers entries must be host:port"))]
+#[x_kube(validation = kube::core::Rule::new("has(self.saslMechanism) == has(self.saslSecretRef)").message("saslMechanism and saslSecretRef go together"))]
+#[x_kube(validation = kube::core::Rule::new("!has(self.caSecretRef) || self.tls").message("caSecretRef needs tls: true"))]
+pub struct AsyncSpec {
+    /// The brokers, `host:port` each.
+    #[schemars(length(min = 1, max = 16))]
+    pub bootstrap_servers: Vec<String>,
+    /// The jobs topic (a dead-letter topic `<topic>-dead-letter` beside it).
+    #[serde(default = "default_jobs_topic")]
+    #[schemars(length(min = 1, max = 200), regex(pattern = KAFKA_NAME))]
+    pub topic: String,
+    /// The consumer group every replica joins.
+    #[serde(default = "default_consumer_group")]
+    #[schemars(length(min = 1, max = 200), regex(pattern = KAFKA_NAME))]
+    pub consumer_group: String,
+    /// Jobs each replica runs at once.
+    #[serde(default = "default_workers")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub workers: u32,
+    /// TLS to the brokers (system roots, or `caSecretRef`).
+    #[serde(default)]
+    pub tls: bool,
+    /// Secret key holding the brokers' CA bundle (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
+    /// SASL mechanism; with `saslSecretRef`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl_mechanism: Option<SaslMechanism>,
+    /// Secret with keys `username` and `password` for SASL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl_secret_ref: Option<SecretRef>,
+    /// Secret key holding the callback signing secrets (`whsec_...`, one a
+    /// line; the first signs, all are listed for rotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_secret_ref: Option<SecretKeyRef>,
+    /// Hosts a job's `callback_url` may name (https only); none: callbacks
+    /// are refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), extend("x-kubernetes-list-type" = "set"))]
+    pub allowed_callback_hosts: Vec<String>,
+}
+
+fn default_jobs_topic() -> String {
+    "forwarder-jobs".into()
+}
+
+fn default_consumer_group() -> String {
+    "forwarder".into()
+}
+
+fn default_workers() -> u32 {
+    10
+}
+
+/// SASL mechanisms the forwarder's Kafka client speaks.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SaslMechanism {
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plain => "PLAIN",
+            Self::ScramSha256 => "SCRAM-SHA-256",
+            Self::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
 }

@@ -231,6 +231,29 @@ pub fn secret_uses(spec: &ModelForwarderSpec) -> Vec<SecretUse> {
             field: "spec.store.passwordSecretRef".into(),
         });
     }
+    if let Some(a) = &spec.async_jobs {
+        if let Some(r) = &a.sasl_secret_ref {
+            for key in ["username", "password"] {
+                uses.push(SecretUse {
+                    name: r.name.clone(),
+                    key: Some(key.into()),
+                    field: "spec.async.saslSecretRef".into(),
+                });
+            }
+        }
+        for (r, field) in [
+            (&a.ca_secret_ref, "spec.async.caSecretRef"),
+            (&a.callback_secret_ref, "spec.async.callbackSecretRef"),
+        ] {
+            if let Some(r) = r {
+                uses.push(SecretUse {
+                    name: r.name.clone(),
+                    key: Some(r.key.clone()),
+                    field: field.into(),
+                });
+            }
+        }
+    }
     for (i, u) in spec.upstreams.iter().enumerate() {
         if let Some(r) = &u.api_key_secret_ref {
             uses.push(SecretUse {

@@ -172,3 +172,29 @@ fn a_store_needs_encryption_or_an_explicit_plaintext_opt_in() {
     }))
     .expect("cache and limits without a store: per pod");
 }
+
+#[test]
+fn async_needs_host_port_brokers_and_paired_sasl_settings() {
+    check(json!({"async": {"bootstrapServers": ["kafka:9092"]}})).expect("brokers only");
+    check(
+        json!({"async": {"bootstrapServers": ["kafka:9093"], "tls": true,
+                           "caSecretRef": {"name": "ca", "key": "ca.crt"},
+                           "saslMechanism": "SCRAM-SHA-256", "saslSecretRef": {"name": "u"}}}),
+    )
+    .expect("TLS and SASL");
+    let e = check(json!({"async": {"bootstrapServers": ["kafka"]}})).unwrap_err();
+    assert!(
+        e.contains("bootstrapServers entries must be host:port"),
+        "{e}"
+    );
+    let e = check(json!({"async": {"bootstrapServers": ["kafka:9092"], "saslMechanism": "PLAIN"}}))
+        .unwrap_err();
+    assert!(
+        e.contains("saslMechanism and saslSecretRef go together"),
+        "{e}"
+    );
+    let e = check(json!({"async": {"bootstrapServers": ["kafka:9092"],
+                                   "caSecretRef": {"name": "ca", "key": "ca.crt"}}}))
+    .unwrap_err();
+    assert!(e.contains("caSecretRef needs tls: true"), "{e}");
+}

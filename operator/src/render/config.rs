@@ -33,6 +33,12 @@ pub const JWT_KEYS_DIR: &str = "/etc/forwarder/jwt";
 pub const TLS_DIR: &str = "/etc/forwarder/tls";
 /// Directory of the mounted client CA bundle (`ca.crt`).
 pub const CLIENT_CA_DIR: &str = "/etc/forwarder/client-ca";
+/// Mount of `spec.async.saslSecretRef` (`username`, `password`).
+pub const KAFKA_SASL_DIR: &str = "/etc/forwarder/kafka-sasl";
+/// Mount of `spec.async.caSecretRef` (`ca.crt`).
+pub const KAFKA_CA_DIR: &str = "/etc/forwarder/kafka-ca";
+/// Mount of `spec.async.callbackSecretRef` (`secrets`).
+pub const CALLBACK_SECRETS_DIR: &str = "/etc/forwarder/callback-secrets";
 /// After SIGTERM, how long `/readyz` fails before the listener closes.
 pub const DRAIN_DELAY: Duration = Duration::from_secs(5);
 /// How long in-flight requests may finish once the listener has closed.
@@ -153,6 +159,9 @@ pub fn render(spec: &ModelForwarderSpec) -> Result<Config, Vec<Problem>> {
     if let Err(p) = store_and_limits(spec, &mut config) {
         problems.push(p);
     }
+    if let Some(a) = &spec.async_jobs {
+        async_jobs(a, &mut config.async_jobs);
+    }
 
     // Models are declared per upstream (at least one each), so this only
     // guards against a future spec shape that could leave one unserved.
@@ -212,6 +221,48 @@ fn tls(t: &crate::crd::Tls) -> forwarder_config::TlsConfig {
         client_cert_principal: t.client_cert_principal,
         reload_interval: Duration::from_secs(5),
     }
+}
+
+/// `spec.async`: the Kafka queue, its credentials and callbacks, files at
+/// their mount paths.
+fn async_jobs(a: &crate::crd::AsyncSpec, out: &mut forwarder_config::AsyncConfig) {
+    use forwarder_config::{CallbackHost, QueueKind};
+    out.enabled = true;
+    out.queue = QueueKind::Kafka;
+    out.workers = a.workers as usize;
+    let k = &mut out.kafka;
+    k.bootstrap_servers = a.bootstrap_servers.join(",");
+    k.topic.clone_from(&a.topic);
+    k.dead_letter_topic = format!("{}-dead-letter", a.topic);
+    k.consumer_group.clone_from(&a.consumer_group);
+    k.security_protocol = match (a.tls, a.sasl_mechanism.is_some()) {
+        (false, false) => "plaintext",
+        (true, false) => "ssl",
+        (false, true) => "sasl_plaintext",
+        (true, true) => "sasl_ssl",
+    }
+    .into();
+    k.sasl_mechanism = a.sasl_mechanism.map(|m| m.as_str().to_string());
+    if a.sasl_secret_ref.is_some() {
+        k.sasl_username_file = Some(PathBuf::from(KAFKA_SASL_DIR).join("username"));
+        k.sasl_password_file = Some(PathBuf::from(KAFKA_SASL_DIR).join("password"));
+    }
+    k.ssl_ca_file = a
+        .ca_secret_ref
+        .as_ref()
+        .map(|_| PathBuf::from(KAFKA_CA_DIR).join("ca.crt"));
+    out.callbacks.secrets_file = a
+        .callback_secret_ref
+        .as_ref()
+        .map(|_| PathBuf::from(CALLBACK_SECRETS_DIR).join("secrets"));
+    out.callbacks.allowed_hosts = a
+        .allowed_callback_hosts
+        .iter()
+        .map(|h| CallbackHost {
+            host: h.clone(),
+            allow_http: false,
+        })
+        .collect();
 }
 
 /// `spec.store`, `spec.encryption`, `spec.cache` and `spec.rateLimits`.
@@ -306,6 +357,62 @@ pub(crate) mod tests {
             "replicas": {"min": 2, "max": 20}
         }))
         .expect("valid spec")
+    }
+
+    #[test]
+    fn renders_async_jobs_on_kafka_with_their_secret_files() {
+        let mut s = spec();
+        s.async_jobs = serde_json::from_value(serde_json::json!({
+            "bootstrapServers": ["kafka-0.kafka:9093", "kafka-1.kafka:9093"],
+            "topic": "bot-jobs", "workers": 16, "tls": true,
+            "caSecretRef": {"name": "kafka-ca", "key": "ca.pem"},
+            "saslMechanism": "SCRAM-SHA-512", "saslSecretRef": {"name": "kafka-user"},
+            "callbackSecretRef": {"name": "hooks", "key": "whsec"},
+            "allowedCallbackHosts": ["hooks.example.internal"]
+        }))
+        .expect("async");
+        let c = render(&s).expect("renders");
+        let a = &c.async_jobs;
+        assert_eq!(a.queue, forwarder_config::QueueKind::Kafka);
+        assert_eq!(a.workers, 16);
+        assert_eq!(
+            a.kafka.bootstrap_servers,
+            "kafka-0.kafka:9093,kafka-1.kafka:9093"
+        );
+        assert_eq!(
+            (a.kafka.topic.as_str(), a.kafka.dead_letter_topic.as_str()),
+            ("bot-jobs", "bot-jobs-dead-letter")
+        );
+        assert_eq!(a.kafka.consumer_group, "forwarder");
+        assert_eq!(a.kafka.security_protocol, "sasl_ssl");
+        assert_eq!(a.kafka.sasl_mechanism.as_deref(), Some("SCRAM-SHA-512"));
+        assert_eq!(
+            a.kafka.sasl_password_file,
+            Some(PathBuf::from(KAFKA_SASL_DIR).join("password"))
+        );
+        assert_eq!(
+            a.kafka.ssl_ca_file,
+            Some(PathBuf::from(KAFKA_CA_DIR).join("ca.crt"))
+        );
+        assert_eq!(
+            a.callbacks.secrets_file,
+            Some(PathBuf::from(CALLBACK_SECRETS_DIR).join("secrets"))
+        );
+        assert_eq!(a.callbacks.allowed_hosts.len(), 1);
+        assert!(!a.callbacks.allowed_hosts[0].allow_http);
+        // The forwarder accepts what the operator renders.
+        forwarder_config::validate(&c).expect("valid forwarder config");
+        let uses = crate::reconcile::secret_uses(&s);
+        for field in [
+            "spec.async.saslSecretRef",
+            "spec.async.caSecretRef",
+            "spec.async.callbackSecretRef",
+        ] {
+            assert!(uses.iter().any(|u| u.field == field), "{field}");
+        }
+        // Absent: the embedded queue, as the forwarder defaults.
+        let c = render(&spec()).expect("renders");
+        assert_eq!(c.async_jobs.queue, forwarder_config::QueueKind::Embedded);
     }
 
     #[test]

@@ -16,9 +16,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::config::{
-    CLIENT_CA_DIR, CLIENT_KEYS_DIR, CONFIG_KEY, CONFIG_PATH, DRAIN_DELAY, ENCRYPTION_KEYS_DIR,
-    GRACE_PERIOD, GRPC_PORT, HTTP_PORT, JWT_KEYS_DIR, REDIS_PASSWORD_DIR, TLS_DIR,
-    UPSTREAM_KEYS_DIR,
+    CALLBACK_SECRETS_DIR, CLIENT_CA_DIR, CLIENT_KEYS_DIR, CONFIG_KEY, CONFIG_PATH, DRAIN_DELAY,
+    ENCRYPTION_KEYS_DIR, GRACE_PERIOD, GRPC_PORT, HTTP_PORT, JWT_KEYS_DIR, KAFKA_CA_DIR,
+    KAFKA_SASL_DIR, REDIS_PASSWORD_DIR, TLS_DIR, UPSTREAM_KEYS_DIR,
 };
 use super::{config_map_name, labels, metadata, Inputs};
 use crate::crd::Protocol;
@@ -150,7 +150,8 @@ fn volumes_and_mounts(inputs: &Inputs<'_>) -> (Vec<Volume>, Vec<VolumeMount>) {
     // each at the fixed file name the rendered config names.
     let jwt = inputs.spec.auth.as_ref().and_then(|a| a.jwt.as_ref());
     let tls = inputs.spec.tls.as_ref();
-    let projected: [(&str, &str, Option<Projection>); 4] = [
+    let jobs = inputs.spec.async_jobs.as_ref();
+    let projected: [(&str, &str, Option<Projection>); 7] = [
         (
             "jwt-keys",
             JWT_KEYS_DIR,
@@ -178,6 +179,28 @@ fn volumes_and_mounts(inputs: &Inputs<'_>) -> (Vec<Volume>, Vec<VolumeMount>) {
             CLIENT_CA_DIR,
             tls.and_then(|t| t.client_ca_secret_ref.as_ref())
                 .map(|r| (r.name.as_str(), vec![(r.key.as_str(), "ca.crt")])),
+        ),
+        (
+            "kafka-sasl",
+            KAFKA_SASL_DIR,
+            jobs.and_then(|a| a.sasl_secret_ref.as_ref()).map(|r| {
+                (
+                    r.name.as_str(),
+                    vec![("username", "username"), ("password", "password")],
+                )
+            }),
+        ),
+        (
+            "kafka-ca",
+            KAFKA_CA_DIR,
+            jobs.and_then(|a| a.ca_secret_ref.as_ref())
+                .map(|r| (r.name.as_str(), vec![(r.key.as_str(), "ca.crt")])),
+        ),
+        (
+            "callback-secrets",
+            CALLBACK_SECRETS_DIR,
+            jobs.and_then(|a| a.callback_secret_ref.as_ref())
+                .map(|r| (r.name.as_str(), vec![(r.key.as_str(), "secrets")])),
         ),
     ];
     for (volume, dir, source) in projected {
@@ -424,6 +447,39 @@ mod tests {
             .as_ref()
             .and_then(|s| s.template.spec.as_ref())
             .expect("pod spec")
+    }
+
+    #[test]
+    fn async_secrets_are_mounted_where_the_config_names_them() {
+        let mut s = spec();
+        s.async_jobs = serde_json::from_value(serde_json::json!({
+            "bootstrapServers": ["kafka:9092"],
+            "saslMechanism": "PLAIN", "saslSecretRef": {"name": "kafka-user"},
+            "callbackSecretRef": {"name": "hooks", "key": "whsec"}
+        }))
+        .expect("async");
+        let d = render(&s);
+        let pod = pod_spec(&d);
+        let volumes = pod.volumes.as_ref().expect("volumes");
+        let sasl = volumes
+            .iter()
+            .find(|v| v.name == "kafka-sasl")
+            .and_then(|v| v.secret.as_ref())
+            .expect("sasl volume");
+        assert_eq!(sasl.secret_name.as_deref(), Some("kafka-user"));
+        assert_eq!(sasl.items.as_ref().map(Vec::len), Some(2));
+        assert!(volumes.iter().any(|v| v.name == "callback-secrets"));
+        assert!(!volumes.iter().any(|v| v.name == "kafka-ca"));
+        let mounts = pod.containers[0].volume_mounts.as_ref().expect("mounts");
+        for (name, dir) in [
+            ("kafka-sasl", KAFKA_SASL_DIR),
+            ("callback-secrets", CALLBACK_SECRETS_DIR),
+        ] {
+            assert!(
+                mounts.iter().any(|m| m.name == name && m.mount_path == dir),
+                "{name}"
+            );
+        }
     }
 
     #[test]
