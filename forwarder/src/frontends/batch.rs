@@ -20,6 +20,7 @@ use crate::auth::{self, Identity};
 use crate::batch::{BatchError, Batches};
 use crate::jobs::Jobs;
 use crate::pipeline::Pipeline;
+use forwarder_config::StoreBackend;
 
 #[derive(Clone)]
 struct BatchState {
@@ -30,7 +31,15 @@ struct BatchState {
 pub fn routes(pipeline: Arc<Pipeline>, jobs: Arc<Jobs>) -> Router {
     let cfg = &pipeline.config().async_jobs;
     let ttl = cfg.job_ttl.saturating_mul(2);
-    let batches = Batches::new(pipeline.store().clone(), jobs, cfg.batch.clone(), ttl);
+    let mut limits = cfg.batch.clone();
+    let store = &pipeline.config().store;
+    if store.backend == StoreBackend::Memory {
+        // The memory store evicts least recently used records when full: a
+        // file is kept to a quarter of it so a batch's chunks stay there.
+        let quarter = usize::try_from(store.max_bytes / 4).unwrap_or(usize::MAX);
+        limits.max_file_bytes = limits.max_file_bytes.min(quarter);
+    }
+    let batches = Batches::new(pipeline.store().clone(), jobs, limits, ttl);
     // Room for the multipart framing around the largest file.
     let limit = batches.max_file_bytes().saturating_add(1 << 20);
     Router::new()
