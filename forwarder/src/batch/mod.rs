@@ -20,7 +20,7 @@ use parking_lot::Mutex;
 
 use crate::api::ApiError;
 use crate::auth::Identity;
-use crate::jobs::model::{JobKind, JobState};
+use crate::jobs::model::{BatchTag, JobKind, JobState};
 use crate::jobs::{now_ms, Jobs};
 use crate::store::{Store, StoreError};
 use files::{key, FileStore, LineSplitter, Writer};
@@ -377,13 +377,17 @@ impl Batches {
                     }
                     let submitted = self
                         .jobs
-                        .submit(
+                        .submit_tagged(
                             owner.clone(),
                             JobKind::Chat,
                             req.model.clone(),
                             req.body.clone(),
                             &HeaderMap::new(),
                             None,
+                            Some(BatchTag {
+                                batch_id: b.id.clone(),
+                                custom_id: req.custom_id.clone(),
+                            }),
                         )
                         .await;
                     match submitted {

@@ -268,6 +268,16 @@ async fn files_and_batches_are_invisible_to_another_client() {
         404
     );
     let out = content(&f, out_id).await;
+    // Each request ran as a job tagged with its batch and custom_id.
+    for o in &out {
+        let job_id = o["response"]["request_id"].as_str().unwrap();
+        let job = f.get(&format!("/v1/async/jobs/{job_id}"), &[ALICE]).await;
+        assert_eq!(job.status, 200, "{}", job.text);
+        assert_eq!(
+            job.body["batch"],
+            json!({"batch_id": bid, "custom_id": o["custom_id"]})
+        );
+    }
     let mut got: Vec<(String, String)> = out
         .iter()
         .map(|o| {
