@@ -375,3 +375,39 @@ async fn a_cancelled_batch_stops_its_queued_requests() {
         "cancelling a cancelled batch answers it as is"
     );
 }
+
+#[tokio::test]
+#[cfg_attr(
+    not(kafka),
+    ignore = "no Kafka-protocol broker: set TANSU_BIN (scripts/test.sh does)"
+)]
+async fn a_batch_runs_on_the_kafka_queue() {
+    let broker = crate::kafka::Broker::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let m = mock(MockSettings::default()).await;
+    let topic = format!("batch-{}", std::process::id());
+    let mut cfg = crate::kafka::kafka_config(&m, &broker, &topic);
+    cfg.auth.api_keys_file = base_config(&m, &dir).auth.api_keys_file;
+    let f = start(cfg).await;
+    let lines: Vec<Value> = (0..10)
+        .map(|i| line(&format!("k{i}"), &format!("kafka {i}")))
+        .collect();
+    let file = upload(&f, &jsonl(&lines), "batch", ALICE).await;
+    assert_eq!(file.status, 200, "{}", file.text);
+    let b = create(&f, file.body["id"].as_str().unwrap(), ALICE).await;
+    let done = wait_final(&f, b.body["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(
+        done["request_counts"],
+        json!({"total": 10, "completed": 10, "failed": 0})
+    );
+    let out = content(&f, done["output_file_id"].as_str().unwrap()).await;
+    assert_eq!(out.len(), 10);
+    for o in &out {
+        let i = o["custom_id"].as_str().unwrap().trim_start_matches('k');
+        assert_eq!(
+            o["response"]["body"]["choices"][0]["message"]["content"],
+            format!("mock reply: kafka {i}")
+        );
+    }
+}
