@@ -393,6 +393,10 @@ impl Batches {
                     match submitted {
                         Ok(job) => {
                             pending.push((req.custom_id.clone(), job.id));
+                            // A long file: progress shown, a cancel seen.
+                            if pending.len().is_multiple_of(500) {
+                                self.sync(owner, b).await?;
+                            }
                             break;
                         }
                         Err(ApiError::Overloaded) => {
