@@ -411,3 +411,32 @@ async fn a_batch_runs_on_the_kafka_queue() {
         );
     }
 }
+
+/// Past the store's 4 MiB chunks: lines span chunk boundaries on the way
+/// in and the content comes back byte for byte.
+#[tokio::test]
+async fn a_file_of_several_chunks_round_trips_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = mock(MockSettings::default()).await;
+    let f = start(base_config(&m, &dir)).await;
+    let lines: Vec<Value> = (0..10_000)
+        .map(|i| line(&format!("id-{i}"), &format!("{i} {}", "x".repeat(800))))
+        .collect();
+    let data = jsonl(&lines);
+    assert!(data.len() > 8 << 20, "spans at least two chunk boundaries");
+    let r = upload(&f, &data, "batch", ALICE).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["bytes"], data.len());
+    let id = r.body["id"].as_str().unwrap();
+    let back = f
+        .http
+        .get(format!("{}/v1/files/{id}/content", f.base))
+        .header(ALICE.0, ALICE.1)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(back == data, "content differs");
+}
