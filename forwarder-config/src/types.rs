@@ -606,6 +606,27 @@ pub struct AsyncConfig {
     pub callbacks: CallbackConfig,
     /// With `queue: kafka`.
     pub kafka: KafkaConfig,
+    /// The OpenAI Batch API (`/v1/files`, `/v1/batches`) on the same queue.
+    pub batch: BatchConfig,
+}
+
+/// Limits of the Batch API's input files (OpenAI's own by default).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Requests (JSONL lines) per input file.
+    pub max_file_lines: usize,
+    /// Bytes per uploaded file.
+    pub max_file_bytes: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_file_lines: 50_000,
+            max_file_bytes: 200 * 1024 * 1024,
+        }
+    }
 }
 
 impl Default for AsyncConfig {
@@ -619,6 +640,7 @@ impl Default for AsyncConfig {
             max_jobs: 100_000,
             callbacks: CallbackConfig::default(),
             kafka: KafkaConfig::default(),
+            batch: BatchConfig::default(),
         }
     }
 }

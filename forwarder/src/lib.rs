@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod batch;
 pub mod cache;
 pub mod frontends;
 pub mod jobs;

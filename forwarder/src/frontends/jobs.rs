@@ -35,7 +35,11 @@ pub fn routes(pipeline: Arc<Pipeline>, jobs: Arc<Jobs>) -> Router {
     Router::new()
         .route("/v1/async/chat/completions", post_only(submit_chat))
         .route("/v1/async/jobs/{id}", get(get_job).delete(cancel_job))
-        .with_state(JobsState { pipeline, jobs })
+        .with_state(JobsState {
+            pipeline: pipeline.clone(),
+            jobs: jobs.clone(),
+        })
+        .merge(super::batch::routes(pipeline, jobs))
 }
 
 async fn submit_chat(State(s): State<JobsState>, req: Request) -> Response {

@@ -139,6 +139,22 @@ impl Jobs {
         headers: &HeaderMap,
         callback_url: Option<String>,
     ) -> Result<Job, ApiError> {
+        self.submit_tagged(owner, kind, model, body, headers, callback_url, None)
+            .await
+    }
+
+    /// [`Self::submit`] for a request of a Batch API batch, tagged with it.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn submit_tagged(
+        &self,
+        owner: Identity,
+        kind: JobKind,
+        model: String,
+        body: Bytes,
+        headers: &HeaderMap,
+        callback_url: Option<String>,
+        batch: Option<model::BatchTag>,
+    ) -> Result<Job, ApiError> {
         let callback = match callback_url {
             None => None,
             Some(url) => {
@@ -172,6 +188,7 @@ impl Jobs {
             expires_at_ms: now.saturating_add(ttl),
             response: None,
             callback,
+            batch,
         };
         self.table
             .insert(job.clone(), now)

@@ -100,6 +100,15 @@ pub struct Job {
     pub expires_at_ms: u64,
     pub response: Option<JobResponse>,
     pub callback: Option<Callback>,
+    /// Set for a request of a Batch API batch.
+    pub batch: Option<BatchTag>,
+}
+
+/// The batch and line a job runs (the Batch API).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct BatchTag {
+    pub batch_id: String,
+    pub custom_id: String,
 }
 
 /// Why a transition was refused.
@@ -200,6 +209,7 @@ impl Job {
                 attempts: c.attempts,
                 last_error: c.last_error.as_deref(),
             }),
+            batch: self.batch.as_ref(),
         }
     }
 }
@@ -233,6 +243,9 @@ pub struct JobView<'a> {
     pub response: Option<ResponseView>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub callback: Option<CallbackView<'a>>,
+    /// The Batch API batch and line this job runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch: Option<&'a BatchTag>,
 }
 
 #[derive(Serialize)]
@@ -269,6 +282,7 @@ mod tests {
             expires_at_ms,
             response: None,
             callback: None,
+            batch: None,
         }
     }
 

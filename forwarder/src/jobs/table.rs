@@ -153,6 +153,7 @@ mod tests {
             expires_at_ms: 1000,
             response: None,
             callback: None,
+            batch: None,
         }
     }
 

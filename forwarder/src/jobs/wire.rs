@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::model::{Callback, DeliveryState, Job, JobKind, JobState};
+use super::model::{BatchTag, Callback, DeliveryState, Job, JobKind, JobState};
 use crate::auth::Identity;
 
 #[derive(Serialize, Deserialize)]
@@ -23,6 +23,9 @@ struct WireJob {
     callback_url: Option<String>,
     created_at: u64,
     expires_at_ms: u64,
+    /// A Batch API request's batch and `custom_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    batch: Option<BatchTag>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +51,7 @@ pub fn encode(job: &Job) -> Vec<u8> {
         callback_url: job.callback.as_ref().map(|c| c.url.clone()),
         created_at: job.created_at,
         expires_at_ms: job.expires_at_ms,
+        batch: job.batch.clone(),
     };
     serde_json::to_vec(&wire).unwrap_or_default()
 }
@@ -90,6 +94,7 @@ pub fn decode(bytes: &[u8]) -> Result<Job, DecodeError> {
             attempts: 0,
             last_error: None,
         }),
+        batch: w.batch,
     })
 }
 
@@ -117,6 +122,7 @@ mod tests {
             expires_at_ms: 9000,
             response: None,
             callback: None,
+            batch: None,
         };
         let back = decode(&encode(&job)).unwrap();
         assert_eq!(back.id, job.id);

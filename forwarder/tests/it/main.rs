@@ -3,6 +3,7 @@
 
 mod async_jobs;
 mod auth;
+mod batch;
 mod cache;
 mod cli;
 mod common;

@@ -1,0 +1,532 @@
+//! The OpenAI Batch API on the async jobs' queue: an uploaded JSONL file
+//! (checked line by line as it streams in), a batch whose every line
+//! becomes a job, and output/error files keyed by `custom_id`.
+//!
+//! Files, batches and each client's batch list live in the shared store,
+//! keyed by owner. A batch is driven (its jobs submitted, their results
+//! collected) by a task in the replica that accepted it; that task does
+//! not survive a restart of that replica (docs/async.md says so).
+
+pub mod files;
+pub mod jsonl;
+pub mod model;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderMap;
+use parking_lot::Mutex;
+
+use crate::api::ApiError;
+use crate::auth::Identity;
+use crate::jobs::model::{BatchTag, JobKind, JobState};
+use crate::jobs::{now_ms, Jobs};
+use crate::store::{Store, StoreError};
+use files::{key, FileStore, LineSplitter, Writer};
+use forwarder_config::BatchConfig;
+use model::{Batch, BatchStatus, Counts, FileMeta, Outcome};
+
+/// Why a Batch API call was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("the store is unavailable: {0}")]
+    Store(#[from] StoreError),
+}
+
+pub struct Batches {
+    files: FileStore,
+    jobs: Arc<Jobs>,
+    cfg: BatchConfig,
+    /// Cancelled here and not yet seen by their driver.
+    cancelled: Mutex<HashSet<String>>,
+    index: tokio::sync::Mutex<()>,
+}
+
+/// An upload in progress: bytes stored as they come, lines checked.
+pub struct Upload {
+    writer: Writer,
+    split: LineSplitter,
+    checker: jsonl::Checker,
+    line_no: usize,
+    max_bytes: usize,
+}
+
+impl Upload {
+    pub async fn push(&mut self, data: &[u8]) -> Result<(), BatchError> {
+        if self.writer.bytes as usize + data.len() > self.max_bytes {
+            return Err(BatchError::BadRequest(format!(
+                "the file exceeds the limit of {} bytes",
+                self.max_bytes
+            )));
+        }
+        let (checker, n) = (&mut self.checker, &mut self.line_no);
+        self.split
+            .push(data, |line| {
+                *n += 1;
+                checker.check(*n, line)
+            })
+            .map_err(BatchError::BadRequest)?;
+        self.writer.write(data).await?;
+        Ok(())
+    }
+
+    pub async fn finish(mut self, filename: String) -> Result<FileMeta, BatchError> {
+        if let Some(last) = std::mem::take(&mut self.split).finish() {
+            self.line_no += 1;
+            self.checker
+                .check(self.line_no, &last)
+                .map_err(BatchError::BadRequest)?;
+        }
+        if self.checker.lines() == 0 {
+            return Err(BatchError::BadRequest("the file has no requests".into()));
+        }
+        self.writer.lines = self.checker.lines() as u64;
+        Ok(self
+            .writer
+            .finish(filename, "batch", now_ms() / 1000)
+            .await?)
+    }
+
+    pub async fn abandon(self) {
+        self.writer.abandon().await;
+    }
+}
+
+fn new_file_id() -> String {
+    format!("file-{}", uuid::Uuid::new_v4().simple())
+}
+
+impl Batches {
+    pub fn new(
+        store: Arc<dyn Store>,
+        jobs: Arc<Jobs>,
+        cfg: BatchConfig,
+        ttl: Duration,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            files: FileStore { store, ttl },
+            jobs,
+            cfg,
+            cancelled: Mutex::new(HashSet::new()),
+            index: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn max_file_bytes(&self) -> usize {
+        self.cfg.max_file_bytes
+    }
+
+    pub fn upload(&self, owner: &Identity) -> Upload {
+        Upload {
+            writer: self.files.writer(owner, new_file_id()),
+            split: LineSplitter::default(),
+            checker: jsonl::Checker::new(self.cfg.max_file_lines),
+            line_no: 0,
+            max_bytes: self.cfg.max_file_bytes,
+        }
+    }
+
+    pub async fn file(&self, owner: &Identity, id: &str) -> Result<FileMeta, BatchError> {
+        self.files
+            .meta(owner, id)
+            .await?
+            .ok_or(BatchError::NotFound("no such file"))
+    }
+
+    /// The content's chunks, read one at a time.
+    pub fn content(
+        &self,
+        owner: Identity,
+        meta: &FileMeta,
+    ) -> impl futures::Stream<Item = Result<bytes::Bytes, StoreError>> + Send + 'static {
+        let files = self.files.clone();
+        let (id, chunks) = (meta.id.clone(), meta.chunks);
+        futures::stream::unfold(0u32, move |n| {
+            let (files, owner, id) = (files.clone(), owner.clone(), id.clone());
+            async move {
+                if n >= chunks {
+                    return None;
+                }
+                Some((files.chunk(&owner, &id, n).await, n + 1))
+            }
+        })
+    }
+
+    pub async fn create(
+        self: &Arc<Self>,
+        owner: &Identity,
+        input_file_id: &str,
+        endpoint: &str,
+        window: &str,
+        metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<Batch, BatchError> {
+        if endpoint != jsonl::ENDPOINT {
+            return Err(BatchError::BadRequest(format!(
+                "endpoint must be \"{}\"",
+                jsonl::ENDPOINT
+            )));
+        }
+        if window != "24h" {
+            return Err(BatchError::BadRequest(
+                "completion_window must be \"24h\"".into(),
+            ));
+        }
+        let file = self.file(owner, input_file_id).await?;
+        if file.purpose != "batch" {
+            return Err(BatchError::BadRequest(format!(
+                "file {input_file_id} has purpose {:?}, not \"batch\"",
+                file.purpose
+            )));
+        }
+        let now = now_ms() / 1000;
+        let batch = Batch {
+            id: format!("batch_{}", uuid::Uuid::new_v4().simple()),
+            object: "batch".into(),
+            endpoint: endpoint.into(),
+            errors: None,
+            input_file_id: input_file_id.into(),
+            completion_window: window.into(),
+            status: BatchStatus::Validating,
+            output_file_id: None,
+            error_file_id: None,
+            created_at: now,
+            in_progress_at: None,
+            expires_at: now + 24 * 3600,
+            finalizing_at: None,
+            completed_at: None,
+            failed_at: None,
+            expired_at: None,
+            cancelling_at: None,
+            cancelled_at: None,
+            request_counts: Counts {
+                total: file.lines,
+                ..Counts::default()
+            },
+            metadata,
+        };
+        self.save(owner, &batch).await?;
+        {
+            let _g = self.index.lock().await;
+            let k = key("batch-index", owner, "");
+            let mut ids: Vec<String> = self.files.get_json(&k).await?.unwrap_or_default();
+            ids.push(batch.id.clone());
+            self.files.put_json(&k, &ids).await?;
+        }
+        tokio::spawn(self.clone().drive(owner.clone(), batch.clone(), file));
+        Ok(batch)
+    }
+
+    async fn save(&self, owner: &Identity, b: &Batch) -> Result<(), StoreError> {
+        self.files.put_json(&key("batch", owner, &b.id), b).await
+    }
+
+    pub async fn get(&self, owner: &Identity, id: &str) -> Result<Batch, BatchError> {
+        self.files
+            .get_json(&key("batch", owner, id))
+            .await?
+            .ok_or(BatchError::NotFound("no such batch"))
+    }
+
+    pub async fn cancel(&self, owner: &Identity, id: &str) -> Result<Batch, BatchError> {
+        let mut b = self.get(owner, id).await?;
+        match b.status {
+            BatchStatus::Cancelling | BatchStatus::Cancelled => return Ok(b),
+            s if s.is_final() || s == BatchStatus::Finalizing => {
+                return Err(BatchError::Conflict(format!(
+                    "a batch that is {} cannot be cancelled",
+                    serde_json::to_value(s).unwrap_or_default()
+                )))
+            }
+            _ => {}
+        }
+        b.status = BatchStatus::Cancelling;
+        b.cancelling_at = Some(now_ms() / 1000);
+        self.cancelled.lock().insert(b.id.clone());
+        self.save(owner, &b).await?;
+        Ok(b)
+    }
+
+    /// The client's batches, newest first, after the batch `after`.
+    pub async fn list(
+        &self,
+        owner: &Identity,
+        limit: usize,
+        after: Option<&str>,
+    ) -> Result<(Vec<Batch>, bool), BatchError> {
+        let ids: Vec<String> = self
+            .files
+            .get_json(&key("batch-index", owner, ""))
+            .await?
+            .unwrap_or_default();
+        let mut newest = ids.iter().rev();
+        if let Some(after) = after {
+            if !ids.iter().any(|i| i == after) {
+                return Err(BatchError::NotFound("no such batch"));
+            }
+            for id in newest.by_ref() {
+                if id == after {
+                    break;
+                }
+            }
+        }
+        let mut out = Vec::new();
+        let mut more = false;
+        for id in newest {
+            if out.len() == limit {
+                more = true;
+                break;
+            }
+            if let Ok(b) = self.get(owner, id).await {
+                out.push(b);
+            }
+        }
+        Ok((out, more))
+    }
+
+    /// Runs a batch to its end; a store failure fails the batch.
+    async fn drive(self: Arc<Self>, owner: Identity, mut b: Batch, file: FileMeta) {
+        if let Err(e) = self.run(&owner, &mut b, &file).await {
+            tracing::warn!(error = %e, "a batch failed");
+            b.status = BatchStatus::Failed;
+            b.failed_at = Some(now_ms() / 1000);
+            b.errors = Some(serde_json::json!({"object": "list", "data": [
+                {"code": "store_error", "message": e.to_string(), "param": null, "line": null}
+            ]}));
+            let _ = self.save(&owner, &b).await;
+        }
+        self.cancelled.lock().remove(&b.id);
+    }
+
+    /// Whether the batch was cancelled (here or on another replica); keeps
+    /// the stored cancel when saving progress.
+    async fn sync(&self, owner: &Identity, b: &mut Batch) -> Result<(), StoreError> {
+        if b.status != BatchStatus::Cancelling {
+            let here = self.cancelled.lock().contains(&b.id);
+            let stored: Option<Batch> = self.files.get_json(&key("batch", owner, &b.id)).await?;
+            let there = stored
+                .as_ref()
+                .filter(|s| s.status == BatchStatus::Cancelling);
+            if here || there.is_some() {
+                b.status = BatchStatus::Cancelling;
+                b.cancelling_at = there
+                    .and_then(|s| s.cancelling_at)
+                    .or(Some(now_ms() / 1000));
+            }
+        }
+        self.save(owner, b).await
+    }
+
+    fn stop_reason(b: &Batch) -> Option<(&'static str, &'static str)> {
+        if b.status == BatchStatus::Cancelling {
+            Some((
+                "batch_cancelled",
+                "the batch was cancelled before this request ran",
+            ))
+        } else if now_ms() / 1000 >= b.expires_at {
+            Some(("batch_expired", "the batch expired before this request ran"))
+        } else {
+            None
+        }
+    }
+
+    async fn run(
+        &self,
+        owner: &Identity,
+        b: &mut Batch,
+        file: &FileMeta,
+    ) -> Result<(), BatchError> {
+        b.status = BatchStatus::InProgress;
+        b.in_progress_at = Some(now_ms() / 1000);
+        self.sync(owner, b).await?;
+        let mut results = Results {
+            out: self.files.writer(owner, new_file_id()),
+            err: self.files.writer(owner, new_file_id()),
+        };
+        // Submit every line as a job, waiting while the queue is full.
+        let mut pending: Vec<(String, String)> = Vec::new();
+        let mut split = LineSplitter::default();
+        let mut lines: Vec<Vec<u8>> = Vec::new();
+        for n in 0..file.chunks {
+            let chunk = self.files.chunk(owner, &file.id, n).await?;
+            split
+                .push::<()>(&chunk, |l| {
+                    lines.push(l.to_vec());
+                    Ok(())
+                })
+                .ok();
+            if n + 1 == file.chunks {
+                lines.extend(std::mem::take(&mut split).finish());
+            }
+            for line in lines.drain(..) {
+                let Ok(req) = jsonl::parse(&line) else {
+                    continue;
+                };
+                loop {
+                    if let Some((code, message)) = Self::stop_reason(b) {
+                        results
+                            .add(b, &req.custom_id, &Outcome::NotRun { code, message })
+                            .await?;
+                        break;
+                    }
+                    let submitted = self
+                        .jobs
+                        .submit_tagged(
+                            owner.clone(),
+                            JobKind::Chat,
+                            req.model.clone(),
+                            req.body.clone(),
+                            &HeaderMap::new(),
+                            None,
+                            Some(BatchTag {
+                                batch_id: b.id.clone(),
+                                custom_id: req.custom_id.clone(),
+                            }),
+                        )
+                        .await;
+                    match submitted {
+                        Ok(job) => {
+                            pending.push((req.custom_id.clone(), job.id));
+                            // A long file: progress shown, a cancel seen.
+                            if pending.len().is_multiple_of(500) {
+                                self.sync(owner, b).await?;
+                            }
+                            break;
+                        }
+                        Err(ApiError::Overloaded) => {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            self.sync(owner, b).await?;
+                        }
+                        Err(e) => {
+                            let message = e.to_string();
+                            let outcome = Outcome::NotRun {
+                                code: "submit_failed",
+                                message: &message,
+                            };
+                            results.add(b, &req.custom_id, &outcome).await?;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        // Collect results as jobs finish.
+        let mut poll = Duration::from_millis(20);
+        while !pending.is_empty() {
+            tokio::time::sleep(poll).await;
+            poll = (poll * 2).min(Duration::from_secs(1));
+            self.sync(owner, b).await?;
+            let stop = Self::stop_reason(b);
+            let mut still = Vec::with_capacity(pending.len());
+            for (custom_id, job_id) in pending.drain(..) {
+                let Some(job) = self.jobs.get(owner, &job_id).await else {
+                    let outcome = Outcome::NotRun {
+                        code: "job_lost",
+                        message: "the job's record is gone",
+                    };
+                    results.add(b, &custom_id, &outcome).await?;
+                    continue;
+                };
+                match (job.state, &job.response) {
+                    (JobState::Succeeded | JobState::Failed, Some(r)) => {
+                        let outcome = Outcome::Answered {
+                            status_code: r.status_code,
+                            request_id: &job.id,
+                            body: &r.body,
+                        };
+                        results.add(b, &custom_id, &outcome).await?;
+                    }
+                    (JobState::Queued, _)
+                        if stop.is_some() && self.jobs.cancel(owner, &job_id).await.is_ok() =>
+                    {
+                        let (code, message) = stop.unwrap_or_default();
+                        results
+                            .add(b, &custom_id, &Outcome::NotRun { code, message })
+                            .await?;
+                    }
+                    (JobState::Queued | JobState::Running, _) => still.push((custom_id, job_id)),
+                    (state, _) => {
+                        let code = if state == JobState::Expired {
+                            "batch_expired"
+                        } else {
+                            "batch_cancelled"
+                        };
+                        let message = format!("the request's job ended {}", state.label());
+                        results
+                            .add(
+                                b,
+                                &custom_id,
+                                &Outcome::NotRun {
+                                    code,
+                                    message: &message,
+                                },
+                            )
+                            .await?;
+                    }
+                }
+            }
+            pending = still;
+        }
+        let stop = Self::stop_reason(b);
+        b.status = BatchStatus::Finalizing;
+        b.finalizing_at = Some(now_ms() / 1000);
+        self.sync(owner, b).await?;
+        let now = now_ms() / 1000;
+        let Results { out, err } = results;
+        if out.lines > 0 {
+            let name = format!("{}_output.jsonl", b.id);
+            b.output_file_id = Some(out.finish(name, "batch_output", now).await?.id);
+        }
+        if err.lines > 0 {
+            let name = format!("{}_error.jsonl", b.id);
+            b.error_file_id = Some(err.finish(name, "batch_output", now).await?.id);
+        }
+        match stop {
+            None => {
+                b.status = BatchStatus::Completed;
+                b.completed_at = Some(now);
+            }
+            Some(("batch_cancelled", _)) => {
+                b.status = BatchStatus::Cancelled;
+                b.cancelled_at = Some(now);
+            }
+            Some(_) => {
+                b.status = BatchStatus::Expired;
+                b.expired_at = Some(now);
+            }
+        }
+        self.save(owner, b).await?;
+        Ok(())
+    }
+}
+
+/// The output and error files being written.
+struct Results {
+    out: Writer,
+    err: Writer,
+}
+
+impl Results {
+    async fn add(
+        &mut self,
+        b: &mut Batch,
+        custom_id: &str,
+        outcome: &Outcome<'_>,
+    ) -> Result<(), StoreError> {
+        let id = format!("batch_req_{}", uuid::Uuid::new_v4().simple());
+        let (ok, line) = model::result_line(&id, custom_id, outcome);
+        if ok {
+            b.request_counts.completed += 1;
+            self.out.write_line(&line).await
+        } else {
+            b.request_counts.failed += 1;
+            self.err.write_line(&line).await
+        }
+    }
+}

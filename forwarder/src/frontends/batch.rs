@@ -1,0 +1,278 @@
+//! HTTP routes of the OpenAI Batch API: `/v1/files` (upload, metadata,
+//! content) and `/v1/batches` (create, get, cancel, list). Every object is
+//! visible to the client that created it only: anyone else gets 404.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::TryStreamExt;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::http::not_found;
+use crate::api::ApiError;
+use crate::auth::{self, Identity};
+use crate::batch::{BatchError, Batches};
+use crate::jobs::Jobs;
+use crate::pipeline::Pipeline;
+use forwarder_config::StoreBackend;
+
+#[derive(Clone)]
+struct BatchState {
+    pipeline: Arc<Pipeline>,
+    batches: Arc<Batches>,
+}
+
+pub fn routes(pipeline: Arc<Pipeline>, jobs: Arc<Jobs>) -> Router {
+    let cfg = &pipeline.config().async_jobs;
+    let ttl = cfg.job_ttl.saturating_mul(2);
+    let mut limits = cfg.batch.clone();
+    let store = &pipeline.config().store;
+    if store.backend == StoreBackend::Memory {
+        // The memory store evicts least recently used records when full: a
+        // file is kept to a quarter of it so a batch's chunks stay there.
+        let quarter = usize::try_from(store.max_bytes / 4).unwrap_or(usize::MAX);
+        limits.max_file_bytes = limits.max_file_bytes.min(quarter);
+    }
+    let batches = Batches::new(pipeline.store().clone(), jobs, limits, ttl);
+    // Room for the multipart framing around the largest file.
+    let limit = batches.max_file_bytes().saturating_add(1 << 20);
+    Router::new()
+        .route("/v1/files", post(upload_file))
+        .route("/v1/files/{id}", get(get_file))
+        .route("/v1/files/{id}/content", get(file_content))
+        .route("/v1/batches", post(create_batch).get(list_batches))
+        .route("/v1/batches/{id}", get(get_batch))
+        .route("/v1/batches/{id}/cancel", post(cancel_batch))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(BatchState { pipeline, batches })
+}
+
+fn refused(e: BatchError) -> Response {
+    match e {
+        BatchError::BadRequest(m) => ApiError::BadRequest(m).into_response(),
+        BatchError::NotFound(m) => not_found(m),
+        BatchError::Conflict(m) => (
+            StatusCode::CONFLICT,
+            Json(json!({"error": {"message": m, "type": "invalid_request_error", "code": "batch_not_cancellable"}})),
+        )
+            .into_response(),
+        BatchError::Store(e) => {
+            tracing::warn!(error = %e, "batch API: store unavailable");
+            ApiError::Overloaded.into_response()
+        }
+    }
+}
+
+fn owner(s: &BatchState, headers: &HeaderMap) -> Result<Identity, ApiError> {
+    s.pipeline.authenticate(auth::credential(headers))
+}
+
+async fn upload_file(
+    State(s): State<BatchState>,
+    headers: HeaderMap,
+    mut form: Multipart,
+) -> Response {
+    let owner = match owner(&s, &headers) {
+        Ok(o) => o,
+        Err(e) => return e.into_response(),
+    };
+    let mut purpose = None;
+    let mut stored = None;
+    loop {
+        let mut field = match form.next_field().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => {
+                return ApiError::BadRequest(format!("malformed multipart body: {e}"))
+                    .into_response()
+            }
+        };
+        match field.name() {
+            Some("purpose") => match field.text().await {
+                Ok(t) => purpose = Some(t),
+                Err(e) => return ApiError::BadRequest(format!("purpose: {e}")).into_response(),
+            },
+            Some("file") if stored.is_none() => {
+                let filename = field.file_name().unwrap_or("upload.jsonl").to_string();
+                let mut upload = s.batches.upload(&owner);
+                // Each chunk is checked and stored as it arrives.
+                let streamed: Result<(), BatchError> =
+                    async {
+                        while let Some(chunk) = field.chunk().await.map_err(|e| {
+                            BatchError::BadRequest(format!("the upload failed: {e}"))
+                        })? {
+                            upload.push(&chunk).await?;
+                        }
+                        Ok(())
+                    }
+                    .await;
+                if let Err(e) = streamed {
+                    upload.abandon().await;
+                    return refused(e);
+                }
+                stored = Some((upload, filename));
+            }
+            _ => {}
+        }
+    }
+    let Some((upload, filename)) = stored else {
+        return ApiError::BadRequest("the form has no \"file\" field".into()).into_response();
+    };
+    if purpose.as_deref() != Some("batch") {
+        upload.abandon().await;
+        return ApiError::BadRequest(format!(
+            "purpose must be \"batch\", not {:?}",
+            purpose.unwrap_or_default()
+        ))
+        .into_response();
+    }
+    match upload.finish(filename).await {
+        Ok(meta) => Json(meta.view()).into_response(),
+        Err(e) => refused(e),
+    }
+}
+
+async fn get_file(
+    State(s): State<BatchState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let owner = match owner(&s, &headers) {
+        Ok(o) => o,
+        Err(e) => return e.into_response(),
+    };
+    match s.batches.file(&owner, &id).await {
+        Ok(meta) => Json(meta.view()).into_response(),
+        Err(e) => refused(e),
+    }
+}
+
+async fn file_content(
+    State(s): State<BatchState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let owner = match owner(&s, &headers) {
+        Ok(o) => o,
+        Err(e) => return e.into_response(),
+    };
+    match s.batches.file(&owner, &id).await {
+        Ok(meta) => {
+            let stream = s
+                .batches
+                .content(owner, &meta)
+                .map_err(std::io::Error::other);
+            (
+                [(header::CONTENT_TYPE, "application/jsonl")],
+                Body::from_stream(stream),
+            )
+                .into_response()
+        }
+        Err(e) => refused(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct CreateBatch {
+    input_file_id: String,
+    endpoint: String,
+    completion_window: String,
+    #[serde(default)]
+    metadata: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+async fn create_batch(
+    State(s): State<BatchState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let owner = match owner(&s, &headers) {
+        Ok(o) => o,
+        Err(e) => return e.into_response(),
+    };
+    let req: CreateBatch = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return ApiError::BadRequest(format!("invalid batch request: {e}")).into_response()
+        }
+    };
+    match s
+        .batches
+        .create(
+            &owner,
+            &req.input_file_id,
+            &req.endpoint,
+            &req.completion_window,
+            req.metadata,
+        )
+        .await
+    {
+        Ok(b) => Json(b).into_response(),
+        Err(e) => refused(e),
+    }
+}
+
+async fn get_batch(
+    State(s): State<BatchState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let owner = match owner(&s, &headers) {
+        Ok(o) => o,
+        Err(e) => return e.into_response(),
+    };
+    match s.batches.get(&owner, &id).await {
+        Ok(b) => Json(b).into_response(),
+        Err(e) => refused(e),
+    }
+}
+
+async fn cancel_batch(
+    State(s): State<BatchState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let owner = match owner(&s, &headers) {
+        Ok(o) => o,
+        Err(e) => return e.into_response(),
+    };
+    match s.batches.cancel(&owner, &id).await {
+        Ok(b) => Json(b).into_response(),
+        Err(e) => refused(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    limit: Option<usize>,
+    after: Option<String>,
+}
+
+async fn list_batches(
+    State(s): State<BatchState>,
+    Query(q): Query<ListQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let owner = match owner(&s, &headers) {
+        Ok(o) => o,
+        Err(e) => return e.into_response(),
+    };
+    let limit = q.limit.unwrap_or(20).clamp(1, 100);
+    match s.batches.list(&owner, limit, q.after.as_deref()).await {
+        Ok((data, has_more)) => Json(json!({
+            "object": "list",
+            "first_id": data.first().map(|b| &b.id),
+            "last_id": data.last().map(|b| &b.id),
+            "has_more": has_more,
+            "data": data,
+        }))
+        .into_response(),
+        Err(e) => refused(e),
+    }
+}

@@ -1,0 +1,442 @@
+//! The OpenAI Batch API: the official `openai` SDK runs a batch end to
+//! end; bad input files are refused line by line; files and batches are
+//! invisible to other clients; a cancelled batch stops its queued requests.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use forwarder::config::{Config, LatencyDist, MockSettings};
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+const ALICE: (&str, &str) = ("authorization", "Bearer sk-alice");
+const BOB: (&str, &str) = ("authorization", "Bearer sk-bob");
+
+fn base_config(m: &forwarder::mock_llm::MockServer, dir: &tempfile::TempDir) -> Config {
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, "alice: sk-alice\nbob: sk-bob\n").unwrap();
+    let mut cfg = config(vec![upstream("m", m, "mock")]);
+    cfg.auth.api_keys_file = Some(keys);
+    cfg
+}
+
+fn line(custom_id: &str, prompt: &str) -> Value {
+    json!({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+           "body": {"model": "mock", "messages": [{"role": "user", "content": prompt}]}})
+}
+
+fn jsonl(lines: &[Value]) -> Vec<u8> {
+    lines
+        .iter()
+        .map(Value::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+        .into_bytes()
+}
+
+/// Uploads `data` as a multipart form, as the SDKs do.
+async fn upload(f: &Fwd, data: &[u8], purpose: &str, who: (&str, &str)) -> Resp {
+    let boundary = "----mfbatchboundary";
+    let mut body = Vec::new();
+    body.extend_from_slice(
+        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes(),
+    );
+    body.extend_from_slice(data);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let resp = f
+        .http
+        .post(format!("{}/v1/files", f.base))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .header(who.0, who.1)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let text = resp.text().await.unwrap();
+    Resp {
+        status,
+        headers,
+        body: serde_json::from_str(&text).unwrap_or(Value::Null),
+        text,
+    }
+}
+
+async fn create(f: &Fwd, file_id: &str, who: (&str, &str)) -> Resp {
+    let req = json!({"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"});
+    f.post("/v1/batches", &req, &[who]).await
+}
+
+async fn wait_final(f: &Fwd, id: &str) -> Value {
+    for _ in 0..600 {
+        let r = f.get(&format!("/v1/batches/{id}"), &[ALICE]).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let s = r.body["status"].as_str().unwrap();
+        if ["completed", "failed", "expired", "cancelled"].contains(&s) {
+            return r.body;
+        }
+        tokio::time::sleep(25 * MS).await;
+    }
+    panic!("batch {id} did not end");
+}
+
+async fn content(f: &Fwd, file_id: &str) -> Vec<Value> {
+    let r = f
+        .get(&format!("/v1/files/{file_id}/content"), &[ALICE])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    r.text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_official_openai_sdk_runs_a_batch_end_to_end() {
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    assert!(
+        venv.exists(),
+        "this test needs the project virtualenv: run ./scripts/test.sh (it creates .venv)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let m = mock(MockSettings::default()).await;
+    let f = start(base_config(&m, &dir)).await;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/openai_batch.py");
+    let base = format!("{}/v1", f.base);
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(venv)
+            .arg(script)
+            .env("FORWARDER_BASE_URL", base)
+            .env("FORWARDER_API_KEY", "sk-alice")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("ALL OK"),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn bad_input_files_are_refused_with_the_line_and_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = mock(MockSettings::default()).await;
+    let mut cfg = base_config(&m, &dir);
+    cfg.async_jobs.batch.max_file_lines = 3;
+    cfg.async_jobs.batch.max_file_bytes = 4096;
+    let f = start(cfg).await;
+    let good = line("a", "hi");
+    let mut get = good.clone();
+    get["method"] = json!("GET");
+    let mut embeddings = good.clone();
+    embeddings["url"] = json!("/v1/embeddings");
+    let mut no_model = good.clone();
+    no_model["body"].as_object_mut().unwrap().remove("model");
+    let cases: Vec<(Vec<u8>, &str, &str)> = vec![
+        (
+            jsonl(&[good.clone(), line("a", "again")]),
+            "batch",
+            "line 2: custom_id \"a\" is used more than once",
+        ),
+        (
+            jsonl(&[good.clone(), get]),
+            "batch",
+            "line 2: method must be \"POST\"",
+        ),
+        (
+            jsonl(&[embeddings]),
+            "batch",
+            "line 1: url must be \"/v1/chat/completions\"",
+        ),
+        (jsonl(&[no_model]), "batch", "line 1: body.model"),
+        (
+            b"{\"custom_id\": \"x\"\n".to_vec(),
+            "batch",
+            "line 1: not a request object",
+        ),
+        (
+            jsonl(&[
+                line("a", "1"),
+                line("b", "2"),
+                line("c", "3"),
+                line("d", "4"),
+            ]),
+            "batch",
+            "more than 3 requests",
+        ),
+        (
+            jsonl(&[line("a", &"long ".repeat(1000))]),
+            "batch",
+            "exceeds the limit of 4096 bytes",
+        ),
+        (b"\n\n".to_vec(), "batch", "no requests"),
+        (
+            jsonl(std::slice::from_ref(&good)),
+            "fine-tune",
+            "purpose must be \"batch\"",
+        ),
+    ];
+    for (data, purpose, want) in cases {
+        let r = upload(&f, &data, purpose, ALICE).await;
+        assert_eq!(r.status, 400, "{want}: {}", r.text);
+        let msg = r.body["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains(want), "want {want:?}, got {msg:?}");
+    }
+    // A good file still goes through, and batch requests are checked too.
+    let ok = upload(&f, &jsonl(&[good]), "batch", ALICE).await;
+    assert_eq!(ok.status, 200, "{}", ok.text);
+    let id = ok.body["id"].as_str().unwrap();
+    let bad =
+        json!({"input_file_id": id, "endpoint": "/v1/embeddings", "completion_window": "24h"});
+    let r = f.post("/v1/batches", &bad, &[ALICE]).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    let bad =
+        json!({"input_file_id": id, "endpoint": "/v1/chat/completions", "completion_window": "1h"});
+    let r = f.post("/v1/batches", &bad, &[ALICE]).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    let r = create(&f, "file-nope", ALICE).await;
+    assert_eq!(r.status, 404, "{}", r.text);
+}
+
+#[tokio::test]
+async fn files_and_batches_are_invisible_to_another_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = mock(MockSettings::default()).await;
+    let f = start(base_config(&m, &dir)).await;
+    let file = upload(
+        &f,
+        &jsonl(&[line("a", "one"), line("b", "two")]),
+        "batch",
+        ALICE,
+    )
+    .await;
+    assert_eq!(file.status, 200, "{}", file.text);
+    let fid = file.body["id"].as_str().unwrap().to_string();
+    for path in [
+        format!("/v1/files/{fid}"),
+        format!("/v1/files/{fid}/content"),
+    ] {
+        assert_eq!(f.get(&path, &[ALICE]).await.status, 200, "{path}");
+        assert_eq!(f.get(&path, &[BOB]).await.status, 404, "{path}");
+    }
+    assert_eq!(
+        create(&f, &fid, BOB).await.status,
+        404,
+        "bob cannot use alice's file"
+    );
+    let b = create(&f, &fid, ALICE).await;
+    assert_eq!(b.status, 200, "{}", b.text);
+    let bid = b.body["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        f.get(&format!("/v1/batches/{bid}"), &[BOB]).await.status,
+        404
+    );
+    let cancel = f
+        .post(&format!("/v1/batches/{bid}/cancel"), &json!({}), &[BOB])
+        .await;
+    assert_eq!(cancel.status, 404);
+    let done = wait_final(&f, &bid).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(
+        done["request_counts"],
+        json!({"total": 2, "completed": 2, "failed": 0})
+    );
+    assert!(done["error_file_id"].is_null(), "no errors, no error file");
+    let late = f
+        .post(&format!("/v1/batches/{bid}/cancel"), &json!({}), &[ALICE])
+        .await;
+    assert_eq!(
+        late.status, 409,
+        "a completed batch cannot be cancelled: {}",
+        late.text
+    );
+    let out_id = done["output_file_id"].as_str().unwrap();
+    assert_eq!(
+        f.get(&format!("/v1/files/{out_id}/content"), &[BOB])
+            .await
+            .status,
+        404
+    );
+    let out = content(&f, out_id).await;
+    // Each request ran as a job tagged with its batch and custom_id.
+    for o in &out {
+        let job_id = o["response"]["request_id"].as_str().unwrap();
+        let job = f.get(&format!("/v1/async/jobs/{job_id}"), &[ALICE]).await;
+        assert_eq!(job.status, 200, "{}", job.text);
+        assert_eq!(
+            job.body["batch"],
+            json!({"batch_id": bid, "custom_id": o["custom_id"]})
+        );
+    }
+    let mut got: Vec<(String, String)> = out
+        .iter()
+        .map(|o| {
+            (
+                o["custom_id"].as_str().unwrap().to_string(),
+                o["response"]["body"]["choices"][0]["message"]["content"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("a".to_string(), "mock reply: one".to_string()),
+            ("b".into(), "mock reply: two".into())
+        ]
+    );
+    // Lists: bob sees none, alice sees hers, newest first, paged by `after`.
+    let r = f.get("/v1/batches", &[BOB]).await;
+    assert_eq!(r.body["data"], json!([]), "{}", r.text);
+    let b2 = create(&f, &fid, ALICE).await;
+    let bid2 = b2.body["id"].as_str().unwrap().to_string();
+    let r = f.get("/v1/batches?limit=1", &[ALICE]).await;
+    assert_eq!(r.body["data"][0]["id"], bid2.as_str(), "{}", r.text);
+    assert_eq!(r.body["has_more"], true);
+    let r = f
+        .get(&format!("/v1/batches?limit=5&after={bid2}"), &[ALICE])
+        .await;
+    assert_eq!(r.body["data"][0]["id"], bid.as_str(), "{}", r.text);
+    assert_eq!(r.body["has_more"], false);
+    wait_final(&f, &bid2).await;
+}
+
+#[tokio::test]
+async fn a_cancelled_batch_stops_its_queued_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = mock(MockSettings {
+        latency: LatencyDist::Fixed(Duration::from_millis(200)),
+        ..MockSettings::default()
+    })
+    .await;
+    let mut cfg = base_config(&m, &dir);
+    cfg.async_jobs.workers = 1;
+    let f = start(cfg).await;
+    let lines: Vec<Value> = (0..20)
+        .map(|i| line(&format!("c{i}"), &format!("p{i}")))
+        .collect();
+    let file = upload(&f, &jsonl(&lines), "batch", ALICE).await;
+    let fid = file.body["id"].as_str().unwrap();
+    let b = create(&f, fid, ALICE).await;
+    let bid = b.body["id"].as_str().unwrap().to_string();
+    tokio::time::sleep(300 * MS).await;
+    let c = f
+        .post(&format!("/v1/batches/{bid}/cancel"), &json!({}), &[ALICE])
+        .await;
+    assert_eq!(c.status, 200, "{}", c.text);
+    assert_eq!(c.body["status"], "cancelling");
+    let done = wait_final(&f, &bid).await;
+    assert_eq!(done["status"], "cancelled", "{done}");
+    assert!(done["cancelled_at"].as_u64().is_some());
+    let counts = &done["request_counts"];
+    let (ok, failed) = (
+        counts["completed"].as_u64().unwrap(),
+        counts["failed"].as_u64().unwrap(),
+    );
+    assert_eq!(counts["total"], 20);
+    assert_eq!(ok + failed, 20, "{done}");
+    assert!((1..20).contains(&ok), "some ran, the rest did not: {done}");
+    let errs = content(&f, done["error_file_id"].as_str().unwrap()).await;
+    assert_eq!(errs.len() as u64, failed);
+    assert!(
+        errs.iter()
+            .all(|e| e["error"]["code"] == "batch_cancelled" && e["response"].is_null()),
+        "{errs:?}"
+    );
+    let out = content(&f, done["output_file_id"].as_str().unwrap()).await;
+    assert_eq!(out.len() as u64, ok);
+    let mut all: Vec<&str> = errs
+        .iter()
+        .chain(&out)
+        .map(|o| o["custom_id"].as_str().unwrap())
+        .collect();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), 20, "every custom_id once");
+    // Cancelling again changes nothing.
+    let again = f
+        .post(&format!("/v1/batches/{bid}/cancel"), &json!({}), &[ALICE])
+        .await;
+    assert_eq!(
+        again.status, 200,
+        "cancelling a cancelled batch answers it as is"
+    );
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(kafka),
+    ignore = "no Kafka-protocol broker: set TANSU_BIN (scripts/test.sh does)"
+)]
+async fn a_batch_runs_on_the_kafka_queue() {
+    let broker = crate::kafka::Broker::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let m = mock(MockSettings::default()).await;
+    let topic = format!("batch-{}", std::process::id());
+    let mut cfg = crate::kafka::kafka_config(&m, &broker, &topic);
+    cfg.auth.api_keys_file = base_config(&m, &dir).auth.api_keys_file;
+    let f = start(cfg).await;
+    let lines: Vec<Value> = (0..10)
+        .map(|i| line(&format!("k{i}"), &format!("kafka {i}")))
+        .collect();
+    let file = upload(&f, &jsonl(&lines), "batch", ALICE).await;
+    assert_eq!(file.status, 200, "{}", file.text);
+    let b = create(&f, file.body["id"].as_str().unwrap(), ALICE).await;
+    let done = wait_final(&f, b.body["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(
+        done["request_counts"],
+        json!({"total": 10, "completed": 10, "failed": 0})
+    );
+    let out = content(&f, done["output_file_id"].as_str().unwrap()).await;
+    assert_eq!(out.len(), 10);
+    for o in &out {
+        let i = o["custom_id"].as_str().unwrap().trim_start_matches('k');
+        assert_eq!(
+            o["response"]["body"]["choices"][0]["message"]["content"],
+            format!("mock reply: kafka {i}")
+        );
+    }
+}
+
+/// Past the store's 4 MiB chunks: lines span chunk boundaries on the way
+/// in and the content comes back byte for byte.
+#[tokio::test]
+async fn a_file_of_several_chunks_round_trips_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = mock(MockSettings::default()).await;
+    let f = start(base_config(&m, &dir)).await;
+    let lines: Vec<Value> = (0..10_000)
+        .map(|i| line(&format!("id-{i}"), &format!("{i} {}", "x".repeat(800))))
+        .collect();
+    let data = jsonl(&lines);
+    assert!(data.len() > 8 << 20, "spans at least two chunk boundaries");
+    let r = upload(&f, &data, "batch", ALICE).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["bytes"], data.len());
+    let id = r.body["id"].as_str().unwrap();
+    let back = f
+        .http
+        .get(format!("{}/v1/files/{id}/content", f.base))
+        .header(ALICE.0, ALICE.1)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(back == data, "content differs");
+}
