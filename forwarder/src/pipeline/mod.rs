@@ -58,6 +58,9 @@ pub struct RequestMeta {
     /// A deadline the client asked for (gRPC's `grpc-timeout`); the
     /// configured `server.request_timeout` still caps it.
     pub timeout: Option<Duration>,
+    /// Headers the forwarder itself sends upstream (an async job's
+    /// `Idempotency-Key`), added after the allow-list.
+    pub upstream_headers: HeaderMap,
 }
 
 impl RequestMeta {
@@ -69,6 +72,7 @@ impl RequestMeta {
             idempotency_key: None,
             headers: HeaderMap::new(),
             timeout: None,
+            upstream_headers: HeaderMap::new(),
         }
     }
 }
@@ -381,7 +385,11 @@ impl Pipeline {
             model,
             stream,
             idempotency_key: key,
-            headers: self.to_upstream.filter(&meta.headers),
+            headers: {
+                let mut h = self.to_upstream.filter(&meta.headers);
+                h.extend(meta.upstream_headers);
+                h
+            },
             body: call.body,
         };
         let answer = match env.idempotency_key.clone() {

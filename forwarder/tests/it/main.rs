@@ -10,6 +10,7 @@ mod endpoints;
 mod errors;
 mod fidelity;
 mod grpc;
+mod guarantee;
 mod hostile;
 mod idempotency;
 mod kafka;
