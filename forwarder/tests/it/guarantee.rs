@@ -123,8 +123,10 @@ async fn kill_nine_three_times_every_job_succeeds_with_one_upstream_answer() {
     let mut cfg = kafka_config(&m, &broker, "jobs-kill9");
     cfg.store = redis.store_config(None);
     cfg.async_jobs.workers = 10;
-    // A killed replica's claims free their job ids within 2 s.
-    cfg.idempotency.lease = Duration::from_secs(2);
+    // A killed replica's claims hold its job ids for 5 s, longer than a
+    // restart takes, so redelivered jobs meet the dead claim (and must wait
+    // it out rather than fail after the 1 s duplicate wait).
+    cfg.idempotency.lease = Duration::from_secs(5);
     cfg.idempotency.wait = Duration::from_secs(1);
     cfg.server.shutdown.drain_delay = Duration::ZERO;
     let dir = tempfile::tempdir().unwrap();
