@@ -683,6 +683,11 @@ pub struct KafkaConfig {
     /// Client certificate and key (PEM), for mutual TLS.
     pub ssl_cert_file: Option<PathBuf>,
     pub ssl_key_file: Option<PathBuf>,
+    /// Static group membership (Kafka's `group.instance.id`; e.g. the pod
+    /// name of a StatefulSet): a replica restarted after a crash takes its
+    /// partitions back at once instead of waiting for the broker to expire
+    /// the dead member. Unique per replica; unset: dynamic membership.
+    pub group_instance_id: Option<String>,
 }
 
 impl Default for KafkaConfig {
@@ -701,6 +706,7 @@ impl Default for KafkaConfig {
             ssl_ca_file: None,
             ssl_cert_file: None,
             ssl_key_file: None,
+            group_instance_id: None,
         }
     }
 }

@@ -553,6 +553,13 @@ fn validate_async(a: &crate::AsyncConfig, e: &mut Errors) {
             "async.kafka.ssl_key_file",
             "ssl_cert_file and ssl_key_file go together",
         );
+        e.check(
+            k.group_instance_id
+                .as_ref()
+                .is_none_or(|id| !id.trim().is_empty() && id.len() <= 249),
+            "async.kafka.group_instance_id",
+            "must be 1 to 249 characters when set",
+        );
     }
     let c = &a.callbacks;
     e.check(

@@ -222,7 +222,7 @@ pub struct SimpleRequest {
     #[serde(default)]
     pub temperature: Option<f64>,
     /// Run as an async job: answered `202` with the job at once.
-    #[serde(default, rename = "async")]
+    #[serde(default, rename = "async", deserialize_with = "null_is_false")]
     pub run_async: bool,
     /// With `async`: where the signed result is POSTed.
     #[serde(default)]
@@ -266,6 +266,12 @@ pub fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// `null` reads as absent (`false`), as for the simple API's other
+/// optional fields.
+fn null_is_false<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
 }
 
 #[cfg(test)]

@@ -5,6 +5,8 @@
 use std::sync::Arc;
 
 use axum::body::Body;
+use axum::extract::multipart::MultipartRejection;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -76,11 +78,17 @@ fn owner(s: &BatchState, headers: &HeaderMap) -> Result<Identity, ApiError> {
 async fn upload_file(
     State(s): State<BatchState>,
     headers: HeaderMap,
-    mut form: Multipart,
+    form: Result<Multipart, MultipartRejection>,
 ) -> Response {
     let owner = match owner(&s, &headers) {
         Ok(o) => o,
         Err(e) => return e.into_response(),
+    };
+    // Authenticated first; then a body that is not multipart is a 400 in
+    // the OpenAI error shape.
+    let mut form = match form {
+        Ok(f) => f,
+        Err(e) => return ApiError::BadRequest(e.body_text()).into_response(),
     };
     let mut purpose = None;
     let mut stored = None;
@@ -256,14 +264,23 @@ struct ListQuery {
 
 async fn list_batches(
     State(s): State<BatchState>,
-    Query(q): Query<ListQuery>,
+    query: Result<Query<ListQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
     let owner = match owner(&s, &headers) {
         Ok(o) => o,
         Err(e) => return e.into_response(),
     };
-    let limit = q.limit.unwrap_or(20).clamp(1, 100);
+    // As OpenAI: a malformed or out-of-range `limit` is a 400 (in the
+    // error body every other refusal uses), not silently clamped.
+    let q = match query {
+        Ok(Query(q)) => q,
+        Err(e) => return ApiError::BadRequest(e.body_text()).into_response(),
+    };
+    let limit = q.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return ApiError::BadRequest("limit must be between 1 and 100".into()).into_response();
+    }
     match s.batches.list(&owner, limit, q.after.as_deref()).await {
         Ok((data, has_more)) => Json(json!({
             "object": "list",

@@ -53,7 +53,8 @@ async fn submit_chat(State(s): State<JobsState>, req: Request) -> Response {
     let headers = parts.headers;
     let callback_url = match headers.get(CALLBACK_URL).map(|v| v.to_str()) {
         None => None,
-        Some(Ok(v)) => Some(v.trim().to_string()),
+        // An empty header is none, as an empty Idempotency-Key is.
+        Some(Ok(v)) => Some(v.trim().to_string()).filter(|v| !v.is_empty()),
         Some(Err(_)) => {
             return ApiError::BadRequest(format!("{CALLBACK_URL} is not a valid URL"))
                 .into_response()

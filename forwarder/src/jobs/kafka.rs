@@ -108,8 +108,11 @@ impl KafkaQueue {
             .set("enable.idempotence", "false")
             .create()
             .map_err(|e| err("producer", e))?;
-        let consumer: StreamConsumer = base
-            .clone()
+        let mut consumer_cfg = base.clone();
+        if let Some(id) = &cfg.group_instance_id {
+            consumer_cfg.set("group.instance.id", id);
+        }
+        let consumer: StreamConsumer = consumer_cfg
             .set("group.id", &cfg.consumer_group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")

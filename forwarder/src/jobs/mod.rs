@@ -43,6 +43,11 @@ use model::{Callback, DeliveryState, Job, JobKind, JobResponse, JobState};
 use queue::{Delivery, EmbeddedQueue, Queue, QueueError};
 use table::{JobTable, Start};
 
+/// The header carrying a job's id to the upstream on the job's calls.
+const UPSTREAM_IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
+/// How soon a job whose claim another run holds tries again.
+const CLAIM_RETRY: Duration = Duration::from_millis(200);
+
 /// Why a cancellation was refused.
 #[derive(Debug)]
 pub enum CancelError {
@@ -193,15 +198,20 @@ impl Jobs {
         self.table
             .insert(job.clone(), now)
             .map_err(|()| ApiError::Overloaded)?;
+        // Stored before it is enqueued: a worker on another replica may
+        // finish it before `push` returns, and its finished record must not
+        // be overwritten by this `queued` one.
+        self.records.save(&job).await;
         if let Err(e) = self.queue.push(&job).await {
             // Never left queued with no delivery on the way.
-            self.table.cancel(&job.id, &job.owner, now);
+            if let Some(Ok(cancelled)) = self.table.cancel(&job.id, &job.owner, now) {
+                self.records.save(&cancelled).await;
+            }
             return Err(match e {
                 QueueError::Full | QueueError::Unavailable => ApiError::Overloaded,
                 QueueError::Closed => ApiError::ShuttingDown,
             });
         }
-        self.records.save(&job).await;
         self.metrics.queue_depth.set(depth(self.queue.as_ref()));
         self.metrics.entered(JobState::Queued);
         Ok(job)
@@ -321,16 +331,31 @@ impl Jobs {
     /// Runs the job's request through the pipeline, its id the idempotency
     /// key, and renders the answer as the synchronous endpoint would.
     async fn call(&self, job: &Job) -> JobResponse {
-        let mut meta = RequestMeta::new(Protocol::Http, job.id.clone());
-        meta.headers = job.headers.clone();
-        let adm = self.pipeline.admit_as(job.owner.clone(), meta);
-        let call = Call {
-            body: job.body.clone(),
-            idempotency_key: Some(job.id.clone()),
-        };
-        let answer = match self.pipeline.run(adm, Ok(call)).await {
-            Ok(a) => a,
-            Err(e) => return error_response(&e),
+        let answer = loop {
+            let mut meta = RequestMeta::new(Protocol::Http, job.id.clone());
+            meta.headers = job.headers.clone();
+            // The job id goes upstream too, so a provider that honours
+            // idempotency keys answers a re-run (after a crash mid-call)
+            // with its first answer instead of running the model again.
+            if let Ok(v) = http::HeaderValue::from_str(&job.id) {
+                meta.upstream_headers.insert(UPSTREAM_IDEMPOTENCY_KEY, v);
+            }
+            let adm = self.pipeline.admit_as(job.owner.clone(), meta);
+            let call = Call {
+                body: job.body.clone(),
+                idempotency_key: Some(job.id.clone()),
+            };
+            match self.pipeline.run(adm, Ok(call)).await {
+                Ok(a) => break a,
+                // Another run holds the job's claim: a live replica (it
+                // stores the answer, replayed next time round) or a killed
+                // one (its lease runs out, then this run leads). Not a
+                // failure of the job: wait, do not end it `failed` (409).
+                Err(ApiError::IdempotencyInProgress) if now_ms() < job.expires_at_ms => {
+                    tokio::time::sleep(CLAIM_RETRY).await;
+                }
+                Err(e) => return error_response(&e),
+            }
         };
         let ReplyBody::Complete(bytes) = answer.reply.body else {
             return error_response(&ApiError::BadGateway("unexpected stream".into()));

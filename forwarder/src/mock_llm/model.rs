@@ -30,6 +30,8 @@ pub struct MockModel {
     fail_next: RwLock<Vec<Fault>>,
     requests: AtomicU64,
     ids: AtomicU64,
+    /// Calls by `Idempotency-Key` (the standalone server's de-duplication).
+    pub calls: super::calls::Calls,
 }
 
 impl MockModel {
@@ -39,6 +41,7 @@ impl MockModel {
             fail_next: RwLock::new(Vec::new()),
             requests: AtomicU64::new(0),
             ids: AtomicU64::new(0),
+            calls: super::calls::Calls::default(),
         }
     }
 

@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tower::ServiceExt;
 
+use super::calls::Begin;
 use super::{Fault, MockModel};
 use crate::api::{unix_now, ApiError, ChatRequest};
 use forwarder_config::MockSettings;
@@ -63,6 +64,7 @@ fn router(model: Arc<MockModel>) -> Router {
         .route("/v1/models", get(models))
         .route("/healthz", get(|| async { "ok" }))
         .route("/mock/stats", get(stats))
+        .route("/mock/calls", get(calls))
         .route("/mock/settings", put(set_settings).get(get_settings))
         .route("/mock/fail-next", post(fail_next))
         .with_state(model)
@@ -105,10 +107,28 @@ async fn handle(app: Router, req: Request<Incoming>) -> Result<Response, std::io
     Ok(resp)
 }
 
-async fn chat(State(model): State<Arc<MockModel>>, body: axum::body::Bytes) -> Response {
+async fn chat(
+    State(model): State<Arc<MockModel>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     let req: ChatRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return ApiError::BadRequest(format!("invalid JSON body: {e}")).into_response(),
+    };
+    // Like a provider honouring `Idempotency-Key` (completions, not streams):
+    // a repeated key gets its first answer, the model runs once.
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .filter(|k| !k.is_empty() && !req.stream);
+    let lead = match key {
+        None => None,
+        Some(k) => match model.calls.begin(k).await {
+            Begin::Replay(body) => return json_bytes(body),
+            Begin::Lead(lead) => Some(lead),
+            Begin::Untracked => None,
+        },
     };
     let (latency, fault) = model.begin();
     // tokio's timer has 1 ms granularity: a zero sleep would still cost ~1 ms.
@@ -149,8 +169,31 @@ async fn chat(State(model): State<Arc<MockModel>>, body: axum::body::Bytes) -> R
             }));
         Sse::new(events).into_response()
     } else {
-        Json(model.respond(&req)).into_response()
+        let body = match serde_json::to_vec(&model.respond(&req)) {
+            Ok(b) => axum::body::Bytes::from(b),
+            Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        };
+        if let Some(lead) = lead {
+            lead.answered(body.clone());
+        }
+        json_bytes(body)
     }
+}
+
+fn json_bytes(body: axum::body::Bytes) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// Per `Idempotency-Key`: requests started, answers produced, replays.
+async fn calls(State(model): State<Arc<MockModel>>) -> Json<serde_json::Value> {
+    Json(json!({"calls": model.calls.counts()}))
 }
 
 async fn models() -> Json<serde_json::Value> {

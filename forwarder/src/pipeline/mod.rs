@@ -60,6 +60,9 @@ pub struct RequestMeta {
     pub timeout: Option<Duration>,
     /// The subject of the connection's verified client certificate (mTLS).
     pub peer: Option<String>,
+    /// Headers the forwarder itself sends upstream (an async job's
+    /// `Idempotency-Key`), added after the allow-list.
+    pub upstream_headers: HeaderMap,
 }
 
 impl RequestMeta {
@@ -72,6 +75,7 @@ impl RequestMeta {
             headers: HeaderMap::new(),
             timeout: None,
             peer: None,
+            upstream_headers: HeaderMap::new(),
         }
     }
 }
@@ -442,7 +446,11 @@ impl Pipeline {
             model,
             stream,
             idempotency_key: key,
-            headers: self.to_upstream.filter(&meta.headers),
+            headers: {
+                let mut h = self.to_upstream.filter(&meta.headers);
+                h.extend(meta.upstream_headers);
+                h
+            },
             body: call.body,
         };
         let answer = match env.idempotency_key.clone() {

@@ -11,6 +11,7 @@ mod endpoints;
 mod errors;
 mod fidelity;
 mod grpc;
+mod guarantee;
 mod hostile;
 mod idempotency;
 mod jwt;
