@@ -38,9 +38,12 @@ PAIR_PIDS+=($!)
 seed_args=()
 [ "$SEED" = random ] || seed_args=(--seed "$SEED")
 set +e
+# One worker: with two, schemathesis 4.32.5 once failed inside its own
+# example generation (a KeyError that hypothesis then reported as flaky),
+# which is a tool race, not a finding.
 MF_API_KEY="$KEY" timeout "$TIME_LIMIT" "$ST" --config-file e2e/contract/schemathesis.toml run "http://127.0.0.1:$FWD_PORT/openapi.json" \
   --phases examples,coverage,fuzzing,stateful \
-  --max-examples "$MAX_EXAMPLES" "${seed_args[@]}" --workers 2 \
+  --max-examples "$MAX_EXAMPLES" "${seed_args[@]}" --workers 1 \
   --request-timeout 10 --no-color \
   --report junit --report-dir "$WORK/report" 2>&1 | tee "$WORK/schemathesis.out"
 rc=${PIPESTATUS[0]}
