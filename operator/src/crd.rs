@@ -846,12 +846,18 @@ const KAFKA_NAME: &str = r"^[A-Za-z0-9._-]+$";
 /// consumer group, with signed result callbacks.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = kube::core::Rule::new("self.bootstrapServers.all(s, s.matches('^[A-Za-z0-9.-]+:[0-9]{1,5}$'))").message("bootstrapServers entries must be host:port"))]
 #[x_kube(validation = kube::core::Rule::new("has(self.saslMechanism) == has(self.saslSecretRef)").message("saslMechanism and saslSecretRef go together"))]
 #[x_kube(validation = kube::core::Rule::new("!has(self.caSecretRef) || self.tls").message("caSecretRef needs tls: true"))]
 pub struct AsyncSpec {
-    /// The brokers, `host:port` each.
-    #[schemars(length(min = 1, max = 16))]
+    /// The brokers, `host:port` each (a schema pattern, not CEL: a rule over
+    /// every entry costs more than the API server's budget allows).
+    #[schemars(
+        length(min = 1, max = 16),
+        inner(
+            length(min = 3, max = 253),
+            regex(pattern = r"^[A-Za-z0-9.-]+:[0-9]{1,5}$")
+        )
+    )]
     pub bootstrap_servers: Vec<String>,
     /// The jobs topic (a dead-letter topic `<topic>-dead-letter` beside it).
     #[serde(default = "default_jobs_topic")]
@@ -884,7 +890,11 @@ pub struct AsyncSpec {
     /// Hosts a job's `callback_url` may name (https only); none: callbacks
     /// are refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64), extend("x-kubernetes-list-type" = "set"))]
+    #[schemars(
+        length(max = 64),
+        inner(length(min = 1, max = 253)),
+        extend("x-kubernetes-list-type" = "set")
+    )]
     pub allowed_callback_hosts: Vec<String>,
 }
 
