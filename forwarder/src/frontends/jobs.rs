@@ -19,7 +19,7 @@ use crate::frontends::tls::PeerSubject;
 use crate::jobs::model::{Job, JobKind};
 use crate::jobs::{now_ms, CancelError, Jobs};
 use crate::pipeline::envelope::peek;
-use crate::pipeline::{Admission, Pipeline};
+use crate::pipeline::{check_key_len, Admission, Pipeline};
 
 /// The header naming a job's callback on the OpenAI-format route (the body
 /// goes upstream byte for byte, so it cannot carry the URL).
@@ -96,6 +96,9 @@ pub async fn submit_simple(
             ))
             .into_response();
     };
+    if let Err(e) = check_key_len(req.request_id.as_deref()) {
+        return adm.refuse(e).into_response();
+    }
     let body = super::http::simple_to_chat(req);
     let kind = JobKind::Simple {
         request_id: req.request_id.clone(),
@@ -121,6 +124,9 @@ async fn submit(
     headers: &HeaderMap,
     callback_url: Option<String>,
 ) -> Response {
+    if let Err(e) = check_key_len(adm.idempotency_key()) {
+        return adm.refuse(e).into_response();
+    }
     let model = match peek(&body) {
         Ok(peeked) if peeked.stream => {
             return adm

@@ -117,6 +117,11 @@ impl Admission {
             .is_none_or(|m| m.iter().any(|g| g == model))
     }
 
+    /// The idempotency key the client sent in a header, if any.
+    pub fn idempotency_key(&self) -> Option<&str> {
+        self.meta.idempotency_key.as_deref()
+    }
+
     /// Ends a request answered without running it (an accepted async job).
     pub fn answered(mut self, code: u16) {
         self.obs.finish(code);
@@ -130,6 +135,17 @@ impl Admission {
 
 /// Longest accepted idempotency key.
 const MAX_KEY_LEN: usize = 256;
+
+/// Refuses an idempotency key longer than [`MAX_KEY_LEN`] (the async
+/// front ends check it too, though a job is keyed by its own id).
+pub fn check_key_len(key: Option<&str>) -> Result<(), ApiError> {
+    match key {
+        Some(k) if k.len() > MAX_KEY_LEN => Err(ApiError::BadRequest(format!(
+            "idempotency key longer than {MAX_KEY_LEN} characters"
+        ))),
+        _ => Ok(()),
+    }
+}
 
 pub struct Pipeline {
     cfg: Config,
@@ -398,11 +414,7 @@ impl Pipeline {
         });
         let deadline = started.checked_add(timeout).unwrap_or(started);
         let key = meta.idempotency_key.or(call.idempotency_key);
-        if key.as_ref().is_some_and(|k| k.len() > MAX_KEY_LEN) {
-            return Err(obs.fail(ApiError::BadRequest(format!(
-                "idempotency key longer than {MAX_KEY_LEN} characters"
-            ))));
-        }
+        check_key_len(key.as_deref()).map_err(|e| obs.fail(e))?;
         // Shared limits need the store (async) and the body (tokens): they
         // apply here, to cache hits too.
         let estimated = shared_limit::estimate(&call.body);
