@@ -12,6 +12,7 @@ pub mod jobs;
 pub mod mock_llm;
 pub mod openapi;
 pub mod pipeline;
+pub mod reload;
 pub mod server;
 pub mod sse;
 pub mod store;

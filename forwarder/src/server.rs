@@ -183,7 +183,7 @@ impl Server {
         let workers = jobs.as_ref().map(Jobs::start).unwrap_or_default();
         let mut background = Vec::new();
         if let Some(keys) = pipeline.api_keys() {
-            background.push(keys.clone().watch(cfg.auth.reload_interval));
+            background.push(crate::reload::poll(keys.clone(), cfg.auth.reload_interval));
         }
         if let Some(tls) = &tls {
             background.push(tls.clone().watch());

@@ -20,14 +20,12 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
 
-use parking_lot::RwLock;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::Identity;
+use crate::reload::{Reload, Swap};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -62,9 +60,7 @@ fn hash(key: &str) -> Hash {
 /// The loaded key set. Cheap to share; swapped whole on reload.
 pub struct ApiKeys {
     path: PathBuf,
-    keys: RwLock<Arc<Vec<(String, Hash)>>>,
-    /// Hash of the raw source, to notice changes without keeping it.
-    fingerprint: RwLock<Hash>,
+    keys: Swap<Vec<(String, Hash)>>,
 }
 
 impl ApiKeys {
@@ -76,8 +72,7 @@ impl ApiKeys {
         }
         Ok(Self {
             path: path.to_path_buf(),
-            keys: RwLock::new(Arc::new(keys)),
-            fingerprint: RwLock::new(fingerprint),
+            keys: Swap::new(keys, fingerprint),
         })
     }
 
@@ -85,7 +80,7 @@ impl ApiKeys {
     /// (no early exit), each in constant time, so timing reveals nothing.
     pub fn verify(&self, presented: &str) -> Option<Identity> {
         let h = hash(presented);
-        let keys = self.keys.read().clone();
+        let keys = self.keys.get();
         let mut found: Option<&str> = None;
         for (name, stored) in keys.iter() {
             if bool::from(stored.ct_eq(&h)) && found.is_none() {
@@ -96,44 +91,24 @@ impl ApiKeys {
     }
 
     pub fn len(&self) -> usize {
-        self.keys.read().len()
+        self.keys.get().len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+impl Reload for ApiKeys {
+    type Error = KeyError;
+    const WHAT: &'static str = "API keys";
 
     /// Re-reads the source; returns whether the keys changed. On error the
     /// current keys stay in force (a half-written Secret must not lock
     /// every client out).
-    pub fn reload(&self) -> Result<bool, KeyError> {
+    fn reload(&self) -> Result<bool, KeyError> {
         let (keys, fingerprint) = read_source(&self.path)?;
-        if *self.fingerprint.read() == fingerprint {
-            return Ok(false);
-        }
-        *self.keys.write() = Arc::new(keys);
-        *self.fingerprint.write() = fingerprint;
-        Ok(true)
-    }
-
-    /// Polls the source every `interval` until the returned task is aborted.
-    /// Polling (not inotify) because Kubernetes updates Secret volumes by
-    /// swapping symlinks, which file watchers often miss.
-    pub fn watch(self: Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                match self.reload() {
-                    Ok(true) => tracing::info!(keys = self.len(), "API keys reloaded"),
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "API key reload failed; keeping the previous keys")
-                    }
-                }
-            }
-        })
+        Ok(self.keys.install(keys, fingerprint))
     }
 }
 

@@ -16,12 +16,12 @@ use std::time::Duration;
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
-use parking_lot::{Mutex, RwLock};
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::AuthFailure;
+use crate::reload::{self, Fingerprint, Reload, Swap};
 use forwarder_config::JwtConfig;
 
 #[derive(Debug, thiserror::Error)]
@@ -198,9 +198,7 @@ enum Source {
 pub struct KeyStore {
     source: Source,
     allowed: Vec<Algorithm>,
-    keys: RwLock<Arc<KeySet>>,
-    /// Hash of the last source bytes: reloads that change nothing are no-ops.
-    fingerprint: Mutex<[u8; 32]>,
+    keys: Swap<KeySet>,
     /// Bumped whenever the keys change (verified-token cache entries of an
     /// older generation are void: a removed key revokes its tokens at once).
     generation: AtomicU64,
@@ -213,6 +211,19 @@ fn read(path: &Path) -> Result<Vec<u8>, KeysError> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+impl Reload for KeyStore {
+    type Error = KeysError;
+    const WHAT: &'static str = "JWT keys";
+
+    /// Re-reads a file source; returns whether the keys changed.
+    fn reload(&self) -> Result<bool, KeysError> {
+        match &self.source {
+            Source::Secret(p) | Source::File(p) => self.install(&read(p)?),
+            Source::Url(_) => Ok(false),
+        }
+    }
 }
 
 impl KeyStore {
@@ -229,8 +240,7 @@ impl KeyStore {
         let store = Self {
             source,
             allowed,
-            keys: RwLock::new(Arc::new(KeySet::default())),
-            fingerprint: Mutex::new([0; 32]),
+            keys: Swap::new(KeySet::default(), [0; 32]),
             generation: AtomicU64::new(0),
             refresh_now: Notify::new(),
         };
@@ -241,7 +251,7 @@ impl KeyStore {
     }
 
     pub fn current(&self) -> Arc<KeySet> {
-        self.keys.read().clone()
+        self.keys.get()
     }
 
     pub fn generation(&self) -> u64 {
@@ -263,26 +273,19 @@ impl KeyStore {
 
     /// Installs keys from source bytes; returns whether they changed.
     fn install(&self, bytes: &[u8]) -> Result<bool, KeysError> {
-        let fp: [u8; 32] = Sha256::digest(bytes).into();
-        if *self.fingerprint.lock() == fp {
+        let fp: Fingerprint = Sha256::digest(bytes).into();
+        if self.keys.is_current(&fp) {
             return Ok(false);
         }
         let set = self.parse(bytes)?;
         if set.is_empty() {
             tracing::warn!("the JWT key source holds no usable key: every token will be rejected");
         }
-        *self.keys.write() = Arc::new(set);
-        *self.fingerprint.lock() = fp;
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        Ok(true)
-    }
-
-    /// Re-reads a file source; returns whether the keys changed.
-    pub fn reload(&self) -> Result<bool, KeysError> {
-        match &self.source {
-            Source::Secret(p) | Source::File(p) => self.install(&read(p)?),
-            Source::Url(_) => Ok(false),
+        let changed = self.keys.install(set, fp);
+        if changed {
+            self.generation.fetch_add(1, Ordering::AcqRel);
         }
+        Ok(changed)
     }
 
     /// A token named a `kid` we do not have: ask for an early fetch.
@@ -298,26 +301,12 @@ impl KeyStore {
     /// `min_refresh_interval` (failures retried after that interval).
     pub fn watch(self: Arc<Self>, cfg: &JwtConfig) -> tokio::task::JoinHandle<()> {
         let (every, min) = (cfg.refresh_interval, cfg.min_refresh_interval);
-        tokio::spawn(async move {
-            match &self.source {
-                Source::Url(url) => self.refresh_url(url.clone(), every, min).await,
-                _ => self.poll_file(every.min(Duration::from_secs(5))).await,
+        match &self.source {
+            Source::Url(url) => {
+                let url = url.clone();
+                tokio::spawn(async move { self.refresh_url(url, every, min).await })
             }
-        })
-    }
-
-    async fn poll_file(&self, interval: Duration) {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            match self.reload() {
-                Ok(true) => tracing::info!(keys = self.current().len(), "JWT keys reloaded"),
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "JWT key reload failed; keeping the previous keys")
-                }
-            }
+            _ => reload::poll(self, every.min(Duration::from_secs(5))),
         }
     }
 

@@ -9,13 +9,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::{Mutex, RwLock};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use sha2::{Digest, Sha256};
 use tokio_rustls::TlsAcceptor;
 
+use crate::reload::{self, Reload, Swap};
 use forwarder_config::TlsConfig;
 
 #[derive(Debug, thiserror::Error)]
@@ -43,8 +43,7 @@ pub struct PeerSubject(pub Arc<str>);
 /// The server's TLS settings, kept current with the files.
 pub struct TlsFiles {
     cfg: TlsConfig,
-    current: RwLock<Arc<rustls::ServerConfig>>,
-    fingerprint: Mutex<[u8; 32]>,
+    current: Swap<rustls::ServerConfig>,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -113,8 +112,7 @@ impl TlsFiles {
         let (config, fp) = Self::build(cfg)?;
         Ok(Arc::new(Self {
             cfg: cfg.clone(),
-            current: RwLock::new(Arc::new(config)),
-            fingerprint: Mutex::new(fp),
+            current: Swap::new(config, fp),
         }))
     }
 
@@ -132,39 +130,25 @@ impl TlsFiles {
 
     /// The acceptor for the next connection.
     pub fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(self.current.read().clone())
+        TlsAcceptor::from(self.current.get())
     }
+
+    /// Polls the files until the task is aborted.
+    pub fn watch(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let interval = self.cfg.reload_interval.max(Duration::from_millis(100));
+        reload::poll(self, interval)
+    }
+}
+
+impl Reload for TlsFiles {
+    type Error = TlsError;
+    const WHAT: &'static str = "TLS certificate";
 
     /// Re-reads the files; returns whether the settings changed. A
     /// half-written rotation fails here and the old settings stay.
-    pub fn reload(&self) -> Result<bool, TlsError> {
+    fn reload(&self) -> Result<bool, TlsError> {
         let (config, fp) = Self::build(&self.cfg)?;
-        if *self.fingerprint.lock() == fp {
-            return Ok(false);
-        }
-        *self.current.write() = Arc::new(config);
-        *self.fingerprint.lock() = fp;
-        Ok(true)
-    }
-
-    /// Polls the files until the task is aborted (polling, because Secret
-    /// volumes change by symlink swaps that file watchers often miss).
-    pub fn watch(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
-        let interval = self.cfg.reload_interval.max(Duration::from_millis(100));
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                match self.reload() {
-                    Ok(true) => tracing::info!("TLS certificate reloaded"),
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "TLS reload failed; keeping the previous certificate")
-                    }
-                }
-            }
-        })
+        Ok(self.current.install(config, fp))
     }
 }
 

@@ -13,17 +13,15 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::Engine;
 use bytes::{BufMut, Bytes, BytesMut};
-use parking_lot::RwLock;
 use sha2::{Digest, Sha256};
 
 use super::layer::Seal;
+use crate::reload::{Reload, Swap};
 
 /// First byte of a sealed blob.
 pub const SEALED: u8 = 1;
@@ -57,8 +55,7 @@ impl Ring {
 
 pub struct KeyRing {
     path: PathBuf,
-    ring: RwLock<Arc<Ring>>,
-    fingerprint: RwLock<[u8; 32]>,
+    ring: Swap<Ring>,
 }
 
 impl KeyRing {
@@ -66,49 +63,29 @@ impl KeyRing {
         let (ring, fingerprint) = read_source(path)?;
         Ok(Self {
             path: path.to_path_buf(),
-            ring: RwLock::new(Arc::new(ring)),
-            fingerprint: RwLock::new(fingerprint),
+            ring: Swap::new(ring, fingerprint),
         })
     }
 
     /// The ids, oldest first (the last encrypts).
     pub fn ids(&self) -> Vec<String> {
         self.ring
-            .read()
+            .get()
             .keys
             .iter()
             .map(|(k, _)| k.clone())
             .collect()
     }
+}
+
+impl Reload for KeyRing {
+    type Error = KeyRingError;
+    const WHAT: &'static str = "encryption key ring";
 
     /// Re-reads the source; on error the current keys stay in force.
-    pub fn reload(&self) -> Result<bool, KeyRingError> {
+    fn reload(&self) -> Result<bool, KeyRingError> {
         let (ring, fingerprint) = read_source(&self.path)?;
-        if *self.fingerprint.read() == fingerprint {
-            return Ok(false);
-        }
-        *self.ring.write() = Arc::new(ring);
-        *self.fingerprint.write() = fingerprint;
-        Ok(true)
-    }
-
-    /// Polls the source (Secret volumes change by symlink swaps, which
-    /// file watchers miss) until the task is aborted.
-    pub fn watch(self: Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                match self.reload() {
-                    Ok(true) => tracing::info!(keys = ?self.ids(), "encryption key ring reloaded"),
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "key ring reload failed; keeping the previous keys")
-                    }
-                }
-            }
-        })
+        Ok(self.ring.install(ring, fingerprint))
     }
 }
 
@@ -122,7 +99,7 @@ fn aad(header: &[u8], name: &[u8]) -> Vec<u8> {
 
 impl Seal for KeyRing {
     fn seal(&self, name: &[u8], plain: &[u8]) -> Bytes {
-        let ring = self.ring.read().clone();
+        let ring = self.ring.get();
         let (id, cipher) = ring.keys.last().expect("a loaded ring holds a key");
         let nonce: [u8; NONCE] = rand::random();
         let mut b = BytesMut::with_capacity(2 + id.len() + NONCE + plain.len() + 16);
@@ -156,7 +133,7 @@ impl Seal for KeyRing {
         }
         let (id, rest) = rest.split_at(id_len);
         let (nonce, ct) = rest.split_at(NONCE);
-        let ring = self.ring.read().clone();
+        let ring = self.ring.get();
         let cipher = ring.find(id).ok_or_else(|| {
             format!(
                 "sealed with key {:?}, not in the ring",

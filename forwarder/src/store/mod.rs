@@ -85,7 +85,7 @@ pub fn build(cfg: &Config, metrics: &Metrics) -> Result<Arc<dyn Store>, BuildErr
                     .map_err(|e| BuildError::new(format!("store.encryption.key_file: {e}")))?,
             );
             if tokio::runtime::Handle::try_current().is_ok() {
-                reload = Some(ring.clone().watch(enc.reload_interval));
+                reload = Some(crate::reload::poll(ring.clone(), enc.reload_interval));
             }
             Some(ring)
         }

@@ -166,6 +166,7 @@ async fn https_wss_grpc_tls_mtls_and_rotation_with_python_clients() {
     mtls.shutdown().await;
 }
 
+use forwarder::reload::Reload;
 use forwarder::server::Server;
 
 #[tokio::test]
