@@ -94,6 +94,16 @@ def mtls_checks(pb, pb_grpc):
     # A certificate from the trusted CA names the client: no API key needed.
     r = httpx.post(url, json=body, verify=context(E["TLS_CLIENT_CERT"], E["TLS_CLIENT_KEY"]), timeout=10)
     assert r.status_code == 200, (r.status_code, r.text)
+    # The certificate alone also owns stored objects: an async job it
+    # submitted is read back, and the Batch API lists its batches.
+    client = httpx.Client(base_url=E["MTLS_URL"], verify=context(E["TLS_CLIENT_CERT"], E["TLS_CLIENT_KEY"]), timeout=10)
+    r = client.post("/v1/async/chat/completions", json=body)
+    assert r.status_code == 202, (r.status_code, r.text)
+    r = client.get(f"/v1/async/jobs/{r.json()['id']}")
+    assert r.status_code == 200, (r.status_code, r.text)
+    r = client.get("/v1/batches")
+    assert r.status_code == 200, (r.status_code, r.text)
+    client.close()
     resp = grpc_call(E["MTLS_GRPC_ADDR"], pb, pb_grpc, E["TLS_CLIENT_CERT"], E["TLS_CLIENT_KEY"])
     assert resp.reply.startswith("mock reply: grpc tls"), resp
     # No certificate, or one from a CA the server does not trust: refused.

@@ -8,7 +8,7 @@ use axum::body::Body;
 use axum::extract::multipart::MultipartRejection;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -17,8 +17,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::http::not_found;
+use super::owner::Owner;
 use crate::api::ApiError;
-use crate::auth::{self, Identity};
 use crate::batch::{BatchError, Batches};
 use crate::jobs::Jobs;
 use crate::pipeline::Pipeline;
@@ -28,6 +28,12 @@ use forwarder_config::StoreBackend;
 struct BatchState {
     pipeline: Arc<Pipeline>,
     batches: Arc<Batches>,
+}
+
+impl axum::extract::FromRef<BatchState> for Arc<Pipeline> {
+    fn from_ref(s: &BatchState) -> Self {
+        s.pipeline.clone()
+    }
 }
 
 pub fn routes(pipeline: Arc<Pipeline>, jobs: Arc<Jobs>) -> Router {
@@ -71,19 +77,11 @@ fn refused(e: BatchError) -> Response {
     }
 }
 
-fn owner(s: &BatchState, headers: &HeaderMap) -> Result<Identity, ApiError> {
-    s.pipeline.authenticate(auth::credential(headers))
-}
-
 async fn upload_file(
     State(s): State<BatchState>,
-    headers: HeaderMap,
+    Owner(owner): Owner,
     form: Result<Multipart, MultipartRejection>,
 ) -> Response {
-    let owner = match owner(&s, &headers) {
-        Ok(o) => o,
-        Err(e) => return e.into_response(),
-    };
     // Authenticated first; then a body that is not multipart is a 400 in
     // the OpenAI error shape.
     let mut form = match form {
@@ -148,13 +146,9 @@ async fn upload_file(
 
 async fn get_file(
     State(s): State<BatchState>,
+    Owner(owner): Owner,
     Path(id): Path<String>,
-    headers: HeaderMap,
 ) -> Response {
-    let owner = match owner(&s, &headers) {
-        Ok(o) => o,
-        Err(e) => return e.into_response(),
-    };
     match s.batches.file(&owner, &id).await {
         Ok(meta) => Json(meta.view()).into_response(),
         Err(e) => refused(e),
@@ -163,13 +157,9 @@ async fn get_file(
 
 async fn file_content(
     State(s): State<BatchState>,
+    Owner(owner): Owner,
     Path(id): Path<String>,
-    headers: HeaderMap,
 ) -> Response {
-    let owner = match owner(&s, &headers) {
-        Ok(o) => o,
-        Err(e) => return e.into_response(),
-    };
     match s.batches.file(&owner, &id).await {
         Ok(meta) => {
             let stream = s
@@ -197,13 +187,9 @@ struct CreateBatch {
 
 async fn create_batch(
     State(s): State<BatchState>,
-    headers: HeaderMap,
+    Owner(owner): Owner,
     body: axum::body::Bytes,
 ) -> Response {
-    let owner = match owner(&s, &headers) {
-        Ok(o) => o,
-        Err(e) => return e.into_response(),
-    };
     let req: CreateBatch = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -228,13 +214,9 @@ async fn create_batch(
 
 async fn get_batch(
     State(s): State<BatchState>,
+    Owner(owner): Owner,
     Path(id): Path<String>,
-    headers: HeaderMap,
 ) -> Response {
-    let owner = match owner(&s, &headers) {
-        Ok(o) => o,
-        Err(e) => return e.into_response(),
-    };
     match s.batches.get(&owner, &id).await {
         Ok(b) => Json(b).into_response(),
         Err(e) => refused(e),
@@ -243,13 +225,9 @@ async fn get_batch(
 
 async fn cancel_batch(
     State(s): State<BatchState>,
+    Owner(owner): Owner,
     Path(id): Path<String>,
-    headers: HeaderMap,
 ) -> Response {
-    let owner = match owner(&s, &headers) {
-        Ok(o) => o,
-        Err(e) => return e.into_response(),
-    };
     match s.batches.cancel(&owner, &id).await {
         Ok(b) => Json(b).into_response(),
         Err(e) => refused(e),
@@ -264,13 +242,9 @@ struct ListQuery {
 
 async fn list_batches(
     State(s): State<BatchState>,
+    Owner(owner): Owner,
     query: Result<Query<ListQuery>, QueryRejection>,
-    headers: HeaderMap,
 ) -> Response {
-    let owner = match owner(&s, &headers) {
-        Ok(o) => o,
-        Err(e) => return e.into_response(),
-    };
     // As OpenAI: a malformed or out-of-range `limit` is a 400 (in the
     // error body every other refusal uses), not silently clamped.
     let q = match query {

@@ -13,8 +13,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 
 use super::http::{meta, not_found, post_only, read_body, Presented, RequestId};
+use super::owner::Owner;
 use crate::api::{ApiError, SimpleRequest};
-use crate::auth;
 use crate::frontends::tls::PeerSubject;
 use crate::jobs::model::{Job, JobKind};
 use crate::jobs::{now_ms, CancelError, Jobs};
@@ -29,6 +29,12 @@ pub const CALLBACK_URL: &str = "x-callback-url";
 struct JobsState {
     pipeline: Arc<Pipeline>,
     jobs: Arc<Jobs>,
+}
+
+impl axum::extract::FromRef<JobsState> for Arc<Pipeline> {
+    fn from_ref(s: &JobsState) -> Self {
+        s.pipeline.clone()
+    }
 }
 
 pub fn routes(pipeline: Arc<Pipeline>, jobs: Arc<Jobs>) -> Router {
@@ -164,13 +170,9 @@ fn accepted(job: &Job) -> Response {
 
 async fn get_job(
     State(s): State<JobsState>,
+    Owner(owner): Owner,
     Path(id): Path<String>,
-    headers: HeaderMap,
 ) -> Response {
-    let owner = match s.pipeline.authenticate(auth::credential(&headers)) {
-        Ok(o) => o,
-        Err(e) => return e.into_response(),
-    };
     match s.jobs.get(&owner, &id).await {
         Some(job) => Json(job.view(now_ms())).into_response(),
         None => not_found("no such job"),
@@ -179,13 +181,9 @@ async fn get_job(
 
 async fn cancel_job(
     State(s): State<JobsState>,
+    Owner(owner): Owner,
     Path(id): Path<String>,
-    headers: HeaderMap,
 ) -> Response {
-    let owner = match s.pipeline.authenticate(auth::credential(&headers)) {
-        Ok(o) => o,
-        Err(e) => return e.into_response(),
-    };
     match s.jobs.cancel(&owner, &id).await {
         Ok(job) => Json(job.view(now_ms())).into_response(),
         Err(CancelError::NotFound) => not_found("no such job"),

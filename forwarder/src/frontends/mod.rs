@@ -6,6 +6,7 @@ pub mod conn;
 pub mod grpc;
 pub mod http;
 pub mod jobs;
+mod owner;
 pub mod serve;
 pub mod tls;
 pub mod ws;
