@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use forwarder::config::{CallbackHost, Config, LatencyDist, MockSettings};
+use forwarder::config::{CallbackHost, Config, MockSettings};
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 
@@ -26,47 +26,10 @@ fn keys(dir: &tempfile::TempDir) -> PathBuf {
 const ALICE: (&str, &str) = ("authorization", "Bearer sk-alice");
 const BOB: (&str, &str) = ("authorization", "Bearer sk-bob");
 
-async fn slow_mock(latency: Duration) -> forwarder::mock_llm::MockServer {
-    mock(MockSettings {
-        latency: LatencyDist::Fixed(latency),
-        ..MockSettings::default()
-    })
-    .await
-}
-
 fn base_config(m: &forwarder::mock_llm::MockServer, dir: &tempfile::TempDir) -> Config {
     let mut cfg = config(vec![upstream("m", m, "mock")]);
     cfg.auth.api_keys_file = Some(keys(dir));
     cfg
-}
-
-/// Polls a job until it leaves `queued`/`running`.
-async fn wait_done(f: &Fwd, id: &str, who: (&str, &str)) -> Value {
-    for _ in 0..400 {
-        let r = f.get(&format!("/v1/async/jobs/{id}"), &[who]).await;
-        assert_eq!(r.status, 200, "{}", r.text);
-        let s = r.body["status"].as_str().unwrap().to_string();
-        if s != "queued" && s != "running" {
-            return r.body;
-        }
-        tokio::time::sleep(25 * MS).await;
-    }
-    panic!("job {id} did not finish");
-}
-
-async fn mock_requests(m: &forwarder::mock_llm::MockServer) -> u64 {
-    let v: Value = client()
-        .get(format!(
-            "{}/mock/stats",
-            m.base_url().trim_end_matches("/v1")
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["requests"].as_u64().expect("mock stats")
 }
 
 #[tokio::test]
@@ -89,7 +52,7 @@ async fn a_job_is_accepted_run_and_answered_as_the_sync_endpoint_would() {
         Some(format!("/v1/async/jobs/{id}").as_str())
     );
 
-    let job = wait_done(&f, &id, ALICE).await;
+    let job = wait_job(&f, &id, &[ALICE]).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     let result = &job["response"]["body"];
     assert_eq!(job["response"]["status_code"], 200);
@@ -152,6 +115,20 @@ async fn bad_submissions_are_refused_and_nothing_is_queued() {
         )
         .await;
     assert_eq!(r.status, 400, "callbacks are not configured: {}", r.text);
+    // An idempotency key over 256 characters, as a header or as the simple
+    // API's request_id, is refused as a synchronous request's is.
+    let long = "k".repeat(257);
+    let r = f
+        .post(
+            "/v1/async/chat/completions",
+            &chat("mock", "x"),
+            &[ALICE, ("idempotency-key", &long)],
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    let simple = json!({"model_id": "mock", "prompt": "x", "request_id": long, "async": true});
+    let r = f.post("/api/v1/message", &simple, &[ALICE]).await;
+    assert_eq!(r.status, 400, "{}", r.text);
     assert_eq!(
         f.metric("forwarder_jobs_total", &[("state", "queued")])
             .await,
@@ -168,7 +145,7 @@ async fn the_simple_api_runs_async_and_answers_in_its_own_format() {
     let r = f.post("/api/v1/message", &body, &[ALICE]).await;
     assert_eq!(r.status, 202, "{}", r.text);
     let id = r.body["id"].as_str().unwrap().to_string();
-    let job = wait_done(&f, &id, ALICE).await;
+    let job = wait_job(&f, &id, &[ALICE]).await;
     assert_eq!(job["status"], "succeeded");
     let result = &job["response"]["body"];
     let sync = f
@@ -210,10 +187,10 @@ async fn a_queued_job_can_be_cancelled_and_never_reaches_the_upstream() {
     assert_eq!(del.status(), 200);
     let v: Value = del.json().await.unwrap();
     assert_eq!(v["status"], "cancelled");
-    assert_eq!(wait_done(&f, a, ALICE).await["status"], "succeeded");
+    assert_eq!(wait_job(&f, a, &[ALICE]).await["status"], "succeeded");
     // b's delivery was taken by the worker after a and skipped.
     tokio::time::sleep(100 * MS).await;
-    let b_now = wait_done(&f, b, ALICE).await;
+    let b_now = wait_job(&f, b, &[ALICE]).await;
     assert_eq!(b_now["status"], "cancelled");
     assert!(b_now.get("response").is_none());
     assert_eq!(mock_requests(&m).await, 1, "only a was sent upstream");
@@ -247,14 +224,14 @@ async fn jobs_expire_unstarted_and_results_expire_after_their_ttl() {
         a.body["id"].as_str().unwrap(),
         b.body["id"].as_str().unwrap(),
     );
-    let a_done = wait_done(&f, a, ALICE).await;
+    let a_done = wait_job(&f, a, &[ALICE]).await;
     assert_eq!(a_done["status"], "succeeded", "{a_done}");
     // b waited behind a; a's result is visible until a's ttl passes.
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let a_later = wait_done(&f, a, ALICE).await;
+    let a_later = wait_job(&f, a, &[ALICE]).await;
     assert_eq!(a_later["status"], "expired");
     assert!(a_later.get("response").is_none(), "{a_later}");
-    let b_later = wait_done(&f, b, ALICE).await;
+    let b_later = wait_job(&f, b, &[ALICE]).await;
     assert_eq!(b_later["status"], "expired");
     assert!(b_later.get("response").is_none());
 }
@@ -364,7 +341,7 @@ print("VERIFIED")
 
 async fn wait_callback(f: &Fwd, id: &str, want: &str) -> Value {
     for _ in 0..200 {
-        let job = wait_done(f, id, ALICE).await;
+        let job = wait_job(f, id, &[ALICE]).await;
         if job["callback"]["status"] == want {
             return job;
         }

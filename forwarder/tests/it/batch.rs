@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use forwarder::config::{Config, LatencyDist, MockSettings};
+use forwarder::config::{Config, MockSettings};
 use serde_json::{json, Value};
 
 use crate::common::*;
@@ -317,11 +317,7 @@ async fn files_and_batches_are_invisible_to_another_client() {
 #[tokio::test]
 async fn a_cancelled_batch_stops_its_queued_requests() {
     let dir = tempfile::tempdir().unwrap();
-    let m = mock(MockSettings {
-        latency: LatencyDist::Fixed(Duration::from_millis(200)),
-        ..MockSettings::default()
-    })
-    .await;
+    let m = slow_mock(Duration::from_millis(200)).await;
     let mut cfg = base_config(&m, &dir);
     cfg.async_jobs.workers = 1;
     let f = start(cfg).await;

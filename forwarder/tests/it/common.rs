@@ -268,3 +268,43 @@ pub async fn grpc_client(
         .await
         .expect("grpc connects")
 }
+
+/// A mock whose every answer takes `latency`.
+pub async fn slow_mock(latency: Duration) -> MockServer {
+    mock(MockSettings {
+        latency: forwarder::config::LatencyDist::Fixed(latency),
+        ..MockSettings::default()
+    })
+    .await
+}
+
+/// How many requests the mock has answered.
+pub async fn mock_requests(m: &MockServer) -> u64 {
+    let v: Value = client()
+        .get(format!(
+            "{}/mock/stats",
+            m.base_url().trim_end_matches("/v1")
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["requests"].as_u64().expect("mock stats")
+}
+
+/// Polls an async job (as the client `headers` name) until it leaves
+/// `queued`/`running`; at most 30 s.
+pub async fn wait_job(f: &Fwd, id: &str, headers: &[(&str, &str)]) -> Value {
+    for _ in 0..1200 {
+        let r = f.get(&format!("/v1/async/jobs/{id}"), headers).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let s = r.body["status"].as_str().unwrap().to_string();
+        if s != "queued" && s != "running" {
+            return r.body;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("job {id} did not finish");
+}

@@ -87,40 +87,12 @@ pub fn kafka_config(m: &forwarder::mock_llm::MockServer, broker: &Broker, topic:
     cfg
 }
 
-async fn wait_done(f: &Fwd, id: &str) -> Value {
-    for _ in 0..1200 {
-        let r = f.get(&format!("/v1/async/jobs/{id}"), &[]).await;
-        assert_eq!(r.status, 200, "{}", r.text);
-        let s = r.body["status"].as_str().unwrap();
-        if s != "queued" && s != "running" {
-            return r.body;
-        }
-        tokio::time::sleep(25 * MS).await;
-    }
-    panic!("job {id} did not finish");
-}
-
 async fn submit(f: &Fwd, prompt: &str) -> String {
     let r = f
         .post("/v1/async/chat/completions", &chat("mock", prompt), &[])
         .await;
     assert_eq!(r.status, 202, "{}", r.text);
     r.body["id"].as_str().unwrap().to_string()
-}
-
-async fn mock_requests(m: &forwarder::mock_llm::MockServer) -> u64 {
-    let v: Value = client()
-        .get(format!(
-            "{}/mock/stats",
-            m.base_url().trim_end_matches("/v1")
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["requests"].as_u64().expect("mock stats")
 }
 
 /// Every message on `topic` (from the start), as (key, payload).
@@ -165,7 +137,7 @@ async fn jobs_go_through_the_broker_and_committed_jobs_never_run_again() {
         ids.push(submit(&a, &format!("job {i}")).await);
     }
     for id in &ids {
-        let job = wait_done(&a, id).await;
+        let job = wait_job(&a, id, &[]).await;
         assert_eq!(job["status"], "succeeded", "{job}");
         assert_eq!(job["response"]["status_code"], 200);
     }
@@ -176,7 +148,7 @@ async fn jobs_go_through_the_broker_and_committed_jobs_never_run_again() {
     // runs the one new job and none of the 30.
     let b = start(cfg).await;
     let id = submit(&b, "after restart").await;
-    assert_eq!(wait_done(&b, &id).await["status"], "succeeded");
+    assert_eq!(wait_job(&b, &id, &[]).await["status"], "succeeded");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(mock_requests(&m).await, 31, "no committed job ran again");
     let text = b.get("/metrics", &[]).await.text;
@@ -216,7 +188,7 @@ async fn a_job_that_keeps_failing_and_a_message_that_is_no_job_are_dead_lettered
         .expect("produced");
 
     let id = submit(&f, "doomed").await;
-    let job = wait_done(&f, &id).await;
+    let job = wait_job(&f, &id, &[]).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(
         job["response"]["status_code"], 502,
@@ -250,7 +222,7 @@ async fn a_job_that_keeps_failing_and_a_message_that_is_no_job_are_dead_lettered
 async fn two_replicas_share_the_queue_and_the_records_and_run_each_job_once() {
     let broker = Broker::start().await;
     let redis = crate::redis_server::RedisServer::start().await;
-    let m = slow_mock_ms(20).await;
+    let m = slow_mock(Duration::from_millis(20)).await;
     let mut cfg = kafka_config(&m, &broker, "jobs-replicas");
     cfg.store = redis.store_config(None);
     cfg.async_jobs.workers = 4;
@@ -271,7 +243,7 @@ async fn two_replicas_share_the_queue_and_the_records_and_run_each_job_once() {
     // Read half of them back on the replica that did not accept them.
     for (id, i) in jobs.iter().take(n / 2) {
         let other = if i % 2 == 0 { &b } else { &a };
-        let job = wait_done(other, id).await;
+        let job = wait_job(other, id, &[]).await;
         assert_eq!(job["status"], "succeeded", "{job}");
         let text = job["response"]["body"]["choices"][0]["message"]["content"]
             .as_str()
@@ -282,7 +254,7 @@ async fn two_replicas_share_the_queue_and_the_records_and_run_each_job_once() {
     // fetched but not finished is handed back to the other.
     a.server.shutdown().await;
     for (id, i) in &jobs {
-        let job = wait_done(&b, id).await;
+        let job = wait_job(&b, id, &[]).await;
         assert_eq!(job["status"], "succeeded", "{job}");
         let text = job["response"]["body"]["choices"][0]["message"]["content"]
             .as_str()
@@ -294,12 +266,4 @@ async fn two_replicas_share_the_queue_and_the_records_and_run_each_job_once() {
         n as u64,
         "each job reached the upstream once"
     );
-}
-
-async fn slow_mock_ms(ms: u64) -> forwarder::mock_llm::MockServer {
-    mock(MockSettings {
-        latency: forwarder::config::LatencyDist::Fixed(Duration::from_millis(ms)),
-        ..MockSettings::default()
-    })
-    .await
 }
