@@ -86,8 +86,133 @@ fn probe(path: &str, period: i32, failures: i32, tls: Option<&crate::crd::Tls>) 
     }
 }
 
-/// A Secret's name and the (key, file name) pairs projected from it.
-type Projection<'a> = (&'a str, Vec<(&'a str, &'a str)>);
+/// One Secret mounted read-only into the container: either only the listed
+/// (key, file name) pairs, or (`items: None`) every key as a file, for the
+/// sources the forwarder reloads as a directory.
+struct SecretMount<'a> {
+    volume: String,
+    dir: String,
+    secret: &'a str,
+    items: Option<Vec<(&'a str, &'a str)>>,
+}
+
+impl<'a> SecretMount<'a> {
+    fn keys(volume: &str, dir: &str, secret: &'a str, items: Vec<(&'a str, &'a str)>) -> Self {
+        Self {
+            volume: volume.into(),
+            dir: dir.into(),
+            secret,
+            items: Some(items),
+        }
+    }
+
+    fn whole(volume: &str, dir: &str, secret: &'a str) -> Self {
+        Self {
+            volume: volume.into(),
+            dir: dir.into(),
+            secret,
+            items: None,
+        }
+    }
+
+    fn render(self) -> (Volume, VolumeMount) {
+        let items = self.items.map(|items| {
+            items
+                .into_iter()
+                .map(|(key, path)| KeyToPath {
+                    key: key.into(),
+                    path: path.into(),
+                    mode: None,
+                })
+                .collect()
+        });
+        let volume = Volume {
+            name: self.volume.clone(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(self.secret.into()),
+                items,
+                default_mode: Some(SECRET_MODE),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        };
+        let mount = VolumeMount {
+            name: self.volume,
+            mount_path: self.dir,
+            read_only: Some(true),
+            ..VolumeMount::default()
+        };
+        (volume, mount)
+    }
+}
+
+/// Every Secret the spec references, each at the fixed path the rendered
+/// config names, projecting only the referenced keys where the forwarder
+/// reads single files.
+fn secret_mounts<'a>(spec: &'a crate::crd::ModelForwarderSpec) -> Vec<SecretMount<'a>> {
+    let auth = spec.auth.as_ref();
+    let jwt = auth.and_then(|a| a.jwt.as_ref());
+    let tls = spec.tls.as_ref();
+    let jobs = spec.async_jobs.as_ref();
+    let one = |volume: &str, dir: &str, r: &'a crate::crd::SecretKeyRef, file: &'a str| {
+        SecretMount::keys(volume, dir, &r.name, vec![(r.key.as_str(), file)])
+    };
+    let mut mounts = Vec::new();
+    // Directories the forwarder reloads when the Secret changes (the pod
+    // hash rolls the pods as well).
+    if let Some(r) = auth.and_then(|a| a.api_keys_secret_ref.as_ref()) {
+        mounts.push(SecretMount::whole("client-keys", CLIENT_KEYS_DIR, &r.name));
+    }
+    if let Some(e) = &spec.encryption {
+        mounts.push(SecretMount::whole(
+            "encryption-keys",
+            ENCRYPTION_KEYS_DIR,
+            &e.key_secret_ref.name,
+        ));
+    }
+    if let Some(r) = jwt.and_then(|j| j.jwks_secret_ref.as_ref()) {
+        mounts.push(one("jwt-keys", JWT_KEYS_DIR, r, "jwks.json"));
+    }
+    if let Some(r) = jwt.and_then(|j| j.secret_ref.as_ref()) {
+        mounts.push(one("jwt-secret", JWT_KEYS_DIR, r, "secret"));
+    }
+    if let Some(t) = tls {
+        let pair = vec![("tls.crt", "tls.crt"), ("tls.key", "tls.key")];
+        mounts.push(SecretMount::keys("tls", TLS_DIR, &t.secret_ref.name, pair));
+    }
+    if let Some(r) = tls.and_then(|t| t.client_ca_secret_ref.as_ref()) {
+        mounts.push(one("client-ca", CLIENT_CA_DIR, r, "ca.crt"));
+    }
+    if let Some(r) = jobs.and_then(|a| a.sasl_secret_ref.as_ref()) {
+        let pair = vec![("username", "username"), ("password", "password")];
+        mounts.push(SecretMount::keys(
+            "kafka-sasl",
+            KAFKA_SASL_DIR,
+            &r.name,
+            pair,
+        ));
+    }
+    if let Some(r) = jobs.and_then(|a| a.ca_secret_ref.as_ref()) {
+        mounts.push(one("kafka-ca", KAFKA_CA_DIR, r, "ca.crt"));
+    }
+    if let Some(r) = jobs.and_then(|a| a.callback_secret_ref.as_ref()) {
+        mounts.push(one("callback-secrets", CALLBACK_SECRETS_DIR, r, "secrets"));
+    }
+    if let Some(r) = spec
+        .store
+        .as_ref()
+        .and_then(|s| s.password_secret_ref.as_ref())
+    {
+        mounts.push(one("redis-password", REDIS_PASSWORD_DIR, r, &r.key));
+    }
+    for u in &spec.upstreams {
+        if let Some(r) = &u.api_key_secret_ref {
+            let dir = format!("{UPSTREAM_KEYS_DIR}/{}", u.name);
+            mounts.push(one(&upstream_volume(&u.name), &dir, r, &r.key));
+        }
+    }
+    mounts
+}
 
 fn volumes_and_mounts(inputs: &Inputs<'_>) -> (Vec<Volume>, Vec<VolumeMount>) {
     let mut volumes = vec![
@@ -124,186 +249,10 @@ fn volumes_and_mounts(inputs: &Inputs<'_>) -> (Vec<Volume>, Vec<VolumeMount>) {
             ..VolumeMount::default()
         },
     ];
-    if let Some(secret) = inputs
-        .spec
-        .auth
-        .as_ref()
-        .and_then(|a| a.api_keys_secret_ref.as_ref())
-    {
-        volumes.push(Volume {
-            name: "client-keys".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(secret.name.clone()),
-                default_mode: Some(SECRET_MODE),
-                ..SecretVolumeSource::default()
-            }),
-            ..Volume::default()
-        });
-        mounts.push(VolumeMount {
-            name: "client-keys".into(),
-            mount_path: CLIENT_KEYS_DIR.into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        });
-    }
-    // JWT key, TLS certificate and client CA: only the referenced keys,
-    // each at the fixed file name the rendered config names.
-    let jwt = inputs.spec.auth.as_ref().and_then(|a| a.jwt.as_ref());
-    let tls = inputs.spec.tls.as_ref();
-    let jobs = inputs.spec.async_jobs.as_ref();
-    let projected: [(&str, &str, Option<Projection>); 7] = [
-        (
-            "jwt-keys",
-            JWT_KEYS_DIR,
-            jwt.and_then(|j| j.jwks_secret_ref.as_ref())
-                .map(|r| (r.name.as_str(), vec![(r.key.as_str(), "jwks.json")])),
-        ),
-        (
-            "jwt-secret",
-            JWT_KEYS_DIR,
-            jwt.and_then(|j| j.secret_ref.as_ref())
-                .map(|r| (r.name.as_str(), vec![(r.key.as_str(), "secret")])),
-        ),
-        (
-            "tls",
-            TLS_DIR,
-            tls.map(|t| {
-                (
-                    t.secret_ref.name.as_str(),
-                    vec![("tls.crt", "tls.crt"), ("tls.key", "tls.key")],
-                )
-            }),
-        ),
-        (
-            "client-ca",
-            CLIENT_CA_DIR,
-            tls.and_then(|t| t.client_ca_secret_ref.as_ref())
-                .map(|r| (r.name.as_str(), vec![(r.key.as_str(), "ca.crt")])),
-        ),
-        (
-            "kafka-sasl",
-            KAFKA_SASL_DIR,
-            jobs.and_then(|a| a.sasl_secret_ref.as_ref()).map(|r| {
-                (
-                    r.name.as_str(),
-                    vec![("username", "username"), ("password", "password")],
-                )
-            }),
-        ),
-        (
-            "kafka-ca",
-            KAFKA_CA_DIR,
-            jobs.and_then(|a| a.ca_secret_ref.as_ref())
-                .map(|r| (r.name.as_str(), vec![(r.key.as_str(), "ca.crt")])),
-        ),
-        (
-            "callback-secrets",
-            CALLBACK_SECRETS_DIR,
-            jobs.and_then(|a| a.callback_secret_ref.as_ref())
-                .map(|r| (r.name.as_str(), vec![(r.key.as_str(), "secrets")])),
-        ),
-    ];
-    for (volume, dir, source) in projected {
-        let Some((secret, items)) = source else {
-            continue;
-        };
-        volumes.push(Volume {
-            name: volume.into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(secret.into()),
-                items: Some(
-                    items
-                        .into_iter()
-                        .map(|(key, path)| KeyToPath {
-                            key: key.into(),
-                            path: path.into(),
-                            mode: None,
-                        })
-                        .collect(),
-                ),
-                default_mode: Some(SECRET_MODE),
-                ..SecretVolumeSource::default()
-            }),
-            ..Volume::default()
-        });
-        mounts.push(VolumeMount {
-            name: volume.into(),
-            mount_path: dir.into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        });
-    }
-    if let Some(e) = &inputs.spec.encryption {
-        // A directory mount: the forwarder reloads the ring when the
-        // Secret changes; the pod hash rolls the pods as well.
-        volumes.push(Volume {
-            name: "encryption-keys".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(e.key_secret_ref.name.clone()),
-                default_mode: Some(SECRET_MODE),
-                ..SecretVolumeSource::default()
-            }),
-            ..Volume::default()
-        });
-        mounts.push(VolumeMount {
-            name: "encryption-keys".into(),
-            mount_path: ENCRYPTION_KEYS_DIR.into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        });
-    }
-    if let Some(r) = inputs
-        .spec
-        .store
-        .as_ref()
-        .and_then(|s| s.password_secret_ref.as_ref())
-    {
-        volumes.push(Volume {
-            name: "redis-password".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(r.name.clone()),
-                items: Some(vec![KeyToPath {
-                    key: r.key.clone(),
-                    path: r.key.clone(),
-                    mode: None,
-                }]),
-                default_mode: Some(SECRET_MODE),
-                ..SecretVolumeSource::default()
-            }),
-            ..Volume::default()
-        });
-        mounts.push(VolumeMount {
-            name: "redis-password".into(),
-            mount_path: REDIS_PASSWORD_DIR.into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        });
-    }
-    for u in &inputs.spec.upstreams {
-        let Some(r) = &u.api_key_secret_ref else {
-            continue;
-        };
-        // Project only the referenced key: the pod sees no other secret.
-        volumes.push(Volume {
-            name: upstream_volume(&u.name),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(r.name.clone()),
-                items: Some(vec![KeyToPath {
-                    key: r.key.clone(),
-                    path: r.key.clone(),
-                    mode: None,
-                }]),
-                default_mode: Some(SECRET_MODE),
-                ..SecretVolumeSource::default()
-            }),
-            ..Volume::default()
-        });
-        mounts.push(VolumeMount {
-            name: upstream_volume(&u.name),
-            mount_path: format!("{UPSTREAM_KEYS_DIR}/{}", u.name),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        });
+    for m in secret_mounts(inputs.spec) {
+        let (volume, mount) = m.render();
+        volumes.push(volume);
+        mounts.push(mount);
     }
     (volumes, mounts)
 }
