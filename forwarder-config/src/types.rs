@@ -1,3 +1,4 @@
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -216,6 +217,26 @@ pub struct RateLimitConfig {
     /// answers 503.
     #[serde(default = "fail_open")]
     pub on_store_error: FailurePolicy,
+    /// Named tiers with limits of their own. A client's tier comes from
+    /// its JWT's `auth.jwt.tier_claim`, else from `client_tiers`; a client
+    /// without one, or naming a tier not listed here, gets the limits above.
+    #[serde(default)]
+    pub tiers: BTreeMap<String, TierLimits>,
+    /// Client identity (API-key name, JWT subject) → tier name.
+    #[serde(default)]
+    pub client_tiers: BTreeMap<String, String>,
+}
+
+/// One tier's limits, in the units of [`RateLimitConfig`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierLimits {
+    pub requests_per_second: u32,
+    #[serde(default = "default_burst")]
+    pub burst: u32,
+    /// Shared limits only, as `rate_limit.tokens_per_minute`.
+    #[serde(default)]
+    pub tokens_per_minute: Option<u32>,
 }
 
 fn fail_open() -> FailurePolicy {
@@ -230,6 +251,8 @@ impl Default for RateLimitConfig {
             shared: false,
             tokens_per_minute: None,
             on_store_error: FailurePolicy::FailOpen,
+            tiers: BTreeMap::new(),
+            client_tiers: BTreeMap::new(),
         }
     }
 }

@@ -227,6 +227,32 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
             "rate_limit.tokens_per_minute",
             "needs rate_limit.shared: true",
         );
+        for (name, t) in &rl.tiers {
+            let at = |f: &str| format!("rate_limit.tiers.{name}.{f}");
+            e.check(
+                t.requests_per_second >= 1,
+                at("requests_per_second"),
+                "must be at least 1",
+            );
+            e.check(t.burst >= 1, at("burst"), "must be at least 1");
+            e.check(
+                t.tokens_per_minute.is_none_or(|v| v >= 1),
+                at("tokens_per_minute"),
+                "must be at least 1",
+            );
+            e.check(
+                rl.shared || t.tokens_per_minute.is_none(),
+                at("tokens_per_minute"),
+                "needs rate_limit.shared: true",
+            );
+        }
+        for (client, tier) in &rl.client_tiers {
+            e.check(
+                rl.tiers.contains_key(tier),
+                format!("rate_limit.client_tiers.{client}"),
+                "names a tier not in rate_limit.tiers",
+            );
+        }
     }
 
     e.check(

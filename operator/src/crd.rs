@@ -823,6 +823,31 @@ pub struct RateLimits {
     /// When the store fails: `FailOpen` admits, `FailClosed` answers 503.
     #[serde(default)]
     pub policy: FailurePolicy,
+    /// Named tiers with limits of their own. A client's tier comes from
+    /// its JWT's tier claim (`spec.auth.jwt`), else from `clientTiers`;
+    /// without one (or naming an unlisted tier) the limits above apply.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    pub tiers: BTreeMap<String, RateLimitTier>,
+    /// Client identity (API-key name, JWT subject) → tier name; every
+    /// name must be in `tiers` (checked when the config is built).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 10000))]
+    pub client_tiers: BTreeMap<String, String>,
+}
+
+/// One rate-limit tier.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitTier {
+    #[schemars(range(min = 1, max = 1000000))]
+    pub requests_per_second: u32,
+    #[serde(default = "default_rl_burst")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub burst: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000000))]
+    pub tokens_per_minute: Option<u32>,
 }
 
 fn default_rl_burst() -> u32 {

@@ -100,6 +100,8 @@ pub struct Admission {
     principal: Identity,
     /// Models a token restricts the client to.
     models: Option<Arc<[String]>>,
+    /// The rate-limit tier in force, if any.
+    tier: Option<Arc<str>>,
     meta: RequestMeta,
     started: Instant,
 }
@@ -353,17 +355,21 @@ impl Pipeline {
         let Principal {
             identity: principal,
             models,
-            ..
+            tier,
         } = self
             .authenticate_peer(meta.credential.as_deref(), meta.peer.as_deref())
             .map_err(|e| obs.fail(e))?;
+        let tier = self.tier(&principal, tier.as_deref());
         if let Some(limit) = &self.limit {
-            limit.check(&principal).map_err(|e| obs.fail(e))?;
+            limit
+                .check(&principal, tier.as_deref())
+                .map_err(|e| obs.fail(e))?;
         }
         Ok(Admission {
             obs,
             principal,
             models,
+            tier,
             meta,
             started: Instant::now(),
         })
@@ -372,14 +378,22 @@ impl Pipeline {
     /// Admits a request for a principal authenticated and rate-limited
     /// earlier (an async job, run by a worker after it was accepted).
     /// The models grant was checked when the job was accepted.
+    /// A job keeps no token, so its tier is the client's configured one.
     pub fn admit_as(&self, principal: Identity, meta: RequestMeta) -> Admission {
         Admission {
             obs: self.observer(meta.protocol, &meta.request_id),
+            tier: self.tier(&principal, None),
             principal,
             models: None,
             meta,
             started: Instant::now(),
         }
+    }
+
+    /// The rate-limit tier in force for a client (see [`rate_limit::tier`]).
+    fn tier(&self, who: &Identity, claimed: Option<&str>) -> Option<Arc<str>> {
+        let cfg = self.cfg.rate_limit.as_ref()?;
+        rate_limit::tier(cfg, who, claimed).map(Arc::from)
     }
 
     /// Runs an admitted request through the remaining stages. `call` is
@@ -393,6 +407,7 @@ impl Pipeline {
             mut obs,
             principal,
             models,
+            tier,
             meta,
             started,
         } = adm;
@@ -420,7 +435,7 @@ impl Pipeline {
         let estimated = shared_limit::estimate(&call.body);
         let limit_headers = match &self.shared_limit {
             Some(l) => l
-                .check(&principal, estimated)
+                .check(&principal, tier.as_deref(), estimated)
                 .await
                 .map_err(|e| obs.fail(e))?,
             None => Vec::new(),
@@ -493,9 +508,10 @@ impl Pipeline {
             }),
         ) = (&self.shared_limit, &answer)
         {
-            if l.counts_tokens() {
+            if l.counts_tokens(tier.as_deref()) {
                 if let Some(used) = total_tokens(body) {
-                    l.correct(&limited_principal, estimated, used).await;
+                    l.correct(&limited_principal, tier.as_deref(), estimated, used)
+                        .await;
                 }
             }
         }

@@ -3,6 +3,7 @@
 //! minute, per client identity. Answers carry OpenAI-style
 //! `x-ratelimit-*` headers; a refusal is 429 with `Retry-After`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,9 +17,32 @@ pub type LimitHeaders = Vec<(&'static str, String)>;
 
 pub struct SharedLimit {
     store: Arc<dyn Store>,
+    default: Rates,
+    tiers: HashMap<String, Rates>,
+    policy: FailurePolicy,
+}
+
+/// One tier's limits as GCRA rates.
+#[derive(Clone, Copy)]
+struct Rates {
     requests: Rate,
     tokens: Option<Rate>,
-    policy: FailurePolicy,
+}
+
+impl Rates {
+    fn new(rps: u32, burst: u32, tokens_per_minute: Option<u32>) -> Self {
+        let rps = rps.max(1);
+        Self {
+            requests: Rate {
+                interval: Duration::from_secs(1) / rps,
+                burst: u64::from(burst.max(1)),
+            },
+            tokens: tokens_per_minute.map(|t| Rate {
+                interval: Duration::from_secs(60) / t.max(1),
+                burst: u64::from(t.max(1)),
+            }),
+        }
+    }
 }
 
 /// `1.5s`, `120ms`: the reset as OpenAI writes it.
@@ -38,40 +62,57 @@ pub fn estimate(body: &[u8]) -> u64 {
 
 impl SharedLimit {
     pub fn new(cfg: &RateLimitConfig, store: Arc<dyn Store>) -> Self {
-        let rps = cfg.requests_per_second.max(1);
         Self {
             store,
-            requests: Rate {
-                interval: Duration::from_secs(1) / rps,
-                burst: u64::from(cfg.burst.max(1)),
-            },
-            tokens: cfg.tokens_per_minute.map(|t| Rate {
-                interval: Duration::from_secs(60) / t.max(1),
-                burst: u64::from(t.max(1)),
-            }),
+            default: Rates::new(cfg.requests_per_second, cfg.burst, cfg.tokens_per_minute),
+            tiers: cfg
+                .tiers
+                .iter()
+                .map(|(name, t)| {
+                    let rates = Rates::new(t.requests_per_second, t.burst, t.tokens_per_minute);
+                    (name.clone(), rates)
+                })
+                .collect(),
             policy: cfg.on_store_error,
         }
     }
 
-    fn key(who: &Identity, what: &[u8]) -> StoreKey {
-        StoreKey::new(Space::RateLimit, &who.0, what)
+    fn rates(&self, tier: Option<&str>) -> (Rates, String) {
+        match tier.and_then(|t| self.tiers.get(t).map(|r| (t, r))) {
+            Some((t, r)) => (*r, format!("@{t}")),
+            None => (self.default, String::new()),
+        }
     }
 
-    /// Spends one request and the estimated tokens; the headers for the
-    /// answer, or the refusal.
-    pub async fn check(&self, who: &Identity, tokens: u64) -> Result<LimitHeaders, ApiError> {
+    /// A client's counter; a tier has counters of its own, so a client
+    /// moved to another tier starts afresh there.
+    fn key(who: &Identity, what: &str, tier: &str) -> StoreKey {
+        StoreKey::new(Space::RateLimit, &who.0, format!("{what}{tier}").as_bytes())
+    }
+
+    /// Spends one request and the estimated tokens of `who` under `tier`
+    /// (see [`super::rate_limit::tier`]); the headers for the answer, or
+    /// the refusal.
+    pub async fn check(
+        &self,
+        who: &Identity,
+        tier: Option<&str>,
+        tokens: u64,
+    ) -> Result<LimitHeaders, ApiError> {
+        let (rates, suffix) = self.rates(tier);
         let mut headers = LimitHeaders::new();
         let req = self
-            .spend(&Self::key(who, b"requests"), self.requests, 1)
+            .spend(&Self::key(who, "requests", &suffix), rates.requests, 1)
             .await?;
         if let Some(s) = req {
-            headers.extend(Self::headers("requests", self.requests, s));
+            headers.extend(Self::headers("requests", rates.requests, s));
             if !s.allowed {
                 return Err(refused(s, headers));
             }
         }
-        if let Some(rate) = self.tokens {
-            if let Some(s) = self.spend(&Self::key(who, b"tokens"), rate, tokens).await? {
+        if let Some(rate) = rates.tokens {
+            let key = Self::key(who, "tokens", &suffix);
+            if let Some(s) = self.spend(&key, rate, tokens).await? {
                 headers.extend(Self::headers("tokens", rate, s));
                 if !s.allowed {
                     return Err(refused(s, headers));
@@ -83,17 +124,16 @@ impl SharedLimit {
 
     /// Charges the tokens an answer used beyond the estimate (best effort:
     /// a charge that no longer fits is dropped, not carried over).
-    pub async fn correct(&self, who: &Identity, estimated: u64, used: u64) {
-        if let (Some(rate), true) = (self.tokens, used > estimated) {
-            let _ = self
-                .store
-                .rate(&Self::key(who, b"tokens"), rate, used - estimated)
-                .await;
+    pub async fn correct(&self, who: &Identity, tier: Option<&str>, estimated: u64, used: u64) {
+        let (rates, suffix) = self.rates(tier);
+        if let (Some(rate), true) = (rates.tokens, used > estimated) {
+            let key = Self::key(who, "tokens", &suffix);
+            let _ = self.store.rate(&key, rate, used - estimated).await;
         }
     }
 
-    pub fn counts_tokens(&self) -> bool {
-        self.tokens.is_some()
+    pub fn counts_tokens(&self, tier: Option<&str>) -> bool {
+        self.rates(tier).0.tokens.is_some()
     }
 
     /// `None`: the store failed and the policy admits.
@@ -158,15 +198,25 @@ mod tests {
             shared: true,
             tokens_per_minute: Some(100),
             on_store_error: FailurePolicy::FailOpen,
+            tiers: [(
+                "gold".to_string(),
+                forwarder_config::TierLimits {
+                    requests_per_second: 1,
+                    burst: 5,
+                    tokens_per_minute: Some(1000),
+                },
+            )]
+            .into(),
+            ..RateLimitConfig::default()
         };
         let l = SharedLimit::new(&cfg, crate::store::memory(1 << 20));
         let who = Identity("a".into());
-        let h = l.check(&who, 10).await.unwrap();
+        let h = l.check(&who, None, 10).await.unwrap();
         assert!(h.contains(&("x-ratelimit-limit-requests", "2".into())));
         assert!(h.contains(&("x-ratelimit-remaining-requests", "1".into())));
         assert!(h.contains(&("x-ratelimit-remaining-tokens", "90".into())));
-        l.check(&who, 10).await.unwrap();
-        match l.check(&who, 10).await {
+        l.check(&who, None, 10).await.unwrap();
+        match l.check(&who, None, 10).await {
             Err(ApiError::QuotaExceeded {
                 retry_after,
                 limits,
@@ -182,9 +232,15 @@ mod tests {
         // Another client has its own limit; a request over the token budget is refused.
         let b = Identity("b".into());
         assert!(matches!(
-            l.check(&b, 500).await,
+            l.check(&b, None, 500).await,
             Err(ApiError::QuotaExceeded { .. })
         ));
+        // A tier has its own limits and its own counters: the client
+        // refused above still has its gold budget.
+        let h = l.check(&who, Some("gold"), 500).await.unwrap();
+        assert!(h.contains(&("x-ratelimit-limit-requests", "5".into())));
+        assert!(h.contains(&("x-ratelimit-remaining-tokens", "500".into())));
+        assert!(l.counts_tokens(Some("gold")));
     }
 
     #[test]

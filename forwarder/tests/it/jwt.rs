@@ -379,3 +379,92 @@ async fn a_jwks_url_is_fetched_refreshed_on_an_unknown_kid_and_rate_limited() {
         "{fetches} fetches: unknown kids must not hammer the issuer"
     );
 }
+
+/// Rate-limit tiers: from the JWT's tier claim, or from the config for an
+/// API-key client; everyone else gets the default limits.
+#[tokio::test]
+async fn a_tier_from_the_token_or_the_config_sets_the_rate_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    tokens_py("keys", dir.path(), vec![]).await;
+    std::fs::write(dir.path().join("keys"), "alice: sk-alice\nbob: sk-bob\n").unwrap();
+    let mut cfg = jwt_config(dir.path(), false);
+    cfg.auth.api_keys_file = Some(dir.path().join("keys"));
+    if let Some(jwt) = cfg.auth.jwt.as_mut() {
+        jwt.tier_claim = Some("tier".into());
+    }
+    cfg.rate_limit = Some(forwarder::config::RateLimitConfig {
+        requests_per_second: 1,
+        burst: 1,
+        shared: true,
+        tiers: [(
+            "gold".to_string(),
+            forwarder::config::TierLimits {
+                requests_per_second: 1,
+                burst: 3,
+                tokens_per_minute: None,
+            },
+        )]
+        .into(),
+        client_tiers: [("alice".to_string(), "gold".to_string())].into(),
+        ..Default::default()
+    });
+    let fwd = start(cfg).await;
+    let script = r#"
+import sys, time, jwt
+secret = open(sys.argv[1] + "/hs.secret").read().strip().encode()
+now = int(time.time())
+for sub, tier in [("carol", "gold"), ("dave", None), ("erin", "platinum")]:
+    claims = {"sub": sub, "iss": "https://issuer.test", "aud": "modelforwarder", "exp": now + 300}
+    if tier:
+        claims["tier"] = tier
+    print(jwt.encode(claims, secret, algorithm="HS256"))
+"#;
+    let out = Command::new(python())
+        .args(["-c", script])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tokens: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|t| format!("Bearer {t}"))
+        .collect();
+    // (client, its header, requests admitted in one burst)
+    let clients = [
+        ("alice (config tier)", ("x-api-key", "sk-alice"), 3),
+        ("bob (no tier)", ("x-api-key", "sk-bob"), 1),
+        (
+            "carol (claimed gold)",
+            ("authorization", tokens[0].as_str()),
+            3,
+        ),
+        ("dave (no claim)", ("authorization", tokens[1].as_str()), 1),
+        (
+            "erin (unknown tier)",
+            ("authorization", tokens[2].as_str()),
+            1,
+        ),
+    ];
+    for (who, header, burst) in clients {
+        for i in 0..burst {
+            let r = fwd
+                .post("/v1/chat/completions", &chat("mock", "hi"), &[header])
+                .await;
+            assert_eq!(r.status, 200, "{who} request {i}: {}", r.text);
+            assert_eq!(
+                r.headers["x-ratelimit-limit-requests"],
+                burst.to_string(),
+                "{who}"
+            );
+        }
+        let r = fwd
+            .post("/v1/chat/completions", &chat("mock", "hi"), &[header])
+            .await;
+        assert_eq!(r.status, 429, "{who}: over its burst of {burst}");
+    }
+}

@@ -270,7 +270,7 @@ fn store_and_limits(spec: &ModelForwarderSpec, config: &mut Config) -> Result<()
     use crate::crd::{CacheableSpec, FailurePolicy as Policy};
     use forwarder_config::{
         Cacheable, EncryptionConfig, FailurePolicy, ModelCacheConfig, RateLimitConfig, RedisConfig,
-        StoreBackend,
+        StoreBackend, TierLimits,
     };
     let policy = |p: Policy| match p {
         Policy::FailOpen => FailurePolicy::FailOpen,
@@ -323,6 +323,19 @@ fn store_and_limits(spec: &ModelForwarderSpec, config: &mut Config) -> Result<()
             shared: true,
             tokens_per_minute: r.tokens_per_minute,
             on_store_error: policy(r.policy),
+            tiers: r
+                .tiers
+                .iter()
+                .map(|(name, t)| {
+                    let limits = TierLimits {
+                        requests_per_second: t.requests_per_second,
+                        burst: t.burst,
+                        tokens_per_minute: t.tokens_per_minute,
+                    };
+                    (name.clone(), limits)
+                })
+                .collect(),
+            client_tiers: r.client_tiers.clone(),
         });
     }
     Ok(())
