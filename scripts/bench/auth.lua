@@ -26,20 +26,28 @@ function init(args)
   local file, mode, nthreads = args[1], args[2], tonumber(args[3]) or 1
   local start = tonumber(args[4]) or 1
   assert(file, "auth.lua: give the credentials file after --")
-  local creds = {}
+  -- One credential, or this thread's share of them (lines id, id+N, ...).
+  local mine, k, step = {}, 0, 1
+  if mode == "rotate" then step = nthreads end
+  local first = (mode == "rotate") and (id or 1) or 1
   for line in io.lines(file) do
-    if #line > 0 then creds[#creds + 1] = line end
+    if #line > 0 then
+      k = k + 1
+      if k >= first and (k - first) % step == 0 then mine[#mine + 1] = line end
+      if mode ~= "rotate" and #mine == 1 then break end
+    end
   end
-  assert(#creds > 0, "auth.lua: no credentials in " .. file)
+  assert(#mine > 0, "auth.lua: no credentials in " .. file)
   if mode ~= "rotate" then
-    wrk.headers["Authorization"] = "Bearer " .. creds[1]
+    wrk.headers["Authorization"] = "Bearer " .. mine[1]
     return
   end
   reqs = {}
   local headers = {["Content-Type"] = "application/json"}
-  for k = (id or 1), #creds, nthreads do
-    headers["Authorization"] = "Bearer " .. creds[k]
-    reqs[#reqs + 1] = wrk.format("POST", nil, headers, body)
+  for j = 1, #mine do
+    headers["Authorization"] = "Bearer " .. mine[j]
+    reqs[j] = wrk.format("POST", nil, headers, body)
+    mine[j] = nil
   end
   n = #reqs
   i = (start - 1) % n
