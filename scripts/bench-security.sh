@@ -111,7 +111,6 @@ openssl ecparam -name prime256v1 -genkey -noout -out "$WORK/es256.key" 2>/dev/nu
 API_KEY=$(openssl rand -hex 24)
 printf 'bench: %s\n' "$API_KEY" >"$WORK/keys.yaml"
 printf '%s\n' "$API_KEY" >"$WORK/apikey.cred"
-printf '%s\n' "wrong-$API_KEY" >"$WORK/apikey-wrong.cred"
 for alg in HS256 ES256; do
   keyfile=$WORK/hs256.secret
   [ "$alg" = ES256 ] && keyfile=$WORK/es256.key
