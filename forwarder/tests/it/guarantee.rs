@@ -18,87 +18,13 @@ use serde_json::Value;
 
 use crate::common::*;
 use crate::kafka::{kafka_config, Broker};
-use crate::shutdown::{binary, free_port, wait_ready, Child};
+use crate::process::Replica;
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// A forwarder process on a fixed port, its config and log in `dir`.
-struct Replica {
-    port: u16,
-    config: std::path::PathBuf,
-    log: std::path::PathBuf,
-    child: Option<Child>,
-}
-
-impl Replica {
-    fn new(name: &'static str, dir: &std::path::Path, cfg: &forwarder::config::Config) -> Self {
-        let port = free_port();
-        let mut cfg = cfg.clone();
-        // Restarted as itself: the group gives it its partitions back.
-        cfg.async_jobs.kafka.group_instance_id = Some(format!("replica-{name}"));
-        cfg.server.listen = format!("127.0.0.1:{port}").parse().unwrap();
-        let config = dir.join(format!("{name}.yaml"));
-        std::fs::write(&config, serde_yaml::to_string(&cfg).unwrap()).unwrap();
-        Self {
-            port,
-            config,
-            log: dir.join(format!("{name}.log")),
-            child: None,
-        }
-    }
-
-    fn base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    async fn start(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = binary()
-            .args(["serve", "--config"])
-            .arg(&self.config)
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("forwarder starts");
-        self.child = Some(Child(child));
-        wait_ready(&self.base()).await;
-    }
-
-    /// Jobs this process started and has not finished (from its metrics).
-    async fn in_flight(&self) -> f64 {
-        let Ok(r) = client()
-            .get(format!("{}/metrics", self.base()))
-            .send()
-            .await
-        else {
-            return 0.0;
-        };
-        let text = r.text().await.unwrap_or_default();
-        let count = |state: &str| {
-            let series = format!("forwarder_jobs_total{{state=\"{state}\"}} ");
-            text.lines()
-                .find_map(|l| l.strip_prefix(&series))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        count("running") - count("succeeded") - count("failed") - count("queued")
-    }
-
-    /// SIGKILL: no shutdown, no commit, sockets reset by the kernel.
-    fn kill9(&mut self) {
-        let mut c = self.child.take().expect("running");
-        c.0.kill().expect("SIGKILL");
-        c.0.wait().expect("reaped");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,8 +56,14 @@ async fn kill_nine_three_times_every_job_succeeds_with_one_upstream_answer() {
     cfg.idempotency.wait = Duration::from_secs(1);
     cfg.server.shutdown.drain_delay = Duration::ZERO;
     let dir = tempfile::tempdir().unwrap();
-    let mut a = Replica::new("a", dir.path(), &cfg);
-    let mut b = Replica::new("b", dir.path(), &cfg);
+    // Each restarted as itself: the group gives it its partitions back.
+    let as_member = |name: &str| {
+        let mut c = cfg.clone();
+        c.async_jobs.kafka.group_instance_id = Some(format!("replica-{name}"));
+        c
+    };
+    let mut a = Replica::new("a", dir.path(), &as_member("a"));
+    let mut b = Replica::new("b", dir.path(), &as_member("b"));
     a.start().await;
     b.start().await;
 

@@ -19,6 +19,7 @@ mod kafka;
 mod keys;
 mod metrics;
 mod openapi;
+mod process;
 mod python_clients;
 mod redis_server;
 mod replicas;

@@ -1,9 +1,10 @@
-//! Two forwarders (replicas) sharing one real Redis: idempotency across
-//! replicas and the documented behaviour when Redis goes away.
+//! Forwarder replicas sharing one real Redis: two processes sharing
+//! idempotency, the cache, sealed records and rate limits; the example
+//! config; and the documented behaviour when Redis goes away.
 
 use std::time::{Duration, Instant};
 
-use forwarder::config::{FailurePolicy, LatencyDist, MockSettings};
+use forwarder::config::{FailurePolicy, MockSettings};
 use forwarder::mock_llm::MockServer;
 use serde_json::json;
 
@@ -26,84 +27,6 @@ async fn connected(f: &Fwd) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("replica never connected to redis");
-}
-
-async fn two_replicas(m: &MockServer) -> (RedisServer, tempfile::TempDir, Fwd, Fwd) {
-    let redis = RedisServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let keys = dir.path().join("keys");
-    write_keys(&keys, &[("k1", 7)]);
-    let a = replica(&redis, m, &keys).await;
-    let b = replica(&redis, m, &keys).await;
-    connected(&a).await;
-    connected(&b).await;
-    (redis, dir, a, b)
-}
-
-#[cfg_attr(not(redis_server), ignore = "redis-server not installed")]
-#[tokio::test]
-async fn a_retry_on_the_other_replica_is_replayed() {
-    let m = mock(MockSettings::default()).await;
-    let (_redis, _dir, a, b) = two_replicas(&m).await;
-    let key = [("idempotency-key", "order-1")];
-    let first = a.post("/v1/chat/completions", &chat("m", "hi"), &key).await;
-    let retry = b.post("/v1/chat/completions", &chat("m", "hi"), &key).await;
-    assert_eq!(first.status, 200, "{}", first.text);
-    assert_eq!(retry.body, first.body, "same answer, same completion id");
-    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
-    assert_eq!(m.model.requests(), 1);
-    let reused = b
-        .post("/v1/chat/completions", &chat("m", "other"), &key)
-        .await;
-    assert_eq!(reused.status, 422, "{}", reused.text);
-
-    // Streams too: stored on one replica, replayed as a stream on the other.
-    let mut body = chat("m", "one two");
-    body["stream"] = json!(true);
-    let skey = [("idempotency-key", "stream-1")];
-    let s1 = a.post("/v1/chat/completions", &body, &skey).await;
-    assert!(s1.text.ends_with("data: [DONE]\n\n"), "{}", s1.text);
-    let mut replayed = None;
-    for _ in 0..50 {
-        let s2 = b.post("/v1/chat/completions", &body, &skey).await;
-        if s2.header("idempotent-replayed") == Some("true") {
-            replayed = Some(s2);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let s2 = replayed.expect("the stream is replayed on the other replica");
-    assert_eq!(s2.text, s1.text);
-    assert_eq!(m.model.requests(), 2);
-}
-
-#[cfg_attr(not(redis_server), ignore = "redis-server not installed")]
-#[tokio::test]
-async fn concurrent_duplicates_on_two_replicas_make_one_upstream_call() {
-    let m = mock(MockSettings {
-        latency: LatencyDist::Fixed(Duration::from_millis(300)),
-        ..Default::default()
-    })
-    .await;
-    let (_redis, _dir, a, b) = two_replicas(&m).await;
-    let key = [("idempotency-key", "dup")];
-    let body = chat("m", "hi");
-    let (r1, r2, r3, r4) = tokio::join!(
-        a.post("/v1/chat/completions", &body, &key),
-        b.post("/v1/chat/completions", &body, &key),
-        a.post("/v1/chat/completions", &body, &key),
-        b.post("/v1/chat/completions", &body, &key),
-    );
-    for r in [&r1, &r2, &r3, &r4] {
-        assert_eq!(r.status, 200, "{}", r.text);
-        assert_eq!(r.body, r1.body);
-    }
-    assert_eq!(m.model.requests(), 1, "four duplicates, one upstream call");
-    let replayed = [&r1, &r2, &r3, &r4]
-        .iter()
-        .filter(|r| r.header("idempotent-replayed") == Some("true"))
-        .count();
-    assert_eq!(replayed, 3);
 }
 
 #[cfg_attr(not(redis_server), ignore = "redis-server not installed")]
@@ -181,41 +104,6 @@ async fn redis_killed_and_restarted_mid_run_follows_the_policy() {
     assert_eq!(m.model.requests(), m_before + 1);
 }
 
-#[cfg_attr(not(redis_server), ignore = "redis-server not installed")]
-#[tokio::test]
-async fn a_cached_answer_is_served_by_the_other_replica() {
-    let m = mock(MockSettings::default()).await;
-    let redis = RedisServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let keys = dir.path().join("keys");
-    write_keys(&keys, &[("k1", 7)]);
-    let mk = || {
-        let mut cfg = config(vec![upstream("a", &m, "m")]);
-        cfg.store = redis.store_config(Some(&keys));
-        cfg.cache
-            .models
-            .insert("m".into(), forwarder::config::ModelCacheConfig::default());
-        cfg
-    };
-    let (a, b) = (start(mk()).await, start(mk()).await);
-    connected(&a).await;
-    connected(&b).await;
-    let mut body = chat("m", "return policy?");
-    body["temperature"] = json!(0);
-    let first = a.post("/v1/chat/completions", &body, &[]).await;
-    assert_eq!(first.header("x-cache"), Some("MISS"));
-    // The answer is stored in the background just after it is sent.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let hit = b.post("/v1/chat/completions", &body, &[]).await;
-    assert_eq!(
-        hit.header("x-cache"),
-        Some("HIT"),
-        "served by the other replica"
-    );
-    assert_eq!(hit.body, first.body);
-    assert_eq!(m.model.requests(), 1);
-}
-
 /// `examples/config/redis.yaml` as a user would run it: two replicas from
 /// the same file (listen address and Redis URL overridden) share the cache
 /// and idempotency records, sealed with the demo key beside it.
@@ -276,59 +164,196 @@ async fn the_example_redis_config_runs_two_sharing_replicas() {
     }
 }
 
+/// Every `mf:*` key in Redis.
+async fn redis_keys(redis: &RedisServer) -> Vec<String> {
+    let mut c = redis.conn().await;
+    redis::cmd("KEYS")
+        .arg("mf:*")
+        .query_async(&mut c)
+        .await
+        .unwrap()
+}
+
+/// Two forwarder processes (the real binary, as two pods would run it)
+/// sharing one Redis with sealed records: a retry on the other replica is
+/// replayed, concurrent duplicates make one upstream call, a cached answer
+/// is served by the other replica, a record tampered with in Redis is a
+/// counted miss (never a wrong answer), records sealed before a key
+/// rotation are still read after it, and a shared rate limit (a tier) holds
+/// across both.
 #[cfg_attr(not(redis_server), ignore = "redis-server not installed")]
-#[tokio::test]
-async fn a_shared_rate_limit_holds_across_both_replicas() {
-    let m = mock(MockSettings::default()).await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_share_replays_the_cache_sealed_records_and_limits() {
+    use crate::process::Replica;
+    let m = slow_mock(Duration::from_millis(300)).await;
     let redis = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let keys = dir.path().join("keys");
-    write_keys(&keys, &[("k1", 7)]);
-    let mk = || {
-        let mut cfg = config(vec![upstream("a", &m, "m")]);
-        cfg.store = redis.store_config(Some(&keys));
-        cfg.rate_limit = Some(forwarder::config::RateLimitConfig {
-            requests_per_second: 1,
-            burst: 4,
-            shared: true,
-            tokens_per_minute: Some(100_000),
-            ..Default::default()
-        });
-        // Generous: this test is about the limit, not about a slow machine
-        // timing a call out (fail_open would then admit without headers).
-        cfg.store.redis.as_mut().unwrap().timeout = Duration::from_secs(1);
-        cfg
-    };
-    let (a, b) = (start(mk()).await, start(mk()).await);
-    connected(&a).await;
-    connected(&b).await;
-    let body = chat("m", "hi");
-    let mut statuses = Vec::new();
-    let started = Instant::now();
-    for i in 0..6 {
-        let f = if i % 2 == 0 { &a } else { &b };
-        let r = f.post("/v1/chat/completions", &body, &[]).await;
-        if r.status == 200 {
-            assert!(r.header("x-ratelimit-remaining-requests").is_some());
-            assert_eq!(r.header("x-ratelimit-limit-tokens"), Some("100000"));
-        } else {
-            assert_eq!(r.status, 429, "{}", r.text);
-            assert_eq!(r.header("x-ratelimit-limit-requests"), Some("4"));
-            assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("0"));
-            let after: u64 = r.header("retry-after").unwrap().parse().unwrap();
-            assert!((1..=2).contains(&after), "{after}");
-        }
-        statuses.push(r.status);
-    }
-    // One limit across both: the burst of 4 admitted, then refused on
-    // either (one more per second elapsed, on a slow machine).
-    let ok = statuses.iter().filter(|s| **s == 200).count() as u64;
-    assert!(
-        ok >= 4 && ok <= 4 + started.elapsed().as_secs(),
-        "{statuses:?}"
+    let ring = dir.path().join("ring");
+    write_keys(&ring, &[("k1", 7)]);
+    std::fs::write(dir.path().join("keys"), "alice: sk-alice\nlim: sk-lim\n").unwrap();
+    let mut cfg = config(vec![upstream("a", &m, "m")]);
+    cfg.store = redis.store_config(Some(&ring));
+    cfg.store.redis.as_mut().unwrap().timeout = Duration::from_secs(1);
+    cfg.auth.api_keys_file = Some(dir.path().join("keys"));
+    cfg.cache
+        .models
+        .insert("m".into(), forwarder::config::ModelCacheConfig::default());
+    cfg.rate_limit = Some(forwarder::config::RateLimitConfig {
+        requests_per_second: 1000,
+        burst: 1000,
+        shared: true,
+        tiers: [(
+            "tight".to_string(),
+            forwarder::config::TierLimits {
+                requests_per_second: 1,
+                burst: 3,
+                tokens_per_minute: None,
+            },
+        )]
+        .into(),
+        client_tiers: [("lim".to_string(), "tight".to_string())].into(),
+        ..Default::default()
+    });
+    let mut a = Replica::new("a", dir.path(), &cfg);
+    let mut b = Replica::new("b", dir.path(), &cfg);
+    a.start().await;
+    b.start().await;
+    let alice = ("authorization", "Bearer sk-alice");
+
+    // A retry that lands on the other replica is replayed.
+    let story = chat("m", "tell me a story");
+    let one = a
+        .post(
+            "/v1/chat/completions",
+            &story,
+            &[alice, ("idempotency-key", "r-1")],
+        )
+        .await;
+    assert_eq!(one.status, 200, "{}", one.text);
+    let two = b
+        .post(
+            "/v1/chat/completions",
+            &story,
+            &[alice, ("idempotency-key", "r-1")],
+        )
+        .await;
+    assert_eq!(two.header("idempotent-replayed"), Some("true"));
+    assert_eq!(two.body, one.body);
+    assert_eq!(m.model.requests(), 1);
+
+    // Concurrent duplicates on both replicas: one upstream call.
+    let dup = [alice, ("idempotency-key", "r-2")];
+    let (x, y) = tokio::join!(
+        a.post("/v1/chat/completions", &story, &dup),
+        b.post("/v1/chat/completions", &story, &dup)
     );
-    assert_eq!(&statuses[..4], [200; 4]);
-    if started.elapsed() < Duration::from_secs(1) {
-        assert_eq!(statuses, [200, 200, 200, 200, 429, 429]);
+    assert_eq!((x.status, y.status), (200, 200), "{} / {}", x.text, y.text);
+    assert_eq!(x.body, y.body);
+    assert_eq!(m.model.requests(), 2);
+
+    // A cached answer is served by the other replica.
+    let cacheable = |prompt: &str| {
+        let mut body = chat("m", prompt);
+        body["temperature"] = json!(0);
+        body
+    };
+    let faq = cacheable("what is the return policy?");
+    let miss = a.post("/v1/chat/completions", &faq, &[alice]).await;
+    assert_eq!(miss.header("x-cache"), Some("MISS"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let hit = b.post("/v1/chat/completions", &faq, &[alice]).await;
+    assert_eq!(hit.header("x-cache"), Some("HIT"), "{}", hit.text);
+    assert_eq!(hit.body, miss.body);
+
+    // A record tampered with in Redis: a counted miss, answered afresh.
+    let before = redis_keys(&redis).await;
+    let hours = cacheable("what are your opening hours?");
+    let first = a.post("/v1/chat/completions", &hours, &[alice]).await;
+    assert_eq!(first.header("x-cache"), Some("MISS"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c = redis.conn().await;
+    let mut flipped = 0;
+    for name in redis_keys(&redis).await {
+        if before.contains(&name) {
+            continue;
+        }
+        let raw: Vec<u8> = redis::cmd("GET")
+            .arg(&name)
+            .query_async(&mut c)
+            .await
+            .unwrap_or_default();
+        if raw.len() < 40 {
+            continue;
+        }
+        let at = raw.len() - 5;
+        let _: () = redis::cmd("SETRANGE")
+            .arg(&name)
+            .arg(at)
+            .arg(&[raw[at] ^ 0x01][..])
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        flipped += 1;
     }
+    assert!(flipped >= 1, "the cached answer is in Redis");
+    let after = b.post("/v1/chat/completions", &hours, &[alice]).await;
+    assert_eq!(after.status, 200, "{}", after.text);
+    assert_eq!(
+        after.header("x-cache"),
+        Some("MISS"),
+        "tampered: never served"
+    );
+    assert_eq!(
+        after.body["choices"][0]["message"]["content"],
+        first.body["choices"][0]["message"]["content"]
+    );
+    assert!(b.metric("forwarder_store_corrupt_records_total", &[]).await >= 1.0);
+
+    // Rotation: a second key is added (it seals from now on); the answer
+    // sealed under the first is still read.
+    write_keys(&ring, &[("k1", 7), ("k2", 9)]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let old = b.post("/v1/chat/completions", &faq, &[alice]).await;
+    assert_eq!(
+        old.header("x-cache"),
+        Some("HIT"),
+        "sealed under k1, read after rotation"
+    );
+    let fresh = cacheable("do you ship abroad?");
+    assert_eq!(
+        a.post("/v1/chat/completions", &fresh, &[alice])
+            .await
+            .header("x-cache"),
+        Some("MISS")
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        b.post("/v1/chat/completions", &fresh, &[alice])
+            .await
+            .header("x-cache"),
+        Some("HIT")
+    );
+    let mut sealed_k2 = false;
+    for name in redis_keys(&redis).await {
+        let raw: Vec<u8> = redis::cmd("GET")
+            .arg(&name)
+            .query_async(&mut c)
+            .await
+            .unwrap_or_default();
+        sealed_k2 |= raw.windows(4).any(|w| w == [1, 2, b'k', b'2']);
+    }
+    assert!(
+        sealed_k2,
+        "records written after the rotation are sealed with k2"
+    );
+
+    // One tier's limit across both processes: a burst of 3, then 429.
+    let lim = ("authorization", "Bearer sk-lim");
+    let mut statuses = Vec::new();
+    for i in 0..4 {
+        let r = if i % 2 == 0 { &a } else { &b };
+        statuses.push(r.post("/v1/chat/completions", &faq, &[lim]).await.status);
+    }
+    assert_eq!(&statuses[..3], [200; 3], "{statuses:?}");
+    assert_eq!(statuses[3], 429, "{statuses:?}");
 }
