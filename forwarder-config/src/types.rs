@@ -834,6 +834,12 @@ pub struct RedisConfig {
     pub key_prefix: String,
     /// Start without `store.encryption`: records stored in the clear.
     pub allow_plaintext: bool,
+    /// `rediss://` only: PEM CA bundle to trust instead of the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// `rediss://` only: PEM client certificate and key (mutual TLS); both
+    /// or neither.
+    pub client_cert_file: Option<PathBuf>,
+    pub client_key_file: Option<PathBuf>,
 }
 
 impl Default for RedisConfig {
@@ -847,6 +853,9 @@ impl Default for RedisConfig {
             connect_timeout: Duration::from_secs(1),
             key_prefix: "mf".into(),
             allow_plaintext: false,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
         }
     }
 }

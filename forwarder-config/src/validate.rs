@@ -385,6 +385,17 @@ fn validate_store(e: &mut Errors, s: &crate::StoreConfig) {
                 "must start with redis:// or rediss://",
             );
             e.check(r.db >= 0, "store.redis.db", "must not be negative");
+            let tls_files = r.ca_file.is_some() || r.client_cert_file.is_some();
+            e.check(
+                !tls_files || r.url.starts_with("rediss://"),
+                "store.redis.ca_file",
+                "CA and client certificate files need a rediss:// url",
+            );
+            e.check(
+                r.client_cert_file.is_some() == r.client_key_file.is_some(),
+                "store.redis.client_cert_file",
+                "client_cert_file and client_key_file go together",
+            );
             e.duration(r.timeout, false, "store.redis.timeout");
             e.duration(r.connect_timeout, false, "store.redis.connect_timeout");
             e.check(

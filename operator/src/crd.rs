@@ -709,6 +709,7 @@ const GO_DURATION: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$";
 /// Redis connection for the shared store.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("self.tls || (!has(self.caSecretRef) && !has(self.clientCertSecretRef))").message("caSecretRef and clientCertSecretRef need tls: true"))]
 pub struct StoreSpec {
     /// `host:port` of a standalone Redis.
     #[schemars(
@@ -720,9 +721,17 @@ pub struct StoreSpec {
     #[serde(default)]
     #[schemars(range(min = 0, max = 255))]
     pub db: u32,
-    /// TLS to Redis (`rediss://`, system roots).
+    /// TLS to Redis (`rediss://`; the system roots unless `caSecretRef`).
     #[serde(default)]
     pub tls: bool,
+    /// Secret key holding the PEM CA bundle Redis's certificate is checked
+    /// against. Read at start: a change rolls the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
+    /// Secret of type kubernetes.io/tls (`tls.crt`, `tls.key`): the client
+    /// certificate for Redis with `tls-auth-clients yes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_secret_ref: Option<SecretRef>,
     /// ACL user; absent: the default user.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9._-]+$"))]

@@ -171,99 +171,20 @@ pub struct SecretUse {
 /// so a changed Secret also rolls the pods (the forwarder reloads keys and
 /// certificates itself before that).
 pub fn secret_uses(spec: &ModelForwarderSpec) -> Vec<SecretUse> {
-    let mut uses = Vec::new();
-    if let Some(r) = spec
-        .auth
-        .as_ref()
-        .and_then(|a| a.api_keys_secret_ref.as_ref())
-    {
-        uses.push(SecretUse {
-            name: r.name.clone(),
-            key: None,
-            field: "spec.auth.apiKeysSecretRef".into(),
-        });
-    }
-    if let Some(jwt) = spec.auth.as_ref().and_then(|a| a.jwt.as_ref()) {
-        for (r, field) in [
-            (&jwt.jwks_secret_ref, "spec.auth.jwt.jwksSecretRef"),
-            (&jwt.secret_ref, "spec.auth.jwt.secretRef"),
-        ] {
-            if let Some(r) = r {
-                uses.push(SecretUse {
-                    name: r.name.clone(),
-                    key: Some(r.key.clone()),
-                    field: field.into(),
-                });
-            }
-        }
-    }
-    if let Some(tls) = &spec.tls {
-        for key in ["tls.crt", "tls.key"] {
-            uses.push(SecretUse {
-                name: tls.secret_ref.name.clone(),
-                key: Some(key.into()),
-                field: "spec.tls.secretRef".into(),
-            });
-        }
-        if let Some(r) = &tls.client_ca_secret_ref {
-            uses.push(SecretUse {
-                name: r.name.clone(),
-                key: Some(r.key.clone()),
-                field: "spec.tls.clientCaSecretRef".into(),
-            });
-        }
-    }
-    if let Some(e) = &spec.encryption {
-        uses.push(SecretUse {
-            name: e.key_secret_ref.name.clone(),
-            key: None,
-            field: "spec.encryption.keySecretRef".into(),
-        });
-    }
-    if let Some(r) = spec
-        .store
-        .as_ref()
-        .and_then(|s| s.password_secret_ref.as_ref())
-    {
-        uses.push(SecretUse {
-            name: r.name.clone(),
-            key: Some(r.key.clone()),
-            field: "spec.store.passwordSecretRef".into(),
-        });
-    }
-    if let Some(a) = &spec.async_jobs {
-        if let Some(r) = &a.sasl_secret_ref {
-            for key in ["username", "password"] {
-                uses.push(SecretUse {
-                    name: r.name.clone(),
-                    key: Some(key.into()),
-                    field: "spec.async.saslSecretRef".into(),
-                });
-            }
-        }
-        for (r, field) in [
-            (&a.ca_secret_ref, "spec.async.caSecretRef"),
-            (&a.callback_secret_ref, "spec.async.callbackSecretRef"),
-        ] {
-            if let Some(r) = r {
-                uses.push(SecretUse {
-                    name: r.name.clone(),
-                    key: Some(r.key.clone()),
-                    field: field.into(),
-                });
-            }
-        }
-    }
-    for (i, u) in spec.upstreams.iter().enumerate() {
-        if let Some(r) = &u.api_key_secret_ref {
-            uses.push(SecretUse {
-                name: r.name.clone(),
-                key: Some(r.key.clone()),
-                field: format!("spec.upstreams[{i}].apiKeySecretRef"),
-            });
-        }
-    }
-    uses
+    crate::render::deployment::secret_mounts(spec)
+        .into_iter()
+        .flat_map(|m| {
+            let keys: Vec<Option<String>> = match &m.items {
+                None => vec![None],
+                Some(items) => items.iter().map(|(k, _)| Some(k.to_string())).collect(),
+            };
+            keys.into_iter().map(move |key| SecretUse {
+                name: m.secret.to_string(),
+                key,
+                field: m.field.clone(),
+            })
+        })
+        .collect()
 }
 
 /// Parts of the spec the forwarder does not implement yet: reported as

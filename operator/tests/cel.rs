@@ -171,6 +171,14 @@ fn a_store_needs_encryption_or_an_explicit_plaintext_opt_in() {
         "rateLimits": {"requestsPerSecond": 5, "tokensPerMinute": 10000}
     }))
     .expect("cache and limits without a store: per pod");
+    let tls = |tls: bool| {
+        json!({"store": {"address": "redis.ai:6380", "allowPlaintext": true, "tls": tls,
+                         "caSecretRef": {"name": "redis-ca", "key": "ca.crt"},
+                         "clientCertSecretRef": {"name": "redis-client"}}})
+    };
+    check(tls(true)).expect("a CA and client certificate over TLS");
+    let e = check(tls(false)).unwrap_err();
+    assert!(e.contains("need tls: true"), "{e}");
 }
 
 #[test]

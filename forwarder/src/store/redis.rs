@@ -110,7 +110,30 @@ pub fn client(cfg: &RedisConfig) -> Result<redis::Client, String> {
         redis_info = redis_info.set_password(pw.trim_end_matches(['\r', '\n']));
     }
     info = info.set_redis_settings(redis_info);
-    redis::Client::open(info).map_err(|e| format!("store.redis: {}", e.category()))
+    if cfg.ca_file.is_none() && cfg.client_cert_file.is_none() {
+        return redis::Client::open(info).map_err(|e| format!("store.redis: {}", e.category()));
+    }
+    let read = |field: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| format!("store.redis.{field} {}: {e}", path.display()))
+    };
+    let client_tls = match (&cfg.client_cert_file, &cfg.client_key_file) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read("client_cert_file", cert)?,
+            client_key: read("client_key_file", key)?,
+        }),
+        _ => None,
+    };
+    let root_cert = cfg
+        .ca_file
+        .as_deref()
+        .map(|p| read("ca_file", p))
+        .transpose()?;
+    let certs = redis::TlsCertificates {
+        client_tls,
+        root_cert,
+    };
+    redis::Client::build_with_tls(info, certs)
+        .map_err(|e| format!("store.redis (TLS): {}", e.category()))
 }
 
 impl RedisBackend {

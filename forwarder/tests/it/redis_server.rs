@@ -10,6 +10,8 @@ pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
     pub dir: tempfile::TempDir,
+    /// Extra server arguments (a TLS port, say), kept for restarts.
+    args: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -19,13 +21,25 @@ fn free_port() -> u16 {
 
 impl RedisServer {
     pub async fn start() -> Self {
+        Self::start_with(Vec::new()).await
+    }
+
+    /// With extra `redis-server` arguments; the plain port stays open for
+    /// the readiness check and the test's own inspection.
+    pub async fn start_with(args: Vec<String>) -> Self {
         let mut s = Self {
             child: None,
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
+            args,
         };
         s.spawn().await;
         s
+    }
+
+    /// A free loopback port (for a TLS port next to the plain one).
+    pub fn free_port() -> u16 {
+        free_port()
     }
 
     async fn spawn(&mut self) {
@@ -34,6 +48,7 @@ impl RedisServer {
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

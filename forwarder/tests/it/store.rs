@@ -293,3 +293,83 @@ async fn redis_without_a_key_ring_refuses_to_start() {
         .iter()
         .any(|f| f.field == "store.encryption"));
 }
+
+/// `rediss://` against a real redis-server with TLS and client
+/// certificates required: the store connects with the configured CA and
+/// client certificate, and without the certificate (or trusting only the
+/// system roots) it never does, and calls fail as unavailable.
+#[cfg_attr(not(redis_server), ignore = "redis-server not installed")]
+#[tokio::test]
+async fn rediss_with_a_custom_ca_and_a_client_certificate() {
+    use crate::tls::Ca;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("redis test CA");
+    let (cert, cert_key) = ca.leaf("redis", &["127.0.0.1", "localhost"]);
+    let (client_cert, client_key) = ca.leaf("forwarder", &[]);
+    let file = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let (ca_file, cert_file, key_file) = (
+        file("ca.pem", &ca.pem),
+        file("redis.crt", &cert),
+        file("redis.key", &cert_key),
+    );
+    let (client_cert_file, client_key_file) = (
+        file("client.crt", &client_cert),
+        file("client.key", &client_key),
+    );
+    let tls_port = RedisServer::free_port();
+    let arg = |p: &std::path::Path| p.display().to_string();
+    let redis = RedisServer::start_with(vec![
+        "--tls-port".into(),
+        tls_port.to_string(),
+        "--tls-cert-file".into(),
+        arg(&cert_file),
+        "--tls-key-file".into(),
+        arg(&key_file),
+        "--tls-ca-cert-file".into(),
+        arg(&ca_file),
+        "--tls-auth-clients".into(),
+        "yes".into(),
+    ])
+    .await;
+    let ring = dir.path().join("ring");
+    write_keys(&ring, &[("k1", 1)]);
+    let store_with = |ca: Option<&std::path::Path>, client: bool| {
+        let mut cfg = Config {
+            store: redis.store_config(Some(&ring)),
+            ..Default::default()
+        };
+        let r = cfg.store.redis.as_mut().unwrap();
+        r.url = format!("rediss://127.0.0.1:{tls_port}");
+        r.ca_file = ca.map(|p| p.to_path_buf());
+        if client {
+            r.client_cert_file = Some(client_cert_file.clone());
+            r.client_key_file = Some(client_key_file.clone());
+        }
+        forwarder::config::validate(&cfg).expect("a valid config");
+        store::build(&cfg, &Arc::new(Metrics::new())).expect("store builds")
+    };
+
+    let s = store_with(Some(&ca_file), true);
+    ready(&*s).await;
+    s.put(&key("tls"), [1; 32], Bytes::from_static(b"over tls"), TTL)
+        .await
+        .unwrap();
+    let got = s.get(&key("tls")).await.unwrap().expect("stored");
+    assert_eq!(&got.value[..], b"over tls");
+
+    // No client certificate, or the system roots only: never connected.
+    for (label, s) in [
+        ("no client certificate", store_with(Some(&ca_file), false)),
+        ("system roots", store_with(None, true)),
+    ] {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            matches!(s.get(&key("tls")).await, Err(StoreError::Unavailable(_))),
+            "{label}: must not connect"
+        );
+    }
+}

@@ -27,6 +27,8 @@ pub const UPSTREAM_KEYS_DIR: &str = "/etc/forwarder/upstream-keys";
 pub const ENCRYPTION_KEYS_DIR: &str = "/etc/forwarder/encryption-keys";
 /// Mount of `spec.store.passwordSecretRef` (one file).
 pub const REDIS_PASSWORD_DIR: &str = "/etc/forwarder/redis-password";
+pub const REDIS_CA_DIR: &str = "/etc/forwarder/redis-ca";
+pub const REDIS_CLIENT_CERT_DIR: &str = "/etc/forwarder/redis-client";
 /// Directory of the mounted JWT key (`jwks.json` or `secret`).
 pub const JWT_KEYS_DIR: &str = "/etc/forwarder/jwt";
 /// Directory of the mounted kubernetes.io/tls Secret (`tls.crt`, `tls.key`).
@@ -294,6 +296,18 @@ fn store_and_limits(spec: &ModelForwarderSpec, config: &mut Config) -> Result<()
                 .map(|r| PathBuf::from(REDIS_PASSWORD_DIR).join(&r.key)),
             timeout: duration("spec.store.timeout".into(), s.timeout)?,
             allow_plaintext: s.allow_plaintext,
+            ca_file: s
+                .ca_secret_ref
+                .as_ref()
+                .map(|_| PathBuf::from(REDIS_CA_DIR).join("ca.crt")),
+            client_cert_file: s
+                .client_cert_secret_ref
+                .as_ref()
+                .map(|_| PathBuf::from(REDIS_CLIENT_CERT_DIR).join("tls.crt")),
+            client_key_file: s
+                .client_cert_secret_ref
+                .as_ref()
+                .map(|_| PathBuf::from(REDIS_CLIENT_CERT_DIR).join("tls.key")),
             ..RedisConfig::default()
         });
         config.idempotency.on_store_error = policy(s.idempotency_policy);
@@ -435,6 +449,8 @@ pub(crate) mod tests {
             "upstreams": [{"name": "local", "provider": "mock", "models": ["mock"]}],
             "store": {"address": "redis.ai:6380", "db": 2, "tls": true, "username": "fwd",
                       "passwordSecretRef": {"name": "redis", "key": "password"},
+                      "caSecretRef": {"name": "redis-ca", "key": "ca.pem"},
+                      "clientCertSecretRef": {"name": "redis-client"},
                       "timeout": "80ms", "idempotencyPolicy": "FailClosed"},
             "encryption": {"keySecretRef": {"name": "store-keys"}},
             "cache": {"models": [{"model": "mock", "ttl": "5m", "cacheable": "All", "shared": true}]},
@@ -449,6 +465,30 @@ pub(crate) mod tests {
         let r = c.store.redis.as_ref().expect("redis");
         assert_eq!(c.store.backend, forwarder_config::StoreBackend::Redis);
         assert_eq!(r.url, "rediss://redis.ai:6380");
+        let path = |p: &str| Some(PathBuf::from(p));
+        assert_eq!(r.ca_file, path("/etc/forwarder/redis-ca/ca.crt"));
+        assert_eq!(
+            (r.client_cert_file.clone(), r.client_key_file.clone()),
+            (
+                path("/etc/forwarder/redis-client/tls.crt"),
+                path("/etc/forwarder/redis-client/tls.key")
+            )
+        );
+        // Mounted where the config names them, and their changes roll the pods.
+        let mounts = crate::render::deployment::secret_mounts(&spec);
+        let ca = mounts
+            .iter()
+            .find(|m| m.secret == "redis-ca")
+            .expect("CA mounted");
+        assert_eq!(ca.items, Some(vec![("ca.pem", "ca.crt")]));
+        let uses = crate::reconcile::secret_uses(&spec);
+        for (name, key) in [("redis-client", "tls.crt"), ("redis-client", "tls.key")] {
+            assert!(
+                uses.iter()
+                    .any(|u| u.name == name && u.key.as_deref() == Some(key)),
+                "{name}/{key}"
+            );
+        }
         assert_eq!((r.db, r.username.as_deref()), (2, Some("fwd")));
         assert_eq!(
             r.password_file.as_deref(),

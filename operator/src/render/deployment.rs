@@ -18,10 +18,11 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::config::{
     CALLBACK_SECRETS_DIR, CLIENT_CA_DIR, CLIENT_KEYS_DIR, CONFIG_KEY, CONFIG_PATH, DRAIN_DELAY,
     ENCRYPTION_KEYS_DIR, GRACE_PERIOD, GRPC_PORT, HTTP_PORT, JWT_KEYS_DIR, KAFKA_CA_DIR,
-    KAFKA_SASL_DIR, REDIS_PASSWORD_DIR, TLS_DIR, UPSTREAM_KEYS_DIR,
+    KAFKA_SASL_DIR, REDIS_CA_DIR, REDIS_CLIENT_CERT_DIR, REDIS_PASSWORD_DIR, TLS_DIR,
+    UPSTREAM_KEYS_DIR,
 };
 use super::{config_map_name, labels, metadata, Inputs};
-use crate::crd::Protocol;
+use crate::crd::{ModelForwarderSpec, Protocol, SecretKeyRef};
 
 /// UID/GID the forwarder runs as (the distroless `nonroot` user).
 pub const RUN_AS: i64 = 65532;
@@ -88,17 +89,26 @@ fn probe(path: &str, period: i32, failures: i32, tls: Option<&crate::crd::Tls>) 
 
 /// One Secret mounted read-only into the container: either only the listed
 /// (key, file name) pairs, or (`items: None`) every key as a file, for the
-/// sources the forwarder reloads as a directory.
-struct SecretMount<'a> {
+/// sources the forwarder reloads as a directory. `field` is the spec path of
+/// the reference, for messages.
+pub struct SecretMount<'a> {
+    pub field: String,
     volume: String,
     dir: String,
-    secret: &'a str,
-    items: Option<Vec<(&'a str, &'a str)>>,
+    pub secret: &'a str,
+    pub items: Option<Vec<(&'a str, &'a str)>>,
 }
 
 impl<'a> SecretMount<'a> {
-    fn keys(volume: &str, dir: &str, secret: &'a str, items: Vec<(&'a str, &'a str)>) -> Self {
+    fn keys(
+        field: &str,
+        volume: &str,
+        dir: &str,
+        secret: &'a str,
+        items: Vec<(&'a str, &'a str)>,
+    ) -> Self {
         Self {
+            field: field.into(),
             volume: volume.into(),
             dir: dir.into(),
             secret,
@@ -106,8 +116,9 @@ impl<'a> SecretMount<'a> {
         }
     }
 
-    fn whole(volume: &str, dir: &str, secret: &'a str) -> Self {
+    fn whole(field: &str, volume: &str, dir: &str, secret: &'a str) -> Self {
         Self {
+            field: field.into(),
             volume: volume.into(),
             dir: dir.into(),
             secret,
@@ -148,44 +159,81 @@ impl<'a> SecretMount<'a> {
 
 /// Every Secret the spec references, each at the fixed path the rendered
 /// config names, projecting only the referenced keys where the forwarder
-/// reads single files.
-fn secret_mounts<'a>(spec: &'a crate::crd::ModelForwarderSpec) -> Vec<SecretMount<'a>> {
+/// reads single files. The one list both the pod template and the Secret
+/// checks (`reconcile::secret_uses`) are built from.
+pub fn secret_mounts<'a>(spec: &'a ModelForwarderSpec) -> Vec<SecretMount<'a>> {
     let auth = spec.auth.as_ref();
     let jwt = auth.and_then(|a| a.jwt.as_ref());
     let tls = spec.tls.as_ref();
     let jobs = spec.async_jobs.as_ref();
-    let one = |volume: &str, dir: &str, r: &'a crate::crd::SecretKeyRef, file: &'a str| {
-        SecretMount::keys(volume, dir, &r.name, vec![(r.key.as_str(), file)])
+    let store = spec.store.as_ref();
+    let one = |field: &str, volume: &str, dir: &str, r: &'a SecretKeyRef, file: &'static str| {
+        SecretMount::keys(field, volume, dir, &r.name, vec![(r.key.as_str(), file)])
     };
+    let crt_key = || vec![("tls.crt", "tls.crt"), ("tls.key", "tls.key")];
     let mut mounts = Vec::new();
     // Directories the forwarder reloads when the Secret changes (the pod
     // hash rolls the pods as well).
     if let Some(r) = auth.and_then(|a| a.api_keys_secret_ref.as_ref()) {
-        mounts.push(SecretMount::whole("client-keys", CLIENT_KEYS_DIR, &r.name));
+        let field = "spec.auth.apiKeysSecretRef";
+        mounts.push(SecretMount::whole(
+            field,
+            "client-keys",
+            CLIENT_KEYS_DIR,
+            &r.name,
+        ));
     }
     if let Some(e) = &spec.encryption {
+        let (field, name) = ("spec.encryption.keySecretRef", &e.key_secret_ref.name);
         mounts.push(SecretMount::whole(
+            field,
             "encryption-keys",
             ENCRYPTION_KEYS_DIR,
-            &e.key_secret_ref.name,
+            name,
         ));
     }
     if let Some(r) = jwt.and_then(|j| j.jwks_secret_ref.as_ref()) {
-        mounts.push(one("jwt-keys", JWT_KEYS_DIR, r, "jwks.json"));
+        mounts.push(one(
+            "spec.auth.jwt.jwksSecretRef",
+            "jwt-keys",
+            JWT_KEYS_DIR,
+            r,
+            "jwks.json",
+        ));
     }
     if let Some(r) = jwt.and_then(|j| j.secret_ref.as_ref()) {
-        mounts.push(one("jwt-secret", JWT_KEYS_DIR, r, "secret"));
+        mounts.push(one(
+            "spec.auth.jwt.secretRef",
+            "jwt-secret",
+            JWT_KEYS_DIR,
+            r,
+            "secret",
+        ));
     }
     if let Some(t) = tls {
-        let pair = vec![("tls.crt", "tls.crt"), ("tls.key", "tls.key")];
-        mounts.push(SecretMount::keys("tls", TLS_DIR, &t.secret_ref.name, pair));
+        let name = &t.secret_ref.name;
+        mounts.push(SecretMount::keys(
+            "spec.tls.secretRef",
+            "tls",
+            TLS_DIR,
+            name,
+            crt_key(),
+        ));
     }
     if let Some(r) = tls.and_then(|t| t.client_ca_secret_ref.as_ref()) {
-        mounts.push(one("client-ca", CLIENT_CA_DIR, r, "ca.crt"));
+        mounts.push(one(
+            "spec.tls.clientCaSecretRef",
+            "client-ca",
+            CLIENT_CA_DIR,
+            r,
+            "ca.crt",
+        ));
     }
     if let Some(r) = jobs.and_then(|a| a.sasl_secret_ref.as_ref()) {
         let pair = vec![("username", "username"), ("password", "password")];
+        let field = "spec.async.saslSecretRef";
         mounts.push(SecretMount::keys(
+            field,
             "kafka-sasl",
             KAFKA_SASL_DIR,
             &r.name,
@@ -193,22 +241,65 @@ fn secret_mounts<'a>(spec: &'a crate::crd::ModelForwarderSpec) -> Vec<SecretMoun
         ));
     }
     if let Some(r) = jobs.and_then(|a| a.ca_secret_ref.as_ref()) {
-        mounts.push(one("kafka-ca", KAFKA_CA_DIR, r, "ca.crt"));
+        mounts.push(one(
+            "spec.async.caSecretRef",
+            "kafka-ca",
+            KAFKA_CA_DIR,
+            r,
+            "ca.crt",
+        ));
     }
     if let Some(r) = jobs.and_then(|a| a.callback_secret_ref.as_ref()) {
-        mounts.push(one("callback-secrets", CALLBACK_SECRETS_DIR, r, "secrets"));
+        let field = "spec.async.callbackSecretRef";
+        mounts.push(one(
+            field,
+            "callback-secrets",
+            CALLBACK_SECRETS_DIR,
+            r,
+            "secrets",
+        ));
     }
-    if let Some(r) = spec
-        .store
-        .as_ref()
-        .and_then(|s| s.password_secret_ref.as_ref())
-    {
-        mounts.push(one("redis-password", REDIS_PASSWORD_DIR, r, &r.key));
+    if let Some(r) = store.and_then(|s| s.password_secret_ref.as_ref()) {
+        let field = "spec.store.passwordSecretRef";
+        mounts.push(SecretMount::keys(
+            field,
+            "redis-password",
+            REDIS_PASSWORD_DIR,
+            &r.name,
+            vec![(r.key.as_str(), r.key.as_str())],
+        ));
     }
-    for u in &spec.upstreams {
+    if let Some(r) = store.and_then(|s| s.ca_secret_ref.as_ref()) {
+        mounts.push(one(
+            "spec.store.caSecretRef",
+            "redis-ca",
+            REDIS_CA_DIR,
+            r,
+            "ca.crt",
+        ));
+    }
+    if let Some(r) = store.and_then(|s| s.client_cert_secret_ref.as_ref()) {
+        let field = "spec.store.clientCertSecretRef";
+        mounts.push(SecretMount::keys(
+            field,
+            "redis-client",
+            REDIS_CLIENT_CERT_DIR,
+            &r.name,
+            crt_key(),
+        ));
+    }
+    for (i, u) in spec.upstreams.iter().enumerate() {
         if let Some(r) = &u.api_key_secret_ref {
+            let field = format!("spec.upstreams[{i}].apiKeySecretRef");
             let dir = format!("{UPSTREAM_KEYS_DIR}/{}", u.name);
-            mounts.push(one(&upstream_volume(&u.name), &dir, r, &r.key));
+            let items = vec![(r.key.as_str(), r.key.as_str())];
+            mounts.push(SecretMount::keys(
+                &field,
+                &upstream_volume(&u.name),
+                &dir,
+                &r.name,
+                items,
+            ));
         }
     }
     mounts
