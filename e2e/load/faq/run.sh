@@ -96,6 +96,9 @@ cache_counts() { # port -> "hit miss bypass" of forwarder_cache_requests_total{m
       if ($0 ~ /result="hit"/) h = $NF; else if ($0 ~ /result="miss"/) m = $NF; else if ($0 ~ /result="bypass"/) b = $NF }
     END {printf "%d %d %d\n", h, m, b}'
 }
+store_errors() { # port -> forwarder_store_errors_total, all ops (each a fail-open miss for the cache)
+  curl -fsS --max-time 2 "http://127.0.0.1:$1/metrics" | awk '/^forwarder_store_errors_total/ {s += $NF} END {printf "%d\n", s}'
+}
 
 BACKGROUND=$(busy_cores)
 LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -157,16 +160,16 @@ for tool in "${TOOLS[@]}"; do
   for mode in off on; do
     redis-cli -h 127.0.0.1 -p "$REDIS_PORT" flushall >/dev/null
     log "$tool, cache $mode: ${RATE} req/s for ${DURATION}s (${HOT_SHARE} hot) against a ${LATENCY} mock"
-    c0=$(mock_calls); read -r h0 m0 b0 < <(cache_counts "${PORT[$mode]}")
+    c0=$(mock_calls); read -r h0 m0 b0 < <(cache_counts "${PORT[$mode]}"); e0=$(store_errors "${PORT[$mode]}")
     f0=$(cpu_seconds "${FPID[$mode]}"); r0=$(cpu_seconds "$REDIS_PID")
     set +e; run_tool "$tool" "$mode"; rc=$?; set -e
-    c1=$(mock_calls); read -r h1 m1 b1 < <(cache_counts "${PORT[$mode]}")
+    c1=$(mock_calls); read -r h1 m1 b1 < <(cache_counts "${PORT[$mode]}"); e1=$(store_errors "${PORT[$mode]}")
     f1=$(cpu_seconds "${FPID[$mode]}"); r1=$(cpu_seconds "$REDIS_PID")
     sed -n '/^=== FAQ/,$p' "$WORK/$tool-$mode.out" >&2
     [ "$rc" -eq 0 ] || { log "$tool exited $rc:"; tail -20 "$WORK/$tool-$mode.out" >&2; }
     kill -0 "${FPID[$mode]}" 2>/dev/null || { cat "$WORK/forwarder-$mode.log" >&2; die "the forwarder (cache $mode) died"; }
     cat >"$WORK/$tool-$mode.meta.json" <<JSON
-{"rc": $rc, "upstream_calls": $((c1 - c0)), "hit": $((h1 - h0)), "miss": $((m1 - m0)), "bypass": $((b1 - b0)),
+{"rc": $rc, "upstream_calls": $((c1 - c0)), "hit": $((h1 - h0)), "miss": $((m1 - m0)), "bypass": $((b1 - b0)), "store_errors": $((e1 - e0)),
  "forwarder_cpu_s": $(awk -v a="$f0" -v b="$f1" 'BEGIN {print b - a}'), "redis_cpu_s": $(awk -v a="$r0" -v b="$r1" 'BEGIN {print b - a}'),
  "hot_questions": $HOT_QUESTIONS}
 JSON

@@ -43,8 +43,8 @@ def main(argv):
     check = "--check" in argv[2:]
     rows, problems = runs(work), []
     head = (f"{'tool':7} {'cache':5} {'requests':>8} {'req/s':>7} {'P50 ms':>8} {'P99 ms':>8} "
-            f"{'errors':>7} {'upstream calls':>15} {'expected':>9} {'HIT P50/P99 ms':>16} "
-            f"{'MISS P50/P99 ms':>16} {'hit/miss/bypass':>17} {'fwd CPU/req':>11} {'redis CPU/req':>13}")
+            f"{'errors':>7} {'upstream calls':>15} {'ideal':>6} {'HIT P50/P99 ms':>16} "
+            f"{'MISS P50/P99 ms':>16} {'hit/miss/bypass':>17} {'store err':>9} {'fwd CPU/req':>11} {'redis CPU/req':>13}")
     print(head)
     for tool, mode, s, m in rows:
         if s is None:
@@ -64,8 +64,9 @@ def main(argv):
         cpu = m["forwarder_cpu_s"] * 1e6 / n if n else float("nan")
         rcpu = m["redis_cpu_s"] * 1e6 / n if n else float("nan")
         print(f"{tool:7} {mode:5} {n:>8} {fmt(s['rps']):>7} {fmt(s['p50_ms']):>8} {fmt(s['p99_ms']):>8} "
-              f"{s['failures']:>7} {calls:>7} ({100 * calls / max(n, 1):4.1f}%) {expected:>9} "
-              f"{hm:>16} {mm:>16} {m['hit']:>5}/{m['miss']}/{m['bypass']:<5} {fmt(cpu, 0):>8} us {fmt(rcpu, 0):>10} us")
+              f"{s['failures']:>7} {calls:>7} ({100 * calls / max(n, 1):4.1f}%) {expected:>6} "
+              f"{hm:>16} {mm:>16} {m['hit']:>7}/{m['miss']}/{m['bypass']:<5} {m.get('store_errors', 0):>9} "
+              f"{fmt(cpu, 0):>8} us {fmt(rcpu, 0):>10} us")
         if s["failures"] or m.get("rc"):
             problems.append(f"{tool} cache {mode}: {s['failures']} errors (exit {m.get('rc')})")
         if s.get("dropped_iterations"):
