@@ -287,12 +287,13 @@ report() {
   echo " 'mock calls': upstream requests the mock counted (/mock/stats) as % of requests wrk completed, all runs)"
   echo
   for rate in "${RATES[@]}"; do
-    printf '%-26s %9s %5s %10s %10s %16s\n' "FIXED RATE $rate req/s" "achieved" "err" "P50" "P99" "added P99"
+    printf '%-26s %9s %5s %10s %10s %12s %12s\n' "FIXED RATE $rate req/s" "achieved" "err" "P50" "P99" "added P50" "added P99"
     for l in "${LABELS[@]}"; do
-      local added="(reference)" p99=${P_p99[$rate $l]} ref=${P_p99[$rate direct]}
-      [ "$l" = direct ] || added=$(ms3 $((p99 - ref)))
-      printf '%-26s %9s %5s %10s %10s %16s\n' "${T_name[$l]}" "${P_rps[$rate $l]}" "${P_err[$rate $l]}" \
-        "$(ms "${P_p50[$rate $l]}")" "$(ms "${P_p99[$rate $l]}")" "$added"
+      local a50="(reference)" a99="(reference)" p50=${P_p50[$rate $l]} p99=${P_p99[$rate $l]}
+      local r50=${P_p50[$rate direct]} r99=${P_p99[$rate direct]}
+      [ "$l" = direct ] || { a50=$(ms3 $((p50 - r50))); a99=$(ms3 $((p99 - r99))); }
+      printf '%-26s %9s %5s %10s %10s %12s %12s\n' "${T_name[$l]}" "${P_rps[$rate $l]}" "${P_err[$rate $l]}" \
+        "$(ms "$p50")" "$(ms "$p99")" "$a50" "$a99"
     done
     echo
   done
