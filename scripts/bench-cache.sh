@@ -266,7 +266,8 @@ done
 
 report() {
   local code l rate
-  code=$(git log -1 --format=%h -- . ':(exclude)scripts' ':(exclude)docs' ':(exclude)e2e' 2>/dev/null || echo '?')
+  # The last commit that changed the forwarder's sources or dependencies.
+  code=$(git log -1 --format=%h -- forwarder forwarder-config Cargo.toml Cargo.lock 2>/dev/null || echo '?')
   echo "ModelForwarder cache benchmark  $(date -u '+%Y-%m-%d %H:%M UTC')  git $(git rev-parse --short HEAD 2>/dev/null || echo '?') (forwarder code as of $code)$(git diff --quiet HEAD -- forwarder forwarder-config 2>/dev/null || echo ', with uncommitted changes')"
   echo "machine: $(nproc) cores, $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo); $(wrk --version 2>&1 | head -1 | awk '{print $1, $2}'), $(redis-server --version | awk '{print $1, $3}')"
   echo "max runs: wrk -t$THREADS -c$CONNS -d${DURATION}s -s cache.lua (+${WARMUP}s warm-up each); fixed rates ${RATES[*]} req/s: wrk -c$PACED_CONNS, $PACED_ROUNDS rounds x ${PACED_SEG}s per target, order rotated, histograms pooled"
