@@ -162,6 +162,9 @@ cargo test --workspace --locked
 log "load: CI step scenario (Locust, local forwarder + mock-llm)"
 bash e2e/load/ci-step.sh
 
+log "load: FAQ scenario, cache off and on, scaled down (Locust and k6, Redis, ~25 s)"
+bash e2e/load/faq/ci.sh
+
 log "contract: schemathesis against docs/openapi.json (auth on, ~1 min)"
 bash e2e/contract/schemathesis.sh
 
