@@ -125,7 +125,7 @@ fn default_tls_reload() -> Duration {
 }
 
 /// TLS towards one upstream (an `https://` base URL).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamTlsConfig {
     /// PEM CA bundle trusted instead of the system roots.
@@ -140,4 +140,20 @@ pub struct UpstreamTlsConfig {
     /// differs from the URL's host (e.g. connecting by IP).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,
+    /// How often the files are checked for changes; a change builds a new
+    /// client for new connections (pooled ones finish their requests).
+    #[serde(default = "default_tls_reload", with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for UpstreamTlsConfig {
+    fn default() -> Self {
+        Self {
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            server_name: None,
+            reload_interval: default_tls_reload(),
+        }
+    }
 }

@@ -191,6 +191,15 @@ impl Server {
         if let (Some(jwt), Some(jwt_cfg)) = (pipeline.jwt(), &cfg.auth.jwt) {
             background.push(jwt.keys().clone().watch(jwt_cfg));
         }
+        let upstream_tls = cfg.upstreams.iter().filter_map(|u| u.tls.as_ref());
+        if let Some(every) = upstream_tls
+            .filter(|t| t.ca_file.is_some() || t.cert_file.is_some())
+            .map(|t| t.reload_interval.max(std::time::Duration::from_millis(100)))
+            .min()
+        {
+            let files = Arc::new(UpstreamFiles(pipeline.clone()));
+            background.push(crate::reload::poll(files, every));
+        }
         Ok(Self {
             addr,
             grpc_addr,
@@ -298,5 +307,17 @@ async fn logged<E: std::fmt::Display>(
 ) {
     if let Err(e) = server.await {
         tracing::error!(server = name, error = %e, "server failed");
+    }
+}
+
+/// The upstreams' TLS files, polled as one source.
+struct UpstreamFiles(Arc<Pipeline>);
+
+impl crate::reload::Reload for UpstreamFiles {
+    type Error = crate::BuildError;
+    const WHAT: &'static str = "upstream TLS files";
+
+    fn reload(&self) -> Result<bool, crate::BuildError> {
+        self.0.reload_upstream_files()
     }
 }

@@ -292,6 +292,11 @@ impl Pipeline {
         self.ready.store(false, Ordering::Relaxed);
     }
 
+    /// Re-reads the upstreams' TLS files; see [`crate::upstream::pool::Pools::reload_files`].
+    pub fn reload_upstream_files(&self) -> Result<bool, crate::BuildError> {
+        self.forwarder.pools.reload_files()
+    }
+
     pub fn jwt(&self) -> Option<&Arc<JwtVerifier>> {
         self.jwt.as_ref()
     }

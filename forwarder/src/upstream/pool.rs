@@ -85,6 +85,26 @@ impl Pools {
         })
     }
 
+    /// Re-reads every endpoint's files (see [`Provider::reload_files`]);
+    /// returns whether any changed. One failing endpoint does not stop
+    /// the others; the first error is returned.
+    pub fn reload_files(&self) -> Result<bool, BuildError> {
+        let mut seen = std::collections::HashSet::new();
+        let (mut changed, mut first_err) = (false, None);
+        for e in self.models.values().flat_map(|p| p.endpoints.iter()) {
+            if !seen.insert(Arc::as_ptr(e)) {
+                continue;
+            }
+            match e.provider.reload_files() {
+                Ok(c) => changed |= c,
+                Err(err) => {
+                    first_err.get_or_insert(err);
+                }
+            }
+        }
+        first_err.map_or(Ok(changed), Err)
+    }
+
     pub fn has_model(&self, model: &str) -> bool {
         self.models.contains_key(model)
     }

@@ -1,7 +1,9 @@
 //! Client TLS towards one upstream: its own CA bundle instead of the
 //! system roots, an optional client certificate (upstream mTLS) and an
 //! optional server name (SNI and certificate check) other than the URL's
-//! host. Files are read once at start; a bad file fails the start.
+//! host. A bad file fails the start; the files are then polled and a change
+//! builds a new client (new connections use it; a failed reload keeps the
+//! old one).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -84,4 +86,21 @@ pub fn server_name(
                 .map_err(|e| BuildError::new(format!("upstreams.{name}.tls.server_name: {e}")))
         })
         .transpose()
+}
+
+/// A digest of the TLS files' bytes (all zero without any), to notice a
+/// rotation on disk.
+pub fn files_fingerprint(tls: Option<&UpstreamTlsConfig>) -> crate::reload::Fingerprint {
+    use sha2::{Digest, Sha256};
+    let Some(tls) = tls else {
+        return [0; 32];
+    };
+    let mut fp = Sha256::new();
+    for path in [&tls.ca_file, &tls.cert_file, &tls.key_file]
+        .into_iter()
+        .flatten()
+    {
+        fp.update(Sha256::digest(std::fs::read(path).unwrap_or_default()));
+    }
+    fp.finalize().into()
 }

@@ -223,6 +223,7 @@ async fn upstream_tls_with_a_custom_ca_client_certificate_and_server_name() {
         cert_file: Some(dir.path().join("client.crt")),
         key_file: Some(dir.path().join("client.key")),
         server_name: Some("localhost".into()),
+        ..UpstreamTlsConfig::default()
     };
     let cases = [
         (
@@ -260,6 +261,38 @@ async fn upstream_tls_with_a_custom_ca_client_certificate_and_server_name() {
         }
         fwd.server.shutdown().await;
     }
+    // Rotation on disk: the client certificate starts as one the upstream
+    // does not trust (refused), then cert-manager writes a good one, and
+    // the next connection presents it without a restart.
+    let (rot_crt, rot_key) = (dir.path().join("rot.crt"), dir.path().join("rot.key"));
+    std::fs::copy(dir.path().join("bad.crt"), &rot_crt).unwrap();
+    std::fs::copy(dir.path().join("bad.key"), &rot_key).unwrap();
+    let rotating = UpstreamTlsConfig {
+        cert_file: Some(rot_crt.clone()),
+        key_file: Some(rot_key.clone()),
+        reload_interval: Duration::from_millis(100),
+        ..good.clone()
+    };
+    let fwd = start(via(Some(rotating))).await;
+    let r = fwd
+        .post("/v1/chat/completions", &chat("mock", "up"), &[])
+        .await;
+    assert_eq!(r.status, 502, "an untrusted client certificate: {}", r.text);
+    std::fs::copy(dir.path().join("client.key"), &rot_key).unwrap();
+    std::fs::copy(dir.path().join("client.crt"), &rot_crt).unwrap();
+    let mut status = 0;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        status = fwd
+            .post("/v1/chat/completions", &chat("mock", "up"), &[])
+            .await
+            .status;
+        if status == 200 {
+            break;
+        }
+    }
+    assert_eq!(status, 200, "the rotated certificate is presented");
+    fwd.server.shutdown().await;
     let bad = UpstreamTlsConfig {
         cert_file: Some(dir.path().join("client.crt")),
         key_file: None,

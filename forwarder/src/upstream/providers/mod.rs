@@ -46,6 +46,12 @@ pub trait Provider: Send + Sync {
     /// Resolves once the upstream has accepted the request and its stream
     /// has begun; errors after that come through the stream.
     async fn stream(&self, req: &Envelope) -> Result<Opened, UpstreamError>;
+
+    /// Re-reads files the adapter was built from (TLS material); returns
+    /// whether anything changed.
+    fn reload_files(&self) -> Result<bool, crate::BuildError> {
+        Ok(false)
+    }
 }
 
 /// What every adapter shares: bounds and the response-header allow-list.

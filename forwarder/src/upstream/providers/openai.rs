@@ -16,6 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::{AdapterLimits, Completed, Opened, Provider};
 use crate::pipeline::envelope::Envelope;
+use crate::reload::Swap;
 use crate::sse::{self, Splitter};
 use crate::upstream::retry::parse_retry_after;
 use crate::upstream::UpstreamError;
@@ -31,7 +32,10 @@ type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Byte
 /// per request, and a proxy needs none of them (it never follows redirects,
 /// and retries are the pipeline's).
 pub struct OpenAiProvider {
-    client: HttpsClient,
+    /// Rebuilt when the upstream's TLS files change.
+    client: Swap<HttpsClient>,
+    /// The upstream's config, when it has TLS files to watch.
+    files: Option<forwarder_config::UpstreamConfig>,
     /// Parsed once.
     uri: Uri,
     auth: Option<HeaderValue>,
@@ -65,42 +69,10 @@ impl OpenAiProvider {
             }
             None => None,
         };
-        crate::install_crypto_provider();
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.set_keepalive(Some(Duration::from_secs(30)));
-        http.set_connect_timeout(Some(cfg.connect_timeout));
-        http.enforce_http(false);
-        // The system roots are loaded (once) only for https upstreams
-        // without a CA bundle of their own.
-        let https_url = base.starts_with("https:");
-        let tls = match (&cfg.tls, https_url) {
-            (Some(t), true) => {
-                crate::upstream::tls::client_config(&cfg.name, t, || tls_config().clone())?
-            }
-            (None, true) => tls_config().clone(),
-            (_, false) => rustls::ClientConfig::builder()
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth(),
-        };
-        let server_name = match &cfg.tls {
-            Some(t) => crate::upstream::tls::server_name(&cfg.name, t)?,
-            None => None,
-        };
-        let builder = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http();
-        let https = match server_name {
-            Some(name) => builder
-                .with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
-                .enable_all_versions()
-                .wrap_connector(http),
-            None => builder.enable_all_versions().wrap_connector(http),
-        };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_timer(TokioTimer::new())
-            .build(https);
+        // Read before the files are, so a rotation racing the build is
+        // seen by the next poll.
+        let fingerprint = crate::upstream::tls::files_fingerprint(cfg.tls.as_ref());
+        let client = https_client(cfg)?;
         let uri: Uri = format!("{base}/chat/completions")
             .parse()
             .map_err(|e| BuildError::new(format!("upstreams.{}.base_url: {e}", cfg.name)))?;
@@ -110,12 +82,31 @@ impl OpenAiProvider {
                 cfg.name
             )));
         }
+        let files = cfg
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.ca_file.is_some() || t.cert_file.is_some())
+            .then(|| cfg.clone());
         Ok(Self {
-            client,
+            client: Swap::new(client, fingerprint),
+            files,
             uri,
             auth,
             limits,
         })
+    }
+
+    /// Rebuilds the client if the TLS files changed; returns whether they
+    /// did. A failed rebuild (a half-written rotation) keeps the old one.
+    pub fn reload_files(&self) -> Result<bool, BuildError> {
+        let Some(cfg) = &self.files else {
+            return Ok(false);
+        };
+        let fingerprint = crate::upstream::tls::files_fingerprint(cfg.tls.as_ref());
+        if self.client.is_current(&fingerprint) {
+            return Ok(false);
+        }
+        Ok(self.client.install(https_client(cfg)?, fingerprint))
     }
 
     async fn send(&self, req: &Envelope) -> Result<Response<Incoming>, UpstreamError> {
@@ -131,13 +122,55 @@ impl OpenAiProvider {
         if let Some(auth) = &self.auth {
             headers.insert(AUTHORIZATION, auth.clone());
         }
-        let resp = self.client.request(request).await.map_err(classify)?;
+        let resp = self.client.get().request(request).await.map_err(classify)?;
         if resp.status().is_success() {
             Ok(resp)
         } else {
             Err(status_error(resp).await)
         }
     }
+}
+
+/// The pooled client for `cfg`: TLS from its files (read now), or the
+/// shared system-roots config.
+fn https_client(cfg: &forwarder_config::UpstreamConfig) -> Result<HttpsClient, BuildError> {
+    let base = cfg.base_url.as_deref().unwrap_or_default();
+    crate::install_crypto_provider();
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_keepalive(Some(Duration::from_secs(30)));
+    http.set_connect_timeout(Some(cfg.connect_timeout));
+    http.enforce_http(false);
+    // The system roots are loaded (once) only for https upstreams
+    // without a CA bundle of their own.
+    let https_url = base.starts_with("https:");
+    let tls = match (&cfg.tls, https_url) {
+        (Some(t), true) => {
+            crate::upstream::tls::client_config(&cfg.name, t, || tls_config().clone())?
+        }
+        (None, true) => tls_config().clone(),
+        (_, false) => rustls::ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+    };
+    let server_name = match &cfg.tls {
+        Some(t) => crate::upstream::tls::server_name(&cfg.name, t)?,
+        None => None,
+    };
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http();
+    let https = match server_name {
+        Some(name) => builder
+            .with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
+            .enable_all_versions()
+            .wrap_connector(http),
+        None => builder.enable_all_versions().wrap_connector(http),
+    };
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_timer(TokioTimer::new())
+        .build(https))
 }
 
 /// The client TLS settings every upstream shares: the system's roots,
@@ -255,6 +288,10 @@ async fn read_bounded(
 
 #[async_trait]
 impl Provider for OpenAiProvider {
+    fn reload_files(&self) -> Result<bool, BuildError> {
+        OpenAiProvider::reload_files(self)
+    }
+
     async fn complete(&self, req: &Envelope) -> Result<Completed, UpstreamError> {
         let resp = self.send(req).await?;
         let headers = self.limits.to_client.filter(resp.headers());
