@@ -232,6 +232,18 @@ impl Jobs {
         if let Some(job) = self.records.load(id).await.filter(|j| &j.owner == owner) {
             self.table.adopt(&job, now_ms());
         }
+        // Only a queued job can be cancelled, and a worker on another
+        // replica may be starting it right now: the store's turn decides.
+        if self
+            .table
+            .get(id, owner)
+            .is_some_and(|j| j.state == JobState::Queued)
+        {
+            if let records::Turn::Lost(_) = self.records.take_turn(id, records::Move::Cancel).await
+            {
+                return Err(CancelError::NotQueued(JobState::Running));
+            }
+        }
         match self.table.cancel(id, owner, now_ms()) {
             None => Err(CancelError::NotFound),
             Some(Err(e)) => Err(CancelError::NotQueued(e.0)),
@@ -261,8 +273,9 @@ impl Jobs {
     async fn handle(&self, delivery: Delivery) {
         // Finished or cancelled on any replica (a redelivery after a crash,
         // a DELETE elsewhere): its record says so, and it does not run again.
+        // A `running` record is a run cut short (a crash): it runs again.
         if let Some(stored) = self.records.load(&delivery.job_id).await {
-            if stored.state != JobState::Queued {
+            if stored.state.is_terminal() {
                 self.table.adopt(&stored, now_ms());
                 return self.queue.ack(delivery).await;
             }
@@ -275,6 +288,13 @@ impl Jobs {
             }
         }
         let id = delivery.job_id.clone();
+        // A DELETE on another replica may be cancelling it right now.
+        if let records::Turn::Lost(_) = self.records.take_turn(&id, records::Move::Start).await {
+            if let Some(stored) = self.records.load(&id).await {
+                self.table.adopt(&stored, now_ms());
+            }
+            return self.queue.ack(delivery).await;
+        }
         let picked = now_ms();
         let job = match self.table.start(&id, picked) {
             Start::Run(job) => job,
@@ -288,6 +308,8 @@ impl Jobs {
             .wait
             .observe(picked.saturating_sub(job.created_at * 1000) as f64 / 1000.0);
         self.metrics.entered(JobState::Running);
+        // Every replica answers GET from the record: it says running now.
+        self.records.save(&job).await;
         let response = self.call(&job).await;
         let done = now_ms();
         self.metrics

@@ -11,7 +11,39 @@ use serde::{Deserialize, Serialize};
 
 use super::model::{Callback, DeliveryState, Job, JobResponse, JobState};
 use super::wire;
-use crate::store::{Space, Store, StoreKey};
+use crate::store::{Claimed, Space, Store, StoreKey};
+
+/// A queued job leaves `queued` once, by one of two moves that may race
+/// on different replicas: a worker starting it, or its client cancelling
+/// it. The first to take the job's turn in the store wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Move {
+    Start,
+    Cancel,
+}
+
+impl Move {
+    fn marker(self) -> &'static [u8] {
+        match self {
+            Self::Start => b"started",
+            Self::Cancel => b"cancelled",
+        }
+    }
+}
+
+/// Who holds a job's turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Turn {
+    /// This move took it (or the store is down: the replica's own table
+    /// decides, as before there was a store).
+    Taken,
+    /// The other move took it first.
+    Lost(Move),
+}
+
+fn turn_key(id: &str) -> StoreKey {
+    StoreKey::new(Space::Job, "turn", id.as_bytes())
+}
 
 pub struct Records {
     store: Arc<dyn Store>,
@@ -99,6 +131,46 @@ impl Records {
         }
     }
 
+    /// Takes the job's turn for `what`, or says which move holds it. A
+    /// start after a start (a redelivery) also counts as taken: the job
+    /// id's idempotency claim makes the re-run replay or join.
+    pub async fn take_turn(&self, id: &str, what: Move) -> Turn {
+        let key = turn_key(id);
+        // A claim is completed at once; Busy is that instant, so retry briefly.
+        for _ in 0..50 {
+            match self
+                .store
+                .claim(&key, [0; 32], Duration::from_secs(5))
+                .await
+            {
+                Ok(Claimed::Won(guard)) => {
+                    let marker = Bytes::from_static(what.marker());
+                    if let Err(e) = guard.complete(marker, self.ttl).await {
+                        tracing::warn!(error = %e, "could not store a job's turn");
+                    }
+                    return Turn::Taken;
+                }
+                Ok(Claimed::Done(r)) => {
+                    let held = if &r.value[..] == Move::Cancel.marker() {
+                        Move::Cancel
+                    } else {
+                        Move::Start
+                    };
+                    return match (held, what) {
+                        (Move::Start, Move::Start) => Turn::Taken,
+                        (held, _) => Turn::Lost(held),
+                    };
+                }
+                Ok(Claimed::Busy { .. }) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "job turn unavailable; the local table decides");
+                    return Turn::Taken;
+                }
+            }
+        }
+        Turn::Taken
+    }
+
     pub async fn load(&self, id: &str) -> Option<Job> {
         match self.store.get(&key(id)).await {
             Ok(Some(record)) => decode(&record.value),
@@ -116,6 +188,30 @@ mod tests {
     use super::*;
     use crate::auth::Identity;
     use crate::jobs::model::JobKind;
+
+    #[tokio::test]
+    async fn the_first_move_out_of_queued_wins_the_turn() {
+        let r = Records::new(crate::store::memory(1 << 20), Duration::from_secs(60));
+        assert_eq!(r.take_turn("a", Move::Start).await, Turn::Taken);
+        assert_eq!(
+            r.take_turn("a", Move::Cancel).await,
+            Turn::Lost(Move::Start)
+        );
+        assert_eq!(
+            r.take_turn("a", Move::Start).await,
+            Turn::Taken,
+            "a redelivery runs"
+        );
+        assert_eq!(r.take_turn("b", Move::Cancel).await, Turn::Taken);
+        assert_eq!(
+            r.take_turn("b", Move::Start).await,
+            Turn::Lost(Move::Cancel)
+        );
+        assert_eq!(
+            r.take_turn("b", Move::Cancel).await,
+            Turn::Lost(Move::Cancel)
+        );
+    }
 
     #[test]
     fn a_finished_job_with_its_callback_survives_the_round_trip() {

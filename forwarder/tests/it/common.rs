@@ -123,6 +123,14 @@ impl Fwd {
         into_resp(req.send().await.expect("request sent")).await
     }
 
+    pub async fn delete(&self, path: &str, headers: &[(&str, &str)]) -> Resp {
+        let mut req = self.http.delete(format!("{}{path}", self.base));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        into_resp(req.send().await.expect("request sent")).await
+    }
+
     /// The value of one sample in `/metrics`, matched by name and exact labels
     /// (in any order); 0 when absent.
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {

@@ -357,3 +357,38 @@ async fn two_processes_share_replays_the_cache_sealed_records_and_limits() {
     assert_eq!(&statuses[..3], [200; 3], "{statuses:?}");
     assert_eq!(statuses[3], 429, "{statuses:?}");
 }
+
+/// A DELETE on one replica for a job another replica is running: the
+/// job's turn in the shared store says it started, so the answer is 409
+/// and the job still ends `succeeded` (it was once answered 200
+/// "cancelled" while the other replica ran it to the end).
+#[cfg_attr(not(redis_server), ignore = "redis-server not installed")]
+#[tokio::test]
+async fn a_job_running_on_one_replica_cannot_be_cancelled_on_the_other() {
+    let m = slow_mock(Duration::from_millis(1500)).await;
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    write_keys(&keys, &[("k1", 7)]);
+    let a = replica(&redis, &m, &keys).await;
+    let b = replica(&redis, &m, &keys).await;
+    connected(&a).await;
+    connected(&b).await;
+    let r = a
+        .post("/v1/async/chat/completions", &chat("m", "long"), &[])
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let path = format!("/v1/async/jobs/{id}");
+    for _ in 0..100 {
+        if a.get(&path, &[]).await.body["status"] == "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(a.get(&path, &[]).await.body["status"], "running");
+    let r = b.delete(&path, &[]).await;
+    assert_eq!(r.status, 409, "{}", r.text);
+    assert_eq!(wait_job(&a, &id, &[]).await["status"], "succeeded");
+    assert_eq!(m.model.requests(), 1);
+}
