@@ -286,22 +286,6 @@ pub async fn slow_mock(latency: Duration) -> MockServer {
     .await
 }
 
-/// How many requests the mock has answered.
-pub async fn mock_requests(m: &MockServer) -> u64 {
-    let v: Value = client()
-        .get(format!(
-            "{}/mock/stats",
-            m.base_url().trim_end_matches("/v1")
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["requests"].as_u64().expect("mock stats")
-}
-
 /// Polls an async job (as the client `headers` name) until it leaves
 /// `queued`/`running`; at most 30 s.
 pub async fn wait_job(f: &Fwd, id: &str, headers: &[(&str, &str)]) -> Value {

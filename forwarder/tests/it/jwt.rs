@@ -46,6 +46,21 @@ async fn tokens_py(mode: &str, dir: &Path, env: Vec<(&'static str, String)>) -> 
     stdout
 }
 
+/// Runs a short pyjwt script with `dir` as its argument; its stdout.
+fn py_script(script: &str, dir: &Path) -> String {
+    let out = Command::new(python())
+        .args(["-c", script])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 fn jwt_config(dir: &Path, jwks: bool) -> Config {
     let mut cfg = config(vec![]);
     cfg.upstreams = Config::default().upstreams;
@@ -184,17 +199,8 @@ now = int(time.time())
 print(jwt.encode({"sub": "old", "iss": "https://issuer.test", "aud": "modelforwarder", "exp": now + 300},
                  priv["rs-old"], algorithm="RS256", headers={"kid": "rs-old"}))
 "#;
-    let out = Command::new(python())
-        .args(["-c", script])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let bearer = format!("Bearer {}", String::from_utf8(out.stdout).unwrap().trim());
+    let out = py_script(script, dir.path());
+    let bearer = format!("Bearer {}", out.trim());
     let auth = [("authorization", bearer.as_str())];
     let r = fwd
         .post("/v1/chat/completions", &chat("mock", "hi"), &auth)
@@ -244,17 +250,8 @@ secret = open(sys.argv[1] + "/hs.secret").read().strip().encode()
 now = int(time.time())
 print(jwt.encode({"sub": "bob", "iss": "https://issuer.test", "aud": "modelforwarder", "exp": now + 300}, secret, algorithm="HS256"))
 "#;
-    let out = Command::new(python())
-        .args(["-c", script])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let out = py_script(script, dir.path());
+    let token = out.trim().to_string();
     let bearer = format!("Bearer {token}");
     for auth in [
         ("x-api-key", "sk-alice"),
@@ -419,21 +416,8 @@ for sub, tier in [("carol", "gold"), ("dave", None), ("erin", "platinum")]:
         claims["tier"] = tier
     print(jwt.encode(claims, secret, algorithm="HS256"))
 "#;
-    let out = Command::new(python())
-        .args(["-c", script])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let tokens: Vec<String> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|t| format!("Bearer {t}"))
-        .collect();
+    let out = py_script(script, dir.path());
+    let tokens: Vec<String> = out.lines().map(|t| format!("Bearer {t}")).collect();
     // (client, its header, requests admitted in one burst)
     let clients = [
         ("alice (config tier)", ("x-api-key", "sk-alice"), 3),

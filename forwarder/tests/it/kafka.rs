@@ -141,7 +141,7 @@ async fn jobs_go_through_the_broker_and_committed_jobs_never_run_again() {
         assert_eq!(job["status"], "succeeded", "{job}");
         assert_eq!(job["response"]["status_code"], 200);
     }
-    assert_eq!(mock_requests(&m).await, 30);
+    assert_eq!(m.model.requests(), 30);
     a.server.shutdown().await;
 
     // A new member of the group starts after the committed offsets: it
@@ -150,7 +150,7 @@ async fn jobs_go_through_the_broker_and_committed_jobs_never_run_again() {
     let id = submit(&b, "after restart").await;
     assert_eq!(wait_job(&b, &id, &[]).await["status"], "succeeded");
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(mock_requests(&m).await, 31, "no committed job ran again");
+    assert_eq!(m.model.requests(), 31, "no committed job ran again");
     let text = b.get("/metrics", &[]).await.text;
     assert!(text.contains("forwarder_queue_depth"), "lag is exported");
 }
@@ -194,7 +194,7 @@ async fn a_job_that_keeps_failing_and_a_message_that_is_no_job_are_dead_lettered
         job["response"]["status_code"], 502,
         "as the sync endpoint answers"
     );
-    assert_eq!(mock_requests(&m).await, 2, "one run per attempt");
+    assert_eq!(m.model.requests(), 2, "one run per attempt");
 
     let dead = read_topic(&broker, "jobs-poison-dead", 2).await;
     let keys: Vec<&str> = dead.iter().map(|(k, _)| k.as_str()).collect();
@@ -262,7 +262,7 @@ async fn two_replicas_share_the_queue_and_the_records_and_run_each_job_once() {
         assert!(text.contains(&format!("prompt-{i}")), "{text}");
     }
     assert_eq!(
-        mock_requests(&m).await,
+        m.model.requests(),
         n as u64,
         "each job reached the upstream once"
     );
