@@ -23,6 +23,9 @@ pub struct FleetConfig {
     /// Labels Prometheus attaches, as the Kubernetes scrape config would.
     pub namespace: String,
     pub instance: String,
+    /// `async.workers` per replica (the embedded queue); `None`: the
+    /// forwarder's default.
+    pub async_workers: Option<usize>,
 }
 
 struct Pod {
@@ -77,9 +80,13 @@ impl Fleet {
     fn start_named(&self, name: String) -> anyhow::Result<Pod> {
         let port = free_port()?;
         let config = self.cfg.dir.join(format!("{name}.yaml"));
+        let jobs = self
+            .cfg
+            .async_workers
+            .map_or(String::new(), |w| format!("async: {{workers: {w}}}\n"));
         std::fs::write(
             &config,
-            format!(
+            jobs + &format!(
                 "server:\n  listen: 127.0.0.1:{port}\n  max_concurrency: {}\n  request_timeout: 10s\n  \
                  shutdown: {{drain_delay: 0s, grace_period: 5s}}\n\
                  logging: {{access_log: false}}\n\
