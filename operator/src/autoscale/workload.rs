@@ -526,6 +526,18 @@ mod tests {
             ),
             (&json!(1200.0), &json!(600.0), &json!(4.0))
         );
+        // The names are the CRD's (the API server would prune others).
+        let typed: ModelForwarderStatus =
+            serde_json::from_value(p["status"].clone()).expect("a status");
+        let typed = typed.metrics.expect("metrics");
+        assert_eq!(
+            (
+                typed.queue_backlog,
+                typed.queue_delay_seconds,
+                typed.jobs_per_second_per_replica
+            ),
+            (Some(1200.0), Some(600.0), Some(4.0))
+        );
         let reason = p["status"]["lastScaleReason"].as_str().unwrap();
         assert!(
             reason.starts_with("3 → 5 (QueueDelay)")
