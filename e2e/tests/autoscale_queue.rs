@@ -17,5 +17,5 @@ async fn a_job_surge_scales_up_on_the_queue_not_on_qps_or_p99_and_drains() {
     let samples = scenario::run(s, |s| e2e::say(&format_sample(s)))
         .await
         .expect("scenario runs");
-    checks::queue_phases(&samples, &policy, interval);
+    checks::queue_phases(&samples, &policy, interval, true);
 }

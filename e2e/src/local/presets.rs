@@ -39,6 +39,7 @@ pub fn standard(stretch: u32) -> Scenario {
         window: S * 4,
         max_concurrency: 4,
         async_workers: None,
+        kafka: None,
         phases: vec![
             phase("baseline", 6, 10.0),
             phase("step-up", 24, 80.0),
@@ -97,6 +98,7 @@ pub fn queue() -> Scenario {
         window: S * 4,
         max_concurrency: 16,
         async_workers: Some(2),
+        kafka: None,
         phases: vec![
             phase("jobs-baseline", 8, 4.0),
             phase("jobs-surge", 16, 30.0),

@@ -49,6 +49,8 @@ pub struct Scenario {
     pub max_concurrency: usize,
     /// `async.workers` per replica; `None`: the forwarder's default.
     pub async_workers: Option<usize>,
+    /// A Kafka-protocol broker for the async queue (else embedded).
+    pub kafka: Option<String>,
     pub phases: Vec<Phase>,
 }
 
@@ -130,6 +132,7 @@ pub async fn run_with(
         namespace: namespace.into(),
         instance: instance.into(),
         async_workers: s.async_workers,
+        kafka: s.kafka.clone(),
     }));
     fleet.init()?;
     let mut prometheus = Prometheus::start(dir.path(), &fleet.targets_file(), s.scrape).await?;
