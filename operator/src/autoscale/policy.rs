@@ -573,7 +573,8 @@ pub fn decide(p: &Policy, obs: &Observed, r: Replicas, h: &History, now: Duratio
         desired: clamp(desired),
         reason,
         recommendation: rec,
-        // A queue that outgrows the workers is the forwarder's to fix.
+        // Only request-SLO breaches can be the upstream's; a queue that
+        // outgrows the workers is for more replicas to drain.
         upstream_slow: s.breach.is_some() && !s.bottleneck,
         breach,
         metrics_available: true,
