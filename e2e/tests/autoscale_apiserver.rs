@@ -186,6 +186,7 @@ impl MetricsSource for Sources {
             inflight: Some(12.0),
             upstream_p99_ms: Some(119.0),
             reporting: pods,
+            ..Default::default()
         })
     }
 }

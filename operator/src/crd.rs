@@ -98,6 +98,7 @@ pub const GROUP: &str = "llm.forwarder.dev";
 #[serde(rename_all = "camelCase")]
 #[schemars(transform = api_server_formats)]
 #[x_kube(validation = kube::core::Rule::new("!has(self.store) || has(self.encryption) || self.store.allowPlaintext").message("store needs encryption.keySecretRef (or store.allowPlaintext: true)"))]
+#[x_kube(validation = kube::core::Rule::new("!has(self.slo) || !has(self.slo.maxQueueDelaySeconds) || has(self.async)").message("slo.maxQueueDelaySeconds needs spec.async (the Kafka queue): the embedded queue keeps each pod's backlog to itself, so more replicas would not drain it"))]
 pub struct ModelForwarderSpec {
     /// Protocols the forwarder serves. `http` (simple and OpenAI-compatible
     /// APIs) and `websocket` (`/api/v1/ws`) share the `http` port 8080;
@@ -522,6 +523,14 @@ pub struct Slo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 600000))]
     pub ttft_p99_ms: Option<u32>,
+    /// Longest an async job should wait in the queue, in seconds: the
+    /// autoscaler keeps enough replicas (each running `async.workers` jobs
+    /// at once) to absorb the jobs arriving and drain the backlog
+    /// (`forwarder_queue_depth`, the consumer lag) within it. Needs
+    /// `spec.async`. Unset: the queue is not a scaling signal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub max_queue_delay_seconds: Option<u32>,
 }
 
 fn default_p99() -> u32 {
@@ -541,6 +550,7 @@ impl Default for Slo {
             max_error_rate: default_error_rate(),
             target_qps_per_replica: default_qps(),
             ttft_p99_ms: None,
+            max_queue_delay_seconds: None,
         }
     }
 }
@@ -696,6 +706,18 @@ pub struct ObservedMetrics {
     /// milliseconds; absent without streams in the window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttft_p99_ms: Option<f64>,
+    /// Async jobs waiting (the consumer lag, summed over the pods); with
+    /// `slo.maxQueueDelaySeconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_backlog: Option<f64>,
+    /// Seconds the current replicas need to drain that backlog while jobs
+    /// keep arriving; absent when it would never drain or is unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_delay_seconds: Option<f64>,
+    /// Jobs per second one replica runs (its workers over the mean run
+    /// time), as the autoscaler estimates it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs_per_second_per_replica: Option<f64>,
     /// Requests per second over all pods.
     pub qps: f64,
     /// Fraction of requests that failed.
@@ -930,6 +952,17 @@ pub struct AsyncSpec {
         extend("x-kubernetes-list-type" = "set")
     )]
     pub allowed_callback_hosts: Vec<String>,
+    /// Kafka static group membership: each pod joins the consumer group
+    /// under its own name (`group.instance.id`, from the downward API), so
+    /// a restarted container takes its partitions back at once instead of
+    /// making the group rebalance twice. A removed pod's partitions then
+    /// wait for the session timeout (10 s) before they move.
+    #[serde(default = "default_static_membership")]
+    pub static_membership: bool,
+}
+
+fn default_static_membership() -> bool {
+    true
 }
 
 fn default_jobs_topic() -> String {

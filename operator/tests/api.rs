@@ -581,6 +581,19 @@ async fn the_schema_and_cel_rules_refuse_invalid_resources() {
     s["pod"] =
         json!({"resources": {"limits": {"cpu": "500m", "memory": "1Gi"}, "requests": {"cpu": 1}}});
     attempt("e", s).await.expect("valid quantities pass");
+    // A queue SLO needs the Kafka queue, and at least a second.
+    let mut s = spec(1, 2);
+    s["slo"] = json!({"maxQueueDelaySeconds": 60});
+    refused(
+        attempt("f", s.clone()).await,
+        "slo.maxQueueDelaySeconds needs spec.async",
+    );
+    s["async"] = json!({"bootstrapServers": ["kafka:9092"]});
+    attempt("g", s.clone())
+        .await
+        .expect("a queue SLO with spec.async passes");
+    s["slo"] = json!({"maxQueueDelaySeconds": 0});
+    refused(attempt("h", s).await, "maxQueueDelaySeconds");
 }
 
 #[tokio::test]

@@ -201,3 +201,16 @@ fn async_needs_paired_sasl_settings_and_tls_for_a_ca() {
     .unwrap_err();
     assert!(e.contains("caSecretRef needs tls: true"), "{e}");
 }
+
+#[test]
+fn a_queue_delay_slo_needs_the_kafka_queue() {
+    check(json!({"async": {"bootstrapServers": ["kafka:9092"]},
+                 "slo": {"maxQueueDelaySeconds": 60}}))
+    .expect("with spec.async");
+    check(json!({"slo": {"p99LatencyMs": 300}})).expect("no queue SLO, no async");
+    let e = check(json!({"slo": {"maxQueueDelaySeconds": 60}})).unwrap_err();
+    assert!(
+        e.contains("slo.maxQueueDelaySeconds needs spec.async"),
+        "{e}"
+    );
+}

@@ -131,3 +131,80 @@ pub fn issue14_phases(samples: &[Sample], policy: &Policy, interval: std::time::
         );
     }
 }
+
+/// Asserts the phases of `presets::queue` (issue 12): no scaling at a
+/// job rate one replica runs; a surge of jobs scales up on the queue
+/// alone (reason `QueueDelay`, while QPS and P99 are within their SLO);
+/// the backlog drains once the surge ends. Prints the figures.
+pub fn queue_phases(
+    samples: &[Sample],
+    policy: &Policy,
+    interval: std::time::Duration,
+    expect_drained: bool,
+) {
+    let interval = interval.as_secs_f64();
+    let baseline = phase(samples, "jobs-baseline");
+    assert!(
+        baseline.iter().all(|s| s.replicas == 1),
+        "no scaling at a job rate one replica runs: {baseline:?}"
+    );
+    assert!(
+        baseline.iter().any(|s| s.backlog.is_some()),
+        "the backlog was read: {baseline:?}"
+    );
+    let surge = phase(samples, "jobs-surge");
+    let start = baseline.last().unwrap().t;
+    let first_up = surge
+        .iter()
+        .find(|s| s.replicas > 1)
+        .unwrap_or_else(|| panic!("the queue scaled nothing up: {surge:?}"));
+    let peak = surge.iter().map(|s| s.replicas).max().unwrap();
+    let peak_backlog = samples.iter().filter_map(|s| s.backlog).fold(0.0, f64::max);
+    crate::say(&format!(
+        "queue: first scale-up {:.1}s after the surge ({}), peak {peak} replicas, peak backlog {peak_backlog:.0} jobs",
+        first_up.t - start,
+        first_up.explanation
+    ));
+    // Within a scrape, the rate window and two evaluations.
+    assert!(
+        first_up.t - start <= 1.0 + 4.0 + 2.0 * interval + 1.0,
+        "reaction {:.1}s",
+        first_up.t - start
+    );
+    assert!(peak >= 3, "30 jobs/s need 3 replicas of 10/s: {surge:?}");
+    let mut before = 1;
+    for s in samples {
+        // Every scale-up came from the queue; QPS and P99 never asked.
+        // (`Capacity` with an unchanged count is the capacity rule asking
+        // for less than `min`.)
+        if s.replicas > before {
+            assert_eq!(s.reason, Reason::QueueDelay, "{s:?}");
+        }
+        before = s.replicas;
+        assert!(
+            !matches!(s.reason, Reason::LatencySlo | Reason::ErrorSlo),
+            "{s:?}"
+        );
+        if s.request_slo_breached {
+            crate::say(&format!(
+                "note: a request SLO breach (not acted on: {:?}) at t={:.1}s",
+                s.reason, s.t
+            ));
+        }
+        let capacity = s.qps.unwrap_or(0.0) / policy.target_qps_per_replica;
+        assert!(capacity <= 1.0, "QPS alone would need more: {s:?}");
+    }
+    assert!(
+        surge
+            .iter()
+            .any(|s| s.reason == Reason::QueueDelay && s.queue_breached),
+        "a QueueDelay scale-up on a breached queue SLO: {surge:?}"
+    );
+    // Jobs stop: the backlog drains (the replicas stay for the window).
+    let stop = phase(samples, "jobs-stop");
+    let last = stop.last().and_then(|s| s.backlog);
+    crate::say(&format!("queue: backlog {last:?} at the end"));
+    if expect_drained {
+        assert_eq!(last, Some(0.0), "the backlog drained: {stop:?}");
+    }
+}

@@ -23,6 +23,13 @@ pub struct FleetConfig {
     /// Labels Prometheus attaches, as the Kubernetes scrape config would.
     pub namespace: String,
     pub instance: String,
+    /// `async.workers` per replica (the embedded queue); `None`: the
+    /// forwarder's default.
+    pub async_workers: Option<usize>,
+    /// Bootstrap address of a Kafka-protocol broker: the async queue is
+    /// Kafka (one consumer group, each pod a static member under its
+    /// name, as the operator renders it) instead of the embedded one.
+    pub kafka: Option<String>,
 }
 
 struct Pod {
@@ -77,9 +84,17 @@ impl Fleet {
     fn start_named(&self, name: String) -> anyhow::Result<Pod> {
         let port = free_port()?;
         let config = self.cfg.dir.join(format!("{name}.yaml"));
+        let jobs = match (self.cfg.async_workers, &self.cfg.kafka) {
+            (None, _) => String::new(),
+            (Some(w), None) => format!("async: {{workers: {w}}}\n"),
+            (Some(w), Some(broker)) => format!(
+                "async:\n  workers: {w}\n  queue: kafka\n  kafka: {{bootstrap_servers: '{broker}', topic: fleet-jobs, \
+                 dead_letter_topic: fleet-jobs-dead, consumer_group: fleet, partitions: 6, group_instance_id: '{name}'}}\n"
+            ),
+        };
         std::fs::write(
             &config,
-            format!(
+            jobs + &format!(
                 "server:\n  listen: 127.0.0.1:{port}\n  max_concurrency: {}\n  request_timeout: 10s\n  \
                  shutdown: {{drain_delay: 0s, grace_period: 5s}}\n\
                  logging: {{access_log: false}}\n\

@@ -1,7 +1,7 @@
 //! An open-loop load generator: requests at a set rate, round robin over
 //! the fleet's ready endpoints, with client-side latency and errors.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,9 @@ struct Outcome {
 pub struct Load {
     /// Requests per second, in thousandths.
     rate_milli: Arc<AtomicU64>,
+    /// Submit async jobs (`/v1/async/chat/completions`, answered 202)
+    /// instead of synchronous requests.
+    jobs: Arc<AtomicBool>,
     outcomes: Arc<Mutex<Vec<Outcome>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -24,8 +27,9 @@ pub struct Load {
 impl Load {
     pub fn start(endpoints: Arc<RwLock<Vec<String>>>) -> Self {
         let rate_milli = Arc::new(AtomicU64::new(0));
+        let jobs = Arc::new(AtomicBool::new(false));
         let outcomes: Arc<Mutex<Vec<Outcome>>> = Default::default();
-        let (rate, sink) = (rate_milli.clone(), outcomes.clone());
+        let (rate, sink, async_jobs) = (rate_milli.clone(), outcomes.clone(), jobs.clone());
         let task = tokio::spawn(async move {
             let client = reqwest::Client::builder()
                 .timeout(Duration::from_secs(5))
@@ -52,7 +56,12 @@ impl Load {
                         None
                     } else {
                         rr = rr.wrapping_add(1);
-                        Some(format!("{}/v1/chat/completions", eps[rr % eps.len()]))
+                        let path = if async_jobs.load(Ordering::Relaxed) {
+                            "/v1/async/chat/completions"
+                        } else {
+                            "/v1/chat/completions"
+                        };
+                        Some(format!("{}{path}", eps[rr % eps.len()]))
                     }
                 };
                 let (client, body, sink) = (client.clone(), body.clone(), sink.clone());
@@ -75,9 +84,15 @@ impl Load {
         });
         Self {
             rate_milli,
+            jobs,
             outcomes,
             task,
         }
+    }
+
+    /// Async jobs (true) or synchronous requests from now on.
+    pub fn set_jobs(&self, jobs: bool) {
+        self.jobs.store(jobs, Ordering::Relaxed);
     }
 
     pub fn set_rate(&self, rps: f64) {

@@ -6,6 +6,7 @@
 //! Used by the `autoscale_loop` test and the `autoscale-demo` binary.
 //! Everything listens on 127.0.0.1 and stops when dropped.
 
+pub mod broker;
 pub mod checks;
 pub mod fleet;
 pub mod load;

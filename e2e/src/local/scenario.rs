@@ -29,6 +29,8 @@ pub struct Phase {
     pub prometheus: PromState,
     /// Pods started from this phase on that never become ready.
     pub stuck_pods: u32,
+    /// The load submits async jobs instead of synchronous requests.
+    pub jobs: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +47,10 @@ pub struct Scenario {
     pub scrape: Duration,
     pub window: Duration,
     pub max_concurrency: usize,
+    /// `async.workers` per replica; `None`: the forwarder's default.
+    pub async_workers: Option<usize>,
+    /// A Kafka-protocol broker for the async queue (else embedded).
+    pub kafka: Option<String>,
     pub phases: Vec<Phase>,
 }
 
@@ -71,6 +77,12 @@ pub struct Sample {
     pub qps: Option<f64>,
     pub p99_ms: Option<f64>,
     pub upstream_p99_ms: Option<f64>,
+    /// Async jobs waiting, summed over the pods (with a queue SLO).
+    pub backlog: Option<f64>,
+    /// The SLO breach includes the queue's.
+    pub queue_breached: bool,
+    /// The SLO breach includes P99, TTFT or the error rate.
+    pub request_slo_breached: bool,
     pub explanation: String,
 }
 
@@ -119,6 +131,8 @@ pub async fn run_with(
         max_concurrency: s.max_concurrency,
         namespace: namespace.into(),
         instance: instance.into(),
+        async_workers: s.async_workers,
+        kafka: s.kafka.clone(),
     }));
     fleet.init()?;
     let mut prometheus = Prometheus::start(dir.path(), &fleet.targets_file(), s.scrape).await?;
@@ -143,12 +157,14 @@ pub async fn run_with(
         window: s.window,
         live_pods: None,
         max_age: s.scrape * 3,
+        queue: s.policy.queue.is_some(),
     };
     let mut evaluator = Evaluator::new(s.policy.clone());
     let http = reqwest::Client::new();
     let started = Instant::now();
     let mut samples = Vec::new();
     for phase in &s.phases {
+        load.set_jobs(phase.jobs);
         load.set_rate(phase.rps);
         let settings = serde_json::json!({
             "latency": format!("{}ms", phase.upstream_latency.as_millis()),
@@ -202,6 +218,11 @@ pub async fn run_with(
                 qps: e.observed.qps,
                 p99_ms: e.observed.p99_ms,
                 upstream_p99_ms: e.observed.upstream_p99_ms,
+                backlog: e.observed.backlog,
+                queue_breached: e.decision.breach.is_some_and(|b| b.queue_delay_s.is_some()),
+                request_slo_breached: e.decision.breach.is_some_and(|b| {
+                    b.p99_ms.is_some() || b.ttft_ms.is_some() || b.error_rate.is_some()
+                }),
                 explanation: operator::autoscale::evaluate::explain(&e),
             };
             on_sample(&sample);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::metrics::{self, MetricsError, Target};
-use super::policy::{self, Decision, History, Observed, Policy, Replicas};
+use super::policy::{self, Decision, History, Observed, Policy, QueueNeed, Replicas};
 
 /// What runs the replicas.
 #[async_trait]
@@ -165,7 +165,38 @@ pub fn explain(e: &Evaluation) -> String {
             .map_or("n/a".to_string(), |v| format!("{v:.4}")),
         num(o.inflight, ""),
         o.reporting,
-    )
+    ) + &explain_queue(e)
+}
+
+/// The queue's part of the explanation, with a queue SLO.
+fn explain_queue(e: &Evaluation) -> String {
+    let secs = |v: f64| {
+        if v.is_finite() {
+            format!("{v:.0}s")
+        } else {
+            "growing".into()
+        }
+    };
+    match e.decision.queue {
+        QueueNeed::Off => String::new(),
+        QueueNeed::Missing => " queue=n/a (holding: no queue series)".into(),
+        QueueNeed::UnknownCapacity { backlog } => format!(
+            " backlog={backlog:.0} (holding: no job ended in the window, a replica's job rate is unknown)"
+        ),
+        QueueNeed::Sized {
+            replicas,
+            backlog,
+            per_replica,
+            delay_s,
+        } => format!(
+            " backlog={backlog:.0} job_arrivals={} jobs_per_replica={} queue_delay={} queue_needs={replicas}",
+            e.observed
+                .job_arrivals
+                .map_or("n/a".into(), |v| format!("{v:.1}/s")),
+            per_replica.map_or("n/a".into(), |v| format!("{v:.1}/s")),
+            secs(delay_s),
+        ),
+    }
 }
 
 /// Default evaluation interval: one Prometheus scrape (15 s) so every
@@ -220,6 +251,7 @@ mod tests {
             window: Duration::from_secs(60),
             live_pods: None,
             max_age: Duration::from_secs(45),
+            queue: false,
         }
     }
 

@@ -6,6 +6,11 @@
 //! never zero; a NaN P99 from fresh series at zero traffic is "no samples"
 //! and the policy tells the two apart by the request count.
 //!
+//! With a queue SLO it also reads the async queue: the backlog
+//! (`forwarder_queue_depth`), runs entering the queue and jobs finished
+//! (`forwarder_jobs_total`), and the mean run time
+//! (`forwarder_job_run_seconds`).
+//!
 //! Series are selected by the labels the recommended scrape config maps
 //! from pods (docs/operator.md): `namespace`, `pod`, and the pod label
 //! `app.kubernetes.io/instance` as `app_kubernetes_io_instance`.
@@ -127,6 +132,8 @@ pub struct Target {
     pub live_pods: Option<BTreeSet<String>>,
     /// Series whose newest sample is older than this are ignored.
     pub max_age: Duration,
+    /// Read the async queue too (the resource has a queue SLO).
+    pub queue: bool,
 }
 
 /// The histograms whose P99 is read, by what they are called in errors.
@@ -183,6 +190,41 @@ pub fn per_pod_queries(t: &Target) -> [(&'static str, String); 5] {
             ),
         ),
     ]
+}
+
+/// The queue's per-pod queries (pure): backlog, runs entering the queue
+/// (new jobs and retries: `queued` is counted for both) and jobs finished.
+/// The backlog is a gauge: for Kafka each pod reports the lag of the
+/// partitions assigned to it, so the sum is the group's lag.
+pub fn queue_queries(t: &Target) -> [(&'static str, String); 3] {
+    let (sel, w) = (&t.selector, secs(t.window));
+    [
+        (
+            "backlog",
+            format!("sum by (pod) (forwarder_queue_depth{{{sel}}})"),
+        ),
+        (
+            "job arrivals",
+            format!(r#"sum by (pod) (rate(forwarder_jobs_total{{{sel},state="queued"}}[{w}]))"#),
+        ),
+        (
+            "jobs finished",
+            format!(
+                r#"sum by (pod) (rate(forwarder_jobs_total{{{sel},state=~"succeeded|failed"}}[{w}]))"#
+            ),
+        ),
+    ]
+}
+
+/// Mean job run time over the given pods: NaN (no data) when no run ended
+/// in the window.
+pub fn job_run_query(t: &Target, pods: &BTreeSet<String>) -> String {
+    let names: Vec<String> = pods.iter().map(|p| regex_escape(p)).collect();
+    let (sel, w) = (&t.selector, secs(t.window));
+    let pods = names.join("|");
+    format!(
+        r#"sum(rate(forwarder_job_run_seconds_sum{{{sel},pod=~"{pods}"}}[{w}])) / sum(rate(forwarder_job_run_seconds_count{{{sel},pod=~"{pods}"}}[{w}]))"#
+    )
 }
 
 /// P99 of a duration histogram over the given pods only.
@@ -296,7 +338,21 @@ pub async fn read(
         .iter()
         .map(|(_, h)| p99_query(&t, h, &usable))
         .collect();
-    let (qps, errors, inflight, streams, p99, own, ttft, upstream) = futures::try_join!(
+    let queue = async {
+        if !t.queue {
+            return Ok(None);
+        }
+        let [backlog_q, arrivals_q, finished_q] = queue_queries(&t);
+        let run_q = job_run_query(&t, &usable);
+        futures::try_join!(
+            per_pod(client, backlog_q.0, &backlog_q.1, timeout),
+            per_pod(client, arrivals_q.0, &arrivals_q.1, timeout),
+            per_pod(client, finished_q.0, &finished_q.1, timeout),
+            scalar(client, "job run time", &run_q, timeout),
+        )
+        .map(Some)
+    };
+    let (qps, errors, inflight, streams, p99, own, ttft, upstream, queue) = futures::try_join!(
         per_pod(client, qps_q.0, &qps_q.1, timeout),
         per_pod(client, err_q.0, &err_q.1, timeout),
         per_pod(client, inflight_q.0, &inflight_q.1, timeout),
@@ -305,6 +361,7 @@ pub async fn read(
         scalar(client, P99_HISTOGRAMS[1].0, &p99s[1], timeout),
         scalar(client, P99_HISTOGRAMS[2].0, &p99s[2], timeout),
         scalar(client, P99_HISTOGRAMS[3].0, &p99s[3], timeout),
+        queue,
     )?;
     let (qps, reporting) = sum(&qps);
     let (errors, _) = sum(&errors);
@@ -319,6 +376,12 @@ pub async fn read(
     });
     let window = t.window.as_secs().max(1) as f64;
     let ms = |v: Option<f64>| v.map(|s| s * 1000.0);
+    // A pod without queue series (an older forwarder) counts as zero, as
+    // for requests; none at all is no data.
+    let (backlog, job_arrivals, jobs_finished, job_run_s) = match &queue {
+        Some((b, a, f, run)) => (sum(b).0, sum(a).0, sum(f).0, *run),
+        None => (None, None, None, None),
+    };
     Ok(Observed {
         qps,
         // rate × window is the window's increase: the P99's sample count.
@@ -331,6 +394,10 @@ pub async fn read(
         inflight,
         upstream_p99_ms: ms(upstream),
         reporting,
+        backlog,
+        job_arrivals,
+        jobs_finished,
+        job_run_s,
     })
 }
 
@@ -344,7 +411,31 @@ mod tests {
             window: Duration::from_secs(60),
             live_pods: None,
             max_age: Duration::from_secs(45),
+            queue: false,
         }
+    }
+
+    #[test]
+    fn queue_queries_read_the_lag_arrivals_finished_jobs_and_run_time() {
+        let q = queue_queries(&target());
+        assert_eq!(
+            q[0].1,
+            r#"sum by (pod) (forwarder_queue_depth{namespace="ai",app_kubernetes_io_instance="support-bot"})"#
+        );
+        assert_eq!(
+            q[1].1,
+            r#"sum by (pod) (rate(forwarder_jobs_total{namespace="ai",app_kubernetes_io_instance="support-bot",state="queued"}[60s]))"#
+        );
+        assert!(
+            q[2].1.contains(r#"state=~"succeeded|failed""#),
+            "{}",
+            q[2].1
+        );
+        let pods: BTreeSet<String> = ["bot-a".to_string()].into();
+        assert_eq!(
+            job_run_query(&target(), &pods),
+            r#"sum(rate(forwarder_job_run_seconds_sum{namespace="ai",app_kubernetes_io_instance="support-bot",pod=~"bot-a"}[60s])) / sum(rate(forwarder_job_run_seconds_count{namespace="ai",app_kubernetes_io_instance="support-bot",pod=~"bot-a"}[60s]))"#
+        );
     }
 
     #[test]

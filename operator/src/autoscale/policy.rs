@@ -16,6 +16,11 @@
 //!    budget. A breach from fewer than `min_samples` requests is no
 //!    evidence. After a scale-up, SLO steps wait `settle` (a rate window and
 //!    an interval), until the new replicas show in the percentiles.
+//!    Queue: with a queue SLO (`maxQueueDelaySeconds`), enough replicas
+//!    that jobs arriving are absorbed and the backlog drains within it
+//!    (`queue_need`); the recommendation is the highest of capacity, SLO
+//!    and queue. Missing queue series, or work queued with no estimate of
+//!    a replica's job rate, hold (never down, never up on the queue).
 //! 4. Up fast (bounded by the max step), but not again while replicas
 //!    added earlier are not yet Ready, for at most `ready_timeout`.
 //! 5. Down slowly: only to the highest recommendation of the whole
@@ -57,6 +62,16 @@ pub struct Policy {
     /// Largest gap between evaluations for the history to count as
     /// covering the stabilization window.
     pub max_gap: Duration,
+    /// The async queue's SLO; `None`: the queue is not a signal.
+    pub queue: Option<QueueSlo>,
+}
+
+/// The async queue's SLO: jobs wait at most `max_delay_s` for a worker.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QueueSlo {
+    pub max_delay_s: f64,
+    /// Jobs one replica runs at once (`async.workers`).
+    pub workers_per_replica: f64,
 }
 
 impl Policy {
@@ -92,6 +107,7 @@ impl Policy {
             ready_timeout: Duration::from_secs(300),
             settle: Duration::from_secs(75),
             max_gap: Duration::from_secs(45),
+            queue: None,
         }
     }
 }
@@ -116,6 +132,16 @@ pub struct Observed {
     pub upstream_p99_ms: Option<f64>,
     /// Live pods whose series were present.
     pub reporting: u32,
+    /// Async jobs waiting (`forwarder_queue_depth`: for Kafka the consumer
+    /// lag of each pod's partitions, running jobs included), summed.
+    pub backlog: Option<f64>,
+    /// Runs entering the queue per second (new jobs and retries).
+    pub job_arrivals: Option<f64>,
+    /// Jobs finished (succeeded or failed) per second.
+    pub jobs_finished: Option<f64>,
+    /// Mean time from a worker picking a job up to its result being
+    /// stored, in seconds; `None` when no run ended in the window.
+    pub job_run_s: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,6 +230,8 @@ pub enum Reason {
     Stabilizing,
     /// Lower load for the whole window: stepping down.
     ScaleDown,
+    /// More replicas to drain the async queue within its SLO.
+    QueueDelay,
     /// No metrics: holding the current count.
     NoData,
     /// The current count was outside [min, max].
@@ -216,6 +244,90 @@ pub struct Breach {
     pub p99_ms: Option<(f64, f64)>,
     pub ttft_ms: Option<(f64, f64)>,
     pub error_rate: Option<(f64, f64)>,
+    /// Estimated seconds to drain the backlog (infinite: it grows) and the
+    /// SLO.
+    pub queue_delay_s: Option<(f64, f64)>,
+}
+
+/// What the queue SLO asks for (see [`queue_need`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum QueueNeed {
+    /// No queue SLO.
+    Off,
+    /// The backlog or arrival series are missing: hold.
+    Missing,
+    /// Jobs are queued or arriving, but no job ended in the window, so a
+    /// replica's job rate is unknown: hold.
+    UnknownCapacity { backlog: f64 },
+    /// Replicas the queue needs (0: nothing queued or arriving).
+    Sized {
+        replicas: u32,
+        backlog: f64,
+        /// Jobs per second one replica runs; `None` when idle and unknown.
+        per_replica: Option<f64>,
+        /// Seconds the current replicas need to drain the backlog while
+        /// jobs keep arriving (infinite: it grows).
+        delay_s: f64,
+    },
+}
+
+/// A replica's job rate: its workers over the mean run time; without run
+/// times (an older forwarder) the jobs finished per reporting pod; else
+/// unknown.
+fn per_replica_rate(q: &QueueSlo, obs: &Observed) -> Option<f64> {
+    let from_runs = clean(obs.job_run_s)
+        .filter(|t| *t > 0.0)
+        .map(|t| q.workers_per_replica / t);
+    let observed = clean(obs.jobs_finished)
+        .filter(|f| *f > 0.0 && obs.reporting > 0)
+        .map(|f| f / f64::from(obs.reporting));
+    from_runs.or(observed).filter(|r| r.is_finite() && *r > 0.0)
+}
+
+/// Replicas that absorb the arrivals and drain the backlog within the
+/// SLO: `n × rate ≥ arrivals + backlog / max_delay` (pure). Inside the
+/// tolerance band around the current count the count stands, as for QPS.
+pub fn queue_need(p: &Policy, obs: &Observed, current: u32) -> QueueNeed {
+    let Some(q) = p.queue.as_ref() else {
+        return QueueNeed::Off;
+    };
+    let (Some(backlog), Some(arrivals)) = (clean(obs.backlog), clean(obs.job_arrivals)) else {
+        return QueueNeed::Missing;
+    };
+    let rate = per_replica_rate(q, obs);
+    if backlog == 0.0 && arrivals == 0.0 {
+        return QueueNeed::Sized {
+            replicas: 0,
+            backlog,
+            per_replica: rate,
+            delay_s: 0.0,
+        };
+    }
+    let Some(rate) = rate else {
+        return QueueNeed::UnknownCapacity { backlog };
+    };
+    let demand = arrivals + backlog / q.max_delay_s.max(1.0);
+    let have = f64::from(current) * rate;
+    let replicas = if current > 0 && (demand / have - 1.0).abs() <= p.tolerance {
+        current
+    } else {
+        // Bounded: a huge backlog is still a finite count (max clamps it).
+        (demand / rate).ceil().min(f64::from(u32::MAX)) as u32
+    };
+    let margin = have - arrivals;
+    let delay_s = if backlog == 0.0 {
+        0.0
+    } else if margin > 0.0 {
+        backlog / margin
+    } else {
+        f64::INFINITY
+    };
+    QueueNeed::Sized {
+        replicas,
+        backlog,
+        per_replica: Some(rate),
+        delay_s,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -232,6 +344,8 @@ pub struct Decision {
     pub metrics_available: bool,
     /// How long some replicas have not been Ready, when they are not.
     pub not_ready_for: Option<Duration>,
+    /// What the queue SLO asked for.
+    pub queue: QueueNeed,
 }
 
 fn clean(v: Option<f64>) -> Option<f64> {
@@ -241,7 +355,9 @@ fn clean(v: Option<f64>) -> Option<f64> {
 /// Load and SLO inputs, cleaned, with the evidence rules applied.
 struct Signals {
     qps: Option<f64>,
+    /// P99, TTFT and error-rate breaches (the queue's is in `queue`).
     breach: Option<Breach>,
+    queue: QueueNeed,
     bottleneck: bool,
     /// Data the scale-down rule needs is missing.
     incomplete: bool,
@@ -279,6 +395,7 @@ fn signals(p: &Policy, obs: &Observed, r: Replicas) -> Signals {
         p99_ms: latency,
         ttft_ms: ttft,
         error_rate: errors,
+        queue_delay_s: None,
     });
     // QPS above the target is the capacity rule's to size, not evidence
     // that a breach is the forwarder's: with retries, completions of a
@@ -295,10 +412,20 @@ fn signals(p: &Policy, obs: &Observed, r: Replicas) -> Signals {
     // A missing P99 is only expected when the window holds too few
     // requests to have one (zero traffic: no samples, P99 NaN).
     let few = clean(obs.requests).is_some_and(|n| n < p.min_samples);
-    let incomplete = partial || qps.is_none() || error_rate.is_none() || (p99.is_none() && !few);
+    let queue = queue_need(p, obs, r.current);
+    let queue_unknown = matches!(
+        queue,
+        QueueNeed::Missing | QueueNeed::UnknownCapacity { .. }
+    );
+    let incomplete = partial
+        || qps.is_none()
+        || error_rate.is_none()
+        || (p99.is_none() && !few)
+        || queue_unknown;
     Signals {
         qps,
         breach,
+        queue,
         bottleneck,
         incomplete,
     }
@@ -346,6 +473,18 @@ fn recommend(p: &Policy, s: &Signals, current: u32, settling: bool) -> (u32, Rea
             };
         }
     }
+    // The queue's need is absolute (it does not grow with `current`), so
+    // it needs no settling after a scale-up.
+    if let QueueNeed::Sized { replicas, .. } = s.queue {
+        if replicas > rec {
+            rec = replicas;
+            reason = if rec > current {
+                Reason::QueueDelay
+            } else {
+                Reason::Stable
+            };
+        }
+    }
     if s.incomplete && rec < current {
         rec = current;
         reason = Reason::Stable;
@@ -377,6 +516,11 @@ pub fn decide(p: &Policy, obs: &Observed, r: Replicas, h: &History, now: Duratio
             upstream_slow: false,
             metrics_available: false,
             not_ready_for,
+            queue: if p.queue.is_some() {
+                QueueNeed::Missing
+            } else {
+                QueueNeed::Off
+            },
         };
     }
     let s = signals(p, obs, r);
@@ -406,14 +550,36 @@ pub fn decide(p: &Policy, obs: &Observed, r: Replicas, h: &History, now: Duratio
     } else {
         (current, reason)
     };
+    let queue_breach = match (s.queue, p.queue) {
+        (QueueNeed::Sized { delay_s, .. }, Some(q)) if delay_s > q.max_delay_s => {
+            Some((delay_s, q.max_delay_s))
+        }
+        _ => None,
+    };
+    let breach = match (s.breach, queue_breach) {
+        (Some(b), q) => Some(Breach {
+            queue_delay_s: q,
+            ..b
+        }),
+        (None, Some(q)) => Some(Breach {
+            p99_ms: None,
+            ttft_ms: None,
+            error_rate: None,
+            queue_delay_s: Some(q),
+        }),
+        (None, None) => None,
+    };
     Decision {
         desired: clamp(desired),
         reason,
         recommendation: rec,
+        // Only request-SLO breaches can be the upstream's; a queue that
+        // outgrows the workers is for more replicas to drain.
         upstream_slow: s.breach.is_some() && !s.bottleneck,
-        breach: s.breach,
+        breach,
         metrics_available: true,
         not_ready_for,
+        queue: s.queue,
     }
 }
 
@@ -1017,6 +1183,294 @@ mod tests {
         assert_eq!((d.desired, d.reason), (8, Reason::LatencySlo));
     }
 
+    /// 10 workers per replica, jobs may wait 60 s.
+    fn queue_policy() -> Policy {
+        Policy {
+            queue: Some(QueueSlo {
+                max_delay_s: 60.0,
+                workers_per_replica: 10.0,
+            }),
+            ..policy()
+        }
+    }
+
+    /// Light request traffic (capacity alone wants 1 replica) with a queue:
+    /// `backlog` jobs waiting, `arrivals` per second, runs of `run_s`.
+    fn jobs(backlog: f64, arrivals: f64, run_s: Option<f64>, pods: u32) -> Observed {
+        Observed {
+            backlog: Some(backlog),
+            job_arrivals: Some(arrivals),
+            jobs_finished: Some(arrivals),
+            job_run_s: run_s,
+            ..healthy(20.0, pods)
+        }
+    }
+
+    #[test]
+    fn queue_table() {
+        let p = queue_policy();
+        let long_low = steady(2, 0, 300);
+        struct Case {
+            name: &'static str,
+            obs: Observed,
+            r: Replicas,
+            history: Vec<Recommendation>,
+            desired: u32,
+            reason: Reason,
+            /// The queue breach's (estimated delay, SLO).
+            breach: Option<(f64, f64)>,
+        }
+        let cases = vec![
+            Case {
+                // 20 jobs/s per replica (10 workers, 0.5 s runs): 4 run
+                // 80/s, 50 arrive, 600 waiting drain in 20 s.
+                name: "backlog drains within the SLO: no scale-up",
+                obs: jobs(600.0, 50.0, Some(0.5), 4),
+                r: at(4),
+                history: vec![],
+                desired: 4,
+                reason: Reason::Stabilizing,
+                breach: None,
+            },
+            Case {
+                // 6000 waiting: (50 + 6000/60) / 20 = 7.5 → 8 replicas;
+                // now they drain in 6000 / (80 - 50) = 200 s.
+                name: "backlog beyond the SLO scales up, not QPS or P99",
+                obs: jobs(6000.0, 50.0, Some(0.5), 4),
+                r: at(4),
+                history: vec![],
+                desired: 8,
+                reason: Reason::QueueDelay,
+                breach: Some((200.0, 60.0)),
+            },
+            Case {
+                name: "the step bounds a queue scale-up",
+                obs: jobs(60000.0, 50.0, Some(0.5), 4),
+                r: at(4),
+                history: vec![],
+                desired: 8,
+                reason: Reason::QueueDelay,
+                breach: Some((2000.0, 60.0)),
+            },
+            Case {
+                name: "never above max",
+                obs: jobs(1e12, 50.0, Some(0.5), 18),
+                r: at(18),
+                history: vec![],
+                desired: 20,
+                reason: Reason::QueueDelay,
+                breach: Some((1e12 / 310.0, 60.0)),
+            },
+            Case {
+                name: "arrivals beyond the workers' rate, empty queue: ahead of the backlog",
+                obs: jobs(0.0, 120.0, Some(0.5), 4),
+                r: at(4),
+                history: vec![],
+                desired: 6,
+                reason: Reason::QueueDelay,
+                breach: None,
+            },
+            Case {
+                name: "inside the tolerance band the count stands",
+                obs: jobs(0.0, 84.0, Some(0.5), 4),
+                r: at(4),
+                history: long_low.clone(),
+                desired: 4,
+                reason: Reason::Stable,
+                breach: None,
+            },
+            Case {
+                name: "a queue that outgrows the replicas is a breach",
+                obs: jobs(100.0, 90.0, Some(0.5), 4),
+                r: at(4),
+                history: vec![],
+                desired: 5,
+                reason: Reason::QueueDelay,
+                breach: Some((f64::INFINITY, 60.0)),
+            },
+            Case {
+                name: "no run ended in the window: a replica's rate is unknown, hold",
+                obs: Observed {
+                    jobs_finished: Some(0.0),
+                    ..jobs(5000.0, 10.0, None, 4)
+                },
+                r: at(4),
+                history: long_low.clone(),
+                desired: 4,
+                reason: Reason::Stable,
+                breach: None,
+            },
+            Case {
+                // 40 finished/s over 4 pods: 10/s each; (40 + 1200/60) / 10.
+                name: "without run times, the jobs finished per pod size a replica",
+                obs: Observed {
+                    jobs_finished: Some(40.0),
+                    ..jobs(1200.0, 40.0, None, 4)
+                },
+                r: at(4),
+                history: vec![],
+                desired: 6,
+                reason: Reason::QueueDelay,
+                breach: Some((f64::INFINITY, 60.0)),
+            },
+            Case {
+                name: "missing backlog series: hold, never down",
+                obs: Observed {
+                    backlog: None,
+                    ..jobs(0.0, 0.0, Some(0.5), 4)
+                },
+                r: at(4),
+                history: long_low.clone(),
+                desired: 4,
+                reason: Reason::Stable,
+                breach: None,
+            },
+            Case {
+                name: "NaN backlog is missing",
+                obs: Observed {
+                    backlog: Some(f64::NAN),
+                    ..jobs(0.0, 0.0, Some(0.5), 4)
+                },
+                r: at(4),
+                history: long_low.clone(),
+                desired: 4,
+                reason: Reason::Stable,
+                breach: None,
+            },
+            Case {
+                name: "an idle queue does not hold replicas",
+                obs: Observed {
+                    jobs_finished: Some(0.0),
+                    ..jobs(0.0, 0.0, None, 4)
+                },
+                r: at(4),
+                history: long_low.clone(),
+                desired: 3,
+                reason: Reason::ScaleDown,
+                breach: None,
+            },
+            Case {
+                name: "the queue keeps replicas capacity alone would remove",
+                obs: jobs(0.0, 75.0, Some(0.5), 4),
+                r: at(4),
+                history: long_low.clone(),
+                desired: 4,
+                reason: Reason::Stable,
+                breach: None,
+            },
+            Case {
+                name: "QPS wanting more than the queue: capacity decides",
+                obs: jobs(0.0, 50.0, Some(0.5), 4).with_qps(400.0),
+                r: at(4),
+                history: vec![],
+                desired: 8,
+                reason: Reason::Capacity,
+                breach: None,
+            },
+        ];
+        for c in cases {
+            let h = History::from(c.history.clone());
+            let d = decide(&p, &c.obs, c.r, &h, 300 * S);
+            assert_eq!(
+                (d.desired, d.reason),
+                (c.desired, c.reason),
+                "{}: {d:?}",
+                c.name
+            );
+            assert_eq!(
+                d.breach.and_then(|b| b.queue_delay_s),
+                c.breach,
+                "{}: {d:?}",
+                c.name
+            );
+            assert!(!d.upstream_slow, "{}", c.name);
+        }
+    }
+
+    impl Observed {
+        fn with_qps(self, qps: f64) -> Self {
+            Observed {
+                qps: Some(qps),
+                requests: Some(qps * 60.0),
+                ..self
+            }
+        }
+    }
+
+    #[test]
+    fn without_a_queue_slo_the_backlog_is_ignored() {
+        let d = decide(
+            &policy(),
+            &jobs(1e6, 500.0, Some(0.5), 4),
+            at(4),
+            &History::default(),
+            Duration::ZERO,
+        );
+        assert_eq!((d.desired, d.queue), (4, QueueNeed::Off));
+        assert!(d.breach.is_none());
+        let d = decide(
+            &queue_policy(),
+            &Observed::default(),
+            at(4),
+            &History::default(),
+            Duration::ZERO,
+        );
+        assert_eq!((d.reason, d.queue), (Reason::NoData, QueueNeed::Missing));
+    }
+
+    /// A fluid model of the queue: 100 jobs/s arrive, a replica runs 10/s
+    /// (10 workers, 1 s runs), jobs may wait 60 s. From 2 replicas and an
+    /// empty queue the loop reaches the need (10) without overshooting by
+    /// more than a step, the backlog drains, and the count does not flap.
+    #[test]
+    fn a_job_surge_is_absorbed_and_drained_without_flapping() {
+        let p = Policy {
+            queue: Some(QueueSlo {
+                max_delay_s: 60.0,
+                workers_per_replica: 10.0,
+            }),
+            ..Policy::new(2, 30, 500.0, 0.01, 50.0, 300 * S, 4)
+        };
+        let (arrivals, rate) = (100.0, 10.0);
+        let mut backlog: f64 = 0.0;
+        let mut current = 2u32;
+        let mut h = History::default();
+        let mut counts = Vec::new();
+        let mut peak_backlog: f64 = 0.0;
+        for tick in 0..80u32 {
+            let now = tick * 15 * S;
+            let obs = Observed {
+                backlog: Some(backlog.round()),
+                job_arrivals: Some(arrivals),
+                jobs_finished: Some((f64::from(current) * rate).min(arrivals + backlog / 15.0)),
+                job_run_s: Some(1.0),
+                ..healthy(5.0, current)
+            };
+            let d = decide(&p, &obs, at(current), &h, now);
+            h.record(&p, at(current), &d, now);
+            current = d.desired;
+            counts.push(current);
+            backlog = (backlog + (arrivals - f64::from(current) * rate) * 15.0).max(0.0);
+            peak_backlog = peak_backlog.max(backlog);
+        }
+        let peak = *counts.iter().max().unwrap();
+        assert!((10..=14).contains(&peak), "{counts:?}");
+        assert!(
+            (10..=11).contains(counts.last().unwrap()),
+            "settles at the need: {counts:?}"
+        );
+        assert_eq!(backlog, 0.0, "drained: {counts:?}");
+        // Up only until the need is met, then at most a slow way down.
+        let first_down = counts.windows(2).position(|w| w[1] < w[0]);
+        if let Some(i) = first_down {
+            assert!(
+                counts[i + 1..].windows(2).all(|w| w[1] <= w[0]),
+                "no reversal after coming down: {counts:?}"
+            );
+        }
+        assert!(peak_backlog < 60.0 * arrivals, "{peak_backlog}");
+    }
+
     #[test]
     fn prune_keeps_the_entry_that_covers_the_window() {
         let mut h: Vec<Recommendation> = (0..10)
@@ -1101,6 +1555,38 @@ mod tests {
             let history = History::from(steady(2, 700, 1000));
             let d = decide(&p, &missing, at(current), &history, 1000 * S);
             prop_assert!(d.desired >= current);
+        }
+
+        #[test]
+        fn the_queue_never_scales_down_on_missing_queue_data(
+            obs in arb_obs(),
+            backlog in proptest::option::of(0.0..1e6f64),
+            arrivals in proptest::option::of(0.0..1e4f64),
+            current in 2u32..20,
+        ) {
+            let p = queue_policy();
+            let missing = Observed {
+                backlog: backlog.filter(|_| arrivals.is_none()),
+                job_arrivals: arrivals.filter(|_| backlog.is_none()),
+                job_run_s: Some(0.5),
+                reporting: current,
+                ..obs
+            };
+            let history = History::from(steady(2, 700, 1000));
+            let d = decide(&p, &missing, at(current), &history, 1000 * S);
+            prop_assert!(d.desired >= current.min(p.max), "{d:?}");
+            prop_assert!(d.reason != Reason::QueueDelay, "{d:?}");
+        }
+
+        #[test]
+        fn queue_need_is_monotone_in_backlog(b1 in 0.0..1e6f64, b2 in 0.0..1e6f64, arrivals in 0.0..500.0f64, current in 1u32..20) {
+            let p = queue_policy();
+            let (lo, hi) = if b1 <= b2 { (b1, b2) } else { (b2, b1) };
+            let need = |b| match queue_need(&p, &jobs(b, arrivals, Some(0.5), current), current) {
+                QueueNeed::Sized { replicas, .. } => replicas,
+                other => panic!("{other:?}"),
+            };
+            prop_assert!(need(lo) <= need(hi));
         }
 
         #[test]

@@ -83,6 +83,24 @@ pub fn render(mf: &ModelForwarder) -> Value {
                     "description": "Streams wait too long for their first token; the operator re-evaluates replicas when this fires.",
                 },
             })));
+    // The backlog over the rate jobs finish at: how long the queue takes to
+    // drain at the current pace (infinite, so firing, when jobs wait and
+    // none finish). Only with Kafka, as the autoscaler reads it.
+    let queue_slo = slo
+        .max_queue_delay_seconds
+        .filter(|_| mf.spec.async_jobs.is_some());
+    rules.extend(queue_slo.map(|delay| json!({
+                "alert": "ModelForwarderQueueDelayHigh",
+                "expr": format!(
+                    r#"sum(forwarder_queue_depth{{{sel}}}) / sum(rate(forwarder_jobs_total{{{sel},state=~"succeeded|failed"}}[5m])) > {delay}"#
+                ),
+                "for": "2m",
+                "labels": labels,
+                "annotations": {
+                    "summary": format!("{name}: async jobs would wait more than {delay} s"),
+                    "description": "The async queue's backlog takes longer than spec.slo.maxQueueDelaySeconds to drain at the rate jobs finish; the operator re-evaluates replicas when this fires.",
+                },
+            })));
     json!({
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
@@ -142,6 +160,30 @@ mod tests {
         assert_eq!(rules[0]["labels"]["namespace"], "ai");
         assert_eq!(api_resource().plural, "prometheusrules");
         assert_eq!(rules.len(), 2, "no TTFT alert without a TTFT SLO");
+    }
+
+    #[test]
+    fn a_queue_slo_adds_the_queue_delay_alert() {
+        let mf: ModelForwarder = serde_json::from_value(json!({
+            "apiVersion": "llm.forwarder.dev/v1alpha1", "kind": "ModelForwarder",
+            "metadata": {"name": "bot", "namespace": "ai", "uid": "u-1"},
+            "spec": {"upstreams": [{"name": "m", "provider": "mock", "models": ["mock"]}],
+                     "async": {"bootstrapServers": ["kafka:9092"]},
+                     "slo": {"maxQueueDelaySeconds": 90}}
+        }))
+        .unwrap();
+        let r = render(&mf);
+        let rules = r["spec"]["groups"][0]["rules"].as_array().unwrap();
+        let queue = rules
+            .iter()
+            .find(|r| r["alert"] == "ModelForwarderQueueDelayHigh")
+            .expect("queue alert");
+        let expr = queue["expr"].as_str().unwrap();
+        assert_eq!(
+            expr,
+            r#"sum(forwarder_queue_depth{namespace="ai",app_kubernetes_io_instance="bot"}) / sum(rate(forwarder_jobs_total{namespace="ai",app_kubernetes_io_instance="bot",state=~"succeeded|failed"}[5m])) > 90"#
+        );
+        assert_eq!(queue["labels"]["modelforwarder"], "bot");
     }
 
     #[test]

@@ -200,6 +200,7 @@ impl Autoscaler {
                 .map_or(self.window, |s| Duration::from_secs(u64::from(s))),
             live_pods: None,
             max_age: self.max_age,
+            queue: ev.policy.queue.is_some(),
         };
         // SLO steps wait a rate window and an interval after a scale-up
         // (requests queued before it still complete, slowly, just after);

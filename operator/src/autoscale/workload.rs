@@ -15,7 +15,7 @@ use kube::Resource;
 use serde_json::{json, Value};
 
 use super::evaluate::{explain, Evaluation, ScaleError, ScaleTarget, TargetState};
-use super::policy::{Policy, Reason};
+use super::policy::{Policy, QueueNeed, QueueSlo, Reason};
 use crate::crd::{ModelForwarder, ModelForwarderSpec, ModelForwarderStatus};
 use crate::render::labels::{selector_string, SCALER_FIELD_MANAGER};
 
@@ -42,6 +42,16 @@ pub fn policy_for(spec: &ModelForwarderSpec) -> Policy {
         spec.scaling.max_scale_up_step,
     );
     p.ttft_slo_ms = spec.slo.ttft_p99_ms.map(f64::from);
+    // Only on Kafka (the CRD requires `spec.async` for it): the embedded
+    // queue keeps each pod's backlog to itself.
+    p.queue = spec
+        .slo
+        .max_queue_delay_seconds
+        .zip(spec.async_jobs.as_ref())
+        .map(|(delay, a)| QueueSlo {
+            max_delay_s: f64::from(delay),
+            workers_per_replica: f64::from(a.workers.max(1)),
+        });
     p
 }
 
@@ -189,6 +199,14 @@ pub fn status_patch(mf: &ModelForwarder, e: &Evaluation, now: &Time) -> Value {
             if let Some((v, max)) = b.error_rate {
                 parts.push(format!("error rate {v:.4} > {max:.4}"));
             }
+            if let Some((v, slo)) = b.queue_delay_s {
+                let backlog = o.backlog.unwrap_or_default();
+                parts.push(if v.is_finite() {
+                    format!("queue delay {v:.0} s > {slo:.0} s ({backlog:.0} jobs waiting)")
+                } else {
+                    format!("queue delay unbounded > {slo:.0} s ({backlog:.0} jobs waiting, arriving faster than the replicas run them)")
+                });
+            }
             parts.join("; ")
         },
     );
@@ -301,10 +319,23 @@ pub fn status_patch(mf: &ModelForwarder, e: &Evaluation, now: &Time) -> Value {
     });
     if let (Some(qps), Some(err)) = (o.qps, o.error_rate) {
         let mut m = json!({"qps": qps, "errorRate": err, "observedAt": now});
+        let (backlog, delay, per_replica) = match d.queue {
+            QueueNeed::Sized {
+                backlog,
+                per_replica,
+                delay_s,
+                ..
+            } => (Some(backlog), Some(delay_s), per_replica),
+            QueueNeed::UnknownCapacity { backlog } => (Some(backlog), None, None),
+            QueueNeed::Off | QueueNeed::Missing => (None, None, None),
+        };
         for (key, v) in [
             ("p99LatencyMs", o.p99_ms),
             ("ownP99LatencyMs", o.own_p99_ms),
             ("ttftP99Ms", o.ttft_p99_ms),
+            ("queueBacklog", backlog),
+            ("queueDelaySeconds", delay.filter(|d| d.is_finite())),
+            ("jobsPerSecondPerReplica", per_replica),
         ] {
             if let Some(v) = v {
                 m[key] = json!(v);
@@ -352,6 +383,7 @@ pub fn reason_label(r: Reason) -> &'static str {
         Reason::Settling => "settling",
         Reason::Stabilizing => "stabilizing",
         Reason::ScaleDown => "scale_down",
+        Reason::QueueDelay => "queue_delay",
         Reason::NoData => "no_data",
         Reason::Bounds => "bounds",
     }
@@ -416,6 +448,7 @@ mod tests {
                 upstream_slow: false,
                 metrics_available: observed.qps.is_some(),
                 not_ready_for: Some(Duration::from_secs(40)),
+                queue: QueueNeed::Off,
             },
             observed,
             metrics_error: None,
@@ -431,6 +464,104 @@ mod tests {
             .iter()
             .find(|c| c["type"] == type_)
             .unwrap()
+    }
+
+    #[test]
+    fn a_queue_slo_is_read_only_with_kafka_and_its_breach_is_explained() {
+        let mut mf = resource();
+        mf.spec.slo.max_queue_delay_seconds = Some(60);
+        assert_eq!(
+            policy_for(&mf.spec).queue,
+            None,
+            "embedded queue: no signal"
+        );
+        mf.spec.async_jobs = serde_json::from_value(json!({
+            "bootstrapServers": ["kafka:9092"], "workers": 8
+        }))
+        .expect("async");
+        assert_eq!(
+            policy_for(&mf.spec).queue,
+            Some(QueueSlo {
+                max_delay_s: 60.0,
+                workers_per_replica: 8.0
+            })
+        );
+        let now = Time(jiff::Timestamp::UNIX_EPOCH);
+        let seen = Observed {
+            qps: Some(5.0),
+            error_rate: Some(0.0),
+            backlog: Some(1200.0),
+            job_arrivals: Some(10.0),
+            reporting: 3,
+            ..Default::default()
+        };
+        let mut e = evaluation(Reason::QueueDelay, seen);
+        e.decision.desired = 5;
+        e.decision.queue = QueueNeed::Sized {
+            replicas: 5,
+            backlog: 1200.0,
+            per_replica: Some(4.0),
+            delay_s: 600.0,
+        };
+        e.decision.breach = Some(crate::autoscale::policy::Breach {
+            p99_ms: None,
+            ttft_ms: None,
+            error_rate: None,
+            queue_delay_s: Some((600.0, 60.0)),
+        });
+        e.scaled = true;
+        let p = status_patch(&mf, &e, &now);
+        let breached = cond(&p, SLO_BREACHED);
+        assert_eq!(breached["status"], "True");
+        assert_eq!(
+            breached["message"],
+            "queue delay 600 s > 60 s (1200 jobs waiting)"
+        );
+        let m = &p["status"]["metrics"];
+        assert_eq!(
+            (
+                &m["queueBacklog"],
+                &m["queueDelaySeconds"],
+                &m["jobsPerSecondPerReplica"]
+            ),
+            (&json!(1200.0), &json!(600.0), &json!(4.0))
+        );
+        // The names are the CRD's (the API server would prune others).
+        let typed: ModelForwarderStatus =
+            serde_json::from_value(p["status"].clone()).expect("a status");
+        let typed = typed.metrics.expect("metrics");
+        assert_eq!(
+            (
+                typed.queue_backlog,
+                typed.queue_delay_seconds,
+                typed.jobs_per_second_per_replica
+            ),
+            (Some(1200.0), Some(600.0), Some(4.0))
+        );
+        let reason = p["status"]["lastScaleReason"].as_str().unwrap();
+        assert!(
+            reason.starts_with("3 → 5 (QueueDelay)")
+                && reason.contains("backlog=1200 job_arrivals=10.0/s jobs_per_replica=4.0/s queue_delay=600s queue_needs=5"),
+            "{reason}"
+        );
+        assert_eq!(reason_label(Reason::QueueDelay), "queue_delay");
+        // Growing without bound: said so, no number in the status.
+        e.decision.queue = QueueNeed::Sized {
+            replicas: 5,
+            backlog: 1200.0,
+            per_replica: Some(4.0),
+            delay_s: f64::INFINITY,
+        };
+        e.decision.breach = e.decision.breach.map(|b| crate::autoscale::policy::Breach {
+            queue_delay_s: Some((f64::INFINITY, 60.0)),
+            ..b
+        });
+        let p = status_patch(&mf, &e, &now);
+        assert!(cond(&p, SLO_BREACHED)["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("queue delay unbounded > 60 s"));
+        assert!(p["status"]["metrics"].get("queueDelaySeconds").is_none());
     }
 
     #[test]

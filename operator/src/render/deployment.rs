@@ -6,10 +6,10 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    HTTPGetAction, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, TCPSocketAction,
-    Volume, VolumeMount,
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource,
+    SecurityContext, TCPSocketAction, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -366,6 +366,32 @@ fn ports(inputs: &Inputs<'_>) -> Vec<ContainerPort> {
     ports
 }
 
+/// The forwarder's config override (`FORWARDER_` + path, `__` between
+/// segments) for Kafka's `group.instance.id`.
+pub const GROUP_INSTANCE_ID_ENV: &str = "FORWARDER_ASYNC__KAFKA__GROUP_INSTANCE_ID";
+
+/// Environment of the forwarder container: with `spec.async` and static
+/// membership, the pod's own name as its consumer-group instance id (the
+/// downward API; a ConfigMap is shared by every pod, so it cannot carry a
+/// per-pod value). Pod names start with the resource's name, a DNS-1035
+/// label, so the override is always read as a string.
+fn env(inputs: &Inputs<'_>) -> Option<Vec<EnvVar>> {
+    let a = inputs.spec.async_jobs.as_ref()?;
+    a.static_membership.then(|| {
+        vec![EnvVar {
+            name: GROUP_INSTANCE_ID_ENV.into(),
+            value: None,
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    api_version: Some("v1".into()),
+                    field_path: "metadata.name".into(),
+                }),
+                ..EnvVarSource::default()
+            }),
+        }]
+    })
+}
+
 /// The Deployment. `spec.replicas` is deliberately absent: it belongs to the
 /// scaler's field manager, so applying this never resets a scaled count.
 pub fn deployment(inputs: &Inputs<'_>, config_hash: &str) -> Deployment {
@@ -393,6 +419,7 @@ pub fn deployment(inputs: &Inputs<'_>, config_hash: &str) -> Deployment {
         image_pull_policy: pod.image_pull_policy.map(|p| p.as_str().to_string()),
         command: Some(vec!["forwarder".into()]),
         args: Some(vec!["serve".into(), "--config".into(), CONFIG_PATH.into()]),
+        env: env(inputs),
         ports: Some(ports(inputs)),
         liveness_probe: Some(probe("/healthz", 10, 3, inputs.spec.tls.as_ref())),
         readiness_probe: Some(probe("/readyz", 5, 2, inputs.spec.tls.as_ref())),
@@ -520,6 +547,64 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn kafka_static_membership_takes_the_pod_name_from_the_downward_api() {
+        let mut s = spec();
+        assert_eq!(pod_spec(&render(&s)).containers[0].env, None, "no async");
+        s.async_jobs = serde_json::from_value(serde_json::json!({
+            "bootstrapServers": ["kafka:9092"]
+        }))
+        .expect("async");
+        let d = render(&s);
+        let env = pod_spec(&d).containers[0].env.clone().expect("env");
+        assert_eq!(env.len(), 1);
+        assert_eq!(env[0].name, GROUP_INSTANCE_ID_ENV);
+        assert_eq!(
+            env[0]
+                .value_from
+                .as_ref()
+                .and_then(|v| v.field_ref.as_ref())
+                .map(|f| f.field_path.as_str()),
+            Some("metadata.name")
+        );
+        // Opted out: dynamic membership.
+        s.async_jobs.as_mut().expect("async").static_membership = false;
+        assert_eq!(pod_spec(&render(&s)).containers[0].env, None);
+    }
+
+    /// The variable the Deployment sets is the one the forwarder reads as
+    /// `async.kafka.group_instance_id`: its config loader run with it, in a
+    /// child process (the environment is process-wide).
+    #[test]
+    fn the_forwarder_reads_the_rendered_variable_as_its_group_instance_id() {
+        const CHILD: &str = "MF_TEST_GROUP_INSTANCE_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            let c = forwarder_config::load(None).expect("config loads");
+            assert_eq!(
+                c.async_jobs.kafka.group_instance_id.as_deref(),
+                Some("bot-7d9f8c6b5-x2k9q")
+            );
+            return;
+        }
+        let exe = std::env::current_exe().expect("test binary");
+        let out = std::process::Command::new(exe)
+            .args([
+                "--exact",
+                "render::deployment::tests::the_forwarder_reads_the_rendered_variable_as_its_group_instance_id",
+                "--nocapture",
+            ])
+            .env(CHILD, "1")
+            .env(GROUP_INSTANCE_ID_ENV, "bot-7d9f8c6b5-x2k9q")
+            .output()
+            .expect("child runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("1 passed"),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     #[test]
