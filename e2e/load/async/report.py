@@ -86,7 +86,9 @@ def cmd_run(a) -> None:
     lat, states, last_arrival = [], Counter(), None
     with open(f"{d}/e2e.csv") as f:
         for r in csv.DictReader(f):
-            if int(r["submit_ms"]) >= t0:
+            # Offered jobs (not the warm-up) called back by the cut-off (the
+            # receiver may log a few more while the rig is torn down).
+            if int(r["submit_ms"]) >= t0 and int(r["arrival_ms"]) <= t2:
                 lat.append(int(r["arrival_ms"]) - int(r["submit_ms"]))
                 states[r["status"]] += 1
                 last_arrival = max(last_arrival or 0, int(r["arrival_ms"]))
@@ -110,6 +112,7 @@ def cmd_run(a) -> None:
     at = lambda t: min(rows, key=lambda r: abs(r["t_s"] - t)) if rows else {}  # noqa: E731
     result = {
         "label": a.label, "replicas": a.replicas, "workers": a.workers,
+        "offer_start_ms": t0, "offer_end_ms": t1, "drain_end_ms": t2,
         "offer_s": offer_s, "offered": k6["iterations"], "dropped": k6["dropped_iterations"],
         "accepted": accepted, "accepted_per_s": accepted / offer_s,
         "submit_p50_ms": k6["submit_p50_ms"], "submit_p99_ms": k6["submit_p99_ms"],
