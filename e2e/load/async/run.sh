@@ -65,6 +65,8 @@ if [ -z "${TANSU_BIN:-}" ]; then
   fi
 fi
 log "forwarder $BIN; tansu $TANSU_BIN; k6 $K6"
+python3 "$HERE/observer.py" --self-test >/dev/null
+python3 "$HERE/report.py" --self-test >/dev/null
 
 # Secrets: the store's key ring and the callbacks' signing secret, fresh per invocation.
 python3 - "$WORK" <<'PY'
