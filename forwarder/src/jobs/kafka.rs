@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
@@ -38,6 +38,9 @@ pub struct KafkaQueue {
     cfg: KafkaConfig,
     producer: FutureProducer,
     consumer: Arc<StreamConsumer>,
+    /// The lag's broker queries, on connections of their own: on the
+    /// consumer's they waited behind its fetches and took seconds.
+    lag_reader: Arc<BaseConsumer>,
     tracker: Arc<Mutex<OffsetTracker>>,
     rx: tokio::sync::Mutex<mpsc::Receiver<Delivery>>,
     lag: Arc<AtomicI64>,
@@ -124,11 +127,19 @@ impl KafkaQueue {
         consumer
             .subscribe(&[&cfg.topic])
             .map_err(|e| err("subscribe", e))?;
+        // Reads the group's committed offsets; never subscribes (joins nothing).
+        let lag_reader: BaseConsumer = base
+            .clone()
+            .set("group.id", &cfg.consumer_group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .map_err(|e| err("lag reader", e))?;
         let (tx, rx) = mpsc::channel(prefetch.max(1));
         let q = Arc::new(Self {
             cfg: cfg.clone(),
             producer,
             consumer: Arc::new(consumer),
+            lag_reader: Arc::new(lag_reader),
             tracker: Arc::default(),
             rx: tokio::sync::Mutex::new(rx),
             lag: Arc::default(),
@@ -241,7 +252,9 @@ impl KafkaQueue {
     }
 
     /// Consumer lag (high watermark − committed offset, over the assigned
-    /// partitions), every two seconds.
+    /// partitions), every two seconds. The offsets and watermarks are read
+    /// on the lag reader's own connections, one right after the other, so
+    /// the difference is not inflated by the time a slow read took.
     async fn watch_lag(self: Arc<Self>) {
         loop {
             tokio::select! {
@@ -249,13 +262,15 @@ impl KafkaQueue {
                 () = tokio::time::sleep(Duration::from_secs(2)) => {}
             }
             let consumer = self.consumer.clone();
+            let reader = self.lag_reader.clone();
             let topic = self.cfg.topic.clone();
             let lag = tokio::task::spawn_blocking(move || -> Option<i64> {
                 let timeout = Duration::from_secs(1);
-                let committed = consumer.committed(timeout).ok()?;
+                let assigned = consumer.assignment().ok()?;
+                let committed = reader.committed_offsets(assigned, timeout).ok()?;
                 let mut lag = 0;
                 for e in committed.elements_for_topic(&topic) {
-                    let (low, high) = consumer
+                    let (low, high) = reader
                         .fetch_watermarks(&topic, e.partition(), timeout)
                         .ok()?;
                     let from = match e.offset() {

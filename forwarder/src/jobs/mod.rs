@@ -47,6 +47,8 @@ use table::{JobTable, Start};
 const UPSTREAM_IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
 /// How soon a job whose claim another run holds tries again.
 const CLAIM_RETRY: Duration = Duration::from_millis(200);
+/// How often `forwarder_queue_depth` is read from the queue on a clock.
+const DEPTH_REFRESH: Duration = Duration::from_secs(1);
 
 /// Why a cancellation was refused.
 #[derive(Debug)]
@@ -104,6 +106,19 @@ impl Jobs {
         let mut tasks: Vec<JoinHandle<()>> = (0..self.cfg.workers)
             .map(|_| tokio::spawn(self.clone().work()))
             .collect();
+        // A broker's lag changes while no worker fetches (the last jobs
+        // finishing, another replica draining the backlog): without this the
+        // gauge kept the value read at the last fetch, up to a minute.
+        let me = self.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = me.stop.cancelled() => return,
+                    () = tokio::time::sleep(DEPTH_REFRESH) => {}
+                }
+                me.metrics.queue_depth.set(depth(me.queue.as_ref()));
+            }
+        }));
         let me = self.clone();
         tasks.push(tokio::spawn(async move {
             let every =

@@ -267,3 +267,48 @@ async fn two_replicas_share_the_queue_and_the_records_and_run_each_job_once() {
         "each job reached the upstream once"
     );
 }
+/// `forwarder_queue_depth` (the autoscaling signal) follows the broker's
+/// lag: it shows a backlog while jobs wait and reads 0 within seconds of the
+/// backlog draining, although no worker fetches anything after that (it
+/// used to keep the value read at the last fetch, up to a minute; found by
+/// the async load scenario, e2e/load/async).
+#[tokio::test]
+#[cfg_attr(
+    not(kafka),
+    ignore = "no Kafka-protocol broker: set TANSU_BIN (scripts/test.sh does)"
+)]
+async fn the_queue_depth_reads_zero_soon_after_the_backlog_drains() {
+    let broker = Broker::start().await;
+    let m = slow_mock(Duration::from_millis(200)).await;
+    let mut cfg = kafka_config(&m, &broker, "jobs-depth");
+    cfg.async_jobs.workers = 4;
+    let f = start(cfg).await;
+    let mut ids = Vec::new();
+    // 120 jobs × 200 ms on 4 workers: ~6 s of backlog, several of the
+    // lag's 2 s refreshes (one can time out on a busy broker), so the gauge
+    // must show it.
+    for i in 0..120 {
+        ids.push(submit(&f, &format!("job {i}")).await);
+    }
+    let mut peak = 0.0f64;
+    for id in &ids {
+        peak = peak.max(f.metric("forwarder_queue_depth", &[]).await);
+        assert_eq!(wait_job(&f, id, &[]).await["status"], "succeeded");
+    }
+    assert!(
+        peak > 0.0,
+        "the backlog never showed in forwarder_queue_depth"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let depth = f.metric("forwarder_queue_depth", &[]).await;
+        if depth == 0.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "forwarder_queue_depth still {depth} 10 s after the last job finished"
+        );
+        tokio::time::sleep(200 * MS).await;
+    }
+}
