@@ -6,6 +6,11 @@
 //! no-store` skips the cache, `no-cache` skips reading but refreshes the
 //! entry. Errors, tool-call answers and truncated streams are never
 //! stored. The cache fails open: a store error is a miss.
+//!
+//! A miss claims its key in the store while it is forwarded, so identical
+//! requests arriving meanwhile, on any replica, wait for that answer
+//! instead of forwarding too (the FAQ case: a hot question asked again
+//! before its first answer is back).
 
 pub mod convert;
 pub mod key;
@@ -19,8 +24,13 @@ use forwarder_config::{CacheConfig, Cacheable, ModelCacheConfig};
 use http::HeaderMap;
 use prometheus::{IntCounter, IntCounterVec, Opts};
 
-use crate::store::{Record, Space, Store, StoreKey};
+use crate::store::{ClaimGuard, Claimed, Record, Space, Store, StoreKey};
 use crate::telemetry::Metrics;
+
+/// How often a request waiting for an identical one's answer looks again.
+const CLAIM_POLL: std::time::Duration = std::time::Duration::from_millis(25);
+/// The shortest claim a miss holds (its deadline bounds it otherwise).
+const CLAIM_MIN_LEASE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The request header with which a client opts a non-deterministic
 /// request into the cache.
@@ -189,15 +199,57 @@ impl ResponseCache {
             .inc();
     }
 
-    /// Stores a completion body in the background, if it may be cached.
-    pub fn store(self: &Arc<Self>, plan: &Plan, completion: Bytes) {
+    /// After a miss: the key's claim, held while this request is forwarded
+    /// (`Ok(Some)`: complete it through [`ResponseCache::store`]), or the
+    /// answer of an identical request that held it meanwhile (`Err`: a hit),
+    /// waited for until `until`. `Ok(None)`: forward without a claim (the
+    /// store failed, the wait ran out, or the holder gave up: then every
+    /// waiter forwards at once rather than one after another).
+    pub async fn lead_or_wait(
+        &self,
+        plan: &Plan,
+        until: tokio::time::Instant,
+    ) -> Result<Option<ClaimGuard>, Record> {
+        if plan.decision != Decision::Lookup {
+            return Ok(None);
+        }
+        let mut waited = false;
+        loop {
+            let now = tokio::time::Instant::now();
+            let lease = until.saturating_duration_since(now).max(CLAIM_MIN_LEASE);
+            match self.store.claim(&plan.key, plan.fingerprint, lease).await {
+                Ok(Claimed::Won(guard)) if !waited => return Ok(Some(guard)),
+                Ok(Claimed::Won(_)) => return Ok(None),
+                Ok(Claimed::Done(r)) if r.fingerprint == plan.fingerprint => return Err(r),
+                Ok(Claimed::Busy { .. }) if now + CLAIM_POLL < until => {
+                    waited = true;
+                    tokio::time::sleep(CLAIM_POLL).await;
+                }
+                Ok(_) => return Ok(None),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cache claim failed; forwarding without one");
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    /// Stores a completion body in the background, if it may be cached:
+    /// through the key's claim when this request held it (waiters read it
+    /// at once), else as a plain write. An answer that may not be cached
+    /// drops the claim, which frees the key for the waiters.
+    pub fn store(self: &Arc<Self>, plan: &Plan, lead: Option<ClaimGuard>, completion: Bytes) {
         if !plan.writes() || completion.len() > plan.max_entry || !convert::cacheable(&completion) {
             return;
         }
         let (this, key, fp, ttl) = (self.clone(), plan.key.clone(), plan.fingerprint, plan.ttl);
         tokio::spawn(async move {
             let n = completion.len() as u64;
-            match this.store.put(&key, fp, completion, ttl).await {
+            let stored = match lead {
+                Some(guard) => guard.complete(completion, ttl).await,
+                None => this.store.put(&key, fp, completion, ttl).await,
+            };
+            match stored {
                 Ok(()) => this.stored_bytes.inc_by(n),
                 Err(e) => tracing::debug!(error = %e, "could not store a cached answer"),
             }

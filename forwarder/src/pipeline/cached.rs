@@ -16,6 +16,7 @@ use super::stream_end::{on_end, StreamEnd};
 use super::{Answer, EventStream};
 use crate::api::ApiError;
 use crate::cache::{convert, Decision, Plan, ResponseCache};
+use crate::store::{ClaimGuard, Record};
 
 /// The response header saying how the cache answered.
 pub const X_CACHE: &str = "x-cache";
@@ -28,6 +29,27 @@ pub struct Hit {
 /// A stored answer in the shape the client asked for; counted as a hit.
 pub async fn lookup(cache: &ResponseCache, plan: &Plan, stream: bool) -> Option<Hit> {
     let rec = cache.lookup(plan).await?;
+    served(cache, plan, &rec, stream)
+}
+
+/// After a miss: lead (hold the key's claim while forwarding) or wait for
+/// an identical request's answer; see [`ResponseCache::lead_or_wait`].
+pub async fn lead_or_wait(
+    cache: &ResponseCache,
+    plan: &Plan,
+    stream: bool,
+    until: tokio::time::Instant,
+) -> Result<Option<ClaimGuard>, Hit> {
+    match cache.lead_or_wait(plan, until).await {
+        Ok(lead) => Ok(lead),
+        Err(rec) => match served(cache, plan, &rec, stream) {
+            Some(hit) => Err(hit),
+            None => Ok(None),
+        },
+    }
+}
+
+fn served(cache: &ResponseCache, plan: &Plan, rec: &Record, stream: bool) -> Option<Hit> {
     let body = if stream {
         let events = convert::to_events(&rec.value)?;
         ReplyBody::Stream(futures::stream::iter(events.into_iter().map(Ok)).boxed())
@@ -59,6 +81,7 @@ pub fn hit(mut obs: Observer, hit: Hit) -> Answer {
 pub fn fill(
     cache: &Arc<ResponseCache>,
     plan: Plan,
+    lead: Option<ClaimGuard>,
     answer: Result<Answer, ApiError>,
 ) -> Result<Answer, ApiError> {
     let miss = plan.decision == Decision::Lookup;
@@ -77,17 +100,22 @@ pub fn fill(
     );
     answer.reply.body = match body {
         ReplyBody::Complete(bytes) => {
-            cache.store(&plan, bytes.clone());
+            cache.store(&plan, lead, bytes.clone());
             ReplyBody::Complete(bytes)
         }
-        ReplyBody::Stream(events) => ReplyBody::Stream(record(cache.clone(), plan, events)),
+        ReplyBody::Stream(events) => ReplyBody::Stream(record(cache.clone(), plan, lead, events)),
     };
     Ok(answer)
 }
 
 /// Records a stream's events (bounded) and stores the assembled
 /// completion when, and only when, the stream completed.
-fn record(cache: Arc<ResponseCache>, plan: Plan, events: EventStream) -> EventStream {
+fn record(
+    cache: Arc<ResponseCache>,
+    plan: Plan,
+    lead: Option<ClaimGuard>,
+    events: EventStream,
+) -> EventStream {
     // Events carry framing around the text: allow some headroom.
     let max = plan.max_entry().saturating_mul(4);
     let recording = Arc::new(Mutex::new(Some(BytesMut::new())));
@@ -106,7 +134,7 @@ fn record(cache: Arc<ResponseCache>, plan: Plan, events: EventStream) -> EventSt
         let events = recording.lock().take();
         if let (StreamEnd::Completed, Some(events)) = (end, events) {
             if let Some(completion) = convert::from_events(events.freeze()) {
-                cache.store(&plan, completion);
+                cache.store(&plan, lead, completion);
             }
         }
     })

@@ -453,11 +453,19 @@ impl Pipeline {
             .cache
             .as_ref()
             .and_then(|c| c.plan(&model, &principal.0, &call.body, directives));
+        let mut lead = None;
         if let (Some(cache), Some(plan)) = (&self.cache, &plan) {
-            if let Some(hit) = cached::lookup(cache, plan, stream).await {
-                let mut answer = cached::hit(obs, hit);
-                add_headers(&mut answer, &limit_headers);
-                return Ok(answer);
+            let found = match cached::lookup(cache, plan, stream).await {
+                Some(hit) => Err(hit),
+                None => cached::lead_or_wait(cache, plan, stream, deadline).await,
+            };
+            match found {
+                Ok(claim) => lead = claim,
+                Err(hit) => {
+                    let mut answer = cached::hit(obs, hit);
+                    add_headers(&mut answer, &limit_headers);
+                    return Ok(answer);
+                }
             }
         }
         let slot = match &self.slots {
@@ -494,7 +502,7 @@ impl Pipeline {
             None => self.dispatch(obs, env).await,
         };
         let answer = match (&self.cache, plan) {
-            (Some(cache), Some(plan)) => cached::fill(cache, plan, answer),
+            (Some(cache), Some(plan)) => cached::fill(cache, plan, lead, answer),
             _ => answer,
         };
         let answer = answer.map(|mut a| {

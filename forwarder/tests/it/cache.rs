@@ -307,3 +307,57 @@ async fn entries_are_per_client_unless_the_model_is_shared() {
     assert_eq!(b.body["reply"], a.body["reply"]);
     assert_eq!(m.model.requests(), before, "served from the shared cache");
 }
+
+/// Identical requests arriving while the first is still upstream wait for
+/// its answer instead of forwarding too (one upstream call, the others
+/// HITs); when that first request fails, the waiters forward together
+/// rather than one after another.
+#[tokio::test]
+async fn concurrent_identical_misses_make_one_upstream_call() {
+    let m = slow_mock(Duration::from_millis(400)).await;
+    let mut cfg = config(vec![upstream("a", &m, "m")]);
+    cfg.retry.max_attempts = 1;
+    cfg.cache
+        .models
+        .insert("m".into(), ModelCacheConfig::default());
+    let fwd = start(cfg).await;
+    let url = "/v1/chat/completions";
+    let body = det("what is the return policy?");
+    let answers = futures::future::join_all((0..6).map(|_| fwd.post(url, &body, &[]))).await;
+    let mut cache = Vec::new();
+    for a in &answers {
+        assert_eq!(a.status, 200, "{}", a.text);
+        assert_eq!(a.body, answers[0].body, "every one gets the same answer");
+        cache.push(a.header("x-cache").unwrap_or("none").to_string());
+    }
+    cache.sort();
+    assert_eq!(cache, ["HIT", "HIT", "HIT", "HIT", "HIT", "MISS"]);
+    assert_eq!(m.model.requests(), 1);
+
+    // The leader fails: the five waiters then forward at once (about one
+    // upstream latency in all, not five in a row).
+    m.model.fail_next(
+        1,
+        forwarder::mock_llm::Fault::Error {
+            status: 500,
+            retry_after: None,
+        },
+    );
+    let body = det("do you ship abroad?");
+    let started = std::time::Instant::now();
+    let leader = fwd.post(url, &body, &[]);
+    let waiters = async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        futures::future::join_all((0..5).map(|_| fwd.post(url, &body, &[]))).await
+    };
+    let (leader, waiters) = tokio::join!(leader, waiters);
+    assert_eq!(leader.status, 502, "{}", leader.text);
+    for w in &waiters {
+        assert_eq!(w.status, 200, "{}", w.text);
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(1600),
+        "waiters forwarded one after another: {:?}",
+        started.elapsed()
+    );
+}
