@@ -149,11 +149,11 @@ async fn submit(
     }
     let owner = adm.principal().clone();
     match jobs
-        .submit(owner, kind, model, body, headers, callback_url)
+        .submit(owner, kind, model.clone(), body, headers, callback_url)
         .await
     {
         Ok(job) => {
-            adm.answered(StatusCode::ACCEPTED.as_u16());
+            adm.answered(&model, StatusCode::ACCEPTED.as_u16());
             accepted(&job)
         }
         Err(e) => adm.refuse(e).into_response(),

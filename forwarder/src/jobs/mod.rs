@@ -203,6 +203,7 @@ impl Jobs {
             headers: self.to_upstream.filter(headers),
             state: JobState::Queued,
             created_at: now / 1000,
+            created_ms: now,
             started_at: None,
             finished_at: None,
             expires_at_ms: now.saturating_add(ttl),
@@ -321,7 +322,7 @@ impl Jobs {
         };
         self.metrics
             .wait
-            .observe(picked.saturating_sub(job.created_at * 1000) as f64 / 1000.0);
+            .observe(picked.saturating_sub(job.created_ms()) as f64 / 1000.0);
         self.metrics.entered(JobState::Running);
         // Every replica answers GET from the record: it says running now.
         self.records.save(&job).await;

@@ -91,8 +91,11 @@ pub struct Job {
     /// Client headers on the pass-through allow-list.
     pub headers: http::HeaderMap,
     pub state: JobState,
-    /// Unix seconds.
+    /// Unix seconds (the API's field).
     pub created_at: u64,
+    /// Unix milliseconds, for the wait-time histogram; 0 on a message from
+    /// a forwarder that did not send it (then `created_at` stands in).
+    pub created_ms: u64,
     pub started_at: Option<u64>,
     pub finished_at: Option<u64>,
     /// Unix milliseconds: not started by then → `expired`; finished → the
@@ -116,6 +119,16 @@ pub struct BatchTag {
 pub struct NotAllowed(pub JobState);
 
 impl Job {
+    /// When it was accepted, in Unix milliseconds (to the second for a
+    /// message without `created_ms`).
+    pub fn created_ms(&self) -> u64 {
+        if self.created_ms > 0 {
+            self.created_ms
+        } else {
+            self.created_at.saturating_mul(1000)
+        }
+    }
+
     pub fn expired_at(&self, now_ms: u64) -> bool {
         now_ms >= self.expires_at_ms
     }
@@ -277,6 +290,7 @@ mod tests {
             headers: http::HeaderMap::new(),
             state: JobState::Queued,
             created_at: 0,
+            created_ms: 0,
             started_at: None,
             finished_at: None,
             expires_at_ms,

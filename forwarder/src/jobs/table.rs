@@ -148,6 +148,7 @@ mod tests {
             headers: http::HeaderMap::new(),
             state: JobState::Queued,
             created_at: 0,
+            created_ms: 0,
             started_at: None,
             finished_at: None,
             expires_at_ms: 1000,

@@ -22,6 +22,8 @@ struct WireJob {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     callback_url: Option<String>,
     created_at: u64,
+    #[serde(default)]
+    created_ms: u64,
     expires_at_ms: u64,
     /// A Batch API request's batch and `custom_id`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -50,6 +52,7 @@ pub fn encode(job: &Job) -> Vec<u8> {
             .collect(),
         callback_url: job.callback.as_ref().map(|c| c.url.clone()),
         created_at: job.created_at,
+        created_ms: job.created_ms,
         expires_at_ms: job.expires_at_ms,
         batch: job.batch.clone(),
     };
@@ -84,6 +87,7 @@ pub fn decode(bytes: &[u8]) -> Result<Job, DecodeError> {
         headers,
         state: JobState::Queued,
         created_at: w.created_at,
+        created_ms: w.created_ms,
         started_at: None,
         finished_at: None,
         expires_at_ms: w.expires_at_ms,
@@ -117,6 +121,7 @@ mod tests {
             headers,
             state: JobState::Queued,
             created_at: 5,
+            created_ms: 5_432,
             started_at: None,
             finished_at: None,
             expires_at_ms: 9000,
@@ -131,6 +136,10 @@ mod tests {
         assert_eq!(back.body, job.body, "byte for byte");
         assert_eq!(back.headers, job.headers);
         assert_eq!(back.expires_at_ms, 9000);
+        assert_eq!(back.created_ms(), 5_432, "to the millisecond");
+        // A message from a forwarder that sent seconds only.
+        let old = br#"{"v":1,"id":"x","owner":"o","model":"m","body":"{}","headers":[],"created_at":7,"expires_at_ms":0}"#;
+        assert_eq!(decode(old).unwrap().created_ms(), 7_000);
     }
 
     #[test]

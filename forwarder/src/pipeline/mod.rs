@@ -124,8 +124,10 @@ impl Admission {
         self.meta.idempotency_key.as_deref()
     }
 
-    /// Ends a request answered without running it (an accepted async job).
-    pub fn answered(mut self, code: u16) {
+    /// Ends a request for `model` (a served one) answered without running
+    /// it (an accepted async job): counted under that model.
+    pub fn answered(mut self, model: &str, code: u16) {
+        self.obs.set_model(model, true);
         self.obs.finish(code);
     }
 

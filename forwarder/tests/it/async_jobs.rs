@@ -51,6 +51,15 @@ async fn a_job_is_accepted_run_and_answered_as_the_sync_endpoint_would() {
         r.header("location"),
         Some(format!("/v1/async/jobs/{id}").as_str())
     );
+    // The 202 is counted under its model, as a synchronous answer is.
+    assert_eq!(
+        f.metric(
+            "forwarder_requests_total",
+            &[("protocol", "http"), ("model", "mock"), ("code", "202")]
+        )
+        .await,
+        1.0
+    );
 
     let job = wait_job(&f, &id, &[ALICE]).await;
     assert_eq!(job["status"], "succeeded", "{job}");
