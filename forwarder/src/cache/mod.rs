@@ -24,13 +24,14 @@ use forwarder_config::{CacheConfig, Cacheable, ModelCacheConfig};
 use http::HeaderMap;
 use prometheus::{IntCounter, IntCounterVec, Opts};
 
-use crate::store::{ClaimGuard, Claimed, Record, Space, Store, StoreKey};
+use crate::store::{Claimed, HeldClaim, Record, Space, Store, StoreKey};
 use crate::telemetry::Metrics;
 
 /// How often a request waiting for an identical one's answer looks again.
 const CLAIM_POLL: std::time::Duration = std::time::Duration::from_millis(25);
-/// The shortest claim a miss holds (its deadline bounds it otherwise).
-const CLAIM_MIN_LEASE: std::time::Duration = std::time::Duration::from_secs(1);
+/// A miss's claim lease, renewed while it is forwarded: if its replica
+/// dies, the waiters forward within this.
+const CLAIM_LEASE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The request header with which a client opts a non-deterministic
 /// request into the cache.
@@ -199,7 +200,7 @@ impl ResponseCache {
             .inc();
     }
 
-    /// After a miss: the key's claim, held while this request is forwarded
+    /// After a miss: the key's claim, held (renewed) while this request is forwarded
     /// (`Ok(Some)`: complete it through [`ResponseCache::store`]), or the
     /// answer of an identical request that held it meanwhile (`Err`: a hit),
     /// waited for until `until`. `Ok(None)`: forward without a claim (the
@@ -209,16 +210,21 @@ impl ResponseCache {
         &self,
         plan: &Plan,
         until: tokio::time::Instant,
-    ) -> Result<Option<ClaimGuard>, Record> {
+    ) -> Result<Option<HeldClaim>, Record> {
         if plan.decision != Decision::Lookup {
             return Ok(None);
         }
         let mut waited = false;
         loop {
             let now = tokio::time::Instant::now();
-            let lease = until.saturating_duration_since(now).max(CLAIM_MIN_LEASE);
-            match self.store.claim(&plan.key, plan.fingerprint, lease).await {
-                Ok(Claimed::Won(guard)) if !waited => return Ok(Some(guard)),
+            match self
+                .store
+                .claim(&plan.key, plan.fingerprint, CLAIM_LEASE)
+                .await
+            {
+                Ok(Claimed::Won(guard)) if !waited => {
+                    return Ok(Some(HeldClaim::hold(guard, CLAIM_LEASE, "cache")))
+                }
                 Ok(Claimed::Won(_)) => return Ok(None),
                 Ok(Claimed::Done(r)) if r.fingerprint == plan.fingerprint => return Err(r),
                 Ok(Claimed::Busy { .. }) if now + CLAIM_POLL < until => {
@@ -238,7 +244,7 @@ impl ResponseCache {
     /// through the key's claim when this request held it (waiters read it
     /// at once), else as a plain write. An answer that may not be cached
     /// drops the claim, which frees the key for the waiters.
-    pub fn store(self: &Arc<Self>, plan: &Plan, lead: Option<ClaimGuard>, completion: Bytes) {
+    pub fn store(self: &Arc<Self>, plan: &Plan, lead: Option<HeldClaim>, completion: Bytes) {
         if !plan.writes() || completion.len() > plan.max_entry || !convert::cacheable(&completion) {
             return;
         }

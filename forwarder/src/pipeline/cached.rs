@@ -16,7 +16,7 @@ use super::stream_end::{on_end, StreamEnd};
 use super::{Answer, EventStream};
 use crate::api::ApiError;
 use crate::cache::{convert, Decision, Plan, ResponseCache};
-use crate::store::{ClaimGuard, Record};
+use crate::store::{HeldClaim, Record};
 
 /// The response header saying how the cache answered.
 pub const X_CACHE: &str = "x-cache";
@@ -39,7 +39,7 @@ pub async fn lead_or_wait(
     plan: &Plan,
     stream: bool,
     until: tokio::time::Instant,
-) -> Result<Option<ClaimGuard>, Hit> {
+) -> Result<Option<HeldClaim>, Hit> {
     match cache.lead_or_wait(plan, until).await {
         Ok(lead) => Ok(lead),
         Err(rec) => match served(cache, plan, &rec, stream) {
@@ -81,7 +81,7 @@ pub fn hit(mut obs: Observer, hit: Hit) -> Answer {
 pub fn fill(
     cache: &Arc<ResponseCache>,
     plan: Plan,
-    lead: Option<ClaimGuard>,
+    lead: Option<HeldClaim>,
     answer: Result<Answer, ApiError>,
 ) -> Result<Answer, ApiError> {
     let miss = plan.decision == Decision::Lookup;
@@ -113,7 +113,7 @@ pub fn fill(
 fn record(
     cache: Arc<ResponseCache>,
     plan: Plan,
-    lead: Option<ClaimGuard>,
+    lead: Option<HeldClaim>,
     events: EventStream,
 ) -> EventStream {
     // Events carry framing around the text: allow some headroom.

@@ -9,11 +9,10 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use forwarder_config::{FailurePolicy, IdempotencyConfig};
 use tokio::time::Instant;
-use tokio_util::task::AbortOnDropHandle;
 
 use super::idempotency::{Fingerprint, StoredReply};
 use crate::api::ApiError;
-use crate::store::{ClaimGuard, Claimed, Store, StoreKey};
+use crate::store::{ClaimGuard, Claimed, HeldClaim, Store, StoreKey};
 
 /// How often a waiting duplicate looks again.
 const POLL: Duration = Duration::from_millis(25);
@@ -40,41 +39,18 @@ pub fn decode(v: Bytes) -> Option<StoredReply> {
     }
 }
 
-/// A held claim, renewed in the background until completed or dropped
-/// (dropping abandons it: the key is free for a retry at once).
-pub struct Lease {
-    guard: ClaimGuard,
-    _renew: AbortOnDropHandle<()>,
-}
+/// A held idempotency claim (see [`HeldClaim`]): dropping it abandons
+/// the claim, so the key is free for a retry at once.
+pub struct Lease(HeldClaim);
 
 impl Lease {
     fn hold(guard: ClaimGuard, lease: Duration) -> Self {
-        let renewer = guard.renewer();
-        let every = (lease / 3).max(Duration::from_millis(10));
-        let renew = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                match renewer.renew(lease).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        tracing::warn!(
-                            "an idempotency claim was lost before its answer was stored"
-                        );
-                        return;
-                    }
-                    Err(e) => tracing::warn!(error = %e, "could not renew an idempotency claim"),
-                }
-            }
-        });
-        Self {
-            guard,
-            _renew: AbortOnDropHandle::new(renew),
-        }
+        Self(HeldClaim::hold(guard, lease, "idempotency"))
     }
 
     /// Stores the answer under the key and releases the claim.
     pub async fn complete(self, reply: &StoredReply, ttl: Duration) {
-        if let Err(e) = self.guard.complete(encode(reply), ttl).await {
+        if let Err(e) = self.0.complete(encode(reply), ttl).await {
             tracing::warn!(error = %e, "could not store an idempotent answer");
         }
     }

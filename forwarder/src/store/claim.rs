@@ -138,3 +138,45 @@ impl Drop for ClaimGuard {
         }
     }
 }
+
+/// A claim kept alive in the background (renewed every third of its lease)
+/// until completed or dropped. A holder that dies stops renewing, so a
+/// waiter on another replica sees the key free within one lease instead of
+/// waiting out a long one.
+pub struct HeldClaim {
+    guard: ClaimGuard,
+    _renew: tokio_util::task::AbortOnDropHandle<()>,
+}
+
+impl HeldClaim {
+    /// `what` names the use in the log ("an idempotency claim").
+    pub fn hold(guard: ClaimGuard, lease: Duration, what: &'static str) -> Self {
+        let renewer = guard.renewer();
+        let every = (lease / 3).max(Duration::from_millis(10));
+        let renew = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match renewer.renew(lease).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(
+                            claim = what,
+                            "a claim was lost before its answer was stored"
+                        );
+                        return;
+                    }
+                    Err(e) => tracing::warn!(claim = what, error = %e, "could not renew a claim"),
+                }
+            }
+        });
+        Self {
+            guard,
+            _renew: tokio_util::task::AbortOnDropHandle::new(renew),
+        }
+    }
+
+    /// Stores `value` under the key and releases the claim.
+    pub async fn complete(self, value: Bytes, ttl: Duration) -> Result<(), StoreError> {
+        self.guard.complete(value, ttl).await
+    }
+}

@@ -29,7 +29,7 @@ use crate::BuildError;
 use forwarder_config::{Config, StoreBackend};
 
 pub use backend::RateState;
-pub use claim::{ClaimGuard, Claimed, Renewer};
+pub use claim::{ClaimGuard, Claimed, HeldClaim, Renewer};
 pub use error::StoreError;
 pub use key::{Fingerprint, Space, StoreKey};
 pub use keyring::{KeyRing, KeyRingError};

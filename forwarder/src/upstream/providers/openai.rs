@@ -96,19 +96,6 @@ impl OpenAiProvider {
         })
     }
 
-    /// Rebuilds the client if the TLS files changed; returns whether they
-    /// did. A failed rebuild (a half-written rotation) keeps the old one.
-    pub fn reload_files(&self) -> Result<bool, BuildError> {
-        let Some(cfg) = &self.files else {
-            return Ok(false);
-        };
-        let fingerprint = crate::upstream::tls::files_fingerprint(cfg.tls.as_ref());
-        if self.client.is_current(&fingerprint) {
-            return Ok(false);
-        }
-        Ok(self.client.install(https_client(cfg)?, fingerprint))
-    }
-
     async fn send(&self, req: &Envelope) -> Result<Response<Incoming>, UpstreamError> {
         let mut request = Request::post(self.uri.clone())
             .body(Full::new(req.body.clone()))
@@ -288,8 +275,17 @@ async fn read_bounded(
 
 #[async_trait]
 impl Provider for OpenAiProvider {
+    /// Rebuilds the client if the TLS files changed; returns whether they
+    /// did. A failed rebuild (a half-written rotation) keeps the old one.
     fn reload_files(&self) -> Result<bool, BuildError> {
-        OpenAiProvider::reload_files(self)
+        let Some(cfg) = &self.files else {
+            return Ok(false);
+        };
+        let fingerprint = crate::upstream::tls::files_fingerprint(cfg.tls.as_ref());
+        if self.client.is_current(&fingerprint) {
+            return Ok(false);
+        }
+        Ok(self.client.install(https_client(cfg)?, fingerprint))
     }
 
     async fn complete(&self, req: &Envelope) -> Result<Completed, UpstreamError> {
