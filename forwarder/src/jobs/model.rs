@@ -276,28 +276,35 @@ pub struct CallbackView<'a> {
     pub last_error: Option<&'a str>,
 }
 
+/// A queued chat job for unit tests: id, owner and expiry as given,
+/// everything else empty.
+#[cfg(test)]
+pub(crate) fn test_job(id: &str, owner: &str, expires_at_ms: u64) -> Job {
+    Job {
+        id: id.into(),
+        owner: Identity(owner.into()),
+        kind: JobKind::Chat,
+        model: "m".into(),
+        body: Bytes::new(),
+        headers: http::HeaderMap::new(),
+        state: JobState::Queued,
+        created_at: 0,
+        created_ms: 0,
+        started_at: None,
+        finished_at: None,
+        expires_at_ms,
+        response: None,
+        callback: None,
+        batch: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn job(expires_at_ms: u64) -> Job {
-        Job {
-            id: "job_1".into(),
-            owner: Identity::anonymous(),
-            kind: JobKind::Chat,
-            model: "m".into(),
-            body: Bytes::new(),
-            headers: http::HeaderMap::new(),
-            state: JobState::Queued,
-            created_at: 0,
-            created_ms: 0,
-            started_at: None,
-            finished_at: None,
-            expires_at_ms,
-            response: None,
-            callback: None,
-            batch: None,
-        }
+        test_job("job_1", "anonymous", expires_at_ms)
     }
 
     fn ok() -> JobResponse {

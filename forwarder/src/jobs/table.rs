@@ -135,27 +135,9 @@ impl JobTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::model::JobKind;
-    use bytes::Bytes;
 
     fn job(id: &str, owner: &str) -> Job {
-        Job {
-            id: id.into(),
-            owner: Identity(owner.into()),
-            kind: JobKind::Chat,
-            model: "m".into(),
-            body: Bytes::new(),
-            headers: http::HeaderMap::new(),
-            state: JobState::Queued,
-            created_at: 0,
-            created_ms: 0,
-            started_at: None,
-            finished_at: None,
-            expires_at_ms: 1000,
-            response: None,
-            callback: None,
-            batch: None,
-        }
+        crate::jobs::model::test_job(id, owner, 1000)
     }
 
     #[test]
