@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::idempotency::{Fingerprint, StoredReply};
 use crate::api::ApiError;
-use crate::store::{ClaimGuard, Claimed, HeldClaim, Store, StoreKey};
+use crate::store::{ClaimGuard, Claimed, HeldClaim, Store, StoreError, StoreKey};
 
 /// How often a waiting duplicate looks again.
 const POLL: Duration = Duration::from_millis(25);
@@ -92,7 +92,9 @@ impl Claims {
                 }
                 Ok(Claimed::Done(r)) => match decode(r.value) {
                     Some(reply) => return Ok(Begin::Replay(reply)),
-                    None => return self.failed("an undecodable record"),
+                    None => {
+                        return self.failed(&StoreError::Corrupt("an undecodable record".into()))
+                    }
                 },
                 Ok(Claimed::Busy { fingerprint }) if fingerprint != fp => {
                     return Err(ApiError::IdempotencyMismatch)
@@ -103,7 +105,7 @@ impl Claims {
                     }
                     tokio::time::sleep(POLL).await;
                 }
-                Err(e) => return self.failed(&e.to_string()),
+                Err(e) => return self.failed(&e),
             }
         }
     }
@@ -119,13 +121,21 @@ impl Claims {
             Ok(Some(r)) => Ok(decode(r.value)),
             Ok(None) => Ok(None),
             Err(e) => {
-                self.failed(&e.to_string())?;
+                self.failed(&e)?;
                 Ok(None)
             }
         }
     }
 
-    fn failed(&self, why: &str) -> Result<Begin, ApiError> {
+    fn failed(&self, why: &StoreError) -> Result<Begin, ApiError> {
+        if let StoreError::UnknownKey(_) = why {
+            // The key has an answer, sealed under a key this replica has
+            // not loaded yet: forwarding would run the request twice
+            // whatever the policy, so refuse; another replica (or this one
+            // after its next key reload) replays it.
+            tracing::warn!(error = %why, "idempotent answer not readable here; refusing");
+            return Err(ApiError::StoreUnavailable("idempotency"));
+        }
         match self.cfg.on_store_error {
             FailurePolicy::FailOpen => {
                 tracing::warn!(error = %why, "idempotency store failed; forwarding without protection (fail_open)");

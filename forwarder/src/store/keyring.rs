@@ -1,10 +1,17 @@
 //! The encryption key ring and AES-256-GCM sealing of records.
 //!
 //! Source: a file of `id: base64(32 bytes)` lines (`#` comments, blank
-//! lines skipped; the last key encrypts) or a directory (a mounted Secret)
-//! with one file per key id holding the base64 key (the greatest id, in
-//! byte order, encrypts). Every key decrypts, so adding a key rotates
-//! without a flush; removing one makes its records misses.
+//! lines skipped) or a directory (a mounted Secret) with one file per key
+//! id holding the base64 key. Every key decrypts. The reserved entry
+//! `primary` (a line `primary: <id>`, or a file `primary` holding the id)
+//! names the key that encrypts; without it the last key of the file, or
+//! the greatest id of the directory, does.
+//!
+//! A fleet rotates in two phases (docs/store.md): add the new key while
+//! `primary` still names the old one (decrypt-only everywhere), and only
+//! once every replica has loaded it, point `primary` at it. A record sealed
+//! under a key a replica has not loaded is refused as [`Refused::UnknownKey`]
+//! and never deleted; removing a key makes its records misses.
 //!
 //! Sealed blob: `[1][id len][id][nonce 12][ciphertext + tag 16]`. The
 //! associated data is the header (version and key id) and the record's
@@ -20,13 +27,15 @@ use base64::Engine;
 use bytes::{BufMut, Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 
-use super::layer::Seal;
+use super::layer::{Refused, Seal};
 use crate::reload::{Reload, Swap};
 
 /// First byte of a sealed blob.
 pub const SEALED: u8 = 1;
 const NONCE: usize = 12;
 const MAX_ID: usize = 64;
+/// The reserved entry naming the encrypting key.
+const PRIMARY: &str = "primary";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyRingError {
@@ -40,11 +49,28 @@ pub enum KeyRingError {
 }
 
 struct Ring {
-    /// In order; the last one encrypts.
+    /// In source order.
     keys: Vec<(String, Aes256Gcm)>,
+    /// Index of the key that encrypts.
+    primary: usize,
 }
 
 impl Ring {
+    /// `primary`: the id the source names, else the last key.
+    fn new(keys: Vec<(String, Aes256Gcm)>, primary: Option<&str>) -> Result<Self, String> {
+        if keys.is_empty() {
+            return Err("no keys".into());
+        }
+        let primary = match primary {
+            None => keys.len() - 1,
+            Some(id) => keys
+                .iter()
+                .position(|(k, _)| k == id)
+                .ok_or_else(|| format!("primary names {id:?}, which is not a key here"))?,
+        };
+        Ok(Self { keys, primary })
+    }
+
     fn find(&self, id: &[u8]) -> Option<&Aes256Gcm> {
         self.keys
             .iter()
@@ -67,7 +93,13 @@ impl KeyRing {
         })
     }
 
-    /// The ids, oldest first (the last encrypts).
+    /// The id of the key that encrypts.
+    pub fn primary(&self) -> String {
+        let ring = self.ring.get();
+        ring.keys[ring.primary].0.clone()
+    }
+
+    /// The ids, in source order.
     pub fn ids(&self) -> Vec<String> {
         self.ring
             .get()
@@ -100,7 +132,7 @@ fn aad(header: &[u8], name: &[u8]) -> Vec<u8> {
 impl Seal for KeyRing {
     fn seal(&self, name: &[u8], plain: &[u8]) -> Bytes {
         let ring = self.ring.get();
-        let (id, cipher) = ring.keys.last().expect("a loaded ring holds a key");
+        let (id, cipher) = &ring.keys[ring.primary];
         let nonce: [u8; NONCE] = rand::random();
         let mut b = BytesMut::with_capacity(2 + id.len() + NONCE + plain.len() + 16);
         b.put_u8(SEALED);
@@ -121,35 +153,41 @@ impl Seal for KeyRing {
         b.freeze()
     }
 
-    fn open(&self, name: &[u8], blob: &[u8]) -> Result<Bytes, String> {
-        let (&version, rest) = blob.split_first().ok_or("empty record")?;
+    fn open(&self, name: &[u8], blob: &[u8]) -> Result<Bytes, Refused> {
+        let invalid = |why: &str| Refused::Invalid(why.into());
+        let (&version, rest) = blob.split_first().ok_or_else(|| invalid("empty record"))?;
         if version != SEALED {
-            return Err("not sealed".into());
+            return Err(invalid("not sealed"));
         }
-        let (&id_len, rest) = rest.split_first().ok_or("truncated header")?;
+        let (&id_len, rest) = rest
+            .split_first()
+            .ok_or_else(|| invalid("truncated header"))?;
         let id_len = id_len as usize;
         if rest.len() < id_len + NONCE + 16 {
-            return Err("truncated record".into());
+            return Err(invalid("truncated record"));
         }
         let (id, rest) = rest.split_at(id_len);
         let (nonce, ct) = rest.split_at(NONCE);
         let ring = self.ring.get();
-        let cipher = ring.find(id).ok_or_else(|| {
-            format!(
-                "sealed with key {:?}, not in the ring",
-                String::from_utf8_lossy(id)
-            )
-        })?;
+        let Some(cipher) = ring.find(id) else {
+            // A well-formed id not in the ring: a key this replica has not
+            // loaded yet. Anything else there is tampering.
+            return match std::str::from_utf8(id) {
+                Ok(id) if valid_id(id) => Err(Refused::UnknownKey(id.to_string())),
+                _ => Err(invalid("malformed key id")),
+            };
+        };
         let ad = aad(&blob[..2 + id_len], name);
         cipher
             .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad: &ad })
             .map(Bytes::from)
-            .map_err(|_| "authentication failed".into())
+            .map_err(|_| invalid("authentication failed"))
     }
 }
 
 fn valid_id(id: &str) -> bool {
-    !id.is_empty()
+    id != PRIMARY
+        && !id.is_empty()
         && id.len() <= MAX_ID
         && id
             .bytes()
@@ -174,6 +212,7 @@ fn read_source(path: &Path) -> Result<(Ring, [u8; 32]), KeyRingError> {
     };
     let mut fp = Sha256::new();
     let mut keys = Vec::new();
+    let primary;
     if path.is_dir() {
         let mut files = BTreeMap::new();
         for entry in std::fs::read_dir(path).map_err(err)? {
@@ -183,6 +222,13 @@ fn read_source(path: &Path) -> Result<(Ring, [u8; 32]), KeyRingError> {
                 continue;
             }
             files.insert(name, std::fs::read_to_string(entry.path()).map_err(err)?);
+        }
+        primary = files.remove(PRIMARY).map(|p| p.trim().to_string());
+        if let Some(p) = &primary {
+            fp.update(PRIMARY.as_bytes());
+            fp.update([0]);
+            fp.update(p.as_bytes());
+            fp.update([0]);
         }
         for (id, key) in files {
             if !valid_id(&id) {
@@ -202,16 +248,17 @@ fn read_source(path: &Path) -> Result<(Ring, [u8; 32]), KeyRingError> {
     } else {
         let text = std::fs::read_to_string(path).map_err(err)?;
         fp.update(text.as_bytes());
-        keys = parse(&text).map_err(bad)?;
+        (keys, primary) = parse(&text).map_err(bad)?;
     }
-    if keys.is_empty() {
-        return Err(bad("no keys".into()));
-    }
-    Ok((Ring { keys }, fp.finalize().into()))
+    let ring = Ring::new(keys, primary.as_deref()).map_err(bad)?;
+    Ok((ring, fp.finalize().into()))
 }
 
-fn parse(text: &str) -> Result<Vec<(String, Aes256Gcm)>, String> {
+type Parsed = (Vec<(String, Aes256Gcm)>, Option<String>);
+
+fn parse(text: &str) -> Result<Parsed, String> {
     let mut keys: Vec<(String, Aes256Gcm)> = Vec::new();
+    let mut primary = None;
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -221,6 +268,13 @@ fn parse(text: &str) -> Result<Vec<(String, Aes256Gcm)>, String> {
             return Err(format!("line {}: expected `id: base64-key`", n + 1));
         };
         let id = id.trim();
+        if id == PRIMARY {
+            if primary.is_some() {
+                return Err(format!("line {}: a second `primary`", n + 1));
+            }
+            primary = Some(key.trim().to_string());
+            continue;
+        }
         if !valid_id(id) {
             return Err(format!(
                 "line {}: ids are letters, digits, . _ - (at most {MAX_ID})",
@@ -233,7 +287,7 @@ fn parse(text: &str) -> Result<Vec<(String, Aes256Gcm)>, String> {
         let c = cipher(key).map_err(|m| format!("line {}: {m}", n + 1))?;
         keys.push((id.to_string(), c));
     }
-    Ok(keys)
+    Ok((keys, primary))
 }
 
 #[cfg(test)]
@@ -305,6 +359,48 @@ mod tests {
             r.open(b"n", &old).is_err(),
             "a removed key no longer decrypts"
         );
+    }
+
+    #[test]
+    fn two_phase_rotation_adds_a_decrypt_only_key_then_promotes_it() {
+        let (_d, old) = ring(&format!("k1: {}\n", key(1)));
+        // Phase one: k2 is loaded everywhere but k1 still encrypts.
+        let (_d2, phase1) = ring(&format!("k1: {}\nk2: {}\nprimary: k1\n", key(1), key(2)));
+        assert_eq!(phase1.primary(), "k1");
+        let sealed = phase1.seal(b"n", b"v");
+        assert_eq!(&sealed[2..4], b"k1");
+        assert_eq!(
+            old.open(b"n", &sealed).unwrap().as_ref(),
+            b"v",
+            "an old replica reads it"
+        );
+        // Phase two: k2 encrypts; a replica that missed phase one cannot
+        // read it, and says so as an unknown key, not as tampering.
+        let (_d3, phase2) = ring(&format!("k1: {}\nk2: {}\nprimary: k2\n", key(1), key(2)));
+        let sealed = phase2.seal(b"n", b"v2");
+        assert_eq!(&sealed[2..4], b"k2");
+        assert_eq!(
+            old.open(b"n", &sealed),
+            Err(Refused::UnknownKey("k2".into()))
+        );
+        assert_eq!(phase1.open(b"n", &sealed).unwrap().as_ref(), b"v2");
+        let mut forged = sealed.to_vec();
+        forged[2] = 0xff;
+        assert!(matches!(old.open(b"n", &forged), Err(Refused::Invalid(_))));
+        // The directory form: a `primary` file.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), key(1)).unwrap();
+        std::fs::write(dir.path().join("b"), key(2)).unwrap();
+        std::fs::write(dir.path().join("primary"), "a\n").unwrap();
+        let r = KeyRing::load(dir.path()).unwrap();
+        assert_eq!(
+            (r.ids(), r.primary()),
+            (vec!["a".into(), "b".into()], "a".into())
+        );
+        std::fs::write(dir.path().join("primary"), "c").unwrap();
+        let e = r.reload().err().unwrap().to_string();
+        assert!(e.contains("not a key here"), "{e}");
+        assert_eq!(r.primary(), "a", "a bad primary keeps the ring in force");
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! The caller-facing store over any backend: encodes records, seals them
 //! when a key ring is configured, and turns a record that fails
 //! authentication or decoding into a miss (counted and logged, never served).
+//! A record sealed under a key id this replica has not loaded (a key
+//! rotation still rolling out) is not corrupt: it is left in place and the
+//! call fails as the store being unavailable for that record.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +26,17 @@ pub const PLAIN: u8 = 0;
 pub trait Seal: Send + Sync + 'static {
     fn seal(&self, ad: &[u8], plain: &[u8]) -> Bytes;
     /// The plaintext, or why the blob was refused (never its content).
-    fn open(&self, ad: &[u8], blob: &[u8]) -> Result<Bytes, String>;
+    fn open(&self, ad: &[u8], blob: &[u8]) -> Result<Bytes, Refused>;
+}
+
+/// Why a stored blob was not opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// Sealed under a key id not in this replica's ring: readable
+    /// elsewhere (or here after a reload), so never deleted.
+    UnknownKey(String),
+    /// Tampered, truncated or undecodable: a miss, and removable.
+    Invalid(String),
 }
 
 pub struct Core {
@@ -50,22 +63,32 @@ impl Core {
         }
     }
 
-    /// A blob read back; `None` (counted, logged) if it cannot be trusted.
-    fn open(&self, key: &StoreKey, blob: Bytes) -> Option<Record> {
+    /// A blob read back: the record; `Ok(None)` (counted, logged) if it
+    /// cannot be trusted; an error if it is sealed under a key not loaded
+    /// here (counted apart: a rotation in progress, not an attack).
+    fn open(&self, key: &StoreKey, blob: Bytes) -> Result<Option<Record>, StoreError> {
         let plain = match (&self.seal, blob.first()) {
             // With a key ring, plaintext records are refused: anyone who
             // can write to the backend could otherwise plant answers.
             (Some(s), _) => s.open(key.name().as_bytes(), &blob),
             (None, Some(&PLAIN)) => Ok(blob.slice(1..)),
-            (None, _) => Err("sealed record but no encryption key configured".into()),
+            // Sealed elsewhere, while this replica runs without a ring:
+            // the same case as a key it has not loaded.
+            (None, _) => Err(Refused::UnknownKey("(no key ring here)".into())),
         };
-        let record = plain.and_then(|p| Record::decode(p).ok_or_else(|| "undecodable".into()));
+        let record = plain
+            .and_then(|p| Record::decode(p).ok_or_else(|| Refused::Invalid("undecodable".into())));
         match record {
-            Ok(r) => Some(r),
-            Err(why) => {
+            Ok(r) => Ok(Some(r)),
+            Err(Refused::UnknownKey(id)) => {
+                self.metrics.unreadable.inc();
+                tracing::warn!(key = %key.name(), key_id = %id, "stored record sealed under a key not loaded here; left in place");
+                Err(StoreError::UnknownKey(id))
+            }
+            Err(Refused::Invalid(why)) => {
                 self.metrics.corrupt.inc();
                 tracing::warn!(key = %key.name(), reason = %why, "stored record refused; treated as a miss");
-                None
+                Ok(None)
             }
         }
     }
@@ -114,7 +137,10 @@ impl Store for Layered {
             .get(&self.core.name(key))
             .await
             .map_err(|e| self.core.failed("get", e))?;
-        Ok(blob.and_then(|b| self.core.open(key, b)))
+        match blob {
+            Some(b) => self.core.open(key, b),
+            None => Ok(None),
+        }
     }
 
     async fn put(
@@ -164,7 +190,8 @@ impl Store for Layered {
     ) -> Result<Claimed, StoreError> {
         let name = self.core.name(key);
         // Twice at most: a record that cannot be trusted is removed and the
-        // claim retried once, so it reads as a miss.
+        // claim retried once, so it reads as a miss. One sealed under a key
+        // not loaded here is an error instead, and stays.
         for _ in 0..2 {
             let token: super::backend::Token = rand::random();
             let raw = self
@@ -184,7 +211,7 @@ impl Store for Layered {
                     }))
                 }
                 RawClaimed::Busy(fingerprint) => return Ok(Claimed::Busy { fingerprint }),
-                RawClaimed::Done(blob) => match self.core.open(key, blob) {
+                RawClaimed::Done(blob) => match self.core.open(key, blob)? {
                     Some(r) => return Ok(Claimed::Done(r)),
                     None => {
                         self.core

@@ -7,6 +7,8 @@ use crate::telemetry::Metrics;
 pub struct StoreMetrics {
     /// Records refused because they failed authentication or decoding.
     pub corrupt: IntCounter,
+    /// Records left unread: sealed under a key id not loaded here.
+    pub unreadable: IntCounter,
     /// Failed backend calls, by operation.
     pub errors: IntCounterVec,
     /// Records evicted from the memory backend to stay within its bound.
@@ -20,6 +22,7 @@ impl StoreMetrics {
         let m = Self::unregistered();
         for c in [
             Box::new(m.corrupt.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.unreadable.clone()),
             Box::new(m.errors.clone()),
             Box::new(m.evictions.clone()),
             Box::new(m.bytes.clone()),
@@ -35,6 +38,11 @@ impl StoreMetrics {
             corrupt: IntCounter::new(
                 "forwarder_store_corrupt_records_total",
                 "Stored records refused (failed authentication or decoding); served as misses",
+            )
+            .expect("valid metric"),
+            unreadable: IntCounter::new(
+                "forwarder_store_unreadable_records_total",
+                "Stored records sealed under an encryption key id not loaded here (a rotation in progress); left in place, the call fails as unavailable",
             )
             .expect("valid metric"),
             errors: IntCounterVec::new(

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::layer::{Layered, Seal};
+use super::layer::{Layered, Refused, Seal};
 use super::memory::MemoryBackend;
 use super::*;
 
@@ -148,12 +148,12 @@ impl Seal for Xor {
         v.extend(plain.iter().map(|b| b ^ 0x5a));
         v.into()
     }
-    fn open(&self, ad: &[u8], blob: &[u8]) -> Result<Bytes, String> {
+    fn open(&self, ad: &[u8], blob: &[u8]) -> Result<Bytes, Refused> {
         match blob {
             [1, check, rest @ ..] if *check == ad.iter().fold(0u8, |a, b| a ^ b) => {
                 Ok(rest.iter().map(|b| b ^ 0x5a).collect::<Vec<_>>().into())
             }
-            _ => Err("authentication failed".into()),
+            _ => Err(Refused::Invalid("authentication failed".into())),
         }
     }
 }
@@ -179,4 +179,47 @@ async fn records_that_fail_to_open_are_counted_misses_and_claimable() {
         Claimed::Won(_)
     ));
     assert_eq!(m.corrupt.get(), 2);
+}
+
+/// Two replicas on one backend while a key rotation rolls out: the one
+/// that has not loaded the new key neither serves nor deletes its records.
+#[tokio::test]
+async fn a_record_under_a_key_not_loaded_here_is_unavailable_and_kept() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let b64 = |n: u8| base64::engine::general_purpose::STANDARD.encode([n; 32]);
+    let (old, new) = (dir.path().join("old"), dir.path().join("new"));
+    std::fs::write(&old, format!("k1: {}\n", b64(1))).unwrap();
+    std::fs::write(&new, format!("k1: {}\nk2: {}\n", b64(1), b64(2))).unwrap();
+    let m = StoreMetrics::unregistered();
+    let backend = Arc::new(MemoryBackend::new(1 << 20, m.clone()));
+    let a = Layered::new(
+        backend.clone(),
+        Some(Arc::new(KeyRing::load(&new).unwrap())),
+        m.clone(),
+    );
+    let b = Layered::new(
+        backend.clone(),
+        Some(Arc::new(KeyRing::load(&old).unwrap())),
+        m.clone(),
+    );
+    let Claimed::Won(g) = a.claim(&key("idem"), [7; 32], LEASE).await.unwrap() else {
+        panic!("first claim wins")
+    };
+    g.complete(Bytes::from_static(b"answer A"), TTL)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        assert!(matches!(b.get(&key("idem")).await, Err(StoreError::UnknownKey(id)) if id == "k2"));
+        assert!(matches!(
+            b.claim(&key("idem"), [7; 32], LEASE).await,
+            Err(StoreError::UnknownKey(_))
+        ));
+    }
+    assert_eq!(m.unreadable.get(), 6);
+    assert_eq!(m.corrupt.get(), 0, "not counted as tampering");
+    let Claimed::Done(r) = a.claim(&key("idem"), [7; 32], LEASE).await.unwrap() else {
+        panic!("the record is still there for the replica that can read it")
+    };
+    assert_eq!(&r.value[..], b"answer A");
 }
