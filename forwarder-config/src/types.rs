@@ -624,7 +624,8 @@ pub struct AsyncConfig {
     /// is not run and ends `expired`.
     #[serde(with = "humantime_serde")]
     pub job_ttl: Duration,
-    /// Jobs (any state) kept per replica; the oldest finished go first.
+    /// Jobs kept in this replica's cache of the shared job records (any
+    /// state; the oldest go first when full: the records remain).
     pub max_jobs: usize,
     pub callbacks: CallbackConfig,
     /// With `queue: kafka`.

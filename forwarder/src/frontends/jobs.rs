@@ -75,6 +75,7 @@ async fn submit_chat(State(s): State<JobsState>, req: Request) -> Response {
         Ok(b) => b,
         Err(e) => return adm.refuse(e).into_response(),
     };
+    let idempotency_key = adm.idempotency_key().map(str::to_owned);
     submit(
         &s.pipeline,
         &s.jobs,
@@ -83,6 +84,7 @@ async fn submit_chat(State(s): State<JobsState>, req: Request) -> Response {
         body,
         &upstream_headers,
         callback_url,
+        idempotency_key,
     )
     .await
 }
@@ -109,6 +111,13 @@ pub async fn submit_simple(
     let kind = JobKind::Simple {
         request_id: req.request_id.clone(),
     };
+    // The simple API's `request_id` is its idempotency key, as on the
+    // synchronous path (an empty one is none).
+    let idempotency_key = req
+        .request_id
+        .clone()
+        .filter(|k| !k.trim().is_empty())
+        .or_else(|| adm.idempotency_key().map(str::to_owned));
     submit(
         p,
         jobs,
@@ -117,10 +126,12 @@ pub async fn submit_simple(
         body,
         &HeaderMap::new(),
         req.callback_url.clone(),
+        idempotency_key,
     )
     .await
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn submit(
     p: &Pipeline,
     jobs: &Jobs,
@@ -129,8 +140,9 @@ async fn submit(
     body: Bytes,
     headers: &HeaderMap,
     callback_url: Option<String>,
+    idempotency_key: Option<String>,
 ) -> Response {
-    if let Err(e) = check_key_len(adm.idempotency_key()) {
+    if let Err(e) = check_key_len(idempotency_key.as_deref()) {
         return adm.refuse(e).into_response();
     }
     let model = match peek(&body) {
@@ -149,7 +161,15 @@ async fn submit(
     }
     let owner = adm.principal().clone();
     match jobs
-        .submit(owner, kind, model.clone(), body, headers, callback_url)
+        .submit(
+            owner,
+            kind,
+            model.clone(),
+            body,
+            headers,
+            callback_url,
+            idempotency_key.as_deref(),
+        )
         .await
     {
         Ok(job) => {
@@ -173,9 +193,10 @@ async fn get_job(
     Owner(owner): Owner,
     Path(id): Path<String>,
 ) -> Response {
-    match s.jobs.get(&owner, &id).await {
-        Some(job) => Json(job.view(now_ms())).into_response(),
-        None => not_found("no such job"),
+    match s.jobs.lookup(&owner, &id).await {
+        Ok(Some(job)) => Json(job.view(now_ms())).into_response(),
+        Ok(None) => not_found("no such job"),
+        Err(e) => e.into_response(),
     }
 }
 
@@ -196,5 +217,6 @@ async fn cancel_job(
             }})),
         )
             .into_response(),
+        Err(CancelError::Unavailable) => ApiError::StoreUnavailable("jobs").into_response(),
     }
 }

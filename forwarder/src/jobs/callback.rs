@@ -72,7 +72,7 @@ impl Callbacks {
     /// attempts, and records each attempt in the job's record.
     pub async fn deliver(
         self: Arc<Self>,
-        job: Job,
+        mut job: Job,
         payload: Bytes,
         table: Arc<JobTable>,
         records: Arc<Records>,
@@ -92,15 +92,14 @@ impl Callbacks {
                 Err(_) => (DeliveryState::Pending, "retried"),
             };
             metrics.callbacks.with_label_values(&[label]).inc();
-            let updated = table.update(&job.id, |j| {
-                if let Some(c) = j.callback.as_mut() {
-                    c.attempts = attempt;
-                    c.state = state;
-                    c.last_error = outcome.as_ref().err().cloned();
-                }
-            });
-            if let Some(j) = updated {
-                records.save(&j).await;
+            if let Some(c) = job.callback.as_mut() {
+                c.attempts = attempt;
+                c.state = state;
+                c.last_error = outcome.as_ref().err().cloned();
+            }
+            table.put(&job);
+            if let Err(e) = records.save(&job).await {
+                tracing::warn!(error = %e, "could not store a callback's progress");
             }
             if state != DeliveryState::Pending {
                 return;

@@ -309,12 +309,8 @@ impl Queue for KafkaQueue {
         attempt < self.cfg.max_attempts
     }
 
-    async fn retry(&self, delivery: Delivery, job: &Job) -> Result<(), QueueError> {
-        // Re-enqueued before the old message is acknowledged: a crash in
-        // between runs it twice at worst, which the job's claim absorbs.
-        self.produce(job, delivery.attempt + 1).await?;
-        self.ack(delivery).await;
-        Ok(())
+    async fn requeue(&self, job: &Job, attempt: u32) -> Result<(), QueueError> {
+        self.produce(job, attempt).await
     }
 
     async fn dead_letter(&self, delivery: Delivery, job: &Job, reason: &str) {

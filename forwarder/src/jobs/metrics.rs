@@ -20,6 +20,8 @@ pub struct JobMetrics {
     pub run: Histogram,
     /// Callback delivery attempts by outcome.
     pub callbacks: IntCounterVec,
+    /// A worker's store or queue calls retried in place, by call.
+    pub worker_retries: IntCounterVec,
 }
 
 impl JobMetrics {
@@ -58,8 +60,17 @@ impl JobMetrics {
             &["outcome"],
         )
         .expect("valid metric");
+        let worker_retries = IntCounterVec::new(
+            Opts::new(
+                "forwarder_job_worker_retries_total",
+                "A worker's store or queue calls that failed and were retried in place, by call.",
+            ),
+            &["call"],
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(queue_depth.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(worker_retries.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(queue_depth.clone()),
             Box::new(jobs.clone()),
             Box::new(wait.clone()),
             Box::new(run.clone()),
@@ -79,6 +90,7 @@ impl JobMetrics {
             wait,
             run,
             callbacks,
+            worker_retries,
         }
     }
 

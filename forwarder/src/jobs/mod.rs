@@ -7,8 +7,9 @@
 //! delivered twice runs upstream once: the second run replays or joins.
 //! Queues: embedded ([`queue::EmbeddedQueue`], in process, lost on restart)
 //! or Kafka (`kafka.rs`: at-least-once, an offset committed only after the
-//! job's result is stored). Job records live in this process (`table.rs`)
-//! and, for every replica to see, in the shared store (`records.rs`).
+//! job's result is stored). A job's record in the shared store
+//! (`records.rs`) is the truth every replica reads; `table.rs` is this
+//! replica's bounded cache of it, for when the store cannot answer.
 
 mod callback;
 mod kafka;
@@ -17,6 +18,7 @@ pub mod model;
 mod offsets;
 pub mod queue;
 mod records;
+mod submissions;
 mod table;
 pub mod webhook;
 pub mod wire;
@@ -41,7 +43,7 @@ use forwarder_config::{AsyncConfig, QueueKind};
 use metrics::JobMetrics;
 use model::{Callback, DeliveryState, Job, JobKind, JobResponse, JobState};
 use queue::{Delivery, EmbeddedQueue, Queue, QueueError};
-use table::{JobTable, Start};
+use table::JobTable;
 
 /// The header carrying a job's id to the upstream on the job's calls.
 const UPSTREAM_IDEMPOTENCY_KEY: http::HeaderName = http::HeaderName::from_static("idempotency-key");
@@ -55,13 +57,20 @@ const DEPTH_REFRESH: Duration = Duration::from_secs(1);
 pub enum CancelError {
     NotFound,
     NotQueued(JobState),
+    /// The store could not say whether a worker took the job first.
+    Unavailable,
 }
+
+/// Bounds of the in-place retries of a worker's store and queue calls.
+const PATIENCE_BASE: Duration = Duration::from_millis(100);
+const PATIENCE_MAX: Duration = Duration::from_secs(5);
 
 pub struct Jobs {
     cfg: AsyncConfig,
     pipeline: Arc<Pipeline>,
     table: Arc<JobTable>,
     records: Arc<records::Records>,
+    submissions: submissions::Submissions,
     queue: Arc<dyn Queue>,
     callbacks: Option<Arc<Callbacks>>,
     metrics: Arc<JobMetrics>,
@@ -90,6 +99,7 @@ impl Jobs {
         ));
         Ok(Arc::new(Self {
             records,
+            submissions: submissions::Submissions::new(pipeline.store().clone(), cfg.job_ttl),
             table: Arc::new(JobTable::new(cfg.max_jobs)),
             queue,
             to_upstream: HeaderAllow::new(&pipeline.config().headers.to_upstream),
@@ -149,7 +159,9 @@ impl Jobs {
     }
 
     /// Accepts a job for `owner`. `body` is a chat-completions request
-    /// already checked by the front end.
+    /// already checked by the front end. With an `idempotency_key`, a
+    /// repeat of the same submission returns the job it first created.
+    #[allow(clippy::too_many_arguments)]
     pub async fn submit(
         &self,
         owner: Identity,
@@ -158,9 +170,28 @@ impl Jobs {
         body: Bytes,
         headers: &HeaderMap,
         callback_url: Option<String>,
+        idempotency_key: Option<&str>,
     ) -> Result<Job, ApiError> {
-        self.submit_tagged(owner, kind, model, body, headers, callback_url, None)
-            .await
+        let Some(k) = idempotency_key else {
+            return self
+                .submit_tagged(owner, kind, model, body, headers, callback_url, None)
+                .await;
+        };
+        let simple = matches!(kind, JobKind::Simple { .. });
+        let fp = submissions::fingerprint(&model, &body, callback_url.as_deref(), simple);
+        match self.submissions.begin(&owner, k, fp).await? {
+            submissions::Keyed::Existing(id) => self
+                .get(&owner, &id)
+                .await
+                .ok_or(ApiError::StoreUnavailable("jobs")),
+            submissions::Keyed::Create(claim) => {
+                let job = self
+                    .submit_tagged(owner, kind, model, body, headers, callback_url, None)
+                    .await?;
+                self.submissions.created(claim, &job.id).await;
+                Ok(job)
+            }
+        }
     }
 
     /// [`Self::submit`] for a request of a Batch API batch, tagged with it.
@@ -200,7 +231,7 @@ impl Jobs {
             kind,
             model,
             body,
-            headers: self.to_upstream.filter(headers),
+            headers: job_headers(&self.to_upstream, headers),
             state: JobState::Queued,
             created_at: now / 1000,
             created_ms: now,
@@ -211,17 +242,23 @@ impl Jobs {
             callback,
             batch,
         };
-        self.table
-            .insert(job.clone(), now)
-            .map_err(|()| ApiError::Overloaded)?;
         // Stored before it is enqueued: a worker on another replica may
         // finish it before `push` returns, and its finished record must not
-        // be overwritten by this `queued` one.
-        self.records.save(&job).await;
+        // be overwritten by this `queued` one. Not accepted when it cannot
+        // be stored: no replica could answer for it.
+        if let Err(e) = self.records.save(&job).await {
+            tracing::warn!(error = %e, "could not store a new job's record; refused");
+            return Err(ApiError::StoreUnavailable("jobs"));
+        }
+        self.table.put(&job);
         if let Err(e) = self.queue.push(&job).await {
             // Never left queued with no delivery on the way.
-            if let Some(Ok(cancelled)) = self.table.cancel(&job.id, &job.owner, now) {
-                self.records.save(&cancelled).await;
+            let mut cancelled = job.clone();
+            if cancelled.cancel(now).is_ok() {
+                self.table.put(&cancelled);
+                if let Err(e) = self.records.save(&cancelled).await {
+                    tracing::warn!(error = %e, "could not store a refused job's record");
+                }
             }
             return Err(match e {
                 QueueError::Full | QueueError::Unavailable => ApiError::Overloaded,
@@ -234,41 +271,96 @@ impl Jobs {
     }
 
     /// The job if `owner` owns it: the shared record (any replica's
-    /// progress), else this replica's own.
+    /// progress, kept in this replica's cache), else the cached copy.
     pub async fn get(&self, owner: &Identity, id: &str) -> Option<Job> {
+        self.lookup(owner, id).await.ok().flatten()
+    }
+
+    /// [`Self::get`], saying when the store could not answer for a job
+    /// this replica has no copy of (down, or the record is sealed under a
+    /// key not loaded here): the job may exist, so it is not a 404.
+    pub async fn lookup(&self, owner: &Identity, id: &str) -> Result<Option<Job>, ApiError> {
         match self.records.load(id).await {
-            Some(job) if &job.owner == owner => Some(job),
-            Some(_) => None,
-            None => self.table.get(id, owner),
+            Ok(Some(job)) if &job.owner == owner => {
+                self.table.put(&job);
+                Ok(Some(job))
+            }
+            Ok(Some(_)) => Ok(None),
+            Ok(None) => Ok(self.table.get(id, owner)),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read a job record; answering from this replica's copy");
+                match self.table.get(id, owner) {
+                    Some(job) => Ok(Some(job)),
+                    None => Err(ApiError::StoreUnavailable("jobs")),
+                }
+            }
         }
     }
 
     pub async fn cancel(&self, owner: &Identity, id: &str) -> Result<Job, CancelError> {
-        // A job accepted by another replica is known here from its record.
-        if let Some(job) = self.records.load(id).await.filter(|j| &j.owner == owner) {
-            self.table.adopt(&job, now_ms());
+        let stored = self
+            .records
+            .load(id)
+            .await
+            .map_err(|_| CancelError::Unavailable)?;
+        let mut job = stored
+            .or_else(|| self.table.get_any(id))
+            .filter(|j| &j.owner == owner)
+            .ok_or(CancelError::NotFound)?;
+        let now = now_ms();
+        let state = job.visible_state(now);
+        if state != JobState::Queued {
+            return Err(CancelError::NotQueued(state));
         }
-        // Only a queued job can be cancelled, and a worker on another
-        // replica may be starting it right now: the store's turn decides.
-        if self
-            .table
-            .get(id, owner)
-            .is_some_and(|j| j.state == JobState::Queued)
-        {
-            if let records::Turn::Lost(_) = self.records.take_turn(id, records::Move::Cancel).await
-            {
-                return Err(CancelError::NotQueued(JobState::Running));
+        // A worker on another replica may be starting it right now: the
+        // store's turn decides.
+        match self.records.take_turn(id, records::Move::Cancel).await {
+            records::Turn::Taken => {}
+            records::Turn::Lost(records::Move::Start) => {
+                return Err(CancelError::NotQueued(JobState::Running))
+            }
+            records::Turn::Lost(records::Move::Cancel) => {
+                return Err(CancelError::NotQueued(JobState::Cancelled))
+            }
+            records::Turn::Unknown => return Err(CancelError::Unavailable),
+        }
+        job.cancel(now).map_err(|e| CancelError::NotQueued(e.0))?;
+        self.table.put(&job);
+        if let Err(e) = self.records.save(&job).await {
+            // The turn is taken: the worker that meets it stores the record.
+            tracing::warn!(error = %e, "could not store a cancelled job's record");
+        }
+        self.metrics.entered(JobState::Cancelled);
+        Ok(job)
+    }
+
+    /// Runs `op` until it succeeds, backing off (capped, jittered) between
+    /// tries: a worker's store and queue calls are retried in place, so a
+    /// delivery is never left unacknowledged on a live consumer (which
+    /// would hold its partition's offset for good). `None` once the
+    /// replica is stopping: the delivery then stays unacknowledged and a
+    /// broker redelivers it to the next consumer.
+    async fn patiently<T, E, F, Fut>(&self, what: &'static str, mut op: F) -> Option<T>
+    where
+        E: std::fmt::Display,
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        for attempt in 1u32.. {
+            match op().await {
+                Ok(v) => return Some(v),
+                Err(e) => {
+                    self.metrics.worker_retries.with_label_values(&[what]).inc();
+                    tracing::warn!(error = %e, attempt, "a job's {what} failed; retrying");
+                }
+            }
+            let wait = webhook::backoff(attempt, PATIENCE_BASE, PATIENCE_MAX, rand::random());
+            tokio::select! {
+                () = self.stop.cancelled() => return None,
+                () = tokio::time::sleep(wait) => {}
             }
         }
-        match self.table.cancel(id, owner, now_ms()) {
-            None => Err(CancelError::NotFound),
-            Some(Err(e)) => Err(CancelError::NotQueued(e.0)),
-            Some(Ok(job)) => {
-                self.records.save(&job).await;
-                self.metrics.entered(JobState::Cancelled);
-                Ok(job)
-            }
-        }
+        None
     }
 
     /// One worker: fetch, run, store, acknowledge, until stopped.
@@ -287,45 +379,83 @@ impl Jobs {
     }
 
     async fn handle(&self, delivery: Delivery) {
-        // Finished or cancelled on any replica (a redelivery after a crash,
-        // a DELETE elsewhere): its record says so, and it does not run again.
-        // A `running` record is a run cut short (a crash): it runs again.
-        if let Some(stored) = self.records.load(&delivery.job_id).await {
-            if stored.state.is_terminal() {
-                self.table.adopt(&stored, now_ms());
+        let id = delivery.job_id.clone();
+        // The record is the truth: finished or cancelled on any replica (a
+        // redelivery after a crash, a DELETE elsewhere), it does not run
+        // again. A `running` record is a run cut short (a crash): it runs
+        // again, and the job id's idempotency claim replays or joins.
+        let Some(stored) = self
+            .patiently("record read", || self.records.load(&id))
+            .await
+        else {
+            return;
+        };
+        let mut job = match (stored, delivery.job.as_deref()) {
+            (Some(stored), _) if stored.state.is_terminal() => {
+                self.table.put(&stored);
                 return self.queue.ack(delivery).await;
             }
-        }
-        if let Some(job) = &delivery.job {
-            if !self.table.adopt(job, now_ms()) {
-                // No room: leave it unacknowledged, to be redelivered.
-                tracing::warn!("job table full; a delivered job is handed back");
+            (Some(stored), _) => stored,
+            (None, Some(accepted)) => accepted.clone(),
+            (None, None) => {
+                tracing::warn!("a delivered job has no record; dropped");
+                return self.queue.ack(delivery).await;
+            }
+        };
+        // A DELETE on another replica may be cancelling it right now.
+        let turn = self
+            .patiently("turn", || async {
+                match self.records.take_turn(&id, records::Move::Start).await {
+                    records::Turn::Unknown => Err("the store could not say"),
+                    t => Ok(t),
+                }
+            })
+            .await;
+        let Some(turn) = turn else { return };
+        if let records::Turn::Lost(_) = turn {
+            // Cancelled first, perhaps by a replica that could not store
+            // the record: store it now.
+            if job.cancel(now_ms()).is_ok()
+                && self
+                    .patiently("record write", || self.records.save(&job))
+                    .await
+                    .is_none()
+            {
                 return;
             }
-        }
-        let id = delivery.job_id.clone();
-        // A DELETE on another replica may be cancelling it right now.
-        if let records::Turn::Lost(_) = self.records.take_turn(&id, records::Move::Start).await {
-            if let Some(stored) = self.records.load(&id).await {
-                self.table.adopt(&stored, now_ms());
-            }
+            self.table.put(&job);
             return self.queue.ack(delivery).await;
         }
+        if job.state == JobState::Running {
+            let _ = job.requeue();
+        }
         let picked = now_ms();
-        let job = match self.table.start(&id, picked) {
-            Start::Run(job) => job,
-            Start::Expired => {
+        match job.start(picked) {
+            Ok(true) => {}
+            Ok(false) => {
+                if self
+                    .patiently("record write", || self.records.save(&job))
+                    .await
+                    .is_none()
+                {
+                    return;
+                }
+                self.table.put(&job);
                 self.metrics.entered(JobState::Expired);
                 return self.queue.ack(delivery).await;
             }
-            Start::Skip => return self.queue.ack(delivery).await,
-        };
+            Err(_) => return self.queue.ack(delivery).await,
+        }
         self.metrics
             .wait
             .observe(picked.saturating_sub(job.created_ms()) as f64 / 1000.0);
         self.metrics.entered(JobState::Running);
+        self.table.put(&job);
         // Every replica answers GET from the record: it says running now.
-        self.records.save(&job).await;
+        // Best effort: until the result is stored, it reads queued.
+        if let Err(e) = self.records.save(&job).await {
+            tracing::warn!(error = %e, "could not store a running job's record");
+        }
         let response = self.call(&job).await;
         let done = now_ms();
         self.metrics
@@ -333,26 +463,43 @@ impl Jobs {
             .observe(done.saturating_sub(picked) as f64 / 1000.0);
         let transient = is_transient(response.status_code);
         if transient && self.queue.can_retry(delivery.attempt) {
-            self.table.requeue(&id);
+            let _ = job.requeue();
+            self.table.put(&job);
             self.metrics.entered(JobState::Queued);
-            if let Err(e) = self.queue.retry(delivery, &job).await {
-                tracing::warn!(error = %e, "could not enqueue a job's retry; it is redelivered later");
+            if let Err(e) = self.records.save(&job).await {
+                tracing::warn!(error = %e, "could not store a requeued job's record");
+            }
+            // The next run is enqueued before this delivery is acknowledged:
+            // a crash in between runs it twice at worst, which the job's
+            // claim absorbs.
+            let next = delivery.attempt + 1;
+            if self
+                .patiently("retry enqueue", || self.queue.requeue(&job, next))
+                .await
+                .is_some()
+            {
+                self.queue.ack(delivery).await;
             }
             return;
         }
-        // The result is stored before the delivery is acknowledged.
-        let finished = self.table.finish(&id, response, done);
-        if let Ok(job) = &finished {
-            // Stored before the delivery is acknowledged (committed).
-            self.records.save(job).await;
+        if job.finish(response, done).is_err() {
+            return self.queue.ack(delivery).await;
         }
+        // Acknowledged (the offset committed) only once the result is stored.
+        if self
+            .patiently("record write", || self.records.save(&job))
+            .await
+            .is_none()
+        {
+            return;
+        }
+        self.table.put(&job);
         if transient && delivery.token.is_some() {
             let reason = format!("failed {} times", delivery.attempt);
             self.queue.dead_letter(delivery, &job, &reason).await;
         } else {
             self.queue.ack(delivery).await;
         }
-        let Ok(job) = finished else { return };
         self.metrics.entered(job.state);
         if let (Some(cb), Some(_)) = (&self.callbacks, &job.callback) {
             let payload = callback_payload(&job, done);
@@ -420,6 +567,24 @@ impl Jobs {
             },
         }
     }
+}
+
+/// What a job keeps of its client's headers: those on the pass-through
+/// allow-list, and the cache directives the pipeline obeys when it runs
+/// (`Cache-Control: no-store` must hold for a job as for a call).
+fn job_headers(to_upstream: &HeaderAllow, headers: &HeaderMap) -> HeaderMap {
+    let mut kept = to_upstream.filter(headers);
+    for name in [
+        http::header::CACHE_CONTROL,
+        http::HeaderName::from_static(crate::cache::OPT_IN),
+    ] {
+        if !kept.contains_key(&name) {
+            for v in headers.get_all(&name) {
+                kept.append(name.clone(), v.clone());
+            }
+        }
+    }
+    kept
 }
 
 /// Answers worth another run later: the upstream was overloaded or down

@@ -88,7 +88,8 @@ pub struct Job {
     pub model: String,
     /// The chat-completions request to run.
     pub body: Bytes,
-    /// Client headers on the pass-through allow-list.
+    /// Client headers on the pass-through allow-list, and its cache
+    /// directives (`Cache-Control`, `x-cache-opt-in`).
     pub headers: http::HeaderMap,
     pub state: JobState,
     /// Unix seconds (the API's field).

@@ -1,6 +1,7 @@
-//! Where accepted jobs wait for a worker. A queue carries job ids only; the
-//! job itself is in the job table. A backend with durable deliveries (a
-//! broker) acknowledges a delivery only after the job's result is stored.
+//! Where accepted jobs wait for a worker. A delivery carries the job as
+//! accepted; its progress is in the shared records. A backend with durable
+//! deliveries (a broker) is acknowledged only after the job's result is
+//! stored.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -22,8 +23,7 @@ pub enum QueueError {
 /// One job handed to a worker.
 pub struct Delivery {
     pub job_id: String,
-    /// The job as accepted, when the queue carries it (a broker: the job
-    /// may have been accepted by another replica).
+    /// The job as accepted (it may have been accepted by another replica).
     pub job: Option<Box<Job>>,
     /// Runs of this job so far, this one included.
     pub attempt: u32,
@@ -41,14 +41,15 @@ pub trait Queue: Send + Sync + 'static {
     async fn ack(&self, delivery: Delivery);
     /// Whether a job that failed transiently on run `attempt` runs again.
     fn can_retry(&self, attempt: u32) -> bool;
-    /// Enqueues the job's next run, then acknowledges this one. On error
-    /// this delivery stays unacknowledged (redelivered later).
-    async fn retry(&self, delivery: Delivery, job: &Job) -> Result<(), QueueError>;
+    /// Enqueues the job's run number `attempt` (a transient failure's
+    /// retry); the caller then acknowledges the failed delivery.
+    async fn requeue(&self, job: &Job, attempt: u32) -> Result<(), QueueError>;
     /// Out of attempts: parks the job where operators look, acknowledges.
     async fn dead_letter(&self, delivery: Delivery, job: &Job, reason: &str);
     /// Jobs waiting (a broker: the consumer lag).
     fn depth(&self) -> usize;
-    /// Stops fetching; jobs fetched and not started are handed back.
+    /// Stops fetching; jobs fetched and not started stay unacknowledged
+    /// (a broker redelivers them; the embedded queue loses them).
     fn stop(&self);
     /// After the workers finished: commits what finished.
     async fn close(&self);
@@ -57,8 +58,8 @@ pub trait Queue: Send + Sync + 'static {
 /// In process and bounded: `cargo run` needs nothing else. Jobs waiting
 /// here are lost when the process stops.
 pub struct EmbeddedQueue {
-    tx: mpsc::Sender<String>,
-    rx: Mutex<mpsc::Receiver<String>>,
+    tx: mpsc::Sender<Box<Job>>,
+    rx: Mutex<mpsc::Receiver<Box<Job>>>,
     depth: AtomicUsize,
 }
 
@@ -76,20 +77,22 @@ impl EmbeddedQueue {
 #[async_trait]
 impl Queue for EmbeddedQueue {
     async fn push(&self, job: &Job) -> Result<(), QueueError> {
-        self.tx.try_send(job.id.clone()).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => QueueError::Full,
-            mpsc::error::TrySendError::Closed(_) => QueueError::Closed,
-        })?;
+        self.tx
+            .try_send(Box::new(job.clone()))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => QueueError::Full,
+                mpsc::error::TrySendError::Closed(_) => QueueError::Closed,
+            })?;
         self.depth.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
     async fn next(&self) -> Option<Delivery> {
-        let job_id = self.rx.lock().await.recv().await?;
+        let job = self.rx.lock().await.recv().await?;
         self.depth.fetch_sub(1, Ordering::Relaxed);
         Some(Delivery {
-            job_id,
-            job: None,
+            job_id: job.id.clone(),
+            job: Some(job),
             attempt: 1,
             token: None,
         })
@@ -102,7 +105,7 @@ impl Queue for EmbeddedQueue {
         false
     }
 
-    async fn retry(&self, _delivery: Delivery, _job: &Job) -> Result<(), QueueError> {
+    async fn requeue(&self, _job: &Job, _attempt: u32) -> Result<(), QueueError> {
         Err(QueueError::Unavailable)
     }
 

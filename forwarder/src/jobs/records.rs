@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::model::{Callback, DeliveryState, Job, JobResponse, JobState};
 use super::wire;
-use crate::store::{Claimed, Space, Store, StoreKey};
+use crate::store::{Claimed, Space, Store, StoreError, StoreKey};
 
 /// A queued job leaves `queued` once, by one of two moves that may race
 /// on different replicas: a worker starting it, or its client cancelling
@@ -34,11 +34,13 @@ impl Move {
 /// Who holds a job's turn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Turn {
-    /// This move took it (or the store is down: the replica's own table
-    /// decides, as before there was a store).
+    /// This move took it.
     Taken,
     /// The other move took it first.
     Lost(Move),
+    /// The store could not say (down, or the turn is sealed under a key
+    /// not loaded here): the caller waits and asks again, or refuses.
+    Unknown,
 }
 
 fn turn_key(id: &str) -> StoreKey {
@@ -119,16 +121,12 @@ impl Records {
         Self { store, ttl }
     }
 
-    /// Best effort: a store outage leaves the replica's own table current.
-    pub async fn save(&self, job: &Job) {
-        let Some(value) = encode(job) else { return };
-        if let Err(e) = self
-            .store
+    /// Stores the job's record (the truth every replica reads).
+    pub async fn save(&self, job: &Job) -> Result<(), StoreError> {
+        let value = encode(job).ok_or_else(|| StoreError::Corrupt("unencodable job".into()))?;
+        self.store
             .put(&key(&job.id), [0; 32], value, self.ttl)
             .await
-        {
-            tracing::warn!(error = %e, "could not store a job record");
-        }
     }
 
     /// Takes the job's turn for `what`, or says which move holds it. A
@@ -145,10 +143,13 @@ impl Records {
             {
                 Ok(Claimed::Won(guard)) => {
                     let marker = Bytes::from_static(what.marker());
-                    if let Err(e) = guard.complete(marker, self.ttl).await {
-                        tracing::warn!(error = %e, "could not store a job's turn");
-                    }
-                    return Turn::Taken;
+                    return match guard.complete(marker, self.ttl).await {
+                        Ok(()) => Turn::Taken,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not store a job's turn");
+                            Turn::Unknown
+                        }
+                    };
                 }
                 Ok(Claimed::Done(r)) => {
                     let held = if &r.value[..] == Move::Cancel.marker() {
@@ -163,23 +164,22 @@ impl Records {
                 }
                 Ok(Claimed::Busy { .. }) => tokio::time::sleep(Duration::from_millis(20)).await,
                 Err(e) => {
-                    tracing::warn!(error = %e, "job turn unavailable; the local table decides");
-                    return Turn::Taken;
+                    tracing::warn!(error = %e, "job turn unavailable");
+                    return Turn::Unknown;
                 }
             }
         }
-        Turn::Taken
+        Turn::Unknown
     }
 
-    pub async fn load(&self, id: &str) -> Option<Job> {
-        match self.store.get(&key(id)).await {
-            Ok(Some(record)) => decode(&record.value),
-            Ok(None) => None,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not read a job record");
-                None
-            }
-        }
+    /// The stored job; `Ok(None)` when there is none (or it cannot be
+    /// decoded), an error when the store cannot say.
+    pub async fn load(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        Ok(self
+            .store
+            .get(&key(id))
+            .await?
+            .and_then(|record| decode(&record.value)))
     }
 }
 

@@ -1,75 +1,45 @@
-//! The job records. In process (a replica's own jobs; they do not survive a
-//! restart, like the embedded queue). Everything that touches a record goes
-//! through here, so moving records to the shared store is local to this file.
+//! This replica's copy of the jobs it has seen: a bounded cache of the
+//! shared records (`records.rs`), which are the truth. It answers a job's
+//! owner when the store cannot, and never refuses room: when full, the
+//! oldest entries go, whatever their state, since their records remain.
 
 use std::collections::{HashMap, VecDeque};
 
 use parking_lot::Mutex;
 
-use super::model::{Job, JobResponse, JobState, NotAllowed};
+use super::model::Job;
 use crate::auth::Identity;
-
-#[derive(Debug)]
-pub enum Start {
-    /// Run this job.
-    Run(Box<Job>),
-    /// It expired while queued (now marked so).
-    Expired,
-    /// Gone, cancelled or already run: nothing to do.
-    Skip,
-}
 
 pub struct JobTable {
     max_jobs: usize,
-    /// Ids by age, for eviction.
+    /// Ids by first insertion, for eviction.
     inner: Mutex<(HashMap<String, Job>, VecDeque<String>)>,
 }
 
 impl JobTable {
     pub fn new(max_jobs: usize) -> Self {
         Self {
-            max_jobs,
+            max_jobs: max_jobs.max(1),
             inner: Mutex::new((HashMap::new(), VecDeque::new())),
         }
     }
 
-    /// Adds a job; when full, the oldest finished or expired jobs make room.
-    /// Refused when every kept job is still pending.
-    pub fn insert(&self, job: Job, now_ms: u64) -> Result<(), ()> {
+    /// Keeps `job` as the latest copy, evicting the oldest entries when full.
+    pub fn put(&self, job: &Job) {
         let mut guard = self.inner.lock();
         let (jobs, order) = &mut *guard;
+        if let Some(kept) = jobs.get_mut(&job.id) {
+            kept.clone_from(job);
+            return;
+        }
         while jobs.len() >= self.max_jobs {
-            let Some(oldest) = order.front() else { break };
-            match jobs.get(oldest) {
-                None => {
-                    order.pop_front();
-                }
-                Some(j) if j.visible_state(now_ms).is_terminal() => {
-                    let id = order.pop_front().unwrap_or_default();
-                    jobs.remove(&id);
-                }
-                Some(_) => return Err(()),
-            }
+            let Some(oldest) = order.pop_front() else {
+                break;
+            };
+            jobs.remove(&oldest);
         }
         order.push_back(job.id.clone());
-        jobs.insert(job.id.clone(), job);
-        Ok(())
-    }
-
-    /// Takes in a job accepted elsewhere (another replica, or before a
-    /// restart) unless it is known already. False when there is no room.
-    pub fn adopt(&self, job: &Job, now_ms: u64) -> bool {
-        if self.inner.lock().0.contains_key(&job.id) {
-            return true;
-        }
-        self.insert(job.clone(), now_ms).is_ok()
-    }
-
-    /// A run that failed transiently goes back to `queued` for its next try.
-    pub fn requeue(&self, id: &str) {
-        if let Some(job) = self.inner.lock().0.get_mut(id) {
-            let _ = job.requeue();
-        }
+        jobs.insert(job.id.clone(), job.clone());
     }
 
     /// The job, if `owner` owns it: another client's job reads as absent.
@@ -82,42 +52,14 @@ impl JobTable {
             .cloned()
     }
 
-    pub fn start(&self, id: &str, now_ms: u64) -> Start {
-        let mut guard = self.inner.lock();
-        let Some(job) = guard.0.get_mut(id) else {
-            return Start::Skip;
-        };
-        match job.start(now_ms) {
-            Ok(true) => Start::Run(Box::new(job.clone())),
-            Ok(false) => Start::Expired,
-            Err(_) => Start::Skip,
-        }
+    /// The job whoever owns it (a worker's view).
+    pub fn get_any(&self, id: &str) -> Option<Job> {
+        self.inner.lock().0.get(id).cloned()
     }
 
-    pub fn finish(&self, id: &str, response: JobResponse, now_ms: u64) -> Result<Job, NotAllowed> {
-        let mut guard = self.inner.lock();
-        let job = guard.0.get_mut(id).ok_or(NotAllowed(JobState::Expired))?;
-        job.finish(response, now_ms)?;
-        Ok(job.clone())
-    }
-
-    pub fn cancel(
-        &self,
-        id: &str,
-        owner: &Identity,
-        now_ms: u64,
-    ) -> Option<Result<Job, NotAllowed>> {
-        let mut guard = self.inner.lock();
-        let job = guard.0.get_mut(id).filter(|j| &j.owner == owner)?;
-        Some(job.cancel(now_ms).map(|()| job.clone()))
-    }
-
-    /// Applies `f` to a job's record (callback bookkeeping); the result.
-    pub fn update(&self, id: &str, f: impl FnOnce(&mut Job)) -> Option<Job> {
-        let mut guard = self.inner.lock();
-        let job = guard.0.get_mut(id)?;
-        f(job);
-        Some(job.clone())
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.inner.lock().0.len()
     }
 
     /// Drops records a full `ttl` past their expiry (they read `expired`
@@ -135,34 +77,47 @@ impl JobTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jobs::model::JobState;
 
     fn job(id: &str, owner: &str) -> Job {
         crate::jobs::model::test_job(id, owner, 1000)
     }
 
     #[test]
-    fn another_owner_cannot_see_or_cancel_a_job() {
+    fn another_owner_cannot_see_a_job() {
         let t = JobTable::new(10);
-        t.insert(job("j", "alice"), 0).unwrap();
+        t.put(&job("j", "alice"));
         assert!(t.get("j", &Identity("bob".into())).is_none());
-        assert!(t.cancel("j", &Identity("bob".into()), 1).is_none());
         assert!(t.get("j", &Identity("alice".into())).is_some());
     }
 
+    /// Two replicas' worth of jobs that another replica ran stay `queued`
+    /// here: a full table still takes new ones (it once answered 503).
     #[test]
-    fn a_full_table_evicts_finished_jobs_but_never_pending_ones() {
-        let t = JobTable::new(1);
-        t.insert(job("a", "x"), 0).unwrap();
-        assert_eq!(t.insert(job("b", "x"), 0), Err(()), "a is still queued");
-        t.cancel("a", &Identity("x".into()), 1).unwrap().unwrap();
-        t.insert(job("b", "x"), 2).unwrap();
-        assert!(t.get("a", &Identity("x".into())).is_none());
+    fn a_full_table_of_pending_jobs_still_takes_new_ones() {
+        let t = JobTable::new(2);
+        for id in ["a", "b", "c", "d"] {
+            t.put(&job(id, "x"));
+        }
+        assert_eq!(t.len(), 2);
+        let x = Identity("x".into());
+        assert!(t.get("a", &x).is_none() && t.get("b", &x).is_none());
+        assert!(t.get("d", &x).is_some());
+        let mut done = job("c", "x");
+        done.state = JobState::Succeeded;
+        t.put(&done);
+        assert_eq!(
+            t.get("c", &x).unwrap().state,
+            JobState::Succeeded,
+            "refreshed"
+        );
+        assert_eq!(t.len(), 2);
     }
 
     #[test]
     fn sweep_drops_records_a_ttl_past_expiry() {
         let t = JobTable::new(10);
-        t.insert(job("a", "x"), 0).unwrap();
+        t.put(&job("a", "x"));
         assert_eq!(t.sweep(1500, 1000), 0);
         assert_eq!(t.sweep(2000, 1000), 1);
     }

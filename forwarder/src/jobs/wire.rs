@@ -12,8 +12,13 @@ struct WireJob {
     v: u32,
     id: String,
     owner: String,
-    /// The simple API's client `request_id`; absent for a chat job.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The simple API's client `request_id` (`null` when it sent none);
+    /// absent for a chat job.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     simple: Option<Option<String>>,
     model: String,
     /// The chat-completions body (JSON, so UTF-8), byte for byte.
@@ -28,6 +33,13 @@ struct WireJob {
     /// A Batch API request's batch and `custom_id`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     batch: Option<BatchTag>,
+}
+
+/// A field that is present, even as `null` (plain serde reads a `null`
+/// double option as absent: a simple job without a `request_id` came back
+/// as a chat job).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +149,13 @@ mod tests {
         assert_eq!(back.headers, job.headers);
         assert_eq!(back.expires_at_ms, 9000);
         assert_eq!(back.created_ms(), 5_432, "to the millisecond");
+        // A simple job without a request_id stays a simple job.
+        let mut anonymous = job.clone();
+        anonymous.kind = JobKind::Simple { request_id: None };
+        assert_eq!(decode(&encode(&anonymous)).unwrap().kind, anonymous.kind);
+        let mut chat = job.clone();
+        chat.kind = JobKind::Chat;
+        assert_eq!(decode(&encode(&chat)).unwrap().kind, JobKind::Chat);
         // A message from a forwarder that sent seconds only.
         let old = br#"{"v":1,"id":"x","owner":"o","model":"m","body":"{}","headers":[],"created_at":7,"expires_at_ms":0}"#;
         assert_eq!(decode(old).unwrap().created_ms(), 7_000);

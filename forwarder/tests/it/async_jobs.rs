@@ -435,7 +435,7 @@ async fn a_receiver_that_always_fails_ends_as_failed_delivery_and_the_result_sta
         .unwrap()
         .contains("500"));
     assert_eq!(job["status"], "succeeded", "the result is still there");
-    assert!(job["response"]["body"]["reply"].is_string());
+    assert!(job["response"]["body"]["reply"].is_string(), "{job}");
     assert_eq!(seen.lock().len(), 3);
     assert_eq!(
         f.metric(

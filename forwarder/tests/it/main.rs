@@ -10,6 +10,7 @@ mod common;
 mod endpoints;
 mod errors;
 mod fidelity;
+mod fleet;
 mod grpc;
 mod guarantee;
 mod hostile;

@@ -1,0 +1,265 @@
+//! Async jobs and shared records as a fleet runs them: replicas sharing a
+//! real Redis while a key rotation rolls out or Redis restarts, more jobs
+//! than a replica's table holds, retried submissions, client cache
+//! directives. Each test failed before the fix it names.
+
+use std::time::Duration;
+
+use forwarder::config::{MockSettings, ModelCacheConfig};
+use serde_json::json;
+
+use crate::common::*;
+use crate::redis_server::{write_keys, RedisServer};
+
+/// Waits until a replica's store answers (it connects in the background).
+async fn connected(f: &Fwd) {
+    let k = forwarder::store::StoreKey::new(forwarder::store::Space::Cache, "probe", b"p");
+    for _ in 0..500 {
+        if f.server.pipeline.store().get(&k).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("replica never connected to redis");
+}
+
+/// Replica A has loaded k2 (and encrypts with it), replica B has not yet:
+/// the middle of a rotation. B once deleted A's record, called the
+/// upstream again and replaced the answer, so one key returned two
+/// answers; now it refuses (503) and leaves the record, and once its ring
+/// reloads it replays A's answer.
+#[cfg_attr(not(redis_server), ignore = "redis-server not installed")]
+#[tokio::test]
+async fn a_replica_missing_the_new_key_neither_reruns_nor_replaces_an_answer() {
+    let m = mock(MockSettings::default()).await;
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (ring_a, ring_b) = (dir.path().join("a"), dir.path().join("b"));
+    write_keys(&ring_a, &[("k1", 7), ("k2", 8)]);
+    write_keys(&ring_b, &[("k1", 7)]);
+    let replica = |ring: &std::path::Path| {
+        let mut cfg = config(vec![upstream("a", &m, "m")]);
+        cfg.store = redis.store_config(Some(ring));
+        cfg
+    };
+    let a = start(replica(&ring_a)).await;
+    let b = start(replica(&ring_b)).await;
+    connected(&a).await;
+    connected(&b).await;
+    let body = chat("m", "what is my balance?");
+    let key = [("idempotency-key", "rot-1")];
+    let first = a.post("/v1/chat/completions", &body, &key).await;
+    assert_eq!(first.status, 200, "{}", first.text);
+    assert_eq!(m.model.requests(), 1);
+
+    let on_b = b.post("/v1/chat/completions", &body, &key).await;
+    assert_eq!(on_b.status, 503, "{}", on_b.text);
+    assert_eq!(on_b.error_code(), "store_unavailable");
+    assert_eq!(m.model.requests(), 1, "not run again");
+    assert!(
+        b.metric("forwarder_store_unreadable_records_total", &[])
+            .await
+            >= 1.0
+    );
+    assert_eq!(
+        b.metric("forwarder_store_corrupt_records_total", &[]).await,
+        0.0
+    );
+
+    let again = a.post("/v1/chat/completions", &body, &key).await;
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(again.body, first.body, "A's answer is still the stored one");
+
+    // An async job finished under k2 reads as unavailable on B, not 404,
+    // and a DELETE there cannot take its turn.
+    let r = a
+        .post("/v1/async/chat/completions", &chat("m", "job"), &[])
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    assert_eq!(wait_job(&a, &id, &[]).await["status"], "succeeded");
+    let path = format!("/v1/async/jobs/{id}");
+    assert_eq!(b.get(&path, &[]).await.status, 503);
+    assert_eq!(b.delete(&path, &[]).await.status, 503);
+
+    // B loads k2 (its ring is polled): it replays the same answer.
+    write_keys(&ring_b, &[("k1", 7), ("k2", 8)]);
+    let mut replayed = None;
+    for _ in 0..100 {
+        let r = b.post("/v1/chat/completions", &body, &key).await;
+        if r.status == 200 {
+            replayed = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let replayed = replayed.expect("B reads the record once it has the key");
+    assert_eq!(replayed.header("idempotent-replayed"), Some("true"));
+    assert_eq!(replayed.body, first.body);
+    assert_eq!(b.get(&path, &[]).await.body["status"], "succeeded");
+    assert_eq!(m.model.requests(), 2, "the chat once, the job once");
+}
+
+/// More pending jobs than `max_jobs`: the table once refused the third
+/// submission with 503 while two slow jobs were pending; it is a cache of
+/// the records now, so every job is accepted and runs.
+#[tokio::test]
+async fn pending_jobs_beyond_the_table_are_accepted_and_all_run() {
+    let m = slow_mock(Duration::from_millis(400)).await;
+    let mut cfg = config(vec![upstream("a", &m, "m")]);
+    cfg.async_jobs.max_jobs = 2;
+    cfg.async_jobs.workers = 1;
+    let f = start(cfg).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let r = f
+            .post(
+                "/v1/async/chat/completions",
+                &chat("m", &format!("j{i}")),
+                &[],
+            )
+            .await;
+        assert_eq!(r.status, 202, "job {i}: {}", r.text);
+        ids.push(r.body["id"].as_str().unwrap().to_string());
+    }
+    for id in &ids {
+        assert_eq!(wait_job(&f, id, &[]).await["status"], "succeeded");
+    }
+    assert_eq!(m.model.requests(), 5);
+}
+
+/// A retried submission with the same `Idempotency-Key` returns the job it
+/// first created, on either replica; it once created a second job and a
+/// second upstream call.
+#[cfg_attr(not(redis_server), ignore = "redis-server not installed")]
+#[tokio::test]
+async fn an_async_idempotency_key_returns_the_same_job_on_any_replica() {
+    let m = slow_mock(Duration::from_millis(200)).await;
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ring = dir.path().join("ring");
+    write_keys(&ring, &[("k1", 7)]);
+    let mut cfg = config(vec![upstream("a", &m, "m")]);
+    cfg.store = redis.store_config(Some(&ring));
+    let a = start(cfg.clone()).await;
+    let b = start(cfg).await;
+    connected(&a).await;
+    connected(&b).await;
+    let body = chat("m", "book a table");
+    let key = [("idempotency-key", "sub-1")];
+    let first = a.post("/v1/async/chat/completions", &body, &key).await;
+    assert_eq!(first.status, 202, "{}", first.text);
+    let id = first.body["id"].as_str().unwrap();
+    for f in [&a, &b, &a] {
+        let r = f.post("/v1/async/chat/completions", &body, &key).await;
+        assert_eq!(r.status, 202, "{}", r.text);
+        assert_eq!(r.body["id"], id, "the same job");
+    }
+    let changed = b
+        .post("/v1/async/chat/completions", &chat("m", "other"), &key)
+        .await;
+    assert_eq!(changed.status, 422, "{}", changed.text);
+    assert_eq!(changed.error_code(), "idempotency_key_reused");
+    assert_eq!(wait_job(&a, id, &[]).await["status"], "succeeded");
+    // The simple API's request_id is its key, as on the synchronous path.
+    let simple = json!({"model_id": "m", "prompt": "hi", "request_id": "order-7", "async": true});
+    let one = a.post("/api/v1/message", &simple, &[]).await;
+    let two = b.post("/api/v1/message", &simple, &[]).await;
+    assert_eq!(one.status, 202, "{}", one.text);
+    assert_eq!(one.body["id"], two.body["id"]);
+    let simple_id = one.body["id"].as_str().unwrap();
+    assert_eq!(wait_job(&b, simple_id, &[]).await["status"], "succeeded");
+    assert_eq!(m.model.requests(), 2, "one call per job");
+}
+
+/// `Cache-Control: no-store` on an async submission: the job's answer is
+/// not cached (it once was, and served to the next identical request).
+#[tokio::test]
+async fn an_async_job_obeys_its_clients_cache_directives() {
+    let m = mock(MockSettings::default()).await;
+    let mut cfg = config(vec![upstream("a", &m, "m")]);
+    cfg.cache
+        .models
+        .insert("m".into(), ModelCacheConfig::default());
+    let f = start(cfg).await;
+    let mut body = chat("m", "what are your opening hours?");
+    body["temperature"] = json!(0);
+    let r = f
+        .post(
+            "/v1/async/chat/completions",
+            &body,
+            &[("cache-control", "no-store")],
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let id = r.body["id"].as_str().unwrap();
+    assert_eq!(wait_job(&f, id, &[]).await["status"], "succeeded");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let sync = f.post("/v1/chat/completions", &body, &[]).await;
+    assert_eq!(sync.status, 200);
+    assert_eq!(sync.header("x-cache"), Some("MISS"), "nothing was stored");
+    assert_eq!(m.model.requests(), 2);
+    // Without the directive a job's answer is cached as a call's is.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = f.post("/v1/async/chat/completions", &body, &[]).await;
+    let id = r.body["id"].as_str().unwrap();
+    assert_eq!(wait_job(&f, id, &[]).await["status"], "succeeded");
+    assert_eq!(m.model.requests(), 2, "the job was a hit");
+}
+
+/// Redis goes away while a job runs and comes back after the job's
+/// upstream call ended: the worker retries the final write until it is
+/// stored, so the other replica reads `succeeded` (the write was once
+/// logged and dropped, and the delivery acknowledged regardless).
+#[cfg_attr(not(redis_server), ignore = "redis-server not installed")]
+#[tokio::test]
+async fn a_result_is_stored_once_redis_is_back_before_the_job_is_acknowledged() {
+    let m = slow_mock(Duration::from_millis(1200)).await;
+    let mut redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ring = dir.path().join("ring");
+    write_keys(&ring, &[("k1", 7)]);
+    let mut cfg = config(vec![upstream("a", &m, "m")]);
+    cfg.store = redis.store_config(Some(&ring));
+    let a = start(cfg.clone()).await;
+    let b = start(cfg).await;
+    connected(&a).await;
+    connected(&b).await;
+    let r = a
+        .post("/v1/async/chat/completions", &chat("m", "slow"), &[])
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let path = format!("/v1/async/jobs/{id}");
+    for _ in 0..200 {
+        if b.get(&path, &[]).await.body["status"] == "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(b.get(&path, &[]).await.body["status"], "running");
+    redis.kill();
+    // The upstream call ends (1.2 s) while Redis is down.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(m.model.requests(), 1);
+    redis.restart().await;
+    connected(&b).await;
+    let mut status = String::new();
+    for _ in 0..200 {
+        let r = b.get(&path, &[]).await;
+        status = r.body["status"].as_str().unwrap_or_default().to_string();
+        if status == "succeeded" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, "succeeded", "stored after the outage");
+    assert!(
+        a.metric(
+            "forwarder_job_worker_retries_total",
+            &[("call", "record write")]
+        )
+        .await
+            >= 1.0
+    );
+}
