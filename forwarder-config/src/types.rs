@@ -791,9 +791,14 @@ pub enum StoreBackend {
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
     pub backend: StoreBackend,
-    /// Memory backend: bytes kept (keys and records); the least recently
-    /// used go first, so a new record is always admitted.
+    /// Memory backend: bytes of payload kept (cached answers and Batch
+    /// API files, keys included); the least recently used go first, so a
+    /// new record is always admitted.
     pub max_bytes: u64,
+    /// Memory backend: bytes of coordination state kept apart from the
+    /// payload (claims, job records and turns, idempotency answers, rate
+    /// limits, batches), so payload never evicts it.
+    pub max_state_bytes: u64,
     /// Required when `backend: redis`.
     pub redis: Option<RedisConfig>,
     /// AES-256-GCM for every record written; required with Redis unless
@@ -806,6 +811,7 @@ impl Default for StoreConfig {
         Self {
             backend: StoreBackend::Memory,
             max_bytes: 64 * 1024 * 1024,
+            max_state_bytes: 32 * 1024 * 1024,
             redis: None,
             encryption: None,
         }

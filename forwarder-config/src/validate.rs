@@ -362,6 +362,11 @@ fn validate_store(e: &mut Errors, s: &crate::StoreConfig) {
         "store.max_bytes",
         "must be at least 1024",
     );
+    e.check(
+        s.max_state_bytes >= 1024,
+        "store.max_state_bytes",
+        "must be at least 1024",
+    );
     if let Some(enc) = &s.encryption {
         e.check(
             !enc.key_file.as_os_str().is_empty(),

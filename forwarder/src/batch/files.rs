@@ -16,13 +16,20 @@ use crate::store::{Space, Store, StoreError, StoreKey};
 /// Bytes per stored chunk.
 pub const CHUNK: usize = 4 << 20;
 
+/// A batch's record or index (`kind`) of `owner`.
 pub fn key(kind: &str, owner: &Identity, id: &str) -> StoreKey {
     let k = format!("{}\x1f{id}", owner.0);
     StoreKey::new(Space::Job, kind, k.as_bytes())
 }
 
+/// A file's metadata or chunk: payload, kept apart from coordination state.
+fn file_key(kind: &str, owner: &Identity, id: &str) -> StoreKey {
+    let k = format!("{}\x1f{id}", owner.0);
+    StoreKey::new(Space::File, kind, k.as_bytes())
+}
+
 fn chunk_key(owner: &Identity, id: &str, n: u32) -> StoreKey {
-    key("batch-file-chunk", owner, &format!("{id}\x1f{n}"))
+    file_key("batch-file-chunk", owner, &format!("{id}\x1f{n}"))
 }
 
 #[derive(Clone)]
@@ -49,7 +56,7 @@ impl FileStore {
     }
 
     pub async fn meta(&self, owner: &Identity, id: &str) -> Result<Option<FileMeta>, StoreError> {
-        self.get_json(&key("batch-file", owner, id)).await
+        self.get_json(&file_key("batch-file", owner, id)).await
     }
 
     pub async fn chunk(&self, owner: &Identity, id: &str, n: u32) -> Result<Bytes, StoreError> {
@@ -132,7 +139,7 @@ impl Writer {
             lines: self.lines,
         };
         self.files
-            .put_json(&key("batch-file", &self.owner, &self.id), &meta)
+            .put_json(&file_key("batch-file", &self.owner, &self.id), &meta)
             .await?;
         Ok(meta)
     }

@@ -13,7 +13,10 @@ pub type Fingerprint = [u8; 32];
 pub enum Space {
     Idempotency,
     Cache,
+    /// Async jobs and Batch API batches: records, turns, submission keys.
     Job,
+    /// Batch API files: metadata and chunks (payload, like `Cache`).
+    File,
     RateLimit,
 }
 
@@ -23,6 +26,7 @@ impl Space {
             Self::Idempotency => "idem",
             Self::Cache => "cache",
             Self::Job => "job",
+            Self::File => "file",
             Self::RateLimit => "rl",
         }
     }

@@ -1,6 +1,12 @@
 //! The embedded backend: bounded in bytes, least recently used evicted
 //! first (so a new record is always admitted), each entry expiring after
 //! its own TTL or lease. Claims are atomic per key (moka's compute).
+//!
+//! Two budgets, so payload never evicts coordination state: cached answers
+//! and Batch API files (`cache:` and `file:` names) live in one bounded
+//! map, everything else (claims, job turns and records, idempotency
+//! answers, rate limits, batches) in another. A large upload can flush
+//! cached answers, never a tenant's claims or limits.
 
 use std::time::{Duration, Instant};
 
@@ -64,64 +70,89 @@ impl moka::Expiry<String, Entry> for PerEntry {
 }
 
 pub struct MemoryBackend {
-    cache: Cache<String, Entry>,
+    /// Cached answers and files.
+    payload: Cache<String, Entry>,
+    /// Claims, turns, records and limits.
+    state: Cache<String, Entry>,
     epoch: Instant,
     metrics: StoreMetrics,
 }
 
+/// Whether a name holds payload (evictable by payload) rather than state.
+fn is_payload(name: &str) -> bool {
+    name.starts_with("cache:") || name.starts_with("file:")
+}
+
+fn bounded(max_bytes: u64, metrics: &StoreMetrics) -> Cache<String, Entry> {
+    let evictions = metrics.evictions.clone();
+    Cache::builder()
+        .max_capacity(max_bytes)
+        .weigher(|k: &String, v: &Entry| u32::try_from(k.len() + v.weight()).unwrap_or(u32::MAX))
+        .expire_after(PerEntry)
+        .eviction_policy(moka::policy::EvictionPolicy::lru())
+        .eviction_listener(move |_, _, cause| {
+            if cause == moka::notification::RemovalCause::Size {
+                evictions.inc();
+            }
+        })
+        .build()
+}
+
 impl MemoryBackend {
-    pub fn new(max_bytes: u64, metrics: StoreMetrics) -> Self {
-        let evictions = metrics.evictions.clone();
+    /// `payload_bytes` for cached answers and files, `state_bytes` for
+    /// everything else.
+    pub fn new(payload_bytes: u64, state_bytes: u64, metrics: StoreMetrics) -> Self {
         Self {
-            cache: Cache::builder()
-                .max_capacity(max_bytes)
-                .weigher(|k: &String, v: &Entry| {
-                    u32::try_from(k.len() + v.weight()).unwrap_or(u32::MAX)
-                })
-                .expire_after(PerEntry)
-                .eviction_policy(moka::policy::EvictionPolicy::lru())
-                .eviction_listener(move |_, _, cause| {
-                    if cause == moka::notification::RemovalCause::Size {
-                        evictions.inc();
-                    }
-                })
-                .build(),
+            payload: bounded(payload_bytes, &metrics),
+            state: bounded(state_bytes, &metrics),
             epoch: Instant::now(),
             metrics,
         }
     }
 
+    fn map(&self, name: &str) -> &Cache<String, Entry> {
+        if is_payload(name) {
+            &self.payload
+        } else {
+            &self.state
+        }
+    }
+
     fn update_bytes(&self) {
+        let total = self.payload.weighted_size() + self.state.weighted_size();
         self.metrics
             .bytes
-            .set(i64::try_from(self.cache.weighted_size()).unwrap_or(i64::MAX));
+            .set(i64::try_from(total).unwrap_or(i64::MAX));
     }
 
     #[cfg(test)]
     pub fn settle(&self) {
-        self.cache.run_pending_tasks();
+        self.payload.run_pending_tasks();
+        self.state.run_pending_tasks();
         self.update_bytes();
     }
 
     fn release(&self, name: &str, token: Token) {
-        self.cache.entry_by_ref(name).and_compute_with(|e| match e {
-            Some(e) if e.value().held_by(&token) => Op::Remove,
-            _ => Op::Nop,
-        });
+        self.map(name)
+            .entry_by_ref(name)
+            .and_compute_with(|e| match e {
+                Some(e) if e.value().held_by(&token) => Op::Remove,
+                _ => Op::Nop,
+            });
     }
 }
 
 #[async_trait]
 impl Backend for MemoryBackend {
     async fn get(&self, name: &str) -> Result<Option<Bytes>, StoreError> {
-        Ok(self.cache.get(name).and_then(|e| match e.slot {
+        Ok(self.map(name).get(name).and_then(|e| match e.slot {
             Slot::Record(b) => Some(b),
             Slot::Claim { .. } | Slot::Tat(_) => None,
         }))
     }
 
     async fn put(&self, name: &str, blob: Bytes, ttl: Duration) -> Result<(), StoreError> {
-        self.cache.insert(
+        self.map(name).insert(
             name.to_string(),
             Entry {
                 slot: Slot::Record(blob),
@@ -133,7 +164,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn delete(&self, name: &str) -> Result<(), StoreError> {
-        self.cache.invalidate(name);
+        self.map(name).invalidate(name);
         Ok(())
     }
 
@@ -144,13 +175,16 @@ impl Backend for MemoryBackend {
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<RawClaimed, StoreError> {
-        let r = self.cache.entry_by_ref(name).and_compute_with(|e| match e {
-            None => Op::Put(Entry {
-                slot: Slot::Claim { token, fingerprint },
-                ttl: lease,
-            }),
-            Some(_) => Op::Nop,
-        });
+        let r = self
+            .map(name)
+            .entry_by_ref(name)
+            .and_compute_with(|e| match e {
+                None => Op::Put(Entry {
+                    slot: Slot::Claim { token, fingerprint },
+                    ttl: lease,
+                }),
+                Some(_) => Op::Nop,
+            });
         Ok(match r {
             CompResult::Unchanged(e) => match e.into_value().slot {
                 Slot::Claim { fingerprint, .. } => RawClaimed::Busy(fingerprint),
@@ -162,13 +196,16 @@ impl Backend for MemoryBackend {
     }
 
     async fn renew(&self, name: &str, token: Token, lease: Duration) -> Result<bool, StoreError> {
-        let r = self.cache.entry_by_ref(name).and_compute_with(|e| match e {
-            Some(e) if e.value().held_by(&token) => Op::Put(Entry {
-                slot: e.into_value().slot,
-                ttl: lease,
-            }),
-            _ => Op::Nop,
-        });
+        let r = self
+            .map(name)
+            .entry_by_ref(name)
+            .and_compute_with(|e| match e {
+                Some(e) if e.value().held_by(&token) => Op::Put(Entry {
+                    slot: e.into_value().slot,
+                    ttl: lease,
+                }),
+                _ => Op::Nop,
+            });
         Ok(matches!(r, CompResult::ReplacedWith(_)))
     }
 
@@ -179,13 +216,16 @@ impl Backend for MemoryBackend {
         blob: Bytes,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let r = self.cache.entry_by_ref(name).and_compute_with(|e| match e {
-            Some(e) if !e.value().held_by(&token) => Op::Nop,
-            _ => Op::Put(Entry {
-                slot: Slot::Record(blob),
-                ttl,
-            }),
-        });
+        let r = self
+            .map(name)
+            .entry_by_ref(name)
+            .and_compute_with(|e| match e {
+                Some(e) if !e.value().held_by(&token) => Op::Nop,
+                _ => Op::Put(Entry {
+                    slot: Slot::Record(blob),
+                    ttl,
+                }),
+            });
         self.update_bytes();
         Ok(!matches!(r, CompResult::Unchanged(_)))
     }
@@ -204,7 +244,7 @@ impl Backend for MemoryBackend {
     ) -> Result<RateState, StoreError> {
         let now = self.epoch.elapsed().as_micros() as u64;
         let mut state = None;
-        self.cache.entry_by_ref(name).and_compute_with(|e| {
+        self.map(name).entry_by_ref(name).and_compute_with(|e| {
             let tat = e.and_then(|e| match e.into_value().slot {
                 Slot::Tat(t) => Some(t),
                 _ => None,

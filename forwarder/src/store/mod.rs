@@ -92,9 +92,11 @@ pub fn build(cfg: &Config, metrics: &Metrics) -> Result<Arc<dyn Store>, BuildErr
         None => None,
     };
     let backend: Arc<dyn backend::Backend> = match cfg.store.backend {
-        StoreBackend::Memory => {
-            Arc::new(memory::MemoryBackend::new(cfg.store.max_bytes, m.clone()))
-        }
+        StoreBackend::Memory => Arc::new(memory::MemoryBackend::new(
+            cfg.store.max_bytes,
+            cfg.store.max_state_bytes,
+            m.clone(),
+        )),
         StoreBackend::Redis => {
             let r = cfg.store.redis.as_ref().ok_or_else(|| {
                 BuildError::new("store.redis: required when store.backend is redis")
@@ -119,7 +121,7 @@ pub fn build(cfg: &Config, metrics: &Metrics) -> Result<Arc<dyn Store>, BuildErr
 pub fn memory(max_bytes: u64) -> Arc<dyn Store> {
     let m = StoreMetrics::unregistered();
     Arc::new(layer::Layered::new(
-        Arc::new(memory::MemoryBackend::new(max_bytes, m.clone())),
+        Arc::new(memory::MemoryBackend::new(max_bytes, max_bytes, m.clone())),
         None,
         m,
     ))

@@ -16,7 +16,7 @@ fn store() -> (Arc<MemoryBackend>, StoreMetrics, Layered) {
 
 fn store_with(seal: Option<Arc<dyn Seal>>) -> (Arc<MemoryBackend>, StoreMetrics, Layered) {
     let m = StoreMetrics::unregistered();
-    let b = Arc::new(MemoryBackend::new(1 << 20, m.clone()));
+    let b = Arc::new(MemoryBackend::new(1 << 20, 1 << 20, m.clone()));
     (b.clone(), m.clone(), Layered::new(b, seal, m))
 }
 
@@ -123,7 +123,7 @@ async fn records_expire_after_their_ttl() {
 #[tokio::test]
 async fn memory_is_bounded_in_bytes_lru_and_admits_new_records() {
     let m = StoreMetrics::unregistered();
-    let b = Arc::new(MemoryBackend::new(20_000, m.clone()));
+    let b = Arc::new(MemoryBackend::new(20_000, 20_000, m.clone()));
     let s = Layered::new(b.clone(), None, m.clone());
     for i in 0..50 {
         let k = key(&format!("k{i}"));
@@ -192,7 +192,7 @@ async fn a_record_under_a_key_not_loaded_here_is_unavailable_and_kept() {
     std::fs::write(&old, format!("k1: {}\n", b64(1))).unwrap();
     std::fs::write(&new, format!("k1: {}\nk2: {}\n", b64(1), b64(2))).unwrap();
     let m = StoreMetrics::unregistered();
-    let backend = Arc::new(MemoryBackend::new(1 << 20, m.clone()));
+    let backend = Arc::new(MemoryBackend::new(1 << 20, 1 << 20, m.clone()));
     let a = Layered::new(
         backend.clone(),
         Some(Arc::new(KeyRing::load(&new).unwrap())),
@@ -222,4 +222,53 @@ async fn a_record_under_a_key_not_loaded_here_is_unavailable_and_kept() {
         panic!("the record is still there for the replica that can read it")
     };
     assert_eq!(&r.value[..], b"answer A");
+}
+
+/// A large upload's worth of payload does not evict a tenant's claim, a
+/// job record or a rate limit: payload has its own budget (they once
+/// shared one LRU, and a few uploads flushed every tenant's state).
+#[tokio::test]
+async fn payload_never_evicts_coordination_state() {
+    let m = StoreMetrics::unregistered();
+    let b = Arc::new(MemoryBackend::new(50_000, 50_000, m.clone()));
+    let s = Layered::new(b.clone(), None, m.clone());
+    let claim = key("held");
+    let Claimed::Won(_guard) = s.claim(&claim, [1; 32], LEASE).await.unwrap() else {
+        panic!("won")
+    };
+    let job = StoreKey::new(Space::Job, "job", b"job_1");
+    s.put(&job, [0; 32], Bytes::from_static(b"{}"), TTL)
+        .await
+        .unwrap();
+    let limit = StoreKey::new(Space::RateLimit, "alice", b"rps");
+    let rate = Rate {
+        interval: Duration::from_secs(60),
+        burst: 2,
+    };
+    assert!(s.rate(&limit, rate, 1).await.unwrap().allowed);
+    for i in 0..100 {
+        let chunk = StoreKey::new(Space::File, "chunk", format!("{i}").as_bytes());
+        s.put(&chunk, [0; 32], Bytes::from(vec![b'x'; 4000]), TTL)
+            .await
+            .unwrap();
+        let cached = StoreKey::new(Space::Cache, "t", format!("{i}").as_bytes());
+        s.put(&cached, [0; 32], Bytes::from(vec![b'y'; 4000]), TTL)
+            .await
+            .unwrap();
+        b.settle();
+    }
+    assert!(m.evictions.get() > 0, "the payload budget evicted payload");
+    assert!(
+        matches!(
+            s.claim(&claim, [1; 32], LEASE).await.unwrap(),
+            Claimed::Busy { .. }
+        ),
+        "the claim is still held"
+    );
+    assert!(s.get(&job).await.unwrap().is_some(), "the job record stays");
+    assert!(s.rate(&limit, rate, 1).await.unwrap().allowed);
+    assert!(
+        !s.rate(&limit, rate, 1).await.unwrap().allowed,
+        "the limit's state was kept: a third unit in a minute is refused"
+    );
 }
