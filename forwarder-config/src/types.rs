@@ -642,6 +642,11 @@ pub struct BatchConfig {
     pub max_file_lines: usize,
     /// Bytes per uploaded file.
     pub max_file_bytes: usize,
+    /// Bytes per line (one request); unset: `server.max_body_bytes`, the
+    /// bound a request sent directly meets. A longer line refuses the
+    /// upload, and in a file accepted under a larger bound goes to the
+    /// error file (`line_too_large`).
+    pub max_line_bytes: Option<usize>,
 }
 
 impl Default for BatchConfig {
@@ -649,6 +654,7 @@ impl Default for BatchConfig {
         Self {
             max_file_lines: 50_000,
             max_file_bytes: 200 * 1024 * 1024,
+            max_line_bytes: None,
         }
     }
 }

@@ -156,37 +156,70 @@ impl Writer {
     }
 }
 
-/// Splits chunks into lines; a line may span chunks.
-#[derive(Default)]
+/// A line of a file, or the fact that one was longer than the bound.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Line<'a> {
+    Whole(&'a [u8]),
+    /// Longer than the splitter's bound: only its length was kept.
+    TooLong,
+}
+
+/// Splits chunks into lines; a line may span chunks. A partial line is
+/// buffered up to `max_line` bytes and no further, however long it grows.
 pub struct LineSplitter {
     pending: Vec<u8>,
+    max_line: usize,
+    /// The current line passed `max_line`: its bytes are dropped.
+    overflow: bool,
 }
 
 impl LineSplitter {
+    pub fn new(max_line: usize) -> Self {
+        Self {
+            pending: Vec::new(),
+            max_line,
+            overflow: false,
+        }
+    }
+
     /// Calls `f` on every complete line (without `\n`) in `data`.
     pub fn push<E>(
         &mut self,
         data: &[u8],
-        mut f: impl FnMut(&[u8]) -> Result<(), E>,
+        mut f: impl FnMut(Line<'_>) -> Result<(), E>,
     ) -> Result<(), E> {
         let mut rest = data;
         while let Some(pos) = rest.iter().position(|&b| b == b'\n') {
-            if self.pending.is_empty() {
-                f(&rest[..pos])?;
-            } else {
-                self.pending.extend_from_slice(&rest[..pos]);
-                let line = std::mem::take(&mut self.pending);
-                f(&line)?;
-            }
+            let part = &rest[..pos];
             rest = &rest[pos + 1..];
+            if self.overflow || self.pending.len() + part.len() > self.max_line {
+                self.overflow = false;
+                self.pending.clear();
+                f(Line::TooLong)?;
+            } else if self.pending.is_empty() {
+                f(Line::Whole(part))?;
+            } else {
+                self.pending.extend_from_slice(part);
+                let line = std::mem::take(&mut self.pending);
+                f(Line::Whole(&line))?;
+            }
         }
-        self.pending.extend_from_slice(rest);
+        if self.overflow || self.pending.len() + rest.len() > self.max_line {
+            self.overflow = true;
+            self.pending.clear();
+        } else {
+            self.pending.extend_from_slice(rest);
+        }
         Ok(())
     }
 
-    /// The last line, if the data did not end with a newline.
-    pub fn finish(self) -> Option<Vec<u8>> {
-        (!self.pending.is_empty()).then_some(self.pending)
+    /// The last line, if the data did not end with a newline: its bytes,
+    /// or `Err` if it was too long.
+    pub fn finish(self) -> Option<Result<Vec<u8>, ()>> {
+        if self.overflow {
+            return Some(Err(()));
+        }
+        (!self.pending.is_empty()).then_some(Ok(self.pending))
     }
 }
 
@@ -194,18 +227,57 @@ impl LineSplitter {
 mod tests {
     use super::*;
 
-    #[test]
-    fn lines_spanning_chunks_are_joined() {
-        let mut s = LineSplitter::default();
+    fn split(max: usize, parts: &[&[u8]]) -> (Vec<String>, Option<Result<Vec<u8>, ()>>) {
+        let mut s = LineSplitter::new(max);
         let mut got = Vec::new();
-        for part in [&b"ab"[..], b"c\nd", b"", b"e\n\nf"] {
+        for part in parts {
             s.push::<()>(part, |l| {
-                got.push(String::from_utf8(l.to_vec()).unwrap());
+                got.push(match l {
+                    Line::Whole(l) => String::from_utf8(l.to_vec()).unwrap(),
+                    Line::TooLong => "<too long>".into(),
+                });
                 Ok(())
             })
             .unwrap();
         }
+        (got, s.finish())
+    }
+
+    #[test]
+    fn lines_spanning_chunks_are_joined() {
+        let (got, last) = split(100, &[b"ab", b"c\nd", b"", b"e\n\nf"]);
         assert_eq!(got, ["abc", "de", ""]);
-        assert_eq!(s.finish(), Some(b"f".to_vec()));
+        assert_eq!(last, Some(Ok(b"f".to_vec())));
+    }
+
+    /// A line with no newline in sight is not buffered past the bound (it
+    /// once grew up to the whole file's limit).
+    #[test]
+    fn a_line_past_the_bound_is_reported_not_buffered() {
+        let mut s = LineSplitter::new(4);
+        let mut seen = Vec::new();
+        for _ in 0..1000 {
+            s.push::<()>(&[b'x'; 100], |l| {
+                seen.push(l == Line::TooLong);
+                Ok(())
+            })
+            .unwrap();
+            assert!(s.pending.len() <= 4);
+        }
+        assert!(seen.is_empty());
+        s.push::<()>(b"\nok\n12345\nlast", |l| {
+            seen.push(l == Line::TooLong);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, [true, false, true]);
+        assert_eq!(s.finish(), Some(Ok(b"last".to_vec())));
+        let (got, last) = split(4, &[b"1234", b"\n12", b"345"]);
+        assert_eq!(got, ["1234"]);
+        assert_eq!(
+            last,
+            Some(Err(())),
+            "an unterminated last line past the bound"
+        );
     }
 }

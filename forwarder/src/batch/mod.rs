@@ -23,7 +23,7 @@ use crate::auth::Identity;
 use crate::jobs::model::{BatchTag, JobKind, JobState};
 use crate::jobs::{now_ms, Jobs};
 use crate::store::{Store, StoreError};
-use files::{key, FileStore, LineSplitter, Writer};
+use files::{key, FileStore, Line, LineSplitter, Writer};
 use forwarder_config::BatchConfig;
 use model::{Batch, BatchStatus, Counts, FileMeta, Outcome};
 
@@ -44,6 +44,8 @@ pub struct Batches {
     files: FileStore,
     jobs: Arc<Jobs>,
     cfg: BatchConfig,
+    /// Bytes per line of an input file.
+    max_line: usize,
     /// Cancelled here and not yet seen by their driver.
     cancelled: Mutex<HashSet<String>>,
     index: tokio::sync::Mutex<()>,
@@ -56,6 +58,7 @@ pub struct Upload {
     checker: jsonl::Checker,
     line_no: usize,
     max_bytes: usize,
+    max_line: usize,
 }
 
 impl Upload {
@@ -66,11 +69,14 @@ impl Upload {
                 self.max_bytes
             )));
         }
-        let (checker, n) = (&mut self.checker, &mut self.line_no);
+        let (checker, n, max) = (&mut self.checker, &mut self.line_no, self.max_line);
         self.split
             .push(data, |line| {
                 *n += 1;
-                checker.check(*n, line)
+                match line {
+                    Line::Whole(line) => checker.check(*n, line),
+                    Line::TooLong => Err(too_long(*n, max)),
+                }
             })
             .map_err(BatchError::BadRequest)?;
         self.writer.write(data).await?;
@@ -78,11 +84,14 @@ impl Upload {
     }
 
     pub async fn finish(mut self, filename: String) -> Result<FileMeta, BatchError> {
-        if let Some(last) = std::mem::take(&mut self.split).finish() {
+        let split = std::mem::replace(&mut self.split, LineSplitter::new(0));
+        if let Some(last) = split.finish() {
             self.line_no += 1;
-            self.checker
-                .check(self.line_no, &last)
-                .map_err(BatchError::BadRequest)?;
+            match last {
+                Ok(last) => self.checker.check(self.line_no, &last),
+                Err(()) => Err(too_long(self.line_no, self.max_line)),
+            }
+            .map_err(BatchError::BadRequest)?;
         }
         if self.checker.lines() == 0 {
             return Err(BatchError::BadRequest("the file has no requests".into()));
@@ -99,6 +108,10 @@ impl Upload {
     }
 }
 
+fn too_long(n: usize, max: usize) -> String {
+    format!("line {n} is longer than the limit of {max} bytes (async.batch.max_line_bytes)")
+}
+
 fn new_file_id() -> String {
     format!("file-{}", uuid::Uuid::new_v4().simple())
 }
@@ -109,10 +122,12 @@ impl Batches {
         jobs: Arc<Jobs>,
         cfg: BatchConfig,
         ttl: Duration,
+        body_limit: usize,
     ) -> Arc<Self> {
         Arc::new(Self {
             files: FileStore { store, ttl },
             jobs,
+            max_line: cfg.max_line_bytes.unwrap_or(body_limit),
             cfg,
             cancelled: Mutex::new(HashSet::new()),
             index: tokio::sync::Mutex::new(()),
@@ -126,10 +141,11 @@ impl Batches {
     pub fn upload(&self, owner: &Identity) -> Upload {
         Upload {
             writer: self.files.writer(owner, new_file_id()),
-            split: LineSplitter::default(),
+            split: LineSplitter::new(self.max_line),
             checker: jsonl::Checker::new(self.cfg.max_file_lines),
             line_no: 0,
             max_bytes: self.cfg.max_file_bytes,
+            max_line: self.max_line,
         }
     }
 
@@ -351,20 +367,38 @@ impl Batches {
         };
         // Submit every line as a job, waiting while the queue is full.
         let mut pending: Vec<(String, String)> = Vec::new();
-        let mut split = LineSplitter::default();
-        let mut lines: Vec<Vec<u8>> = Vec::new();
+        let mut full_wait = Duration::from_millis(50);
+        let mut split = LineSplitter::new(self.max_line);
+        // A line over the bound (a file uploaded under a larger one) is
+        // `None`: it goes to the error file at once.
+        let mut lines: Vec<Option<Vec<u8>>> = Vec::new();
+        let mut line_no = 0usize;
         for n in 0..file.chunks {
             let chunk = self.files.chunk(owner, &file.id, n).await?;
             split
                 .push::<()>(&chunk, |l| {
-                    lines.push(l.to_vec());
+                    lines.push(match l {
+                        Line::Whole(l) => Some(l.to_vec()),
+                        Line::TooLong => None,
+                    });
                     Ok(())
                 })
                 .ok();
             if n + 1 == file.chunks {
-                lines.extend(std::mem::take(&mut split).finish());
+                let last = std::mem::replace(&mut split, LineSplitter::new(0)).finish();
+                lines.extend(last.map(Result::ok));
             }
             for line in lines.drain(..) {
+                line_no += 1;
+                let Some(line) = line else {
+                    let message = too_long(line_no, self.max_line);
+                    let outcome = Outcome::NotRun {
+                        code: "line_too_large",
+                        message: &message,
+                    };
+                    results.add(b, &format!("line-{line_no}"), &outcome).await?;
+                    continue;
+                };
                 let Ok(req) = jsonl::parse(&line) else {
                     continue;
                 };
@@ -392,6 +426,7 @@ impl Batches {
                         .await;
                     match submitted {
                         Ok(job) => {
+                            full_wait = Duration::from_millis(50);
                             pending.push((req.custom_id.clone(), job.id));
                             // A long file: progress shown, a cancel seen.
                             if pending.len().is_multiple_of(500) {
@@ -399,8 +434,11 @@ impl Batches {
                             }
                             break;
                         }
+                        // Back-pressure (a full queue, a broker away): wait,
+                        // longer each time, and try the same line again.
                         Err(ApiError::Overloaded) => {
-                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            tokio::time::sleep(full_wait).await;
+                            full_wait = (full_wait * 2).min(Duration::from_secs(2));
                             self.sync(owner, b).await?;
                         }
                         Err(e) => {

@@ -47,7 +47,8 @@ pub fn routes(pipeline: Arc<Pipeline>, jobs: Arc<Jobs>) -> Router {
         let quarter = usize::try_from(store.max_bytes / 4).unwrap_or(usize::MAX);
         limits.max_file_bytes = limits.max_file_bytes.min(quarter);
     }
-    let batches = Batches::new(pipeline.store().clone(), jobs, limits, ttl);
+    let body_limit = pipeline.config().server.max_body_bytes;
+    let batches = Batches::new(pipeline.store().clone(), jobs, limits, ttl, body_limit);
     // Room for the multipart framing around the largest file.
     let limit = batches.max_file_bytes().saturating_add(1 << 20);
     Router::new()

@@ -247,7 +247,13 @@ impl KafkaQueue {
             .map(|_| ())
             .map_err(|(e, _)| {
                 tracing::warn!(error = %e, "could not enqueue a job");
-                QueueError::Unavailable
+                match e.rdkafka_error_code() {
+                    Some(
+                        rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge
+                        | rdkafka::types::RDKafkaErrorCode::InvalidMessageSize,
+                    ) => QueueError::TooLarge,
+                    _ => QueueError::Unavailable,
+                }
             })
     }
 

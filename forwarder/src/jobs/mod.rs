@@ -262,6 +262,7 @@ impl Jobs {
             }
             return Err(match e {
                 QueueError::Full | QueueError::Unavailable => ApiError::Overloaded,
+                QueueError::TooLarge => ApiError::PayloadTooLarge(job.body.len()),
                 QueueError::Closed => ApiError::ShuttingDown,
             });
         }

@@ -18,6 +18,10 @@ pub enum QueueError {
     Closed,
     #[error("the job queue is unavailable")]
     Unavailable,
+    /// The job is larger than the queue takes (a broker's message size):
+    /// not back-pressure, so retrying it cannot help.
+    #[error("the job is larger than the queue accepts")]
+    TooLarge,
 }
 
 /// One job handed to a worker.

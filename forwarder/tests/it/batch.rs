@@ -436,3 +436,57 @@ async fn a_file_of_several_chunks_round_trips_byte_for_byte() {
         .unwrap();
     assert!(back == data, "content differs");
 }
+
+/// Lines are bounded (`async.batch.max_line_bytes`, default the request
+/// body limit): an upload with a longer line is refused naming it, and a
+/// file accepted under a larger bound (another replica's config, mid
+/// rollout) sends the long line to the error file at once while the other
+/// lines run. A line once buffered without bound and bypassed the body limit.
+#[cfg_attr(not(redis_server), ignore = "redis-server not installed")]
+#[tokio::test]
+async fn a_line_over_the_bound_is_refused_at_upload_or_goes_to_the_error_file() {
+    use crate::redis_server::{write_keys, RedisServer};
+    let dir = tempfile::tempdir().unwrap();
+    let m = mock(MockSettings::default()).await;
+    let redis = RedisServer::start().await;
+    let ring = dir.path().join("ring");
+    write_keys(&ring, &[("k1", 7)]);
+    let mut wide = base_config(&m, &dir);
+    wide.store = redis.store_config(Some(&ring));
+    let mut narrow = wide.clone();
+    narrow.server.max_body_bytes = 2048;
+    let (wide, narrow) = (start(wide).await, start(narrow).await);
+    let long = line("long", &"x".repeat(4000));
+    let data = jsonl(&[line("a", "hi"), long.clone(), line("b", "yo")]);
+
+    let refused = upload(&narrow, &data, "batch", ALICE).await;
+    assert_eq!(refused.status, 400, "{}", refused.text);
+    assert!(
+        refused
+            .text
+            .contains("line 2 is longer than the limit of 2048 bytes"),
+        "{}",
+        refused.text
+    );
+    // A newline-free upload is refused once past the bound, not buffered.
+    let endless = vec![b'{'; 64 * 1024];
+    let r = upload(&narrow, &endless, "batch", ALICE).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+
+    let file = upload(&wide, &data, "batch", ALICE).await;
+    assert_eq!(file.status, 200, "{}", file.text);
+    let b = create(&narrow, file.body["id"].as_str().unwrap(), ALICE).await;
+    assert_eq!(b.status, 200, "{}", b.text);
+    let done = wait_final(&narrow, b.body["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let errs = content(&narrow, done["error_file_id"].as_str().unwrap()).await;
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0]["error"]["code"], "line_too_large", "{errs:?}");
+    let out = content(&narrow, done["output_file_id"].as_str().unwrap()).await;
+    let mut ids: Vec<_> = out
+        .iter()
+        .map(|l| l["custom_id"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["a", "b"]);
+}
