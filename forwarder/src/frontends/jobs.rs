@@ -17,7 +17,7 @@ use super::owner::Owner;
 use crate::api::{ApiError, SimpleRequest};
 use crate::frontends::tls::PeerSubject;
 use crate::jobs::model::{Job, JobKind};
-use crate::jobs::{now_ms, CancelError, Jobs};
+use crate::jobs::{now_ms, CancelError, Jobs, Submission};
 use crate::pipeline::envelope::peek;
 use crate::pipeline::{check_key_len, Admission, Pipeline};
 
@@ -159,19 +159,21 @@ async fn submit(
     if !p.has_model(&model) || !adm.grants(&model) {
         return adm.refuse(ApiError::ModelNotFound(model)).into_response();
     }
-    let owner = adm.principal().clone();
-    match jobs
-        .submit(
-            owner,
-            kind,
-            model.clone(),
-            body,
-            headers,
-            callback_url,
-            idempotency_key.as_deref(),
-        )
-        .await
-    {
+    // Charged now, as a call would be: the client learns of its limit at
+    // submission, and the job does not spend it again when it runs.
+    if let Err(e) = p.charge(&adm, &body).await {
+        return adm.refuse(e).into_response();
+    }
+    let sub = Submission {
+        owner: adm.principal().clone(),
+        kind,
+        model: model.clone(),
+        body,
+        callback_url,
+        idempotency_key,
+        charged: true,
+    };
+    match jobs.submit(sub, headers).await {
         Ok(job) => {
             adm.answered(&model, StatusCode::ACCEPTED.as_u16());
             accepted(&job)

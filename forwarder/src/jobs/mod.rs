@@ -65,6 +65,19 @@ pub enum CancelError {
 const PATIENCE_BASE: Duration = Duration::from_millis(100);
 const PATIENCE_MAX: Duration = Duration::from_secs(5);
 
+/// What a client asked to run later.
+pub struct Submission {
+    pub owner: Identity,
+    pub kind: JobKind,
+    pub model: String,
+    /// A chat-completions request already checked by the front end.
+    pub body: Bytes,
+    pub callback_url: Option<String>,
+    pub idempotency_key: Option<String>,
+    /// Its shared limits were charged ([`Pipeline::charge`]).
+    pub charged: bool,
+}
+
 pub struct Jobs {
     cfg: AsyncConfig,
     pipeline: Arc<Pipeline>,
@@ -158,43 +171,31 @@ impl Jobs {
         self.queue.close().await;
     }
 
-    /// Accepts a job for `owner`. `body` is a chat-completions request
-    /// already checked by the front end. With an `idempotency_key`, a
-    /// repeat of the same submission returns the job it first created.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn submit(
-        &self,
-        owner: Identity,
-        kind: JobKind,
-        model: String,
-        body: Bytes,
-        headers: &HeaderMap,
-        callback_url: Option<String>,
-        idempotency_key: Option<&str>,
-    ) -> Result<Job, ApiError> {
-        let Some(k) = idempotency_key else {
-            return self
-                .submit_tagged(owner, kind, model, body, headers, callback_url, None)
-                .await;
+    /// Accepts a job. With an idempotency key, a repeat of the same
+    /// submission returns the job it first created.
+    pub async fn submit(&self, sub: Submission, headers: &HeaderMap) -> Result<Job, ApiError> {
+        let Some(k) = sub.idempotency_key.clone() else {
+            return self.create(sub, headers, None).await;
         };
-        let simple = matches!(kind, JobKind::Simple { .. });
-        let fp = submissions::fingerprint(&model, &body, callback_url.as_deref(), simple);
-        match self.submissions.begin(&owner, k, fp).await? {
+        let simple = matches!(sub.kind, JobKind::Simple { .. });
+        let fp =
+            submissions::fingerprint(&sub.model, &sub.body, sub.callback_url.as_deref(), simple);
+        let owner = sub.owner.clone();
+        match self.submissions.begin(&owner, &k, fp).await? {
             submissions::Keyed::Existing(id) => self
                 .get(&owner, &id)
                 .await
                 .ok_or(ApiError::StoreUnavailable("jobs")),
             submissions::Keyed::Create(claim) => {
-                let job = self
-                    .submit_tagged(owner, kind, model, body, headers, callback_url, None)
-                    .await?;
+                let job = self.create(sub, headers, None).await?;
                 self.submissions.created(claim, &job.id).await;
                 Ok(job)
             }
         }
     }
 
-    /// [`Self::submit`] for a request of a Batch API batch, tagged with it.
+    /// A request of a Batch API batch, tagged with it; its shared limits
+    /// are charged when it runs.
     #[allow(clippy::too_many_arguments)]
     pub async fn submit_tagged(
         &self,
@@ -206,6 +207,33 @@ impl Jobs {
         callback_url: Option<String>,
         batch: Option<model::BatchTag>,
     ) -> Result<Job, ApiError> {
+        let sub = Submission {
+            owner,
+            kind,
+            model,
+            body,
+            callback_url,
+            idempotency_key: None,
+            charged: false,
+        };
+        self.create(sub, headers, batch).await
+    }
+
+    async fn create(
+        &self,
+        sub: Submission,
+        headers: &HeaderMap,
+        batch: Option<model::BatchTag>,
+    ) -> Result<Job, ApiError> {
+        let Submission {
+            owner,
+            kind,
+            model,
+            body,
+            callback_url,
+            charged,
+            ..
+        } = sub;
         let callback = match callback_url {
             None => None,
             Some(url) => {
@@ -241,6 +269,7 @@ impl Jobs {
             response: None,
             callback,
             batch,
+            charged,
         };
         // Stored before it is enqueued: a worker on another replica may
         // finish it before `push` returns, and its finished record must not
@@ -517,6 +546,7 @@ impl Jobs {
     /// Runs the job's request through the pipeline, its id the idempotency
     /// key, and renders the answer as the synchronous endpoint would.
     async fn call(&self, job: &Job) -> JobResponse {
+        let mut prepaid = job.charged;
         let answer = loop {
             let mut meta = RequestMeta::new(Protocol::Http, job.id.clone());
             meta.headers = job.headers.clone();
@@ -526,6 +556,7 @@ impl Jobs {
             if let Ok(v) = http::HeaderValue::from_str(&job.id) {
                 meta.upstream_headers.insert(UPSTREAM_IDEMPOTENCY_KEY, v);
             }
+            meta.prepaid = prepaid;
             let adm = self.pipeline.admit_as(job.owner.clone(), meta);
             let call = Call {
                 body: job.body.clone(),
@@ -538,7 +569,17 @@ impl Jobs {
                 // one (its lease runs out, then this run leads). Not a
                 // failure of the job: wait, do not end it `failed` (409).
                 Err(ApiError::IdempotencyInProgress) if now_ms() < job.expires_at_ms => {
+                    // The limits were spent before the claim was met.
+                    prepaid = true;
                     tokio::time::sleep(CLAIM_RETRY).await;
+                }
+                // The client's shared limit is spent (a batch line, charged
+                // when it runs): wait for it rather than fail the job.
+                Err(ApiError::QuotaExceeded { retry_after, .. })
+                    if now_ms() < job.expires_at_ms =>
+                {
+                    tokio::time::sleep(retry_after.clamp(CLAIM_RETRY, Duration::from_secs(60)))
+                        .await;
                 }
                 Err(e) => return error_response(&e),
             }

@@ -106,6 +106,9 @@ pub struct Job {
     pub callback: Option<Callback>,
     /// Set for a request of a Batch API batch.
     pub batch: Option<BatchTag>,
+    /// The client's shared limits were charged at submission: the run
+    /// does not spend them again.
+    pub charged: bool,
 }
 
 /// The batch and line a job runs (the Batch API).
@@ -297,6 +300,7 @@ pub(crate) fn test_job(id: &str, owner: &str, expires_at_ms: u64) -> Job {
         response: None,
         callback: None,
         batch: None,
+        charged: false,
     }
 }
 

@@ -33,6 +33,10 @@ struct WireJob {
     /// A Batch API request's batch and `custom_id`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     batch: Option<BatchTag>,
+    /// Shared limits charged at submission (absent from older forwarders:
+    /// charged when run).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    charged: bool,
 }
 
 /// A field that is present, even as `null` (plain serde reads a `null`
@@ -67,6 +71,7 @@ pub fn encode(job: &Job) -> Vec<u8> {
         created_ms: job.created_ms,
         expires_at_ms: job.expires_at_ms,
         batch: job.batch.clone(),
+        charged: job.charged,
     };
     serde_json::to_vec(&wire).unwrap_or_default()
 }
@@ -111,6 +116,7 @@ pub fn decode(bytes: &[u8]) -> Result<Job, DecodeError> {
             last_error: None,
         }),
         batch: w.batch,
+        charged: w.charged,
     })
 }
 
@@ -140,11 +146,13 @@ mod tests {
             response: None,
             callback: None,
             batch: None,
+            charged: true,
         };
         let back = decode(&encode(&job)).unwrap();
         assert_eq!(back.id, job.id);
         assert_eq!(back.owner, job.owner);
         assert_eq!(back.kind, job.kind);
+        assert!(back.charged);
         assert_eq!(back.body, job.body, "byte for byte");
         assert_eq!(back.headers, job.headers);
         assert_eq!(back.expires_at_ms, 9000);

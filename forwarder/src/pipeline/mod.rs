@@ -63,6 +63,10 @@ pub struct RequestMeta {
     /// Headers the forwarder itself sends upstream (an async job's
     /// `Idempotency-Key`), added after the allow-list.
     pub upstream_headers: HeaderMap,
+    /// The shared limits were charged for this request already (an async
+    /// job, at submission): the run spends nothing more up front; the
+    /// answer's tokens beyond the estimate are still charged.
+    pub prepaid: bool,
 }
 
 impl RequestMeta {
@@ -76,6 +80,7 @@ impl RequestMeta {
             timeout: None,
             peer: None,
             upstream_headers: HeaderMap::new(),
+            prepaid: false,
         }
     }
 }
@@ -382,6 +387,25 @@ impl Pipeline {
         })
     }
 
+    /// Charges an admitted request's shared limits now, for a request that
+    /// runs later (an async job: the client learns of a refusal at
+    /// submission, and the run is [`RequestMeta::prepaid`]). Without shared
+    /// limits nothing is charged here: the per-process limiter ran in
+    /// [`Self::admit`].
+    pub async fn charge(&self, adm: &Admission, body: &[u8]) -> Result<(), ApiError> {
+        match &self.shared_limit {
+            Some(l) => l
+                .check(
+                    &adm.principal,
+                    adm.tier.as_deref(),
+                    shared_limit::estimate(body),
+                )
+                .await
+                .map(drop),
+            None => Ok(()),
+        }
+    }
+
     /// Admits a request for a principal authenticated and rate-limited
     /// earlier (an async job, run by a worker after it was accepted).
     /// The models grant was checked when the job was accepted.
@@ -441,6 +465,7 @@ impl Pipeline {
         // apply here, to cache hits too.
         let estimated = shared_limit::estimate(&call.body);
         let limit_headers = match &self.shared_limit {
+            Some(_) if meta.prepaid => Vec::new(),
             Some(l) => l
                 .check(&principal, tier.as_deref(), estimated)
                 .await

@@ -490,3 +490,70 @@ async fn a_line_over_the_bound_is_refused_at_upload_or_goes_to_the_error_file() 
     ids.sort_unstable();
     assert_eq!(ids, ["a", "b"]);
 }
+
+/// Shared limits (`rate_limit.shared`) on the async doors: a submission is
+/// charged as a call is, so the client is refused at submission (429)
+/// rather than its accepted job failing later; a batch line that meets its
+/// client's limit when it runs waits for it. Both once failed as 429 when
+/// they ran, and submissions were not limited at all.
+#[tokio::test]
+async fn shared_limits_refuse_at_submission_and_batch_lines_wait_for_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = mock(MockSettings::default()).await;
+    let mut cfg = base_config(&m, &dir);
+    cfg.rate_limit = Some(forwarder::config::RateLimitConfig {
+        requests_per_second: 1000,
+        burst: 1000,
+        shared: true,
+        tiers: [(
+            "tight".to_string(),
+            forwarder::config::TierLimits {
+                requests_per_second: 4,
+                burst: 2,
+                tokens_per_minute: None,
+            },
+        )]
+        .into(),
+        client_tiers: [
+            ("alice".to_string(), "tight".to_string()),
+            ("bob".to_string(), "tight".to_string()),
+        ]
+        .into(),
+        ..Default::default()
+    });
+    let f = start(cfg).await;
+    let mut statuses = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let r = f
+            .post(
+                "/v1/async/chat/completions",
+                &chat("mock", &format!("q{i}")),
+                &[BOB],
+            )
+            .await;
+        statuses.push(r.status);
+        if r.status == 202 {
+            ids.push(r.body["id"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(statuses, [202, 202, 429]);
+    for id in &ids {
+        let job = wait_job(&f, id, &[BOB]).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+    }
+
+    let lines: Vec<Value> = (0..5).map(|i| line(&format!("c{i}"), "hi")).collect();
+    let file = upload(&f, &jsonl(&lines), "batch", ALICE).await;
+    assert_eq!(file.status, 200, "{}", file.text);
+    let b = create(&f, file.body["id"].as_str().unwrap(), ALICE).await;
+    assert_eq!(b.status, 200, "{}", b.text);
+    let done = wait_final(&f, b.body["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert!(done["error_file_id"].is_null(), "{done}");
+    let out = content(&f, done["output_file_id"].as_str().unwrap()).await;
+    assert_eq!(out.len(), 5);
+    for l in &out {
+        assert_eq!(l["response"]["status_code"], 200, "{l}");
+    }
+}
