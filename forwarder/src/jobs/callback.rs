@@ -18,6 +18,7 @@ use super::records::Records;
 use super::table::JobTable;
 use super::webhook::{backoff, check_url, Signer};
 use crate::BuildError;
+use tokio_util::sync::CancellationToken;
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
@@ -69,7 +70,10 @@ impl Callbacks {
     }
 
     /// Delivers `payload` for `job`, retrying until delivered or out of
-    /// attempts, and records each attempt in the job's record.
+    /// attempts, and records each attempt in the job's record. A delivery
+    /// resumed elsewhere (after a crash) goes on from the attempts its
+    /// record counts. `false`: stopped (the replica is shutting down)
+    /// before the delivery settled.
     pub async fn deliver(
         self: Arc<Self>,
         mut job: Job,
@@ -77,13 +81,14 @@ impl Callbacks {
         table: Arc<JobTable>,
         records: Arc<Records>,
         metrics: Arc<JobMetrics>,
-    ) {
-        let Some(url) = job.callback.as_ref().map(|c| c.url.clone()) else {
-            return;
+        stop: CancellationToken,
+    ) -> bool {
+        let Some((url, done)) = job.callback.as_ref().map(|c| (c.url.clone(), c.attempts)) else {
+            return true;
         };
         // One message id for every attempt, so receivers can de-duplicate.
         let msg_id = format!("msg_{}", job.id);
-        for attempt in 1..=self.cfg.max_attempts {
+        for attempt in done.saturating_add(1)..=self.cfg.max_attempts {
             let outcome = self.attempt(&url, &msg_id, &payload).await;
             let last = attempt == self.cfg.max_attempts;
             let (state, label) = match &outcome {
@@ -102,7 +107,7 @@ impl Callbacks {
                 tracing::warn!(error = %e, "could not store a callback's progress");
             }
             if state != DeliveryState::Pending {
-                return;
+                return true;
             }
             let wait = backoff(
                 attempt,
@@ -110,8 +115,12 @@ impl Callbacks {
                 self.cfg.max_delay,
                 rand::random::<f64>(),
             );
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                () = stop.cancelled() => return false,
+                () = tokio::time::sleep(wait) => {}
+            }
         }
+        true
     }
 
     /// One signed POST; a 2xx answer is a delivery.

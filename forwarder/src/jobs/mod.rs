@@ -404,11 +404,11 @@ impl Jobs {
                 },
             };
             self.metrics.queue_depth.set(depth(self.queue.as_ref()));
-            self.handle(delivery).await;
+            self.handle(&self, delivery).await;
         }
     }
 
-    async fn handle(&self, delivery: Delivery) {
+    async fn handle(&self, me: &Arc<Self>, delivery: Delivery) {
         let id = delivery.job_id.clone();
         // The record is the truth: finished or cancelled on any replica (a
         // redelivery after a crash, a DELETE elsewhere), it does not run
@@ -423,7 +423,9 @@ impl Jobs {
         let mut job = match (stored, delivery.job.as_deref()) {
             (Some(stored), _) if stored.state.is_terminal() => {
                 self.table.put(&stored);
-                return self.queue.ack(delivery).await;
+                // Its callback may still be pending: the run that finished
+                // it died or stopped before the delivery settled.
+                return me.settle(stored, delivery, None).await;
             }
             (Some(stored), _) => stored,
             (None, Some(accepted)) => accepted.clone(),
@@ -524,22 +526,52 @@ impl Jobs {
             return;
         }
         self.table.put(&job);
-        if transient && delivery.token.is_some() {
-            let reason = format!("failed {} times", delivery.attempt);
-            self.queue.dead_letter(delivery, &job, &reason).await;
-        } else {
-            self.queue.ack(delivery).await;
-        }
         self.metrics.entered(job.state);
-        if let (Some(cb), Some(_)) = (&self.callbacks, &job.callback) {
-            let payload = callback_payload(&job, done);
-            tokio::spawn(cb.clone().deliver(
-                job,
-                payload,
-                self.table.clone(),
-                self.records.clone(),
-                self.metrics.clone(),
-            ));
+        let dead = (transient && delivery.token.is_some())
+            .then(|| format!("failed {} times", delivery.attempt));
+        me.settle(job, delivery, dead).await;
+    }
+
+    /// Ends a finished job's delivery. With a callback still pending, the
+    /// delivery is acknowledged only once the callback settles (delivered,
+    /// or out of attempts), in the background: until then a crash or a
+    /// shutdown leaves the message unacknowledged, the broker redelivers
+    /// it, and whichever replica receives it resumes the callback (at
+    /// least once, the same `webhook-id`). The embedded queue has no
+    /// redelivery: there a callback in progress at a restart is lost.
+    async fn settle(self: &Arc<Self>, job: Job, delivery: Delivery, dead_letter: Option<String>) {
+        let pending = job
+            .callback
+            .as_ref()
+            .is_some_and(|c| c.state == DeliveryState::Pending);
+        let Some(cb) = self.callbacks.clone().filter(|_| pending) else {
+            return self.release(delivery, &job, dead_letter).await;
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            let payload = callback_payload(&job, now_ms());
+            let (table, records, metrics) =
+                (me.table.clone(), me.records.clone(), me.metrics.clone());
+            if cb
+                .deliver(
+                    job.clone(),
+                    payload,
+                    table,
+                    records,
+                    metrics,
+                    me.stop.clone(),
+                )
+                .await
+            {
+                me.release(delivery, &job, dead_letter).await;
+            }
+        });
+    }
+
+    async fn release(&self, delivery: Delivery, job: &Job, dead_letter: Option<String>) {
+        match dead_letter {
+            Some(reason) => self.queue.dead_letter(delivery, job, &reason).await,
+            None => self.queue.ack(delivery).await,
         }
     }
 

@@ -243,3 +243,165 @@ async fn group_offsets(broker: &str, topic: &str) -> Vec<(i32, i64, i64)> {
     .await
     .unwrap()
 }
+
+/// Callbacks on a fleet: two processes on Kafka and Redis, a receiver that
+/// answers 503 to the first delivery of every event, and SIGKILLs while
+/// every retry waits (one replica, then both). Every job's
+/// event must reach the receiver with a 2xx at least once, under one
+/// `webhook-id` per job, and every job's record must end `delivered`. A
+/// delivery was once a detached task after the acknowledgement: a kill lost
+/// it and left `callback.status: pending` for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(all(kafka, redis_server)),
+    ignore = "needs a Kafka-protocol broker (TANSU_BIN) and redis-server"
+)]
+async fn callbacks_pending_at_a_kill_nine_are_resumed_and_delivered() {
+    use std::collections::HashSet;
+    use std::sync::Arc;
+
+    use axum::extract::State;
+    use axum::http::{HeaderMap, StatusCode};
+    use parking_lot::Mutex;
+
+    /// Per webhook-id: deliveries seen, and whether one was answered 2xx.
+    type Seen = Arc<Mutex<HashMap<String, (u32, bool)>>>;
+    let seen: Seen = Arc::default();
+    let app = axum::Router::new()
+        .route(
+            "/hook",
+            axum::routing::post(|State(seen): State<Seen>, headers: HeaderMap| async move {
+                let id = headers
+                    .get("webhook-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                let mut s = seen.lock();
+                let e = s.entry(id).or_default();
+                e.0 += 1;
+                if e.0 == 1 {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    e.1 = true;
+                    StatusCode::OK
+                }
+            }),
+        )
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let n = env_or("CALLBACK_JOBS", 60);
+    let broker = Broker::start().await;
+    let redis = crate::redis_server::RedisServer::start().await;
+    let m = mock(MockSettings {
+        latency: LatencyDist::Fixed(Duration::from_millis(50)),
+        ..MockSettings::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("webhook-secrets");
+    std::fs::write(&secrets, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n").unwrap();
+    let mut cfg = kafka_config(&m, &broker, "jobs-callbacks");
+    cfg.store = redis.store_config(None);
+    cfg.idempotency.lease = Duration::from_secs(2);
+    cfg.server.shutdown.drain_delay = Duration::ZERO;
+    let cb = &mut cfg.async_jobs.callbacks;
+    cb.secrets_file = Some(secrets);
+    cb.allowed_hosts = vec![forwarder::config::CallbackHost {
+        host: "127.0.0.1".into(),
+        allow_http: true,
+    }];
+    cb.max_attempts = 20;
+    // Long enough that a kill finds retries waiting on the killed replica.
+    cb.base_delay = Duration::from_millis(1500);
+    cb.max_delay = Duration::from_millis(2000);
+    let as_member = |name: &str| {
+        let mut c = cfg.clone();
+        c.async_jobs.kafka.group_instance_id = Some(format!("cb-{name}"));
+        c
+    };
+    let mut a = Replica::new("a", dir.path(), &as_member("a"));
+    let mut b = Replica::new("b", dir.path(), &as_member("b"));
+    a.start().await;
+    b.start().await;
+
+    let http = client();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let base = if i % 2 == 0 { a.base() } else { b.base() };
+        let r = http
+            .post(format!("{base}/v1/async/chat/completions"))
+            .header("x-callback-url", &hook)
+            .json(&chat("mock", &format!("event {i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        let v: Value = r.json().await.unwrap();
+        ids.push(v["id"].as_str().unwrap().to_string());
+    }
+    // Once every event's first delivery has failed and its retry waits:
+    // kill -9 one replica, then (after a restart) both at once, so no
+    // retry in flight survives in any process.
+    let first_tries = Instant::now() + Duration::from_secs(30);
+    while seen.lock().len() < n {
+        assert!(Instant::now() < first_tries, "first deliveries never came");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    b.kill9();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    b.start().await;
+    tokio::time::sleep(Duration::from_millis(rand::rng().random_range(100..400))).await;
+    a.kill9();
+    b.kill9();
+    a.start().await;
+    b.start().await;
+
+    let want: HashSet<String> = ids.iter().map(|id| format!("msg_{id}")).collect();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let delivered: HashSet<String> = seen
+            .lock()
+            .iter()
+            .filter(|(_, (_, ok))| *ok)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let missing = want.difference(&delivered).count();
+        if missing == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{missing} of {n} callbacks never got a 2xx delivery"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        seen.lock().keys().all(|id| want.contains(id)),
+        "one webhook-id per job, no other"
+    );
+    // Every record ends `delivered`, read from either replica.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (k, id) in ids.iter().enumerate() {
+        let base = if k % 2 == 0 { a.base() } else { b.base() };
+        loop {
+            let v: Value = http
+                .get(format!("{base}/v1/async/jobs/{id}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if v["callback"]["status"] == "delivered" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "job {id}: {v}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let duplicates: u32 = seen.lock().values().map(|(c, _)| c.saturating_sub(2)).sum();
+    println!("callbacks: {n} jobs, 3 kill -9; all delivered; {duplicates} deliveries beyond the expected two per event");
+}
