@@ -4,11 +4,12 @@
 //!
 //! Files, batches and each client's batch list live in the shared store,
 //! keyed by owner. A batch is driven (its jobs submitted, their results
-//! collected) by a task in the replica that accepted it; that task does
-//! not survive a restart of that replica (docs/async.md says so).
+//! collected) by the replica that holds its lease (`lease.rs`); a batch
+//! whose driver dies is taken over by another replica.
 
 pub mod files;
 pub mod jsonl;
+mod lease;
 pub mod model;
 
 use std::collections::HashSet;
@@ -21,8 +22,8 @@ use parking_lot::Mutex;
 use crate::api::ApiError;
 use crate::auth::Identity;
 use crate::jobs::model::{BatchTag, JobKind, JobState};
-use crate::jobs::{now_ms, Jobs};
-use crate::store::{Store, StoreError};
+use crate::jobs::{now_ms, Jobs, Submission};
+use crate::store::{HeldClaim, Store, StoreError};
 use files::{key, FileStore, Line, LineSplitter, Writer};
 use forwarder_config::BatchConfig;
 use model::{Batch, BatchStatus, Counts, FileMeta, Outcome};
@@ -48,7 +49,6 @@ pub struct Batches {
     max_line: usize,
     /// Cancelled here and not yet seen by their driver.
     cancelled: Mutex<HashSet<String>>,
-    index: tokio::sync::Mutex<()>,
 }
 
 /// An upload in progress: bytes stored as they come, lines checked.
@@ -124,14 +124,57 @@ impl Batches {
         ttl: Duration,
         body_limit: usize,
     ) -> Arc<Self> {
-        Arc::new(Self {
+        let me = Arc::new(Self {
             files: FileStore { store, ttl },
             jobs,
             max_line: cfg.max_line_bytes.unwrap_or(body_limit),
             cfg,
             cancelled: Mutex::new(HashSet::new()),
-            index: tokio::sync::Mutex::new(()),
-        })
+        });
+        tokio::spawn(Self::sweep(Arc::downgrade(&me)));
+        me
+    }
+
+    /// Takes over live batches whose driver's lease lapsed, until the
+    /// batches are dropped (the process ends).
+    async fn sweep(me: std::sync::Weak<Self>) {
+        loop {
+            tokio::time::sleep(lease::SWEEP).await;
+            let Some(me) = me.upgrade() else { return };
+            let store = me.files.store.clone();
+            let ids = match lease::live(&*store).await {
+                Ok(ids) => ids,
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not list live batches");
+                    continue;
+                }
+            };
+            for id in ids {
+                match lease::take(&*store, &id).await {
+                    Ok(lease::Take::Held(held, owner)) => me.clone().resume(held, owner, id).await,
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(error = %e, "could not try a batch's lease"),
+                }
+            }
+        }
+    }
+
+    /// Drives a batch whose lease this replica just took over.
+    async fn resume(self: Arc<Self>, held: HeldClaim, owner: Identity, id: String) {
+        let store = self.files.store.clone();
+        let batch = match self.get(&owner, &id).await {
+            Ok(b) if !b.status.is_final() => b,
+            _ => return lease::finished(&*store, &id, held).await,
+        };
+        let file = match self.file(&owner, &batch.input_file_id).await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, "a batch taken over has lost its input file");
+                return lease::finished(&*store, &id, held).await;
+            }
+        };
+        tracing::info!("taking over a batch whose driver stopped");
+        tokio::spawn(self.drive(held, owner, batch, file));
     }
 
     pub fn max_file_bytes(&self) -> usize {
@@ -228,14 +271,27 @@ impl Batches {
             metadata,
         };
         self.save(owner, &batch).await?;
-        {
-            let _g = self.index.lock().await;
-            let k = key("batch-index", owner, "");
-            let mut ids: Vec<String> = self.files.get_json(&k).await?.unwrap_or_default();
-            ids.push(batch.id.clone());
-            self.files.put_json(&k, &ids).await?;
+        let store = self.files.store.clone();
+        let ttl = self.files.ttl;
+        // The client's list: atomic on the store, entries older than the
+        // batches' TTL dropped as it grows.
+        let created_ms = now_ms();
+        let keep_from =
+            created_ms.saturating_sub(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        store
+            .index_add(
+                &key("batch-list", owner, ""),
+                &batch.id,
+                created_ms,
+                keep_from,
+                ttl,
+            )
+            .await?;
+        lease::register(&*store, &batch.id, owner, ttl).await?;
+        // Else another replica's sweep took it first, and drives it.
+        if let lease::Take::Held(held, _) = lease::take(&*store, &batch.id).await? {
+            tokio::spawn(self.clone().drive(held, owner.clone(), batch.clone(), file));
         }
-        tokio::spawn(self.clone().drive(owner.clone(), batch.clone(), file));
         Ok(batch)
     }
 
@@ -278,9 +334,12 @@ impl Batches {
     ) -> Result<(Vec<Batch>, bool), BatchError> {
         let ids: Vec<String> = self
             .files
-            .get_json(&key("batch-index", owner, ""))
+            .store
+            .index_list(&key("batch-list", owner, ""), usize::MAX)
             .await?
-            .unwrap_or_default();
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
         let mut newest = ids.iter().rev();
         if let Some(after) = after {
             if !ids.iter().any(|i| i == after) {
@@ -306,8 +365,16 @@ impl Batches {
         Ok((out, more))
     }
 
-    /// Runs a batch to its end; a store failure fails the batch.
-    async fn drive(self: Arc<Self>, owner: Identity, mut b: Batch, file: FileMeta) {
+    /// Runs a batch to its end under its lease; a store failure fails the
+    /// batch. Dropping the lease (a crash) lets another replica take over.
+    async fn drive(
+        self: Arc<Self>,
+        held: HeldClaim,
+        owner: Identity,
+        mut b: Batch,
+        file: FileMeta,
+    ) {
+        let id = b.id.clone();
         if let Err(e) = self.run(&owner, &mut b, &file).await {
             tracing::warn!(error = %e, "a batch failed");
             b.status = BatchStatus::Failed;
@@ -318,6 +385,7 @@ impl Batches {
             let _ = self.save(&owner, &b).await;
         }
         self.cancelled.lock().remove(&b.id);
+        lease::finished(&*self.files.store, &id, held).await;
     }
 
     /// Whether the batch was cancelled (here or on another replica); keeps
@@ -359,7 +427,11 @@ impl Batches {
         file: &FileMeta,
     ) -> Result<(), BatchError> {
         b.status = BatchStatus::InProgress;
-        b.in_progress_at = Some(now_ms() / 1000);
+        b.in_progress_at = b.in_progress_at.or(Some(now_ms() / 1000));
+        // A run taken over from a driver that died starts its counts and
+        // result files afresh (the lines' jobs are found again, not rerun).
+        b.request_counts.completed = 0;
+        b.request_counts.failed = 0;
         self.sync(owner, b).await?;
         let mut results = Results {
             out: self.files.writer(owner, new_file_id()),
@@ -409,21 +481,21 @@ impl Batches {
                             .await?;
                         break;
                     }
-                    let submitted = self
-                        .jobs
-                        .submit_tagged(
-                            owner.clone(),
-                            JobKind::Chat,
-                            req.model.clone(),
-                            req.body.clone(),
-                            &HeaderMap::new(),
-                            None,
-                            Some(BatchTag {
-                                batch_id: b.id.clone(),
-                                custom_id: req.custom_id.clone(),
-                            }),
-                        )
-                        .await;
+                    let sub = Submission {
+                        owner: owner.clone(),
+                        kind: JobKind::Chat,
+                        model: req.model.clone(),
+                        body: req.body.clone(),
+                        callback_url: None,
+                        // A driver that takes over finds this line's job.
+                        idempotency_key: Some(lease::line_key(&b.id, &req.custom_id)),
+                        charged: false,
+                        batch: Some(BatchTag {
+                            batch_id: b.id.clone(),
+                            custom_id: req.custom_id.clone(),
+                        }),
+                    };
+                    let submitted = self.jobs.submit(sub, &HeaderMap::new()).await;
                     match submitted {
                         Ok(job) => {
                             full_wait = Duration::from_millis(50);

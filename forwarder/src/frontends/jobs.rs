@@ -172,6 +172,7 @@ async fn submit(
         callback_url,
         idempotency_key,
         charged: true,
+        batch: None,
     };
     match jobs.submit(sub, headers).await {
         Ok(job) => {

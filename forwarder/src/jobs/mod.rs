@@ -74,8 +74,11 @@ pub struct Submission {
     pub body: Bytes,
     pub callback_url: Option<String>,
     pub idempotency_key: Option<String>,
-    /// Its shared limits were charged ([`Pipeline::charge`]).
+    /// Its shared limits were charged ([`Pipeline::charge`]); a batch
+    /// line's are charged when it runs.
     pub charged: bool,
+    /// The Batch API batch and line it runs.
+    pub batch: Option<model::BatchTag>,
 }
 
 pub struct Jobs {
@@ -175,7 +178,7 @@ impl Jobs {
     /// submission returns the job it first created.
     pub async fn submit(&self, sub: Submission, headers: &HeaderMap) -> Result<Job, ApiError> {
         let Some(k) = sub.idempotency_key.clone() else {
-            return self.create(sub, headers, None).await;
+            return self.create(sub, headers).await;
         };
         let simple = matches!(sub.kind, JobKind::Simple { .. });
         let fp =
@@ -187,44 +190,14 @@ impl Jobs {
                 .await
                 .ok_or(ApiError::StoreUnavailable("jobs")),
             submissions::Keyed::Create(claim) => {
-                let job = self.create(sub, headers, None).await?;
+                let job = self.create(sub, headers).await?;
                 self.submissions.created(claim, &job.id).await;
                 Ok(job)
             }
         }
     }
 
-    /// A request of a Batch API batch, tagged with it; its shared limits
-    /// are charged when it runs.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn submit_tagged(
-        &self,
-        owner: Identity,
-        kind: JobKind,
-        model: String,
-        body: Bytes,
-        headers: &HeaderMap,
-        callback_url: Option<String>,
-        batch: Option<model::BatchTag>,
-    ) -> Result<Job, ApiError> {
-        let sub = Submission {
-            owner,
-            kind,
-            model,
-            body,
-            callback_url,
-            idempotency_key: None,
-            charged: false,
-        };
-        self.create(sub, headers, batch).await
-    }
-
-    async fn create(
-        &self,
-        sub: Submission,
-        headers: &HeaderMap,
-        batch: Option<model::BatchTag>,
-    ) -> Result<Job, ApiError> {
+    async fn create(&self, sub: Submission, headers: &HeaderMap) -> Result<Job, ApiError> {
         let Submission {
             owner,
             kind,
@@ -232,6 +205,7 @@ impl Jobs {
             body,
             callback_url,
             charged,
+            batch,
             ..
         } = sub;
         let callback = match callback_url {

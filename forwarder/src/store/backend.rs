@@ -105,6 +105,20 @@ pub trait Backend: Send + Sync + 'static {
         burst: u64,
         cost: u64,
     ) -> Result<RateState, StoreError>;
+    /// A set of members ordered by score (Redis: a sorted set): adds or
+    /// re-scores `member`, drops members scored below `drop_below`, and
+    /// keeps the set `ttl` past this change. Atomic per set.
+    async fn index_add(
+        &self,
+        name: &str,
+        member: &str,
+        score: u64,
+        drop_below: u64,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+    /// Members by ascending score, at most `limit`.
+    async fn index_list(&self, name: &str, limit: usize) -> Result<Vec<(String, u64)>, StoreError>;
+    async fn index_remove(&self, name: &str, member: &str) -> Result<(), StoreError>;
     /// Releases a claim without awaiting, when the backend can (memory);
     /// `false` means the caller must spawn [`Backend::abandon`].
     fn abandon_now(&self, _name: &str, _token: Token) -> bool {

@@ -166,6 +166,41 @@ impl Store for Layered {
             .map_err(|e| self.core.failed("delete", e))
     }
 
+    async fn index_add(
+        &self,
+        key: &StoreKey,
+        member: &str,
+        score: u64,
+        drop_below: u64,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.core
+            .backend
+            .index_add(&self.core.name(key), member, score, drop_below, ttl)
+            .await
+            .map_err(|e| self.core.failed("index", e))
+    }
+
+    async fn index_list(
+        &self,
+        key: &StoreKey,
+        limit: usize,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        self.core
+            .backend
+            .index_list(&self.core.name(key), limit)
+            .await
+            .map_err(|e| self.core.failed("index", e))
+    }
+
+    async fn index_remove(&self, key: &StoreKey, member: &str) -> Result<(), StoreError> {
+        self.core
+            .backend
+            .index_remove(&self.core.name(key), member)
+            .await
+            .map_err(|e| self.core.failed("index", e))
+    }
+
     async fn rate(
         &self,
         key: &StoreKey,

@@ -69,7 +69,16 @@ impl moka::Expiry<String, Entry> for PerEntry {
     }
 }
 
+/// A sorted index: members and scores, and when the whole set expires.
+struct Index {
+    members: std::collections::HashMap<String, u64>,
+    expires: Instant,
+}
+
 pub struct MemoryBackend {
+    /// Sorted indexes (few: one per client's batches, one of live
+    /// batches), outside the byte budgets.
+    indexes: parking_lot::Mutex<std::collections::HashMap<String, Index>>,
     /// Cached answers and files.
     payload: Cache<String, Entry>,
     /// Claims, turns, records and limits.
@@ -105,6 +114,7 @@ impl MemoryBackend {
         Self {
             payload: bounded(payload_bytes, &metrics),
             state: bounded(state_bytes, &metrics),
+            indexes: parking_lot::Mutex::default(),
             epoch: Instant::now(),
             metrics,
         }
@@ -260,6 +270,46 @@ impl Backend for MemoryBackend {
             }
         });
         Ok(state.expect("the closure ran"))
+    }
+
+    async fn index_add(
+        &self,
+        name: &str,
+        member: &str,
+        score: u64,
+        drop_below: u64,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let mut all = self.indexes.lock();
+        all.retain(|_, i| i.expires > now);
+        let index = all.entry(name.to_string()).or_insert_with(|| Index {
+            members: std::collections::HashMap::new(),
+            expires: now,
+        });
+        index.members.insert(member.to_string(), score);
+        index.members.retain(|_, s| *s >= drop_below);
+        index.expires = now + ttl;
+        Ok(())
+    }
+
+    async fn index_list(&self, name: &str, limit: usize) -> Result<Vec<(String, u64)>, StoreError> {
+        let all = self.indexes.lock();
+        let Some(index) = all.get(name).filter(|i| i.expires > Instant::now()) else {
+            return Ok(Vec::new());
+        };
+        let mut v: Vec<(String, u64)> =
+            index.members.iter().map(|(m, s)| (m.clone(), *s)).collect();
+        v.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+        v.truncate(limit);
+        Ok(v)
+    }
+
+    async fn index_remove(&self, name: &str, member: &str) -> Result<(), StoreError> {
+        if let Some(index) = self.indexes.lock().get_mut(name) {
+            index.members.remove(member);
+        }
+        Ok(())
     }
 
     fn abandon_now(&self, name: &str, token: Token) -> bool {

@@ -56,6 +56,26 @@ pub trait Store: Send + Sync + 'static {
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<Claimed, StoreError>;
+    /// A set of members ordered by score under `key`, atomic across
+    /// replicas (Redis: a sorted set). Members are stored as given, not
+    /// sealed: ids only, never content. Adds or re-scores `member`, drops
+    /// members scored below `drop_below`; the set lives `ttl` past its
+    /// last change.
+    async fn index_add(
+        &self,
+        key: &StoreKey,
+        member: &str,
+        score: u64,
+        drop_below: u64,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+    /// Members by ascending score, at most `limit`.
+    async fn index_list(
+        &self,
+        key: &StoreKey,
+        limit: usize,
+    ) -> Result<Vec<(String, u64)>, StoreError>;
+    async fn index_remove(&self, key: &StoreKey, member: &str) -> Result<(), StoreError>;
     /// A rate limit (GCRA), atomic across every process on the backend:
     /// spends `cost` units of `rate` under `key`.
     async fn rate(&self, key: &StoreKey, rate: Rate, cost: u64) -> Result<RateState, StoreError> {

@@ -323,6 +323,67 @@ impl Backend for RedisBackend {
         })
     }
 
+    async fn index_add(
+        &self,
+        name: &str,
+        member: &str,
+        score: u64,
+        drop_below: u64,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let key = self.key(name);
+        let member = member.to_string();
+        self.call(|mut c| async move {
+            redis::pipe()
+                .atomic()
+                .cmd("ZADD")
+                .arg(&key)
+                .arg(score)
+                .arg(&member)
+                .ignore()
+                .cmd("ZREMRANGEBYSCORE")
+                .arg(&key)
+                .arg("-inf")
+                .arg(format!("({drop_below}"))
+                .ignore()
+                .cmd("PEXPIRE")
+                .arg(&key)
+                .arg(millis(ttl))
+                .ignore()
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    async fn index_list(&self, name: &str, limit: usize) -> Result<Vec<(String, u64)>, StoreError> {
+        let key = self.key(name);
+        let stop = i64::try_from(limit).unwrap_or(i64::MAX).max(1) - 1;
+        self.call(|mut c| async move {
+            redis::cmd("ZRANGE")
+                .arg(key)
+                .arg(0)
+                .arg(stop)
+                .arg("WITHSCORES")
+                .query_async::<Vec<(String, u64)>>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    async fn index_remove(&self, name: &str, member: &str) -> Result<(), StoreError> {
+        let key = self.key(name);
+        let member = member.to_string();
+        self.call(|mut c| async move {
+            redis::cmd("ZREM")
+                .arg(key)
+                .arg(member)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
     async fn abandon(&self, name: &str, token: Token) -> Result<(), StoreError> {
         let key = self.key(name);
         let mut inv = self.scripts.abandon.key(key);

@@ -405,3 +405,144 @@ async fn callbacks_pending_at_a_kill_nine_are_resumed_and_delivered() {
     let duplicates: u32 = seen.lock().values().map(|(c, _)| c.saturating_sub(2)).sum();
     println!("callbacks: {n} jobs, 3 kill -9; all delivered; {duplicates} deliveries beyond the expected two per event");
 }
+
+/// A batch outlives the replica driving it: two processes on Kafka and
+/// Redis, a 40-line batch created on B, B killed with SIGKILL while the
+/// batch runs (and restarted, as a pod is). A replica's sweep takes the
+/// batch's lapsed lease over, finds the lines' jobs again (none is
+/// submitted twice) and completes it with every `custom_id` exactly once.
+/// The batch once stayed `in_progress` for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(all(kafka, redis_server)),
+    ignore = "needs a Kafka-protocol broker (TANSU_BIN) and redis-server"
+)]
+async fn a_batch_whose_driver_is_killed_is_taken_over_and_completed() {
+    let broker = Broker::start().await;
+    let redis = crate::redis_server::RedisServer::start().await;
+    let m = mock(MockSettings {
+        latency: LatencyDist::Fixed(Duration::from_millis(150)),
+        ..MockSettings::default()
+    })
+    .await;
+    let mut cfg = kafka_config(&m, &broker, "jobs-batch-takeover");
+    cfg.store = redis.store_config(None);
+    cfg.async_jobs.workers = 2;
+    cfg.server.shutdown.drain_delay = Duration::ZERO;
+    let dir = tempfile::tempdir().unwrap();
+    let as_member = |name: &str| {
+        let mut c = cfg.clone();
+        c.async_jobs.kafka.group_instance_id = Some(format!("bt-{name}"));
+        c
+    };
+    let mut a = Replica::new("a", dir.path(), &as_member("a"));
+    let mut b = Replica::new("b", dir.path(), &as_member("b"));
+    a.start().await;
+    b.start().await;
+
+    let n = 40;
+    let lines: Vec<String> = (0..n)
+        .map(|i| {
+            serde_json::json!({"custom_id": format!("c{i}"), "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": "mock", "messages": [{"role": "user", "content": format!("line {i}")}]}})
+            .to_string()
+        })
+        .collect();
+    let http = client();
+    let boundary = "----mfbatchboundary";
+    let mut body = format!("--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\r\n").into_bytes();
+    body.extend_from_slice(lines.join("\n").as_bytes());
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let file: Value = http
+        .post(format!("{}/v1/files", b.base()))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let created: Value = http
+        .post(format!("{}/v1/batches", b.base()))
+        .json(&serde_json::json!({"input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().expect("a batch").to_string();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    b.kill9();
+    // Restarted as a pod would be (it gets its Kafka partitions back as the
+    // same static member); the batch's old driver is gone with the process.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    b.start().await;
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let v: Value = http
+            .get(format!("{}/v1/batches/{id}", a.base()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["status"] == "completed" {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the batch was never finished: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(done["request_counts"]["completed"], n, "{done}");
+    let out = http
+        .get(format!(
+            "{}/v1/files/{}/content",
+            a.base(),
+            done["output_file_id"].as_str().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut ids: Vec<String> = out
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            assert_eq!(v["response"]["status_code"], 200, "{v}");
+            v["custom_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    ids.sort();
+    let mut want: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
+    want.sort();
+    assert_eq!(ids, want, "each custom_id exactly once");
+    // The upstream answered each line's job once (no second job per line).
+    let calls: Value = http
+        .get(format!(
+            "{}/mock/calls",
+            m.base_url().trim_end_matches("/v1")
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let calls = calls["calls"].as_object().expect("mock calls");
+    assert_eq!(calls.len(), n, "one job id per line: {}", calls.len());
+    for (job, c) in calls {
+        assert_eq!(c["answered"], 1, "job {job}: {c}");
+    }
+}

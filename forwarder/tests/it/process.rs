@@ -41,7 +41,7 @@ impl Replica {
         let child = binary()
             .args(["serve", "--config"])
             .arg(&self.config)
-            .stdout(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
             .stderr(log)
             .spawn()
             .expect("forwarder starts");

@@ -381,3 +381,51 @@ async fn rediss_with_a_custom_ca_and_a_client_certificate() {
         );
     }
 }
+
+/// The sorted index (a Redis sorted set) two replicas share: atomic adds,
+/// ascending order by score, old members dropped as it grows, removal.
+#[cfg_attr(not(redis_server), ignore = "redis-server not installed")]
+#[tokio::test]
+async fn a_sorted_index_is_shared_ordered_and_trimmed() {
+    let redis = RedisServer::start().await;
+    let (a, _) = build(&redis, None);
+    let (b, _) = build(&redis, None);
+    ready(&*a).await;
+    ready(&*b).await;
+    let k = StoreKey::new(Space::Job, "batch-list", b"alice");
+    let ttl = Duration::from_secs(60);
+    let base = 1_796_670_903_123u64;
+    let (x, y) = tokio::join!(
+        a.index_add(&k, "batch_b", base + 2, 0, ttl),
+        b.index_add(&k, "batch_a", base + 1, 0, ttl)
+    );
+    x.unwrap();
+    y.unwrap();
+    a.index_add(&k, "batch_c", base + 3, 0, ttl).await.unwrap();
+    let ids = |v: Vec<(String, u64)>| v.into_iter().map(|(m, _)| m).collect::<Vec<_>>();
+    assert_eq!(
+        ids(b.index_list(&k, 10).await.unwrap()),
+        ["batch_a", "batch_b", "batch_c"]
+    );
+    assert_eq!(
+        a.index_list(&k, 10).await.unwrap()[0].1,
+        base + 1,
+        "scores exact"
+    );
+    assert_eq!(
+        ids(a.index_list(&k, 2).await.unwrap()),
+        ["batch_a", "batch_b"]
+    );
+    b.index_add(&k, "batch_d", base + 4, base + 2, ttl)
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(a.index_list(&k, 10).await.unwrap()),
+        ["batch_b", "batch_c", "batch_d"]
+    );
+    a.index_remove(&k, "batch_c").await.unwrap();
+    assert_eq!(
+        ids(b.index_list(&k, 10).await.unwrap()),
+        ["batch_b", "batch_d"]
+    );
+}
