@@ -130,6 +130,7 @@ async:
   callbacks:
     secrets_file: "$WORK/whsec"
     allowed_hosts: [{host: 127.0.0.1, allow_http: true}]
+    allowed_networks: [{cidr: 127.0.0.1/32}]
 YAML
     "$BIN" serve --config "$dir/forwarder-$i.yaml" >/dev/null 2>"$dir/forwarder-$i.log" &
     pids+=("$!"); CHILDREN+=("$!"); fports+=("$port")

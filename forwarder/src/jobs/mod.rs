@@ -183,7 +183,8 @@ impl Jobs {
                         "callbacks are not enabled on this forwarder".into(),
                     ));
                 };
-                cb.check(&url).map_err(ApiError::BadRequest)?;
+                cb.check(&url)
+                    .map_err(|e| ApiError::BadRequest(e.to_string()))?;
                 Some(Callback {
                     url,
                     state: DeliveryState::Pending,

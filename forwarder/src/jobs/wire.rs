@@ -45,9 +45,11 @@ pub fn encode(job: &Job) -> Vec<u8> {
         },
         model: job.model.clone(),
         body: String::from_utf8_lossy(&job.body).into_owned(),
+        // Credentials never go into a message, whatever the job holds.
         headers: job
             .headers
             .iter()
+            .filter(|(k, _)| !crate::api::headers::never_forwarded(k))
             .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
             .collect(),
         callback_url: job.callback.as_ref().map(|c| c.url.clone()),
@@ -140,6 +142,26 @@ mod tests {
         // A message from a forwarder that sent seconds only.
         let old = br#"{"v":1,"id":"x","owner":"o","model":"m","body":"{}","headers":[],"created_at":7,"expires_at_ms":0}"#;
         assert_eq!(decode(old).unwrap().created_ms(), 7_000);
+    }
+
+    #[test]
+    fn no_credential_is_written_into_a_message() {
+        let mut job = crate::jobs::model::test_job("job_c", "key:alice", 9000);
+        for (k, v) in [
+            ("authorization", "Bearer sk-secret-1"),
+            ("x-api-key", "sk-secret-2"),
+            ("cookie", "session=sk-secret-3"),
+            ("x-trace", "kept"),
+        ] {
+            job.headers.insert(
+                http::HeaderName::from_static(k),
+                http::HeaderValue::from_static(v),
+            );
+        }
+        let bytes = encode(&job);
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(!text.contains("sk-secret"), "{text}");
+        assert_eq!(decode(&bytes).unwrap().headers.len(), 1);
     }
 
     #[test]

@@ -210,6 +210,9 @@ impl Pipeline {
             )),
             None => None,
         };
+        for w in forwarder_config::warnings(&cfg) {
+            tracing::warn!(field = %w.field, "config: {}", w.message);
+        }
         for reason in AuthFailure::ALL {
             metrics.auth_failures.with_label_values(&[reason.label()]);
         }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use forwarder::config::{CallbackHost, Config, MockSettings};
+use forwarder::config::{CallbackHost, CallbackNetwork, Config, MockSettings};
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 
@@ -288,6 +288,13 @@ fn callback_config(m: &forwarder::mock_llm::MockServer, dir: &tempfile::TempDir)
     cb.allowed_hosts = vec![CallbackHost {
         host: "127.0.0.1".into(),
         allow_http: true,
+        ports: Vec::new(),
+    }];
+    // The receivers listen on loopback, which callbacks reach only when a
+    // network names it.
+    cb.allowed_networks = vec![CallbackNetwork {
+        cidr: "127.0.0.1/32".parse().unwrap(),
+        ports: Vec::new(),
     }];
     cb.max_attempts = 3;
     cb.base_delay = 20 * MS;

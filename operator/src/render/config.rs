@@ -263,6 +263,7 @@ fn async_jobs(a: &crate::crd::AsyncSpec, out: &mut forwarder_config::AsyncConfig
         .map(|h| CallbackHost {
             host: h.clone(),
             allow_http: false,
+            ports: Vec::new(),
         })
         .collect();
 }
