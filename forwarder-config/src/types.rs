@@ -222,7 +222,9 @@ pub struct RateLimitConfig {
     /// without one, or naming a tier not listed here, gets the limits above.
     #[serde(default)]
     pub tiers: BTreeMap<String, TierLimits>,
-    /// Client identity (API-key name, JWT subject) → tier name.
+    /// Client identity → tier name. Identities are namespaced by method:
+    /// `key:<name>`, `jwt:<issuer>:<subject>`, `cert:<CN>`; a bare name is
+    /// an API key's name (so `alice` is `key:alice`, never a token's `sub`).
     #[serde(default)]
     pub client_tiers: BTreeMap<String, String>,
 }

@@ -87,7 +87,7 @@ impl ApiKeys {
                 found = Some(name);
             }
         }
-        found.map(|n| Identity(n.to_string()))
+        found.map(Identity::api_key)
     }
 
     pub fn len(&self) -> usize {
@@ -350,7 +350,7 @@ mod tests {
         let keys = ApiKeys::load(&file).unwrap();
         std::fs::write(&file, "alice:sk-a\n").unwrap();
         assert!(matches!(keys.reload(), Err(KeyError::Parse { .. })));
-        assert_eq!(keys.verify("sk-a"), Some(Identity("alice".into())));
+        assert_eq!(keys.verify("sk-a"), Some(Identity::api_key("alice")));
         assert_eq!(keys.verify("alice:sk-a"), None);
         assert!(matches!(ApiKeys::load(&file), Err(KeyError::Parse { .. })));
     }
@@ -361,18 +361,18 @@ mod tests {
         let file = dir.path().join("keys.yaml");
         std::fs::write(&file, "alice: sk-a\n").unwrap();
         let keys = ApiKeys::load(&file).unwrap();
-        assert_eq!(keys.verify("sk-a"), Some(Identity("alice".into())));
+        assert_eq!(keys.verify("sk-a"), Some(Identity::api_key("alice")));
         assert_eq!(keys.verify("sk-b"), None);
         assert!(!keys.reload().unwrap(), "unchanged source is not a change");
         std::fs::write(&file, "bob: sk-b\n").unwrap();
         assert!(keys.reload().unwrap());
         assert_eq!(keys.verify("sk-a"), None);
-        assert_eq!(keys.verify("sk-b"), Some(Identity("bob".into())));
+        assert_eq!(keys.verify("sk-b"), Some(Identity::api_key("bob")));
         std::fs::remove_file(&file).unwrap();
         assert!(keys.reload().is_err());
         assert_eq!(
             keys.verify("sk-b"),
-            Some(Identity("bob".into())),
+            Some(Identity::api_key("bob")),
             "old keys kept on error"
         );
     }
@@ -385,7 +385,7 @@ mod tests {
         std::fs::write(dir.path().join(".hidden"), "sk-hidden").unwrap();
         let keys = ApiKeys::load(dir.path()).unwrap();
         assert_eq!(keys.len(), 1);
-        assert_eq!(keys.verify("sk-team-a"), Some(Identity("team-a".into())));
+        assert_eq!(keys.verify("sk-team-a"), Some(Identity::api_key("team-a")));
         assert_eq!(keys.verify("sk-hidden"), None);
     }
 }

@@ -22,12 +22,12 @@ fn base_config(m: &forwarder::mock_llm::MockServer, dir: &tempfile::TempDir) -> 
     cfg
 }
 
-fn line(custom_id: &str, prompt: &str) -> Value {
+pub(crate) fn line(custom_id: &str, prompt: &str) -> Value {
     json!({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
            "body": {"model": "mock", "messages": [{"role": "user", "content": prompt}]}})
 }
 
-fn jsonl(lines: &[Value]) -> Vec<u8> {
+pub(crate) fn jsonl(lines: &[Value]) -> Vec<u8> {
     lines
         .iter()
         .map(Value::to_string)
@@ -37,7 +37,7 @@ fn jsonl(lines: &[Value]) -> Vec<u8> {
 }
 
 /// Uploads `data` as a multipart form, as the SDKs do.
-async fn upload(f: &Fwd, data: &[u8], purpose: &str, who: (&str, &str)) -> Resp {
+pub(crate) async fn upload(f: &Fwd, data: &[u8], purpose: &str, who: (&str, &str)) -> Resp {
     let boundary = "----mfbatchboundary";
     let mut body = Vec::new();
     body.extend_from_slice(
@@ -68,7 +68,7 @@ async fn upload(f: &Fwd, data: &[u8], purpose: &str, who: (&str, &str)) -> Resp 
     }
 }
 
-async fn create(f: &Fwd, file_id: &str, who: (&str, &str)) -> Resp {
+pub(crate) async fn create(f: &Fwd, file_id: &str, who: (&str, &str)) -> Resp {
     let req = json!({"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"});
     f.post("/v1/batches", &req, &[who]).await
 }

@@ -175,3 +175,100 @@ async fn redirects_are_not_followed_and_only_the_allowed_port_is_reached() {
         "no redirect followed"
     );
 }
+
+const JWT_SECRET: &str = "isolation-test-hmac-secret-0123456789";
+
+/// An HS256 token for `claims` (an hour to live unless `exp` is given).
+fn token(mut claims: Value) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    if claims.get("exp").is_none() {
+        claims["exp"] = (now + 3600).into();
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// API keys (`alice`, and a list-file key) and HS256 tokens side by side.
+fn keys_and_tokens(m: &forwarder::mock_llm::MockServer, dir: &tempfile::TempDir) -> Config {
+    let mut cfg = config(vec![upstream("m", m, "mock")]);
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, "alice: sk-alice\nbob: sk-bob\n").unwrap();
+    cfg.auth.api_keys_file = Some(keys);
+    let secret = dir.path().join("jwt-secret");
+    std::fs::write(&secret, JWT_SECRET).unwrap();
+    cfg.auth.jwt = Some(forwarder::config::JwtConfig {
+        secret_file: Some(secret),
+        algorithms: vec!["HS256".into()],
+        models_claim: Some("models".into()),
+        tier_claim: Some("tier".into()),
+        ..Default::default()
+    });
+    cfg
+}
+
+#[tokio::test]
+async fn a_token_whose_sub_is_alice_is_not_the_api_key_alice() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = mock(MockSettings::default()).await;
+    let f = start(keys_and_tokens(&m, &dir)).await;
+    let mallory = format!("Bearer {}", token(serde_json::json!({"sub": "alice"})));
+    let mallory = ("authorization", mallory.as_str());
+    let key_alice = format!("Bearer {}", token(serde_json::json!({"sub": "key:alice"})));
+    let key_alice = ("authorization", key_alice.as_str());
+
+    // Alice (API key): a job, a file, an idempotent answer.
+    let r = f
+        .post(
+            "/v1/async/chat/completions",
+            &chat("mock", "alice's job"),
+            &[ALICE],
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let job = r.body["id"].as_str().unwrap().to_string();
+    let data = crate::batch::jsonl(&[crate::batch::line("c1", "alice's line")]);
+    let r = crate::batch::upload(&f, &data, "batch", ALICE).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let file = r.body["id"].as_str().unwrap().to_string();
+    let body = chat("mock", "alice's question");
+    let idem = ("idempotency-key", "alice-key-1");
+    let first = f.post("/v1/chat/completions", &body, &[ALICE, idem]).await;
+    assert_eq!(first.status, 200, "{}", first.text);
+    let again = f.post("/v1/chat/completions", &body, &[ALICE, idem]).await;
+    assert_eq!(again.status, 200);
+    assert_eq!(
+        f.metric("forwarder_idempotent_replays_total", &[]).await,
+        1.0
+    );
+
+    for who in [mallory, key_alice] {
+        for path in [
+            format!("/v1/async/jobs/{job}"),
+            format!("/v1/files/{file}"),
+            format!("/v1/files/{file}/content"),
+        ] {
+            let r = f.get(&path, &[who]).await;
+            assert_eq!(r.status, 404, "{path}: {}", r.text);
+        }
+        let r = f.delete(&format!("/v1/async/jobs/{job}"), &[who]).await;
+        assert_eq!(r.status, 404, "{}", r.text);
+        // Same key, same body: answered afresh, never from alice's record.
+        let r = f.post("/v1/chat/completions", &body, &[who, idem]).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    assert_eq!(
+        f.metric("forwarder_idempotent_replays_total", &[]).await,
+        1.0,
+        "no token was served alice's stored answer"
+    );
+    // Alice still sees her own.
+    let r = f.get(&format!("/v1/async/jobs/{job}"), &[ALICE]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+}
