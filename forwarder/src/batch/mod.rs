@@ -3,7 +3,12 @@
 //! becomes a job, and output/error files keyed by `custom_id`.
 //!
 //! Files, batches and each client's batch list live in the shared store,
-//! keyed by owner. A batch is driven (its jobs submitted, their results
+//! keyed by owner. A batch runs as its creator: a line for a model the
+//! creator's credential does not grant goes to the error file, answered
+//! 404 `model_not_found` as every other door answers it, without running; every line spends a request of the creator's
+//! per-process rate limit before it is queued (the batch waits when the
+//! limit is reached), and each line's job carries the creator's grants and
+//! tier, so shared request and token limits apply when it runs. A batch is driven (its jobs submitted, their results
 //! collected) by a task in the replica that accepted it; that task does
 //! not survive a restart of that replica (docs/async.md says so).
 
@@ -19,9 +24,10 @@ use http::HeaderMap;
 use parking_lot::Mutex;
 
 use crate::api::ApiError;
-use crate::auth::Identity;
+use crate::auth::{Identity, Principal};
 use crate::jobs::model::{BatchTag, JobKind, JobState};
 use crate::jobs::{now_ms, Jobs};
+use crate::pipeline::Pipeline;
 use crate::store::{Store, StoreError};
 use files::{key, FileStore, LineSplitter, Writer};
 use forwarder_config::BatchConfig;
@@ -42,6 +48,7 @@ pub enum BatchError {
 
 pub struct Batches {
     files: FileStore,
+    pipeline: Arc<Pipeline>,
     jobs: Arc<Jobs>,
     cfg: BatchConfig,
     /// Cancelled here and not yet seen by their driver.
@@ -105,13 +112,15 @@ fn new_file_id() -> String {
 
 impl Batches {
     pub fn new(
-        store: Arc<dyn Store>,
+        pipeline: Arc<Pipeline>,
         jobs: Arc<Jobs>,
         cfg: BatchConfig,
         ttl: Duration,
     ) -> Arc<Self> {
+        let store: Arc<dyn Store> = pipeline.store().clone();
         Arc::new(Self {
             files: FileStore { store, ttl },
+            pipeline,
             jobs,
             cfg,
             cancelled: Mutex::new(HashSet::new()),
@@ -159,9 +168,10 @@ impl Batches {
         })
     }
 
+    /// Creates a batch that runs as `creator` (its grants and tier).
     pub async fn create(
         self: &Arc<Self>,
-        owner: &Identity,
+        creator: &Principal,
         input_file_id: &str,
         endpoint: &str,
         window: &str,
@@ -178,6 +188,7 @@ impl Batches {
                 "completion_window must be \"24h\"".into(),
             ));
         }
+        let owner = &creator.identity;
         let file = self.file(owner, input_file_id).await?;
         if file.purpose != "batch" {
             return Err(BatchError::BadRequest(format!(
@@ -219,7 +230,7 @@ impl Batches {
             ids.push(batch.id.clone());
             self.files.put_json(&k, &ids).await?;
         }
-        tokio::spawn(self.clone().drive(owner.clone(), batch.clone(), file));
+        tokio::spawn(self.clone().drive(creator.clone(), batch.clone(), file));
         Ok(batch)
     }
 
@@ -291,8 +302,9 @@ impl Batches {
     }
 
     /// Runs a batch to its end; a store failure fails the batch.
-    async fn drive(self: Arc<Self>, owner: Identity, mut b: Batch, file: FileMeta) {
-        if let Err(e) = self.run(&owner, &mut b, &file).await {
+    async fn drive(self: Arc<Self>, creator: Principal, mut b: Batch, file: FileMeta) {
+        let owner = creator.identity.clone();
+        if let Err(e) = self.run(&creator, &mut b, &file).await {
             tracing::warn!(error = %e, "a batch failed");
             b.status = BatchStatus::Failed;
             b.failed_at = Some(now_ms() / 1000);
@@ -338,10 +350,11 @@ impl Batches {
 
     async fn run(
         &self,
-        owner: &Identity,
+        creator: &Principal,
         b: &mut Batch,
         file: &FileMeta,
     ) -> Result<(), BatchError> {
+        let owner = &creator.identity;
         b.status = BatchStatus::InProgress;
         b.in_progress_at = Some(now_ms() / 1000);
         self.sync(owner, b).await?;
@@ -368,6 +381,22 @@ impl Batches {
                 let Ok(req) = jsonl::parse(&line) else {
                     continue;
                 };
+                // Refused before it is queued, with the answer every other
+                // door gives a model the credential does not grant (or
+                // that does not exist): 404 `model_not_found`.
+                if !creator.may_use(&req.model) || !self.pipeline.has_model(&req.model) {
+                    let refusal = ApiError::ModelNotFound(req.model.clone());
+                    let body = serde_json::to_vec(&refusal.body()).unwrap_or_default();
+                    let request_id = format!("req_{}", uuid::Uuid::new_v4().simple());
+                    let outcome = Outcome::Answered {
+                        status_code: refusal.status().as_u16(),
+                        request_id: &request_id,
+                        body: &body,
+                    };
+                    results.add(b, &req.custom_id, &outcome).await?;
+                    continue;
+                }
+                let mut spent = false;
                 loop {
                     if let Some((code, message)) = Self::stop_reason(b) {
                         results
@@ -375,10 +404,31 @@ impl Batches {
                             .await?;
                         break;
                     }
+                    // One request of the creator's rate limit per line: a
+                    // batch goes at the pace its creator may go.
+                    if !spent {
+                        match self.pipeline.spend(creator).await {
+                            Ok(()) => spent = true,
+                            Err(e) => {
+                                let wait = match e {
+                                    ApiError::RateLimited {
+                                        retry_after: Some(d),
+                                    } => d,
+                                    _ => Duration::from_millis(50),
+                                };
+                                tokio::time::sleep(
+                                    wait.clamp(Duration::from_millis(5), Duration::from_secs(1)),
+                                )
+                                .await;
+                                self.sync(owner, b).await?;
+                                continue;
+                            }
+                        }
+                    }
                     let submitted = self
                         .jobs
                         .submit_tagged(
-                            owner.clone(),
+                            creator,
                             JobKind::Chat,
                             req.model.clone(),
                             req.body.clone(),

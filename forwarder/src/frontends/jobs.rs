@@ -15,6 +15,7 @@ use axum::{Json, Router};
 use super::http::{meta, not_found, post_only, read_body, Presented, RequestId};
 use super::owner::Owner;
 use crate::api::{ApiError, SimpleRequest};
+use crate::auth::Principal;
 use crate::frontends::tls::PeerSubject;
 use crate::jobs::model::{Job, JobKind};
 use crate::jobs::{now_ms, CancelError, Jobs};
@@ -147,9 +148,9 @@ async fn submit(
     if !p.has_model(&model) || !adm.grants(&model) {
         return adm.refuse(ApiError::ModelNotFound(model)).into_response();
     }
-    let owner = adm.principal().clone();
+    let owner = adm.client();
     match jobs
-        .submit(owner, kind, model.clone(), body, headers, callback_url)
+        .submit(&owner, kind, model.clone(), body, headers, callback_url)
         .await
     {
         Ok(job) => {
@@ -170,7 +171,9 @@ fn accepted(job: &Job) -> Response {
 
 async fn get_job(
     State(s): State<JobsState>,
-    Owner(owner): Owner,
+    Owner(Principal {
+        identity: owner, ..
+    }): Owner,
     Path(id): Path<String>,
 ) -> Response {
     match s.jobs.get(&owner, &id).await {
@@ -181,7 +184,9 @@ async fn get_job(
 
 async fn cancel_job(
     State(s): State<JobsState>,
-    Owner(owner): Owner,
+    Owner(Principal {
+        identity: owner, ..
+    }): Owner,
     Path(id): Path<String>,
 ) -> Response {
     match s.jobs.cancel(&owner, &id).await {

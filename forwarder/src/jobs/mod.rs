@@ -31,7 +31,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{ApiError, CompletionView, HeaderAllow, SimpleResponse};
-use crate::auth::Identity;
+use crate::auth::{Identity, Principal};
 use crate::pipeline::envelope::ReplyBody;
 use crate::pipeline::{Call, Pipeline, RequestMeta};
 use crate::telemetry::Protocol;
@@ -152,7 +152,7 @@ impl Jobs {
     /// already checked by the front end.
     pub async fn submit(
         &self,
-        owner: Identity,
+        owner: &Principal,
         kind: JobKind,
         model: String,
         body: Bytes,
@@ -167,7 +167,7 @@ impl Jobs {
     #[allow(clippy::too_many_arguments)]
     pub async fn submit_tagged(
         &self,
-        owner: Identity,
+        owner: &Principal,
         kind: JobKind,
         model: String,
         body: Bytes,
@@ -197,7 +197,8 @@ impl Jobs {
         let ttl = u64::try_from(self.cfg.job_ttl.as_millis()).unwrap_or(u64::MAX);
         let job = Job {
             id: format!("job_{}", uuid::Uuid::new_v4().simple()),
-            owner,
+            owner: owner.identity.clone(),
+            grants: model::Grants::of(owner),
             kind,
             model,
             body,
@@ -379,7 +380,7 @@ impl Jobs {
             if let Ok(v) = http::HeaderValue::from_str(&job.id) {
                 meta.upstream_headers.insert(UPSTREAM_IDEMPOTENCY_KEY, v);
             }
-            let adm = self.pipeline.admit_as(job.owner.clone(), meta);
+            let adm = self.pipeline.admit_as(job.principal(), meta);
             let call = Call {
                 body: job.body.clone(),
                 idempotency_key: Some(job.id.clone()),

@@ -4,7 +4,9 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::model::{BatchTag, Callback, DeliveryState, Job, JobKind, JobState};
+use std::sync::Arc;
+
+use super::model::{BatchTag, Callback, DeliveryState, Grants, Job, JobKind, JobState};
 use crate::auth::Identity;
 
 #[derive(Serialize, Deserialize)]
@@ -28,6 +30,12 @@ struct WireJob {
     /// A Batch API request's batch and `custom_id`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     batch: Option<BatchTag>,
+    /// The models the client's credential grants (absent: every model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    models: Option<Vec<String>>,
+    /// The tier its token claimed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tier: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +65,8 @@ pub fn encode(job: &Job) -> Vec<u8> {
         created_ms: job.created_ms,
         expires_at_ms: job.expires_at_ms,
         batch: job.batch.clone(),
+        models: job.grants.models.as_ref().map(|m| m.to_vec()),
+        tier: job.grants.tier.as_deref().map(String::from),
     };
     serde_json::to_vec(&wire).unwrap_or_default()
 }
@@ -101,6 +111,10 @@ pub fn decode(bytes: &[u8]) -> Result<Job, DecodeError> {
             last_error: None,
         }),
         batch: w.batch,
+        grants: Grants {
+            models: w.models.map(Arc::from),
+            tier: w.tier.map(Arc::from),
+        },
     })
 }
 
@@ -130,8 +144,13 @@ mod tests {
             response: None,
             callback: None,
             batch: None,
+            grants: Grants {
+                models: Some(Arc::from(vec!["cheap".to_string()])),
+                tier: Some(Arc::from("bronze")),
+            },
         };
         let back = decode(&encode(&job)).unwrap();
+        assert_eq!(back.grants, job.grants, "the run is held to the grants");
         assert_eq!(back.id, job.id);
         assert_eq!(back.owner, job.owner);
         assert_eq!(back.kind, job.kind);

@@ -272,3 +272,284 @@ async fn a_token_whose_sub_is_alice_is_not_the_api_key_alice() {
     let r = f.get(&format!("/v1/async/jobs/{job}"), &[ALICE]).await;
     assert_eq!(r.status, 200, "{}", r.text);
 }
+
+/// An OpenAI-compatible upstream on loopback that records the headers of
+/// every request reaching it.
+async fn recording_upstream() -> (String, Arc<parking_lot::Mutex<Vec<axum::http::HeaderMap>>>) {
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let app = axum::Router::new().fallback(any(move |headers: axum::http::HeaderMap| {
+        s.lock().push(headers);
+        async {
+            axum::Json(serde_json::json!({
+                "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "mock",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+            }))
+        }
+    }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/v1"), seen)
+}
+
+#[tokio::test]
+async fn a_client_credential_never_reaches_the_upstream_whatever_the_patterns() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = mock(MockSettings::default()).await;
+    let (base, seen) = recording_upstream().await;
+    let mut up = upstream("rec", &m, "mock");
+    up.base_url = Some(base);
+    let mut cfg = config(vec![up]);
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, "alice: sk-alice-secret\n").unwrap();
+    cfg.auth.api_keys_file = Some(keys);
+    cfg.headers.to_upstream = vec![
+        "x-*".into(),
+        "authorization".into(),
+        "cookie".into(),
+        "api-key".into(),
+    ];
+    let f = start(cfg).await;
+    let headers = [
+        ("x-api-key", "sk-alice-secret"),
+        ("cookie", "session=sk-alice-secret"),
+        ("api-key", "sk-alice-secret"),
+        ("x-trace-id", "t-1"),
+    ];
+    let r = f
+        .post("/v1/chat/completions", &chat("mock", "sync"), &headers)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = f
+        .post(
+            "/v1/async/chat/completions",
+            &chat("mock", "async"),
+            &headers,
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let job = wait_job(&f, &id, &[("x-api-key", "sk-alice-secret")]).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let seen = seen.lock().clone();
+    assert_eq!(seen.len(), 2, "the sync call and the job");
+    for h in &seen {
+        assert_eq!(h.get("x-trace-id").unwrap(), "t-1", "allowed headers pass");
+        for (name, value) in h {
+            let v = value.to_str().unwrap_or("");
+            assert!(!v.contains("sk-alice-secret"), "{name} carried the key");
+        }
+        assert!(h.get("cookie").is_none() && h.get("api-key").is_none());
+    }
+}
+
+/// `cheap` and `expensive` on one mock; a token granted `cheap` only.
+fn two_models(m: &forwarder::mock_llm::MockServer, dir: &tempfile::TempDir) -> Config {
+    let mut cfg = keys_and_tokens(m, dir);
+    cfg.upstreams = vec![
+        upstream("cheap", m, "cheap"),
+        upstream("expensive", m, "expensive"),
+    ];
+    cfg.websocket.enabled = true;
+    cfg
+}
+
+#[tokio::test]
+async fn a_model_the_token_does_not_grant_is_refused_the_same_through_every_door() {
+    use forwarder::frontends::grpc::pb::ForwardRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let m = mock(MockSettings::default()).await;
+    let f = start(two_models(&m, &dir)).await;
+    let bearer = format!(
+        "Bearer {}",
+        token(serde_json::json!({"sub": "cheapskate", "models": ["cheap"]}))
+    );
+    let who = ("authorization", bearer.as_str());
+    // Every door's answer to a request for `expensive`: (status, code).
+    let mut refusals: Vec<(&str, u64, String)> = Vec::new();
+    let code = |v: &Value| v["error"]["code"].as_str().unwrap_or("-").to_string();
+
+    let r = f
+        .post("/v1/chat/completions", &chat("expensive", "x"), &[who])
+        .await;
+    refusals.push(("http", r.status.into(), code(&r.body)));
+    let simple = serde_json::json!({"model_id": "expensive", "prompt": "x"});
+    let r = f.post("/api/v1/message", &simple, &[who]).await;
+    refusals.push(("simple", r.status.into(), code(&r.body)));
+    let r = f
+        .post(
+            "/v1/async/chat/completions",
+            &chat("expensive", "x"),
+            &[who],
+        )
+        .await;
+    refusals.push(("async", r.status.into(), code(&r.body)));
+    let async_simple = serde_json::json!({"model_id": "expensive", "prompt": "x", "async": true});
+    let r = f.post("/api/v1/message", &async_simple, &[who]).await;
+    refusals.push(("async simple", r.status.into(), code(&r.body)));
+
+    let mut ws = ws_connect(&f.ws, &[who]).await.expect("upgrade");
+    ws_send(
+        &mut ws,
+        serde_json::json!({"type": "request", "id": "w", "model": "expensive", "prompt": "x"}),
+    )
+    .await;
+    let e = ws_collect(&mut ws, "w").await.pop().unwrap();
+    refusals.push(("websocket", e["status"].as_u64().unwrap_or(0), code(&e)));
+
+    let mut grpc = grpc_client(&f).await;
+    let mut req = tonic::Request::new(ForwardRequest {
+        model_id: "expensive".into(),
+        prompt: "x".into(),
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("authorization", bearer.parse().unwrap());
+    let status = grpc.forward(req).await.unwrap_err();
+    let http: u64 = status
+        .metadata()
+        .get("x-http-status")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .unwrap_or(0);
+    let grpc_code = if status.code() == tonic::Code::NotFound {
+        "model_not_found"
+    } else {
+        "-"
+    };
+    refusals.push(("grpc", http, grpc_code.into()));
+
+    // A batch line: the error file holds the same refusal; the granted
+    // line runs.
+    let mut line = crate::batch::line("forbidden", "x");
+    line["body"]["model"] = "expensive".into();
+    let mut ok = crate::batch::line("granted", "x");
+    ok["body"]["model"] = "cheap".into();
+    let data = crate::batch::jsonl(&[line, ok]);
+    let r = crate::batch::upload(&f, &data, "batch", who).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = crate::batch::create(&f, r.body["id"].as_str().unwrap(), who).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let mut batch = Value::Null;
+    for _ in 0..400 {
+        batch = f.get(&format!("/v1/batches/{id}"), &[who]).await.body;
+        if batch["status"] == "completed" {
+            break;
+        }
+        tokio::time::sleep(25 * MS).await;
+    }
+    assert_eq!(batch["status"], "completed", "{batch}");
+    assert_eq!(batch["request_counts"]["completed"], 1, "{batch}");
+    let errors = f
+        .get(
+            &format!(
+                "/v1/files/{}/content",
+                batch["error_file_id"].as_str().unwrap()
+            ),
+            &[who],
+        )
+        .await;
+    let e: Value = serde_json::from_str(errors.text.lines().next().unwrap()).unwrap();
+    assert_eq!(e["custom_id"], "forbidden");
+    refusals.push((
+        "batch line",
+        e["response"]["status_code"].as_u64().unwrap_or(0),
+        code(&e["response"]["body"]),
+    ));
+
+    for (door, status, code) in &refusals {
+        assert_eq!(
+            (*status, code.as_str()),
+            (404, "model_not_found"),
+            "{door}: {refusals:?}"
+        );
+    }
+    // Nothing for `expensive` reached the upstream; the granted line did.
+    let upstream_calls = |model: &'static str| {
+        let f = &f;
+        async move {
+            f.metric(
+                "forwarder_upstream_requests_total",
+                &[
+                    ("upstream", model),
+                    ("model", model),
+                    ("outcome", "success"),
+                ],
+            )
+            .await
+        }
+    };
+    assert_eq!(upstream_calls("expensive").await, 0.0);
+    assert_eq!(upstream_calls("cheap").await, 1.0);
+}
+
+#[tokio::test]
+async fn object_routes_and_batch_lines_spend_the_clients_rate_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = mock(MockSettings::default()).await;
+    let mut cfg = keys_and_tokens(&m, &dir);
+    cfg.rate_limit = Some(forwarder::config::RateLimitConfig {
+        requests_per_second: 10,
+        burst: 3,
+        ..Default::default()
+    });
+    let f = start(cfg).await;
+    // Job, file and batch reads are requests like any other.
+    let mut codes = Vec::new();
+    for path in [
+        "/v1/async/jobs/job_x",
+        "/v1/files/file-x",
+        "/v1/batches/batch_x",
+        "/v1/batches",
+    ] {
+        codes.push(f.get(path, &[ALICE]).await.status);
+    }
+    assert!(codes[..3].iter().all(|c| *c != 429), "{codes:?}");
+    assert_eq!(codes[3], 429, "the burst of 3 is spent: {codes:?}");
+    // Another client's limit is its own.
+    let bob = ("authorization", "Bearer sk-bob");
+    assert_ne!(f.get("/v1/batches", &[bob]).await.status, 429);
+
+    // A batch of 12 lines goes at 10 a second, not at worker speed.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let lines: Vec<Value> = (0..12)
+        .map(|i| crate::batch::line(&format!("l{i}"), "x"))
+        .collect();
+    let mut lines = lines;
+    for l in &mut lines {
+        l["body"]["model"] = "mock".into();
+    }
+    let r = crate::batch::upload(&f, &crate::batch::jsonl(&lines), "batch", bob).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = crate::batch::create(&f, r.body["id"].as_str().unwrap(), bob).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    // `/metrics` is not a client's route: reading it spends nothing.
+    let served = || async {
+        f.metric(
+            "forwarder_upstream_requests_total",
+            &[("upstream", "m"), ("model", "mock"), ("outcome", "success")],
+        )
+        .await
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let early = served().await;
+    // At worker speed all 12 are done well within 300 ms; at 10/s with
+    // what is left of a burst of 3, about 5.
+    assert!(early <= 8.0, "{early} lines ran within 300 ms");
+    let mut last = Value::Null;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if served().await >= 12.0 {
+            let r = f.get(&format!("/v1/batches/{id}"), &[bob]).await;
+            last = r.body;
+            if last["status"] == "completed" {
+                break;
+            }
+        }
+    }
+    assert_eq!(last["status"], "completed", "{last}");
+    assert_eq!(last["request_counts"]["completed"], 12, "{last}");
+}
