@@ -773,9 +773,16 @@ pub struct CallbackConfig {
     /// listed here contains them (and, when the entry names ports, the port
     /// is one of them).
     pub allowed_networks: Vec<CallbackNetwork>,
-    /// Signing secrets (`whsec_<base64>`), one a line; the first signs,
-    /// every one is listed in the signature header (rotation).
+    /// Signing secrets (`whsec_<base64>`), one a line: `<client> whsec_…`
+    /// signs that client's callbacks (an identity `key:<name>`,
+    /// `jwt:<issuer>:<sub>`, `cert:<CN>`, or a tier `tier:<name>`); a bare
+    /// `whsec_…` is a shared secret. Several lines for one client are a
+    /// rotation: each signs, every signature is in the header.
     pub secrets_file: Option<PathBuf>,
+    /// Signs the callbacks of a client with no secret of its own (nor its
+    /// tier's) with the shared secrets. Off: such a client's callback is
+    /// refused at submission.
+    pub shared_secret_fallback: bool,
     /// Delivery attempts before the job is marked `failed` delivery.
     pub max_attempts: u32,
     /// Backoff before attempt n is jittered in [d/2, d], d = min(max_delay, base_delay·2ⁿ⁻¹).
@@ -794,6 +801,7 @@ impl Default for CallbackConfig {
             allowed_hosts: Vec::new(),
             allowed_networks: Vec::new(),
             secrets_file: None,
+            shared_secret_fallback: false,
             max_attempts: 6,
             base_delay: Duration::from_secs(1),
             max_delay: Duration::from_secs(60),

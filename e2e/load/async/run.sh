@@ -129,6 +129,7 @@ async:
   kafka: {bootstrap_servers: "127.0.0.1:$kport", topic: "jobs-$label", consumer_group: "forwarders-$label", partitions: $PARTITIONS}
   callbacks:
     secrets_file: "$WORK/whsec"
+    shared_secret_fallback: true
     allowed_hosts: [{host: 127.0.0.1, allow_http: true}]
     allowed_networks: [{cidr: 127.0.0.1/32}]
 YAML

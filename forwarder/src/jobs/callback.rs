@@ -28,7 +28,8 @@ use super::metrics::JobMetrics;
 use super::model::{DeliveryState, Job};
 use super::records::Records;
 use super::table::JobTable;
-use super::webhook::{backoff, check_url, checked_addresses, host_port, Signer, UrlError};
+use super::webhook::{backoff, check_url, checked_addresses, host_port, Secrets, UrlError};
+use crate::auth::Principal;
 use crate::BuildError;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -107,7 +108,7 @@ fn is_refused(e: &(dyn std::error::Error + 'static)) -> bool {
 
 pub struct Callbacks {
     cfg: CallbackConfig,
-    signer: Signer,
+    secrets: Secrets,
     client: HttpsClient,
 }
 
@@ -127,7 +128,7 @@ impl Callbacks {
                 path.display()
             ))
         })?;
-        let signer = Signer::parse(&text)
+        let secrets = Secrets::parse(&text, cfg.shared_secret_fallback)
             .map_err(|e| BuildError::new(format!("async.callbacks.secrets_file: {e}")))?;
         let http = Guarded::new(&cfg.allowed_networks, cfg.timeout);
         let https = hyper_rustls::HttpsConnectorBuilder::new()
@@ -141,7 +142,7 @@ impl Callbacks {
             .build(https);
         Ok(Some(Self {
             cfg: cfg.clone(),
-            signer,
+            secrets,
             client,
         }))
     }
@@ -151,6 +152,15 @@ impl Callbacks {
     /// are checked at each delivery.
     pub fn check(&self, url: &str) -> Result<(), UrlError> {
         check_url(url, &self.cfg.allowed_hosts, &self.cfg.allowed_networks).map(|_| ())
+    }
+
+    /// Whether a callback for `client` can be signed: it (or its tier) has
+    /// secrets of its own, or the shared ones stand in
+    /// (`shared_secret_fallback`).
+    pub fn signs_for(&self, client: &Principal) -> bool {
+        self.secrets
+            .for_client(&client.identity.0, client.tier.as_deref())
+            .is_some()
     }
 
     /// Delivers `payload` for `job`, retrying until delivered or out of
@@ -169,7 +179,7 @@ impl Callbacks {
         // One message id for every attempt, so receivers can de-duplicate.
         let msg_id = format!("msg_{}", job.id);
         for attempt in 1..=self.cfg.max_attempts {
-            let outcome = self.attempt(&url, &msg_id, &payload).await;
+            let outcome = self.attempt(&job, &url, &msg_id, &payload).await;
             let last = attempt == self.cfg.max_attempts;
             let (state, label) = match &outcome {
                 Ok(()) => (DeliveryState::Delivered, "delivered"),
@@ -201,7 +211,19 @@ impl Callbacks {
     }
 
     /// One signed POST; a 2xx answer is a delivery.
-    async fn attempt(&self, url: &str, msg_id: &str, payload: &Bytes) -> Result<(), String> {
+    async fn attempt(
+        &self,
+        job: &Job,
+        url: &str,
+        msg_id: &str,
+        payload: &Bytes,
+    ) -> Result<(), String> {
+        // Signed with the job owner's secrets only: another client's
+        // receiver cannot be sent events it would verify.
+        let signer = self
+            .secrets
+            .for_client(&job.owner.0, job.grants.tier.as_deref())
+            .ok_or("no signing secret for this client")?;
         let uri = match check_url(url, &self.cfg.allowed_hosts, &self.cfg.allowed_networks) {
             Ok(t) => t.uri,
             Err(UrlError::Target) => return Err(UrlError::Target.to_string()),
@@ -215,7 +237,7 @@ impl Callbacks {
             .header(http::header::CONTENT_TYPE, "application/json")
             .header("webhook-id", msg_id)
             .header("webhook-timestamp", ts.to_string())
-            .header("webhook-signature", self.signer.sign(msg_id, ts, payload))
+            .header("webhook-signature", signer.sign(msg_id, ts, payload))
             .body(Full::new(payload.clone()))
             .map_err(|e| format!("could not build the request: {e}"))?;
         match tokio::time::timeout(self.cfg.timeout, self.client.request(req)).await {

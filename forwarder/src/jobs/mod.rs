@@ -185,6 +185,11 @@ impl Jobs {
                 };
                 cb.check(&url)
                     .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+                if !cb.signs_for(owner) {
+                    return Err(ApiError::BadRequest(
+                        "no callback signing secret for this client".into(),
+                    ));
+                }
                 Some(Callback {
                     url,
                     state: DeliveryState::Pending,

@@ -14,14 +14,88 @@ use forwarder_config::{CallbackHost, CallbackNetwork};
 pub enum SecretError {
     #[error("line {0}: a signing secret is `whsec_` followed by base64")]
     Malformed(usize),
+    #[error("line {0}: a secret is for `key:<name>`, `jwt:<issuer>:<sub>`, `cert:<CN>` or `tier:<name>`")]
+    UnknownClient(usize),
     #[error("no signing secret in the file")]
     Empty,
+    #[error("the file holds only shared secrets, used only with shared_secret_fallback: true")]
+    OnlyShared,
+}
+
+fn hmac_key(secret: &str) -> Option<ring::hmac::Key> {
+    secret
+        .strip_prefix("whsec_")
+        .and_then(|b| STANDARD.decode(b).ok())
+        .filter(|k| !k.is_empty())
+        .map(|raw| ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &raw))
+}
+
+/// Every client's signing keys, from the secrets file. A line is
+/// `whsec_…` (a shared secret) or `<client> whsec_…`, the client an
+/// identity (`key:alice`, `jwt:<issuer>:<sub>`, `cert:<CN>`) or a tier
+/// (`tier:gold`). Several lines for one client are a rotation: all sign.
+/// A client's own secrets win over its tier's; the shared ones sign only
+/// for a client with neither, and only when `fallback` is set.
+#[derive(Debug, Default)]
+pub struct Secrets {
+    shared: Option<Signer>,
+    clients: std::collections::HashMap<String, Signer>,
+    tiers: std::collections::HashMap<String, Signer>,
+    fallback: bool,
+}
+
+impl Secrets {
+    pub fn parse(text: &str, fallback: bool) -> Result<Self, SecretError> {
+        let mut out = Self {
+            fallback,
+            ..Self::default()
+        };
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (client, secret) = match line.rsplit_once(char::is_whitespace) {
+                Some((c, s)) => (Some(c.trim()), s),
+                None => (None, line),
+            };
+            let key = hmac_key(secret).ok_or(SecretError::Malformed(n + 1))?;
+            let signer = match client {
+                None => out.shared.get_or_insert_with(Signer::default),
+                Some(c) => match c.strip_prefix("tier:") {
+                    Some(tier) if !tier.is_empty() => out.tiers.entry(tier.into()).or_default(),
+                    Some(_) => return Err(SecretError::UnknownClient(n + 1)),
+                    None if ["key:", "jwt:", "cert:"].iter().any(|p| c.starts_with(p)) => {
+                        out.clients.entry(c.into()).or_default()
+                    }
+                    None => return Err(SecretError::UnknownClient(n + 1)),
+                },
+            };
+            signer.keys.push(key);
+        }
+        if out.shared.is_none() && out.clients.is_empty() && out.tiers.is_empty() {
+            return Err(SecretError::Empty);
+        }
+        if out.clients.is_empty() && out.tiers.is_empty() && !fallback {
+            return Err(SecretError::OnlyShared);
+        }
+        Ok(out)
+    }
+
+    /// The keys that sign `client`'s callbacks (`tier`: its tier when the
+    /// job was accepted), if any.
+    pub fn for_client(&self, client: &str, tier: Option<&str>) -> Option<&Signer> {
+        self.clients
+            .get(client)
+            .or_else(|| tier.and_then(|t| self.tiers.get(t)))
+            .or(self.shared.as_ref().filter(|_| self.fallback))
+    }
 }
 
 /// Signing keys, newest first: the first signs alone during a normal
 /// period; during a rotation every listed key signs, so receivers holding
 /// either the old or the new secret verify.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct Signer {
     keys: Vec<ring::hmac::Key>,
 }
@@ -42,12 +116,7 @@ impl Signer {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let raw = line
-                .strip_prefix("whsec_")
-                .and_then(|b| STANDARD.decode(b).ok())
-                .filter(|k| !k.is_empty())
-                .ok_or(SecretError::Malformed(n + 1))?;
-            keys.push(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &raw));
+            keys.push(hmac_key(line).ok_or(SecretError::Malformed(n + 1))?);
         }
         if keys.is_empty() {
             return Err(SecretError::Empty);
@@ -272,6 +341,57 @@ mod tests {
         assert_eq!(parts.len(), 2);
         assert_eq!(parts[0], SIG);
         assert!(parts[1].starts_with("v1,") && parts[1] != SIG);
+    }
+
+    #[test]
+    fn each_client_signs_with_its_own_secrets() {
+        let alice = "whsec_YWxpY2Utc2VjcmV0LWtleQ==";
+        let alice_old = "whsec_YWxpY2Utb2xkLWtleQ==";
+        let gold = "whsec_Z29sZC10aWVyLWtleQ==";
+        let text = format!(
+            "{SECRET}\nkey:alice {alice}\nkey:alice {alice_old}\ntier:gold {gold}\njwt:https%3A//id:bob {gold}\n"
+        );
+        let s = Secrets::parse(&text, false).unwrap();
+        let sig = |client: &str, tier: Option<&str>| {
+            s.for_client(client, tier).map(|k| k.sign(MSG_ID, TS, BODY))
+        };
+        let single = |secret: &str| Signer::parse(secret).unwrap().sign(MSG_ID, TS, BODY);
+        assert_eq!(
+            sig("key:alice", Some("gold")).unwrap(),
+            format!("{} {}", single(alice), single(alice_old)),
+            "her own secrets, both during the rotation, not her tier's"
+        );
+        assert_eq!(sig("key:carol", Some("gold")).unwrap(), single(gold));
+        assert_eq!(sig("jwt:https%3A//id:bob", None).unwrap(), single(gold));
+        assert_eq!(
+            sig("key:carol", None),
+            None,
+            "no fallback unless configured"
+        );
+        assert_eq!(
+            sig("jwt::alice", None),
+            None,
+            "a token's alice is not key:alice"
+        );
+        let with_fallback = Secrets::parse(&text, true).unwrap();
+        assert_eq!(
+            with_fallback
+                .for_client("key:carol", None)
+                .map(|k| k.sign(MSG_ID, TS, BODY)),
+            Some(SIG.to_string())
+        );
+        assert_eq!(
+            Secrets::parse(SECRET, false).unwrap_err(),
+            SecretError::OnlyShared
+        );
+        assert_eq!(
+            Secrets::parse(&format!("alice {SECRET}"), false).unwrap_err(),
+            SecretError::UnknownClient(1)
+        );
+        assert_eq!(
+            Secrets::parse("key:a whsec_!!", false).unwrap_err(),
+            SecretError::Malformed(1)
+        );
     }
 
     #[test]

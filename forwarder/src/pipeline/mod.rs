@@ -419,7 +419,10 @@ impl Pipeline {
         credential: Option<&str>,
         peer: Option<&str>,
     ) -> Result<Principal, ApiError> {
-        let p = self.authenticate_peer(credential, peer)?;
+        let mut p = self.authenticate_peer(credential, peer)?;
+        // The tier in force (claimed and listed, else configured), kept
+        // with what this client leaves to run later.
+        p.tier = self.tier(&p.identity, p.tier.as_deref());
         self.spend(&p).await?;
         if let Some(l) = &self.shared_limit {
             let tier = self.tier(&p.identity, p.tier.as_deref());

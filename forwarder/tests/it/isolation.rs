@@ -52,7 +52,7 @@ fn callback_config(
     std::fs::write(&keys, "alice: sk-alice\nbob: sk-bob\n").unwrap();
     cfg.auth.api_keys_file = Some(keys);
     let secrets = dir.path().join("webhook-secrets");
-    std::fs::write(&secrets, format!("{SECRET}\n")).unwrap();
+    std::fs::write(&secrets, format!("key:alice {SECRET}\n")).unwrap();
     let cb = &mut cfg.async_jobs.callbacks;
     cb.secrets_file = Some(secrets);
     cb.allowed_hosts = hosts
@@ -552,4 +552,105 @@ async fn object_routes_and_batch_lines_spend_the_clients_rate_limit() {
     }
     assert_eq!(last["status"], "completed", "{last}");
     assert_eq!(last["request_counts"]["completed"], 12, "{last}");
+}
+
+const ALICE_NEW: &str = "whsec_YWxpY2UncyBuZXcgc2lnbmluZyBrZXk=";
+const BOB_SECRET: &str = "whsec_Ym9iJ3Mgb3duIHNpZ25pbmcga2V5";
+const GOLD_SECRET: &str = "whsec_dGhlIGdvbGQgdGllcidzIGtleQ==";
+
+#[tokio::test]
+async fn each_client_receives_callbacks_signed_with_its_own_secrets_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = mock(MockSettings::default()).await;
+    let mut cfg = keys_and_tokens(&m, &dir);
+    let secrets = dir.path().join("webhook-secrets");
+    // Alice rotates (new and old both sign); bob has his own; the gold
+    // tier one for its members; nothing shared.
+    std::fs::write(
+        &secrets,
+        format!("key:alice {ALICE_NEW}\nkey:alice {SECRET}\nkey:bob {BOB_SECRET}\ntier:gold {GOLD_SECRET}\n"),
+    )
+    .unwrap();
+    let cb = &mut cfg.async_jobs.callbacks;
+    cb.secrets_file = Some(secrets);
+    cb.allowed_hosts = vec![CallbackHost {
+        host: "127.0.0.1".into(),
+        allow_http: true,
+        ports: Vec::new(),
+    }];
+    cb.allowed_networks = vec![CallbackNetwork {
+        cidr: "127.0.0.1/32".parse().unwrap(),
+        ports: Vec::new(),
+    }];
+    cb.max_attempts = 1;
+    cfg.rate_limit = Some(forwarder::config::RateLimitConfig {
+        requests_per_second: 1000,
+        burst: 1000,
+        tiers: [(
+            "gold".to_string(),
+            forwarder::config::TierLimits {
+                requests_per_second: 1000,
+                burst: 1000,
+                tokens_per_minute: None,
+            },
+        )]
+        .into(),
+        ..Default::default()
+    });
+    let f = start(cfg).await;
+    let gold = format!(
+        "Bearer {}",
+        token(serde_json::json!({"sub": "goldie", "tier": "gold"}))
+    );
+    let nobody = format!("Bearer {}", token(serde_json::json!({"sub": "carol"})));
+    let (url, seen) = crate::async_jobs::receiver(0).await;
+    let submit = |who: String| {
+        let (f, url) = (&f, url.clone());
+        async move {
+            f.post(
+                "/v1/async/chat/completions",
+                &chat("mock", "signed"),
+                &[
+                    ("authorization", who.as_str()),
+                    ("x-callback-url", url.as_str()),
+                ],
+            )
+            .await
+        }
+    };
+    for who in ["Bearer sk-alice".to_string(), "Bearer sk-bob".into(), gold] {
+        let r = submit(who.clone()).await;
+        assert_eq!(r.status, 202, "{}", r.text);
+        let id = r.body["id"].as_str().unwrap().to_string();
+        let mut delivered = false;
+        for _ in 0..400 {
+            let job = wait_job(&f, &id, &[("authorization", who.as_str())]).await;
+            if job["callback"]["status"] == "delivered" {
+                delivered = true;
+                break;
+            }
+            tokio::time::sleep(25 * MS).await;
+        }
+        assert!(delivered, "{id}");
+    }
+    // A client with no secret of its own and no fallback: refused.
+    let r = submit(nobody).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(r.text.contains("signing secret"), "{}", r.text);
+
+    let seen = seen.lock().clone();
+    assert_eq!(seen.len(), 3);
+    let verifies = |i: usize, secrets: &[&str]| {
+        crate::async_jobs::python_verifies(&seen[i].0, &seen[i].1, secrets)
+    };
+    // The receivers' order is the submissions' (each waited for).
+    assert!(
+        verifies(0, &[ALICE_NEW, SECRET]),
+        "alice's, both in rotation"
+    );
+    assert!(!verifies(0, &[BOB_SECRET]) && !verifies(0, &[GOLD_SECRET]));
+    assert!(verifies(1, &[BOB_SECRET]), "bob's");
+    assert!(!verifies(1, &[SECRET]) && !verifies(1, &[ALICE_NEW]));
+    assert!(verifies(2, &[GOLD_SECRET]), "the gold tier's");
+    assert!(!verifies(2, &[BOB_SECRET]) && !verifies(2, &[SECRET]));
 }

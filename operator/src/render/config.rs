@@ -257,6 +257,9 @@ fn async_jobs(a: &crate::crd::AsyncSpec, out: &mut forwarder_config::AsyncConfig
         .callback_secret_ref
         .as_ref()
         .map(|_| PathBuf::from(CALLBACK_SECRETS_DIR).join("secrets"));
+    // The Secret's bare `whsec_` lines sign for every client without lines
+    // of its own (`<client> whsec_…`), as before per-client secrets.
+    out.callbacks.shared_secret_fallback = a.callback_secret_ref.is_some();
     out.callbacks.allowed_hosts = a
         .allowed_callback_hosts
         .iter()
