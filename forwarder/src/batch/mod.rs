@@ -382,10 +382,10 @@ impl Batches {
                     continue;
                 };
                 // Refused before it is queued, with the answer every other
-                // door gives a model the credential does not grant (or
-                // that does not exist): 404 `model_not_found`.
-                if !creator.may_use(&req.model) || !self.pipeline.has_model(&req.model) {
-                    let refusal = ApiError::ModelNotFound(req.model.clone());
+                // door gives it.
+                let max_body = self.pipeline.config().server.max_body_bytes;
+                let known = self.pipeline.has_model(&req.model);
+                if let Some(refusal) = line_refusal(creator, known, max_body, &req) {
                     let body = serde_json::to_vec(&refusal.body()).unwrap_or_default();
                     let request_id = format!("req_{}", uuid::Uuid::new_v4().simple());
                     let outcome = Outcome::Answered {
@@ -556,6 +556,25 @@ impl Batches {
     }
 }
 
+/// The refusal the synchronous doors give a batch line's request before
+/// running it, if any: a body over `server.max_body_bytes` is `413`, a
+/// model the creator's credential does not grant (or no upstream serves)
+/// is `404 model_not_found`.
+fn line_refusal(
+    creator: &Principal,
+    known_model: bool,
+    max_body: usize,
+    req: &jsonl::Request,
+) -> Option<ApiError> {
+    if req.body.len() > max_body {
+        Some(ApiError::PayloadTooLarge(max_body))
+    } else if !known_model || !creator.may_use(&req.model) {
+        Some(ApiError::ModelNotFound(req.model.clone()))
+    } else {
+        None
+    }
+}
+
 /// The output and error files being written.
 struct Results {
     out: Writer,
@@ -578,5 +597,40 @@ impl Results {
             b.request_counts.failed += 1;
             self.err.write_line(&line).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_is_refused_as_the_synchronous_doors_refuse_it() {
+        let mut cheap_only = Principal::new(Identity::jwt("", "c"));
+        cheap_only.models = Some(Arc::from(vec!["cheap".to_string()]));
+        let line = |model: &str, body: usize| jsonl::Request {
+            custom_id: "x".into(),
+            model: model.into(),
+            body: vec![b' '; body].into(),
+        };
+        let code = |e: Option<ApiError>| e.map(|e| e.status().as_u16());
+        assert_eq!(
+            code(line_refusal(&cheap_only, true, 100, &line("cheap", 100))),
+            None
+        );
+        assert_eq!(
+            code(line_refusal(&cheap_only, true, 100, &line("dear", 10))),
+            Some(404)
+        );
+        assert_eq!(
+            code(line_refusal(&cheap_only, false, 100, &line("cheap", 10))),
+            Some(404)
+        );
+        assert_eq!(
+            code(line_refusal(&cheap_only, true, 100, &line("cheap", 101))),
+            Some(413)
+        );
+        let key = Principal::new(Identity::api_key("a"));
+        assert_eq!(code(line_refusal(&key, true, 100, &line("dear", 10))), None);
     }
 }

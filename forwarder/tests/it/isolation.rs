@@ -654,3 +654,65 @@ async fn each_client_receives_callbacks_signed_with_its_own_secrets_only() {
     assert!(verifies(2, &[GOLD_SECRET]), "the gold tier's");
     assert!(!verifies(2, &[BOB_SECRET]) && !verifies(2, &[SECRET]));
 }
+
+#[tokio::test]
+async fn an_oversized_body_is_refused_413_through_every_http_door_and_a_batch_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = mock(MockSettings::default()).await;
+    let mut cfg = keys_and_tokens(&m, &dir);
+    cfg.server.max_body_bytes = 2048;
+    let f = start(cfg).await;
+    let big = "x".repeat(3000);
+    let mut refusals: Vec<(&str, u64)> = Vec::new();
+    let r = f
+        .post("/v1/chat/completions", &chat("mock", &big), &[ALICE])
+        .await;
+    refusals.push(("http", r.status.into()));
+    let simple = serde_json::json!({"model_id": "mock", "prompt": big});
+    let r = f.post("/api/v1/message", &simple, &[ALICE]).await;
+    refusals.push(("simple", r.status.into()));
+    let r = f
+        .post("/v1/async/chat/completions", &chat("mock", &big), &[ALICE])
+        .await;
+    refusals.push(("async", r.status.into()));
+    let async_simple = serde_json::json!({"model_id": "mock", "prompt": big, "async": true});
+    let r = f.post("/api/v1/message", &async_simple, &[ALICE]).await;
+    refusals.push(("async simple", r.status.into()));
+
+    let lines = [
+        crate::batch::line("big", &big),
+        crate::batch::line("small", "x"),
+    ];
+    let r = crate::batch::upload(&f, &crate::batch::jsonl(&lines), "batch", ALICE).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = crate::batch::create(&f, r.body["id"].as_str().unwrap(), ALICE).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let mut batch = Value::Null;
+    for _ in 0..400 {
+        batch = f.get(&format!("/v1/batches/{id}"), &[ALICE]).await.body;
+        if batch["status"] == "completed" {
+            break;
+        }
+        tokio::time::sleep(25 * MS).await;
+    }
+    assert_eq!(batch["request_counts"]["completed"], 1, "{batch}");
+    let errors = f
+        .get(
+            &format!(
+                "/v1/files/{}/content",
+                batch["error_file_id"].as_str().unwrap()
+            ),
+            &[ALICE],
+        )
+        .await;
+    let e: Value = serde_json::from_str(errors.text.lines().next().unwrap()).unwrap();
+    assert_eq!(e["custom_id"], "big");
+    refusals.push((
+        "batch line",
+        e["response"]["status_code"].as_u64().unwrap_or(0),
+    ));
+    for (door, status) in &refusals {
+        assert_eq!(*status, 413, "{door}: {refusals:?}");
+    }
+}
