@@ -716,3 +716,45 @@ async fn an_oversized_body_is_refused_413_through_every_http_door_and_a_batch_li
         assert_eq!(*status, 413, "{door}: {refusals:?}");
     }
 }
+
+#[tokio::test]
+#[cfg_attr(
+    not(kafka),
+    ignore = "no Kafka-protocol broker: set TANSU_BIN (scripts/test.sh does)"
+)]
+async fn no_credential_is_written_into_a_kafka_job_message() {
+    let broker = crate::kafka::Broker::start().await;
+    let m = mock(MockSettings::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let topic = format!("jobs-secrets-{}", rand::random::<u32>());
+    let mut cfg = crate::kafka::kafka_config(&m, &broker, &topic);
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, "alice: sk-alice-kafka-secret\n").unwrap();
+    cfg.auth.api_keys_file = Some(keys);
+    cfg.headers.to_upstream = vec!["x-*".into(), "authorization".into(), "cookie".into()];
+    let f = start(cfg).await;
+    let who = ("x-api-key", "sk-alice-kafka-secret");
+    let r = f
+        .post(
+            "/v1/async/chat/completions",
+            &chat("mock", "queued"),
+            &[
+                who,
+                ("cookie", "s=sk-alice-kafka-secret"),
+                ("x-trace-id", "t-9"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let messages = crate::kafka::read_topic(&broker, &topic, 1).await;
+    let (key, payload) = &messages[0];
+    assert_eq!(key, &id);
+    let text = String::from_utf8_lossy(payload);
+    assert!(
+        text.contains("x-trace-id"),
+        "allowed headers are queued: {text}"
+    );
+    assert!(!text.contains("sk-alice-kafka-secret"), "{text}");
+    assert_eq!(wait_job(&f, &id, &[who]).await["status"], "succeeded");
+}
