@@ -758,3 +758,61 @@ async fn no_credential_is_written_into_a_kafka_job_message() {
     assert!(!text.contains("sk-alice-kafka-secret"), "{text}");
     assert_eq!(wait_job(&f, &id, &[who]).await["status"], "succeeded");
 }
+
+#[tokio::test]
+async fn a_batch_spends_its_creators_token_budget_and_nobody_elses() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = mock(MockSettings::default()).await;
+    let mut cfg = keys_and_tokens(&m, &dir);
+    cfg.rate_limit = Some(forwarder::config::RateLimitConfig {
+        requests_per_second: 1000,
+        burst: 1000,
+        shared: true,
+        tokens_per_minute: Some(200),
+        ..Default::default()
+    });
+    let f = start(cfg).await;
+    let bob = ("authorization", "Bearer sk-bob");
+    let lines: Vec<Value> = (0..6)
+        .map(|i| crate::batch::line(&format!("l{i}"), "spend"))
+        .collect();
+    let r = crate::batch::upload(&f, &crate::batch::jsonl(&lines), "batch", ALICE).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = crate::batch::create(&f, r.body["id"].as_str().unwrap(), ALICE).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let mut batch = Value::Null;
+    for _ in 0..400 {
+        batch = f.get(&format!("/v1/batches/{id}"), &[ALICE]).await.body;
+        if batch["status"] == "completed" {
+            break;
+        }
+        tokio::time::sleep(25 * MS).await;
+    }
+    assert_eq!(batch["status"], "completed", "{batch}");
+    assert!(
+        batch["request_counts"]["completed"].as_u64().unwrap() >= 1,
+        "{batch}"
+    );
+    // The same small request from each: alice's budget shows her batch.
+    let remaining = |r: &Resp| -> u64 {
+        r.header("x-ratelimit-remaining-tokens")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let a = f
+        .post("/v1/chat/completions", &chat("mock", "x"), &[ALICE])
+        .await;
+    let b = f
+        .post("/v1/chat/completions", &chat("mock", "x"), &[bob])
+        .await;
+    assert_eq!(b.status, 200, "{}", b.text);
+    assert!(
+        a.status == 429 || remaining(&a) < remaining(&b),
+        "alice {} {:?}, bob {:?}",
+        a.status,
+        a.header("x-ratelimit-remaining-tokens"),
+        b.header("x-ratelimit-remaining-tokens")
+    );
+    assert!(remaining(&b) > 0);
+}
