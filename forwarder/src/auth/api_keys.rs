@@ -1,14 +1,15 @@
 //! API keys from a file or a mounted Secret directory, kept only as SHA-256
 //! hashes, compared in constant time and reloaded when the source changes.
 //!
-//! Sources, and the identity (what rate limits and idempotency keys are
-//! scoped by) each gives a client:
+//! Sources, and the name each gives a client (its identity, what rate
+//! limits, idempotency keys, jobs and files are scoped by, is `key:` and
+//! that name; see [`super::Identity`]):
 //! - a directory (a mounted Secret): one file per client, named after it;
-//!   the identity is the file name. Empty files and `.`-entries are skipped.
-//! - a YAML map `name: key`: the identity is the name.
-//! - a YAML list `- key`: the identity is `key-` and the first 16 hex digits
+//!   the name is the file name. Empty files and `.`-entries are skipped.
+//! - a YAML map `name: key`: the name is the map key.
+//! - a YAML list `- key`: the name is `key-` and the first 16 hex digits
 //!   of the key's SHA-256, stable whatever the key's position.
-//! - one key per line (`#` comments and blank lines skipped): identities as
+//! - one key per line (`#` comments and blank lines skipped): names as
 //!   for a list. Such keys contain no `:` and no whitespace, so a broken map
 //!   (`name:key`) is an error, never a key.
 //!
