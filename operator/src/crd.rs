@@ -860,8 +860,10 @@ pub struct RateLimits {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 64))]
     pub tiers: BTreeMap<String, RateLimitTier>,
-    /// Client identity (API-key name, JWT subject) → tier name; every
-    /// name must be in `tiers` (checked when the config is built).
+    /// Client identity (`key:<name>`, `jwt:<issuer>:<sub>`, `cert:<CN>`; a
+    /// bare name is the API key of that name, never a JWT subject) → tier
+    /// name; every tier must be in `tiers` (checked when the config is
+    /// built).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 10000))]
     pub client_tiers: BTreeMap<String, String>,
