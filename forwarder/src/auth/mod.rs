@@ -169,6 +169,24 @@ mod tests {
     }
 
     #[test]
+    fn a_certificate_naming_an_api_key_client_is_another_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        std::fs::write(&path, "alice: sk-alice\n").unwrap();
+        let keys = ApiKeys::load(&path).unwrap();
+        let auth = Authenticators {
+            keys: Some(&keys),
+            jwt: None,
+            client_cert: true,
+        };
+        let by_key = auth.authenticate(Some("sk-alice"), None).unwrap();
+        let by_cert = auth.authenticate(None, Some("alice")).unwrap();
+        assert_eq!(by_key.identity, Identity::api_key("alice"));
+        assert_eq!(by_cert.identity, Identity::cert("alice"));
+        assert_ne!(by_key.identity, by_cert.identity);
+    }
+
+    #[test]
     fn bearer_and_x_api_key_are_both_accepted() {
         let mut h = HeaderMap::new();
         assert_eq!(credential(&h), None);
