@@ -18,4 +18,4 @@ pub use latency::{LatencyDist, ParseLatencyError};
 pub use load::{load, load_from_str, ConfigError};
 pub use security::*;
 pub use types::*;
-pub use validate::{validate, FieldError, MAX_DURATION};
+pub use validate::{validate, warnings, FieldError, MAX_DURATION};

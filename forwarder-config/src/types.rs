@@ -222,7 +222,9 @@ pub struct RateLimitConfig {
     /// without one, or naming a tier not listed here, gets the limits above.
     #[serde(default)]
     pub tiers: BTreeMap<String, TierLimits>,
-    /// Client identity (API-key name, JWT subject) → tier name.
+    /// Client identity → tier name. Identities are namespaced by method:
+    /// `key:<name>`, `jwt:<issuer>:<subject>`, `cert:<CN>`; a bare name is
+    /// an API key's name (so `alice` is `key:alice`, never a token's `sub`).
     #[serde(default)]
     pub client_tiers: BTreeMap<String, String>,
 }
@@ -562,9 +564,33 @@ impl Default for GrpcConfig {
     }
 }
 
+/// Headers that never cross the forwarder in either direction, whatever
+/// `headers.to_upstream` and `headers.to_client` say: credentials (the
+/// client's key or token must not reach an upstream, nor be written into a
+/// queued job) and hop-by-hop or framing headers (each hop sets its own).
+pub const NEVER_FORWARDED: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "x-api-key",
+    "api-key",
+    "cookie",
+    "set-cookie",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+];
+
 /// Which headers cross the forwarder. Names are case-insensitive; a name
 /// ending in `*` matches every header with that prefix. Everything else is
-/// dropped: hop-by-hop and credential headers never pass.
+/// dropped, and the headers in [`NEVER_FORWARDED`] (credentials,
+/// hop-by-hop) never pass, whatever the patterns say.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HeadersConfig {
@@ -747,9 +773,23 @@ impl Default for KafkaConfig {
 pub struct CallbackConfig {
     /// Hosts a `callback_url` may name; none means callbacks are refused.
     pub allowed_hosts: Vec<CallbackHost>,
-    /// Signing secrets (`whsec_<base64>`), one a line; the first signs,
-    /// every one is listed in the signature header (rotation).
+    /// A callback's host is resolved before each delivery and every address
+    /// it resolves to is checked; loopback, private, link-local,
+    /// unique-local, multicast, unspecified and other special-purpose
+    /// addresses (IPv4, IPv6 and IPv4-mapped) are refused unless a network
+    /// listed here contains them (and, when the entry names ports, the port
+    /// is one of them).
+    pub allowed_networks: Vec<CallbackNetwork>,
+    /// Signing secrets (`whsec_<base64>`), one a line: `<client> whsec_…`
+    /// signs that client's callbacks (an identity `key:<name>`,
+    /// `jwt:<issuer>:<sub>`, `cert:<CN>`, or a tier `tier:<name>`); a bare
+    /// `whsec_…` is a shared secret. Several lines for one client are a
+    /// rotation: each signs, every signature is in the header.
     pub secrets_file: Option<PathBuf>,
+    /// Signs the callbacks of a client with no secret of its own (nor its
+    /// tier's) with the shared secrets. Off: such a client's callback is
+    /// refused at submission.
+    pub shared_secret_fallback: bool,
     /// Delivery attempts before the job is marked `failed` delivery.
     pub max_attempts: u32,
     /// Backoff before attempt n is jittered in [d/2, d], d = min(max_delay, base_delay·2ⁿ⁻¹).
@@ -766,7 +806,9 @@ impl Default for CallbackConfig {
     fn default() -> Self {
         Self {
             allowed_hosts: Vec::new(),
+            allowed_networks: Vec::new(),
             secrets_file: None,
+            shared_secret_fallback: false,
             max_attempts: 6,
             base_delay: Duration::from_secs(1),
             max_delay: Duration::from_secs(60),
@@ -783,6 +825,22 @@ pub struct CallbackHost {
     /// Allows `http://` to this host (otherwise only `https://`).
     #[serde(default)]
     pub allow_http: bool,
+    /// Ports a callback to this host may name (the scheme's default port
+    /// when the URL names none); empty: any port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+}
+
+/// A network callbacks may reach although its addresses are internal
+/// (see [`CallbackConfig::allowed_networks`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallbackNetwork {
+    /// A CIDR, e.g. `10.20.0.0/16`, `127.0.0.1/32`, `fd00::/8`.
+    pub cidr: ipnet::IpNet,
+    /// Ports allowed in that network; empty: any port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
 }
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -626,7 +626,52 @@ fn validate_async(a: &crate::AsyncConfig, e: &mut Errors) {
             "async.callbacks.allowed_hosts",
             "entries must be host names or IP literals",
         );
+        e.check(
+            !h.ports.contains(&0),
+            "async.callbacks.allowed_hosts",
+            "ports must be 1 to 65535",
+        );
     }
+    for n in &c.allowed_networks {
+        e.check(
+            !n.ports.contains(&0),
+            "async.callbacks.allowed_networks",
+            "ports must be 1 to 65535",
+        );
+    }
+}
+
+/// Settings that are valid but do not do all they seem to: a header
+/// pattern that names (or, with `*`, covers) a header in
+/// [`crate::NEVER_FORWARDED`], which never passes whatever it says.
+pub fn warnings(config: &Config) -> Vec<FieldError> {
+    let mut out = Vec::new();
+    for (field, names) in [
+        ("headers.to_upstream", &config.headers.to_upstream),
+        ("headers.to_client", &config.headers.to_client),
+    ] {
+        for name in names {
+            let lower = name.to_ascii_lowercase();
+            let blocked: Vec<&str> = crate::NEVER_FORWARDED
+                .iter()
+                .copied()
+                .filter(|h| match lower.strip_suffix('*') {
+                    Some(prefix) => h.starts_with(prefix),
+                    None => *h == lower,
+                })
+                .collect();
+            if !blocked.is_empty() {
+                out.push(FieldError {
+                    field: field.into(),
+                    message: format!(
+                        "{name:?} covers {}, which never pass (credentials and hop-by-hop headers)",
+                        blocked.join(", ")
+                    ),
+                });
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -645,6 +690,18 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         validate(&Config::default()).unwrap();
+        assert!(warnings(&Config::default()).is_empty());
+    }
+
+    #[test]
+    fn header_patterns_covering_credentials_are_warned_about() {
+        let mut c = Config::default();
+        c.headers.to_upstream = vec!["x-*".into(), "Authorization".into(), "openai-beta".into()];
+        let w = warnings(&c);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].message.contains("x-api-key"), "{}", w[0]);
+        assert!(w[1].message.contains("authorization"), "{}", w[1]);
+        assert!(w.iter().all(|f| f.field == "headers.to_upstream"));
     }
 
     #[test]
@@ -657,6 +714,7 @@ mod tests {
         c.async_jobs.callbacks.allowed_hosts = vec![crate::CallbackHost {
             host: "hooks.example".into(),
             allow_http: false,
+            ports: vec![0],
         }];
         let f = fields(&c);
         for want in [
@@ -665,6 +723,7 @@ mod tests {
             "async.kafka.topic",
             "async.kafka.sasl_mechanism",
             "async.callbacks.secrets_file",
+            "async.callbacks.allowed_hosts",
         ] {
             assert!(f.contains(&want.to_string()), "{want}: {f:?}");
         }

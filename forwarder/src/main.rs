@@ -125,6 +125,9 @@ fn check_config(args: ConfigArgs) -> anyhow::Result<()> {
     if let Some(tls) = &cfg.server.tls {
         forwarder::frontends::tls::TlsFiles::load(tls).context("server.tls")?;
     }
+    for w in config::warnings(&cfg) {
+        eprintln!("warning: {w}");
+    }
     // Building the pipeline also reads key files, as `serve` would.
     let rt = runtime()?;
     let _guard = rt.enter();

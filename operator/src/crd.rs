@@ -860,8 +860,10 @@ pub struct RateLimits {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 64))]
     pub tiers: BTreeMap<String, RateLimitTier>,
-    /// Client identity (API-key name, JWT subject) → tier name; every
-    /// name must be in `tiers` (checked when the config is built).
+    /// Client identity (`key:<name>`, `jwt:<issuer>:<sub>`, `cert:<CN>`; a
+    /// bare name is the API key of that name, never a JWT subject) → tier
+    /// name; every tier must be in `tiers` (checked when the config is
+    /// built).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 10000))]
     pub client_tiers: BTreeMap<String, String>,
@@ -939,8 +941,11 @@ pub struct AsyncSpec {
     /// Secret with keys `username` and `password` for SASL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sasl_secret_ref: Option<SecretRef>,
-    /// Secret key holding the callback signing secrets (`whsec_...`, one a
-    /// line; the first signs, all are listed for rotation).
+    /// Secret key holding the callback signing secrets, one a line:
+    /// `<client> whsec_...` for one client (`key:<name>`,
+    /// `jwt:<issuer>:<sub>`, `cert:<CN>`, `tier:<name>`) or a bare
+    /// `whsec_...` for every client without lines of its own; several
+    /// lines for one client all sign (rotation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback_secret_ref: Option<SecretKeyRef>,
     /// Hosts a job's `callback_url` may name (https only); none: callbacks
@@ -952,6 +957,18 @@ pub struct AsyncSpec {
         extend("x-kubernetes-list-type" = "set")
     )]
     pub allowed_callback_hosts: Vec<String>,
+    /// Networks (CIDRs, e.g. `10.20.0.0/16`) callbacks may reach although
+    /// they are internal (private, loopback, link-local, unique-local...):
+    /// a callback host is resolved and every address must be public or in
+    /// one of these. In-cluster receivers need their Service or Pod CIDR
+    /// here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 64),
+        inner(length(min = 3, max = 49)),
+        extend("x-kubernetes-list-type" = "set")
+    )]
+    pub allowed_callback_networks: Vec<String>,
     /// Kafka static group membership: each pod joins the consumer group
     /// under its own name (`group.instance.id`, from the downward API), so
     /// a restarted container takes its partitions back at once instead of

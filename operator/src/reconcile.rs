@@ -295,23 +295,29 @@ where
     get(api, name).await
 }
 
-/// Hash of a Secret's data (keys and values), for the pods' config hash:
-/// a rotated key rolls the pods, a label change does not.
+/// A keyed digest of a Secret's data (keys and values), for the pods'
+/// config hash: a rotated key rolls the pods, a label change does not.
+/// HMAC-SHA-256 keyed with the Secret's UID (random, and not visible to
+/// whoever may only read pods), so the pod annotation derived from it
+/// cannot be brute-forced back to low-entropy data such as a one-key Redis
+/// password. A Secret deleted and recreated (a new UID) rolls the pods.
 pub fn secret_data_hash(secret: &Secret) -> String {
-    let mut h = Sha256::new();
+    let uid = secret.metadata.uid.as_deref().unwrap_or_default();
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, uid.as_bytes());
+    let mut h = ring::hmac::Context::with_key(&key);
     for (k, v) in secret.data.iter().flatten() {
         h.update(k.as_bytes());
-        h.update([0]);
+        h.update(&[0]);
         h.update(&v.0);
-        h.update([0]);
+        h.update(&[0]);
     }
     for (k, v) in secret.string_data.iter().flatten() {
         h.update(k.as_bytes());
-        h.update([1]);
+        h.update(&[1]);
         h.update(v.as_bytes());
-        h.update([0]);
+        h.update(&[0]);
     }
-    render::hex(&h.finalize()[..16])
+    render::hex(&h.sign().as_ref()[..16])
 }
 
 fn owned_by(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, uid: &str) -> bool {
@@ -816,6 +822,36 @@ mod tests {
         assert_eq!(scale_target(Some(3), &r), Some(4));
         assert_eq!(scale_target(Some(4), &r), None);
         assert_eq!(scale_target(None, &r), Some(4));
+    }
+
+    #[test]
+    fn the_secret_hash_is_keyed_by_the_secrets_uid() {
+        use k8s_openapi::ByteString;
+        let secret = |uid: &str, password: &str, label: &str| Secret {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                uid: Some(uid.into()),
+                labels: Some([("l".to_string(), label.to_string())].into()),
+                ..Default::default()
+            },
+            data: Some([("password".to_string(), ByteString(password.into()))].into()),
+            ..Secret::default()
+        };
+        let a = secret_data_hash(&secret("uid-1", "hunter2", "x"));
+        assert_eq!(
+            a,
+            secret_data_hash(&secret("uid-1", "hunter2", "y")),
+            "labels"
+        );
+        assert_ne!(
+            a,
+            secret_data_hash(&secret("uid-1", "hunter3", "x")),
+            "data"
+        );
+        assert_ne!(a, secret_data_hash(&secret("uid-2", "hunter2", "x")), "uid");
+        // Not the unkeyed digest a pod reader could recompute.
+        let mut plain = Sha256::new();
+        plain.update(b"password\0hunter2\0");
+        assert_ne!(a, render::hex(&plain.finalize()[..16]));
     }
 
     #[test]

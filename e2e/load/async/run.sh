@@ -129,7 +129,9 @@ async:
   kafka: {bootstrap_servers: "127.0.0.1:$kport", topic: "jobs-$label", consumer_group: "forwarders-$label", partitions: $PARTITIONS}
   callbacks:
     secrets_file: "$WORK/whsec"
+    shared_secret_fallback: true
     allowed_hosts: [{host: 127.0.0.1, allow_http: true}]
+    allowed_networks: [{cidr: 127.0.0.1/32}]
 YAML
     "$BIN" serve --config "$dir/forwarder-$i.yaml" >/dev/null 2>"$dir/forwarder-$i.log" &
     pids+=("$!"); CHILDREN+=("$!"); fports+=("$port")

@@ -1,7 +1,16 @@
 //! The header allow-lists (`headers.to_upstream`, `headers.to_client`):
 //! which headers cross the forwarder, compiled once from the config.
+//! Credential and hop-by-hop headers ([`NEVER_FORWARDED`]) never pass,
+//! whatever the patterns say.
 
+use forwarder_config::NEVER_FORWARDED;
 use http::{HeaderMap, HeaderName};
+
+/// Whether `name` is a credential or hop-by-hop header, which no allow-list
+/// lets through.
+pub fn never_forwarded(name: &HeaderName) -> bool {
+    NEVER_FORWARDED.contains(&name.as_str())
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct HeaderAllow {
@@ -27,7 +36,9 @@ impl HeaderAllow {
     }
 
     pub fn allows(&self, name: &HeaderName) -> bool {
-        self.exact.contains(name) || self.prefixes.iter().any(|p| name.as_str().starts_with(p))
+        !never_forwarded(name)
+            && (self.exact.contains(name)
+                || self.prefixes.iter().any(|p| name.as_str().starts_with(p)))
     }
 
     /// The allowed headers of `from` (an empty map, allocation-free, when none).
@@ -59,5 +70,26 @@ mod tests {
         let out = allow.filter(&h);
         assert_eq!(out.len(), 2);
         assert!(out.get("authorization").is_none());
+    }
+
+    #[test]
+    fn credentials_and_hop_by_hop_headers_never_pass_any_pattern() {
+        let allow = HeaderAllow::new(&[
+            "*".into(),
+            "x-*".into(),
+            "authorization".into(),
+            "cookie".into(),
+        ]);
+        let mut h = HeaderMap::new();
+        for name in NEVER_FORWARDED {
+            h.insert(
+                HeaderName::from_static(name),
+                "secret-value".parse().unwrap(),
+            );
+        }
+        h.insert("x-trace", "1".parse().unwrap());
+        let out = allow.filter(&h);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert!(out.contains_key("x-trace"));
     }
 }

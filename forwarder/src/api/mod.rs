@@ -2,7 +2,7 @@
 //! responses and stream chunks, and the error type with its HTTP mapping.
 
 mod error;
-mod headers;
+pub(crate) mod headers;
 mod types;
 mod view;
 

@@ -1,14 +1,15 @@
 //! API keys from a file or a mounted Secret directory, kept only as SHA-256
 //! hashes, compared in constant time and reloaded when the source changes.
 //!
-//! Sources, and the identity (what rate limits and idempotency keys are
-//! scoped by) each gives a client:
+//! Sources, and the name each gives a client (its identity, what rate
+//! limits, idempotency keys, jobs and files are scoped by, is `key:` and
+//! that name; see [`super::Identity`]):
 //! - a directory (a mounted Secret): one file per client, named after it;
-//!   the identity is the file name. Empty files and `.`-entries are skipped.
-//! - a YAML map `name: key`: the identity is the name.
-//! - a YAML list `- key`: the identity is `key-` and the first 16 hex digits
+//!   the name is the file name. Empty files and `.`-entries are skipped.
+//! - a YAML map `name: key`: the name is the map key.
+//! - a YAML list `- key`: the name is `key-` and the first 16 hex digits
 //!   of the key's SHA-256, stable whatever the key's position.
-//! - one key per line (`#` comments and blank lines skipped): identities as
+//! - one key per line (`#` comments and blank lines skipped): names as
 //!   for a list. Such keys contain no `:` and no whitespace, so a broken map
 //!   (`name:key`) is an error, never a key.
 //!
@@ -87,7 +88,7 @@ impl ApiKeys {
                 found = Some(name);
             }
         }
-        found.map(|n| Identity(n.to_string()))
+        found.map(Identity::api_key)
     }
 
     pub fn len(&self) -> usize {
@@ -350,7 +351,7 @@ mod tests {
         let keys = ApiKeys::load(&file).unwrap();
         std::fs::write(&file, "alice:sk-a\n").unwrap();
         assert!(matches!(keys.reload(), Err(KeyError::Parse { .. })));
-        assert_eq!(keys.verify("sk-a"), Some(Identity("alice".into())));
+        assert_eq!(keys.verify("sk-a"), Some(Identity::api_key("alice")));
         assert_eq!(keys.verify("alice:sk-a"), None);
         assert!(matches!(ApiKeys::load(&file), Err(KeyError::Parse { .. })));
     }
@@ -361,18 +362,18 @@ mod tests {
         let file = dir.path().join("keys.yaml");
         std::fs::write(&file, "alice: sk-a\n").unwrap();
         let keys = ApiKeys::load(&file).unwrap();
-        assert_eq!(keys.verify("sk-a"), Some(Identity("alice".into())));
+        assert_eq!(keys.verify("sk-a"), Some(Identity::api_key("alice")));
         assert_eq!(keys.verify("sk-b"), None);
         assert!(!keys.reload().unwrap(), "unchanged source is not a change");
         std::fs::write(&file, "bob: sk-b\n").unwrap();
         assert!(keys.reload().unwrap());
         assert_eq!(keys.verify("sk-a"), None);
-        assert_eq!(keys.verify("sk-b"), Some(Identity("bob".into())));
+        assert_eq!(keys.verify("sk-b"), Some(Identity::api_key("bob")));
         std::fs::remove_file(&file).unwrap();
         assert!(keys.reload().is_err());
         assert_eq!(
             keys.verify("sk-b"),
-            Some(Identity("bob".into())),
+            Some(Identity::api_key("bob")),
             "old keys kept on error"
         );
     }
@@ -385,7 +386,7 @@ mod tests {
         std::fs::write(dir.path().join(".hidden"), "sk-hidden").unwrap();
         let keys = ApiKeys::load(dir.path()).unwrap();
         assert_eq!(keys.len(), 1);
-        assert_eq!(keys.verify("sk-team-a"), Some(Identity("team-a".into())));
+        assert_eq!(keys.verify("sk-team-a"), Some(Identity::api_key("team-a")));
         assert_eq!(keys.verify("sk-hidden"), None);
     }
 }

@@ -200,6 +200,12 @@ impl JwtVerifier {
             Some(Value::String(s)) if !s.trim().is_empty() && s.len() <= 256 => s.clone(),
             _ => return Err(AuthFailure::NoPrincipal),
         };
+        // The configured issuer (every accepted token carries it), else the
+        // token's own `iss`, if any.
+        let issuer = match &self.cfg.issuer {
+            Some(i) => i.as_str(),
+            None => claims.get("iss").and_then(Value::as_str).unwrap_or(""),
+        };
         let models = self
             .cfg
             .models_claim
@@ -225,7 +231,7 @@ impl JwtVerifier {
             .map(Arc::from);
         Ok((
             Principal {
-                identity: Identity(name),
+                identity: Identity::jwt(issuer, &name),
                 models,
                 tier,
             },

@@ -16,14 +16,42 @@ use std::sync::Arc;
 
 use http::HeaderMap;
 
-/// Who is calling: the client's name from the key file, or `anonymous`
-/// when authentication is off.
+/// Who is calling, namespaced by how the client authenticated, so that one
+/// name presented through two methods is two clients: `key:<name>` (an API
+/// key's name in the key file), `jwt:<issuer>:<subject>` (the token's
+/// principal claim under its issuer, `:` and `%` in the issuer
+/// percent-encoded), `cert:<subject CN>` (a verified client certificate),
+/// or `anonymous` when authentication is off. Everything scoped by client
+/// (idempotency records, the answer cache, jobs, files, batches, rate and
+/// token limits, logs) is scoped by this string.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Identity(pub String);
 
 impl Identity {
     pub fn anonymous() -> Self {
         Self("anonymous".into())
+    }
+
+    /// The client of an API key named `name`.
+    pub fn api_key(name: &str) -> Self {
+        Self(format!("key:{name}"))
+    }
+
+    /// The client a JWT from `issuer` (empty when the token names none)
+    /// calls `subject`.
+    pub fn jwt(issuer: &str, subject: &str) -> Self {
+        let issuer = issuer.replace('%', "%25").replace(':', "%3A");
+        Self(format!("jwt:{issuer}:{subject}"))
+    }
+
+    /// The client a verified client certificate's subject CN names.
+    pub fn cert(subject: &str) -> Self {
+        Self(format!("cert:{subject}"))
+    }
+
+    /// The API key's name, for an API-key client.
+    pub fn key_name(&self) -> Option<&str> {
+        self.0.strip_prefix("key:")
     }
 }
 
@@ -91,7 +119,7 @@ impl Authenticators<'_> {
                 }
             }
             None => match peer {
-                Some(p) if self.client_cert => Ok(Principal::new(Identity(p.to_string()))),
+                Some(p) if self.client_cert => Ok(Principal::new(Identity::cert(p))),
                 _ => Err(AuthFailure::Missing),
             },
         }
@@ -119,6 +147,44 @@ pub fn credential(headers: &HeaderMap) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_name_through_two_methods_is_two_clients() {
+        let ids = [
+            Identity::api_key("alice"),
+            Identity::jwt("", "alice"),
+            Identity::jwt("https://id.example", "alice"),
+            Identity::cert("alice"),
+            Identity::anonymous(),
+        ];
+        for (i, a) in ids.iter().enumerate() {
+            for b in &ids[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        // An issuer's `:` cannot pass for the separator.
+        assert_ne!(Identity::jwt("a:b", "c"), Identity::jwt("a", "b:c"));
+        assert_eq!(Identity::api_key("alice").key_name(), Some("alice"));
+        assert_eq!(Identity::jwt("", "key:alice").key_name(), None);
+    }
+
+    #[test]
+    fn a_certificate_naming_an_api_key_client_is_another_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        std::fs::write(&path, "alice: sk-alice\n").unwrap();
+        let keys = ApiKeys::load(&path).unwrap();
+        let auth = Authenticators {
+            keys: Some(&keys),
+            jwt: None,
+            client_cert: true,
+        };
+        let by_key = auth.authenticate(Some("sk-alice"), None).unwrap();
+        let by_cert = auth.authenticate(None, Some("alice")).unwrap();
+        assert_eq!(by_key.identity, Identity::api_key("alice"));
+        assert_eq!(by_cert.identity, Identity::cert("alice"));
+        assert_ne!(by_key.identity, by_cert.identity);
+    }
 
     #[test]
     fn bearer_and_x_api_key_are_both_accepted() {

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::auth::Identity;
+use crate::auth::{Identity, Principal};
 use crate::store::{Claimed, HeldClaim, Space, Store, StoreError, StoreKey};
 
 /// A driver's lease, renewed every third of it.
@@ -23,10 +23,15 @@ pub const SWEEP: Duration = Duration::from_secs(3);
 /// Live batches looked at per sweep.
 const SWEEP_LIMIT: usize = 200;
 
-/// What a new driver needs that the batch's id alone does not give.
+/// What a new driver needs that the batch's id alone does not give: its
+/// creator, whose grants and tier the batch keeps.
 #[derive(Serialize, Deserialize)]
-pub struct Driver {
-    pub owner: String,
+struct Driver {
+    owner: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    models: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tier: Option<String>,
 }
 
 fn lease_key(batch_id: &str) -> StoreKey {
@@ -51,11 +56,13 @@ pub fn line_key(batch_id: &str, custom_id: &str) -> String {
 pub async fn register(
     store: &dyn Store,
     batch_id: &str,
-    owner: &Identity,
+    creator: &Principal,
     ttl: Duration,
 ) -> Result<(), StoreError> {
     let driver = serde_json::to_vec(&Driver {
-        owner: owner.0.clone(),
+        owner: creator.identity.0.clone(),
+        models: creator.models.as_ref().map(|m| m.to_vec()),
+        tier: creator.tier.as_deref().map(String::from),
     })
     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
     store
@@ -69,7 +76,7 @@ pub async fn register(
 /// The outcome of trying a batch's lease.
 pub enum Take {
     /// This replica drives it now.
-    Held(HeldClaim, Identity),
+    Held(HeldClaim, Principal),
     /// A live driver holds it.
     Busy,
     /// It was driven to its end.
@@ -84,7 +91,11 @@ pub async fn take(store: &dyn Store, batch_id: &str) -> Result<Take, StoreError>
                 .get(&driver_key(batch_id))
                 .await?
                 .and_then(|r| serde_json::from_slice::<Driver>(&r.value).ok())
-                .map(|d| Identity(d.owner));
+                .map(|d| Principal {
+                    identity: Identity(d.owner),
+                    models: d.models.map(std::sync::Arc::from),
+                    tier: d.tier.map(std::sync::Arc::from),
+                });
             match owner {
                 Some(owner) => Ok(Take::Held(held, owner)),
                 // Its record expired with it: nothing left to drive.

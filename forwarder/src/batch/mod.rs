@@ -3,9 +3,15 @@
 //! becomes a job, and output/error files keyed by `custom_id`.
 //!
 //! Files, batches and each client's batch list live in the shared store,
-//! keyed by owner. A batch is driven (its jobs submitted, their results
-//! collected) by the replica that holds its lease (`lease.rs`); a batch
-//! whose driver dies is taken over by another replica.
+//! keyed by owner. A batch runs as its creator: a line for a model the
+//! creator's credential does not grant goes to the error file, answered
+//! 404 `model_not_found` as every other door answers it, without running; every line spends a request of the creator's
+//! per-process rate limit before it is queued (the batch waits when the
+//! limit is reached), and each line's job carries the creator's grants and
+//! tier, so shared request and token limits apply when it runs. A batch is
+//! driven (its jobs submitted, their results collected) by the replica that
+//! holds its lease (`lease.rs`); a batch whose driver dies is taken over by
+//! another replica, as its creator still.
 
 pub mod files;
 pub mod jsonl;
@@ -20,9 +26,10 @@ use http::HeaderMap;
 use parking_lot::Mutex;
 
 use crate::api::ApiError;
-use crate::auth::Identity;
+use crate::auth::{Identity, Principal};
 use crate::jobs::model::{BatchTag, JobKind, JobState};
 use crate::jobs::{now_ms, Jobs, Submission};
+use crate::pipeline::Pipeline;
 use crate::store::{HeldClaim, Store, StoreError};
 use files::{key, FileStore, Line, LineSplitter, Writer};
 use forwarder_config::BatchConfig;
@@ -43,6 +50,7 @@ pub enum BatchError {
 
 pub struct Batches {
     files: FileStore,
+    pipeline: Arc<Pipeline>,
     jobs: Arc<Jobs>,
     cfg: BatchConfig,
     /// Bytes per line of an input file.
@@ -118,14 +126,16 @@ fn new_file_id() -> String {
 
 impl Batches {
     pub fn new(
-        store: Arc<dyn Store>,
+        pipeline: Arc<Pipeline>,
         jobs: Arc<Jobs>,
         cfg: BatchConfig,
         ttl: Duration,
         body_limit: usize,
     ) -> Arc<Self> {
+        let store: Arc<dyn Store> = pipeline.store().clone();
         let me = Arc::new(Self {
             files: FileStore { store, ttl },
+            pipeline,
             jobs,
             max_line: cfg.max_line_bytes.unwrap_or(body_limit),
             cfg,
@@ -159,9 +169,11 @@ impl Batches {
         }
     }
 
-    /// Drives a batch whose lease this replica just took over.
-    async fn resume(self: Arc<Self>, held: HeldClaim, owner: Identity, id: String) {
+    /// Drives a batch whose lease this replica just took over, as its
+    /// creator (the grants and tier recorded when it was created).
+    async fn resume(self: Arc<Self>, held: HeldClaim, creator: Principal, id: String) {
         let store = self.files.store.clone();
+        let owner = creator.identity.clone();
         let batch = match self.get(&owner, &id).await {
             Ok(b) if !b.status.is_final() => b,
             _ => return lease::finished(&*store, &id, held).await,
@@ -174,7 +186,7 @@ impl Batches {
             }
         };
         tracing::info!("taking over a batch whose driver stopped");
-        tokio::spawn(self.drive(held, owner, batch, file));
+        tokio::spawn(self.drive(held, creator, batch, file));
     }
 
     pub fn max_file_bytes(&self) -> usize {
@@ -218,9 +230,10 @@ impl Batches {
         })
     }
 
+    /// Creates a batch that runs as `creator` (its grants and tier).
     pub async fn create(
         self: &Arc<Self>,
-        owner: &Identity,
+        creator: &Principal,
         input_file_id: &str,
         endpoint: &str,
         window: &str,
@@ -237,6 +250,7 @@ impl Batches {
                 "completion_window must be \"24h\"".into(),
             ));
         }
+        let owner = &creator.identity;
         let file = self.file(owner, input_file_id).await?;
         if file.purpose != "batch" {
             return Err(BatchError::BadRequest(format!(
@@ -287,10 +301,13 @@ impl Batches {
                 ttl,
             )
             .await?;
-        lease::register(&*store, &batch.id, owner, ttl).await?;
+        lease::register(&*store, &batch.id, creator, ttl).await?;
         // Else another replica's sweep took it first, and drives it.
         if let lease::Take::Held(held, _) = lease::take(&*store, &batch.id).await? {
-            tokio::spawn(self.clone().drive(held, owner.clone(), batch.clone(), file));
+            tokio::spawn(
+                self.clone()
+                    .drive(held, creator.clone(), batch.clone(), file),
+            );
         }
         Ok(batch)
     }
@@ -370,12 +387,13 @@ impl Batches {
     async fn drive(
         self: Arc<Self>,
         held: HeldClaim,
-        owner: Identity,
+        creator: Principal,
         mut b: Batch,
         file: FileMeta,
     ) {
         let id = b.id.clone();
-        if let Err(e) = self.run(&owner, &mut b, &file).await {
+        let owner = creator.identity.clone();
+        if let Err(e) = self.run(&creator, &mut b, &file).await {
             tracing::warn!(error = %e, "a batch failed");
             b.status = BatchStatus::Failed;
             b.failed_at = Some(now_ms() / 1000);
@@ -422,10 +440,11 @@ impl Batches {
 
     async fn run(
         &self,
-        owner: &Identity,
+        creator: &Principal,
         b: &mut Batch,
         file: &FileMeta,
     ) -> Result<(), BatchError> {
+        let owner = &creator.identity;
         b.status = BatchStatus::InProgress;
         b.in_progress_at = b.in_progress_at.or(Some(now_ms() / 1000));
         // A run taken over from a driver that died starts its counts and
@@ -474,6 +493,22 @@ impl Batches {
                 let Ok(req) = jsonl::parse(&line) else {
                     continue;
                 };
+                // Refused before it is queued, with the answer every other
+                // door gives it.
+                let max_body = self.pipeline.config().server.max_body_bytes;
+                let known = self.pipeline.has_model(&req.model);
+                if let Some(refusal) = line_refusal(creator, known, max_body, &req) {
+                    let body = serde_json::to_vec(&refusal.body()).unwrap_or_default();
+                    let request_id = format!("req_{}", uuid::Uuid::new_v4().simple());
+                    let outcome = Outcome::Answered {
+                        status_code: refusal.status().as_u16(),
+                        request_id: &request_id,
+                        body: &body,
+                    };
+                    results.add(b, &req.custom_id, &outcome).await?;
+                    continue;
+                }
+                let mut spent = false;
                 loop {
                     if let Some((code, message)) = Self::stop_reason(b) {
                         results
@@ -481,8 +516,29 @@ impl Batches {
                             .await?;
                         break;
                     }
+                    // One request of the creator's rate limit per line: a
+                    // batch goes at the pace its creator may go.
+                    if !spent {
+                        match self.pipeline.spend(creator).await {
+                            Ok(()) => spent = true,
+                            Err(e) => {
+                                let wait = match e {
+                                    ApiError::RateLimited {
+                                        retry_after: Some(d),
+                                    } => d,
+                                    _ => Duration::from_millis(50),
+                                };
+                                tokio::time::sleep(
+                                    wait.clamp(Duration::from_millis(5), Duration::from_secs(1)),
+                                )
+                                .await;
+                                self.sync(owner, b).await?;
+                                continue;
+                            }
+                        }
+                    }
                     let sub = Submission {
-                        owner: owner.clone(),
+                        owner: creator.clone(),
                         kind: JobKind::Chat,
                         model: req.model.clone(),
                         body: req.body.clone(),
@@ -616,6 +672,25 @@ impl Batches {
     }
 }
 
+/// The refusal the synchronous doors give a batch line's request before
+/// running it, if any: a body over `server.max_body_bytes` is `413`, a
+/// model the creator's credential does not grant (or no upstream serves)
+/// is `404 model_not_found`.
+fn line_refusal(
+    creator: &Principal,
+    known_model: bool,
+    max_body: usize,
+    req: &jsonl::Request,
+) -> Option<ApiError> {
+    if req.body.len() > max_body {
+        Some(ApiError::PayloadTooLarge(max_body))
+    } else if !known_model || !creator.may_use(&req.model) {
+        Some(ApiError::ModelNotFound(req.model.clone()))
+    } else {
+        None
+    }
+}
+
 /// The output and error files being written.
 struct Results {
     out: Writer,
@@ -638,5 +713,40 @@ impl Results {
             b.request_counts.failed += 1;
             self.err.write_line(&line).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_is_refused_as_the_synchronous_doors_refuse_it() {
+        let mut cheap_only = Principal::new(Identity::jwt("", "c"));
+        cheap_only.models = Some(Arc::from(vec!["cheap".to_string()]));
+        let line = |model: &str, body: usize| jsonl::Request {
+            custom_id: "x".into(),
+            model: model.into(),
+            body: vec![b' '; body].into(),
+        };
+        let code = |e: Option<ApiError>| e.map(|e| e.status().as_u16());
+        assert_eq!(
+            code(line_refusal(&cheap_only, true, 100, &line("cheap", 100))),
+            None
+        );
+        assert_eq!(
+            code(line_refusal(&cheap_only, true, 100, &line("dear", 10))),
+            Some(404)
+        );
+        assert_eq!(
+            code(line_refusal(&cheap_only, false, 100, &line("cheap", 10))),
+            Some(404)
+        );
+        assert_eq!(
+            code(line_refusal(&cheap_only, true, 100, &line("cheap", 101))),
+            Some(413)
+        );
+        let key = Principal::new(Identity::api_key("a"));
+        assert_eq!(code(line_refusal(&key, true, 100, &line("dear", 10))), None);
     }
 }

@@ -19,6 +19,7 @@ use serde_json::json;
 use super::http::not_found;
 use super::owner::Owner;
 use crate::api::ApiError;
+use crate::auth::Principal;
 use crate::batch::{BatchError, Batches};
 use crate::jobs::Jobs;
 use crate::pipeline::Pipeline;
@@ -48,7 +49,7 @@ pub fn routes(pipeline: Arc<Pipeline>, jobs: Arc<Jobs>) -> Router {
         limits.max_file_bytes = limits.max_file_bytes.min(quarter);
     }
     let body_limit = pipeline.config().server.max_body_bytes;
-    let batches = Batches::new(pipeline.store().clone(), jobs, limits, ttl, body_limit);
+    let batches = Batches::new(pipeline.clone(), jobs, limits, ttl, body_limit);
     // Room for the multipart framing around the largest file.
     let limit = batches.max_file_bytes().saturating_add(1 << 20);
     Router::new()
@@ -80,7 +81,9 @@ fn refused(e: BatchError) -> Response {
 
 async fn upload_file(
     State(s): State<BatchState>,
-    Owner(owner): Owner,
+    Owner(Principal {
+        identity: owner, ..
+    }): Owner,
     form: Result<Multipart, MultipartRejection>,
 ) -> Response {
     // Authenticated first; then a body that is not multipart is a 400 in
@@ -147,7 +150,9 @@ async fn upload_file(
 
 async fn get_file(
     State(s): State<BatchState>,
-    Owner(owner): Owner,
+    Owner(Principal {
+        identity: owner, ..
+    }): Owner,
     Path(id): Path<String>,
 ) -> Response {
     match s.batches.file(&owner, &id).await {
@@ -158,7 +163,9 @@ async fn get_file(
 
 async fn file_content(
     State(s): State<BatchState>,
-    Owner(owner): Owner,
+    Owner(Principal {
+        identity: owner, ..
+    }): Owner,
     Path(id): Path<String>,
 ) -> Response {
     match s.batches.file(&owner, &id).await {
@@ -188,7 +195,7 @@ struct CreateBatch {
 
 async fn create_batch(
     State(s): State<BatchState>,
-    Owner(owner): Owner,
+    Owner(principal): Owner,
     body: axum::body::Bytes,
 ) -> Response {
     let req: CreateBatch = match serde_json::from_slice(&body) {
@@ -200,7 +207,7 @@ async fn create_batch(
     match s
         .batches
         .create(
-            &owner,
+            &principal,
             &req.input_file_id,
             &req.endpoint,
             &req.completion_window,
@@ -215,7 +222,9 @@ async fn create_batch(
 
 async fn get_batch(
     State(s): State<BatchState>,
-    Owner(owner): Owner,
+    Owner(Principal {
+        identity: owner, ..
+    }): Owner,
     Path(id): Path<String>,
 ) -> Response {
     match s.batches.get(&owner, &id).await {
@@ -226,7 +235,9 @@ async fn get_batch(
 
 async fn cancel_batch(
     State(s): State<BatchState>,
-    Owner(owner): Owner,
+    Owner(Principal {
+        identity: owner, ..
+    }): Owner,
     Path(id): Path<String>,
 ) -> Response {
     match s.batches.cancel(&owner, &id).await {
@@ -243,7 +254,9 @@ struct ListQuery {
 
 async fn list_batches(
     State(s): State<BatchState>,
-    Owner(owner): Owner,
+    Owner(Principal {
+        identity: owner, ..
+    }): Owner,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Response {
     // As OpenAI: a malformed or out-of-range `limit` is a 400 (in the

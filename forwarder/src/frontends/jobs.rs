@@ -15,6 +15,7 @@ use axum::{Json, Router};
 use super::http::{meta, not_found, post_only, read_body, Presented, RequestId};
 use super::owner::Owner;
 use crate::api::{ApiError, SimpleRequest};
+use crate::auth::Principal;
 use crate::frontends::tls::PeerSubject;
 use crate::jobs::model::{Job, JobKind};
 use crate::jobs::{now_ms, CancelError, Jobs, Submission};
@@ -165,7 +166,7 @@ async fn submit(
         return adm.refuse(e).into_response();
     }
     let sub = Submission {
-        owner: adm.principal().clone(),
+        owner: adm.client(),
         kind,
         model: model.clone(),
         body,
@@ -193,7 +194,9 @@ fn accepted(job: &Job) -> Response {
 
 async fn get_job(
     State(s): State<JobsState>,
-    Owner(owner): Owner,
+    Owner(Principal {
+        identity: owner, ..
+    }): Owner,
     Path(id): Path<String>,
 ) -> Response {
     match s.jobs.lookup(&owner, &id).await {
@@ -205,7 +208,9 @@ async fn get_job(
 
 async fn cancel_job(
     State(s): State<JobsState>,
-    Owner(owner): Owner,
+    Owner(Principal {
+        identity: owner, ..
+    }): Owner,
     Path(id): Path<String>,
 ) -> Response {
     match s.jobs.cancel(&owner, &id).await {

@@ -33,7 +33,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{ApiError, CompletionView, HeaderAllow, SimpleResponse};
-use crate::auth::Identity;
+use crate::auth::{Identity, Principal};
 use crate::pipeline::envelope::ReplyBody;
 use crate::pipeline::{Call, Pipeline, RequestMeta};
 use crate::telemetry::Protocol;
@@ -67,7 +67,8 @@ const PATIENCE_MAX: Duration = Duration::from_secs(5);
 
 /// What a client asked to run later.
 pub struct Submission {
-    pub owner: Identity,
+    /// The client, with what its credential grants.
+    pub owner: Principal,
     pub kind: JobKind,
     pub model: String,
     /// A chat-completions request already checked by the front end.
@@ -183,7 +184,7 @@ impl Jobs {
         let simple = matches!(sub.kind, JobKind::Simple { .. });
         let fp =
             submissions::fingerprint(&sub.model, &sub.body, sub.callback_url.as_deref(), simple);
-        let owner = sub.owner.clone();
+        let owner = sub.owner.identity.clone();
         match self.submissions.begin(&owner, &k, fp).await? {
             submissions::Keyed::Existing(id) => self
                 .get(&owner, &id)
@@ -208,6 +209,7 @@ impl Jobs {
             batch,
             ..
         } = sub;
+        let owner = &owner;
         let callback = match callback_url {
             None => None,
             Some(url) => {
@@ -216,7 +218,13 @@ impl Jobs {
                         "callbacks are not enabled on this forwarder".into(),
                     ));
                 };
-                cb.check(&url).map_err(ApiError::BadRequest)?;
+                cb.check(&url)
+                    .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+                if !cb.signs_for(owner) {
+                    return Err(ApiError::BadRequest(
+                        "no callback signing secret for this client".into(),
+                    ));
+                }
                 Some(Callback {
                     url,
                     state: DeliveryState::Pending,
@@ -229,7 +237,8 @@ impl Jobs {
         let ttl = u64::try_from(self.cfg.job_ttl.as_millis()).unwrap_or(u64::MAX);
         let job = Job {
             id: format!("job_{}", uuid::Uuid::new_v4().simple()),
-            owner,
+            owner: owner.identity.clone(),
+            grants: model::Grants::of(owner),
             kind,
             model,
             body,
@@ -563,7 +572,7 @@ impl Jobs {
                 meta.upstream_headers.insert(UPSTREAM_IDEMPOTENCY_KEY, v);
             }
             meta.prepaid = prepaid;
-            let adm = self.pipeline.admit_as(job.owner.clone(), meta);
+            let adm = self.pipeline.admit_as(job.principal(), meta);
             let call = Call {
                 body: job.body.clone(),
                 idempotency_key: Some(job.id.clone()),

@@ -5,7 +5,9 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::auth::Identity;
+use std::sync::Arc;
+
+use crate::auth::{Identity, Principal};
 
 /// Where a job is in its life. `queued → running → succeeded | failed`;
 /// `queued → cancelled` (DELETE) or `expired` (not started in time).
@@ -109,6 +111,27 @@ pub struct Job {
     /// The client's shared limits were charged at submission: the run
     /// does not spend them again.
     pub charged: bool,
+    /// What the submitting client's credential allowed; the run is held
+    /// to it.
+    pub grants: Grants,
+}
+
+/// A job's share of its client's credential: the models it may use and
+/// its token's tier claim (a job keeps no token).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Grants {
+    /// `None`: every model.
+    pub models: Option<Arc<[String]>>,
+    pub tier: Option<Arc<str>>,
+}
+
+impl Grants {
+    pub fn of(p: &Principal) -> Self {
+        Self {
+            models: p.models.clone(),
+            tier: p.tier.clone(),
+        }
+    }
 }
 
 /// The batch and line a job runs (the Batch API).
@@ -123,6 +146,16 @@ pub struct BatchTag {
 pub struct NotAllowed(pub JobState);
 
 impl Job {
+    /// The client the job runs as: its owner, with the grants its
+    /// credential had when the job was accepted.
+    pub fn principal(&self) -> Principal {
+        Principal {
+            identity: self.owner.clone(),
+            models: self.grants.models.clone(),
+            tier: self.grants.tier.clone(),
+        }
+    }
+
     /// When it was accepted, in Unix milliseconds (to the second for a
     /// message without `created_ms`).
     pub fn created_ms(&self) -> u64 {
@@ -301,6 +334,7 @@ pub(crate) fn test_job(id: &str, owner: &str, expires_at_ms: u64) -> Job {
         callback: None,
         batch: None,
         charged: false,
+        grants: Grants::default(),
     }
 }
 

@@ -4,7 +4,9 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::model::{BatchTag, Callback, DeliveryState, Job, JobKind, JobState};
+use std::sync::Arc;
+
+use super::model::{BatchTag, Callback, DeliveryState, Grants, Job, JobKind, JobState};
 use crate::auth::Identity;
 
 #[derive(Serialize, Deserialize)]
@@ -33,6 +35,12 @@ struct WireJob {
     /// A Batch API request's batch and `custom_id`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     batch: Option<BatchTag>,
+    /// The models the client's credential grants (absent: every model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    models: Option<Vec<String>>,
+    /// The tier its token claimed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tier: Option<String>,
     /// Shared limits charged at submission (absent from older forwarders:
     /// charged when run).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -61,9 +69,11 @@ pub fn encode(job: &Job) -> Vec<u8> {
         },
         model: job.model.clone(),
         body: String::from_utf8_lossy(&job.body).into_owned(),
+        // Credentials never go into a message, whatever the job holds.
         headers: job
             .headers
             .iter()
+            .filter(|(k, _)| !crate::api::headers::never_forwarded(k))
             .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
             .collect(),
         callback_url: job.callback.as_ref().map(|c| c.url.clone()),
@@ -72,6 +82,8 @@ pub fn encode(job: &Job) -> Vec<u8> {
         expires_at_ms: job.expires_at_ms,
         batch: job.batch.clone(),
         charged: job.charged,
+        models: job.grants.models.as_ref().map(|m| m.to_vec()),
+        tier: job.grants.tier.as_deref().map(String::from),
     };
     serde_json::to_vec(&wire).unwrap_or_default()
 }
@@ -117,6 +129,10 @@ pub fn decode(bytes: &[u8]) -> Result<Job, DecodeError> {
         }),
         batch: w.batch,
         charged: w.charged,
+        grants: Grants {
+            models: w.models.map(Arc::from),
+            tier: w.tier.map(Arc::from),
+        },
     })
 }
 
@@ -147,8 +163,13 @@ mod tests {
             callback: None,
             batch: None,
             charged: true,
+            grants: Grants {
+                models: Some(Arc::from(vec!["cheap".to_string()])),
+                tier: Some(Arc::from("bronze")),
+            },
         };
         let back = decode(&encode(&job)).unwrap();
+        assert_eq!(back.grants, job.grants, "the run is held to the grants");
         assert_eq!(back.id, job.id);
         assert_eq!(back.owner, job.owner);
         assert_eq!(back.kind, job.kind);
@@ -167,6 +188,26 @@ mod tests {
         // A message from a forwarder that sent seconds only.
         let old = br#"{"v":1,"id":"x","owner":"o","model":"m","body":"{}","headers":[],"created_at":7,"expires_at_ms":0}"#;
         assert_eq!(decode(old).unwrap().created_ms(), 7_000);
+    }
+
+    #[test]
+    fn no_credential_is_written_into_a_message() {
+        let mut job = crate::jobs::model::test_job("job_c", "key:alice", 9000);
+        for (k, v) in [
+            ("authorization", "Bearer sk-secret-1"),
+            ("x-api-key", "sk-secret-2"),
+            ("cookie", "session=sk-secret-3"),
+            ("x-trace", "kept"),
+        ] {
+            job.headers.insert(
+                http::HeaderName::from_static(k),
+                http::HeaderValue::from_static(v),
+            );
+        }
+        let bytes = encode(&job);
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(!text.contains("sk-secret"), "{text}");
+        assert_eq!(decode(&bytes).unwrap().headers.len(), 1);
     }
 
     #[test]

@@ -116,6 +116,15 @@ impl Admission {
         &self.principal
     }
 
+    /// The client with its grants (for what it leaves to run later: a job).
+    pub fn client(&self) -> Principal {
+        Principal {
+            identity: self.principal.clone(),
+            models: self.models.clone(),
+            tier: self.tier.clone(),
+        }
+    }
+
     /// Whether the client's credential grants `model` (a JWT may name the
     /// models it may use; API keys grant every model).
     pub fn grants(&self, model: &str) -> bool {
@@ -215,6 +224,9 @@ impl Pipeline {
             )),
             None => None,
         };
+        for w in forwarder_config::warnings(&cfg) {
+            tracing::warn!(field = %w.field, "config: {}", w.message);
+        }
         for reason in AuthFailure::ALL {
             metrics.auth_failures.with_label_values(&[reason.label()]);
         }
@@ -407,18 +419,51 @@ impl Pipeline {
     }
 
     /// Admits a request for a principal authenticated and rate-limited
-    /// earlier (an async job, run by a worker after it was accepted).
-    /// The models grant was checked when the job was accepted.
-    /// A job keeps no token, so its tier is the client's configured one.
-    pub fn admit_as(&self, principal: Identity, meta: RequestMeta) -> Admission {
+    /// earlier (an async job or a batch line, run by a worker after it was
+    /// accepted), held to the grants its credential had then: its models
+    /// and its tier (the token's claim, else the client's configured one).
+    pub fn admit_as(&self, principal: Principal, meta: RequestMeta) -> Admission {
         Admission {
             obs: self.observer(meta.protocol, &meta.request_id),
-            tier: self.tier(&principal, None),
-            principal,
-            models: None,
+            tier: self.tier(&principal.identity, principal.tier.as_deref()),
+            principal: principal.identity,
+            models: principal.models,
             meta,
             started: Instant::now(),
         }
+    }
+
+    /// Admits a request to a stored object's route (a job, a file, a
+    /// batch): authenticated as a chat request is, and rate-limited as one
+    /// (the per-process limit, or the shared one counting a request and no
+    /// tokens). An authentication failure is logged and counted as for
+    /// any other request.
+    pub async fn admit_route(
+        &self,
+        credential: Option<&str>,
+        peer: Option<&str>,
+    ) -> Result<Principal, ApiError> {
+        let mut p = self.authenticate_peer(credential, peer)?;
+        // The tier in force (claimed and listed, else configured), kept
+        // with what this client leaves to run later.
+        p.tier = self.tier(&p.identity, p.tier.as_deref());
+        self.spend(&p).await?;
+        if let Some(l) = &self.shared_limit {
+            let tier = self.tier(&p.identity, p.tier.as_deref());
+            l.check(&p.identity, tier.as_deref(), 0).await?;
+        }
+        Ok(p)
+    }
+
+    /// Spends one request of `p`'s per-process rate limit (its tier's),
+    /// as [`Pipeline::admit`] does; shared limits are spent when a request
+    /// runs. Nothing to spend when no per-process limit is configured.
+    pub async fn spend(&self, p: &Principal) -> Result<(), ApiError> {
+        if let Some(limit) = &self.limit {
+            let tier = self.tier(&p.identity, p.tier.as_deref());
+            limit.check(&p.identity, tier.as_deref())?;
+        }
+        Ok(())
     }
 
     /// The rate-limit tier in force for a client (see [`rate_limit::tier`]).

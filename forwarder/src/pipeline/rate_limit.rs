@@ -13,7 +13,8 @@ use crate::auth::Identity;
 use forwarder_config::RateLimitConfig;
 
 /// Which tier's limits apply: the token's tier if the config lists it,
-/// else the client's configured tier, else the default (`None`).
+/// else the client's configured tier (`client_tiers` by full identity, or
+/// by bare name for an API-key client), else the default (`None`).
 pub fn tier<'a>(
     cfg: &'a RateLimitConfig,
     who: &Identity,
@@ -22,6 +23,11 @@ pub fn tier<'a>(
     claimed
         .and_then(|t| cfg.tiers.get_key_value(t).map(|(k, _)| k.as_str()))
         .or_else(|| cfg.client_tiers.get(&who.0).map(String::as_str))
+        .or_else(|| {
+            who.key_name()
+                .and_then(|n| cfg.client_tiers.get(n))
+                .map(String::as_str)
+        })
 }
 
 fn limiter(rps: u32, burst: u32) -> DefaultKeyedRateLimiter<String> {
@@ -90,13 +96,16 @@ mod tests {
     #[test]
     fn a_claimed_tier_wins_an_unknown_one_falls_back() {
         let c = cfg();
-        let bob = Identity("bob".into());
-        let alice = Identity("alice".into());
+        let bob = Identity::api_key("bob");
+        let alice = Identity::api_key("alice");
         assert_eq!(tier(&c, &bob, Some("gold")), Some("gold"));
         assert_eq!(tier(&c, &bob, Some("platinum")), None);
         assert_eq!(tier(&c, &bob, None), None);
         assert_eq!(tier(&c, &alice, None), Some("gold"));
         assert_eq!(tier(&c, &alice, Some("nope")), Some("gold"));
+        // Another method's `alice` is not the API key's.
+        assert_eq!(tier(&c, &Identity::jwt("", "alice"), None), None);
+        assert_eq!(tier(&c, &Identity::cert("alice"), None), None);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use forwarder::config::{CallbackHost, Config, MockSettings};
+use forwarder::config::{CallbackHost, CallbackNetwork, Config, MockSettings};
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 
@@ -246,11 +246,11 @@ async fn jobs_expire_unstarted_and_results_expire_after_their_ttl() {
 }
 
 /// What the test receiver saw: headers and body of each delivery.
-type Seen = Arc<Mutex<Vec<(HeaderMap, bytes::Bytes)>>>;
+pub(crate) type Seen = Arc<Mutex<Vec<(HeaderMap, bytes::Bytes)>>>;
 
 /// A callback receiver on loopback answering 500 to the first `fail`
 /// deliveries, then 200.
-async fn receiver(fail: usize) -> (String, Seen) {
+pub(crate) async fn receiver(fail: usize) -> (String, Seen) {
     let seen: Seen = Arc::default();
     let app = axum::Router::new()
         .route(
@@ -285,9 +285,19 @@ fn callback_config(m: &forwarder::mock_llm::MockServer, dir: &tempfile::TempDir)
     std::fs::write(&secrets, format!("{SECRET}\n{OLD_SECRET}\n")).unwrap();
     let cb = &mut cfg.async_jobs.callbacks;
     cb.secrets_file = Some(secrets);
+    // Both secrets are shared ones: every client's callbacks are signed
+    // with them.
+    cb.shared_secret_fallback = true;
     cb.allowed_hosts = vec![CallbackHost {
         host: "127.0.0.1".into(),
         allow_http: true,
+        ports: Vec::new(),
+    }];
+    // The receivers listen on loopback, which callbacks reach only when a
+    // network names it.
+    cb.allowed_networks = vec![CallbackNetwork {
+        cidr: "127.0.0.1/32".parse().unwrap(),
+        ports: Vec::new(),
     }];
     cb.max_attempts = 3;
     cb.base_delay = 20 * MS;
@@ -298,7 +308,7 @@ fn callback_config(m: &forwarder::mock_llm::MockServer, dir: &tempfile::TempDir)
 
 /// Verifies a delivery's signature with Python's `hmac`, independently of
 /// the forwarder's code: every secret must have a matching `v1,` entry.
-fn python_verifies(headers: &HeaderMap, body: &[u8], secrets: &[&str]) -> bool {
+pub(crate) fn python_verifies(headers: &HeaderMap, body: &[u8], secrets: &[&str]) -> bool {
     let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
     let python = if python.exists() {
         python

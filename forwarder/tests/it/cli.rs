@@ -225,3 +225,35 @@ fn the_jwt_tls_example_config_checks() {
         "{text}"
     );
 }
+
+#[test]
+fn check_config_warns_of_header_patterns_that_cover_credentials() {
+    let (ok, out) = check("headers: {to_upstream: ['x-*', openai-beta]}\n", &[]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("warning: headers.to_upstream") && out.contains("x-api-key"),
+        "{out}"
+    );
+    let (ok, out) = check("headers: {to_upstream: [openai-beta]}\n", &[]);
+    assert!(ok && !out.contains("warning"), "{out}");
+}
+
+#[test]
+fn callback_networks_and_ports_are_typed() {
+    let (ok, out) = check(
+        "async: {callbacks: {allowed_networks: [{cidr: 10.20.0.0/16, ports: [443]}, {cidr: 'fd00::/8'}]}}\n",
+        &[],
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = check(
+        "async: {callbacks: {allowed_networks: [{cidr: 10.20.0.0}]}}\n",
+        &[],
+    );
+    assert!(!ok, "a CIDR needs its prefix: {out}");
+    let (ok, out) = check(
+        "async: {callbacks: {secrets_file: /dev/null, allowed_hosts: [{host: h.example, ports: [0]}]}}\n",
+        &[],
+    );
+    assert!(!ok);
+    assert!(out.contains("async.callbacks.allowed_hosts"), "{out}");
+}

@@ -96,7 +96,11 @@ async fn submit(f: &Fwd, prompt: &str) -> String {
 }
 
 /// Every message on `topic` (from the start), as (key, payload).
-async fn read_topic(broker: &Broker, topic: &str, want: usize) -> Vec<(String, Vec<u8>)> {
+pub(crate) async fn read_topic(
+    broker: &Broker,
+    topic: &str,
+    want: usize,
+) -> Vec<(String, Vec<u8>)> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &broker.addr)
         .set("group.id", format!("inspect-{}", uuid_ish()))

@@ -15,6 +15,7 @@ mod grpc;
 mod guarantee;
 mod hostile;
 mod idempotency;
+mod isolation;
 mod jwt;
 mod kafka;
 mod keys;

@@ -162,7 +162,9 @@ pub fn render(spec: &ModelForwarderSpec) -> Result<Config, Vec<Problem>> {
         problems.push(p);
     }
     if let Some(a) = &spec.async_jobs {
-        async_jobs(a, &mut config.async_jobs);
+        if let Err(p) = async_jobs(a, &mut config.async_jobs) {
+            problems.push(p);
+        }
     }
 
     // Models are declared per upstream (at least one each), so this only
@@ -227,8 +229,11 @@ fn tls(t: &crate::crd::Tls) -> forwarder_config::TlsConfig {
 
 /// `spec.async`: the Kafka queue, its credentials and callbacks, files at
 /// their mount paths.
-fn async_jobs(a: &crate::crd::AsyncSpec, out: &mut forwarder_config::AsyncConfig) {
-    use forwarder_config::{CallbackHost, QueueKind};
+fn async_jobs(
+    a: &crate::crd::AsyncSpec,
+    out: &mut forwarder_config::AsyncConfig,
+) -> Result<(), Problem> {
+    use forwarder_config::{CallbackHost, CallbackNetwork, QueueKind};
     out.enabled = true;
     out.queue = QueueKind::Kafka;
     out.workers = a.workers as usize;
@@ -257,14 +262,35 @@ fn async_jobs(a: &crate::crd::AsyncSpec, out: &mut forwarder_config::AsyncConfig
         .callback_secret_ref
         .as_ref()
         .map(|_| PathBuf::from(CALLBACK_SECRETS_DIR).join("secrets"));
+    // The Secret's bare `whsec_` lines sign for every client without lines
+    // of its own (`<client> whsec_…`), as before per-client secrets.
+    out.callbacks.shared_secret_fallback = a.callback_secret_ref.is_some();
     out.callbacks.allowed_hosts = a
         .allowed_callback_hosts
         .iter()
         .map(|h| CallbackHost {
             host: h.clone(),
             allow_http: false,
+            ports: Vec::new(),
         })
         .collect();
+    out.callbacks.allowed_networks = a
+        .allowed_callback_networks
+        .iter()
+        .map(|n| {
+            n.parse().map(|cidr| CallbackNetwork {
+                cidr,
+                ports: Vec::new(),
+            })
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|_| {
+            Problem::new(
+                "InvalidConfig",
+                "spec.async.allowedCallbackNetworks: entries must be CIDRs (10.20.0.0/16, fd00::/8)",
+            )
+        })?;
+    Ok(())
 }
 
 /// `spec.store`, `spec.encryption`, `spec.cache` and `spec.rateLimits`.
@@ -395,10 +421,27 @@ pub(crate) mod tests {
             "caSecretRef": {"name": "kafka-ca", "key": "ca.pem"},
             "saslMechanism": "SCRAM-SHA-512", "saslSecretRef": {"name": "kafka-user"},
             "callbackSecretRef": {"name": "hooks", "key": "whsec"},
-            "allowedCallbackHosts": ["hooks.example.internal"]
+            "allowedCallbackHosts": ["hooks.example.internal"],
+            "allowedCallbackNetworks": ["10.96.0.0/12"]
         }))
         .expect("async");
         let c = render(&s).expect("renders");
+        assert_eq!(
+            c.async_jobs.callbacks.allowed_networks[0].cidr.to_string(),
+            "10.96.0.0/12"
+        );
+        assert!(c.async_jobs.callbacks.shared_secret_fallback);
+        let mut bad = s.clone();
+        if let Some(a) = bad.async_jobs.as_mut() {
+            a.allowed_callback_networks = vec!["10.96.0.0".into()];
+        }
+        let problems = render(&bad).unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.message.contains("allowedCallbackNetworks")),
+            "{problems:?}"
+        );
         let a = &c.async_jobs;
         assert_eq!(a.queue, forwarder_config::QueueKind::Kafka);
         assert_eq!(a.workers, 16);
