@@ -373,9 +373,13 @@ pub enum Strategy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Provider {
-    /// Any OpenAI-compatible chat completions server (OpenAI, vLLM, Ollama, …).
+    /// Any OpenAI-compatible server (OpenAI, vLLM, Ollama, …): chat
+    /// completions, embeddings and Responses.
     Openai,
-    /// The built-in mock model, answered in-process.
+    /// An Anthropic Messages server: `/v1/messages` and
+    /// `/v1/messages/count_tokens`, key sent as `x-api-key`.
+    Anthropic,
+    /// The built-in mock model, answered in-process (every API).
     Mock,
 }
 
@@ -386,7 +390,7 @@ pub struct UpstreamConfig {
     pub name: String,
     pub provider: Provider,
     /// Base URL including the API prefix, e.g. `https://api.example/v1`;
-    /// required for `openai`.
+    /// required for `openai` and `anthropic`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_url: Option<String>,
     /// Models this upstream serves.

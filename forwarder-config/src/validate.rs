@@ -449,11 +449,18 @@ fn validate_upstream(e: &mut Errors, at: &str, u: &UpstreamConfig) {
         "set api_key_file or api_key_env, not both",
     );
     match u.provider {
-        Provider::Openai => match &u.base_url {
+        Provider::Openai | Provider::Anthropic => match &u.base_url {
             None => e.check(
                 false,
                 format!("{at}.base_url"),
-                "is required for provider openai",
+                format!(
+                    "is required for provider {}",
+                    if u.provider == Provider::Openai {
+                        "openai"
+                    } else {
+                        "anthropic"
+                    }
+                ),
             ),
             Some(url) => e.check(
                 (url.starts_with("http://") || url.starts_with("https://"))

@@ -14,6 +14,7 @@ use futures::{FutureExt, Stream, StreamExt};
 use tokio::time::{Instant, Sleep};
 
 use super::envelope::{Envelope, Reply, ReplyBody};
+use super::kind::{ApiKind, Terminal};
 use crate::api::ApiError;
 use crate::sse;
 use crate::telemetry::Metrics;
@@ -91,6 +92,7 @@ impl Forwarder {
             )),
             started,
             model: env.model.clone(),
+            api: env.api,
             metrics: self.metrics.clone(),
         };
         Ok(Reply {
@@ -116,7 +118,7 @@ impl Forwarder {
         let mut attempt = 0;
         let result = loop {
             attempt += 1;
-            let lease = match self.pools.pick(model, &tried) {
+            let lease = match self.pools.pick_for(model, env.api, &tried) {
                 Ok(lease) => lease,
                 Err(PickError::UnknownModel) => {
                     break Err(ApiError::ModelNotFound(model.clone()));
@@ -155,7 +157,7 @@ impl Forwarder {
             if !err.retryable() || attempt >= self.retry.max_attempts {
                 break Err(to_api_error(&err));
             }
-            let failover = self.pools.has_untried(model, &tried);
+            let failover = self.pools.has_untried_for(model, env.api, &tried);
             let jitter = full_jitter(
                 attempt,
                 self.retry.base_delay,
@@ -265,8 +267,10 @@ pub fn to_api_error(err: &UpstreamError) -> ApiError {
 
 /// An upstream stream after its first data event: relays events verbatim,
 /// enforces the idle timeout between events and the overall deadline,
-/// judges the end (complete only after `[DONE]`, or a `finish_reason` from
-/// an upstream that sends no `[DONE]`), and settles the endpoint's lease
+/// judges the end by the API's terminal event (chat completions: `[DONE]`,
+/// or a `finish_reason` from an upstream that sends no `[DONE]`; Messages:
+/// `message_stop`; Responses: `response.completed`, `.incomplete` or
+/// `.failed`), and settles the endpoint's lease
 /// (breaker, in-flight count, metrics) when it ends, fails or is dropped.
 struct UpstreamStream {
     first: Option<Bytes>,
@@ -280,7 +284,18 @@ struct UpstreamStream {
     timer: Pin<Box<Sleep>>,
     started: Instant,
     model: String,
+    api: ApiKind,
     metrics: Arc<Metrics>,
+}
+
+/// Whether `event` ends a complete stream of `api` (pure).
+pub(super) fn is_terminal(api: ApiKind, event: &[u8], info: &sse::EventInfo) -> bool {
+    match api.terminal() {
+        Terminal::Done => info.done,
+        Terminal::Named(names) => {
+            sse::event_type(event).is_some_and(|t| names.iter().any(|n| n.as_bytes() == t))
+        }
+    }
 }
 
 impl UpstreamStream {
@@ -332,10 +347,11 @@ impl UpstreamStream {
     fn relay(&mut self, event: Bytes) -> Poll<Option<Result<Bytes, ApiError>>> {
         self.rearm();
         let info = sse::scan(&event);
-        if info.done {
+        if is_terminal(self.api, &event, &info) {
             self.settle(Ok(()));
         }
-        self.finished |= info.finished;
+        // Only chat completions have a terminal event a server may omit.
+        self.finished |= info.finished && self.api.terminal() == Terminal::Done;
         Poll::Ready(Some(Ok(event)))
     }
 }
@@ -397,6 +413,63 @@ impl Drop for UpstreamStream {
                 &self.model,
                 "cancelled",
                 self.started,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod terminal_tests {
+    use super::*;
+
+    #[test]
+    fn each_api_ends_on_its_own_terminal_event() {
+        let cases: &[(ApiKind, &[u8], bool)] = &[
+            (ApiKind::ChatCompletions, b"data: [DONE]\n\n", true),
+            (
+                ApiKind::ChatCompletions,
+                b"event: message_stop\ndata: {}\n\n",
+                false,
+            ),
+            (
+                ApiKind::Messages,
+                b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+                true,
+            ),
+            (
+                ApiKind::Messages,
+                b"event: message_delta\ndata: {\"type\":\"message_delta\"}\n\n",
+                false,
+            ),
+            (ApiKind::Messages, b"data: [DONE]\n\n", false),
+            (
+                ApiKind::Messages,
+                b"event: error\ndata: {\"type\":\"error\"}\n\n",
+                false,
+            ),
+            (
+                ApiKind::Responses,
+                b"event: response.completed\ndata: {}\n\n",
+                true,
+            ),
+            (
+                ApiKind::Responses,
+                b"event: response.incomplete\ndata: {}\n\n",
+                true,
+            ),
+            (
+                ApiKind::Responses,
+                b"event: response.output_text.done\ndata: {}\n\n",
+                false,
+            ),
+        ];
+        for (api, event, want) in cases {
+            let info = sse::scan(event);
+            assert_eq!(
+                is_terminal(*api, event, &info),
+                *want,
+                "{api:?} {}",
+                String::from_utf8_lossy(event)
             );
         }
     }

@@ -36,6 +36,8 @@ pub struct Observer {
     /// `stored` or `coalesced` when answered through idempotency.
     pub replay: Option<&'static str>,
     pub stream: bool,
+    /// The request's API, for the access log.
+    pub api: super::ApiKind,
     /// Time spent upstream (attempts and backoff) before the answer began.
     upstream_time: Duration,
     own_recorded: bool,
@@ -62,6 +64,7 @@ impl Observer {
             attempts: 0,
             replay: None,
             stream: false,
+            api: super::ApiKind::default(),
             upstream_time: Duration::ZERO,
             own_recorded: false,
             done: false,
@@ -172,6 +175,7 @@ impl Observer {
                 target: "access",
                 request_id = %self.request_id,
                 protocol = proto,
+                api = self.api.label(),
                 model,
                 upstream = self.upstream.as_deref().unwrap_or("-"),
                 status = code,

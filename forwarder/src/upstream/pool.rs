@@ -13,6 +13,7 @@ use super::balance::{least_outstanding, Candidate, SmoothWrr};
 use super::breaker::{Admission, Breaker, Verdict};
 use super::providers::{self, Provider};
 use super::UpstreamError;
+use crate::pipeline::ApiKind;
 use crate::telemetry::Metrics;
 use crate::BuildError;
 use forwarder_config::{Config, Strategy};
@@ -115,29 +116,47 @@ impl Pools {
         m
     }
 
+    /// Whether some endpoint of `model` speaks `api` (see
+    /// [`Provider::supports`]).
+    pub fn serves(&self, model: &str, api: ApiKind) -> bool {
+        self.models
+            .get(model)
+            .is_some_and(|pool| pool.endpoints.iter().any(|e| e.provider.supports(api)))
+    }
+
     /// Whether an endpoint of `model` other than those in `tried` could take
     /// the next attempt (then a retry fails over instead of waiting).
     pub fn has_untried(&self, model: &str, tried: &[usize]) -> bool {
+        self.has_untried_for(model, ApiKind::ChatCompletions, tried)
+    }
+
+    /// [`Pools::has_untried`] among the endpoints that speak `api`.
+    pub fn has_untried_for(&self, model: &str, api: ApiKind, tried: &[usize]) -> bool {
         let now = Instant::now();
         self.models.get(model).is_some_and(|pool| {
-            pool.endpoints
-                .iter()
-                .enumerate()
-                .any(|(i, e)| !tried.contains(&i) && e.breaker.lock().available(now))
+            pool.endpoints.iter().enumerate().any(|(i, e)| {
+                !tried.contains(&i) && e.provider.supports(api) && e.breaker.lock().available(now)
+            })
         })
     }
 
-    /// Chooses an endpoint for `model`, preferring ones not in `tried`
-    /// (failover), and takes a lease on it. Fails with `AllOpen` only when
-    /// no endpoint of the model admits a request: a closed circuit always
-    /// does, so a model with a healthy endpoint never gets `AllOpen`.
+    /// [`Pools::pick_for`] a chat-completions request.
     pub fn pick(&self, model: &str, tried: &[usize]) -> Result<Lease, PickError> {
+        self.pick_for(model, ApiKind::ChatCompletions, tried)
+    }
+
+    /// Chooses an endpoint for `model` among those that speak `api`,
+    /// preferring ones not in `tried` (failover), and takes a lease on it.
+    /// Fails with `AllOpen` only when no such endpoint admits a request: a
+    /// closed circuit always does, so a model with a healthy endpoint never
+    /// gets `AllOpen`.
+    pub fn pick_for(&self, model: &str, api: ApiKind, tried: &[usize]) -> Result<Lease, PickError> {
         let pool = self.models.get(model).ok_or(PickError::UnknownModel)?;
         let now = Instant::now();
         let mut available: Vec<bool> = pool
             .endpoints
             .iter()
-            .map(|e| e.breaker.lock().available(now))
+            .map(|e| e.provider.supports(api) && e.breaker.lock().available(now))
             .collect();
         let mut fresh: Vec<bool> = available
             .iter()

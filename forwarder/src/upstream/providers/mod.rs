@@ -1,8 +1,11 @@
 //! Provider adapters: one per upstream API kind, all behind one trait. Each
-//! adapter owns the mapping between the envelope's body (OpenAI's
-//! chat-completions format) and its upstream's wire format, so a new
-//! provider kind is one file here.
+//! adapter says which of the envelope's APIs ([`ApiKind`]) it speaks and
+//! owns the mapping to its upstream's wire format. Today every mapping is
+//! the identity (an OpenAI-compatible upstream gets OpenAI's APIs, an
+//! Anthropic one Anthropic's, the mock all of them); translation between
+//! the two families is not built.
 
+mod anthropic;
 mod mock;
 mod openai;
 pub(crate) use openai::tls_config;
@@ -16,6 +19,7 @@ use http::HeaderMap;
 
 use crate::api::HeaderAllow;
 use crate::pipeline::envelope::Envelope;
+use crate::pipeline::ApiKind;
 use crate::upstream::UpstreamError;
 
 pub use mock::MockProvider;
@@ -27,7 +31,7 @@ pub struct Completed {
     pub body: Bytes,
 }
 
-/// An open stream: headers, then whole SSE events in OpenAI's format.
+/// An open stream: headers, then whole SSE events in the request's API's format.
 pub struct Opened {
     pub headers: HeaderMap,
     pub events: RawEvents,
@@ -41,6 +45,10 @@ pub type RawEvents = BoxStream<'static, Result<Bytes, UpstreamError>>;
 /// One upstream endpoint's API. Timeouts are the caller's business.
 #[async_trait]
 pub trait Provider: Send + Sync {
+    /// Whether this adapter can forward a request of `api`; the pipeline
+    /// sends it nothing else.
+    fn supports(&self, api: ApiKind) -> bool;
+
     async fn complete(&self, req: &Envelope) -> Result<Completed, UpstreamError>;
 
     /// Resolves once the upstream has accepted the request and its stream
@@ -81,5 +89,6 @@ pub fn build(
     Ok(match cfg.provider {
         Kind::Mock => Arc::new(MockProvider::new(cfg.mock.clone().unwrap_or_default())),
         Kind::Openai => Arc::new(OpenAiProvider::new(cfg, limits.clone())?),
+        Kind::Anthropic => Arc::new(anthropic::provider(cfg, limits.clone())?),
     })
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::Stream;
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use http::{Request, Response, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Body as _;
@@ -16,6 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::{AdapterLimits, Completed, Opened, Provider};
 use crate::pipeline::envelope::Envelope;
+use crate::pipeline::{ApiKind, Family};
 use crate::reload::Swap;
 use crate::sse::{self, Splitter};
 use crate::upstream::retry::parse_retry_after;
@@ -24,8 +25,11 @@ use crate::BuildError;
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// Any OpenAI-compatible `/chat/completions` server. Bodies pass through
-/// untouched both ways: this adapter's format mapping is the identity.
+/// Any OpenAI-compatible server (`/chat/completions`, `/embeddings`,
+/// `/responses`), or, with the Anthropic dialect, an Anthropic Messages
+/// server (`/messages`, `/messages/count_tokens`). Bodies pass through
+/// untouched both ways: this adapter's format mapping is the identity; the
+/// dialect decides only the paths it serves and how it authenticates.
 ///
 /// It speaks through hyper's pooled client directly: reqwest's redirect,
 /// retry and URL layers cost about a third of the forwarder's instructions
@@ -36,11 +40,17 @@ pub struct OpenAiProvider {
     client: Swap<HttpsClient>,
     /// The upstream's config, when it has TLS files to watch.
     files: Option<forwarder_config::UpstreamConfig>,
-    /// Parsed once.
-    uri: Uri,
-    auth: Option<HeaderValue>,
+    /// Per [`ApiKind`] (by its index), parsed once.
+    uris: Vec<Uri>,
+    dialect: Family,
+    /// The key's header: `authorization: Bearer …` or Anthropic's `x-api-key`.
+    auth: Option<(HeaderName, HeaderValue)>,
     limits: AdapterLimits,
 }
+
+/// The `anthropic-version` sent when the client sent none (Anthropic
+/// requires one; the Messages format this forwarder documents is this one).
+pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
 
 /// Longest upstream error body kept (4xx bodies are passed to the client).
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -50,6 +60,14 @@ impl OpenAiProvider {
         cfg: &forwarder_config::UpstreamConfig,
         limits: AdapterLimits,
     ) -> Result<Self, BuildError> {
+        Self::with_dialect(cfg, limits, Family::OpenAi)
+    }
+
+    pub fn with_dialect(
+        cfg: &forwarder_config::UpstreamConfig,
+        limits: AdapterLimits,
+        dialect: Family,
+    ) -> Result<Self, BuildError> {
         let base = cfg
             .base_url
             .as_deref()
@@ -58,14 +76,18 @@ impl OpenAiProvider {
         let key = read_key(cfg)?;
         let auth = match key {
             Some(k) => {
-                let mut v = HeaderValue::from_str(&format!("Bearer {k}")).map_err(|_| {
+                let (name, value) = match dialect {
+                    Family::OpenAi => (AUTHORIZATION, format!("Bearer {k}")),
+                    Family::Anthropic => (HeaderName::from_static("x-api-key"), k),
+                };
+                let mut v = HeaderValue::from_str(&value).map_err(|_| {
                     BuildError::new(format!(
                         "upstream {}: API key is not a valid header value",
                         cfg.name
                     ))
                 })?;
                 v.set_sensitive(true);
-                Some(v)
+                Some((name, v))
             }
             None => None,
         };
@@ -73,14 +95,18 @@ impl OpenAiProvider {
         // seen by the next poll.
         let fingerprint = crate::upstream::tls::files_fingerprint(cfg.tls.as_ref());
         let client = https_client(cfg)?;
-        let uri: Uri = format!("{base}/chat/completions")
-            .parse()
-            .map_err(|e| BuildError::new(format!("upstreams.{}.base_url: {e}", cfg.name)))?;
-        if uri.scheme().is_none() || uri.host().is_none() {
-            return Err(BuildError::new(format!(
-                "upstreams.{}.base_url: must be an absolute http(s) URL",
-                cfg.name
-            )));
+        let mut uris = Vec::with_capacity(ApiKind::ALL.len());
+        for api in ApiKind::ALL {
+            let uri: Uri = format!("{base}{}", api.path())
+                .parse()
+                .map_err(|e| BuildError::new(format!("upstreams.{}.base_url: {e}", cfg.name)))?;
+            if uri.scheme().is_none() || uri.host().is_none() {
+                return Err(BuildError::new(format!(
+                    "upstreams.{}.base_url: must be an absolute http(s) URL",
+                    cfg.name
+                )));
+            }
+            uris.push(uri);
         }
         let files = cfg
             .tls
@@ -90,24 +116,31 @@ impl OpenAiProvider {
         Ok(Self {
             client: Swap::new(client, fingerprint),
             files,
-            uri,
+            uris,
+            dialect,
             auth,
             limits,
         })
     }
 
     async fn send(&self, req: &Envelope) -> Result<Response<Incoming>, UpstreamError> {
-        let mut request = Request::post(self.uri.clone())
+        let mut request = Request::post(self.uris[req.api as usize].clone())
             .body(Full::new(req.body.clone()))
             .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
         let headers = request.headers_mut();
-        headers.reserve(req.headers.len() + 2);
+        headers.reserve(req.headers.len() + 3);
         for (name, value) in &req.headers {
             headers.append(name, value.clone());
         }
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if let Some(auth) = &self.auth {
-            headers.insert(AUTHORIZATION, auth.clone());
+        if let Some((name, value)) = &self.auth {
+            headers.insert(name, value.clone());
+        }
+        if self.dialect == Family::Anthropic && !headers.contains_key("anthropic-version") {
+            headers.insert(
+                "anthropic-version",
+                HeaderValue::from_static(DEFAULT_ANTHROPIC_VERSION),
+            );
         }
         let resp = self.client.get().request(request).await.map_err(classify)?;
         if resp.status().is_success() {
@@ -275,6 +308,10 @@ async fn read_bounded(
 
 #[async_trait]
 impl Provider for OpenAiProvider {
+    fn supports(&self, api: ApiKind) -> bool {
+        api.family() == self.dialect
+    }
+
     /// Rebuilds the client if the TLS files changed; returns whether they
     /// did. A failed rebuild (a half-written rotation) keeps the old one.
     fn reload_files(&self) -> Result<bool, BuildError> {
