@@ -584,9 +584,14 @@ impl Default for HeadersConfig {
             to_upstream: ["openai-organization", "openai-project", "openai-beta"]
                 .map(String::from)
                 .to_vec(),
-            to_client: ["x-ratelimit-*", "openai-processing-ms", "openai-model"]
-                .map(String::from)
-                .to_vec(),
+            to_client: [
+                "x-ratelimit-*",
+                "openai-processing-ms",
+                "openai-model",
+                "anthropic-ratelimit-*",
+            ]
+            .map(String::from)
+            .to_vec(),
         }
     }
 }

@@ -274,7 +274,8 @@ pub(super) fn api_response(answer: Answer, api: ApiKind) -> Response {
     mark_replayed(resp, answer.replayed)
 }
 
-/// The event that ends a failed stream of `api`, after `relayed` events:
+/// The event that ends a failed stream of `api`, after `relayed` events
+/// (not counting comments; the Responses API numbers its events from 0):
 /// chat completions' error `data:` (and no `[DONE]`), the Responses API's
 /// `error` event, Anthropic's `error` event. Clients cannot mistake it
 /// for a complete answer.
@@ -312,7 +313,8 @@ fn sse_response(events: crate::pipeline::EventStream, api: ApiKind) -> Response 
     let body = events
         .map(move |item| match item {
             Ok(event) => {
-                relayed += 1;
+                // Keep-alive comments carry no sequence number.
+                relayed += usize::from(!event.starts_with(b":"));
                 event
             }
             Err(e) => stream_failure(api, &e, relayed),

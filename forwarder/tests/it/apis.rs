@@ -1,0 +1,281 @@
+//! The APIs beside chat completions (embeddings, Responses, Anthropic
+//! Messages and count_tokens) through a real forwarder: bytes pass both
+//! ways, protocol headers cross, streams end on their API's terminal event
+//! or with its error event, errors keep the route's shape, and the
+//! pipeline's stages (auth, retries, idempotency, cache, metrics) apply.
+
+use std::time::Duration;
+
+use forwarder::config::{Config, ModelCacheConfig, Provider, UpstreamConfig};
+use serde_json::{json, Value};
+
+use crate::common::*;
+use crate::scripted::{self, Scripted};
+
+/// An upstream entry for `base_url` speaking `provider`.
+fn upstream_at(
+    name: &str,
+    provider: Provider,
+    base_url: String,
+    models: &[&str],
+) -> UpstreamConfig {
+    UpstreamConfig {
+        name: name.into(),
+        provider,
+        base_url: Some(base_url),
+        models: models.iter().map(|m| m.to_string()).collect(),
+        weight: 1,
+        api_key_file: None,
+        api_key_env: None,
+        connect_timeout: Duration::from_secs(1),
+        timeout: Duration::from_secs(5),
+        mock: None,
+        tls: None,
+    }
+}
+
+/// A forwarder with API keys, in front of the scripted upstream twice:
+/// models `full`, `truncated` and `reject` as an OpenAI-compatible
+/// upstream, and `claude-full`, `claude-truncated` and `claude-reject` (the
+/// same scenarios) as an Anthropic one, with a key of its own.
+async fn fwd_with(dir: &tempfile::TempDir, up: &Scripted, tweak: impl FnOnce(&mut Config)) -> Fwd {
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, "t: sk-client\n").unwrap();
+    let upstream_key = dir.path().join("upstream-key");
+    std::fs::write(&upstream_key, "sk-upstream-anthropic\n").unwrap();
+    let mut anthropic = upstream_at(
+        "anthropic",
+        Provider::Anthropic,
+        up.base_url(),
+        &["claude-full", "claude-truncated", "claude-reject"],
+    );
+    anthropic.api_key_file = Some(upstream_key);
+    let mut cfg = config(vec![
+        upstream_at(
+            "openai",
+            Provider::Openai,
+            up.base_url(),
+            &["full", "truncated", "reject"],
+        ),
+        anthropic,
+    ]);
+    cfg.auth.api_keys_file = Some(keys);
+    tweak(&mut cfg);
+    start(cfg).await
+}
+
+const KEY: (&str, &str) = ("authorization", "Bearer sk-client");
+
+#[tokio::test]
+async fn embeddings_and_responses_pass_byte_for_byte_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Scripted::start().await;
+    let fwd = fwd_with(&dir, &up, |_| {}).await;
+    // Odd spacing and an unknown field: what a re-encoder would change.
+    let sent = r#"{ "input" : ["a", "b"],"model":"full",  "x_client":{"z":1,"a":2}}"#;
+    let r = fwd
+        .post_raw(
+            "/v1/embeddings",
+            sent.into(),
+            &[KEY, ("openai-beta", "x=1")],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.text, scripted::FULL_EMBEDDINGS);
+    let (body, headers) = up.last("embeddings:full");
+    assert_eq!(body, sent.as_bytes());
+    assert_eq!(headers["openai-beta"], "x=1");
+    assert!(
+        headers.get("authorization").is_none(),
+        "the client's key stays here"
+    );
+
+    let sent = r#"{"model":"full","input":[{"role":"user","content":"hi"}], "reasoning":{"effort":"low"}}"#;
+    let r = fwd.post_raw("/v1/responses", sent.into(), &[KEY]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.text, scripted::FULL_RESPONSE);
+    assert_eq!(up.last("responses:full").0, sent.as_bytes());
+
+    let streamed = r#"{"model":"full","input":"hi","stream":true}"#;
+    let r = fwd.post_raw("/v1/responses", streamed.into(), &[KEY]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    assert_eq!(r.text, scripted::RESPONSE_STREAM.concat());
+}
+
+#[tokio::test]
+async fn messages_pass_byte_for_byte_with_their_headers_and_the_upstreams_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Scripted::start().await;
+    let fwd = fwd_with(&dir, &up, |_| {}).await;
+    let sent = r#"{"model":"claude-full", "max_tokens":64,"system":[{"type":"text","text":"be brief","cache_control":{"type":"ephemeral"}}],
+      "tools":[{"name":"lookup","input_schema":{"type":"object"}}],"messages":[{"role":"user","content":"policy?"}]}"#;
+    let headers = [
+        ("x-api-key", "sk-client"),
+        ("anthropic-version", "2023-06-01"),
+        (
+            "anthropic-beta",
+            "prompt-caching-2024-07-31,tools-2024-05-16",
+        ),
+    ];
+    let r = fwd.post_raw("/v1/messages", sent.into(), &headers).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.text, scripted::FULL_MESSAGE);
+    assert_eq!(
+        r.header("anthropic-ratelimit-requests-remaining"),
+        Some("41")
+    );
+    assert_eq!(r.header("x-internal-secret"), None);
+    let (body, seen) = up.last("messages:claude-full");
+    assert_eq!(body, sent.as_bytes());
+    assert_eq!(seen["anthropic-version"], "2023-06-01");
+    assert_eq!(
+        seen["anthropic-beta"],
+        "prompt-caching-2024-07-31,tools-2024-05-16"
+    );
+    assert_eq!(seen["x-api-key"], "sk-upstream-anthropic");
+    assert!(seen.get("authorization").is_none());
+
+    // Streamed: every event verbatim, the vendor's own included, ending
+    // at message_stop.
+    let streamed = sent.replacen("\"max_tokens\":64", "\"max_tokens\":64,\"stream\":true", 1);
+    let r = fwd.post_raw("/v1/messages", streamed.into(), &[KEY]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    assert_eq!(r.text, scripted::MESSAGE_STREAM.concat());
+    // Bearer works too, and a client without anthropic-version gets the
+    // default one upstream.
+    assert_eq!(
+        up.last("messages:claude-full").1["anthropic-version"],
+        "2023-06-01"
+    );
+
+    let count = r#"{"model":"claude-full","messages":[{"role":"user","content":"x"}]}"#;
+    let r = fwd
+        .post_raw("/v1/messages/count_tokens", count.into(), &headers)
+        .await;
+    assert_eq!(
+        (r.status, r.text.as_str()),
+        (200, r#"{"input_tokens": 52}"#)
+    );
+    assert_eq!(up.last("count_tokens:claude-full").0, count.as_bytes());
+}
+
+#[tokio::test]
+async fn a_stream_cut_mid_answer_ends_with_the_apis_error_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Scripted::start().await;
+    let fwd = fwd_with(&dir, &up, |_| {}).await;
+    let body = json!({"model": "claude-truncated", "max_tokens": 5, "stream": true,
+        "messages": [{"role": "user", "content": "x"}]});
+    let r = fwd.post("/v1/messages", &body, &[KEY]).await;
+    assert_eq!(r.status, 200);
+    let relayed: String = scripted::MESSAGE_STREAM[..5].concat();
+    assert!(r.text.starts_with(&relayed), "{}", r.text);
+    let tail = &r.text[relayed.len()..];
+    assert!(tail.starts_with("event: error\ndata: "), "{tail}");
+    let data: Value = serde_json::from_str(tail["event: error\ndata: ".len()..].trim()).unwrap();
+    assert_eq!(data["type"], "error");
+    assert_eq!(data["error"]["type"], "api_error");
+    assert!(!r.text.contains("message_stop"));
+
+    let body = json!({"model": "truncated", "input": "x", "stream": true});
+    let r = fwd.post("/v1/responses", &body, &[KEY]).await;
+    assert_eq!(r.status, 200);
+    let relayed: String = scripted::RESPONSE_STREAM[..3].concat();
+    let tail = r.text.strip_prefix(&relayed).expect("events relayed first");
+    let data: Value = serde_json::from_str(
+        tail.strip_prefix("event: error\ndata: ")
+            .expect("an error event")
+            .trim(),
+    )
+    .unwrap();
+    assert_eq!(data["type"], "error");
+    assert_eq!(data["code"], "bad_gateway");
+    assert_eq!(data["sequence_number"], 2, "the next after 0 and 1");
+    assert!(!r.text.contains("response.completed"));
+    // Counted as failed upstream, not as a success.
+    assert_eq!(
+        fwd.metric(
+            "forwarder_upstream_requests_total",
+            &[
+                ("upstream", "anthropic"),
+                ("model", "claude-truncated"),
+                ("outcome", "protocol_error")
+            ],
+        )
+        .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn errors_on_the_messages_routes_are_in_anthropics_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Scripted::start().await;
+    let fwd = fwd_with(&dir, &up, |c| c.server.max_body_bytes = 4096).await;
+    let msg = |model: &str| json!({"model": model, "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]});
+    let check = |r: &Resp, status: u16, kind: &str| {
+        assert_eq!(r.status, status, "{}", r.text);
+        assert_eq!(r.body["type"], "error", "{}", r.text);
+        assert_eq!(r.body["error"]["type"], kind, "{}", r.text);
+        assert!(r.body["error"]["message"].is_string(), "{}", r.text);
+    };
+    let r = fwd.post("/v1/messages", &msg("claude-full"), &[]).await;
+    check(&r, 401, "authentication_error");
+    let r = fwd
+        .post(
+            "/v1/messages",
+            &msg("claude-full"),
+            &[("x-api-key", "wrong")],
+        )
+        .await;
+    check(&r, 401, "authentication_error");
+    let r = fwd
+        .post_raw("/v1/messages", b"{\"model\":".to_vec(), &[KEY])
+        .await;
+    check(&r, 400, "invalid_request_error");
+    let r = fwd
+        .post(
+            "/v1/messages",
+            &json!({"model": "claude-full", "messages": []}),
+            &[KEY],
+        )
+        .await;
+    check(&r, 400, "invalid_request_error");
+    let r = fwd
+        .post("/v1/messages", &msg("no-such-model"), &[KEY])
+        .await;
+    check(&r, 404, "not_found_error");
+    let big = json!({"model": "claude-full", "messages": [{"role": "user", "content": "x".repeat(8192)}]});
+    let r = fwd.post("/v1/messages", &big, &[KEY]).await;
+    check(&r, 413, "request_too_large");
+    // A model whose upstreams speak only OpenAI's APIs: refused, not translated.
+    let r = fwd.post("/v1/messages", &msg("full"), &[KEY]).await;
+    check(&r, 400, "invalid_request_error");
+    assert!(r.text.contains("translation"), "{}", r.text);
+    let r = fwd
+        .post("/v1/messages/count_tokens", &msg("no-such-model"), &[KEY])
+        .await;
+    check(&r, 404, "not_found_error");
+    // The upstream's own 4xx body, byte for byte.
+    let r = fwd
+        .post("/v1/messages", &msg("claude-reject"), &[KEY])
+        .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.text, scripted::ANTHROPIC_REJECT);
+    // And the other way: an OpenAI route keeps OpenAI's shape.
+    let r = fwd
+        .post(
+            "/v1/embeddings",
+            &json!({"model": "claude-full", "input": "x"}),
+            &[KEY],
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.error_code(), "invalid_request");
+    let r = fwd
+        .post("/v1/embeddings", &json!({"model": "full"}), &[KEY])
+        .await;
+    assert_eq!((r.status, r.error_code()), (400, "invalid_request"));
+}
