@@ -279,3 +279,172 @@ async fn errors_on_the_messages_routes_are_in_anthropics_shape() {
         .await;
     assert_eq!((r.status, r.error_code()), (400, "invalid_request"));
 }
+
+/// A forwarder in front of a mock-llm server, which speaks both families:
+/// `emb` and `gpt` through it as an OpenAI-compatible upstream, `claude`
+/// as an Anthropic one; embeddings of `emb` cached.
+async fn with_mock(m: &forwarder::mock_llm::MockServer) -> Fwd {
+    let mut cfg = config(vec![
+        upstream_at("oa", Provider::Openai, m.base_url(), &["emb", "gpt"]),
+        upstream_at("an", Provider::Anthropic, m.base_url(), &["claude"]),
+    ]);
+    cfg.cache
+        .models
+        .insert("emb".into(), ModelCacheConfig::default());
+    start(cfg).await
+}
+
+#[tokio::test]
+async fn retries_idempotency_cache_and_metrics_apply_to_the_new_apis() {
+    use forwarder::mock_llm::Fault;
+    let m = mock(Default::default()).await;
+    let fwd = with_mock(&m).await;
+    let calls = || m.model.requests();
+
+    // Embeddings are cached whatever their temperature: one upstream call.
+    let emb = json!({"model": "emb", "input": ["a", "b c"]});
+    let first = fwd.post("/v1/embeddings", &emb, &[]).await;
+    assert_eq!((first.status, first.header("x-cache")), (200, Some("MISS")));
+    assert_eq!(first.body["data"][1]["index"], 1);
+    let mut second = None;
+    for _ in 0..50 {
+        // The entry is written in the background.
+        let r = fwd.post("/v1/embeddings", &emb, &[]).await;
+        if r.header("x-cache") == Some("HIT") {
+            second = Some(r);
+            break;
+        }
+        tokio::time::sleep(10 * MS).await;
+    }
+    let second = second.expect("the second identical request is a cache hit");
+    assert_eq!(second.text, first.text);
+    let upstream_calls = calls();
+    // The same body on the Responses API is another request.
+    let r = fwd
+        .post(
+            "/v1/responses",
+            &json!({"model": "emb", "input": ["a", "b c"]}),
+            &[],
+        )
+        .await;
+    assert_eq!((r.status, r.header("x-cache")), (200, None), "{}", r.text);
+    assert_eq!(calls(), upstream_calls + 1);
+
+    // A 503 is retried on the Messages route as on chat completions.
+    m.model.fail_next(
+        1,
+        Fault::Error {
+            status: 503,
+            retry_after: None,
+        },
+    );
+    let msg = json!({"model": "claude", "max_tokens": 20, "messages": [{"role": "user", "content": "hello there"}]});
+    let before = calls();
+    let r = fwd.post("/v1/messages", &msg, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["content"][0]["text"], "mock reply: hello there");
+    assert_eq!(calls(), before + 2);
+    assert_eq!(
+        fwd.metric(
+            "forwarder_retries_total",
+            &[("upstream", "an"), ("reason", "server_error")]
+        )
+        .await,
+        1.0
+    );
+
+    // Idempotency: a repeat is the first answer, the upstream called once,
+    // whole and streamed.
+    let key = [("idempotency-key", "msg-1")];
+    let before = calls();
+    let a = fwd.post("/v1/messages", &msg, &key).await;
+    let b = fwd.post("/v1/messages", &msg, &key).await;
+    assert_eq!((a.status, b.status), (200, 200));
+    assert_eq!(a.text, b.text);
+    assert_eq!(b.header("idempotent-replayed"), Some("true"));
+    assert_eq!(calls(), before + 1);
+    let mut streamed = msg.clone();
+    streamed["stream"] = json!(true);
+    let key = [("idempotency-key", "msg-2")];
+    let a = fwd.post("/v1/messages", &streamed, &key).await;
+    assert!(a
+        .text
+        .ends_with("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"));
+    let mut b = None;
+    for _ in 0..50 {
+        // The stream is stored once it has ended.
+        let r = fwd.post("/v1/messages", &streamed, &key).await;
+        if r.status == 200 {
+            b = Some(r);
+            break;
+        }
+        tokio::time::sleep(10 * MS).await;
+    }
+    let b = b.expect("the stream is replayed");
+    assert_eq!(b.text, a.text);
+    assert_eq!(b.header("idempotent-replayed"), Some("true"));
+    // The same key with the same body on another API is a different
+    // request (never the stored message): refused as a reused key.
+    let r = fwd
+        .post(
+            "/v1/messages/count_tokens",
+            &msg,
+            &[("idempotency-key", "msg-1")],
+        )
+        .await;
+    assert_eq!(r.status, 422, "{}", r.text);
+    assert_eq!(r.body["error"]["type"], "invalid_request_error");
+    let r = fwd.post("/v1/messages/count_tokens", &msg, &[]).await;
+    assert_eq!(r.body, json!({"input_tokens": 2}));
+
+    // Requests are counted under their model, like chat completions.
+    let ok = fwd
+        .metric(
+            "forwarder_requests_total",
+            &[("protocol", "http"), ("model", "claude"), ("code", "200")],
+        )
+        .await;
+    assert_eq!(ok, 6.0);
+}
+
+#[tokio::test]
+async fn an_upstream_error_event_is_relayed_and_the_stream_marked_failed() {
+    use forwarder::mock_llm::Fault;
+    let m = mock(Default::default()).await;
+    let fwd = with_mock(&m).await;
+    let body = json!({"model": "claude", "max_tokens": 20, "stream": true,
+        "messages": [{"role": "user", "content": "a b c d"}]});
+    m.model.fail_next(1, Fault::StreamError);
+    let r = fwd.post("/v1/messages", &body, &[]).await;
+    assert_eq!(r.status, 200);
+    let names: Vec<&str> = r
+        .text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    // Two events, the upstream's error as it sent it, then the forwarder's
+    // own: the stream never reached message_stop.
+    assert_eq!(
+        names,
+        ["message_start", "content_block_start", "error", "error"],
+        "{}",
+        r.text
+    );
+    assert!(r.text.contains("\"overloaded_error\""));
+    m.model.fail_next(1, Fault::Cut);
+    let r = fwd.post("/v1/messages", &body, &[]).await;
+    let names: Vec<&str> = r
+        .text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(names, ["message_start", "content_block_start", "error"]);
+    assert_eq!(
+        fwd.metric(
+            "forwarder_requests_total",
+            &[("protocol", "http"), ("model", "claude"), ("code", "502")],
+        )
+        .await,
+        2.0
+    );
+}
