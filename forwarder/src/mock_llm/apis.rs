@@ -223,11 +223,32 @@ impl MockModel {
     }
 }
 
+/// The `messages` of a Messages or count_tokens request: a non-empty
+/// array of `{role: user|assistant, content}`.
 fn messages_of(req: &Value, family: Family) -> Result<&[Value], Rejection> {
-    match req.get("messages").and_then(Value::as_array) {
-        Some(m) if !m.is_empty() => Ok(m),
-        _ => Err(reject(family, "messages: a non-empty array is required")),
+    let messages = match req.get("messages").and_then(Value::as_array) {
+        Some(m) if !m.is_empty() => m,
+        _ => return Err(reject(family, "messages: a non-empty array is required")),
+    };
+    for (i, m) in messages.iter().enumerate() {
+        let role = m.get("role").and_then(Value::as_str);
+        if !matches!(role, Some("user" | "assistant")) {
+            return Err(reject(
+                family,
+                &format!("messages.{i}.role: user or assistant"),
+            ));
+        }
+        if !m
+            .get("content")
+            .is_some_and(|c| c.is_string() || c.is_array())
+        {
+            return Err(reject(
+                family,
+                &format!("messages.{i}.content: field required"),
+            ));
+        }
     }
+    Ok(messages)
 }
 
 /// Events produced one at a time (a huge reply costs no memory up front).
