@@ -220,7 +220,10 @@ impl Pipeline {
             metrics.auth_failures.with_label_values(&[reason.label()]);
         }
         let pools = Pools::from_config(&cfg, metrics.clone())?;
-        metrics.init_series(&enabled_protocols(&cfg), &pools.models());
+        let aliases = crate::upstream::aliases::Aliases::from_config(&cfg);
+        let mut named = pools.models();
+        named.extend(aliases.names().cloned());
+        metrics.init_series(&enabled_protocols(&cfg), &named);
         metrics.init_upstream_series(
             cfg.upstreams
                 .iter()
@@ -250,6 +253,7 @@ impl Pipeline {
             flights: Arc::new(Flights::default()),
             forwarder: Arc::new(Forwarder {
                 pools,
+                aliases,
                 retry: cfg.retry.clone(),
                 metrics: metrics.clone(),
             }),
@@ -283,12 +287,14 @@ impl Pipeline {
         self.keys.as_ref()
     }
 
+    /// Served models and aliases.
     pub fn models(&self) -> Vec<String> {
-        self.forwarder.pools.models()
+        self.forwarder.models()
     }
 
+    /// Whether `model` is served or an alias.
     pub fn has_model(&self, model: &str) -> bool {
-        self.forwarder.pools.has_model(model)
+        self.forwarder.knows(model)
     }
 
     pub fn is_ready(&self) -> bool {
@@ -431,7 +437,7 @@ impl Pipeline {
             Ok(p) => (p.model.into_owned(), p.stream),
             Err(e) => return Err(obs.fail(e)),
         };
-        let known = self.forwarder.pools.has_model(&model);
+        let known = self.forwarder.knows(&model);
         obs.set_model(&model, known);
         obs.stream = stream;
         // A model the client's token does not grant is, to it, one that
@@ -439,7 +445,7 @@ impl Pipeline {
         if !known || models.is_some_and(|m| !m.contains(&model)) {
             return Err(obs.fail(ApiError::ModelNotFound(model)));
         }
-        if !self.forwarder.pools.serves(&model, api) {
+        if !self.forwarder.serves(&model, api) {
             return Err(obs.fail(ApiError::BadRequest(format!(
                 "model {model:?} is not served over the {} API: its upstreams speak \
                  another API, and translation between APIs is not built",
