@@ -2,7 +2,8 @@
 anthropic SDK; exits non-zero on any mismatch. `mock` is the forwarder's
 built-in mock; `claude` is a mock-llm server behind it as a
 `provider: anthropic` upstream, whose faults are set through
-MOCK_ADMIN_URL."""
+MOCK_ADMIN_URL; `gpt` is the same server as an OpenAI-compatible upstream
+(Messages translated to chat completions and back)."""
 import json
 import os
 import urllib.request
@@ -36,6 +37,19 @@ for model in ["mock", "claude"]:
 bearer = anthropic.Anthropic(base_url=base_url, auth_token=key, max_retries=0, timeout=10)
 cut = bearer.messages.create(model="mock", max_tokens=2, messages=user("x y"))
 assert cut.stop_reason == "max_tokens" and cut.content[0].text == "mock reply:", cut
+
+# `gpt` is served by an OpenAI-compatible upstream: translated both ways.
+m = client.messages.create(model="gpt", max_tokens=50, system="be brief", messages=user("hello gpt"))
+assert m.content[0].text == "mock reply: hello gpt" and m.stop_reason == "end_turn", m
+assert m.usage.output_tokens == 4, m.usage
+with client.messages.stream(model="gpt", max_tokens=50, messages=user("stream gpt")) as s:
+    assert "".join(s.text_stream) == "mock reply: stream gpt"
+    assert s.get_final_message().stop_reason == "end_turn"
+try:
+    client.messages.count_tokens(model="gpt", messages=user("x"))
+    raise SystemExit("expected BadRequestError")
+except anthropic.BadRequestError as err:
+    assert "translation" in err.body["error"]["message"], err.body
 
 # Streamed: the SDK's helper assembles the events; the raw events keep
 # Anthropic's types and end at message_stop.

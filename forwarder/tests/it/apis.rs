@@ -250,10 +250,26 @@ async fn errors_on_the_messages_routes_are_in_anthropics_shape() {
     let big = json!({"model": "claude-full", "messages": [{"role": "user", "content": "x".repeat(8192)}]});
     let r = fwd.post("/v1/messages", &big, &[KEY]).await;
     check(&r, 413, "request_too_large");
-    // A model whose upstreams speak only OpenAI's APIs: refused, not translated.
-    let r = fwd.post("/v1/messages", &msg("full"), &[KEY]).await;
+    // count_tokens for a model whose upstreams speak only OpenAI's APIs:
+    // refused (no equivalent), not forwarded.
+    let r = fwd
+        .post("/v1/messages/count_tokens", &msg("full"), &[KEY])
+        .await;
     check(&r, 400, "invalid_request_error");
     assert!(r.text.contains("translation"), "{}", r.text);
+    // A Messages field with no chat equivalent is refused, naming it.
+    let mut top_k = msg("full");
+    top_k["top_k"] = json!(5);
+    let r = fwd.post("/v1/messages", &top_k, &[KEY]).await;
+    check(&r, 400, "invalid_request_error");
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("top_k"),
+        "{}",
+        r.text
+    );
     let r = fwd
         .post("/v1/messages/count_tokens", &msg("no-such-model"), &[KEY])
         .await;
@@ -447,4 +463,97 @@ async fn an_upstream_error_event_is_relayed_and_the_stream_marked_failed() {
         .await,
         2.0
     );
+}
+
+#[tokio::test]
+async fn messages_for_an_openai_upstream_are_translated_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Scripted::start().await;
+    let fwd = fwd_with(&dir, &up, |_| {}).await;
+    let req = json!({"model": "full", "max_tokens": 64, "system": "be brief",
+        "tools": [{"name": "lookup", "input_schema": {"type": "object"}}],
+        "messages": [{"role": "user", "content": "policy?"}]});
+    let r = fwd
+        .post(
+            "/v1/messages",
+            &req,
+            &[KEY, ("anthropic-version", "2023-06-01")],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.body["type"], "message");
+    assert_eq!(
+        r.body["content"][0],
+        json!({"type": "text", "text": "Hello \u{e9} there"})
+    );
+    assert_eq!(
+        r.body["content"][1],
+        json!({"type": "tool_use", "id": "call_1", "name": "lookup", "input": {"q": "return policy"}})
+    );
+    assert_eq!(r.body["stop_reason"], "tool_use");
+    assert_eq!(
+        r.body["usage"],
+        json!({"input_tokens": 8, "cache_read_input_tokens": 4, "output_tokens": 7})
+    );
+    // The upstream got a chat completion, without Anthropic's headers.
+    let (body, headers) = up.last("full");
+    let chat: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        chat["messages"][0],
+        json!({"role": "system", "content": "be brief"})
+    );
+    assert_eq!(
+        chat["messages"][1],
+        json!({"role": "user", "content": "policy?"})
+    );
+    assert_eq!(chat["tools"][0]["function"]["name"], "lookup");
+    assert!(headers.get("anthropic-version").is_none());
+
+    let mut streamed = req.clone();
+    streamed["stream"] = json!(true);
+    let r = fwd.post("/v1/messages", &streamed, &[KEY]).await;
+    assert_eq!(r.status, 200);
+    let names: Vec<&str> = r
+        .text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "message_start",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_stop",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop"
+        ],
+        "{}",
+        r.text
+    );
+    assert!(
+        r.text.contains(r#""partial_json":"{\"q\":\"x\"}""#),
+        "{}",
+        r.text
+    );
+    assert!(r.text.contains(r#""stop_reason":"tool_use""#));
+    // The keep-alive comment passed as it came.
+    assert!(r.text.contains(": keep-alive\n\n"));
+    let chat: Value = serde_json::from_slice(&up.last("full").0).unwrap();
+    assert_eq!(chat["stream_options"], json!({"include_usage": true}));
+
+    // Cut before it finished: the client's stream ends with an error event.
+    let mut cut = streamed;
+    cut["model"] = json!("truncated");
+    let r = fwd.post("/v1/messages", &cut, &[KEY]).await;
+    let names: Vec<&str> = r
+        .text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(names.last(), Some(&"error"), "{}", r.text);
+    assert!(!names.contains(&"message_stop"));
 }

@@ -1,13 +1,16 @@
 //! Provider adapters: one per upstream API kind, all behind one trait. Each
 //! adapter says which of the envelope's APIs ([`ApiKind`]) it speaks and
-//! owns the mapping to its upstream's wire format. Today every mapping is
+//! owns the mapping to its upstream's wire format. Same API in and out is
 //! the identity (an OpenAI-compatible upstream gets OpenAI's APIs, an
-//! Anthropic one Anthropic's, the mock all of them); translation between
-//! the two families is not built.
+//! Anthropic one Anthropic's, the mock all of them); the one translation
+//! built is Anthropic Messages to an OpenAI-compatible upstream's chat
+//! completions ([`translate`]). Chat completions to an Anthropic upstream
+//! are not translated.
 
 mod anthropic;
 mod mock;
 mod openai;
+pub mod translate;
 pub(crate) use openai::tls_config;
 
 use std::sync::Arc;

@@ -14,7 +14,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use super::{AdapterLimits, Completed, Opened, Provider};
+use super::{translate, AdapterLimits, Completed, Opened, Provider};
 use crate::pipeline::envelope::Envelope;
 use crate::pipeline::{ApiKind, Family};
 use crate::reload::Swap;
@@ -27,9 +27,11 @@ type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Byte
 
 /// Any OpenAI-compatible server (`/chat/completions`, `/embeddings`,
 /// `/responses`), or, with the Anthropic dialect, an Anthropic Messages
-/// server (`/messages`, `/messages/count_tokens`). Bodies pass through
-/// untouched both ways: this adapter's format mapping is the identity; the
-/// dialect decides only the paths it serves and how it authenticates.
+/// server (`/messages`, `/messages/count_tokens`). Bodies of the upstream's
+/// own APIs pass through untouched both ways; the dialect decides the
+/// paths it serves and how it authenticates. An OpenAI-compatible upstream
+/// also takes Anthropic Messages requests, translated at this edge to chat
+/// completions and back ([`super::translate`]).
 ///
 /// It speaks through hyper's pooled client directly: reqwest's redirect,
 /// retry and URL layers cost about a third of the forwarder's instructions
@@ -123,13 +125,38 @@ impl OpenAiProvider {
         })
     }
 
+    /// Whether a request of `api` is translated (Messages to an
+    /// OpenAI-compatible upstream's chat completions).
+    fn translates(&self, api: ApiKind) -> bool {
+        self.dialect == Family::OpenAi && api == ApiKind::Messages
+    }
+
     async fn send(&self, req: &Envelope) -> Result<Response<Incoming>, UpstreamError> {
-        let mut request = Request::post(self.uris[req.api as usize].clone())
-            .body(Full::new(req.body.clone()))
+        let translated = self.translates(req.api);
+        let (uri, body) = if translated {
+            let chat =
+                translate::messages_to_chat(&req.body).map_err(|e| UpstreamError::Status {
+                    status: 400,
+                    retry_after: None,
+                    body: crate::mock_llm::error_body(Family::Anthropic, 400, &e.0),
+                })?;
+            (
+                &self.uris[ApiKind::ChatCompletions as usize],
+                Bytes::from(chat),
+            )
+        } else {
+            (&self.uris[req.api as usize], req.body.clone())
+        };
+        let mut request = Request::post(uri.clone())
+            .body(Full::new(body))
             .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
         let headers = request.headers_mut();
         headers.reserve(req.headers.len() + 3);
         for (name, value) in &req.headers {
+            // Anthropic's protocol headers mean nothing to a translated request's upstream.
+            if translated && req.api.protocol_headers().contains(&name.as_str()) {
+                continue;
+            }
             headers.append(name, value.clone());
         }
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -309,7 +336,7 @@ async fn read_bounded(
 #[async_trait]
 impl Provider for OpenAiProvider {
     fn supports(&self, api: ApiKind) -> bool {
-        api.family() == self.dialect
+        api.family() == self.dialect || self.translates(api)
     }
 
     /// Rebuilds the client if the TLS files changed; returns whether they
@@ -329,6 +356,15 @@ impl Provider for OpenAiProvider {
         let resp = self.send(req).await?;
         let headers = self.limits.to_client.filter(resp.headers());
         let body = read_bounded(resp, self.limits.max_body_bytes, false).await?;
+        if self.translates(req.api) {
+            let message = translate::chat_to_message(&body).ok_or_else(|| {
+                UpstreamError::Protocol("the upstream's answer is not a chat completion".into())
+            })?;
+            return Ok(Completed {
+                headers,
+                body: message.into(),
+            });
+        }
         Ok(Completed { headers, body })
     }
 
@@ -340,11 +376,42 @@ impl Provider for OpenAiProvider {
             splitter: Splitter::new(self.limits.max_event_bytes),
             ended: false,
         };
+        let events: super::RawEvents = Box::pin(events);
         Ok(Opened {
             headers,
-            events: Box::pin(events),
+            events: if self.translates(req.api) {
+                translated(events)
+            } else {
+                events
+            },
         })
     }
+}
+
+/// A chat-completions stream as Anthropic's events. An upstream that ends
+/// after saying how the answer finished, without `[DONE]`, still gets its
+/// `message_stop`; one that ends before gets none (the pipeline then ends
+/// the client's stream with an error event).
+fn translated(events: super::RawEvents) -> super::RawEvents {
+    use futures::StreamExt;
+    let state = std::sync::Arc::new(parking_lot::Mutex::new(
+        translate::StreamTranslator::default(),
+    ));
+    let at_end = state.clone();
+    let body = events.flat_map(move |item| {
+        let out: Vec<Result<Bytes, UpstreamError>> = match item {
+            Ok(event) => state.lock().feed(&event).into_iter().map(Ok).collect(),
+            Err(e) => vec![Err(e)],
+        };
+        futures::stream::iter(out)
+    });
+    let tail = futures::stream::once(async move {
+        let mut t = at_end.lock();
+        let out = if t.finished() { t.finish() } else { Vec::new() };
+        futures::stream::iter(out.into_iter().map(Ok))
+    })
+    .flatten();
+    body.chain(tail).boxed()
 }
 
 /// Cuts an upstream body into whole SSE events.
