@@ -493,7 +493,10 @@ impl Message {
             if d < deltas {
                 let delta = match &input {
                     Some(json) => {
-                        let mid = json.len() / 2;
+                        let mut mid = json.len() / 2;
+                        while !json.is_char_boundary(mid) {
+                            mid -= 1;
+                        }
                         let part = if d == 0 { &json[..mid] } else { &json[mid..] };
                         json!({"type": "input_json_delta", "partial_json": part})
                     }
@@ -759,6 +762,16 @@ mod tests {
         let req = json!({"model": "c", "max_tokens": 100,
             "tools": [{"name": "lookup", "input_schema": {"type": "object"}}],
             "messages": [{"role": "user", "content": "find x"}]});
+        // A prompt of multi-byte characters splits on a character boundary.
+        let mut wide = req.clone();
+        wide["stream"] = json!(true);
+        wide["messages"][0]["content"] = json!("éééééé");
+        let parts: String = events(ApiKind::Messages, wide, None)
+            .await
+            .iter()
+            .filter_map(|(_, d)| d["delta"]["partial_json"].as_str().map(str::to_string))
+            .collect();
+        assert_eq!(parts, r#"{"prompt":"éééééé"}"#);
         let whole = complete(ApiKind::Messages, req.clone());
         assert_eq!(whole["stop_reason"], "tool_use");
         assert_eq!(whole["content"][0]["name"], "lookup");
