@@ -557,3 +557,57 @@ async fn messages_for_an_openai_upstream_are_translated_both_ways() {
     assert_eq!(names.last(), Some(&"error"), "{}", r.text);
     assert!(!names.contains(&"message_stop"));
 }
+
+/// Malformed and odd bodies on every new route, to the built-in mock, a
+/// mock-llm server and the translation: each gets an answer in its route's
+/// shape (never a dropped connection), and the forwarder stays up.
+#[tokio::test]
+async fn odd_bodies_get_answers_in_the_routes_shape() {
+    let m = mock(Default::default()).await;
+    let fwd = with_mock(&m).await;
+    let bodies: &[&[u8]] = &[
+        b"",
+        b"null",
+        b"[]",
+        b"{\"model\":1}",
+        b"\xff\xfe",
+        br#"{"model":"MODEL","messages":"x","input":{}}"#,
+        br#"{"model":"MODEL","messages":[1,null,{}],"input":[[1,2],["x"]],"max_tokens":-1}"#,
+        br#"{"model":"MODEL","messages":[{"role":"user","content":[{"type":"image"},{"type":"tool_result","content":[{"type":"image"}]}]}],"max_tokens":5,"input":[{"role":"user","content":[{"type":"input_text"}]}]}"#,
+        br#"{"model":"MODEL","messages":[{"role":"assistant","content":[{"type":"tool_use","input":"not an object"}]}],"max_tokens":5,"input":"x","dimensions":0,"stream":true}"#,
+        br#"{"model":"MODEL","messages":[{"role":"user","content":"x"}],"max_tokens":5,"tools":[{}],"tool_choice":{"type":"other"},"input":"x","encoding_format":"hex"}"#,
+    ];
+    for path in [
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+        "/v1/responses",
+        "/v1/embeddings",
+    ] {
+        let anthropic = path.starts_with("/v1/messages");
+        for model in ["mock", "emb", "claude", "gpt"] {
+            for body in bodies {
+                let body = String::from_utf8_lossy(body).replace("MODEL", model);
+                let r = fwd.post_raw(path, body.clone().into_bytes(), &[]).await;
+                assert!(
+                    (200..500).contains(&r.status),
+                    "{path} {body}: {} {}",
+                    r.status,
+                    r.text
+                );
+                if r.status >= 400 {
+                    if anthropic {
+                        assert_eq!(r.body["type"], "error", "{path} {body}: {}", r.text);
+                        assert!(r.body["error"]["message"].is_string(), "{}", r.text);
+                    } else {
+                        assert!(
+                            r.body["error"]["message"].is_string(),
+                            "{path} {body}: {}",
+                            r.text
+                        );
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(fwd.get("/healthz", &[]).await.status, 200);
+}
