@@ -69,4 +69,6 @@ if ((max_kib > RSS_MAX_MIB * 1024)); then
   echo "schemathesis.sh: RSS passed the bound" >&2; fail=1
 fi
 [ "$fail" -eq 0 ] || exit 1
-echo "schemathesis.sh: passed (${INCLUDE_PATH_REGEX:+the operations matching $INCLUDE_PATH_REGEX}${INCLUDE_PATH_REGEX:-every operation}, all checks, max $MAX_EXAMPLES examples each)"
+scope="every operation"
+[ -z "${INCLUDE_PATH_REGEX:-}" ] || scope="the operations matching $INCLUDE_PATH_REGEX"
+echo "schemathesis.sh: passed ($scope, all checks, max $MAX_EXAMPLES examples each)"
