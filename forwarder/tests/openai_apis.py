@@ -1,7 +1,8 @@
 """Embeddings and the Responses API through the forwarder with the official
 openai SDK; exits non-zero on any mismatch. `mock` is the forwarder's
 built-in mock; `gpt` is a mock-llm server behind it, whose faults are set
-through MOCK_ADMIN_URL."""
+through MOCK_ADMIN_URL; `claude` is the same server as a `provider:
+anthropic` upstream (chat completions translated to Messages and back)."""
 import json
 import os
 import urllib.request
@@ -68,6 +69,19 @@ for fault in ["stream_error", "cut"]:
     events = list(client.responses.create(model="gpt", input="x y z", stream=True))
     types = [ev.type for ev in events]
     assert types[-1] == "error" and "response.completed" not in types, (fault, types)
+
+# Chat completions for `claude`, a model behind a `provider: anthropic`
+# upstream: translated to Messages and back, whole and streamed.
+c = client.chat.completions.create(model="claude", messages=[{"role": "user", "content": "hello claude"}])
+assert c.choices[0].message.content == "mock reply: hello claude", c
+assert c.choices[0].finish_reason == "stop" and c.usage.completion_tokens == 4, c
+chunks = list(client.chat.completions.create(
+    model="claude", messages=[{"role": "user", "content": "stream claude"}], stream=True,
+    stream_options={"include_usage": True},
+))
+text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+assert text == "mock reply: stream claude", chunks
+assert chunks[-1].usage.completion_tokens == 4, chunks[-1]
 
 # Typed errors.
 try:

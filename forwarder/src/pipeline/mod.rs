@@ -448,7 +448,7 @@ impl Pipeline {
         if !self.forwarder.serves(&model, api) {
             return Err(obs.fail(ApiError::BadRequest(format!(
                 "model {model:?} is not served over the {} API: its upstreams speak \
-                 another API, and translation between APIs is not built",
+                 another API, and translation between these APIs is not built",
                 api.label()
             ))));
         }

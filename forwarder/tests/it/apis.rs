@@ -611,3 +611,98 @@ async fn odd_bodies_get_answers_in_the_routes_shape() {
     }
     assert_eq!(fwd.get("/healthz", &[]).await.status, 200);
 }
+
+#[tokio::test]
+async fn chat_completions_for_an_anthropic_upstream_are_translated_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Scripted::start().await;
+    let fwd = fwd_with(&dir, &up, |_| {}).await;
+    let req = json!({"model": "claude-full", "max_tokens": 64,
+        "tools": [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}],
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "policy?"}]});
+    let r = fwd.post("/v1/chat/completions", &req, &[KEY]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let choice = &r.body["choices"][0];
+    assert_eq!(choice["message"]["content"], "Let me look \u{e9}");
+    assert_eq!(
+        choice["message"]["tool_calls"][0]["function"],
+        json!({"name": "lookup", "arguments": "{\"q\":\"return policy\"}"})
+    );
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    assert_eq!(
+        r.body["usage"],
+        json!({"prompt_tokens": 55, "completion_tokens": 7, "total_tokens": 62,
+            "prompt_tokens_details": {"cached_tokens": 40}})
+    );
+    // The upstream got a Messages request, with its key and version.
+    let (body, headers) = up.last("messages:claude-full");
+    let sent: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(sent["system"], "be brief");
+    assert_eq!(
+        sent["messages"],
+        json!([{"role": "user", "content": [{"type": "text", "text": "policy?"}]}])
+    );
+    assert_eq!(
+        sent["tools"][0],
+        json!({"name": "lookup", "input_schema": {"type": "object"}})
+    );
+    assert_eq!(headers["x-api-key"], "sk-upstream-anthropic");
+    assert_eq!(headers["anthropic-version"], "2023-06-01");
+
+    let mut streamed = req.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let resp = fwd
+        .http
+        .post(format!("{}/v1/chat/completions", fwd.base))
+        .header("authorization", "Bearer sk-client")
+        .json(&streamed)
+        .send()
+        .await
+        .unwrap();
+    let events = sse_events(resp).await;
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let args: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"].as_str())
+        .collect();
+    assert_eq!(args, "{\"q\": \"x\"}");
+    assert!(chunks
+        .iter()
+        .any(|c| c["choices"][0]["finish_reason"] == "tool_calls"));
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 9);
+
+    // The simple API rides the same translation.
+    let r = fwd
+        .post(
+            "/api/v1/message",
+            &json!({"model_id": "claude-full", "prompt": "hi"}),
+            &[KEY],
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["reply"].as_str()),
+        (200, Some("Let me look \u{e9}"))
+    );
+    // A chat field with no Messages equivalent is refused, naming it.
+    let mut n = req;
+    n["n"] = json!(2);
+    let r = fwd.post("/v1/chat/completions", &n, &[KEY]).await;
+    assert_eq!((r.status, r.error_code()), (400, "<none>"), "{}", r.text);
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("n:"),
+        "{}",
+        r.text
+    );
+}

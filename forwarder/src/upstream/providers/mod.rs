@@ -2,10 +2,11 @@
 //! adapter says which of the envelope's APIs ([`ApiKind`]) it speaks and
 //! owns the mapping to its upstream's wire format. Same API in and out is
 //! the identity (an OpenAI-compatible upstream gets OpenAI's APIs, an
-//! Anthropic one Anthropic's, the mock all of them); the one translation
-//! built is Anthropic Messages to an OpenAI-compatible upstream's chat
-//! completions ([`translate`]). Chat completions to an Anthropic upstream
-//! are not translated.
+//! Anthropic one Anthropic's, the mock all of them); between the families
+//! the adapter translates Anthropic Messages to an OpenAI-compatible
+//! upstream's chat completions, and chat completions to an Anthropic
+//! upstream's Messages ([`translate`]). Embeddings, Responses and
+//! count_tokens are not translated.
 
 mod anthropic;
 mod mock;

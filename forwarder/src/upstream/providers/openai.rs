@@ -29,9 +29,10 @@ type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Byte
 /// `/responses`), or, with the Anthropic dialect, an Anthropic Messages
 /// server (`/messages`, `/messages/count_tokens`). Bodies of the upstream's
 /// own APIs pass through untouched both ways; the dialect decides the
-/// paths it serves and how it authenticates. An OpenAI-compatible upstream
-/// also takes Anthropic Messages requests, translated at this edge to chat
-/// completions and back ([`super::translate`]).
+/// paths it serves and how it authenticates. Between the families this
+/// edge translates ([`super::translate`]): an OpenAI-compatible upstream
+/// also takes Messages requests (as chat completions), an Anthropic one
+/// chat-completions requests (as Messages).
 ///
 /// It speaks through hyper's pooled client directly: reqwest's redirect,
 /// retry and URL layers cost about a third of the forwarder's instructions
@@ -125,27 +126,34 @@ impl OpenAiProvider {
         })
     }
 
-    /// Whether a request of `api` is translated (Messages to an
-    /// OpenAI-compatible upstream's chat completions).
-    fn translates(&self, api: ApiKind) -> bool {
-        self.dialect == Family::OpenAi && api == ApiKind::Messages
+    /// The API a request of `api` is translated to, if it is: Messages
+    /// to an OpenAI-compatible upstream's chat completions, chat
+    /// completions to an Anthropic upstream's Messages.
+    fn translates(&self, api: ApiKind) -> Option<ApiKind> {
+        match (self.dialect, api) {
+            (Family::OpenAi, ApiKind::Messages) => Some(ApiKind::ChatCompletions),
+            (Family::Anthropic, ApiKind::ChatCompletions) => Some(ApiKind::Messages),
+            _ => None,
+        }
     }
 
     async fn send(&self, req: &Envelope) -> Result<Response<Incoming>, UpstreamError> {
-        let translated = self.translates(req.api);
-        let (uri, body) = if translated {
-            let chat =
-                translate::messages_to_chat(&req.body).map_err(|e| UpstreamError::Status {
+        let to = self.translates(req.api);
+        let translated = to.is_some();
+        let (uri, body) = match to {
+            Some(to) => {
+                let body = match to {
+                    ApiKind::Messages => translate::chat_to_messages(&req.body),
+                    _ => translate::messages_to_chat(&req.body),
+                };
+                let body = body.map_err(|e| UpstreamError::Status {
                     status: 400,
                     retry_after: None,
-                    body: crate::mock_llm::error_body(Family::Anthropic, 400, &e.0),
+                    body: crate::mock_llm::error_body(req.api.family(), 400, &e.0),
                 })?;
-            (
-                &self.uris[ApiKind::ChatCompletions as usize],
-                Bytes::from(chat),
-            )
-        } else {
-            (&self.uris[req.api as usize], req.body.clone())
+                (&self.uris[to as usize], Bytes::from(body))
+            }
+            None => (&self.uris[req.api as usize], req.body.clone()),
         };
         let mut request = Request::post(uri.clone())
             .body(Full::new(body))
@@ -336,7 +344,7 @@ async fn read_bounded(
 #[async_trait]
 impl Provider for OpenAiProvider {
     fn supports(&self, api: ApiKind) -> bool {
-        api.family() == self.dialect || self.translates(api)
+        api.family() == self.dialect || self.translates(api).is_some()
     }
 
     /// Rebuilds the client if the TLS files changed; returns whether they
@@ -356,13 +364,17 @@ impl Provider for OpenAiProvider {
         let resp = self.send(req).await?;
         let headers = self.limits.to_client.filter(resp.headers());
         let body = read_bounded(resp, self.limits.max_body_bytes, false).await?;
-        if self.translates(req.api) {
-            let message = translate::chat_to_message(&body).ok_or_else(|| {
-                UpstreamError::Protocol("the upstream's answer is not a chat completion".into())
+        if let Some(to) = self.translates(req.api) {
+            let back = match to {
+                ApiKind::Messages => translate::message_to_chat(&body),
+                _ => translate::chat_to_message(&body),
+            };
+            let back = back.ok_or_else(|| {
+                UpstreamError::Protocol("the upstream's answer is not in its API's shape".into())
             })?;
             return Ok(Completed {
                 headers,
-                body: message.into(),
+                body: back.into(),
             });
         }
         Ok(Completed { headers, body })
@@ -379,10 +391,10 @@ impl Provider for OpenAiProvider {
         let events: super::RawEvents = Box::pin(events);
         Ok(Opened {
             headers,
-            events: if self.translates(req.api) {
-                translated(events)
-            } else {
-                events
+            events: match self.translates(req.api) {
+                Some(ApiKind::ChatCompletions) => translated(events),
+                Some(_) => to_chunks(events, include_usage(&req.body)),
+                None => events,
             },
         })
     }
@@ -412,6 +424,29 @@ fn translated(events: super::RawEvents) -> super::RawEvents {
     })
     .flatten();
     body.chain(tail).boxed()
+}
+
+/// Whether a chat request asked for a usage chunk.
+fn include_usage(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.pointer("/stream_options/include_usage")?.as_bool())
+        .unwrap_or(false)
+}
+
+/// An Anthropic stream as chat chunks, `[DONE]` at `message_stop`.
+fn to_chunks(events: super::RawEvents, include_usage: bool) -> super::RawEvents {
+    use futures::StreamExt;
+    let mut t = translate::ChunkTranslator::new(include_usage);
+    events
+        .flat_map(move |item| {
+            let out: Vec<Result<Bytes, UpstreamError>> = match item {
+                Ok(event) => t.feed(&event).into_iter().map(Ok).collect(),
+                Err(e) => vec![Err(e)],
+            };
+            futures::stream::iter(out)
+        })
+        .boxed()
 }
 
 /// Cuts an upstream body into whole SSE events.

@@ -1,8 +1,8 @@
-//! Anthropic Messages in, OpenAI chat completions upstream: the edge
-//! translation for a Messages request whose model an OpenAI-compatible
-//! upstream serves. Pure functions: the request (Messages → chat), the
-//! answer (chat completion → message) and a stream (chat chunks →
-//! Anthropic's events). Fields with no equivalent that would change the
+//! The edge translation between Anthropic Messages and OpenAI chat
+//! completions, both ways: a Messages request whose model an
+//! OpenAI-compatible upstream serves, and a chat-completions request whose
+//! model an Anthropic upstream serves. Pure functions: each request, each
+//! answer, and each stream (event by event). Fields with no equivalent that would change the
 //! answer's meaning are refused, naming the field, never dropped; the
 //! table is in docs/anthropic.md.
 
@@ -496,6 +496,383 @@ impl StreamTranslator {
     }
 }
 
+// ---- Chat completions in, Anthropic Messages upstream ----
+
+/// `max_tokens` sent to an Anthropic upstream when a chat request has
+/// none (Anthropic requires one): the answer is cut there, with
+/// `finish_reason: length`.
+pub const DEFAULT_MAX_TOKENS: u64 = 4096;
+
+/// Chat-completion fields that are translated or ignored; any other is
+/// refused.
+const CHAT_KNOWN: &[&str] = &[
+    "model",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "stream",
+    "stream_options",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "user",
+];
+
+/// A chat content value as Anthropic blocks (text and images).
+fn chat_parts(content: &Value, at: &str) -> Result<Vec<Value>, Untranslatable> {
+    match content {
+        Value::String(s) => Ok(vec![json!({"type": "text", "text": s})]),
+        Value::Null => Ok(Vec::new()),
+        Value::Array(parts) => parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| match p.get("type").and_then(Value::as_str) {
+                Some("text") => Ok(json!({"type": "text", "text": p.get("text").cloned().unwrap_or_default()})),
+                Some("image_url") => {
+                    let url = p.pointer("/image_url/url").and_then(Value::as_str).unwrap_or_default();
+                    match url.strip_prefix("data:").and_then(|r| r.split_once(";base64,")) {
+                        Some((media, data)) => Ok(json!({"type": "image", "source": {"type": "base64", "media_type": media, "data": data}})),
+                        None => Ok(json!({"type": "image", "source": {"type": "url", "url": url}})),
+                    }
+                }
+                other => refuse(format!("{at}[{i}]: a {} part has no equivalent upstream", other.unwrap_or("typeless"))),
+            })
+            .collect(),
+        _ => refuse(format!("{at}: must be a string or an array of parts")),
+    }
+}
+
+/// A chat-completions request as a Messages request.
+pub fn chat_to_messages(body: &[u8]) -> Result<Vec<u8>, Untranslatable> {
+    let Ok(Value::Object(req)) = serde_json::from_slice::<Value>(body) else {
+        return refuse("the body must be a JSON object");
+    };
+    if let Some(k) = req.keys().find(|k| !CHAT_KNOWN.contains(&k.as_str())) {
+        return refuse(format!(
+            "{k}: has no equivalent on this model's upstream (an Anthropic one); refused rather than dropped"
+        ));
+    }
+    let mut system = Vec::new();
+    let mut messages: Vec<Value> = Vec::new();
+    // Consecutive tool results make one user turn.
+    let mut results: Vec<Value> = Vec::new();
+    let flush = |results: &mut Vec<Value>, messages: &mut Vec<Value>| {
+        if !results.is_empty() {
+            messages.push(json!({"role": "user", "content": std::mem::take(results)}));
+        }
+    };
+    for (i, m) in req
+        .get("messages")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let at = format!("messages[{i}]");
+        let content = m.get("content").cloned().unwrap_or(Value::Null);
+        match m.get("role").and_then(Value::as_str).unwrap_or_default() {
+            "system" | "developer" => system.push(text_of(&content, &format!("{at}.content"))?),
+            "tool" => results.push(json!({
+                "type": "tool_result",
+                "tool_use_id": m.get("tool_call_id").cloned().unwrap_or_default(),
+                "content": text_of(&content, &format!("{at}.content"))?,
+            })),
+            "user" => {
+                flush(&mut results, &mut messages);
+                messages.push(json!({"role": "user", "content": chat_parts(&content, &format!("{at}.content"))?}));
+            }
+            "assistant" => {
+                flush(&mut results, &mut messages);
+                let mut blocks = chat_parts(&content, &format!("{at}.content"))?;
+                for call in m
+                    .get("tool_calls")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let args = call
+                        .pointer("/function/arguments")
+                        .and_then(Value::as_str)
+                        .unwrap_or("{}");
+                    blocks.push(json!({
+                        "type": "tool_use",
+                        "id": call.get("id").cloned().unwrap_or_default(),
+                        "name": call.pointer("/function/name").cloned().unwrap_or_default(),
+                        "input": serde_json::from_str::<Value>(args).unwrap_or(json!({})),
+                    }));
+                }
+                messages.push(json!({"role": "assistant", "content": blocks}));
+            }
+            other => return refuse(format!("{at}.role: {other:?} has no equivalent upstream")),
+        }
+    }
+    flush(&mut results, &mut messages);
+    let mut out = Map::new();
+    out.insert(
+        "model".into(),
+        req.get("model").cloned().unwrap_or_default(),
+    );
+    let max = req
+        .get("max_completion_tokens")
+        .or_else(|| req.get("max_tokens"))
+        .cloned()
+        .unwrap_or(json!(DEFAULT_MAX_TOKENS));
+    out.insert("max_tokens".into(), max);
+    if !system.is_empty() {
+        out.insert("system".into(), json!(system.join("\n")));
+    }
+    out.insert("messages".into(), Value::Array(messages));
+    for k in ["temperature", "top_p"] {
+        if let Some(v) = req.get(k) {
+            out.insert(k.into(), v.clone());
+        }
+    }
+    match req.get("stop") {
+        Some(Value::String(s)) => {
+            out.insert("stop_sequences".into(), json!([s]));
+        }
+        Some(v @ Value::Array(_)) => {
+            out.insert("stop_sequences".into(), v.clone());
+        }
+        _ => {}
+    }
+    if let Some(u) = req.get("user") {
+        out.insert("metadata".into(), json!({"user_id": u}));
+    }
+    if let Some(tools) = req.get("tools").and_then(Value::as_array) {
+        let mut list = Vec::new();
+        for (i, t) in tools.iter().enumerate() {
+            if t.get("type").and_then(Value::as_str) != Some("function") {
+                return refuse(format!("tools[{i}]: only function tools translate"));
+            }
+            let f = t.get("function").cloned().unwrap_or_default();
+            let mut tool = json!({
+                "name": f.get("name").cloned().unwrap_or_default(),
+                "input_schema": f.get("parameters").cloned().unwrap_or(json!({"type": "object"})),
+            });
+            if let Some(d) = f.get("description") {
+                tool["description"] = d.clone();
+            }
+            list.push(tool);
+        }
+        out.insert("tools".into(), Value::Array(list));
+    }
+    let mut choice = match req.get("tool_choice") {
+        None => None,
+        Some(Value::String(s)) => Some(match s.as_str() {
+            "auto" => json!({"type": "auto"}),
+            "required" => json!({"type": "any"}),
+            "none" => json!({"type": "none"}),
+            other => return refuse(format!("tool_choice: {other:?} has no equivalent upstream")),
+        }),
+        Some(v) => Some(
+            json!({"type": "tool", "name": v.pointer("/function/name").cloned().unwrap_or_default()}),
+        ),
+    };
+    if req.get("parallel_tool_calls").and_then(Value::as_bool) == Some(false) {
+        let c = choice.get_or_insert_with(|| json!({"type": "auto"}));
+        c["disable_parallel_tool_use"] = json!(true);
+    }
+    if let Some(c) = choice {
+        out.insert("tool_choice".into(), c);
+    }
+    if req.get("stream").and_then(Value::as_bool) == Some(true) {
+        out.insert("stream".into(), json!(true));
+    }
+    Ok(Value::Object(out).to_string().into_bytes())
+}
+
+/// Anthropic's `stop_reason` as OpenAI's `finish_reason`.
+pub fn finish_reason(stop: &str) -> &'static str {
+    match stop {
+        "max_tokens" => "length",
+        "tool_use" => "tool_calls",
+        "refusal" => "content_filter",
+        _ => "stop",
+    }
+}
+
+/// Messages usage as chat usage: cache reads and writes count as prompt
+/// tokens, as OpenAI counts cached ones.
+fn chat_usage(u: &Value) -> Value {
+    let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let cached = n("cache_read_input_tokens");
+    let prompt = n("input_tokens") + cached + n("cache_creation_input_tokens");
+    let completion = n("output_tokens");
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    })
+}
+
+/// A Messages answer as a chat completion (thinking blocks are not
+/// carried: chat has no place for them).
+pub fn message_to_chat(body: &[u8]) -> Option<Vec<u8>> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let mut text = String::new();
+    let mut calls = Vec::new();
+    for b in v.get("content")?.as_array()? {
+        match b.get("type").and_then(Value::as_str) {
+            Some("text") => {
+                text.push_str(b.get("text").and_then(Value::as_str).unwrap_or_default())
+            }
+            Some("tool_use") => calls.push(json!({
+                "id": b.get("id").cloned().unwrap_or_default(),
+                "type": "function",
+                "function": {
+                    "name": b.get("name").cloned().unwrap_or_default(),
+                    "arguments": b.get("input").cloned().unwrap_or(json!({})).to_string(),
+                },
+            })),
+            _ => {}
+        }
+    }
+    let mut message = json!({"role": "assistant", "content": if text.is_empty() && !calls.is_empty() { Value::Null } else { Value::String(text) }});
+    if !calls.is_empty() {
+        message["tool_calls"] = Value::Array(calls);
+    }
+    let stop = v
+        .get("stop_reason")
+        .and_then(Value::as_str)
+        .unwrap_or("end_turn");
+    Some(
+        json!({
+            "id": v.get("id").cloned().unwrap_or_default(),
+            "object": "chat.completion",
+            "created": crate::api::unix_now(),
+            "model": v.get("model").cloned().unwrap_or_default(),
+            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(stop)}],
+            "usage": chat_usage(v.get("usage").unwrap_or(&Value::Null)),
+        })
+        .to_string()
+        .into_bytes(),
+    )
+}
+
+/// Anthropic's events in, chat chunks out.
+pub struct ChunkTranslator {
+    id: Value,
+    model: Value,
+    created: u64,
+    include_usage: bool,
+    /// Content block index → tool call index, for tool_use blocks.
+    tools: Vec<(u64, usize)>,
+    usage: Value,
+    ended: bool,
+}
+
+impl ChunkTranslator {
+    pub fn new(include_usage: bool) -> Self {
+        Self {
+            id: Value::Null,
+            model: Value::Null,
+            created: crate::api::unix_now(),
+            include_usage,
+            tools: Vec::new(),
+            usage: json!({}),
+            ended: false,
+        }
+    }
+
+    fn chunk(&self, delta: Value, finish: Option<&str>) -> Bytes {
+        let c = json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+            "model": self.model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        sse::data_event(c.to_string().as_bytes())
+    }
+
+    /// The chunks for one upstream event (`ping` is dropped, an `error`
+    /// event becomes an error `data:` chunk, `message_stop` is `[DONE]`).
+    pub fn feed(&mut self, upstream: &[u8]) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        if self.ended {
+            return out;
+        }
+        let Some(data) = sse::data(upstream) else {
+            out.push(Bytes::copy_from_slice(upstream));
+            return out;
+        };
+        let Ok(v) = serde_json::from_slice::<Value>(&data) else {
+            return out;
+        };
+        let kind = sse::event_type(upstream).map(|t| String::from_utf8_lossy(t).into_owned());
+        match kind.as_deref() {
+            Some("message_start") => {
+                self.id = v.pointer("/message/id").cloned().unwrap_or_default();
+                self.model = v.pointer("/message/model").cloned().unwrap_or_default();
+                if let Some(u) = v.pointer("/message/usage").and_then(Value::as_object) {
+                    if let Some(o) = self.usage.as_object_mut() {
+                        o.extend(u.clone());
+                    }
+                }
+                out.push(self.chunk(json!({"role": "assistant", "content": ""}), None));
+            }
+            Some("content_block_start") => {
+                let block = v.get("content_block").cloned().unwrap_or_default();
+                if block.get("type").and_then(Value::as_str) == Some("tool_use") {
+                    let n = self.tools.len();
+                    self.tools
+                        .push((v.get("index").and_then(Value::as_u64).unwrap_or(0), n));
+                    out.push(self.chunk(json!({"tool_calls": [{"index": n,
+                        "id": block.get("id").cloned().unwrap_or_default(), "type": "function",
+                        "function": {"name": block.get("name").cloned().unwrap_or_default(), "arguments": ""}}]}), None));
+                }
+            }
+            Some("content_block_delta") => {
+                let d = v.get("delta").cloned().unwrap_or_default();
+                match d.get("type").and_then(Value::as_str) {
+                    Some("text_delta") => out.push(self.chunk(
+                        json!({"content": d.get("text").cloned().unwrap_or_default()}),
+                        None,
+                    )),
+                    Some("input_json_delta") => {
+                        let index = v.get("index").and_then(Value::as_u64).unwrap_or(0);
+                        if let Some((_, n)) = self.tools.iter().find(|(b, _)| *b == index) {
+                            out.push(self.chunk(json!({"tool_calls": [{"index": n,
+                                "function": {"arguments": d.get("partial_json").cloned().unwrap_or_default()}}]}), None));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Some("message_delta") => {
+                if let (Some(u), Some(o)) = (
+                    v.get("usage").and_then(Value::as_object),
+                    self.usage.as_object_mut(),
+                ) {
+                    o.extend(u.clone());
+                }
+                let stop = v
+                    .pointer("/delta/stop_reason")
+                    .and_then(Value::as_str)
+                    .unwrap_or("end_turn");
+                out.push(self.chunk(json!({}), Some(finish_reason(stop))));
+            }
+            Some("message_stop") => {
+                self.ended = true;
+                if self.include_usage {
+                    let c = json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                        "model": self.model, "choices": [], "usage": chat_usage(&self.usage)});
+                    out.push(sse::data_event(c.to_string().as_bytes()));
+                }
+                out.push(Bytes::from_static(sse::DONE_EVENT));
+            }
+            Some("error") => {
+                let message = v.pointer("/error/message").cloned().unwrap_or_default();
+                let kind = v.pointer("/error/type").cloned().unwrap_or_default();
+                let e = json!({"error": {"message": message, "type": kind, "code": null}});
+                out.push(sse::data_event(e.to_string().as_bytes()));
+            }
+            _ => {}
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -740,5 +1117,139 @@ mod tests {
         t.feed(format!("{}\n\n", chunks[4]).as_bytes());
         assert!(t.finished());
         assert_eq!(names(&t.finish()), ["message_delta", "message_stop"]);
+    }
+
+    #[test]
+    fn chat_requests_translate_to_messages_field_by_field() {
+        let chat = json!({"model": "c", "max_completion_tokens": 50, "stop": "END", "user": "u1",
+        "parallel_tool_calls": false, "stream": true, "stream_options": {"include_usage": true},
+        "tools": [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}],
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAA"}}]},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]},
+            {"role": "tool", "tool_call_id": "t1", "content": "42"},
+        ]});
+        let m: Value =
+            serde_json::from_slice(&chat_to_messages(chat.to_string().as_bytes()).unwrap())
+                .unwrap();
+        for (pointer, want) in [
+            ("/max_tokens", json!(50)),
+            ("/system", json!("be brief")),
+            ("/stop_sequences", json!(["END"])),
+            ("/metadata", json!({"user_id": "u1"})),
+            (
+                "/tool_choice",
+                json!({"type": "auto", "disable_parallel_tool_use": true}),
+            ),
+            (
+                "/tools/0",
+                json!({"name": "f", "description": "d", "input_schema": {"type": "object"}}),
+            ),
+            (
+                "/messages/0/content/1/source",
+                json!({"type": "base64", "media_type": "image/png", "data": "AAA"}),
+            ),
+            (
+                "/messages/1/content/0",
+                json!({"type": "tool_use", "id": "t1", "name": "f", "input": {"a": 1}}),
+            ),
+            (
+                "/messages/2",
+                json!({"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "42"}]}),
+            ),
+            ("/stream", json!(true)),
+        ] {
+            assert_eq!(m.pointer(pointer), Some(&want), "{pointer}: {m}");
+        }
+        let bare: Value = serde_json::from_slice(
+            &chat_to_messages(br#"{"model":"c","messages":[{"role":"user","content":"hi"}]}"#)
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(bare["max_tokens"], DEFAULT_MAX_TOKENS);
+        for (field, body) in [
+            ("n", json!({"model": "c", "n": 2, "messages": []})),
+            (
+                "response_format",
+                json!({"model": "c", "response_format": {"type": "json_object"}, "messages": []}),
+            ),
+            (
+                "logprobs",
+                json!({"model": "c", "logprobs": true, "messages": []}),
+            ),
+            (
+                "messages[0].content[0]",
+                json!({"model": "c", "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}),
+            ),
+        ] {
+            let e = chat_to_messages(body.to_string().as_bytes()).unwrap_err();
+            assert!(e.0.starts_with(field), "{field}: {}", e.0);
+        }
+    }
+
+    #[test]
+    fn messages_answers_translate_to_chat() {
+        let msg = json!({"id": "msg_1", "type": "message", "role": "assistant", "model": "claude",
+            "content": [{"type": "thinking", "thinking": "x"}, {"type": "text", "text": "ok"}, {"type": "tool_use", "id": "t", "name": "f", "input": {"q": 1}}],
+            "stop_reason": "tool_use", "usage": {"input_tokens": 5, "cache_read_input_tokens": 10, "output_tokens": 3}});
+        let c: Value =
+            serde_json::from_slice(&message_to_chat(msg.to_string().as_bytes()).unwrap()).unwrap();
+        assert_eq!(c["choices"][0]["message"]["content"], "ok");
+        assert_eq!(
+            c["choices"][0]["message"]["tool_calls"][0]["function"],
+            json!({"name": "f", "arguments": "{\"q\":1}"})
+        );
+        assert_eq!(c["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(
+            c["usage"],
+            json!({"prompt_tokens": 15, "completion_tokens": 3, "total_tokens": 18, "prompt_tokens_details": {"cached_tokens": 10}})
+        );
+        for (stop, finish) in [
+            ("end_turn", "stop"),
+            ("stop_sequence", "stop"),
+            ("max_tokens", "length"),
+            ("tool_use", "tool_calls"),
+            ("refusal", "content_filter"),
+        ] {
+            assert_eq!(finish_reason(stop), finish);
+        }
+    }
+
+    #[test]
+    fn anthropic_events_become_chat_chunks() {
+        let events = [
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"model\":\"claude\",\"usage\":{\"input_tokens\":4,\"output_tokens\":1}}}\n\n",
+            "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+            "event: ping\ndata: {\"type\":\"ping\"}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n",
+            "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"tool_use\",\"id\":\"t\",\"name\":\"f\",\"input\":{}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{}\"}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\"},\"usage\":{\"output_tokens\":7}}\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        ];
+        let mut t = ChunkTranslator::new(true);
+        let out: Vec<Bytes> = events.iter().flat_map(|e| t.feed(e.as_bytes())).collect();
+        let data: Vec<Value> = out
+            .iter()
+            .filter_map(|e| sse::data(e))
+            .filter(|d| d.as_ref() != b"[DONE]")
+            .map(|d| serde_json::from_slice(&d).unwrap())
+            .collect();
+        assert_eq!(data[0]["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(data[1]["choices"][0]["delta"]["content"], "Hi");
+        assert_eq!(
+            data[2]["choices"][0]["delta"]["tool_calls"][0]["function"]["name"],
+            "f"
+        );
+        assert_eq!(
+            data[3]["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"],
+            "{}"
+        );
+        assert_eq!(data[4]["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(data[5]["usage"]["completion_tokens"], 7);
+        assert_eq!(data[5]["usage"]["prompt_tokens"], 4);
+        assert_eq!(out.last().unwrap().as_ref(), sse::DONE_EVENT);
+        assert_eq!(data.len(), 6);
     }
 }
