@@ -87,8 +87,8 @@ impl MockProvider {
 
 #[async_trait]
 impl Provider for MockProvider {
-    fn supports(&self, _: ApiKind) -> bool {
-        true
+    fn support(&self, _: ApiKind) -> super::Support {
+        super::Support::Native
     }
 
     async fn complete(&self, req: &Envelope) -> Result<Completed, UpstreamError> {

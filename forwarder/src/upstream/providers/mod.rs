@@ -51,7 +51,13 @@ pub type RawEvents = BoxStream<'static, Result<Bytes, UpstreamError>>;
 pub trait Provider: Send + Sync {
     /// Whether this adapter can forward a request of `api`; the pipeline
     /// sends it nothing else.
-    fn supports(&self, api: ApiKind) -> bool;
+    fn supports(&self, api: ApiKind) -> bool {
+        self.support(api) != Support::None
+    }
+
+    /// How this adapter takes a request of `api`: natively, translated, or
+    /// not at all. Endpoints that take it natively are preferred.
+    fn support(&self, api: ApiKind) -> Support;
 
     async fn complete(&self, req: &Envelope) -> Result<Completed, UpstreamError>;
 
@@ -64,6 +70,16 @@ pub trait Provider: Send + Sync {
     fn reload_files(&self) -> Result<bool, crate::BuildError> {
         Ok(false)
     }
+}
+
+/// How an adapter takes a request of some API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Support {
+    None,
+    /// Translated to the upstream's own API and back.
+    Translated,
+    /// As it came.
+    Native,
 }
 
 /// What every adapter shares: bounds and the response-header allow-list.

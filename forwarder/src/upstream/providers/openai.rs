@@ -343,8 +343,14 @@ async fn read_bounded(
 
 #[async_trait]
 impl Provider for OpenAiProvider {
-    fn supports(&self, api: ApiKind) -> bool {
-        api.family() == self.dialect || self.translates(api).is_some()
+    fn support(&self, api: ApiKind) -> super::Support {
+        if api.family() == self.dialect {
+            super::Support::Native
+        } else if self.translates(api).is_some() {
+            super::Support::Translated
+        } else {
+            super::Support::None
+        }
     }
 
     /// Rebuilds the client if the TLS files changed; returns whether they
