@@ -610,6 +610,11 @@ pub fn chat_to_messages(body: &[u8]) -> Result<Vec<u8>, Untranslatable> {
         }
     }
     flush(&mut results, &mut messages);
+    if messages.is_empty() {
+        return refuse(
+            "messages: an Anthropic upstream needs a user or assistant message besides the system ones",
+        );
+    }
     let mut out = Map::new();
     out.insert(
         "model".into(),
@@ -1181,6 +1186,10 @@ mod tests {
             (
                 "messages[0].content[0]",
                 json!({"model": "c", "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}),
+            ),
+            (
+                "messages:",
+                json!({"model": "c", "messages": [{"role": "system", "content": "only"}]}),
             ),
         ] {
             let e = chat_to_messages(body.to_string().as_bytes()).unwrap_err();
