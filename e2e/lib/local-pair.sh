@@ -43,18 +43,25 @@ wait_ready() { # url
 }
 
 # $1: mock-llm arguments; $2: YAML lines appended to the forwarder's config;
-# UPSTREAM_EXTRA: fields appended to the upstream's flow map (", timeout: 2s").
+# UPSTREAM_EXTRA: fields appended to the upstream's flow map (", timeout: 2s");
+# PAIR_ANTHROPIC=1: the same mock-llm also serves `mock` as a
+# `provider: anthropic` upstream (for the Messages routes).
 pair_start() {
   MOCK_PORT=$(free_port)
   FWD_PORT=$(free_port)
   # shellcheck disable=SC2086
   "$MF_FORWARDER_BIN" mock-llm --listen "127.0.0.1:$MOCK_PORT" $1 >"$WORK/mock.log" 2>&1 &
   PAIR_PIDS+=($!)
+  local anthropic=""
+  if [ -n "${PAIR_ANTHROPIC:-}" ]; then
+    anthropic="  - {name: mock-llm-anthropic, provider: anthropic, base_url: \"http://127.0.0.1:$MOCK_PORT/v1\", models: [mock]${UPSTREAM_EXTRA:-}}"
+  fi
   cat >"$WORK/forwarder.yaml" <<YAML
 server: {listen: "127.0.0.1:$FWD_PORT"}
 logging: {access_log: false}
 upstreams:
   - {name: mock-llm, provider: openai, base_url: "http://127.0.0.1:$MOCK_PORT/v1", models: [mock]${UPSTREAM_EXTRA:-}}
+${anthropic}
 ${2:-}
 YAML
   "$MF_FORWARDER_BIN" serve --config "$WORK/forwarder.yaml" >"$WORK/forwarder.log" 2>&1 &

@@ -38,6 +38,40 @@ pub struct Config {
     pub store: StoreConfig,
     /// The exact-match response cache, per model.
     pub cache: CacheConfig,
+    /// Model aliases: a name clients send, mapped to one or more served
+    /// models (weighted, with an ordered fallback chain).
+    pub models: std::collections::BTreeMap<String, AliasConfig>,
+}
+
+/// A model alias (`models.<alias>`): the client's model name, served by
+/// one of `targets`. The first target is chosen by weight among those with
+/// a weight above 0; on a failure that means "try elsewhere" (an upstream
+/// 5xx, a 429 or a timeout after the target's own retries, no healthy
+/// endpoint, a context-length refusal) the remaining targets are tried in
+/// their listed order, never after a stream has begun.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AliasConfig {
+    pub targets: Vec<AliasTarget>,
+    /// Rewrite the body's `model` field to the target's name (the one
+    /// field the forwarder edits). Off: the body goes upstream with the
+    /// alias in it, for upstreams that know the alias themselves.
+    #[serde(default = "default_true")]
+    pub rewrite_model: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AliasTarget {
+    /// A model some upstream serves (not another alias).
+    pub model: String,
+    /// Share of first choices; 0 makes the target a fallback only.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for Config {
@@ -57,6 +91,7 @@ impl Default for Config {
             headers: HeadersConfig::default(),
             limits: LimitsConfig::default(),
             async_jobs: AsyncConfig::default(),
+            models: Default::default(),
             store: StoreConfig::default(),
             cache: CacheConfig::default(),
         }
@@ -375,9 +410,13 @@ pub enum Strategy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Provider {
-    /// Any OpenAI-compatible chat completions server (OpenAI, vLLM, Ollama, …).
+    /// Any OpenAI-compatible server (OpenAI, vLLM, Ollama, …): chat
+    /// completions, embeddings and Responses.
     Openai,
-    /// The built-in mock model, answered in-process.
+    /// An Anthropic Messages server: `/v1/messages` and
+    /// `/v1/messages/count_tokens`, key sent as `x-api-key`.
+    Anthropic,
+    /// The built-in mock model, answered in-process (every API).
     Mock,
 }
 
@@ -388,7 +427,7 @@ pub struct UpstreamConfig {
     pub name: String,
     pub provider: Provider,
     /// Base URL including the API prefix, e.g. `https://api.example/v1`;
-    /// required for `openai`.
+    /// required for `openai` and `anthropic`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_url: Option<String>,
     /// Models this upstream serves.
@@ -606,9 +645,14 @@ impl Default for HeadersConfig {
             to_upstream: ["openai-organization", "openai-project", "openai-beta"]
                 .map(String::from)
                 .to_vec(),
-            to_client: ["x-ratelimit-*", "openai-processing-ms", "openai-model"]
-                .map(String::from)
-                .to_vec(),
+            to_client: [
+                "x-ratelimit-*",
+                "openai-processing-ms",
+                "openai-model",
+                "anthropic-ratelimit-*",
+            ]
+            .map(String::from)
+            .to_vec(),
         }
     }
 }

@@ -209,6 +209,7 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
         );
     }
     validate_async(&config.async_jobs, &mut e);
+    validate_aliases(config, &mut e);
 
     if let Some(rl) = &config.rate_limit {
         e.check(
@@ -454,11 +455,18 @@ fn validate_upstream(e: &mut Errors, at: &str, u: &UpstreamConfig) {
         "set api_key_file or api_key_env, not both",
     );
     match u.provider {
-        Provider::Openai => match &u.base_url {
+        Provider::Openai | Provider::Anthropic => match &u.base_url {
             None => e.check(
                 false,
                 format!("{at}.base_url"),
-                "is required for provider openai",
+                format!(
+                    "is required for provider {}",
+                    if u.provider == Provider::Openai {
+                        "openai"
+                    } else {
+                        "anthropic"
+                    }
+                ),
             ),
             Some(url) => e.check(
                 (url.starts_with("http://") || url.starts_with("https://"))
@@ -526,6 +534,49 @@ impl MockSettings {
             Ok(())
         } else {
             Err(e.0)
+        }
+    }
+}
+
+/// `models`: each alias names served models (no alias of an alias, no
+/// alias shadowing a served model), at least one with a weight.
+fn validate_aliases(config: &Config, e: &mut Errors) {
+    let served = |m: &str| {
+        config
+            .upstreams
+            .iter()
+            .any(|u| u.models.iter().any(|x| x == m))
+    };
+    for (alias, a) in &config.models {
+        let at = format!("models.{alias}");
+        e.check(!alias.is_empty(), &at, "an alias needs a name");
+        e.check(
+            !served(alias),
+            &at,
+            "is also a model an upstream serves; an alias must be a name of its own",
+        );
+        e.check(
+            !a.targets.is_empty(),
+            format!("{at}.targets"),
+            "must list at least one model",
+        );
+        e.check(
+            a.targets.is_empty() || a.targets.iter().any(|t| t.weight > 0),
+            format!("{at}.targets"),
+            "at least one target needs a weight above 0",
+        );
+        for (i, t) in a.targets.iter().enumerate() {
+            let at = format!("{at}.targets[{i}]");
+            e.check(
+                served(&t.model),
+                format!("{at}.model"),
+                format!("{:?} is served by no upstream", t.model),
+            );
+            e.check(
+                t.weight <= 1000,
+                format!("{at}.weight"),
+                "must be at most 1000",
+            );
         }
     }
 }
@@ -878,5 +929,53 @@ mod protocol_tests {
         c.grpc.listen.set_port(9091);
         c.websocket.max_in_flight = 8;
         assert!(super::validate(&c).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod alias_tests {
+    use super::*;
+    use crate::{AliasConfig, AliasTarget};
+
+    #[test]
+    fn aliases_must_name_served_models_and_not_shadow_them() {
+        let target = |m: &str, weight| AliasTarget {
+            model: m.into(),
+            weight,
+        };
+        let with = |name: &str, targets: Vec<AliasTarget>| {
+            let mut c = Config::default();
+            c.models.insert(
+                name.into(),
+                AliasConfig {
+                    targets,
+                    rewrite_model: true,
+                },
+            );
+            validate(&c)
+        };
+        assert!(with("fast", vec![target("mock", 1)]).is_ok());
+        assert!(with("fast", vec![target("mock", 0), target("mock", 2)]).is_ok());
+        for (name, targets, field) in [
+            ("mock", vec![target("mock", 1)], "models.mock"),
+            ("fast", vec![], "models.fast.targets"),
+            ("fast", vec![target("mock", 0)], "models.fast.targets"),
+            (
+                "fast",
+                vec![target("nope", 1)],
+                "models.fast.targets[0].model",
+            ),
+            (
+                "fast",
+                vec![target("mock", 1001)],
+                "models.fast.targets[0].weight",
+            ),
+        ] {
+            let errors = with(name, targets).unwrap_err();
+            assert!(
+                errors.iter().any(|e| e.field == field),
+                "{field}: {errors:?}"
+            );
+        }
     }
 }

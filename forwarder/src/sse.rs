@@ -165,6 +165,41 @@ pub fn data(event: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
     }
 }
 
+/// An event's type: its `event:` field, or else the top-level `"type"` of
+/// its data (found as the first `"type":` key, which in a JSON string
+/// could only appear escaped). Anthropic Messages and OpenAI Responses
+/// streams name every event.
+pub fn event_type(event: &[u8]) -> Option<&[u8]> {
+    static TYPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"type\":"));
+    let mut data = None;
+    for line in lines(event) {
+        if let Some(name) = line.strip_prefix(b"event:") {
+            return Some(name.trim_ascii());
+        }
+        if data.is_none() {
+            data = line.strip_prefix(b"data:");
+        }
+    }
+    let data = data?;
+    let at = TYPE.find(data)?;
+    let value = data[at + TYPE.needle().len()..].trim_ascii_start();
+    let value = value.strip_prefix(b"\"")?;
+    let end = memchr::memchr(b'"', value)?;
+    Some(&value[..end])
+}
+
+/// One event named `name` holding `json` (Anthropic's and the Responses
+/// API's framing).
+pub fn named_event(name: &str, json: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(json.len() + name.len() + 16);
+    b.extend_from_slice(b"event: ");
+    b.extend_from_slice(name.as_bytes());
+    b.extend_from_slice(b"\ndata: ");
+    b.extend_from_slice(json);
+    b.extend_from_slice(b"\n\n");
+    b.freeze()
+}
+
 /// One data event holding `json`.
 pub fn data_event(json: &[u8]) -> Bytes {
     let mut b = BytesMut::with_capacity(json.len() + 8);
@@ -232,6 +267,28 @@ mod tests {
         let last = br#"data: {"choices":[{"delta":{},"finish_reason": "stop"}],"usage":{"total_tokens":3}}"#;
         let info = scan(last);
         assert!(info.finished && info.has_usage);
+    }
+
+    #[test]
+    fn event_types_come_from_the_name_or_the_data() {
+        assert_eq!(
+            event_type(b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"),
+            Some(&b"message_stop"[..])
+        );
+        assert_eq!(
+            event_type(b"data: {\"type\": \"response.completed\",\"x\":1}\n\n"),
+            Some(&b"response.completed"[..])
+        );
+        // Text that mentions a type is escaped, so it is not one.
+        assert_eq!(
+            event_type(br#"data: {"delta":{"text":"\"type\":\"message_stop\""}}"#),
+            None
+        );
+        assert_eq!(event_type(b": ping\n\n"), None);
+        assert_eq!(
+            named_event("ping", br#"{"type":"ping"}"#).as_ref(),
+            b"event: ping\ndata: {\"type\":\"ping\"}\n\n"
+        );
     }
 
     #[test]

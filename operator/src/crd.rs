@@ -231,7 +231,7 @@ pub enum Protocol {
 /// One upstream endpoint.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = kube::core::Rule::new("self.provider != 'openai' || has(self.baseUrl)").message("baseUrl is required for provider openai"))]
+#[x_kube(validation = kube::core::Rule::new("!(self.provider in ['openai', 'anthropic']) || has(self.baseUrl)").message("baseUrl is required for provider openai or anthropic"))]
 pub struct Upstream {
     /// Unique name, used in metrics, logs and the key's mount path.
     #[schemars(
@@ -241,14 +241,16 @@ pub struct Upstream {
     pub name: String,
 
     /// The API the upstream speaks: `openai` (any OpenAI-compatible server:
-    /// OpenAI, vLLM, Ollama, ...) or `mock` (answered inside the forwarder).
+    /// OpenAI, vLLM, Ollama, ...: chat completions, Responses, embeddings),
+    /// `anthropic` (an Anthropic Messages server: /v1/messages and
+    /// count_tokens) or `mock` (answered inside the forwarder, every API).
     /// Other values are accepted by the schema but reported as Degraded
     /// until the forwarder supports them.
     #[schemars(length(min = 1, max = 32), regex(pattern = r"^[a-z0-9-]+$"))]
     pub provider: String,
 
     /// Base URL including the API prefix, e.g. `https://api.openai.com/v1`.
-    /// Required for `openai`.
+    /// Required for `openai` and `anthropic`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2048), regex(pattern = r"^https?://.+"))]
     pub base_url: Option<String>,

@@ -74,6 +74,16 @@ fn openai_upstreams_need_a_base_url() {
     assert!(e.contains("baseUrl is required for provider openai"), "{e}");
     check(json!({"upstreams": [{"name": "p", "provider": "openai", "baseUrl": "https://x/v1", "models": ["m"]}]}))
         .expect("with a base URL");
+    let e = check(json!({"upstreams": [{"name": "p", "provider": "anthropic", "models": ["m"]}]}))
+        .unwrap_err();
+    assert!(
+        e.contains("baseUrl is required for provider openai or anthropic"),
+        "{e}"
+    );
+    check(json!({"upstreams": [{"name": "p", "provider": "anthropic", "baseUrl": "https://x/v1", "models": ["m"]}]}))
+        .expect("with a base URL");
+    check(json!({"upstreams": [{"name": "p", "provider": "mock", "models": ["m"]}]}))
+        .expect("the mock needs none");
 }
 
 #[test]

@@ -38,6 +38,24 @@ pub fn cacheable(body: &[u8]) -> bool {
         .is_some()
 }
 
+/// Whether an answer of `api` can be cached: a text completion (see
+/// [`cacheable`]), or an embeddings list (`data` an array of embeddings).
+pub fn cacheable_as(api: crate::pipeline::ApiKind, body: &[u8]) -> bool {
+    use crate::pipeline::ApiKind;
+    match api {
+        ApiKind::ChatCompletions => cacheable(body),
+        ApiKind::Embeddings => serde_json::from_slice::<Value>(body)
+            .ok()
+            .and_then(|v| {
+                v.get("data")?
+                    .as_array()
+                    .map(|d| !d.is_empty() && d.iter().all(|e| e.get("embedding").is_some()))
+            })
+            .unwrap_or(false),
+        _ => false,
+    }
+}
+
 /// A stored completion as stream events, `[DONE]` last.
 pub fn to_events(body: &[u8]) -> Option<Vec<Bytes>> {
     let v: Value = serde_json::from_slice(body).ok()?;

@@ -42,6 +42,24 @@ pub fn canonical(body: &[u8]) -> Option<Canonical> {
     })
 }
 
+/// The canonical form of a request of `api`. Chat completions keep the
+/// key they always had; another API's key is prefixed with its name (an
+/// embeddings and a Responses body may be byte-identical), and embeddings
+/// are deterministic whatever their fields.
+pub fn canonical_for(api: crate::pipeline::ApiKind, body: &[u8]) -> Option<Canonical> {
+    let mut c = canonical(body)?;
+    if api != crate::pipeline::ApiKind::ChatCompletions {
+        let mut bytes = Vec::with_capacity(c.bytes.len() + 16);
+        bytes.extend_from_slice(api.label().as_bytes());
+        bytes.push(0x1f);
+        bytes.extend_from_slice(&c.bytes);
+        c.digest = Sha256::digest(&bytes).into();
+        c.bytes = bytes;
+        c.deterministic |= api.deterministic();
+    }
+    Some(c)
+}
+
 /// Serialises with object keys sorted at every level, whatever map order
 /// serde_json was built with.
 fn write_sorted(v: &Value, out: &mut Vec<u8>) {
@@ -77,6 +95,19 @@ fn write_sorted(v: &Value, out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::ApiKind;
+
+    #[test]
+    fn the_api_is_part_of_the_key_and_embeddings_are_deterministic() {
+        let body = br#"{"model":"m","input":"hi"}"#;
+        let chat = canonical_for(ApiKind::ChatCompletions, body).unwrap();
+        let emb = canonical_for(ApiKind::Embeddings, body).unwrap();
+        let resp = canonical_for(ApiKind::Responses, body).unwrap();
+        assert_eq!(chat.digest, canonical(body).unwrap().digest);
+        assert_ne!(emb.digest, chat.digest);
+        assert_ne!(emb.digest, resp.digest);
+        assert!(emb.deterministic && !chat.deterministic && !resp.deterministic);
+    }
 
     #[test]
     fn non_semantic_differences_share_a_key_semantic_ones_do_not() {

@@ -24,6 +24,7 @@ use forwarder_config::{CacheConfig, Cacheable, ModelCacheConfig};
 use http::HeaderMap;
 use prometheus::{IntCounter, IntCounterVec, Opts};
 
+use crate::pipeline::ApiKind;
 use crate::store::{Claimed, HeldClaim, Record, Space, Store, StoreKey};
 use crate::telemetry::Metrics;
 
@@ -97,6 +98,8 @@ pub struct Plan {
     pub key: StoreKey,
     pub fingerprint: [u8; 32],
     pub model: String,
+    /// The request's API: the answer's shape, and part of the key.
+    pub api: ApiKind,
     ttl: Duration,
     max_entry: usize,
 }
@@ -161,10 +164,21 @@ impl ResponseCache {
         })
     }
 
-    /// The plan for a request; `None` when its model is not cached.
-    pub fn plan(&self, model: &str, scope: &str, body: &[u8], d: Directives) -> Option<Plan> {
+    /// The plan for a request; `None` when its model is not cached or
+    /// its API's answers are not (see [`ApiKind::cacheable`]).
+    pub fn plan(
+        &self,
+        model: &str,
+        api: ApiKind,
+        scope: &str,
+        body: &[u8],
+        d: Directives,
+    ) -> Option<Plan> {
         let policy = self.models.get(model)?;
-        let canon = key::canonical(body)?;
+        if !api.cacheable() {
+            return None;
+        }
+        let canon = key::canonical_for(api, body)?;
         let decision = decide(Some(policy), canon.deterministic, d);
         if decision == Decision::Off {
             return None;
@@ -175,6 +189,7 @@ impl ResponseCache {
             key: StoreKey::new(Space::Cache, scope, &canon.bytes),
             fingerprint: canon.digest,
             model: model.to_string(),
+            api,
             ttl: policy.ttl,
             max_entry: policy.max_entry_bytes,
         })
@@ -245,7 +260,10 @@ impl ResponseCache {
     /// at once), else as a plain write. An answer that may not be cached
     /// drops the claim, which frees the key for the waiters.
     pub fn store(self: &Arc<Self>, plan: &Plan, lead: Option<HeldClaim>, completion: Bytes) {
-        if !plan.writes() || completion.len() > plan.max_entry || !convert::cacheable(&completion) {
+        if !plan.writes()
+            || completion.len() > plan.max_entry
+            || !convert::cacheable_as(plan.api, &completion)
+        {
             return;
         }
         let (this, key, fp, ttl) = (self.clone(), plan.key.clone(), plan.fingerprint, plan.ttl);

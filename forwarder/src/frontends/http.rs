@@ -1,6 +1,8 @@
 //! HTTP: the simple API (`POST /api/v1/message`), the OpenAI-compatible API
-//! (`POST /v1/chat/completions` with SSE streaming, `GET /v1/models`), and
-//! the health, readiness and metrics endpoints.
+//! (`POST /v1/chat/completions`, `/v1/responses` with SSE streaming,
+//! `/v1/embeddings`, `GET /v1/models`), Anthropic's Messages API
+//! (`POST /v1/messages`, `/v1/messages/count_tokens`; see
+//! [`super::anthropic`]), and the health, readiness and metrics endpoints.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -22,7 +24,7 @@ use crate::api::{
 use crate::auth;
 use crate::frontends::tls::PeerSubject;
 use crate::pipeline::envelope::{Reply, ReplyBody};
-use crate::pipeline::{Answer, Call, Pipeline, RequestMeta};
+use crate::pipeline::{Answer, ApiKind, Call, Pipeline, RequestMeta};
 use crate::sse;
 use crate::telemetry::Protocol;
 
@@ -61,6 +63,13 @@ pub fn router(pipeline: Arc<Pipeline>, lifecycle: Lifecycle, jobs: Option<Arc<Jo
     let hot = Router::new()
         .route("/api/v1/message", post_only(simple_message))
         .route("/v1/chat/completions", post_only(chat_completions))
+        .route("/v1/embeddings", post_only(embeddings))
+        .route("/v1/responses", post_only(responses))
+        .route("/v1/messages", post_only(super::anthropic::messages))
+        .route(
+            "/v1/messages/count_tokens",
+            post_only(super::anthropic::count_tokens),
+        )
         .with_state(state);
     let mut rest = Router::new();
     if pipeline.config().websocket.enabled {
@@ -198,50 +207,117 @@ pub(super) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<
 /// `POST /v1/chat/completions`: the body goes upstream as it came, and the
 /// answer comes back as the upstream sent it.
 async fn chat_completions(State(p): State<Arc<Pipeline>>, req: Request) -> Response {
+    openai_route(&p, req, ApiKind::ChatCompletions).await
+}
+
+/// `POST /v1/embeddings`: as chat completions (never streamed).
+async fn embeddings(State(p): State<Arc<Pipeline>>, req: Request) -> Response {
+    openai_route(&p, req, ApiKind::Embeddings).await
+}
+
+/// `POST /v1/responses`: as chat completions; a stream keeps the
+/// Responses API's named events.
+async fn responses(State(p): State<Arc<Pipeline>>, req: Request) -> Response {
+    openai_route(&p, req, ApiKind::Responses).await
+}
+
+async fn openai_route(p: &Pipeline, req: Request, api: ApiKind) -> Response {
     let (id, headers, body) = split(req);
-    let resp = forward_openai(&p, &id, headers, body).await;
+    let resp = match forward(p, &id, headers, body, api).await {
+        Ok(answer) => api_response(answer, api),
+        Err(e) => e.into_response(),
+    };
     with_request_id(resp, &id.0)
 }
 
-async fn forward_openai(p: &Pipeline, id: &RequestId, headers: Presented, body: Body) -> Response {
-    let admitted = match p.admit(meta(headers, id)) {
-        Ok(a) => a,
-        Err(e) => return e.into_response(),
-    };
+/// Splits an HTTP request of `api` for the pipeline and runs it: one path
+/// for every API whose body is forwarded as it came.
+pub(super) async fn forward_request(
+    p: &Pipeline,
+    req: Request,
+    api: ApiKind,
+) -> (RequestId, Result<Answer, ApiError>) {
+    let (id, headers, body) = split(req);
+    let answer = forward(p, &id, headers, body, api).await;
+    (id, answer)
+}
+
+async fn forward(
+    p: &Pipeline,
+    id: &RequestId,
+    headers: Presented,
+    body: Body,
+    api: ApiKind,
+) -> Result<Answer, ApiError> {
+    let mut meta = meta(headers, id);
+    meta.api = api;
+    let admitted = p.admit(meta)?;
     let body = read_body(body, p.config().server.max_body_bytes).await;
     let call = body.map(|body| Call {
         body,
         idempotency_key: None,
     });
-    match p.run(admitted, call).await {
-        Ok(answer) => openai_response(answer),
-        Err(e) => e.into_response(),
-    }
+    p.run(admitted, call).await
 }
 
-fn openai_response(answer: Answer) -> Response {
+/// An answer of `api` as an HTTP response: the body as it came, or the
+/// events verbatim (a failure written as the API's error event).
+pub(super) fn api_response(answer: Answer, api: ApiKind) -> Response {
     let Reply { headers, body } = answer.reply;
     let mut resp = match body {
         ReplyBody::Complete(bytes) => {
             ([(header::CONTENT_TYPE, "application/json")], bytes).into_response()
         }
-        ReplyBody::Stream(events) => sse_response(events),
+        ReplyBody::Stream(events) => sse_response(events, api),
     };
     resp.headers_mut().extend(headers);
     mark_replayed(resp, answer.replayed)
 }
 
-/// Relays events verbatim; a failed stream ends with an error event and no
-/// `[DONE]`, so clients cannot mistake it for a complete answer.
+/// The event that ends a failed stream of `api`, after `relayed` events
+/// (not counting comments; the Responses API numbers its events from 0):
+/// chat completions' error `data:` (and no `[DONE]`), the Responses API's
+/// `error` event, Anthropic's `error` event. Clients cannot mistake it
+/// for a complete answer.
+pub(super) fn stream_failure(api: ApiKind, e: &ApiError, relayed: usize) -> Bytes {
+    match api {
+        ApiKind::Messages | ApiKind::CountTokens => sse::named_event(
+            "error",
+            super::anthropic::error_json(e).to_string().as_bytes(),
+        ),
+        ApiKind::Responses => {
+            let (_, code) = e.kind();
+            let v = json!({
+                "type": "error",
+                "code": code,
+                "message": e.to_string(),
+                "param": null,
+                "sequence_number": relayed,
+            });
+            sse::named_event("error", v.to_string().as_bytes())
+        }
+        ApiKind::ChatCompletions | ApiKind::Embeddings => {
+            sse::data_event(e.body().to_string().as_bytes())
+        }
+    }
+}
+
+/// Relays events verbatim; a failed stream ends with the API's error event
+/// (see [`stream_failure`]) instead of its terminal event.
 ///
 /// Events already waiting are written as one chunk: an upstream that sends
 /// a burst (a cached or fast answer) then costs one write, not one per
 /// event. A paced stream is unaffected (one event is ready at a time).
-fn sse_response(events: crate::pipeline::EventStream) -> Response {
+fn sse_response(events: crate::pipeline::EventStream, api: ApiKind) -> Response {
+    let mut relayed = 0usize;
     let body = events
-        .map(|item| match item {
-            Ok(event) => event,
-            Err(e) => sse::data_event(e.body().to_string().as_bytes()),
+        .map(move |item| match item {
+            Ok(event) => {
+                // Keep-alive comments carry no sequence number.
+                relayed += usize::from(!event.starts_with(b":"));
+                event
+            }
+            Err(e) => stream_failure(api, &e, relayed),
         })
         .ready_chunks(MAX_EVENTS_PER_WRITE)
         .map(|events| Ok::<_, Infallible>(concat(events)));

@@ -20,6 +20,13 @@ pub enum Fault {
     },
     Hang,
     Reset,
+    /// A stream ends after its first two events, without its terminal
+    /// event (an upstream cut mid-answer). A completion fails as `Reset`.
+    Cut,
+    /// A stream sends its first two events, then the API's error event
+    /// (`event: error` for Messages and Responses, an error `data:` for
+    /// chat), then ends. A completion fails with a 500.
+    StreamError,
 }
 
 /// The deterministic part of the mock (what it answers) plus the random part
@@ -91,7 +98,20 @@ impl MockModel {
     }
 
     fn next_id(&self) -> String {
-        format!("chatcmpl-mock-{}", self.ids.fetch_add(1, Ordering::Relaxed))
+        self.id_with("chatcmpl-mock")
+    }
+
+    /// A fresh id with `prefix` (`msg_mock`, `resp_mock`, …).
+    pub(super) fn id_with(&self, prefix: &str) -> String {
+        format!("{prefix}-{}", self.ids.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The pause between streamed tokens, if paced.
+    pub(super) fn pace(&self) -> Option<Duration> {
+        self.settings
+            .read()
+            .tokens_per_second
+            .map(|tps| Duration::from_secs_f64(1.0 / tps))
     }
 
     /// The reply's words: "mock reply:", an echo of the last user message,
@@ -104,14 +124,22 @@ impl MockModel {
             .find(|m| m.role == "user")
             .map(ChatMessage::content_text)
             .unwrap_or_default();
+        let max = req.params.get("max_tokens").and_then(|v| v.as_u64());
+        self.words_for(&prompt, max)
+    }
+
+    /// The reply to `prompt`, at most `max` tokens long.
+    pub(super) fn words_for(&self, prompt: &str, max: Option<u64>) -> ReplyWords {
         let mut head: Vec<String> = vec!["mock".into(), "reply:".into()];
         head.extend(prompt.split_whitespace().map(str::to_string));
         let filler = self.settings.read().reply_words as usize;
-        let mut total = head.len() + filler;
-        if let Some(max) = req.params.get("max_tokens").and_then(|v| v.as_u64()) {
-            total = total.min(max.max(1) as usize);
+        let full = head.len() + filler;
+        let total = max.map_or(full, |m| full.min(m.max(1) as usize));
+        ReplyWords {
+            head,
+            total,
+            truncated: total < full,
         }
-        ReplyWords { head, total }
     }
 
     fn usage(req: &ChatRequest, completion: usize) -> Usage {
@@ -169,11 +197,7 @@ impl MockModel {
             usage,
             extra: Default::default(),
         };
-        let pace = self
-            .settings
-            .read()
-            .tokens_per_second
-            .map(|tps| Duration::from_secs_f64(1.0 / tps));
+        let pace = self.pace();
         // As OpenAI does: usage only when asked for, in a last chunk of its own.
         let include_usage = req
             .params
@@ -223,14 +247,21 @@ impl MockModel {
 }
 
 /// A reply's words, produced on demand.
-struct ReplyWords {
+pub(super) struct ReplyWords {
     head: Vec<String>,
-    total: usize,
+    pub(super) total: usize,
+    /// Cut short by the request's token limit.
+    pub(super) truncated: bool,
 }
 
 impl ReplyWords {
+    /// The whole reply.
+    pub(super) fn text(&self) -> String {
+        (0..self.total).map(|i| self.token(i)).collect()
+    }
+
     /// Token `i` with its leading space (none before the first).
-    fn token(&self, i: usize) -> String {
+    pub(super) fn token(&self, i: usize) -> String {
         let word = self.head.get(i).map_or("lorem", String::as_str);
         if i == 0 {
             word.to_string()

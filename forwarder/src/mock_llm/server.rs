@@ -1,5 +1,6 @@
-//! `forwarder mock-llm`: the mock model as a standalone OpenAI-compatible
-//! server, with admin endpoints so tests can change faults at run time.
+//! `forwarder mock-llm`: the mock model as a standalone server speaking
+//! OpenAI's chat completions, embeddings and Responses and Anthropic's
+//! Messages, with admin endpoints so tests can change faults at run time.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,7 +8,6 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, HeaderValue, Request, StatusCode};
-use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -21,8 +21,9 @@ use tokio::task::JoinHandle;
 use tower::ServiceExt;
 
 use super::calls::Begin;
-use super::{Fault, MockModel};
+use super::{Fault, MockAnswer, MockModel};
 use crate::api::{unix_now, ApiError, ChatRequest};
+use crate::pipeline::ApiKind;
 use forwarder_config::MockSettings;
 
 /// Marks a response whose connection must be reset instead of answered.
@@ -61,6 +62,10 @@ impl Drop for MockServer {
 fn router(model: Arc<MockModel>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/responses", post(responses))
+        .route("/v1/messages", post(messages))
+        .route("/v1/messages/count_tokens", post(count_tokens))
         .route("/v1/models", get(models))
         .route("/healthz", get(|| async { "ok" }))
         .route("/mock/stats", get(stats))
@@ -130,44 +135,19 @@ async fn chat(
             Begin::Untracked => None,
         },
     };
-    let (latency, fault) = model.begin();
-    // tokio's timer has 1 ms granularity: a zero sleep would still cost ~1 ms.
-    if !latency.is_zero() {
-        tokio::time::sleep(latency).await;
-    }
-    match fault {
-        None => {}
-        Some(Fault::Error {
-            status,
-            retry_after,
-        }) => {
-            let code = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-            let mut resp = (
-                code,
-                Json(json!({"error": {"message": "injected mock error", "type": "mock_error", "param": null, "code": "injected_fault"}})),
-            )
-                .into_response();
-            if let Some(ra) = retry_after {
-                resp.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from(ra.as_secs()));
-            }
-            return resp;
-        }
-        Some(Fault::Hang) => futures::future::pending::<()>().await,
-        Some(Fault::Reset) => {
-            let mut resp = StatusCode::INTERNAL_SERVER_ERROR.into_response();
-            resp.extensions_mut().insert(ResetConnection);
-            return resp;
-        }
-    }
+    let fault = match prelude(&model, ApiKind::ChatCompletions, req.stream).await {
+        Ok(fault) => fault,
+        Err(resp) => return resp,
+    };
     if req.stream {
         let events = model
             .chunk_stream(&req)
-            .map(|c| Event::default().json_data(c))
+            .map(|c| crate::sse::data_event(&serde_json::to_vec(&c).unwrap_or_default()))
             .chain(futures::stream::once(async {
-                Ok(Event::default().data("[DONE]"))
-            }));
-        Sse::new(events).into_response()
+                axum::body::Bytes::from_static(crate::sse::DONE_EVENT)
+            }))
+            .boxed();
+        event_stream(super::with_fault(events, ApiKind::ChatCompletions, fault))
     } else {
         let body = match serde_json::to_vec(&model.respond(&req)) {
             Ok(b) => axum::body::Bytes::from(b),
@@ -177,6 +157,94 @@ async fn chat(
             lead.answered(body.clone());
         }
         json_bytes(body)
+    }
+}
+
+/// Latency and faults, as every route applies them: `Ok` with a
+/// mid-stream fault for a stream to apply, or the injected answer.
+async fn prelude(model: &MockModel, api: ApiKind, stream: bool) -> Result<Option<Fault>, Response> {
+    let (latency, fault) = model.begin();
+    // tokio's timer has 1 ms granularity: a zero sleep would still cost ~1 ms.
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let injected = |status: u16, retry_after: Option<Duration>| {
+        let code = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        let body = match api {
+            ApiKind::ChatCompletions => json!({"error": {"message": "injected mock error", "type": "mock_error", "param": null, "code": "injected_fault"}}).to_string().into(),
+            api => super::error_body(api.family(), status, "injected mock error"),
+        };
+        let mut resp = (code, json_bytes(body)).into_response();
+        if let Some(ra) = retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(ra.as_secs()));
+        }
+        resp
+    };
+    let reset = || {
+        let mut resp = StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        resp.extensions_mut().insert(ResetConnection);
+        resp
+    };
+    match fault {
+        None => Ok(None),
+        Some(Fault::Error {
+            status,
+            retry_after,
+        }) => Err(injected(status, retry_after)),
+        Some(Fault::Hang) => futures::future::pending().await,
+        Some(Fault::Reset) => Err(reset()),
+        Some(f @ (Fault::Cut | Fault::StreamError)) if stream => Ok(Some(f)),
+        Some(Fault::Cut) => Err(reset()),
+        Some(Fault::StreamError) => Err(injected(500, None)),
+    }
+}
+
+/// Whole SSE events as a streamed body.
+fn event_stream(events: futures::stream::BoxStream<'static, axum::body::Bytes>) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        axum::body::Body::from_stream(events.map(Ok::<_, std::convert::Infallible>)),
+    )
+        .into_response()
+}
+
+async fn embeddings(State(model): State<Arc<MockModel>>, body: axum::body::Bytes) -> Response {
+    answer(&model, ApiKind::Embeddings, &body).await
+}
+
+async fn responses(State(model): State<Arc<MockModel>>, body: axum::body::Bytes) -> Response {
+    answer(&model, ApiKind::Responses, &body).await
+}
+
+async fn messages(State(model): State<Arc<MockModel>>, body: axum::body::Bytes) -> Response {
+    answer(&model, ApiKind::Messages, &body).await
+}
+
+async fn count_tokens(State(model): State<Arc<MockModel>>, body: axum::body::Bytes) -> Response {
+    answer(&model, ApiKind::CountTokens, &body).await
+}
+
+/// Answers any API but chat completions.
+async fn answer(model: &MockModel, api: ApiKind, body: &[u8]) -> Response {
+    let stream = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("stream").and_then(serde_json::Value::as_bool))
+        .unwrap_or(false);
+    let fault = match prelude(model, api, stream).await {
+        Ok(fault) => fault,
+        Err(resp) => return resp,
+    };
+    match model.answer(api, body, fault) {
+        Ok(MockAnswer::Complete(body)) => json_bytes(body),
+        Ok(MockAnswer::Events(events)) => event_stream(events),
+        Err(r) => {
+            let code = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_REQUEST);
+            (code, json_bytes(r.body)).into_response()
+        }
     }
 }
 
@@ -229,7 +297,7 @@ async fn set_settings(
 #[derive(Deserialize)]
 struct FailNext {
     count: usize,
-    /// `error` (default), `hang` or `reset`.
+    /// `error` (default), `hang`, `reset`, `cut` or `stream_error`.
     #[serde(default)]
     fault: Option<String>,
     #[serde(default)]
@@ -246,6 +314,8 @@ async fn fail_next(State(model): State<Arc<MockModel>>, Json(f): Json<FailNext>)
         },
         "hang" => Fault::Hang,
         "reset" => Fault::Reset,
+        "cut" => Fault::Cut,
+        "stream_error" => Fault::StreamError,
         other => return ApiError::BadRequest(format!("unknown fault {other:?}")).into_response(),
     };
     model.fail_next(f.count, fault);

@@ -1,7 +1,8 @@
 //! The one request value every front end builds and every stage passes on,
-//! and the one answer value that comes back. Bodies are bytes in OpenAI's
-//! chat-completions format, forwarded as they came: the forwarder reads what
-//! it needs with a borrowed parse and re-encodes nothing.
+//! and the one answer value that comes back. Bodies are bytes in the format
+//! of the request's [`ApiKind`] (chat completions, embeddings, Responses,
+//! Anthropic Messages), forwarded as they came: the forwarder reads what it
+//! needs with a borrowed parse and re-encodes nothing.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -13,6 +14,7 @@ use serde::de::{IgnoredAny, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use tokio::time::Instant;
 
+use super::kind::ApiKind;
 use crate::api::ApiError;
 use crate::auth::Identity;
 use crate::telemetry::Protocol;
@@ -30,13 +32,15 @@ pub struct Context {
 #[derive(Debug, Clone)]
 pub struct Envelope {
     pub ctx: Context,
+    /// The API the body is written in (the upstream path follows from it).
+    pub api: ApiKind,
     pub model: String,
     pub stream: bool,
     pub idempotency_key: Option<String>,
     /// Client headers on the pass-through allow-list (`headers.to_upstream`).
     pub headers: HeaderMap,
-    /// The chat-completions request, byte for byte as the client sent it (or
-    /// as a non-OpenAI front end wrote it).
+    /// The request, byte for byte as the client sent it (or as a front end
+    /// of another protocol wrote it).
     pub body: Bytes,
 }
 
@@ -50,7 +54,9 @@ pub enum ReplyBody {
     /// A completion's JSON, as the upstream sent it.
     Complete(Bytes),
     /// Whole Server-Sent Events (each with its blank line), relayed verbatim;
-    /// the last is `data: [DONE]`. An `Err` ends a stream that failed.
+    /// the last is the API's terminal event (`data: [DONE]`,
+    /// `message_stop`, `response.completed`). An `Err` ends a stream that
+    /// failed.
     Stream(EventStream),
 }
 
@@ -72,6 +78,8 @@ struct RawPeek<'a> {
     stream: Option<bool>,
     #[serde(default)]
     messages: Option<Count>,
+    #[serde(default)]
+    input: Option<IgnoredAny>,
 }
 
 /// The length of a JSON array, counted without decoding its elements.
@@ -101,21 +109,39 @@ impl<'de> Deserialize<'de> for Count {
 /// a non-empty `messages` array, `stream` a boolean if present. Nothing is
 /// copied but a model name with escapes.
 pub fn peek(body: &[u8]) -> Result<Peek<'_>, ApiError> {
+    peek_as(ApiKind::ChatCompletions, body)
+}
+
+/// Validates a body of `api` for what the pipeline needs: well-formed JSON,
+/// a `model` string, `stream` a boolean if present (and `true` only where
+/// the API streams), a non-empty `messages` array (chat completions,
+/// Messages, count_tokens) or an `input` (embeddings). Everything else is
+/// the upstream's to judge.
+pub fn peek_as(api: ApiKind, body: &[u8]) -> Result<Peek<'_>, ApiError> {
     let raw: RawPeek = serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
     let model = raw.model;
     if model.is_empty() {
         return Err(ApiError::BadRequest("model is required".into()));
     }
-    match raw.messages {
-        Some(Count(n)) if n > 0 => {}
-        Some(_) => return Err(ApiError::BadRequest("messages must not be empty".into())),
-        None => return Err(ApiError::BadRequest("messages is required".into())),
+    if api.needs_messages() {
+        match raw.messages {
+            Some(Count(n)) if n > 0 => {}
+            Some(_) => return Err(ApiError::BadRequest("messages must not be empty".into())),
+            None => return Err(ApiError::BadRequest("messages is required".into())),
+        }
     }
-    Ok(Peek {
-        model,
-        stream: raw.stream.unwrap_or(false),
-    })
+    if api.needs_input() && raw.input.is_none() {
+        return Err(ApiError::BadRequest("input is required".into()));
+    }
+    let stream = raw.stream.unwrap_or(false);
+    if stream && !api.may_stream() {
+        return Err(ApiError::BadRequest(format!(
+            "stream is not supported on {}",
+            api.label()
+        )));
+    }
+    Ok(Peek { model, stream })
 }
 
 #[cfg(test)]
@@ -154,6 +180,69 @@ mod tests {
             assert!(
                 e.to_string().contains(want),
                 "{}: {e}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn each_api_requires_what_it_routes_on() {
+        use ApiKind::*;
+        let ok: &[(ApiKind, &[u8], bool)] = &[
+            (Embeddings, br#"{"model":"e","input":"x"}"#, false),
+            (Embeddings, br#"{"model":"e","input":[[1,2]]}"#, false),
+            (
+                Responses,
+                br#"{"model":"r","input":"x","stream":true}"#,
+                true,
+            ),
+            (
+                Responses,
+                br#"{"model":"r","previous_response_id":"p"}"#,
+                false,
+            ),
+            (
+                Messages,
+                br#"{"model":"c","max_tokens":5,"messages":[{}],"stream":true}"#,
+                true,
+            ),
+            (CountTokens, br#"{"model":"c","messages":[{}]}"#, false),
+        ];
+        for (api, body, stream) in ok {
+            let p = peek_as(*api, body).unwrap();
+            assert_eq!(p.stream, *stream, "{api:?}");
+        }
+        let bad: &[(ApiKind, &[u8], &str)] = &[
+            (Embeddings, br#"{"model":"e"}"#, "input is required"),
+            (
+                Embeddings,
+                br#"{"model":"e","input":null}"#,
+                "input is required",
+            ),
+            (
+                Embeddings,
+                br#"{"model":"e","input":"x","stream":true}"#,
+                "not supported",
+            ),
+            (Responses, br#"{"input":"x"}"#, "model is required"),
+            (
+                Messages,
+                br#"{"model":"c","messages":[]}"#,
+                "must not be empty",
+            ),
+            (CountTokens, br#"{"model":"c"}"#, "messages is required"),
+            (
+                CountTokens,
+                br#"{"model":"c","messages":[{}],"stream":true}"#,
+                "not supported",
+            ),
+            (Messages, br#"{"model":"c","messages":[{}]"#, "invalid JSON"),
+        ];
+        for (api, body, want) in bad {
+            let e = peek_as(*api, body).unwrap_err().to_string();
+            assert!(
+                e.contains(want),
+                "{api:?} {}: {e}",
                 String::from_utf8_lossy(body)
             );
         }

@@ -14,9 +14,11 @@ use futures::{FutureExt, Stream, StreamExt};
 use tokio::time::{Instant, Sleep};
 
 use super::envelope::{Envelope, Reply, ReplyBody};
+use super::kind::{ApiKind, Terminal};
 use crate::api::ApiError;
 use crate::sse;
 use crate::telemetry::Metrics;
+use crate::upstream::aliases::{falls_back, order, with_model, Alias, Aliases};
 use crate::upstream::providers::RawEvents;
 use crate::upstream::retry::{attempt_budget, fits_before, full_jitter, next_delay_capped};
 use crate::upstream::{Endpoint, Lease, PickError, Pools, UpstreamError};
@@ -30,16 +32,90 @@ pub struct Trace {
     /// Time spent in upstream attempts and backoff until the answer began
     /// (the whole answer for a completion, the first event for a stream).
     pub upstream_time: Duration,
+    /// The model that answered, when the client named an alias.
+    pub served_model: Option<String>,
 }
 
 pub struct Forwarder {
     pub pools: Pools,
+    pub aliases: Aliases,
     pub retry: RetryConfig,
     pub metrics: Arc<Metrics>,
 }
 
+/// The response header naming the model that answered an alias.
+pub const FORWARDED_MODEL: &str = "x-forwarded-model";
+
 impl Forwarder {
+    /// Whether `model` is served, or an alias of served models.
+    pub fn knows(&self, model: &str) -> bool {
+        self.pools.has_model(model) || self.aliases.get(model).is_some()
+    }
+
+    /// Whether some upstream of `model` (of one of its targets, for an
+    /// alias) speaks `api`.
+    pub fn serves(&self, model: &str, api: ApiKind) -> bool {
+        match self.aliases.get(model) {
+            Some(a) => a.targets.iter().any(|(t, _)| self.pools.serves(t, api)),
+            None => self.pools.serves(model, api),
+        }
+    }
+
+    /// Served models and aliases, sorted.
+    pub fn models(&self) -> Vec<String> {
+        let mut m = self.pools.models();
+        m.extend(self.aliases.names().cloned());
+        m.sort();
+        m
+    }
+
     pub async fn complete(&self, env: &Envelope, trace: &mut Trace) -> Result<Reply, ApiError> {
+        let Some(alias) = self.aliases.get(&env.model) else {
+            return self.complete_one(env, trace).await;
+        };
+        let mut last = None;
+        for target in self.targets(alias, env) {
+            let one = target_envelope(alias, env, &target)?;
+            match self.complete_one(&one, trace).await {
+                Ok(reply) => return Ok(served(reply, trace, target)),
+                Err(e) if falls_back(&e) => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| ApiError::ModelNotFound(env.model.clone())))
+    }
+
+    /// As [`Forwarder::complete`]; a target's stream that fails before its
+    /// first event falls back, one that has begun never does.
+    pub async fn stream(&self, env: &Envelope, trace: &mut Trace) -> Result<Reply, ApiError> {
+        let Some(alias) = self.aliases.get(&env.model) else {
+            return self.stream_one(env, trace).await;
+        };
+        let mut last = None;
+        for target in self.targets(alias, env) {
+            let one = target_envelope(alias, env, &target)?;
+            match self.stream_one(&one, trace).await {
+                Ok(reply) => return Ok(served(reply, trace, target)),
+                Err(e) if falls_back(&e) => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| ApiError::ModelNotFound(env.model.clone())))
+    }
+
+    /// An alias's targets that speak the request's API, in the order they
+    /// are tried.
+    fn targets(&self, alias: &Alias, env: &Envelope) -> Vec<String> {
+        let weights: Vec<u32> = alias.targets.iter().map(|(_, w)| *w).collect();
+        order(&weights, rand::random::<f64>())
+            .into_iter()
+            .map(|i| &alias.targets[i].0)
+            .filter(|t| self.pools.serves(t, env.api))
+            .cloned()
+            .collect()
+    }
+
+    async fn complete_one(&self, env: &Envelope, trace: &mut Trace) -> Result<Reply, ApiError> {
         let (done, lease, started) = self
             .attempts(env, trace, |ep, limit| async move {
                 match tokio::time::timeout(limit, ep.provider.complete(env)).await {
@@ -59,7 +135,7 @@ impl Forwarder {
     /// Opens a stream. Retries happen only until its first data event has
     /// arrived: after that, bytes reach the client and a retry could
     /// duplicate them. Keep-alive comments before it count as liveness.
-    pub async fn stream(&self, env: &Envelope, trace: &mut Trace) -> Result<Reply, ApiError> {
+    async fn stream_one(&self, env: &Envelope, trace: &mut Trace) -> Result<Reply, ApiError> {
         let ((headers, first, rest), lease, started) = self
             .attempts(env, trace, |ep, limit| async move {
                 let opened = match tokio::time::timeout(limit, ep.provider.stream(env)).await {
@@ -91,6 +167,7 @@ impl Forwarder {
             )),
             started,
             model: env.model.clone(),
+            api: env.api,
             metrics: self.metrics.clone(),
         };
         Ok(Reply {
@@ -116,7 +193,7 @@ impl Forwarder {
         let mut attempt = 0;
         let result = loop {
             attempt += 1;
-            let lease = match self.pools.pick(model, &tried) {
+            let lease = match self.pools.pick_for(model, env.api, &tried) {
                 Ok(lease) => lease,
                 Err(PickError::UnknownModel) => {
                     break Err(ApiError::ModelNotFound(model.clone()));
@@ -155,7 +232,7 @@ impl Forwarder {
             if !err.retryable() || attempt >= self.retry.max_attempts {
                 break Err(to_api_error(&err));
             }
-            let failover = self.pools.has_untried(model, &tried);
+            let failover = self.pools.has_untried_for(model, env.api, &tried);
             let jitter = full_jitter(
                 attempt,
                 self.retry.base_delay,
@@ -181,6 +258,26 @@ impl Forwarder {
     fn record(&self, upstream: &str, model: &str, outcome: &str, started: Instant) {
         record(&self.metrics, upstream, model, outcome, started);
     }
+}
+
+/// The request as sent to one target of an alias: its model, and the
+/// body's `model` rewritten when the alias says so.
+fn target_envelope(alias: &Alias, env: &Envelope, target: &str) -> Result<Envelope, ApiError> {
+    let mut one = env.clone();
+    one.model = target.to_string();
+    if alias.rewrite_model {
+        one.body = with_model(&env.body, target)?;
+    }
+    Ok(one)
+}
+
+/// Marks an answer with the model that served it.
+fn served(mut reply: Reply, trace: &mut Trace, target: String) -> Reply {
+    if let Ok(v) = http::HeaderValue::from_str(&target) {
+        reply.headers.insert(FORWARDED_MODEL, v);
+    }
+    trace.served_model = Some(target);
+    reply
 }
 
 /// Reads events until the first one carrying data; comments before it are
@@ -265,8 +362,10 @@ pub fn to_api_error(err: &UpstreamError) -> ApiError {
 
 /// An upstream stream after its first data event: relays events verbatim,
 /// enforces the idle timeout between events and the overall deadline,
-/// judges the end (complete only after `[DONE]`, or a `finish_reason` from
-/// an upstream that sends no `[DONE]`), and settles the endpoint's lease
+/// judges the end by the API's terminal event (chat completions: `[DONE]`,
+/// or a `finish_reason` from an upstream that sends no `[DONE]`; Messages:
+/// `message_stop`; Responses: `response.completed`, `.incomplete` or
+/// `.failed`), and settles the endpoint's lease
 /// (breaker, in-flight count, metrics) when it ends, fails or is dropped.
 struct UpstreamStream {
     first: Option<Bytes>,
@@ -280,7 +379,18 @@ struct UpstreamStream {
     timer: Pin<Box<Sleep>>,
     started: Instant,
     model: String,
+    api: ApiKind,
     metrics: Arc<Metrics>,
+}
+
+/// Whether `event` ends a complete stream of `api` (pure).
+pub(super) fn is_terminal(api: ApiKind, event: &[u8], info: &sse::EventInfo) -> bool {
+    match api.terminal() {
+        Terminal::Done => info.done,
+        Terminal::Named(names) => {
+            sse::event_type(event).is_some_and(|t| names.iter().any(|n| n.as_bytes() == t))
+        }
+    }
 }
 
 impl UpstreamStream {
@@ -332,10 +442,11 @@ impl UpstreamStream {
     fn relay(&mut self, event: Bytes) -> Poll<Option<Result<Bytes, ApiError>>> {
         self.rearm();
         let info = sse::scan(&event);
-        if info.done {
+        if is_terminal(self.api, &event, &info) {
             self.settle(Ok(()));
         }
-        self.finished |= info.finished;
+        // Only chat completions have a terminal event a server may omit.
+        self.finished |= info.finished && self.api.terminal() == Terminal::Done;
         Poll::Ready(Some(Ok(event)))
     }
 }
@@ -397,6 +508,63 @@ impl Drop for UpstreamStream {
                 &self.model,
                 "cancelled",
                 self.started,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod terminal_tests {
+    use super::*;
+
+    #[test]
+    fn each_api_ends_on_its_own_terminal_event() {
+        let cases: &[(ApiKind, &[u8], bool)] = &[
+            (ApiKind::ChatCompletions, b"data: [DONE]\n\n", true),
+            (
+                ApiKind::ChatCompletions,
+                b"event: message_stop\ndata: {}\n\n",
+                false,
+            ),
+            (
+                ApiKind::Messages,
+                b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+                true,
+            ),
+            (
+                ApiKind::Messages,
+                b"event: message_delta\ndata: {\"type\":\"message_delta\"}\n\n",
+                false,
+            ),
+            (ApiKind::Messages, b"data: [DONE]\n\n", false),
+            (
+                ApiKind::Messages,
+                b"event: error\ndata: {\"type\":\"error\"}\n\n",
+                false,
+            ),
+            (
+                ApiKind::Responses,
+                b"event: response.completed\ndata: {}\n\n",
+                true,
+            ),
+            (
+                ApiKind::Responses,
+                b"event: response.incomplete\ndata: {}\n\n",
+                true,
+            ),
+            (
+                ApiKind::Responses,
+                b"event: response.output_text.done\ndata: {}\n\n",
+                false,
+            ),
+        ];
+        for (api, event, want) in cases {
+            let info = sse::scan(event);
+            assert_eq!(
+                is_terminal(*api, event, &info),
+                *want,
+                "{api:?} {}",
+                String::from_utf8_lossy(event)
             );
         }
     }

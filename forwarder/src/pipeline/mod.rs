@@ -10,6 +10,7 @@ mod claims;
 pub mod envelope;
 mod forward;
 pub mod idempotency;
+mod kind;
 mod observe;
 mod rate_limit;
 mod shared_limit;
@@ -34,7 +35,7 @@ use crate::telemetry::{Metrics, Protocol};
 use crate::upstream::Pools;
 use crate::BuildError;
 use claims::{Begin, Claims};
-use envelope::{peek, Context, Envelope, Reply, ReplyBody};
+use envelope::{peek_as, Context, Envelope, Reply, ReplyBody};
 use forward::{Forwarder, Trace};
 use forwarder_config::Config;
 use idempotency::{fingerprint, scoped_key, Fingerprint, Flights, StoredReply};
@@ -43,11 +44,15 @@ use rate_limit::RateLimit;
 
 pub use envelope::EventStream;
 pub use forward::to_api_error;
+pub use kind::{ApiKind, Family, Terminal};
 
 /// What a front end knows about a request before its body is read.
 #[derive(Debug, Clone)]
 pub struct RequestMeta {
     pub protocol: Protocol,
+    /// The API the body is written in (chat completions unless the front
+    /// end says otherwise).
+    pub api: ApiKind,
     pub request_id: String,
     /// The presented API key, if any.
     pub credential: Option<String>,
@@ -73,6 +78,7 @@ impl RequestMeta {
     pub fn new(protocol: Protocol, request_id: String) -> Self {
         Self {
             protocol,
+            api: ApiKind::ChatCompletions,
             request_id,
             credential: None,
             idempotency_key: None,
@@ -85,8 +91,8 @@ impl RequestMeta {
     }
 }
 
-/// A request's body in OpenAI's chat-completions format, and a body-level
-/// idempotency key (the simple API's `request_id`).
+/// A request's body in the format of its [`RequestMeta::api`], and a
+/// body-level idempotency key (the simple API's `request_id`).
 pub struct Call {
     pub body: Bytes,
     pub idempotency_key: Option<String>,
@@ -231,7 +237,10 @@ impl Pipeline {
             metrics.auth_failures.with_label_values(&[reason.label()]);
         }
         let pools = Pools::from_config(&cfg, metrics.clone())?;
-        metrics.init_series(&enabled_protocols(&cfg), &pools.models());
+        let aliases = crate::upstream::aliases::Aliases::from_config(&cfg);
+        let mut named = pools.models();
+        named.extend(aliases.names().cloned());
+        metrics.init_series(&enabled_protocols(&cfg), &named);
         metrics.init_upstream_series(
             cfg.upstreams
                 .iter()
@@ -261,6 +270,7 @@ impl Pipeline {
             flights: Arc::new(Flights::default()),
             forwarder: Arc::new(Forwarder {
                 pools,
+                aliases,
                 retry: cfg.retry.clone(),
                 metrics: metrics.clone(),
             }),
@@ -294,12 +304,14 @@ impl Pipeline {
         self.keys.as_ref()
     }
 
+    /// Served models and aliases.
     pub fn models(&self) -> Vec<String> {
-        self.forwarder.pools.models()
+        self.forwarder.models()
     }
 
+    /// Whether `model` is served or an alias.
     pub fn has_model(&self, model: &str) -> bool {
-        self.forwarder.pools.has_model(model)
+        self.forwarder.knows(model)
     }
 
     pub fn is_ready(&self) -> bool {
@@ -488,17 +500,26 @@ impl Pipeline {
             started,
         } = adm;
         let call = call.map_err(|e| obs.fail(e))?;
-        let (model, stream) = match peek(&call.body) {
+        let api = meta.api;
+        obs.api = api;
+        let (model, stream) = match peek_as(api, &call.body) {
             Ok(p) => (p.model.into_owned(), p.stream),
             Err(e) => return Err(obs.fail(e)),
         };
-        let known = self.forwarder.pools.has_model(&model);
+        let known = self.forwarder.knows(&model);
         obs.set_model(&model, known);
         obs.stream = stream;
         // A model the client's token does not grant is, to it, one that
         // does not exist (as OpenAI answers).
         if !known || models.is_some_and(|m| !m.contains(&model)) {
             return Err(obs.fail(ApiError::ModelNotFound(model)));
+        }
+        if !self.forwarder.serves(&model, api) {
+            return Err(obs.fail(ApiError::BadRequest(format!(
+                "model {model:?} is not served over the {} API: its upstreams speak \
+                 another API, and translation between these APIs is not built",
+                api.label()
+            ))));
         }
         let timeout = meta.timeout.map_or(self.cfg.server.request_timeout, |t| {
             t.min(self.cfg.server.request_timeout)
@@ -524,7 +545,7 @@ impl Pipeline {
         let plan = self
             .cache
             .as_ref()
-            .and_then(|c| c.plan(&model, &principal.0, &call.body, directives));
+            .and_then(|c| c.plan(&model, api, &principal.0, &call.body, directives));
         let mut lead = None;
         if let (Some(cache), Some(plan)) = (&self.cache, &plan) {
             let found = match cached::lookup(cache, plan, stream).await {
@@ -555,11 +576,19 @@ impl Pipeline {
                 deadline,
                 protocol: meta.protocol,
             },
+            api,
             model,
             stream,
             idempotency_key: key,
             headers: {
                 let mut h = self.to_upstream.filter(&meta.headers);
+                for name in api.protocol_headers() {
+                    if !h.contains_key(*name) {
+                        for v in meta.headers.get_all(*name) {
+                            h.append(*name, v.clone());
+                        }
+                    }
+                }
                 h.extend(meta.upstream_headers);
                 h
             },
@@ -594,7 +623,7 @@ impl Pipeline {
         ) = (&self.shared_limit, &answer)
         {
             if l.counts_tokens(tier.as_deref()) {
-                if let Some(used) = total_tokens(body) {
+                if let Some(used) = total_tokens(api, body) {
                     l.correct(&limited_principal, tier.as_deref(), estimated, used)
                         .await;
                 }
@@ -663,7 +692,7 @@ impl Pipeline {
         skey: StoreKey,
         env: Envelope,
     ) -> Result<Answer, ApiError> {
-        let fp = fingerprint(&env.model, &env.body);
+        let fp = fingerprint(&fingerprint_scope(env.api, &env.model), &env.body);
         if let Some(answer) = self
             .claims
             .lookup(&skey, &fp)
@@ -841,19 +870,51 @@ fn add_headers(answer: &mut Answer, headers: &shared_limit::LimitHeaders) {
     }
 }
 
-/// `usage.total_tokens` of a completion body.
-fn total_tokens(body: &[u8]) -> Option<u64> {
+/// The tokens an answer of `api` used: `usage.total_tokens` (chat
+/// completions, embeddings, Responses), or for Anthropic Messages, which
+/// reports no total, input + output + cache creation + cache reads.
+/// Count_tokens answers use none.
+fn total_tokens(api: ApiKind, body: &[u8]) -> Option<u64> {
     #[derive(serde::Deserialize)]
     struct Usage {
-        total_tokens: u64,
+        total_tokens: Option<u64>,
+        #[serde(default)]
+        input_tokens: u64,
+        #[serde(default)]
+        output_tokens: u64,
+        #[serde(default)]
+        cache_creation_input_tokens: Option<u64>,
+        #[serde(default)]
+        cache_read_input_tokens: Option<u64>,
     }
     #[derive(serde::Deserialize)]
     struct Body {
         usage: Usage,
     }
-    serde_json::from_slice::<Body>(body)
-        .ok()
-        .map(|b| b.usage.total_tokens)
+    if api == ApiKind::CountTokens {
+        return None;
+    }
+    let u = serde_json::from_slice::<Body>(body).ok()?.usage;
+    match api.family() {
+        Family::OpenAi => u.total_tokens,
+        Family::Anthropic => Some(
+            u.input_tokens
+                + u.output_tokens
+                + u.cache_creation_input_tokens.unwrap_or(0)
+                + u.cache_read_input_tokens.unwrap_or(0),
+        ),
+    }
+}
+
+/// What an idempotency fingerprint covers besides the body: the model,
+/// and for APIs other than chat completions the API too (two APIs'
+/// bodies may be byte-identical). Chat keeps the fingerprint it had, so
+/// records stored by an older replica still match.
+fn fingerprint_scope(api: ApiKind, model: &str) -> std::borrow::Cow<'_, str> {
+    match api {
+        ApiKind::ChatCompletions => std::borrow::Cow::Borrowed(model),
+        _ => std::borrow::Cow::Owned(format!("{}\u{1f}{model}", api.label())),
+    }
 }
 
 /// The front ends this config serves, for the zero-valued series.
@@ -866,4 +927,36 @@ fn enabled_protocols(cfg: &Config) -> Vec<Protocol> {
         p.push(Protocol::Grpc);
     }
     p
+}
+
+#[cfg(test)]
+mod usage_tests {
+    use super::*;
+
+    #[test]
+    fn usage_is_read_in_each_api_shape() {
+        let openai = br#"{"usage":{"prompt_tokens":2,"completion_tokens":3,"total_tokens":5}}"#;
+        assert_eq!(total_tokens(ApiKind::ChatCompletions, openai), Some(5));
+        let emb = br#"{"data":[],"usage":{"prompt_tokens":4,"total_tokens":4}}"#;
+        assert_eq!(total_tokens(ApiKind::Embeddings, emb), Some(4));
+        let resp = br#"{"usage":{"input_tokens":3,"output_tokens":4,"total_tokens":7}}"#;
+        assert_eq!(total_tokens(ApiKind::Responses, resp), Some(7));
+        let msg = br#"{"usage":{"input_tokens":3,"output_tokens":4,"cache_read_input_tokens":10,"cache_creation_input_tokens":null}}"#;
+        assert_eq!(total_tokens(ApiKind::Messages, msg), Some(17));
+        assert_eq!(
+            total_tokens(ApiKind::CountTokens, br#"{"input_tokens":3}"#),
+            None
+        );
+        assert_eq!(total_tokens(ApiKind::Messages, b"{}"), None);
+    }
+
+    #[test]
+    fn the_same_body_on_two_apis_is_two_requests_to_idempotency() {
+        let body = br#"{"model":"m","input":"x"}"#;
+        let e = fingerprint(&fingerprint_scope(ApiKind::Embeddings, "m"), body);
+        let r = fingerprint(&fingerprint_scope(ApiKind::Responses, "m"), body);
+        let c = fingerprint(&fingerprint_scope(ApiKind::ChatCompletions, "m"), body);
+        assert_ne!(e, r);
+        assert_eq!(c, fingerprint("m", body));
+    }
 }

@@ -32,10 +32,14 @@ pub struct Observer {
     /// The model's series, bound at start.
     series: Option<Arc<ModelSeries>>,
     pub upstream: Option<String>,
+    /// The model that answered an alias.
+    pub served_model: Option<String>,
     pub attempts: u32,
     /// `stored` or `coalesced` when answered through idempotency.
     pub replay: Option<&'static str>,
     pub stream: bool,
+    /// The request's API, for the access log.
+    pub api: super::ApiKind,
     /// Time spent upstream (attempts and backoff) before the answer began.
     upstream_time: Duration,
     own_recorded: bool,
@@ -59,9 +63,11 @@ impl Observer {
             model: None,
             series: None,
             upstream: None,
+            served_model: None,
             attempts: 0,
             replay: None,
             stream: false,
+            api: super::ApiKind::default(),
             upstream_time: Duration::ZERO,
             own_recorded: false,
             done: false,
@@ -79,6 +85,7 @@ impl Observer {
     /// Notes where the request went.
     pub fn trace(&mut self, trace: &Trace) {
         self.upstream.clone_from(&trace.upstream);
+        self.served_model.clone_from(&trace.served_model);
         self.attempts = trace.attempts;
         self.upstream_time = trace.upstream_time;
     }
@@ -172,8 +179,10 @@ impl Observer {
                 target: "access",
                 request_id = %self.request_id,
                 protocol = proto,
+                api = self.api.label(),
                 model,
                 upstream = self.upstream.as_deref().unwrap_or("-"),
+                served_model = self.served_model.as_deref().unwrap_or("-"),
                 status = code,
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
                 attempts = self.attempts,

@@ -1,6 +1,7 @@
 //! Upstream model providers: the adapters that talk to them, and the
 //! machinery that picks one (balancing, circuit breaking, backoff).
 
+pub mod aliases;
 pub mod balance;
 pub mod breaker;
 mod error;

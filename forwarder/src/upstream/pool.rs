@@ -11,8 +11,9 @@ use parking_lot::Mutex;
 
 use super::balance::{least_outstanding, Candidate, SmoothWrr};
 use super::breaker::{Admission, Breaker, Verdict};
-use super::providers::{self, Provider};
+use super::providers::{self, Provider, Support};
 use super::UpstreamError;
+use crate::pipeline::ApiKind;
 use crate::telemetry::Metrics;
 use crate::BuildError;
 use forwarder_config::{Config, Strategy};
@@ -115,39 +116,68 @@ impl Pools {
         m
     }
 
+    /// Whether some endpoint of `model` speaks `api` (see
+    /// [`Provider::supports`]).
+    pub fn serves(&self, model: &str, api: ApiKind) -> bool {
+        self.models
+            .get(model)
+            .is_some_and(|pool| pool.endpoints.iter().any(|e| e.provider.supports(api)))
+    }
+
     /// Whether an endpoint of `model` other than those in `tried` could take
     /// the next attempt (then a retry fails over instead of waiting).
     pub fn has_untried(&self, model: &str, tried: &[usize]) -> bool {
+        self.has_untried_for(model, ApiKind::ChatCompletions, tried)
+    }
+
+    /// [`Pools::has_untried`] among the endpoints that speak `api`.
+    pub fn has_untried_for(&self, model: &str, api: ApiKind, tried: &[usize]) -> bool {
         let now = Instant::now();
         self.models.get(model).is_some_and(|pool| {
-            pool.endpoints
-                .iter()
-                .enumerate()
-                .any(|(i, e)| !tried.contains(&i) && e.breaker.lock().available(now))
+            pool.endpoints.iter().enumerate().any(|(i, e)| {
+                !tried.contains(&i) && e.provider.supports(api) && e.breaker.lock().available(now)
+            })
         })
     }
 
-    /// Chooses an endpoint for `model`, preferring ones not in `tried`
-    /// (failover), and takes a lease on it. Fails with `AllOpen` only when
-    /// no endpoint of the model admits a request: a closed circuit always
-    /// does, so a model with a healthy endpoint never gets `AllOpen`.
+    /// [`Pools::pick_for`] a chat-completions request.
     pub fn pick(&self, model: &str, tried: &[usize]) -> Result<Lease, PickError> {
+        self.pick_for(model, ApiKind::ChatCompletions, tried)
+    }
+
+    /// Chooses an endpoint for `model` among those that take `api`,
+    /// preferring ones not in `tried` (failover), and among those the ones
+    /// that take it natively over ones that translate it; takes a lease on
+    /// it. Fails with `AllOpen` only when no such endpoint admits a
+    /// request: a closed circuit always does, so a model with a healthy
+    /// endpoint never gets `AllOpen`.
+    pub fn pick_for(&self, model: &str, api: ApiKind, tried: &[usize]) -> Result<Lease, PickError> {
         let pool = self.models.get(model).ok_or(PickError::UnknownModel)?;
         let now = Instant::now();
-        let mut available: Vec<bool> = pool
+        let available: Vec<bool> = pool
             .endpoints
             .iter()
             .map(|e| e.breaker.lock().available(now))
             .collect();
-        let mut fresh: Vec<bool> = available
-            .iter()
-            .enumerate()
-            .map(|(i, a)| *a && !tried.contains(&i))
-            .collect();
-        // Fail over to an untried endpoint if any; else any available one.
-        // An endpoint that refuses (its half-open probe was just taken by
-        // another request) is struck off and the choice made again.
-        for eligible in [&mut fresh, &mut available] {
+        // Fail over to an untried endpoint if any (native first); else any
+        // available one. An endpoint that refuses (its half-open probe was
+        // just taken by another request) is struck off and the choice made
+        // again. Each pass is built only when the ones before found none.
+        for (fresh, how) in [
+            (true, Support::Native),
+            (true, Support::Translated),
+            (false, Support::Native),
+            (false, Support::Translated),
+        ] {
+            let mut eligible: Vec<bool> = pool
+                .endpoints
+                .iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    available[i] && !(fresh && tried.contains(&i)) && e.provider.support(api) == how
+                })
+                .collect();
+            let eligible = &mut eligible;
             while let Some(index) = self.choose(pool, eligible) {
                 let ep = &pool.endpoints[index];
                 let admitted = ep.breaker.lock().admit(now);
@@ -304,6 +334,47 @@ mod tests {
         cfg.routing.strategy = strategy;
         let metrics = Arc::new(Metrics::new());
         (Pools::from_config(&cfg, metrics.clone()).unwrap(), metrics)
+    }
+
+    /// An endpoint that speaks a request's API natively is chosen over
+    /// one that would translate it; the translating one takes failover.
+    #[test]
+    fn native_endpoints_are_preferred_and_translating_ones_fail_over() {
+        use forwarder_config::Provider as Kind;
+        let at = |name: &str, provider| UpstreamConfig {
+            name: name.into(),
+            provider,
+            base_url: Some("http://127.0.0.1:9/v1".into()),
+            models: vec!["m".into()],
+            ..UpstreamConfig::builtin_mock()
+        };
+        let cfg = Config {
+            upstreams: vec![at("claude", Kind::Anthropic), at("gpt", Kind::Openai)],
+            ..Config::default()
+        };
+        let p = Pools::from_config(&cfg, Arc::new(Metrics::new())).unwrap();
+        for _ in 0..5 {
+            assert_eq!(
+                p.pick_for("m", ApiKind::ChatCompletions, &[])
+                    .unwrap()
+                    .index,
+                1
+            );
+            assert_eq!(p.pick_for("m", ApiKind::Messages, &[]).unwrap().index, 0);
+        }
+        assert_eq!(
+            p.pick_for("m", ApiKind::ChatCompletions, &[1])
+                .unwrap()
+                .index,
+            0
+        );
+        assert_eq!(p.pick_for("m", ApiKind::Messages, &[0]).unwrap().index, 1);
+        // Nothing translates embeddings: the one endpoint that takes them is retried.
+        assert_eq!(p.pick_for("m", ApiKind::Embeddings, &[1]).unwrap().index, 1);
+        assert!(p
+            .pick_for("m", ApiKind::CountTokens, &[0])
+            .is_ok_and(|l| l.index == 0));
+        assert!(!p.has_untried_for("m", ApiKind::CountTokens, &[0]));
     }
 
     fn open_gauge(m: &Metrics, name: &str) -> i64 {

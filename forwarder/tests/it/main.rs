@@ -1,6 +1,8 @@
 //! Integration tests: real forwarders and mock-llm servers on loopback
 //! sockets, driven by a real HTTP client.
 
+mod aliases;
+mod apis;
 mod async_jobs;
 mod auth;
 mod batch;

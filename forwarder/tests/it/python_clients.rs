@@ -104,3 +104,66 @@ async fn python_websockets_and_grpcio_clients_work() {
     )
     .await;
 }
+
+/// A forwarder with the built-in `mock`, and a mock-llm server behind it
+/// as `gpt` (OpenAI-compatible) and `claude` (`provider: anthropic`); the
+/// scripts set the server's faults through its admin API.
+async fn apis_forwarder(dir: &tempfile::TempDir, m: &forwarder::mock_llm::MockServer) -> Fwd {
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, "py: sk-py-test\n").unwrap();
+    let mut cfg = Config::default();
+    for (name, provider, model) in [
+        ("oa", Provider::Openai, "gpt"),
+        ("an", Provider::Anthropic, "claude"),
+    ] {
+        cfg.upstreams.push(UpstreamConfig {
+            name: name.into(),
+            provider,
+            base_url: Some(m.base_url()),
+            models: vec![model.into()],
+            weight: 1,
+            api_key_file: None,
+            api_key_env: None,
+            connect_timeout: std::time::Duration::from_secs(1),
+            timeout: std::time::Duration::from_secs(5),
+            mock: None,
+            tls: None,
+        });
+    }
+    cfg.server.listen = loopback();
+    cfg.retry.base_delay = std::time::Duration::from_millis(20);
+    cfg.auth.api_keys_file = Some(keys);
+    start(cfg).await
+}
+
+#[tokio::test]
+async fn the_official_openai_sdk_uses_embeddings_and_responses() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = mock(Default::default()).await;
+    let fwd = apis_forwarder(&dir, &m).await;
+    run_script(
+        "openai_apis.py",
+        vec![
+            ("FORWARDER_BASE_URL", format!("{}/v1", fwd.base)),
+            ("FORWARDER_API_KEY", "sk-py-test".into()),
+            ("MOCK_ADMIN_URL", format!("http://{}", m.addr)),
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn the_official_anthropic_sdk_works_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = mock(Default::default()).await;
+    let fwd = apis_forwarder(&dir, &m).await;
+    run_script(
+        "anthropic_sdk.py",
+        vec![
+            ("FORWARDER_BASE_URL", fwd.base.clone()),
+            ("FORWARDER_API_KEY", "sk-py-test".into()),
+            ("MOCK_ADMIN_URL", format!("http://{}", m.addr)),
+        ],
+    )
+    .await;
+}

@@ -71,10 +71,11 @@ pub fn upstream_key_path(upstream: &str, key: &str) -> PathBuf {
 fn provider(at: &str, u: &Upstream) -> Result<Provider, Problem> {
     match u.provider.as_str() {
         "openai" => Ok(Provider::Openai),
+        "anthropic" => Ok(Provider::Anthropic),
         "mock" => Ok(Provider::Mock),
         other => Err(Problem::new(
             "UnknownProvider",
-            format!("{at}.provider: {other:?} is not supported by this forwarder (supported: openai, mock)"),
+            format!("{at}.provider: {other:?} is not supported by this forwarder (supported: openai, anthropic, mock)"),
         )),
     }
 }
@@ -670,7 +671,7 @@ pub(crate) mod tests {
     #[test]
     fn unknown_provider_is_a_problem_naming_the_field() {
         let mut s = spec();
-        s.upstreams[1].provider = "anthropic".into();
+        s.upstreams[1].provider = "bedrock".into();
         let problems = render(&s).unwrap_err();
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].reason, "UnknownProvider");

@@ -1,10 +1,17 @@
 //! Provider adapters: one per upstream API kind, all behind one trait. Each
-//! adapter owns the mapping between the envelope's body (OpenAI's
-//! chat-completions format) and its upstream's wire format, so a new
-//! provider kind is one file here.
+//! adapter says which of the envelope's APIs ([`ApiKind`]) it speaks and
+//! owns the mapping to its upstream's wire format. Same API in and out is
+//! the identity (an OpenAI-compatible upstream gets OpenAI's APIs, an
+//! Anthropic one Anthropic's, the mock all of them); between the families
+//! the adapter translates Anthropic Messages to an OpenAI-compatible
+//! upstream's chat completions, and chat completions to an Anthropic
+//! upstream's Messages ([`translate`]). Embeddings, Responses and
+//! count_tokens are not translated.
 
+mod anthropic;
 mod mock;
 mod openai;
+pub mod translate;
 pub(crate) use openai::tls_config;
 
 use std::sync::Arc;
@@ -16,6 +23,7 @@ use http::HeaderMap;
 
 use crate::api::HeaderAllow;
 use crate::pipeline::envelope::Envelope;
+use crate::pipeline::ApiKind;
 use crate::upstream::UpstreamError;
 
 pub use mock::MockProvider;
@@ -27,7 +35,7 @@ pub struct Completed {
     pub body: Bytes,
 }
 
-/// An open stream: headers, then whole SSE events in OpenAI's format.
+/// An open stream: headers, then whole SSE events in the request's API's format.
 pub struct Opened {
     pub headers: HeaderMap,
     pub events: RawEvents,
@@ -41,6 +49,16 @@ pub type RawEvents = BoxStream<'static, Result<Bytes, UpstreamError>>;
 /// One upstream endpoint's API. Timeouts are the caller's business.
 #[async_trait]
 pub trait Provider: Send + Sync {
+    /// Whether this adapter can forward a request of `api`; the pipeline
+    /// sends it nothing else.
+    fn supports(&self, api: ApiKind) -> bool {
+        self.support(api) != Support::None
+    }
+
+    /// How this adapter takes a request of `api`: natively, translated, or
+    /// not at all. Endpoints that take it natively are preferred.
+    fn support(&self, api: ApiKind) -> Support;
+
     async fn complete(&self, req: &Envelope) -> Result<Completed, UpstreamError>;
 
     /// Resolves once the upstream has accepted the request and its stream
@@ -52,6 +70,16 @@ pub trait Provider: Send + Sync {
     fn reload_files(&self) -> Result<bool, crate::BuildError> {
         Ok(false)
     }
+}
+
+/// How an adapter takes a request of some API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Support {
+    None,
+    /// Translated to the upstream's own API and back.
+    Translated,
+    /// As it came.
+    Native,
 }
 
 /// What every adapter shares: bounds and the response-header allow-list.
@@ -81,5 +109,6 @@ pub fn build(
     Ok(match cfg.provider {
         Kind::Mock => Arc::new(MockProvider::new(cfg.mock.clone().unwrap_or_default())),
         Kind::Openai => Arc::new(OpenAiProvider::new(cfg, limits.clone())?),
+        Kind::Anthropic => Arc::new(anthropic::provider(cfg, limits.clone())?),
     })
 }

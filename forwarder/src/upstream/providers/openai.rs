@@ -5,7 +5,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::Stream;
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use http::{Request, Response, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Body as _;
@@ -14,8 +14,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use super::{AdapterLimits, Completed, Opened, Provider};
+use super::{translate, AdapterLimits, Completed, Opened, Provider};
 use crate::pipeline::envelope::Envelope;
+use crate::pipeline::{ApiKind, Family};
 use crate::reload::Swap;
 use crate::sse::{self, Splitter};
 use crate::upstream::retry::parse_retry_after;
@@ -24,8 +25,14 @@ use crate::BuildError;
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// Any OpenAI-compatible `/chat/completions` server. Bodies pass through
-/// untouched both ways: this adapter's format mapping is the identity.
+/// Any OpenAI-compatible server (`/chat/completions`, `/embeddings`,
+/// `/responses`), or, with the Anthropic dialect, an Anthropic Messages
+/// server (`/messages`, `/messages/count_tokens`). Bodies of the upstream's
+/// own APIs pass through untouched both ways; the dialect decides the
+/// paths it serves and how it authenticates. Between the families this
+/// edge translates ([`super::translate`]): an OpenAI-compatible upstream
+/// also takes Messages requests (as chat completions), an Anthropic one
+/// chat-completions requests (as Messages).
 ///
 /// It speaks through hyper's pooled client directly: reqwest's redirect,
 /// retry and URL layers cost about a third of the forwarder's instructions
@@ -36,11 +43,17 @@ pub struct OpenAiProvider {
     client: Swap<HttpsClient>,
     /// The upstream's config, when it has TLS files to watch.
     files: Option<forwarder_config::UpstreamConfig>,
-    /// Parsed once.
-    uri: Uri,
-    auth: Option<HeaderValue>,
+    /// Per [`ApiKind`] (by its index), parsed once.
+    uris: Vec<Uri>,
+    dialect: Family,
+    /// The key's header: `authorization: Bearer …` or Anthropic's `x-api-key`.
+    auth: Option<(HeaderName, HeaderValue)>,
     limits: AdapterLimits,
 }
+
+/// The `anthropic-version` sent when the client sent none (Anthropic
+/// requires one; the Messages format this forwarder documents is this one).
+pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
 
 /// Longest upstream error body kept (4xx bodies are passed to the client).
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -50,6 +63,14 @@ impl OpenAiProvider {
         cfg: &forwarder_config::UpstreamConfig,
         limits: AdapterLimits,
     ) -> Result<Self, BuildError> {
+        Self::with_dialect(cfg, limits, Family::OpenAi)
+    }
+
+    pub fn with_dialect(
+        cfg: &forwarder_config::UpstreamConfig,
+        limits: AdapterLimits,
+        dialect: Family,
+    ) -> Result<Self, BuildError> {
         let base = cfg
             .base_url
             .as_deref()
@@ -58,14 +79,18 @@ impl OpenAiProvider {
         let key = read_key(cfg)?;
         let auth = match key {
             Some(k) => {
-                let mut v = HeaderValue::from_str(&format!("Bearer {k}")).map_err(|_| {
+                let (name, value) = match dialect {
+                    Family::OpenAi => (AUTHORIZATION, format!("Bearer {k}")),
+                    Family::Anthropic => (HeaderName::from_static("x-api-key"), k),
+                };
+                let mut v = HeaderValue::from_str(&value).map_err(|_| {
                     BuildError::new(format!(
                         "upstream {}: API key is not a valid header value",
                         cfg.name
                     ))
                 })?;
                 v.set_sensitive(true);
-                Some(v)
+                Some((name, v))
             }
             None => None,
         };
@@ -73,14 +98,18 @@ impl OpenAiProvider {
         // seen by the next poll.
         let fingerprint = crate::upstream::tls::files_fingerprint(cfg.tls.as_ref());
         let client = https_client(cfg)?;
-        let uri: Uri = format!("{base}/chat/completions")
-            .parse()
-            .map_err(|e| BuildError::new(format!("upstreams.{}.base_url: {e}", cfg.name)))?;
-        if uri.scheme().is_none() || uri.host().is_none() {
-            return Err(BuildError::new(format!(
-                "upstreams.{}.base_url: must be an absolute http(s) URL",
-                cfg.name
-            )));
+        let mut uris = Vec::with_capacity(ApiKind::ALL.len());
+        for api in ApiKind::ALL {
+            let uri: Uri = format!("{base}{}", api.path())
+                .parse()
+                .map_err(|e| BuildError::new(format!("upstreams.{}.base_url: {e}", cfg.name)))?;
+            if uri.scheme().is_none() || uri.host().is_none() {
+                return Err(BuildError::new(format!(
+                    "upstreams.{}.base_url: must be an absolute http(s) URL",
+                    cfg.name
+                )));
+            }
+            uris.push(uri);
         }
         let files = cfg
             .tls
@@ -90,24 +119,63 @@ impl OpenAiProvider {
         Ok(Self {
             client: Swap::new(client, fingerprint),
             files,
-            uri,
+            uris,
+            dialect,
             auth,
             limits,
         })
     }
 
+    /// The API a request of `api` is translated to, if it is: Messages
+    /// to an OpenAI-compatible upstream's chat completions, chat
+    /// completions to an Anthropic upstream's Messages.
+    fn translates(&self, api: ApiKind) -> Option<ApiKind> {
+        match (self.dialect, api) {
+            (Family::OpenAi, ApiKind::Messages) => Some(ApiKind::ChatCompletions),
+            (Family::Anthropic, ApiKind::ChatCompletions) => Some(ApiKind::Messages),
+            _ => None,
+        }
+    }
+
     async fn send(&self, req: &Envelope) -> Result<Response<Incoming>, UpstreamError> {
-        let mut request = Request::post(self.uri.clone())
-            .body(Full::new(req.body.clone()))
+        let to = self.translates(req.api);
+        let translated = to.is_some();
+        let (uri, body) = match to {
+            Some(to) => {
+                let body = match to {
+                    ApiKind::Messages => translate::chat_to_messages(&req.body),
+                    _ => translate::messages_to_chat(&req.body),
+                };
+                let body = body.map_err(|e| UpstreamError::Status {
+                    status: 400,
+                    retry_after: None,
+                    body: crate::mock_llm::error_body(req.api.family(), 400, &e.0),
+                })?;
+                (&self.uris[to as usize], Bytes::from(body))
+            }
+            None => (&self.uris[req.api as usize], req.body.clone()),
+        };
+        let mut request = Request::post(uri.clone())
+            .body(Full::new(body))
             .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
         let headers = request.headers_mut();
-        headers.reserve(req.headers.len() + 2);
+        headers.reserve(req.headers.len() + 3);
         for (name, value) in &req.headers {
+            // Anthropic's protocol headers mean nothing to a translated request's upstream.
+            if translated && req.api.protocol_headers().contains(&name.as_str()) {
+                continue;
+            }
             headers.append(name, value.clone());
         }
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if let Some(auth) = &self.auth {
-            headers.insert(AUTHORIZATION, auth.clone());
+        if let Some((name, value)) = &self.auth {
+            headers.insert(name, value.clone());
+        }
+        if self.dialect == Family::Anthropic && !headers.contains_key("anthropic-version") {
+            headers.insert(
+                "anthropic-version",
+                HeaderValue::from_static(DEFAULT_ANTHROPIC_VERSION),
+            );
         }
         let resp = self.client.get().request(request).await.map_err(classify)?;
         if resp.status().is_success() {
@@ -275,6 +343,16 @@ async fn read_bounded(
 
 #[async_trait]
 impl Provider for OpenAiProvider {
+    fn support(&self, api: ApiKind) -> super::Support {
+        if api.family() == self.dialect {
+            super::Support::Native
+        } else if self.translates(api).is_some() {
+            super::Support::Translated
+        } else {
+            super::Support::None
+        }
+    }
+
     /// Rebuilds the client if the TLS files changed; returns whether they
     /// did. A failed rebuild (a half-written rotation) keeps the old one.
     fn reload_files(&self) -> Result<bool, BuildError> {
@@ -292,6 +370,19 @@ impl Provider for OpenAiProvider {
         let resp = self.send(req).await?;
         let headers = self.limits.to_client.filter(resp.headers());
         let body = read_bounded(resp, self.limits.max_body_bytes, false).await?;
+        if let Some(to) = self.translates(req.api) {
+            let back = match to {
+                ApiKind::Messages => translate::message_to_chat(&body),
+                _ => translate::chat_to_message(&body),
+            };
+            let back = back.ok_or_else(|| {
+                UpstreamError::Protocol("the upstream's answer is not in its API's shape".into())
+            })?;
+            return Ok(Completed {
+                headers,
+                body: back.into(),
+            });
+        }
         Ok(Completed { headers, body })
     }
 
@@ -303,11 +394,65 @@ impl Provider for OpenAiProvider {
             splitter: Splitter::new(self.limits.max_event_bytes),
             ended: false,
         };
+        let events: super::RawEvents = Box::pin(events);
         Ok(Opened {
             headers,
-            events: Box::pin(events),
+            events: match self.translates(req.api) {
+                Some(ApiKind::ChatCompletions) => translated(events),
+                Some(_) => to_chunks(events, include_usage(&req.body)),
+                None => events,
+            },
         })
     }
+}
+
+/// A chat-completions stream as Anthropic's events. An upstream that ends
+/// after saying how the answer finished, without `[DONE]`, still gets its
+/// `message_stop`; one that ends before gets none (the pipeline then ends
+/// the client's stream with an error event).
+fn translated(events: super::RawEvents) -> super::RawEvents {
+    use futures::StreamExt;
+    let state = std::sync::Arc::new(parking_lot::Mutex::new(
+        translate::StreamTranslator::default(),
+    ));
+    let at_end = state.clone();
+    let body = events.flat_map(move |item| {
+        let out: Vec<Result<Bytes, UpstreamError>> = match item {
+            Ok(event) => state.lock().feed(&event).into_iter().map(Ok).collect(),
+            Err(e) => vec![Err(e)],
+        };
+        futures::stream::iter(out)
+    });
+    let tail = futures::stream::once(async move {
+        let mut t = at_end.lock();
+        let out = if t.finished() { t.finish() } else { Vec::new() };
+        futures::stream::iter(out.into_iter().map(Ok))
+    })
+    .flatten();
+    body.chain(tail).boxed()
+}
+
+/// Whether a chat request asked for a usage chunk.
+fn include_usage(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.pointer("/stream_options/include_usage")?.as_bool())
+        .unwrap_or(false)
+}
+
+/// An Anthropic stream as chat chunks, `[DONE]` at `message_stop`.
+fn to_chunks(events: super::RawEvents, include_usage: bool) -> super::RawEvents {
+    use futures::StreamExt;
+    let mut t = translate::ChunkTranslator::new(include_usage);
+    events
+        .flat_map(move |item| {
+            let out: Vec<Result<Bytes, UpstreamError>> = match item {
+                Ok(event) => t.feed(&event).into_iter().map(Ok).collect(),
+                Err(e) => vec![Err(e)],
+            };
+            futures::stream::iter(out)
+        })
+        .boxed()
 }
 
 /// Cuts an upstream body into whole SSE events.
