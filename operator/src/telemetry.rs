@@ -34,11 +34,11 @@ pub struct Metrics {
     pub slo_breaches: IntCounterVec,
     /// Alerts received on the webhook, by result (`accepted`, `ignored`, `invalid`).
     pub alerts: IntCounterVec,
-    /// Unix time at which the autoscaler last completed a round of
-    /// evaluations.
+    /// Unix time at which the autoscaler's scheduler loop last ran (it
+    /// wakes every second; evaluations run beside it, each bounded).
     pub autoscaler_last_round: IntGauge,
-    /// Seconds after which a round that did not complete means a stalled
-    /// loop (`/healthz` fails); 0 while the autoscaler is not running.
+    /// Seconds after which a loop that did not run means a stalled
+    /// autoscaler (`/healthz` fails); 0 while the autoscaler is not running.
     stall_limit_secs: Arc<AtomicU64>,
 }
 
@@ -105,7 +105,7 @@ impl Metrics {
         )?;
         let autoscaler_last_round = IntGauge::new(
             "modelforwarder_autoscaler_last_round_timestamp_seconds",
-            "Unix time at which the autoscaler last completed a round of evaluations",
+            "Unix time at which the autoscaler's scheduler loop last ran",
         )?;
         registry.register(Box::new(autoscaler_last_round.clone()))?;
         registry.register(Box::new(scale_decisions.clone()))?;
@@ -131,15 +131,16 @@ impl Metrics {
         })
     }
 
-    /// The autoscaler runs: from now on `/healthz` fails when no round
-    /// completes within `stall_limit`.
+    /// The autoscaler runs: from now on `/healthz` fails when its loop does
+    /// not run within `stall_limit`.
     pub fn autoscaler_started(&self, stall_limit: Duration) {
         self.autoscaler_last_round.set(unix_now());
         self.stall_limit_secs
             .store(stall_limit.as_secs().max(1), Ordering::Relaxed);
     }
 
-    pub fn autoscaler_round_completed(&self) {
+    /// The autoscaler's loop ran.
+    pub fn autoscaler_alive(&self) {
         self.autoscaler_last_round.set(unix_now());
     }
 
@@ -149,7 +150,7 @@ impl Metrics {
         let age = unix_now() - self.autoscaler_last_round.get();
         if limit > 0 && age > limit as i64 {
             return Err(format!(
-                "autoscaler stalled: last round completed {age}s ago (limit {limit}s)"
+                "autoscaler stalled: its loop last ran {age}s ago (limit {limit}s)"
             ));
         }
         Ok(())
@@ -241,7 +242,7 @@ mod tests {
         assert!(m.health().is_ok(), "no autoscaler: healthy");
         m.autoscaler_started(Duration::from_secs(60));
         assert!(m.health().is_ok());
-        // The last round completed long ago.
+        // The loop last ran long ago.
         m.autoscaler_last_round.set(unix_now() - 61);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -254,7 +255,7 @@ mod tests {
             body.starts_with("HTTP/1.1 503") && body.contains("autoscaler stalled"),
             "{body}"
         );
-        m.autoscaler_round_completed();
+        m.autoscaler_alive();
         assert!(get_text(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
         server.abort();
     }

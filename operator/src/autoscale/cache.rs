@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
 use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{metadata_watcher, watcher, WatchStreamExt};
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 
 use super::alerts::Key;
@@ -70,9 +70,7 @@ pub fn trim_deployment(d: &mut Deployment) {
     if let Some(managed) = d.metadata.managed_fields.as_mut() {
         managed.retain(owns_replicas);
         for m in managed.iter_mut() {
-            m.fields_v1 = Some(FieldsV1(
-                serde_json::json!({"f:spec": {"f:replicas": {}}}),
-            ));
+            m.fields_v1 = Some(FieldsV1(serde_json::json!({"f:spec": {"f:replicas": {}}})));
             m.time = None;
         }
     }
@@ -106,7 +104,8 @@ impl Cluster {
             .reflect(w_deployments)
             .for_each(|_| async {});
         let (pods, w_pods) = reflector::store();
-        let pods_feed = metadata_watcher(scoped::<Pod>(client, namespace), owned)
+        // An Api of PartialObjectMeta makes metadata-only requests.
+        let pods_feed = watcher(scoped::<PartialObjectMeta<Pod>>(client, namespace), owned)
             .default_backoff()
             .modify(|p: &mut PartialObjectMeta<Pod>| {
                 p.managed_fields_mut().clear();

@@ -47,6 +47,10 @@ impl Schedule {
         self.slots.len()
     }
 
+    pub fn contains(&self, key: &Key) -> bool {
+        self.slots.contains_key(key)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.slots.is_empty()
     }
@@ -183,8 +187,16 @@ mod tests {
         // `fast` finishes at once; `hung` is still running.
         s.finished(&k("fast"), t0 + I, t0 + I);
         assert_eq!(s.next_due(), Some(t0 + 2 * I));
-        assert_eq!(s.take_due(t0 + 2 * I), vec![k("fast")], "hung is not restarted");
-        s.finished(&k("fast"), t0 + 2 * I, t0 + 2 * I + Duration::from_millis(5));
+        assert_eq!(
+            s.take_due(t0 + 2 * I),
+            vec![k("fast")],
+            "hung is not restarted"
+        );
+        s.finished(
+            &k("fast"),
+            t0 + 2 * I,
+            t0 + 2 * I + Duration::from_millis(5),
+        );
         // `hung` ends after two intervals: due again at once (never in the past).
         s.finished(&k("hung"), t0 + I, t0 + 3 * I);
         assert_eq!(s.take_due(t0 + 3 * I), vec![k("fast"), k("hung")]);
