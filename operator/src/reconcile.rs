@@ -22,7 +22,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::core::error_boundary::InvalidObject;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -328,18 +328,7 @@ async fn publish(
     reason: &str,
     note: String,
 ) {
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        // The Events API caps the note at 1 KiB.
-        note: Some(note.chars().take(1000).collect()),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    // An Event that cannot be written must not fail the reconciliation.
-    if let Err(e) = ctx.recorder.publish(&ev, regarding).await {
-        tracing::warn!(error = %e, reason, "publishing an Event");
-    }
+    crate::events::publish(&ctx.recorder, regarding, type_, reason, "Reconcile", &note).await;
 }
 
 /// The controller's entry point: tolerates objects that fail to deserialise.

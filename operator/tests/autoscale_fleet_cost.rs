@@ -577,3 +577,69 @@ fn e2e_say(line: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "{line}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(envtest),
+    ignore = "set KUBEBUILDER_ASSETS: needs a real kube-apiserver"
+)]
+async fn two_scale_decisions_are_two_events_each_with_its_own_note() {
+    use k8s_openapi::api::events::v1::Event as ApiEvent;
+    use kube::runtime::events::{Event, EventType};
+    use kube::Resource;
+    let _serial = SERIAL.lock().await;
+    let cp = envtest::control_plane();
+    let admin = cp.client().await;
+    install_crd(&admin).await;
+    let ns = cp.namespace(&admin, "events").await;
+    resource(&admin, &ns, "bot", 1, true).await;
+    resource(&admin, &ns, "raw", 1, true).await;
+    let mfs = Api::<ModelForwarder>::namespaced(admin.clone(), &ns);
+    let recorder = Recorder::new(
+        admin.clone(),
+        Reporter {
+            controller: "modelforwarder-operator".into(),
+            instance: Some("test".into()),
+        },
+    );
+    let notes = [
+        "2 → 6 (Capacity): qps=300.0",
+        "6 → 4 (ScaleDown): qps=180.0",
+    ];
+    let bot = mfs.get("bot").await.unwrap().object_ref(&());
+    let raw = mfs.get("raw").await.unwrap().object_ref(&());
+    for note in notes {
+        operator::events::publish(
+            &recorder,
+            &bot,
+            EventType::Normal,
+            "Scaled",
+            "Autoscale",
+            note,
+        )
+        .await;
+        // What the operator did before: one action for every decision.
+        let ev = Event {
+            type_: EventType::Normal,
+            reason: "Scaled".into(),
+            note: Some(note.into()),
+            action: "Autoscale".into(),
+            secondary: None,
+        };
+        recorder.publish(&ev, &raw).await.expect("raw event");
+    }
+    let events = Api::<ApiEvent>::namespaced(admin.clone(), &ns);
+    let notes_of = |name: &str, all: &[ApiEvent]| -> Vec<String> {
+        let mut v: Vec<String> = all
+            .iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .filter_map(|e| e.note.clone())
+            .collect();
+        v.sort();
+        v
+    };
+    let all = events.list(&ListParams::default()).await.unwrap().items;
+    assert_eq!(notes_of("bot", &all), notes, "both decisions readable");
+    // kube-runtime's series kept only the first note for the raw ones.
+    assert_eq!(notes_of("raw", &all), [notes[0]], "the old behaviour");
+}

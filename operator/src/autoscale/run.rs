@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{EventType, Recorder};
 use kube::{Client, Resource, ResourceExt};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
@@ -368,16 +368,15 @@ impl Autoscaler {
         }
         let regarding = mf.object_ref(&());
         for (type_, reason, note) in events {
-            let ev = Event {
+            crate::events::publish(
+                &self.recorder,
+                &regarding,
                 type_,
-                reason: reason.into(),
-                note: Some(note.chars().take(1000).collect()),
-                action: "Autoscale".into(),
-                secondary: None,
-            };
-            if let Err(err) = self.recorder.publish(&ev, &regarding).await {
-                tracing::warn!(error = %err, reason, "publishing an Event");
-            }
+                reason,
+                "Autoscale",
+                &note,
+            )
+            .await;
         }
         Ok(Some(e))
     }
