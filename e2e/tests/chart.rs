@@ -102,7 +102,7 @@ const OPERATOR_CALLS: &[(&str, &str, &[&str], Scope)] = &[
 const PROMETHEUS_RULE_CALLS: (&str, &str, &[&str], Scope) = (
     "monitoring.coreos.com",
     "prometheusrules",
-    &["create", "patch"],
+    &["get", "create", "patch"],
     Scope::Watched,
 );
 

@@ -6,7 +6,9 @@
 //!   nothing, while every resource is still evaluated at its interval;
 //! - with 300 resources, one resource whose queries never answer delays
 //!   only itself; with every query hung, `/healthz` stays healthy and each
-//!   resource is still evaluated within its history gap limit.
+//!   resource is still evaluated within its history gap limit;
+//! - two decisions on one resource are two Events, each with its own note;
+//! - a user's PrometheusRule named like the resource's is left alone.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -642,4 +644,119 @@ async fn two_scale_decisions_are_two_events_each_with_its_own_note() {
     assert_eq!(notes_of("bot", &all), notes, "both decisions readable");
     // kube-runtime's series kept only the first note for the raw ones.
     assert_eq!(notes_of("raw", &all), [notes[0]], "the old behaviour");
+}
+
+/// A minimal PrometheusRule CRD (the prometheus-operator's group, version
+/// and kind; any content).
+async fn install_prometheus_rule_crd(client: &Client) {
+    let crd: CustomResourceDefinition = serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "prometheusrules.monitoring.coreos.com"},
+        "spec": {
+            "group": "monitoring.coreos.com",
+            "names": {"kind": "PrometheusRule", "plural": "prometheusrules",
+                      "singular": "prometheusrule", "listKind": "PrometheusRuleList"},
+            "scope": "Namespaced",
+            "versions": [{"name": "v1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object",
+                    "x-kubernetes-preserve-unknown-fields": true}}}]
+        }
+    }))
+    .unwrap();
+    Api::<CustomResourceDefinition>::all(client.clone())
+        .create(&PostParams::default(), &crd)
+        .await
+        .expect("creating the PrometheusRule CRD");
+    wait(
+        "PrometheusRules served",
+        Duration::from_secs(30),
+        || async {
+            operator::autoscale::rules::available(client)
+                .await
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(envtest),
+    ignore = "set KUBEBUILDER_ASSETS: needs a real kube-apiserver"
+)]
+async fn a_users_prometheus_rule_of_the_same_name_is_left_alone() {
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+    let _serial = SERIAL.lock().await;
+    let cp = envtest::control_plane();
+    let admin = cp.client().await;
+    install_crd(&admin).await;
+    // No prometheus-operator CRDs: detected (once, at start).
+    assert!(!operator::autoscale::rules::available(&admin).await);
+    install_prometheus_rule_crd(&admin).await;
+    let ns = cp.namespace(&admin, "rules").await;
+    resource(&admin, &ns, "mine", 1, true).await;
+    resource(&admin, &ns, "theirs", 1, true).await;
+    let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "monitoring.coreos.com",
+        "v1",
+        "PrometheusRule",
+    ));
+    let rules: Api<DynamicObject> = Api::namespaced_with(admin.clone(), &ns, &ar);
+    let users: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
+        "metadata": {"name": "theirs-slo"},
+        "spec": {"groups": [{"name": "the-users-own", "rules": []}]}
+    }))
+    .unwrap();
+    rules
+        .create(&PostParams::default(), &users)
+        .await
+        .expect("the user's rule");
+
+    let stub = Arc::new(Stub::default());
+    let (url, server) = serve(stub).await;
+    let metrics = Metrics::new().expect("metrics");
+    let mut scaler = autoscaler(admin.clone(), &ns, &url, Duration::from_secs(2), &metrics);
+    scaler.prometheus_rules = true;
+    let (_trigger, triggered) = tokio::sync::mpsc::channel(4);
+    let task = tokio::spawn(scaler.run(triggered));
+
+    let mfs = Api::<ModelForwarder>::namespaced(admin.clone(), &ns);
+    let mine_uid = mfs.get("mine").await.unwrap().metadata.uid.unwrap();
+    let applied = wait("mine-slo applied", Duration::from_secs(30), || async {
+        rules.get_opt("mine-slo").await.ok().flatten()
+    })
+    .await;
+    let owner = &applied.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.uid.as_str(), owner.controller),
+        (mine_uid.as_str(), Some(true))
+    );
+    // The conflict is reported on the resource; the user's rule is intact.
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(admin.clone(), &ns);
+    let note = wait(
+        "PrometheusRuleConflict Event",
+        Duration::from_secs(30),
+        || async {
+            events
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some("PrometheusRuleConflict"))
+                .and_then(|e| e.note)
+        },
+    )
+    .await;
+    assert!(note.contains("\"theirs-slo\""), "{note}");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let theirs = rules.get("theirs-slo").await.unwrap();
+    assert!(theirs.metadata.owner_references.is_none(), "{theirs:?}");
+    assert_eq!(
+        theirs.data["spec"]["groups"][0]["name"], "the-users-own",
+        "{theirs:?}"
+    );
+    task.abort();
+    server.abort();
 }

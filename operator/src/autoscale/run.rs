@@ -129,6 +129,19 @@ impl Autoscaler {
 
     /// The scheduler over filled caches.
     pub async fn schedule(self, cluster: Cluster, mut trigger: mpsc::Receiver<Key>) {
+        // Whether rules can be applied at all, asked once: without the
+        // prometheus-operator CRDs, one warning instead of one per resource
+        // per evaluation.
+        let rules_on = self.prometheus_rules
+            && {
+                let present = rules::available(&self.client).await;
+                if !present {
+                    tracing::warn!(
+                    "--prometheus-rules: the API server serves no monitoring.coreos.com/v1 PrometheusRule (prometheus-operator CRDs not installed); no rules will be applied until the operator restarts"
+                );
+                }
+                present
+            };
         let this = Arc::new(self);
         let workers = Arc::new(Semaphore::new(WORKERS));
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
@@ -189,7 +202,7 @@ impl Autoscaler {
                     )
                     .await
                     .unwrap_or(Err(Error::Timeout(this.interval)));
-                    if this.prometheus_rules {
+                    if rules_on {
                         this.apply_rule(&mf, &mut slot).await;
                     }
                     let _ = done_tx.send(Done {
@@ -224,7 +237,10 @@ impl Autoscaler {
     }
 
     /// Applies the resource's PrometheusRule when it changed, bounded in
-    /// time; a failure is logged and retried at the next evaluation.
+    /// time, after its evaluation (never delaying it). A failure is logged
+    /// and retried at the next evaluation; a name taken by a rule this
+    /// resource does not own is reported once (an Event) and checked again
+    /// when the rule would change.
     async fn apply_rule(&self, mf: &ModelForwarder, slot: &mut Slot) {
         let selector_ok = mf
             .spec
@@ -243,11 +259,22 @@ impl Autoscaler {
             .await
         {
             Ok(Ok(())) => slot.rule = Some(rule),
-            Ok(Err(e)) => tracing::warn!(
-                name = %mf.name_any(),
-                error = %e,
-                "cannot apply the PrometheusRule (are the prometheus-operator CRDs installed?)"
-            ),
+            Ok(Err(e @ rules::RuleError::NameConflict(_))) => {
+                tracing::warn!(name = %mf.name_any(), error = %e, "PrometheusRule not applied");
+                crate::events::publish(
+                    &self.recorder,
+                    &mf.object_ref(&()),
+                    EventType::Warning,
+                    "PrometheusRuleConflict",
+                    "Autoscale",
+                    &e.to_string(),
+                )
+                .await;
+                slot.rule = Some(rule);
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(name = %mf.name_any(), error = %e, "PrometheusRule not applied")
+            }
             Err(_) => {
                 tracing::warn!(name = %mf.name_any(), "applying the PrometheusRule timed out")
             }
