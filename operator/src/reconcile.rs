@@ -44,6 +44,11 @@ pub const RESYNC: Duration = Duration::from_secs(300);
 pub const RETRY: Duration = Duration::from_secs(1);
 /// Longest retry delay.
 pub const RETRY_MAX: Duration = Duration::from_secs(300);
+/// Bound on one reconciliation, every API call in it included: a hung call
+/// frees its slot and is retried with backoff. Below the pods' 30 s
+/// termination grace, so a shutdown that waits for the reconciles in
+/// flight still releases the lease.
+pub const RECONCILE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Delay before retry number `failures` (1 = the first): exponential from
 /// [`RETRY`] up to [`RETRY_MAX`], times a random factor in [0.75, 1.25) so
@@ -104,6 +109,8 @@ pub struct Context {
     /// outside the controller).
     pub caches: Option<Caches>,
     pub failures: Failures,
+    /// Bound on one reconciliation ([`RECONCILE_TIMEOUT`]).
+    pub timeout: Duration,
 }
 
 impl Context {
@@ -120,6 +127,7 @@ impl Context {
             metrics,
             caches: None,
             failures: Failures::default(),
+            timeout: RECONCILE_TIMEOUT,
         }
     }
 }
@@ -139,6 +147,8 @@ pub enum Error {
     Json(#[from] serde_json::Error),
     #[error("the ModelForwarder has no {0}")]
     MissingField(&'static str),
+    #[error("the reconciliation did not finish within {0:?} (an API call hung?)")]
+    Timeout(Duration),
 }
 
 impl Error {
@@ -148,6 +158,7 @@ impl Error {
             Error::Api { .. } => "api",
             Error::Yaml(_) | Error::Json(_) => "serialise",
             Error::MissingField(_) => "missing_field",
+            Error::Timeout(_) => "timeout",
         }
     }
 }
@@ -337,13 +348,20 @@ pub async fn reconcile(
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
     let started = Instant::now();
-    let result = match &obj.0 {
-        Ok(mf) => reconcile_one(mf, &ctx).await,
-        Err(invalid) => {
-            report_invalid(invalid, &ctx).await;
-            Ok(Action::await_change())
+    // `/healthz` fails while a reconciliation outlives its bound.
+    let _running = ctx.metrics.reconcile_running();
+    let work = async {
+        match &obj.0 {
+            Ok(mf) => reconcile_one(mf, &ctx).await,
+            Err(invalid) => {
+                report_invalid(invalid, &ctx).await;
+                Ok(Action::await_change())
+            }
         }
     };
+    let result = tokio::time::timeout(ctx.timeout, work)
+        .await
+        .unwrap_or(Err(Error::Timeout(ctx.timeout)));
     ctx.metrics
         .duration
         .observe(started.elapsed().as_secs_f64());
@@ -797,6 +815,42 @@ mod tests {
         assert_eq!(f.record(key.clone(), "webhook"), (3, true));
         f.clear(&key);
         assert_eq!(f.record(key, "webhook"), (1, true));
+    }
+
+    #[tokio::test]
+    async fn a_hung_api_call_ends_the_reconcile_at_its_bound() {
+        use http::{Request, Response};
+        use kube::client::Body;
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        // An API server that accepts every request and never answers.
+        let holder = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Some((_, send)) = handle.next_request().await {
+                held.push(send);
+            }
+        });
+        let client = Client::new(svc, "default");
+        let recorder = Recorder::new(
+            client.clone(),
+            kube::runtime::events::Reporter {
+                controller: "test".into(),
+                instance: None,
+            },
+        );
+        let metrics = Metrics::new().expect("metrics");
+        let mut ctx = Context::new(client, recorder, "img".into(), metrics.clone());
+        ctx.timeout = Duration::from_millis(300);
+        let mut mf = ModelForwarder::new("bot", crate::render::config::tests::spec());
+        mf.metadata.namespace = Some("ai".into());
+        mf.metadata.uid = Some("u-1".into());
+        let started = Instant::now();
+        let r = reconcile(Arc::new(DeserializeGuard(Ok(mf))), Arc::new(ctx)).await;
+        assert!(matches!(r, Err(Error::Timeout(_))), "{r:?}");
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert!(metrics
+            .render()
+            .contains(r#"modelforwarder_operator_reconciliations_total{result="error"} 1"#));
+        holder.abort();
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! The operator's own metrics and health endpoints.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -40,7 +41,29 @@ pub struct Metrics {
     /// Seconds after which a loop that did not run means a stalled
     /// autoscaler (`/healthz` fails); 0 while the autoscaler is not running.
     stall_limit_secs: Arc<AtomicU64>,
+    /// Start times of the reconciliations running now, by a serial number.
+    reconciling: Arc<Mutex<BTreeMap<u64, Instant>>>,
+    serial: Arc<AtomicU64>,
 }
+
+/// A running reconciliation; it ends when dropped.
+pub struct Running {
+    id: u64,
+    reconciling: Arc<Mutex<BTreeMap<u64, Instant>>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.reconciling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// A reconciliation running longer than this means the reconciler is
+/// stuck (its own bound, 20 s, did not fire): `/healthz` fails.
+pub const RECONCILE_STALL: Duration = Duration::from_secs(60);
 
 fn unix_now() -> i64 {
     SystemTime::now()
@@ -128,6 +151,8 @@ impl Metrics {
             alerts,
             autoscaler_last_round,
             stall_limit_secs: Arc::default(),
+            reconciling: Arc::default(),
+            serial: Arc::default(),
         })
     }
 
@@ -144,8 +169,39 @@ impl Metrics {
         self.autoscaler_last_round.set(unix_now());
     }
 
-    /// `Err` with the reason when the autoscaler's loop is stalled.
+    /// Marks a reconciliation as running until the guard is dropped.
+    pub fn reconcile_running(&self) -> Running {
+        let id = self.serial.fetch_add(1, Ordering::Relaxed);
+        self.reconciling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, Instant::now());
+        Running {
+            id,
+            reconciling: self.reconciling.clone(),
+        }
+    }
+
+    /// How long the oldest running reconciliation has been running.
+    fn oldest_reconcile(&self) -> Option<Duration> {
+        let m = self.reconciling.lock().unwrap_or_else(|e| e.into_inner());
+        m.values().min().map(Instant::elapsed)
+    }
+
+    /// `Err` with the reason when the autoscaler's loop or a
+    /// reconciliation is stalled.
     pub fn health(&self) -> Result<(), String> {
+        self.health_with(RECONCILE_STALL)
+    }
+
+    fn health_with(&self, reconcile_stall: Duration) -> Result<(), String> {
+        if let Some(age) = self.oldest_reconcile().filter(|a| *a > reconcile_stall) {
+            return Err(format!(
+                "reconciler stalled: a reconciliation has run for {}s (limit {}s)",
+                age.as_secs(),
+                reconcile_stall.as_secs()
+            ));
+        }
         let limit = self.stall_limit_secs.load(Ordering::Relaxed);
         let age = unix_now() - self.autoscaler_last_round.get();
         if limit > 0 && age > limit as i64 {
@@ -258,6 +314,20 @@ mod tests {
         m.autoscaler_alive();
         assert!(get_text(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
         server.abort();
+    }
+
+    #[test]
+    fn healthz_fails_while_a_reconciliation_outlives_its_bound() {
+        let m = Metrics::new().expect("metrics");
+        let running = m.reconcile_running();
+        assert!(m.health().is_ok());
+        std::thread::sleep(Duration::from_millis(20));
+        let e = m
+            .health_with(Duration::from_millis(10))
+            .expect_err("stalled");
+        assert!(e.starts_with("reconciler stalled"), "{e}");
+        drop(running);
+        assert!(m.health_with(Duration::from_millis(10)).is_ok(), "ended");
     }
 
     async fn get_text(addr: SocketAddr, path: &str) -> String {
