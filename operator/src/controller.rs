@@ -73,6 +73,11 @@ where
     (reader, stream)
 }
 
+/// Quiet time before a resource's queued reconcile runs.
+pub const DEBOUNCE: Duration = Duration::from_millis(100);
+/// Reconciliations at once.
+pub const CONCURRENCY: u16 = 64;
+
 /// Runs the controller until SIGTERM/SIGINT (or until the future is
 /// dropped). `namespace`: watch only this namespace; `None`: all.
 pub async fn run(client: Client, namespace: Option<String>, mut ctx: Context) {
@@ -111,11 +116,13 @@ pub async fn run(client: Client, namespace: Option<String>, mut ctx: Context) {
     let mapper_store = store.clone();
     Controller::for_stream(primary, store)
         // A rollout sends a burst of Deployment status updates; fold each
-        // burst into one reconcile, and bound the parallel ones.
+        // burst into one reconcile (a short debounce: it delays every first
+        // reconcile too), and bound the parallel ones at a share of the API
+        // server's flow control (its default concurrency is 600).
         .with_config(
             controller::Config::default()
-                .debounce(Duration::from_millis(500))
-                .concurrency(8),
+                .debounce(DEBOUNCE)
+                .concurrency(CONCURRENCY),
         )
         .owns_stream(deployment_events)
         .owns_stream(config_map_events)

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Parser;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::Client;
 use operator::autoscale::alerts;
 use operator::autoscale::run::Autoscaler;
 use operator::autoscale::Prometheus;
@@ -107,9 +106,19 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /alerts");
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let client = Client::try_default()
+    let config = kube::Config::infer()
         .await
-        .context("connecting to Kubernetes (kubeconfig or in-cluster)")?;
+        .context("reading the Kubernetes configuration (kubeconfig or in-cluster)")?;
+    let counter = metrics.api_requests.clone();
+    let client = kube::client::ClientBuilder::try_from(config)
+        .context("building the Kubernetes client")?
+        .with_layer(&tower::layer::layer_fn(move |inner| {
+            telemetry::CountRequests {
+                inner,
+                counter: counter.clone(),
+            }
+        }))
+        .build();
     let identity = args
         .identity
         .clone()

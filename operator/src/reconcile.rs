@@ -332,6 +332,8 @@ fn owned_by(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, u
         .any(|o| o.uid == uid && o.controller == Some(true))
 }
 
+/// Publishes an Event off the reconcile path: the reconciliation does not
+/// wait for the Events API (an Event that cannot be written is logged).
 async fn publish(
     ctx: &Context,
     regarding: &ObjectReference,
@@ -339,7 +341,11 @@ async fn publish(
     reason: &str,
     note: String,
 ) {
-    crate::events::publish(&ctx.recorder, regarding, type_, reason, "Reconcile", &note).await;
+    let (recorder, regarding, reason) =
+        (ctx.recorder.clone(), regarding.clone(), reason.to_string());
+    tokio::spawn(async move {
+        crate::events::publish(&recorder, &regarding, type_, &reason, "Reconcile", &note).await;
+    });
 }
 
 /// The controller's entry point: tolerates objects that fail to deserialise.
@@ -476,8 +482,15 @@ pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action,
         by_secret.entry(u.name.clone()).or_default().push(u);
     }
     let mut secret_versions = BTreeMap::new();
-    for (secret_name, uses) in &by_secret {
-        let Some(secret) = get(&secrets, secret_name).await? else {
+    // Read at once, not one after the other.
+    let read = futures::future::try_join_all(
+        by_secret
+            .keys()
+            .map(|secret_name| get(&secrets, secret_name)),
+    )
+    .await?;
+    for ((secret_name, uses), secret) in by_secret.iter().zip(read) {
+        let Some(secret) = secret else {
             for u in uses {
                 blocking.push(Problem::new(
                     "SecretNotFound",
@@ -510,9 +523,12 @@ pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action,
 
     let cm_name = config_map_name(&name);
     let caches = ctx.caches.as_ref();
-    let existing_dep = cached(caches.map(|c| &c.deployments), &deployments, &ns, &name).await?;
-    let existing_cm = cached(caches.map(|c| &c.config_maps), &config_maps, &ns, &cm_name).await?;
-    let existing_svc = cached(caches.map(|c| &c.services), &services, &ns, &name).await?;
+    // Cache misses (a first reconcile) are read at once, not in turn.
+    let (existing_dep, existing_cm, existing_svc) = futures::try_join!(
+        cached(caches.map(|c| &c.deployments), &deployments, &ns, &name),
+        cached(caches.map(|c| &c.config_maps), &config_maps, &ns, &cm_name),
+        cached(caches.map(|c| &c.services), &services, &ns, &name),
+    )?;
     // The replica count the Deployment will have after this pass: the PDB
     // follows it (one replica needs no PDB; an autoscaled pool does).
     let current_replicas = existing_dep
@@ -572,47 +588,47 @@ pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action,
                 replicas,
             };
             let r = render::render(&inputs, &config)?;
-            if ensure(
-                &config_maps,
-                existing_cm.as_ref(),
-                r.config_map,
-                drift::config_map,
-            )
-            .await?
-            .is_some()
-            {
+            // The children are independent: applied at once, not in turn.
+            let pdb = async {
+                if let Some(pdb) = r.pdb {
+                    let applied = ensure(&pdbs, existing_pdb.as_ref(), pdb, drift::pdb).await?;
+                    Ok(applied.map(|_| format!("applied PodDisruptionBudget {name}")))
+                } else if existing_pdb
+                    .as_ref()
+                    .is_some_and(|p| owned_by(&p.metadata, &uid))
+                {
+                    pdbs.delete(&name, &DeleteParams::default())
+                        .await
+                        .map_err(api_err(format!("deleting PodDisruptionBudget {name}")))?;
+                    Ok(Some(format!("deleted PodDisruptionBudget {name}")))
+                } else {
+                    Ok(None)
+                }
+            };
+            let (cm, svc, pdb, dep) = futures::try_join!(
+                ensure(
+                    &config_maps,
+                    existing_cm.as_ref(),
+                    r.config_map,
+                    drift::config_map,
+                ),
+                ensure(&services, existing_svc.as_ref(), r.service, drift::service),
+                pdb,
+                ensure(
+                    &deployments,
+                    deployment.as_ref(),
+                    r.deployment,
+                    drift::deployment,
+                ),
+            )?;
+            if cm.is_some() {
                 done.push(format!("applied ConfigMap {cm_name}"));
             }
-            if ensure(&services, existing_svc.as_ref(), r.service, drift::service)
-                .await?
-                .is_some()
-            {
+            if svc.is_some() {
                 done.push(format!("applied Service {name}"));
             }
-            if let Some(pdb) = r.pdb {
-                if ensure(&pdbs, existing_pdb.as_ref(), pdb, drift::pdb)
-                    .await?
-                    .is_some()
-                {
-                    done.push(format!("applied PodDisruptionBudget {name}"));
-                }
-            } else if existing_pdb
-                .as_ref()
-                .is_some_and(|p| owned_by(&p.metadata, &uid))
-            {
-                pdbs.delete(&name, &DeleteParams::default())
-                    .await
-                    .map_err(api_err(format!("deleting PodDisruptionBudget {name}")))?;
-                done.push(format!("deleted PodDisruptionBudget {name}"));
-            }
-            if let Some(applied) = ensure(
-                &deployments,
-                deployment.as_ref(),
-                r.deployment,
-                drift::deployment,
-            )
-            .await?
-            {
+            done.extend(pdb);
+            if let Some(applied) = dep {
                 done.push(format!("applied Deployment {name}"));
                 deployment = Some(applied);
             }

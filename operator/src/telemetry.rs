@@ -35,6 +35,9 @@ pub struct Metrics {
     pub slo_breaches: IntCounterVec,
     /// Alerts received on the webhook, by result (`accepted`, `ignored`, `invalid`).
     pub alerts: IntCounterVec,
+    /// Requests this operator sent to the API server, by method (`watch`
+    /// for a GET that opens a watch), counted by [`CountRequests`].
+    pub api_requests: IntCounterVec,
     /// Unix time at which the autoscaler's scheduler loop last ran (it
     /// wakes every second; evaluations run beside it, each bounded).
     pub autoscaler_last_round: IntGauge,
@@ -126,6 +129,14 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let api_requests = IntCounterVec::new(
+            Opts::new(
+                "modelforwarder_operator_api_requests_total",
+                "Requests the operator sent to the Kubernetes API server, by method (watch: a GET opening a watch)",
+            ),
+            &["method"],
+        )?;
+        registry.register(Box::new(api_requests.clone()))?;
         let autoscaler_last_round = IntGauge::new(
             "modelforwarder_autoscaler_last_round_timestamp_seconds",
             "Unix time at which the autoscaler's scheduler loop last ran",
@@ -149,6 +160,7 @@ impl Metrics {
             scale_decisions,
             slo_breaches,
             alerts,
+            api_requests,
             autoscaler_last_round,
             stall_limit_secs: Arc::default(),
             reconciling: Arc::default(),
@@ -221,6 +233,53 @@ impl Metrics {
             tracing::warn!(error = %e, "encoding metrics");
         }
         String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+/// A client layer counting the requests it sends into
+/// [`Metrics::api_requests`] (so the operator's own API cost is visible on
+/// `/metrics`).
+#[derive(Clone)]
+pub struct CountRequests<S> {
+    pub inner: S,
+    pub counter: IntCounterVec,
+}
+
+/// The method label of a request (pure).
+pub fn method_label<B>(req: &http::Request<B>) -> &'static str {
+    let watch = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
+    match *req.method() {
+        _ if watch => "watch",
+        http::Method::GET => "get",
+        http::Method::POST => "post",
+        http::Method::PUT => "put",
+        http::Method::PATCH => "patch",
+        http::Method::DELETE => "delete",
+        _ => "other",
+    }
+}
+
+impl<S, B> tower::Service<http::Request<B>> for CountRequests<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        self.counter.with_label_values(&[method_label(&req)]).inc();
+        self.inner.call(req)
     }
 }
 
@@ -314,6 +373,24 @@ mod tests {
         m.autoscaler_alive();
         assert!(get_text(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
         server.abort();
+    }
+
+    #[test]
+    fn api_requests_are_labelled_by_method_and_watch() {
+        let req = |m: &str, uri: &str| {
+            http::Request::builder()
+                .method(m)
+                .uri(uri)
+                .body(())
+                .unwrap()
+        };
+        assert_eq!(
+            method_label(&req("GET", "/api/v1/pods?watch=true&x=1")),
+            "watch"
+        );
+        assert_eq!(method_label(&req("GET", "/api/v1/pods?limit=1")), "get");
+        assert_eq!(method_label(&req("PATCH", "/apis/apps/v1/x")), "patch");
+        assert_eq!(method_label(&req("POST", "/x")), "post");
     }
 
     #[test]
