@@ -26,8 +26,9 @@ use super::rules;
 use super::schedule::Schedule;
 use super::status_change::needs_write;
 use super::workload::{
-    direction, is_true, policy_for, reason_label, status_patch, CachedDeployment,
-    AUTOSCALER_FIELD_MANAGER, METRICS_AVAILABLE, SCALE_CONFLICT, SLO_BREACHED, UPSTREAM_SLOW,
+    direction, is_true, last_scale_up_ago, policy_for, reason_label, status_patch,
+    CachedDeployment, AUTOSCALER_FIELD_MANAGER, METRICS_AVAILABLE, SCALE_CONFLICT, SLO_BREACHED,
+    UPSTREAM_SLOW,
 };
 use crate::crd::{ModelForwarder, ModelForwarderStatus};
 use crate::telemetry::Metrics;
@@ -181,9 +182,18 @@ impl Autoscaler {
                     schedule.finished(&k, Instant::now(), Instant::now());
                     continue;
                 };
-                let slot = slots.remove(&k).unwrap_or_else(|| Slot {
-                    evaluator: Evaluator::new(policy_for(&mf.spec)),
-                    rule: None,
+                let slot = slots.remove(&k).unwrap_or_else(|| {
+                    let mut evaluator = Evaluator::new(policy_for(&mf.spec));
+                    // A new leader (or a restart) settles after the last
+                    // scale-up as the one that made it would have.
+                    if let Some(ago) = last_scale_up_ago(mf.status.as_ref(), jiff::Timestamp::now())
+                    {
+                        evaluator.restore_scale_up(ago);
+                    }
+                    Slot {
+                        evaluator,
+                        rule: None,
+                    }
                 });
                 let (this, cluster, workers, done_tx) = (
                     this.clone(),

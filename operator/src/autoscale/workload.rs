@@ -56,6 +56,26 @@ pub fn policy_for(spec: &ModelForwarderSpec) -> Policy {
     p
 }
 
+/// How long ago the last scale recorded in status was a scale-up (pure):
+/// `lastScaleReason` starts with "FROM → TO" (as [`explain`] writes it)
+/// and TO > FROM. `None` for a scale-down, no record, or a time ahead of
+/// `now`.
+pub fn last_scale_up_ago(
+    status: Option<&ModelForwarderStatus>,
+    now: jiff::Timestamp,
+) -> Option<Duration> {
+    let s = status?;
+    let at = s.last_scale_time.as_ref()?.0;
+    let reason = s.last_scale_reason.as_deref()?;
+    let (from, rest) = reason.split_once(" → ")?;
+    let to = rest.split_whitespace().next()?;
+    let (from, to): (u32, u32) = (from.trim().parse().ok()?, to.parse().ok()?);
+    if to <= from {
+        return None;
+    }
+    Duration::try_from(now.duration_since(at)).ok()
+}
+
 /// Field managers, other than the autoscaler's, that own the Deployment's
 /// `spec.replicas` (from `managedFields`): an HPA (`kube-controller-manager`
 /// on the scale subresource) or `kubectl scale deployment`. The
@@ -445,6 +465,29 @@ mod tests {
             "metadata": {"name": "bot", "managedFields": managed},
         }))
         .expect("deployment")
+    }
+
+    #[test]
+    fn the_last_scale_up_is_read_back_from_status() {
+        let status = |reason: &str| -> ModelForwarderStatus {
+            serde_json::from_value(json!({
+                "lastScaleTime": "2026-12-01T00:00:00Z",
+                "lastScaleReason": reason,
+            }))
+            .unwrap()
+        };
+        let now: jiff::Timestamp = "2026-12-01T00:00:40Z".parse().unwrap();
+        let up = status("4 → 8 (LatencySlo): qps=200.0 p99=900.0ms");
+        assert_eq!(
+            last_scale_up_ago(Some(&up), now),
+            Some(Duration::from_secs(40))
+        );
+        let down = status("8 → 6 (ScaleDown): qps=10.0");
+        assert_eq!(last_scale_up_ago(Some(&down), now), None);
+        assert_eq!(last_scale_up_ago(Some(&status("garbage")), now), None);
+        assert_eq!(last_scale_up_ago(None, now), None);
+        let before: jiff::Timestamp = "2026-11-30T00:00:00Z".parse().unwrap();
+        assert_eq!(last_scale_up_ago(Some(&up), before), None, "in the future");
     }
 
     #[test]
