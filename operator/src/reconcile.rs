@@ -20,7 +20,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::core::error_boundary::InvalidObject;
-use kube::core::DeserializeGuard;
+use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -69,6 +69,48 @@ pub struct Caches {
     pub config_maps: Store<ConfigMap>,
     pub services: Store<Service>,
     pub pdbs: Store<PodDisruptionBudget>,
+    /// Names of every object of those kinds (ours or not), once listed.
+    pub names: Option<Names>,
+}
+
+/// Metadata-only caches of every Deployment, ConfigMap, Service and PDB in
+/// the watched namespaces (not only the labelled ones): a name absent
+/// from them is absent from the cluster, so a first reconcile needs no GET
+/// to tell a free name from a foreign object.
+#[derive(Clone)]
+pub struct Names {
+    pub deployments: Store<PartialObjectMeta<Deployment>>,
+    pub config_maps: Store<PartialObjectMeta<ConfigMap>>,
+    pub services: Store<PartialObjectMeta<Service>>,
+    pub pdbs: Store<PartialObjectMeta<PodDisruptionBudget>>,
+    /// Set once all four have had their first full list.
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A child's kind in the name caches.
+pub trait NamedIn: Resource<DynamicType = ()> + Clone + 'static {
+    fn store(names: &Names) -> &Store<PartialObjectMeta<Self>>;
+}
+
+impl NamedIn for Deployment {
+    fn store(n: &Names) -> &Store<PartialObjectMeta<Self>> {
+        &n.deployments
+    }
+}
+impl NamedIn for ConfigMap {
+    fn store(n: &Names) -> &Store<PartialObjectMeta<Self>> {
+        &n.config_maps
+    }
+}
+impl NamedIn for Service {
+    fn store(n: &Names) -> &Store<PartialObjectMeta<Self>> {
+        &n.services
+    }
+}
+impl NamedIn for PodDisruptionBudget {
+    fn store(n: &Names) -> &Store<PartialObjectMeta<Self>> {
+        &n.pdbs
+    }
 }
 
 /// Per-resource retry state: consecutive failures and the note of the last
@@ -289,19 +331,30 @@ where
 }
 
 /// A child from the controller's cache; a GET only when the cache has no
-/// such object (a first reconcile, or a foreign object the labelled watch
-/// cannot see, which must be detected rather than taken over).
+/// such object and the name caches do not show the name free (a foreign
+/// object the labelled watch cannot see must be detected rather than taken
+/// over; before the name caches are listed, every miss is a GET).
 async fn cached<K>(
-    store: Option<&Store<K>>,
+    caches: Option<&Caches>,
+    store: fn(&Caches) -> &Store<K>,
     api: &Api<K>,
     ns: &str,
     name: &str,
 ) -> Result<Option<K>, Error>
 where
-    K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug,
+    K: NamedIn + DeserializeOwned + Debug,
 {
-    if let Some(obj) = store.and_then(|s| s.get(&ObjectRef::new(name).within(ns))) {
-        return Ok(Some((*obj).clone()));
+    if let Some(c) = caches {
+        if let Some(obj) = store(c).get(&ObjectRef::new(name).within(ns)) {
+            return Ok(Some((*obj).clone()));
+        }
+        if let Some(names) = c.names.as_ref() {
+            let listed = names.ready.load(std::sync::atomic::Ordering::Acquire);
+            let r = ObjectRef::<PartialObjectMeta<K>>::new(name).within(ns);
+            if listed && K::store(names).get(&r).is_none() {
+                return Ok(None);
+            }
+        }
     }
     get(api, name).await
 }
@@ -525,9 +578,9 @@ pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action,
     let caches = ctx.caches.as_ref();
     // Cache misses (a first reconcile) are read at once, not in turn.
     let (existing_dep, existing_cm, existing_svc) = futures::try_join!(
-        cached(caches.map(|c| &c.deployments), &deployments, &ns, &name),
-        cached(caches.map(|c| &c.config_maps), &config_maps, &ns, &cm_name),
-        cached(caches.map(|c| &c.services), &services, &ns, &name),
+        cached(caches, |c| &c.deployments, &deployments, &ns, &name),
+        cached(caches, |c| &c.config_maps, &config_maps, &ns, &cm_name),
+        cached(caches, |c| &c.services, &services, &ns, &name),
     )?;
     // The replica count the Deployment will have after this pass: the PDB
     // follows it (one replica needs no PDB; an autoscaled pool does).
@@ -545,7 +598,7 @@ pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action,
             .pdbs
             .get(&ObjectRef::new(&name).within(&ns))
             .map(|p| (*p).clone()),
-        _ => cached(caches.map(|c| &c.pdbs), &pdbs, &ns, &name).await?,
+        _ => cached(caches, |c| &c.pdbs, &pdbs, &ns, &name).await?,
     };
     // Never take over an object someone else created under our name.
     for (kind, meta) in [
