@@ -3,6 +3,7 @@
 // reported as ignored (never as passed).
 fn main() {
     kafka_broker();
+    kube_cluster();
     println!("cargo::rustc-check-cfg=cfg(envtest)");
     println!("cargo:rerun-if-env-changed=KUBEBUILDER_ASSETS");
     if let Some(dir) = std::env::var_os("KUBEBUILDER_ASSETS") {
@@ -31,5 +32,16 @@ fn kafka_broker() {
         println!("cargo:rerun-if-changed={}", bin.display());
         println!("cargo:rustc-cfg=kafka");
         println!("cargo:rustc-env=TANSU_PATH={}", bin.display());
+    }
+}
+
+/// `cfg(cluster)`: `KUBECONFIG` is set when the tests are built, so the
+/// cluster suite (`tests/cluster.rs`, the kind scenarios) runs; without it
+/// those tests are reported as ignored (never as passed). `make e2e` sets it.
+fn kube_cluster() {
+    println!("cargo::rustc-check-cfg=cfg(cluster)");
+    println!("cargo:rerun-if-env-changed=KUBECONFIG");
+    if std::env::var_os("KUBECONFIG").is_some_and(|v| !v.is_empty()) {
+        println!("cargo:rustc-cfg=cluster");
     }
 }

@@ -23,7 +23,7 @@ use operator::autoscale::policy::Observed;
 use operator::autoscale::run::Autoscaler;
 use operator::autoscale::{MetricsSource, Prometheus};
 use operator::crd::ModelForwarder;
-use operator::render::labels::{selector, FIELD_MANAGER, SCALER_FIELD_MANAGER};
+use operator::render::labels::{common, selector, FIELD_MANAGER, SCALER_FIELD_MANAGER};
 use operator::telemetry::Metrics;
 use serde_json::json;
 
@@ -94,13 +94,15 @@ async fn resource(client: &Client, ns: &str, name: &str, replicas: i32) {
         .expect("creating the ModelForwarder");
     // As the reconciler does: the Deployment without replicas under its
     // field manager, then the replicas under the scaler's.
-    let labels = selector(name);
+    // The labels the reconciler puts on the Deployment and its pods (the
+    // autoscaler's caches watch the managed-by label).
+    let labels = common(name);
     let deployments = Api::<Deployment>::namespaced(client.clone(), ns);
     let body = json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": name, "namespace": ns},
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
         "spec": {
-            "selector": {"matchLabels": labels},
+            "selector": {"matchLabels": selector(name)},
             "template": {
                 "metadata": {"labels": labels},
                 "spec": {"containers": [{"name": "forwarder", "image": "forwarder:test"}]}
@@ -353,8 +355,8 @@ async fn the_loop_scales_reports_conflicts_and_survives_a_hung_prometheus_on_a_r
     })
     .await;
 
-    // The stuck resource never got a status, yet rounds complete: the
-    // loop is healthy.
+    // The stuck resource never got a status, yet the loop runs: it is
+    // healthy.
     assert!(mfs.get("stuck").await.unwrap().status.is_none());
     assert!(metrics.health().is_ok(), "{:?}", metrics.health());
     let now = std::time::SystemTime::now()

@@ -79,8 +79,8 @@ const OPERATOR_CALLS: &[(&str, &str, &[&str], Scope)] = &[
     ),
     // controller.rs .watches(Api<Secret>); reconcile.rs reads referenced ones.
     ("", "secrets", &["get", "list", "watch"], Scope::Watched),
-    // The autoscaler lists live forwarder pods.
-    ("", "pods", &["list"], Scope::Watched),
+    // The autoscaler watches the forwarder pods' metadata (autoscale/cache.rs).
+    ("", "pods", &["list", "watch"], Scope::Watched),
     // kube-runtime's Recorder: create, then patch a repeated series.
     (
         "events.k8s.io",
@@ -102,7 +102,7 @@ const OPERATOR_CALLS: &[(&str, &str, &[&str], Scope)] = &[
 const PROMETHEUS_RULE_CALLS: (&str, &str, &[&str], Scope) = (
     "monitoring.coreos.com",
     "prometheusrules",
-    &["create", "patch"],
+    &["get", "create", "patch"],
     Scope::Watched,
 );
 
@@ -1303,8 +1303,8 @@ async fn operator_as_the_charts_service_account(release: &str, namespaced: bool)
     .await;
     assert!(forbidden.lock().unwrap().is_empty(), "{}", report());
 
-    // One autoscaler evaluation: reads the Deployment and pods, scales,
-    // writes status and an Event.
+    // One autoscaler evaluation: reads the Deployment and pods from its
+    // caches, scales, writes status and an Event.
     let autoscaler = operator::autoscale::run::Autoscaler {
         client: client.clone(),
         namespace: Some(ns.clone()),
@@ -1316,11 +1316,26 @@ async fn operator_as_the_charts_service_account(release: &str, namespaced: bool)
         max_age: std::time::Duration::from_secs(45),
         prometheus_rules: false,
     };
+    // Its caches, watched as the ServiceAccount (the chart's RBAC must
+    // allow the watches).
+    let (cluster, feed) =
+        operator::autoscale::cache::Cluster::watch(&client, namespaced.then_some(ns.as_str()));
+    let feed = tokio::spawn(feed);
+    tokio::time::timeout(std::time::Duration::from_secs(20), cluster.ready())
+        .await
+        .unwrap_or_else(|_| panic!("autoscaler caches not filled; {}", report()));
+    until("the Deployment in the autoscaler's cache", || async {
+        cluster.deployment(&ns, "bot").is_some()
+    })
+    .await;
     let stored = mfs.get("bot").await.unwrap();
     let mut evaluator = operator::autoscale::Evaluator::new(
         operator::autoscale::workload::policy_for(&stored.spec),
     );
-    let evaluation = autoscaler.evaluate_one(&stored, &mut evaluator).await;
+    let evaluation = autoscaler
+        .evaluate_one(&cluster, &stored, &mut evaluator)
+        .await;
+    feed.abort();
     eprintln!("autoscaler: {evaluation:?}");
     assert!(forbidden.lock().unwrap().is_empty(), "{}", report());
 

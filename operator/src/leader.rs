@@ -257,7 +257,19 @@ async fn campaign(
             () = tokio::time::sleep(cfg.retry_period) => {}
             reply = &mut release => {
                 if let Ok(reply) = reply {
-                    let result = if leading { give_up(&api, &cfg).await } else { Ok(()) };
+                    // Bounded like every renewal: a hung API server must
+                    // not hold the shutdown past the pod's grace period.
+                    let result = if leading {
+                        match tokio::time::timeout(cfg.renew_deadline, give_up(&api, &cfg)).await {
+                            Ok(r) => r,
+                            Err(_) => {
+                                tracing::warn!("releasing the lease timed out; it expires by itself");
+                                Ok(())
+                            }
+                        }
+                    } else {
+                        Ok(())
+                    };
                     let _ = reply.send(result);
                 }
                 return;

@@ -6,6 +6,7 @@ pub mod controller;
 pub mod crd;
 pub mod crdgen;
 pub mod drift;
+pub mod events;
 pub mod leader;
 pub mod reconcile;
 pub mod render;

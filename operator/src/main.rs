@@ -6,7 +6,6 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Parser;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::Client;
 use operator::autoscale::alerts;
 use operator::autoscale::run::Autoscaler;
 use operator::autoscale::Prometheus;
@@ -47,6 +46,12 @@ struct Args {
     /// prometheus-operator CRDs and RBAC on prometheusrules).
     #[arg(long, env = "PROMETHEUS_RULES", default_value_t = false, action = clap::ArgAction::Set)]
     prometheus_rules: bool,
+    /// File holding the bearer token callers of `POST /alerts` must send
+    /// (mount it from a Secret; Alertmanager:
+    /// `http_config.authorization.credentials_file`). Read at each call.
+    /// Unset: the webhook refuses every call.
+    #[arg(long, env = "ALERT_TOKEN_FILE")]
+    alert_token_file: Option<std::path::PathBuf>,
     /// Address of `/metrics`, `/healthz` and the alert webhook `/alerts`.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
@@ -87,16 +92,33 @@ async fn main() -> anyhow::Result<()> {
     // Alerts queue evaluations; a small bound, since one per resource suffices.
     let (trigger, triggered) = tokio::sync::mpsc::channel(64);
     let shared = Arc::new(metrics.clone());
-    let app = telemetry::router(shared.clone()).merge(alerts::router(trigger, shared));
+    let auth = match &args.alert_token_file {
+        Some(path) => alerts::Auth::TokenFile(path.clone()),
+        None => {
+            tracing::warn!("no --alert-token-file: POST /alerts refuses every call");
+            alerts::Auth::Disabled
+        }
+    };
+    let app = telemetry::router(shared.clone()).merge(alerts::router(trigger, shared, auth));
     let listener = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .with_context(|| format!("listening on {}", args.metrics_addr))?;
     tracing::info!(addr = %args.metrics_addr, "serving /metrics, /healthz and /alerts");
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let client = Client::try_default()
+    let config = kube::Config::infer()
         .await
-        .context("connecting to Kubernetes (kubeconfig or in-cluster)")?;
+        .context("reading the Kubernetes configuration (kubeconfig or in-cluster)")?;
+    let counter = metrics.api_requests.clone();
+    let client = kube::client::ClientBuilder::try_from(config)
+        .context("building the Kubernetes client")?
+        .with_layer(&tower::layer::layer_fn(move |inner| {
+            telemetry::CountRequests {
+                inner,
+                counter: counter.clone(),
+            }
+        }))
+        .build();
     let identity = args
         .identity
         .clone()

@@ -20,9 +20,9 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::core::error_boundary::InvalidObject;
-use kube::core::DeserializeGuard;
+use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -44,6 +44,11 @@ pub const RESYNC: Duration = Duration::from_secs(300);
 pub const RETRY: Duration = Duration::from_secs(1);
 /// Longest retry delay.
 pub const RETRY_MAX: Duration = Duration::from_secs(300);
+/// Bound on one reconciliation, every API call in it included: a hung call
+/// frees its slot and is retried with backoff. Below the pods' 30 s
+/// termination grace, so a shutdown that waits for the reconciles in
+/// flight still releases the lease.
+pub const RECONCILE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Delay before retry number `failures` (1 = the first): exponential from
 /// [`RETRY`] up to [`RETRY_MAX`], times a random factor in [0.75, 1.25) so
@@ -64,6 +69,48 @@ pub struct Caches {
     pub config_maps: Store<ConfigMap>,
     pub services: Store<Service>,
     pub pdbs: Store<PodDisruptionBudget>,
+    /// Names of every object of those kinds (ours or not), once listed.
+    pub names: Option<Names>,
+}
+
+/// Metadata-only caches of every Deployment, ConfigMap, Service and PDB in
+/// the watched namespaces (not only the labelled ones): a name absent
+/// from them is absent from the cluster, so a first reconcile needs no GET
+/// to tell a free name from a foreign object.
+#[derive(Clone)]
+pub struct Names {
+    pub deployments: Store<PartialObjectMeta<Deployment>>,
+    pub config_maps: Store<PartialObjectMeta<ConfigMap>>,
+    pub services: Store<PartialObjectMeta<Service>>,
+    pub pdbs: Store<PartialObjectMeta<PodDisruptionBudget>>,
+    /// Set once all four have had their first full list.
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A child's kind in the name caches.
+pub trait NamedIn: Resource<DynamicType = ()> + Clone + 'static {
+    fn store(names: &Names) -> &Store<PartialObjectMeta<Self>>;
+}
+
+impl NamedIn for Deployment {
+    fn store(n: &Names) -> &Store<PartialObjectMeta<Self>> {
+        &n.deployments
+    }
+}
+impl NamedIn for ConfigMap {
+    fn store(n: &Names) -> &Store<PartialObjectMeta<Self>> {
+        &n.config_maps
+    }
+}
+impl NamedIn for Service {
+    fn store(n: &Names) -> &Store<PartialObjectMeta<Self>> {
+        &n.services
+    }
+}
+impl NamedIn for PodDisruptionBudget {
+    fn store(n: &Names) -> &Store<PartialObjectMeta<Self>> {
+        &n.pdbs
+    }
 }
 
 /// Per-resource retry state: consecutive failures and the note of the last
@@ -104,6 +151,8 @@ pub struct Context {
     /// outside the controller).
     pub caches: Option<Caches>,
     pub failures: Failures,
+    /// Bound on one reconciliation ([`RECONCILE_TIMEOUT`]).
+    pub timeout: Duration,
 }
 
 impl Context {
@@ -120,6 +169,7 @@ impl Context {
             metrics,
             caches: None,
             failures: Failures::default(),
+            timeout: RECONCILE_TIMEOUT,
         }
     }
 }
@@ -139,6 +189,8 @@ pub enum Error {
     Json(#[from] serde_json::Error),
     #[error("the ModelForwarder has no {0}")]
     MissingField(&'static str),
+    #[error("the reconciliation did not finish within {0:?} (an API call hung?)")]
+    Timeout(Duration),
 }
 
 impl Error {
@@ -148,6 +200,7 @@ impl Error {
             Error::Api { .. } => "api",
             Error::Yaml(_) | Error::Json(_) => "serialise",
             Error::MissingField(_) => "missing_field",
+            Error::Timeout(_) => "timeout",
         }
     }
 }
@@ -278,19 +331,30 @@ where
 }
 
 /// A child from the controller's cache; a GET only when the cache has no
-/// such object (a first reconcile, or a foreign object the labelled watch
-/// cannot see, which must be detected rather than taken over).
+/// such object and the name caches do not show the name free (a foreign
+/// object the labelled watch cannot see must be detected rather than taken
+/// over; before the name caches are listed, every miss is a GET).
 async fn cached<K>(
-    store: Option<&Store<K>>,
+    caches: Option<&Caches>,
+    store: fn(&Caches) -> &Store<K>,
     api: &Api<K>,
     ns: &str,
     name: &str,
 ) -> Result<Option<K>, Error>
 where
-    K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug,
+    K: NamedIn + DeserializeOwned + Debug,
 {
-    if let Some(obj) = store.and_then(|s| s.get(&ObjectRef::new(name).within(ns))) {
-        return Ok(Some((*obj).clone()));
+    if let Some(c) = caches {
+        if let Some(obj) = store(c).get(&ObjectRef::new(name).within(ns)) {
+            return Ok(Some((*obj).clone()));
+        }
+        if let Some(names) = c.names.as_ref() {
+            let listed = names.ready.load(std::sync::atomic::Ordering::Acquire);
+            let r = ObjectRef::<PartialObjectMeta<K>>::new(name).within(ns);
+            if listed && K::store(names).get(&r).is_none() {
+                return Ok(None);
+            }
+        }
     }
     get(api, name).await
 }
@@ -327,6 +391,8 @@ fn owned_by(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, u
         .any(|o| o.uid == uid && o.controller == Some(true))
 }
 
+/// Publishes an Event off the reconcile path: the reconciliation does not
+/// wait for the Events API (an Event that cannot be written is logged).
 async fn publish(
     ctx: &Context,
     regarding: &ObjectReference,
@@ -334,18 +400,11 @@ async fn publish(
     reason: &str,
     note: String,
 ) {
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        // The Events API caps the note at 1 KiB.
-        note: Some(note.chars().take(1000).collect()),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    // An Event that cannot be written must not fail the reconciliation.
-    if let Err(e) = ctx.recorder.publish(&ev, regarding).await {
-        tracing::warn!(error = %e, reason, "publishing an Event");
-    }
+    let (recorder, regarding, reason) =
+        (ctx.recorder.clone(), regarding.clone(), reason.to_string());
+    tokio::spawn(async move {
+        crate::events::publish(&recorder, &regarding, type_, &reason, "Reconcile", &note).await;
+    });
 }
 
 /// The controller's entry point: tolerates objects that fail to deserialise.
@@ -354,13 +413,20 @@ pub async fn reconcile(
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
     let started = Instant::now();
-    let result = match &obj.0 {
-        Ok(mf) => reconcile_one(mf, &ctx).await,
-        Err(invalid) => {
-            report_invalid(invalid, &ctx).await;
-            Ok(Action::await_change())
+    // `/healthz` fails while a reconciliation outlives its bound.
+    let _running = ctx.metrics.reconcile_running();
+    let work = async {
+        match &obj.0 {
+            Ok(mf) => reconcile_one(mf, &ctx).await,
+            Err(invalid) => {
+                report_invalid(invalid, &ctx).await;
+                Ok(Action::await_change())
+            }
         }
     };
+    let result = tokio::time::timeout(ctx.timeout, work)
+        .await
+        .unwrap_or(Err(Error::Timeout(ctx.timeout)));
     ctx.metrics
         .duration
         .observe(started.elapsed().as_secs_f64());
@@ -475,8 +541,15 @@ pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action,
         by_secret.entry(u.name.clone()).or_default().push(u);
     }
     let mut secret_versions = BTreeMap::new();
-    for (secret_name, uses) in &by_secret {
-        let Some(secret) = get(&secrets, secret_name).await? else {
+    // Read at once, not one after the other.
+    let read = futures::future::try_join_all(
+        by_secret
+            .keys()
+            .map(|secret_name| get(&secrets, secret_name)),
+    )
+    .await?;
+    for ((secret_name, uses), secret) in by_secret.iter().zip(read) {
+        let Some(secret) = secret else {
             for u in uses {
                 blocking.push(Problem::new(
                     "SecretNotFound",
@@ -509,9 +582,12 @@ pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action,
 
     let cm_name = config_map_name(&name);
     let caches = ctx.caches.as_ref();
-    let existing_dep = cached(caches.map(|c| &c.deployments), &deployments, &ns, &name).await?;
-    let existing_cm = cached(caches.map(|c| &c.config_maps), &config_maps, &ns, &cm_name).await?;
-    let existing_svc = cached(caches.map(|c| &c.services), &services, &ns, &name).await?;
+    // Cache misses (a first reconcile) are read at once, not in turn.
+    let (existing_dep, existing_cm, existing_svc) = futures::try_join!(
+        cached(caches, |c| &c.deployments, &deployments, &ns, &name),
+        cached(caches, |c| &c.config_maps, &config_maps, &ns, &cm_name),
+        cached(caches, |c| &c.services, &services, &ns, &name),
+    )?;
     // The replica count the Deployment will have after this pass: the PDB
     // follows it (one replica needs no PDB; an autoscaled pool does).
     let current_replicas = existing_dep
@@ -528,7 +604,7 @@ pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action,
             .pdbs
             .get(&ObjectRef::new(&name).within(&ns))
             .map(|p| (*p).clone()),
-        _ => cached(caches.map(|c| &c.pdbs), &pdbs, &ns, &name).await?,
+        _ => cached(caches, |c| &c.pdbs, &pdbs, &ns, &name).await?,
     };
     // Never take over an object someone else created under our name.
     for (kind, meta) in [
@@ -571,47 +647,47 @@ pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action,
                 replicas,
             };
             let r = render::render(&inputs, &config)?;
-            if ensure(
-                &config_maps,
-                existing_cm.as_ref(),
-                r.config_map,
-                drift::config_map,
-            )
-            .await?
-            .is_some()
-            {
+            // The children are independent: applied at once, not in turn.
+            let pdb = async {
+                if let Some(pdb) = r.pdb {
+                    let applied = ensure(&pdbs, existing_pdb.as_ref(), pdb, drift::pdb).await?;
+                    Ok(applied.map(|_| format!("applied PodDisruptionBudget {name}")))
+                } else if existing_pdb
+                    .as_ref()
+                    .is_some_and(|p| owned_by(&p.metadata, &uid))
+                {
+                    pdbs.delete(&name, &DeleteParams::default())
+                        .await
+                        .map_err(api_err(format!("deleting PodDisruptionBudget {name}")))?;
+                    Ok(Some(format!("deleted PodDisruptionBudget {name}")))
+                } else {
+                    Ok(None)
+                }
+            };
+            let (cm, svc, pdb, dep) = futures::try_join!(
+                ensure(
+                    &config_maps,
+                    existing_cm.as_ref(),
+                    r.config_map,
+                    drift::config_map,
+                ),
+                ensure(&services, existing_svc.as_ref(), r.service, drift::service),
+                pdb,
+                ensure(
+                    &deployments,
+                    deployment.as_ref(),
+                    r.deployment,
+                    drift::deployment,
+                ),
+            )?;
+            if cm.is_some() {
                 done.push(format!("applied ConfigMap {cm_name}"));
             }
-            if ensure(&services, existing_svc.as_ref(), r.service, drift::service)
-                .await?
-                .is_some()
-            {
+            if svc.is_some() {
                 done.push(format!("applied Service {name}"));
             }
-            if let Some(pdb) = r.pdb {
-                if ensure(&pdbs, existing_pdb.as_ref(), pdb, drift::pdb)
-                    .await?
-                    .is_some()
-                {
-                    done.push(format!("applied PodDisruptionBudget {name}"));
-                }
-            } else if existing_pdb
-                .as_ref()
-                .is_some_and(|p| owned_by(&p.metadata, &uid))
-            {
-                pdbs.delete(&name, &DeleteParams::default())
-                    .await
-                    .map_err(api_err(format!("deleting PodDisruptionBudget {name}")))?;
-                done.push(format!("deleted PodDisruptionBudget {name}"));
-            }
-            if let Some(applied) = ensure(
-                &deployments,
-                deployment.as_ref(),
-                r.deployment,
-                drift::deployment,
-            )
-            .await?
-            {
+            done.extend(pdb);
+            if let Some(applied) = dep {
                 done.push(format!("applied Deployment {name}"));
                 deployment = Some(applied);
             }
@@ -814,6 +890,42 @@ mod tests {
         assert_eq!(f.record(key.clone(), "webhook"), (3, true));
         f.clear(&key);
         assert_eq!(f.record(key, "webhook"), (1, true));
+    }
+
+    #[tokio::test]
+    async fn a_hung_api_call_ends_the_reconcile_at_its_bound() {
+        use http::{Request, Response};
+        use kube::client::Body;
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        // An API server that accepts every request and never answers.
+        let holder = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Some((_, send)) = handle.next_request().await {
+                held.push(send);
+            }
+        });
+        let client = Client::new(svc, "default");
+        let recorder = Recorder::new(
+            client.clone(),
+            kube::runtime::events::Reporter {
+                controller: "test".into(),
+                instance: None,
+            },
+        );
+        let metrics = Metrics::new().expect("metrics");
+        let mut ctx = Context::new(client, recorder, "img".into(), metrics.clone());
+        ctx.timeout = Duration::from_millis(300);
+        let mut mf = ModelForwarder::new("bot", crate::render::config::tests::spec());
+        mf.metadata.namespace = Some("ai".into());
+        mf.metadata.uid = Some("u-1".into());
+        let started = Instant::now();
+        let r = reconcile(Arc::new(DeserializeGuard(Ok(mf))), Arc::new(ctx)).await;
+        assert!(matches!(r, Err(Error::Timeout(_))), "{r:?}");
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert!(metrics
+            .render()
+            .contains(r#"modelforwarder_operator_reconciliations_total{result="error"} 1"#));
+        holder.abort();
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! The operator's own metrics and health endpoints.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -34,13 +35,38 @@ pub struct Metrics {
     pub slo_breaches: IntCounterVec,
     /// Alerts received on the webhook, by result (`accepted`, `ignored`, `invalid`).
     pub alerts: IntCounterVec,
-    /// Unix time at which the autoscaler last completed a round of
-    /// evaluations.
+    /// Requests this operator sent to the API server, by method (`watch`
+    /// for a GET that opens a watch), counted by [`CountRequests`].
+    pub api_requests: IntCounterVec,
+    /// Unix time at which the autoscaler's scheduler loop last ran (it
+    /// wakes every second; evaluations run beside it, each bounded).
     pub autoscaler_last_round: IntGauge,
-    /// Seconds after which a round that did not complete means a stalled
-    /// loop (`/healthz` fails); 0 while the autoscaler is not running.
+    /// Seconds after which a loop that did not run means a stalled
+    /// autoscaler (`/healthz` fails); 0 while the autoscaler is not running.
     stall_limit_secs: Arc<AtomicU64>,
+    /// Start times of the reconciliations running now, by a serial number.
+    reconciling: Arc<Mutex<BTreeMap<u64, Instant>>>,
+    serial: Arc<AtomicU64>,
 }
+
+/// A running reconciliation; it ends when dropped.
+pub struct Running {
+    id: u64,
+    reconciling: Arc<Mutex<BTreeMap<u64, Instant>>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.reconciling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// A reconciliation running longer than this means the reconciler is
+/// stuck (its own bound, 20 s, did not fire): `/healthz` fails.
+pub const RECONCILE_STALL: Duration = Duration::from_secs(60);
 
 fn unix_now() -> i64 {
     SystemTime::now()
@@ -103,9 +129,17 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let api_requests = IntCounterVec::new(
+            Opts::new(
+                "modelforwarder_operator_api_requests_total",
+                "Requests the operator sent to the Kubernetes API server, by method (watch: a GET opening a watch)",
+            ),
+            &["method"],
+        )?;
+        registry.register(Box::new(api_requests.clone()))?;
         let autoscaler_last_round = IntGauge::new(
             "modelforwarder_autoscaler_last_round_timestamp_seconds",
-            "Unix time at which the autoscaler last completed a round of evaluations",
+            "Unix time at which the autoscaler's scheduler loop last ran",
         )?;
         registry.register(Box::new(autoscaler_last_round.clone()))?;
         registry.register(Box::new(scale_decisions.clone()))?;
@@ -126,30 +160,65 @@ impl Metrics {
             scale_decisions,
             slo_breaches,
             alerts,
+            api_requests,
             autoscaler_last_round,
             stall_limit_secs: Arc::default(),
+            reconciling: Arc::default(),
+            serial: Arc::default(),
         })
     }
 
-    /// The autoscaler runs: from now on `/healthz` fails when no round
-    /// completes within `stall_limit`.
+    /// The autoscaler runs: from now on `/healthz` fails when its loop does
+    /// not run within `stall_limit`.
     pub fn autoscaler_started(&self, stall_limit: Duration) {
         self.autoscaler_last_round.set(unix_now());
         self.stall_limit_secs
             .store(stall_limit.as_secs().max(1), Ordering::Relaxed);
     }
 
-    pub fn autoscaler_round_completed(&self) {
+    /// The autoscaler's loop ran.
+    pub fn autoscaler_alive(&self) {
         self.autoscaler_last_round.set(unix_now());
     }
 
-    /// `Err` with the reason when the autoscaler's loop is stalled.
+    /// Marks a reconciliation as running until the guard is dropped.
+    pub fn reconcile_running(&self) -> Running {
+        let id = self.serial.fetch_add(1, Ordering::Relaxed);
+        self.reconciling
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, Instant::now());
+        Running {
+            id,
+            reconciling: self.reconciling.clone(),
+        }
+    }
+
+    /// How long the oldest running reconciliation has been running.
+    fn oldest_reconcile(&self) -> Option<Duration> {
+        let m = self.reconciling.lock().unwrap_or_else(|e| e.into_inner());
+        m.values().min().map(Instant::elapsed)
+    }
+
+    /// `Err` with the reason when the autoscaler's loop or a
+    /// reconciliation is stalled.
     pub fn health(&self) -> Result<(), String> {
+        self.health_with(RECONCILE_STALL)
+    }
+
+    fn health_with(&self, reconcile_stall: Duration) -> Result<(), String> {
+        if let Some(age) = self.oldest_reconcile().filter(|a| *a > reconcile_stall) {
+            return Err(format!(
+                "reconciler stalled: a reconciliation has run for {}s (limit {}s)",
+                age.as_secs(),
+                reconcile_stall.as_secs()
+            ));
+        }
         let limit = self.stall_limit_secs.load(Ordering::Relaxed);
         let age = unix_now() - self.autoscaler_last_round.get();
         if limit > 0 && age > limit as i64 {
             return Err(format!(
-                "autoscaler stalled: last round completed {age}s ago (limit {limit}s)"
+                "autoscaler stalled: its loop last ran {age}s ago (limit {limit}s)"
             ));
         }
         Ok(())
@@ -164,6 +233,53 @@ impl Metrics {
             tracing::warn!(error = %e, "encoding metrics");
         }
         String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+/// A client layer counting the requests it sends into
+/// [`Metrics::api_requests`] (so the operator's own API cost is visible on
+/// `/metrics`).
+#[derive(Clone)]
+pub struct CountRequests<S> {
+    pub inner: S,
+    pub counter: IntCounterVec,
+}
+
+/// The method label of a request (pure).
+pub fn method_label<B>(req: &http::Request<B>) -> &'static str {
+    let watch = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
+    match *req.method() {
+        _ if watch => "watch",
+        http::Method::GET => "get",
+        http::Method::POST => "post",
+        http::Method::PUT => "put",
+        http::Method::PATCH => "patch",
+        http::Method::DELETE => "delete",
+        _ => "other",
+    }
+}
+
+impl<S, B> tower::Service<http::Request<B>> for CountRequests<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        self.counter.with_label_values(&[method_label(&req)]).inc();
+        self.inner.call(req)
     }
 }
 
@@ -241,7 +357,7 @@ mod tests {
         assert!(m.health().is_ok(), "no autoscaler: healthy");
         m.autoscaler_started(Duration::from_secs(60));
         assert!(m.health().is_ok());
-        // The last round completed long ago.
+        // The loop last ran long ago.
         m.autoscaler_last_round.set(unix_now() - 61);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -254,9 +370,41 @@ mod tests {
             body.starts_with("HTTP/1.1 503") && body.contains("autoscaler stalled"),
             "{body}"
         );
-        m.autoscaler_round_completed();
+        m.autoscaler_alive();
         assert!(get_text(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
         server.abort();
+    }
+
+    #[test]
+    fn api_requests_are_labelled_by_method_and_watch() {
+        let req = |m: &str, uri: &str| {
+            http::Request::builder()
+                .method(m)
+                .uri(uri)
+                .body(())
+                .unwrap()
+        };
+        assert_eq!(
+            method_label(&req("GET", "/api/v1/pods?watch=true&x=1")),
+            "watch"
+        );
+        assert_eq!(method_label(&req("GET", "/api/v1/pods?limit=1")), "get");
+        assert_eq!(method_label(&req("PATCH", "/apis/apps/v1/x")), "patch");
+        assert_eq!(method_label(&req("POST", "/x")), "post");
+    }
+
+    #[test]
+    fn healthz_fails_while_a_reconciliation_outlives_its_bound() {
+        let m = Metrics::new().expect("metrics");
+        let running = m.reconcile_running();
+        assert!(m.health().is_ok());
+        std::thread::sleep(Duration::from_millis(20));
+        let e = m
+            .health_with(Duration::from_millis(10))
+            .expect_err("stalled");
+        assert!(e.starts_with("reconciler stalled"), "{e}");
+        drop(running);
+        assert!(m.health_with(Duration::from_millis(10)).is_ok(), "ended");
     }
 
     async fn get_text(addr: SocketAddr, path: &str) -> String {

@@ -1,20 +1,27 @@
-//! The autoscaler's requests against kube-rs's mocked API server: what it
-//! reads, how it scales, the status it owns and the Events it publishes.
+//! The autoscaler's requests against kube-rs's mocked API server: it reads
+//! nothing (its caches hold the Deployment and pods), scales, writes the
+//! status it owns only when it changed, and publishes Events.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use http::{Request, Response};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
 use kube::client::Body;
+use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::{reflector, watcher};
 use kube::Client;
+use operator::autoscale::cache::Cluster;
 use operator::autoscale::metrics::{MetricsError, Target};
 use operator::autoscale::policy::Observed;
 use operator::autoscale::run::Autoscaler;
 use operator::autoscale::workload::policy_for;
 use operator::autoscale::{Evaluator, MetricsSource};
 use operator::crd::ModelForwarder;
+use operator::render::labels::selector;
 use operator::telemetry::Metrics;
 use serde_json::{json, Value};
 
@@ -59,34 +66,37 @@ fn resource(status: Option<Value>) -> ModelForwarder {
     serde_json::from_value(v).expect("valid resource")
 }
 
-fn reads() -> Vec<Step> {
-    let pod = |name: &str, deleting: bool| {
-        let mut p = json!({"metadata": {"name": name, "namespace": NS}});
+/// The autoscaler's caches as its watches would fill them: the Deployment
+/// (2 replicas, 2 Ready) and three pods, one of them terminating.
+fn cluster() -> Cluster {
+    let (deployments, mut w) = reflector::store::<Deployment>();
+    let d: Deployment = serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": NAME, "namespace": NS},
+        "spec": {"replicas": 2, "selector": {}, "template": {}},
+        "status": {"replicas": 2, "readyReplicas": 2}
+    }))
+    .expect("deployment");
+    w.apply_watcher_event(&watcher::Event::Apply(d));
+    let (pods, mut w) = reflector::store::<PartialObjectMeta<Pod>>();
+    for (name, deleting) in [("bot-a", false), ("bot-b", false), ("bot-old", true)] {
+        let mut p = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": NS, "labels": selector(NAME)}});
         if deleting {
             p["metadata"]["deletionTimestamp"] = json!("2026-11-24T00:00:00Z");
         }
-        p
-    };
-    vec![
-        step(
-            "GET",
-            format!("/apis/apps/v1/namespaces/{NS}/deployments/{NAME}"),
-            Reply::Json(json!({
-                "apiVersion": "apps/v1", "kind": "Deployment",
-                "metadata": {"name": NAME, "namespace": NS},
-                "spec": {"replicas": 2, "selector": {}, "template": {}},
-                "status": {"replicas": 2, "readyReplicas": 2}
-            })),
-        ),
-        step(
-            "GET",
-            format!("/api/v1/namespaces/{NS}/pods"),
-            Reply::Json(json!({
-                "apiVersion": "v1", "kind": "PodList", "metadata": {},
-                "items": [pod("bot-a", false), pod("bot-b", false), pod("bot-old", true)]
-            })),
-        ),
-    ]
+        w.apply_watcher_event(&watcher::Event::Apply(
+            serde_json::from_value(p).expect("pod metadata"),
+        ));
+    }
+    // Another resource's pod in the namespace is not this one's.
+    w.apply_watcher_event(&watcher::Event::Apply(
+        serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "other-a", "namespace": NS, "labels": selector("other")}}))
+        .expect("pod metadata"),
+    ));
+    let (resources, _) = reflector::store();
+    Cluster::from_stores(resources, deployments, pods)
 }
 
 /// The stored resource, as the API server returns it from a status patch.
@@ -136,11 +146,15 @@ async fn evaluate_with_target(
     };
     let verifier = tokio::spawn(verify(handle, steps));
     let mut ev = Evaluator::new(policy_for(&mf.spec));
-    tokio::time::timeout(Duration::from_secs(10), scaler.evaluate_one(&mf, &mut ev))
-        .await
-        .expect("evaluation finishes")
-        .expect("evaluation succeeds")
-        .expect("the resource is autoscaled");
+    let cluster = cluster();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        scaler.evaluate_one(&cluster, &mf, &mut ev),
+    )
+    .await
+    .expect("evaluation finishes")
+    .expect("evaluation succeeds")
+    .expect("the resource is autoscaled");
     let target = source.1.lock().unwrap().clone().expect("metrics were read");
     (verifier.await.expect("verifier"), m, target)
 }
@@ -156,7 +170,7 @@ async fn scales_the_deployment_records_status_and_explains_it() {
         reporting: 2,
         ..Default::default()
     };
-    let mut steps = reads();
+    let mut steps = Vec::new();
     steps.push(apply(
         format!("/apis/apps/v1/namespaces/{NS}/deployments/{NAME}"),
         "fieldManager=modelforwarder-operator-scaler",
@@ -175,10 +189,10 @@ async fn scales_the_deployment_records_status_and_explains_it() {
     let (seen, metrics) = evaluate(resource(None), Some(busy), steps).await;
 
     assert_eq!(
-        seen[2].body["spec"]["replicas"], 6,
+        seen[0].body["spec"]["replicas"], 6,
         "2 → 6: 300 qps at 50 per replica"
     );
-    let status = &seen[3].body["status"];
+    let status = &seen[1].body["status"];
     assert_eq!(status["desiredReplicas"], 6);
     assert_eq!(status["metrics"]["qps"], 300.0);
     assert!(status["lastScaleReason"]
@@ -197,7 +211,7 @@ async fn scales_the_deployment_records_status_and_explains_it() {
     assert_eq!(cond("SLOBreached")["status"], "False");
     assert_eq!(cond("MetricsAvailable")["status"], "True");
     assert_eq!(cond("UpstreamSlow")["status"], "False");
-    assert_eq!(seen[4].body["reason"], "Scaled");
+    assert_eq!(seen[2].body["reason"], "Scaled");
     assert!(metrics
         .render()
         .contains(r#"modelforwarder_scale_decisions_total{direction="up",reason="capacity"} 1"#));
@@ -216,7 +230,7 @@ async fn a_slow_upstream_raises_conditions_and_events_but_does_not_scale() {
         reporting: 2,
         ..Default::default()
     };
-    let mut steps = reads();
+    let mut steps = Vec::new();
     steps.push(apply(
         status_path(),
         "fieldManager=modelforwarder-operator-autoscaler",
@@ -233,7 +247,7 @@ async fn a_slow_upstream_raises_conditions_and_events_but_does_not_scale() {
         Reply::Echo(json!({})),
     ));
     let (seen, metrics) = evaluate(resource(None), Some(slow), steps).await;
-    let status = &seen[2].body["status"];
+    let status = &seen[0].body["status"];
     assert_eq!(status["desiredReplicas"], 2);
     let conds = status["conditions"].as_array().unwrap();
     let breached = conds.iter().find(|c| c["type"] == "SLOBreached").unwrap();
@@ -243,8 +257,8 @@ async fn a_slow_upstream_raises_conditions_and_events_but_does_not_scale() {
         conds.iter().find(|c| c["type"] == "UpstreamSlow").unwrap()["status"],
         "True"
     );
-    assert_eq!(seen[3].body["reason"], "SLOBreached");
-    assert_eq!(seen[4].body["reason"], "UpstreamSlow");
+    assert_eq!(seen[1].body["reason"], "SLOBreached");
+    assert_eq!(seen[2].body["reason"], "UpstreamSlow");
     assert!(metrics
         .render()
         .contains(r#"modelforwarder_slo_breaches_total{name="bot",namespace="ai"} 1"#));
@@ -256,7 +270,7 @@ async fn prometheus_down_holds_replicas_and_says_so() {
         "type": "MetricsAvailable", "status": "True", "reason": "MetricsRead", "message": "",
         "lastTransitionTime": "2026-11-24T00:00:00Z"
     }]});
-    let mut steps = reads();
+    let mut steps = Vec::new();
     steps.push(apply(
         status_path(),
         "fieldManager=modelforwarder-operator-autoscaler",
@@ -268,7 +282,7 @@ async fn prometheus_down_holds_replicas_and_says_so() {
         Reply::Echo(json!({})),
     ));
     let (seen, _) = evaluate(resource(Some(previous)), None, steps).await;
-    let status = &seen[2].body["status"];
+    let status = &seen[0].body["status"];
     assert_eq!(status["desiredReplicas"], 2, "held");
     let available = status["conditions"]
         .as_array()
@@ -282,7 +296,7 @@ async fn prometheus_down_holds_replicas_and_says_so() {
         .as_str()
         .unwrap()
         .contains("prometheus unreachable"));
-    assert_eq!(seen[3].body["reason"], "MetricsUnavailable");
+    assert_eq!(seen[1].body["reason"], "MetricsUnavailable");
 }
 
 #[tokio::test]
@@ -290,26 +304,51 @@ async fn the_resource_can_override_the_selector_and_the_rate_window() {
     let mut mf = resource(None);
     mf.spec.scaling.metrics_selector = Some(r#"job="llm",deployment="bot""#.into());
     mf.spec.scaling.rate_window_seconds = Some(120);
-    let mut steps = reads();
-    steps.push(apply(
+    let steps = vec![apply(
         status_path(),
         "fieldManager=modelforwarder-operator-autoscaler",
         stored(),
-    ));
+    )];
     let (_, _, target) = evaluate_with_target(mf, None, steps).await;
     assert_eq!(target.selector, r#"job="llm",deployment="bot""#);
     assert_eq!(target.window, Duration::from_secs(120));
 
-    let mut steps = reads();
-    steps.push(apply(
+    let steps = vec![apply(
         status_path(),
         "fieldManager=modelforwarder-operator-autoscaler",
         stored(),
-    ));
+    )];
     let (_, _, target) = evaluate_with_target(resource(None), None, steps).await;
     assert_eq!(
         target.selector,
         r#"namespace="ai",app_kubernetes_io_instance="bot""#
     );
     assert_eq!(target.window, Duration::from_secs(60));
+}
+
+#[tokio::test]
+async fn a_steady_resource_costs_no_request_once_its_status_is_written() {
+    let steady = Observed {
+        qps: Some(80.0),
+        p99_ms: Some(100.0),
+        error_rate: Some(0.0),
+        inflight: Some(4.0),
+        upstream_p99_ms: Some(99.0),
+        reporting: 2,
+        ..Default::default()
+    };
+    let first = vec![apply(
+        status_path(),
+        "fieldManager=modelforwarder-operator-autoscaler",
+        stored(),
+    )];
+    let (seen, _) = evaluate(resource(None), Some(steady.clone()), first).await;
+    assert_eq!(seen[0].body["status"]["desiredReplicas"], 2);
+    // The stored status is what was written: the same metrics again (and
+    // jitter within 10%) make no request at all.
+    let written = seen[0].body["status"].clone();
+    let mut jitter = steady;
+    jitter.qps = Some(84.0);
+    let (seen, _) = evaluate(resource(Some(written)), Some(jitter), Vec::new()).await;
+    assert!(seen.is_empty(), "{seen:?}");
 }

@@ -81,21 +81,38 @@ pub struct Evaluation {
     pub foreign_managers: Vec<String>,
 }
 
-/// The per-workload memory the policy needs (its [`History`]). Lost on
-/// restart by design: the stabilization rule then holds until a full
-/// window has been observed again.
+/// The per-workload memory the policy needs (its [`History`]). The
+/// recommendations are lost on restart or failover by design: the
+/// stabilization rule then holds until a full window has been observed
+/// again. The time of the last scale-up (the settle guard) is restored from
+/// the status ([`Evaluator::restore_scale_up`]).
 pub struct Evaluator {
     pub policy: Policy,
     history: History,
     origin: Instant,
 }
 
+/// How far back the evaluator's clock starts, so a scale-up that happened
+/// before it existed (restored from status) has a time on it.
+const CLOCK_BACKDATE: Duration = Duration::from_secs(24 * 3600);
+
 impl Evaluator {
     pub fn new(policy: Policy) -> Self {
+        let now = Instant::now();
         Self {
             policy,
             history: History::default(),
-            origin: Instant::now(),
+            origin: now.checked_sub(CLOCK_BACKDATE).unwrap_or(now),
+        }
+    }
+
+    /// A scale-up happened `ago` (read from status by a new leader): SLO
+    /// steps settle from it as if this evaluator had made it, so a P99 from
+    /// before the scale-up never adds a second step.
+    pub fn restore_scale_up(&mut self, ago: Duration) {
+        let now = self.origin.elapsed();
+        if let Some(at) = now.checked_sub(ago) {
+            self.history.last_scale_up = Some(at);
         }
     }
 
@@ -206,6 +223,7 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(15);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::autoscale::policy::Reason;
     use std::sync::Mutex;
 
     struct Fixed(Observed);
@@ -253,6 +271,36 @@ mod tests {
             max_age: Duration::from_secs(45),
             queue: false,
         }
+    }
+
+    #[tokio::test]
+    async fn a_restored_scale_up_settles_a_new_evaluator() {
+        let policy = Policy::new(1, 20, 500.0, 0.01, 50.0, Duration::from_secs(300), 4);
+        let breach = Fixed(Observed {
+            qps: Some(200.0),
+            p99_ms: Some(900.0),
+            own_p99_ms: Some(600.0),
+            error_rate: Some(0.0),
+            inflight: Some(40.0),
+            upstream_p99_ms: Some(300.0),
+            requests: Some(12000.0),
+            reporting: 8,
+            ..Default::default()
+        });
+        // A new leader, the scale-up 4 → 8 made 10 s ago by the old one.
+        let mut ev = Evaluator::new(policy.clone());
+        ev.restore_scale_up(Duration::from_secs(10));
+        let w = Workload(Mutex::new(8));
+        let e = ev.evaluate(&breach, &target(), &w).await.unwrap();
+        assert_eq!(
+            (e.decision.desired, e.decision.reason),
+            (8, Reason::Settling)
+        );
+        // Without it, the breach from before the scale-up steps again.
+        let mut fresh = Evaluator::new(policy);
+        let w = Workload(Mutex::new(8));
+        let e = fresh.evaluate(&breach, &target(), &w).await.unwrap();
+        assert!(e.decision.desired > 8, "{:?}", e.decision);
     }
 
     #[tokio::test]

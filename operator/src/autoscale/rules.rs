@@ -117,11 +117,48 @@ pub fn render(mf: &ModelForwarder) -> Value {
     })
 }
 
-/// Applies the rule under the operator's field manager.
-pub async fn apply(client: Client, mf: &ModelForwarder, rule: &Value) -> Result<(), kube::Error> {
+/// Why a rule was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum RuleError {
+    #[error("a PrometheusRule {0:?} exists and is not owned by this ModelForwarder: left alone")]
+    NameConflict(String),
+    #[error("reading PrometheusRule {name}: {source}")]
+    Read { name: String, source: kube::Error },
+    #[error("applying PrometheusRule {name}: {source}")]
+    Apply { name: String, source: kube::Error },
+}
+
+/// Whether the API server serves PrometheusRules (the prometheus-operator
+/// CRDs are installed). Asked once, when the autoscaler starts.
+pub async fn available(client: &Client) -> bool {
+    let gvk = GroupVersionKind::gvk("monitoring.coreos.com", "v1", "PrometheusRule");
+    kube::discovery::pinned_kind(client, &gvk).await.is_ok()
+}
+
+/// Whether `meta` is controlled by the resource with this UID.
+fn controlled_by(meta: &kube::api::ObjectMeta, uid: Option<&str>) -> bool {
+    uid.is_some_and(|uid| {
+        meta.owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.uid == uid && o.controller == Some(true))
+    })
+}
+
+/// Applies the rule under the operator's field manager, unless a rule of
+/// that name exists that this resource does not control (a user's rule is
+/// never overwritten, nor garbage-collected with the resource).
+pub async fn apply(client: Client, mf: &ModelForwarder, rule: &Value) -> Result<(), RuleError> {
     let ns = mf.namespace().unwrap_or_default();
     let api: Api<DynamicObject> = Api::namespaced_with(client, &ns, &api_resource());
     let name = format!("{}-slo", mf.name_any());
+    let existing = api.get_opt(&name).await.map_err(|source| RuleError::Read {
+        name: name.clone(),
+        source,
+    })?;
+    if existing.is_some_and(|e| !controlled_by(&e.metadata, mf.meta().uid.as_deref())) {
+        return Err(RuleError::NameConflict(name));
+    }
     api.patch(
         &name,
         &PatchParams::apply(FIELD_MANAGER).force(),
@@ -129,6 +166,7 @@ pub async fn apply(client: Client, mf: &ModelForwarder, rule: &Value) -> Result<
     )
     .await
     .map(|_| ())
+    .map_err(|source| RuleError::Apply { name, source })
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::Resource;
 use serde_json::{json, Value};
 
+use super::cache::Cluster;
 use super::evaluate::{explain, Evaluation, ScaleError, ScaleTarget, TargetState};
 use super::policy::{Policy, QueueNeed, QueueSlo, Reason};
 use crate::crd::{ModelForwarder, ModelForwarderSpec, ModelForwarderStatus};
@@ -55,6 +56,26 @@ pub fn policy_for(spec: &ModelForwarderSpec) -> Policy {
     p
 }
 
+/// How long ago the last scale recorded in status was a scale-up (pure):
+/// `lastScaleReason` starts with "FROM → TO" (as [`explain`] writes it)
+/// and TO > FROM. `None` for a scale-down, no record, or a time ahead of
+/// `now`.
+pub fn last_scale_up_ago(
+    status: Option<&ModelForwarderStatus>,
+    now: jiff::Timestamp,
+) -> Option<Duration> {
+    let s = status?;
+    let at = s.last_scale_time.as_ref()?.0;
+    let reason = s.last_scale_reason.as_deref()?;
+    let (from, rest) = reason.split_once(" → ")?;
+    let to = rest.split_whitespace().next()?;
+    let (from, to): (u32, u32) = (from.trim().parse().ok()?, to.parse().ok()?);
+    if to <= from {
+        return None;
+    }
+    Duration::try_from(now.duration_since(at)).ok()
+}
+
 /// Field managers, other than the autoscaler's, that own the Deployment's
 /// `spec.replicas` (from `managedFields`): an HPA (`kube-controller-manager`
 /// on the scale subresource) or `kubectl scale deployment`. The
@@ -87,7 +108,9 @@ pub fn foreign_replica_managers(d: &Deployment) -> Vec<String> {
     out
 }
 
-/// A forwarder Deployment and its pods.
+/// A forwarder Deployment and its pods, read from the API server at each
+/// evaluation (the loop test harness; the operator reads its caches through
+/// [`CachedDeployment`]).
 pub struct DeploymentTarget {
     pub deployments: Api<Deployment>,
     pub pods: Api<Pod>,
@@ -99,13 +122,6 @@ impl ScaleTarget for DeploymentTarget {
     async fn state(&self) -> Result<TargetState, ScaleError> {
         let err = |e: kube::Error| ScaleError(e.to_string());
         let d = self.deployments.get(&self.name).await.map_err(err)?;
-        let current = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0).max(0) as u32;
-        let ready = d
-            .status
-            .as_ref()
-            .and_then(|s| s.ready_replicas)
-            .unwrap_or(0)
-            .max(0) as u32;
         // Pods that exist and are not terminating: series from any other
         // pod are phantom load.
         let pods = self
@@ -119,32 +135,81 @@ impl ScaleTarget for DeploymentTarget {
             .filter(|p| p.metadata.deletion_timestamp.is_none())
             .filter_map(|p| p.metadata.name.clone())
             .collect();
-        Ok(TargetState {
-            current,
-            ready,
-            live_pods,
-            foreign_managers: foreign_replica_managers(&d),
-        })
+        Ok(state_of(&d, live_pods))
     }
 
     async fn scale(&self, replicas: u32) -> Result<(), ScaleError> {
-        // Replicas are owned by this field manager alone; the reconciler's
-        // apply never contains them, so the two never fight.
-        let body = json!({
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": {"name": self.name},
-            "spec": {"replicas": replicas},
-        });
-        self.deployments
-            .patch(
-                &self.name,
-                &PatchParams::apply(SCALER_FIELD_MANAGER).force(),
-                &Patch::Apply(&body),
-            )
-            .await
-            .map(|_| ())
-            .map_err(|e| ScaleError(e.to_string()))
+        scale(&self.deployments, &self.name, replicas).await
+    }
+}
+
+/// Sets a Deployment's replicas. They are owned by this field manager
+/// alone; the reconciler's apply never contains them, so the two never
+/// fight.
+async fn scale(api: &Api<Deployment>, name: &str, replicas: u32) -> Result<(), ScaleError> {
+    let body = json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {"replicas": replicas},
+    });
+    api.patch(
+        name,
+        &PatchParams::apply(SCALER_FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| ScaleError(e.to_string()))
+}
+
+/// The state of a Deployment as the autoscaler reads it (pure).
+fn state_of(d: &Deployment, live_pods: std::collections::BTreeSet<String>) -> TargetState {
+    let current = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0).max(0) as u32;
+    let ready = d
+        .status
+        .as_ref()
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0)
+        .max(0) as u32;
+    TargetState {
+        current,
+        ready,
+        live_pods,
+        foreign_managers: foreign_replica_managers(d),
+    }
+}
+
+/// A forwarder Deployment read from the autoscaler's caches (the
+/// operator's target): no API request to observe it, one apply to scale.
+pub struct CachedDeployment<'a> {
+    pub cluster: &'a Cluster,
+    /// For scaling.
+    pub api: Api<Deployment>,
+    pub namespace: String,
+    pub name: String,
+}
+
+#[async_trait]
+impl ScaleTarget for CachedDeployment<'_> {
+    async fn state(&self) -> Result<TargetState, ScaleError> {
+        let d = self
+            .cluster
+            .deployment(&self.namespace, &self.name)
+            .ok_or_else(|| {
+                ScaleError(format!(
+                    "no Deployment {}/{} in the cache yet",
+                    self.namespace, self.name
+                ))
+            })?;
+        Ok(state_of(
+            &d,
+            self.cluster.live_pods(&self.namespace, &self.name),
+        ))
+    }
+
+    async fn scale(&self, replicas: u32) -> Result<(), ScaleError> {
+        scale(&self.api, &self.name, replicas).await
     }
 }
 
@@ -400,6 +465,29 @@ mod tests {
             "metadata": {"name": "bot", "managedFields": managed},
         }))
         .expect("deployment")
+    }
+
+    #[test]
+    fn the_last_scale_up_is_read_back_from_status() {
+        let status = |reason: &str| -> ModelForwarderStatus {
+            serde_json::from_value(json!({
+                "lastScaleTime": "2026-12-01T00:00:00Z",
+                "lastScaleReason": reason,
+            }))
+            .unwrap()
+        };
+        let now: jiff::Timestamp = "2026-12-01T00:00:40Z".parse().unwrap();
+        let up = status("4 → 8 (LatencySlo): qps=200.0 p99=900.0ms");
+        assert_eq!(
+            last_scale_up_ago(Some(&up), now),
+            Some(Duration::from_secs(40))
+        );
+        let down = status("8 → 6 (ScaleDown): qps=10.0");
+        assert_eq!(last_scale_up_ago(Some(&down), now), None);
+        assert_eq!(last_scale_up_ago(Some(&status("garbage")), now), None);
+        assert_eq!(last_scale_up_ago(None, now), None);
+        let before: jiff::Timestamp = "2026-11-30T00:00:00Z".parse().unwrap();
+        assert_eq!(last_scale_up_ago(Some(&up), before), None, "in the future");
     }
 
     #[test]
