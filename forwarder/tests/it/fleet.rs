@@ -10,18 +10,7 @@ use serde_json::json;
 
 use crate::common::*;
 use crate::redis_server::{write_keys, RedisServer};
-
-/// Waits until a replica's store answers (it connects in the background).
-async fn connected(f: &Fwd) {
-    let k = forwarder::store::StoreKey::new(forwarder::store::Space::Cache, "probe", b"p");
-    for _ in 0..500 {
-        if f.server.pipeline.store().get(&k).await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("replica never connected to redis");
-}
+use crate::replicas::connected;
 
 /// Replica A has loaded k2 (and encrypts with it), replica B has not yet:
 /// the middle of a rotation. B once deleted A's record, called the

@@ -173,18 +173,7 @@ async fn kill_nine_three_times_every_job_succeeds_with_one_upstream_answer() {
     }
 
     // The upstream's view, per job id.
-    let calls: Value = http
-        .get(format!(
-            "{}/mock/calls",
-            m.base_url().trim_end_matches("/v1")
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let calls = calls["calls"].as_object().expect("mock calls");
+    let calls = mock_calls(&m).await;
     let (mut repeated, mut replayed) = (0u32, 0);
     for (id, _) in &jobs {
         let c = &calls[id.as_str()];
@@ -210,6 +199,23 @@ async fn kill_nine_three_times_every_job_succeeds_with_one_upstream_answer() {
          drained in {drained:?}, total {:?}",
         began.elapsed()
     );
+}
+
+/// The mock upstream's calls by `Idempotency-Key` (started, answered,
+/// replayed).
+async fn mock_calls(m: &forwarder::mock_llm::MockServer) -> serde_json::Map<String, Value> {
+    let calls: Value = client()
+        .get(format!(
+            "{}/mock/calls",
+            m.base_url().trim_end_matches("/v1")
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    calls["calls"].as_object().expect("mock calls").clone()
 }
 
 /// (partition, committed offset of the group, high watermark), for a
@@ -536,20 +542,9 @@ async fn a_batch_whose_driver_is_killed_is_taken_over_and_completed() {
     want.sort();
     assert_eq!(ids, want, "each custom_id exactly once");
     // The upstream answered each line's job once (no second job per line).
-    let calls: Value = http
-        .get(format!(
-            "{}/mock/calls",
-            m.base_url().trim_end_matches("/v1")
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let calls = calls["calls"].as_object().expect("mock calls");
+    let calls = mock_calls(&m).await;
     assert_eq!(calls.len(), n, "one job id per line: {}", calls.len());
-    for (job, c) in calls {
+    for (job, c) in &calls {
         assert_eq!(c["answered"], 1, "job {job}: {c}");
     }
 }

@@ -18,7 +18,7 @@ async fn replica(redis: &RedisServer, m: &MockServer, keys: &std::path::Path) ->
 }
 
 /// Waits until a replica's store has connected (it connects in the background).
-async fn connected(f: &Fwd) {
+pub async fn connected(f: &Fwd) {
     let k = forwarder::store::StoreKey::new(forwarder::store::Space::Cache, "probe", b"p");
     for _ in 0..500 {
         if f.server.pipeline.store().get(&k).await.is_ok() {
