@@ -302,23 +302,7 @@ pub fn chat_to_message(body: &[u8]) -> Option<Vec<u8>> {
             content.push(json!({"type": "text", "text": text}));
         }
     }
-    for call in msg
-        .get("tool_calls")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let args = call
-            .pointer("/function/arguments")
-            .and_then(Value::as_str)
-            .unwrap_or("{}");
-        content.push(json!({
-            "type": "tool_use",
-            "id": call.get("id").cloned().unwrap_or_default(),
-            "name": call.pointer("/function/name").cloned().unwrap_or_default(),
-            "input": serde_json::from_str::<Value>(args).unwrap_or(json!({})),
-        }));
-    }
+    content.extend(tool_use_blocks(msg));
     let finish = choice
         .get("finish_reason")
         .and_then(Value::as_str)
@@ -587,23 +571,7 @@ pub fn chat_to_messages(body: &[u8]) -> Result<Vec<u8>, Untranslatable> {
             "assistant" => {
                 flush(&mut results, &mut messages);
                 let mut blocks = chat_parts(&content, &format!("{at}.content"))?;
-                for call in m
-                    .get("tool_calls")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
-                    let args = call
-                        .pointer("/function/arguments")
-                        .and_then(Value::as_str)
-                        .unwrap_or("{}");
-                    blocks.push(json!({
-                        "type": "tool_use",
-                        "id": call.get("id").cloned().unwrap_or_default(),
-                        "name": call.pointer("/function/name").cloned().unwrap_or_default(),
-                        "input": serde_json::from_str::<Value>(args).unwrap_or(json!({})),
-                    }));
-                }
+                blocks.extend(tool_use_blocks(m));
                 messages.push(json!({"role": "assistant", "content": blocks}));
             }
             other => return refuse(format!("{at}.role: {other:?} has no equivalent upstream")),
@@ -876,6 +844,27 @@ impl ChunkTranslator {
         }
         out
     }
+}
+
+/// A chat message's `tool_calls` as Anthropic `tool_use` blocks (arguments
+/// that are not JSON become an empty object).
+fn tool_use_blocks(msg: &Value) -> impl Iterator<Item = Value> + '_ {
+    msg.get("tool_calls")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|call| {
+            let args = call
+                .pointer("/function/arguments")
+                .and_then(Value::as_str)
+                .unwrap_or("{}");
+            json!({
+                "type": "tool_use",
+                "id": call.get("id").cloned().unwrap_or_default(),
+                "name": call.pointer("/function/name").cloned().unwrap_or_default(),
+                "input": serde_json::from_str::<Value>(args).unwrap_or(json!({})),
+            })
+        })
 }
 
 #[cfg(test)]
