@@ -8,12 +8,14 @@
 //! variables prefixed `FORWARDER_`, with `__` between path segments, e.g.
 //! `FORWARDER_SERVER__LISTEN=0.0.0.0:8080` or `FORWARDER_RETRY__MAX_ATTEMPTS=5`.
 
+mod budget;
 mod latency;
 mod load;
 mod security;
 mod types;
 mod validate;
 
+pub use budget::*;
 pub use latency::{LatencyDist, ParseLatencyError};
 pub use load::{load, load_from_str, ConfigError};
 pub use security::*;

@@ -41,6 +41,9 @@ pub struct Config {
     /// Model aliases: a name clients send, mapped to one or more served
     /// models (weighted, with an ordered fallback chain).
     pub models: std::collections::BTreeMap<String, AliasConfig>,
+    /// Per-client token and spend budgets over a day and a month; absent:
+    /// none, and no request does any budget work.
+    pub budgets: Option<crate::BudgetsConfig>,
 }
 
 /// A model alias (`models.<alias>`): the client's model name, served by
@@ -94,6 +97,7 @@ impl Default for Config {
             models: Default::default(),
             store: StoreConfig::default(),
             cache: CacheConfig::default(),
+            budgets: None,
         }
     }
 }

@@ -256,6 +256,10 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
         }
     }
 
+    if let Some(b) = &config.budgets {
+        validate_budgets(config, b, &mut e);
+    }
+
     e.check(
         !config.logging.level.trim().is_empty(),
         "logging.level",
@@ -977,5 +981,67 @@ mod alias_tests {
                 "{field}: {errors:?}"
             );
         }
+    }
+}
+
+/// `budgets`: limits positive and finite, prices finite and not negative,
+/// tiers named in `rate_limit.tiers`, prices for served models or aliases.
+fn validate_budgets(config: &Config, b: &crate::BudgetsConfig, e: &mut Errors) {
+    let mut limits: Vec<(String, &crate::BudgetLimits)> = Vec::new();
+    if let Some(d) = &b.default {
+        limits.push(("budgets.default".into(), d));
+    }
+    for (name, l) in &b.tiers {
+        limits.push((format!("budgets.tiers.{name}"), l));
+        e.check(
+            config
+                .rate_limit
+                .as_ref()
+                .is_some_and(|r| r.tiers.contains_key(name)),
+            format!("budgets.tiers.{name}"),
+            "names a tier not in rate_limit.tiers",
+        );
+    }
+    for (client, l) in &b.clients {
+        limits.push((format!("budgets.clients.{client}"), l));
+    }
+    for (at, l) in limits {
+        e.check(!l.is_empty(), &at, "sets no limit");
+        for (f, v) in [
+            ("daily_tokens", l.daily_tokens),
+            ("monthly_tokens", l.monthly_tokens),
+        ] {
+            e.check(
+                v.is_none_or(|v| v >= 1),
+                format!("{at}.{f}"),
+                "must be at least 1",
+            );
+        }
+        for (f, v) in [
+            ("daily_spend", l.daily_spend),
+            ("monthly_spend", l.monthly_spend),
+        ] {
+            e.check(
+                v.is_none_or(|v| v.is_finite() && v > 0.0 && v < 1e9),
+                format!("{at}.{f}"),
+                "must be a positive number of dollars below 1e9",
+            );
+        }
+    }
+    let served = config.models();
+    for (model, p) in &b.prices {
+        let at = format!("budgets.prices.{model}");
+        e.check(
+            served.contains(model) || config.models.contains_key(model),
+            &at,
+            "names no served model or alias",
+        );
+        e.check(
+            [p.input, p.output]
+                .iter()
+                .all(|v| v.is_finite() && *v >= 0.0 && *v < 1e6),
+            at,
+            "prices must be dollars per million tokens, 0 to 1e6",
+        );
     }
 }

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod auth;
 pub mod batch;
+pub mod budget;
 pub mod cache;
 pub mod frontends;
 pub mod jobs;

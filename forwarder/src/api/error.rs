@@ -57,6 +57,17 @@ pub enum ApiError {
         retry_after: Duration,
         limits: Vec<(&'static str, String)>,
     },
+    /// A client's budget (`budgets`) for the day or month is spent: the
+    /// message names it, what was used and when it resets.
+    #[error("the {budget} budget is spent ({used} of {limit} used); it resets at {resets_at}")]
+    BudgetExceeded {
+        /// `daily token`, `monthly spend`, …
+        budget: String,
+        used: String,
+        limit: String,
+        resets_at: String,
+        retry_after: Duration,
+    },
     /// The shared store (idempotency) failed and the policy is fail_closed.
     #[error("the {0} store is unavailable; retry later")]
     StoreUnavailable(&'static str),
@@ -75,7 +86,9 @@ impl ApiError {
             Self::IdempotencyInProgress | Self::DuplicateId(_) => StatusCode::CONFLICT,
             Self::TooManyInFlight(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::IdempotencyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::RateLimited { .. } | Self::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited { .. } | Self::QuotaExceeded { .. } | Self::BudgetExceeded { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Self::UpstreamRejected { status, .. } => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_REQUEST)
             }
@@ -102,6 +115,7 @@ impl ApiError {
             Self::RateLimited { .. } | Self::QuotaExceeded { .. } => {
                 ("rate_limit_error", "rate_limit_exceeded")
             }
+            Self::BudgetExceeded { .. } => ("insufficient_quota", "budget_exceeded"),
             Self::UpstreamRejected { .. } => ("invalid_request_error", "upstream_rejected"),
             Self::BadGateway(_) => ("upstream_error", "bad_gateway"),
             Self::NoHealthyUpstream { .. } => ("upstream_error", "no_healthy_upstream"),
@@ -121,7 +135,9 @@ impl ApiError {
             Self::RateLimited { retry_after } | Self::NoHealthyUpstream { retry_after, .. } => {
                 *retry_after
             }
-            Self::QuotaExceeded { retry_after, .. } => Some(*retry_after),
+            Self::QuotaExceeded { retry_after, .. } | Self::BudgetExceeded { retry_after, .. } => {
+                Some(*retry_after)
+            }
             _ => None,
         }
     }

@@ -3,6 +3,7 @@
 
 pub mod anthropic;
 pub mod batch;
+pub mod budget;
 pub mod conn;
 pub mod grpc;
 pub mod http;

@@ -178,6 +178,8 @@ pub struct Pipeline {
     limit: Option<RateLimit>,
     /// Limits kept in the store (`rate_limit.shared`).
     shared_limit: Option<shared_limit::SharedLimit>,
+    /// Per-client day and month budgets (`budgets`).
+    budgets: Option<crate::budget::Budgets>,
     /// The response cache, when some model has one.
     cache: Option<Arc<crate::cache::ResponseCache>>,
     /// Idempotency claims and answers, on the shared store.
@@ -263,6 +265,10 @@ impl Pipeline {
                 .as_ref()
                 .filter(|r| r.shared)
                 .map(|r| shared_limit::SharedLimit::new(r, shared.clone())),
+            budgets: cfg
+                .budgets
+                .as_ref()
+                .map(|b| crate::budget::Budgets::new(b, shared.clone(), &metrics)),
             claims: Arc::new(Claims {
                 store: shared.clone(),
                 cfg: cfg.idempotency.clone(),
@@ -326,6 +332,15 @@ impl Pipeline {
     /// Re-reads the upstreams' TLS files; see [`crate::upstream::pool::Pools::reload_files`].
     pub fn reload_upstream_files(&self) -> Result<bool, crate::BuildError> {
         self.forwarder.pools.reload_files()
+    }
+
+    pub fn budgets(&self) -> Option<&crate::budget::Budgets> {
+        self.budgets.as_ref()
+    }
+
+    /// The tier in force for an authenticated client (for reports).
+    pub fn tier_of(&self, p: &Principal) -> Option<Arc<str>> {
+        self.tier(&p.identity, p.tier.as_deref())
     }
 
     pub fn jwt(&self) -> Option<&Arc<JwtVerifier>> {
@@ -499,7 +514,7 @@ impl Pipeline {
             meta,
             started,
         } = adm;
-        let call = call.map_err(|e| obs.fail(e))?;
+        let mut call = call.map_err(|e| obs.fail(e))?;
         let api = meta.api;
         obs.api = api;
         let (model, stream) = match peek_as(api, &call.body) {
@@ -539,6 +554,19 @@ impl Pipeline {
             None => Vec::new(),
         };
         let limited_principal = principal.clone();
+        // Budgets: only a client that has one costs a store call.
+        let budget = match &self.budgets {
+            Some(b) => {
+                let body = std::mem::take(&mut call.body);
+                let (held, body) = b
+                    .admit(&principal, tier.as_deref(), &model, api, stream, body)
+                    .await
+                    .map_err(|e| obs.fail(e))?;
+                call.body = body;
+                held
+            }
+            None => None,
+        };
         // The cache answers before a concurrency slot is taken: a hit
         // costs no upstream capacity.
         let directives = crate::cache::Directives::from_headers(&meta.headers);
@@ -610,6 +638,7 @@ impl Pipeline {
             add_headers(&mut a, &limit_headers);
             a
         });
+        let answer = crate::budget::charge(budget, answer);
         if let (
             Some(l),
             Ok(Answer {

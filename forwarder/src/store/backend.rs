@@ -61,6 +61,37 @@ pub fn gcra_step(
     )
 }
 
+/// One counter of an atomic [`Backend::add`]: add `delta`; with a
+/// `limit` and a checked call, the whole call is undone when the sum
+/// passes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CounterOp {
+    pub delta: i64,
+    pub limit: Option<i64>,
+    /// How long the counter lives from its first use.
+    pub ttl: Duration,
+}
+
+/// Increment, then check (pure; the memory backend's, and the Redis
+/// script's, decision): the values after the call and whether it stood.
+pub fn counters_step(current: &[i64], ops: &[CounterOp], check: bool) -> (bool, Vec<i64>) {
+    let added: Vec<i64> = current
+        .iter()
+        .zip(ops)
+        .map(|(v, op)| v.saturating_add(op.delta))
+        .collect();
+    let over = check
+        && added
+            .iter()
+            .zip(ops)
+            .any(|(v, op)| op.limit.is_some_and(|l| *v > l));
+    if over {
+        (false, current.to_vec())
+    } else {
+        (true, added)
+    }
+}
+
 /// A claim attempt's outcome on the raw blobs.
 pub enum RawClaimed {
     Won,
@@ -119,9 +150,51 @@ pub trait Backend: Send + Sync + 'static {
     /// Members by ascending score, at most `limit`.
     async fn index_list(&self, name: &str, limit: usize) -> Result<Vec<(String, u64)>, StoreError>;
     async fn index_remove(&self, name: &str, member: &str) -> Result<(), StoreError>;
+    /// Counters (integers, not sealed), atomic across `names` together:
+    /// adds each op's delta; when `check` and a counter passes its limit,
+    /// nothing is added. Returns whether it was added and the values.
+    async fn add(
+        &self,
+        names: &[String],
+        ops: &[CounterOp],
+        check: bool,
+    ) -> Result<(bool, Vec<i64>), StoreError> {
+        let _ = (names, ops, check);
+        Err(StoreError::Unavailable(
+            "this store does not keep counters".into(),
+        ))
+    }
     /// Releases a claim without awaiting, when the backend can (memory);
     /// `false` means the caller must spawn [`Backend::abandon`].
     fn abandon_now(&self, _name: &str, _token: Token) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod counter_tests {
+    use super::*;
+
+    #[test]
+    fn a_checked_add_past_a_limit_is_undone_whole() {
+        let op = |delta, limit| CounterOp {
+            delta,
+            limit,
+            ttl: Duration::from_secs(1),
+        };
+        let ops = [op(5, Some(10)), op(3, None)];
+        assert_eq!(counters_step(&[4, 0], &ops, true), (true, vec![9, 3]));
+        assert_eq!(counters_step(&[6, 1], &ops, true), (false, vec![6, 1]));
+        // Corrections are unchecked, and may be negative (a refund).
+        assert_eq!(counters_step(&[6, 1], &ops, false), (true, vec![11, 4]));
+        assert_eq!(
+            counters_step(&[6], &[op(-2, Some(1))], false),
+            (true, vec![4])
+        );
+        // Exactly at the limit fits.
+        assert_eq!(
+            counters_step(&[5], &[op(5, Some(10))], true),
+            (true, vec![10])
+        );
     }
 }

@@ -18,6 +18,8 @@ pub enum Space {
     /// Batch API files: metadata and chunks (payload, like `Cache`).
     File,
     RateLimit,
+    /// Per-client budget counters, one per client, period and unit.
+    Budget,
 }
 
 impl Space {
@@ -28,6 +30,7 @@ impl Space {
             Self::Job => "job",
             Self::File => "file",
             Self::RateLimit => "rl",
+            Self::Budget => "budget",
         }
     }
 }

@@ -217,6 +217,20 @@ impl Store for Layered {
             .map_err(|e| self.core.failed("rate", e))
     }
 
+    async fn add(
+        &self,
+        counters: &[super::Counter],
+        check: bool,
+    ) -> Result<(bool, Vec<i64>), StoreError> {
+        let names: Vec<String> = counters.iter().map(|c| self.core.name(&c.key)).collect();
+        let ops: Vec<super::CounterOp> = counters.iter().map(|c| c.op).collect();
+        self.core
+            .backend
+            .add(&names, &ops, check)
+            .await
+            .map_err(|e| self.core.failed("counter", e))
+    }
+
     async fn claim(
         &self,
         key: &StoreKey,

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use moka::ops::compute::{CompResult, Op};
 use moka::sync::Cache;
 
-use super::backend::{gcra_step, Backend, RateState, RawClaimed, Token};
+use super::backend::{counters_step, gcra_step, Backend, CounterOp, RateState, RawClaimed, Token};
 use super::error::StoreError;
 use super::key::Fingerprint;
 use super::metrics::StoreMetrics;
@@ -29,6 +29,8 @@ enum Slot {
     Record(Bytes),
     /// A rate limit's theoretical arrival time (µs since `epoch`).
     Tat(u64),
+    /// A budget counter, and when it expires (set at its first use).
+    Count(i64, Instant),
 }
 
 #[derive(Clone)]
@@ -40,7 +42,7 @@ struct Entry {
 impl Entry {
     fn weight(&self) -> usize {
         match &self.slot {
-            Slot::Claim { .. } | Slot::Tat(_) => 64,
+            Slot::Claim { .. } | Slot::Tat(_) | Slot::Count(..) => 64,
             Slot::Record(b) => b.len() + 64,
         }
     }
@@ -85,6 +87,9 @@ pub struct MemoryBackend {
     state: Cache<String, Entry>,
     epoch: Instant,
     metrics: StoreMetrics,
+    /// Makes a counter call atomic across its counters (they live in
+    /// `state`, bounded and evicted like other state).
+    counters: parking_lot::Mutex<()>,
 }
 
 /// Whether a name holds payload (evictable by payload) rather than state.
@@ -117,6 +122,7 @@ impl MemoryBackend {
             indexes: parking_lot::Mutex::default(),
             epoch: Instant::now(),
             metrics,
+            counters: parking_lot::Mutex::default(),
         }
     }
 
@@ -157,7 +163,7 @@ impl Backend for MemoryBackend {
     async fn get(&self, name: &str) -> Result<Option<Bytes>, StoreError> {
         Ok(self.map(name).get(name).and_then(|e| match e.slot {
             Slot::Record(b) => Some(b),
-            Slot::Claim { .. } | Slot::Tat(_) => None,
+            Slot::Claim { .. } | Slot::Tat(_) | Slot::Count(..) => None,
         }))
     }
 
@@ -199,7 +205,7 @@ impl Backend for MemoryBackend {
             CompResult::Unchanged(e) => match e.into_value().slot {
                 Slot::Claim { fingerprint, .. } => RawClaimed::Busy(fingerprint),
                 Slot::Record(b) => RawClaimed::Done(b),
-                Slot::Tat(_) => RawClaimed::Busy([0; 32]),
+                Slot::Tat(_) | Slot::Count(..) => RawClaimed::Busy([0; 32]),
             },
             _ => RawClaimed::Won,
         })
@@ -270,6 +276,43 @@ impl Backend for MemoryBackend {
             }
         });
         Ok(state.expect("the closure ran"))
+    }
+
+    async fn add(
+        &self,
+        names: &[String],
+        ops: &[CounterOp],
+        check: bool,
+    ) -> Result<(bool, Vec<i64>), StoreError> {
+        let _held = self.counters.lock();
+        let now = Instant::now();
+        let current: Vec<(i64, Option<Instant>)> = names
+            .iter()
+            .map(|n| match self.state.get(n) {
+                Some(Entry {
+                    slot: Slot::Count(v, until),
+                    ..
+                }) if until > now => (v, Some(until)),
+                _ => (0, None),
+            })
+            .collect();
+        let values: Vec<i64> = current.iter().map(|c| c.0).collect();
+        let (stood, after) = counters_step(&values, ops, check);
+        if stood {
+            for (i, name) in names.iter().enumerate() {
+                let until = current[i].1.unwrap_or(now + ops[i].ttl);
+                self.state.insert(
+                    name.clone(),
+                    Entry {
+                        slot: Slot::Count(after[i], until),
+                        ttl: until
+                            .saturating_duration_since(now)
+                            .max(Duration::from_millis(1)),
+                    },
+                );
+            }
+        }
+        Ok((stood, after))
     }
 
     async fn index_add(

@@ -28,7 +28,7 @@ use crate::telemetry::Metrics;
 use crate::BuildError;
 use forwarder_config::{Config, StoreBackend};
 
-pub use backend::RateState;
+pub use backend::{CounterOp, RateState};
 pub use claim::{ClaimGuard, Claimed, HeldClaim, Renewer};
 pub use error::StoreError;
 pub use key::{Fingerprint, Space, StoreKey};
@@ -84,6 +84,23 @@ pub trait Store: Send + Sync + 'static {
             "this store does not keep rate limits".into(),
         ))
     }
+    /// Integer counters (budgets), atomic across every process on the
+    /// backend and across `counters` together: increment, then check each
+    /// limit; when `check` and one is passed, nothing is added. Returns
+    /// whether the increment stood and each counter's value after the call.
+    async fn add(&self, counters: &[Counter], check: bool) -> Result<(bool, Vec<i64>), StoreError> {
+        let _ = (counters, check);
+        Err(StoreError::Unavailable(
+            "this store does not keep counters".into(),
+        ))
+    }
+}
+
+/// One counter of [`Store::add`]: its key and what to do to it.
+#[derive(Debug, Clone)]
+pub struct Counter {
+    pub key: StoreKey,
+    pub op: CounterOp,
 }
 
 /// A limit of `burst` units, refilled one unit per `interval`.

@@ -71,7 +71,34 @@ redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.max(1, math.
 return {1, math.floor((now + interval * burst - new_tat) / interval), 0, new_tat - now}
 ";
 
+/// Budget counters: increment every key, then check each limit (-1: none);
+/// a checked call past a limit is undone whole. A key's expiry is set at
+/// its first use. ARGV: check, then delta, limit, ttl_ms per key.
+const COUNTERS: &str = r"
+local check = ARGV[1] == '1'
+local vals = {}
+local over = false
+for i = 1, #KEYS do
+  local delta = tonumber(ARGV[3 * i - 1])
+  local limit = tonumber(ARGV[3 * i])
+  local v = redis.call('INCRBY', KEYS[i], delta)
+  if redis.call('PTTL', KEYS[i]) < 0 then
+    redis.call('PEXPIRE', KEYS[i], ARGV[3 * i + 1])
+  end
+  vals[i] = v
+  if check and limit >= 0 and v > limit then over = true end
+end
+if over then
+  for i = 1, #KEYS do
+    vals[i] = redis.call('DECRBY', KEYS[i], ARGV[3 * i - 1])
+  end
+  return {0, unpack(vals)}
+end
+return {1, unpack(vals)}
+";
+
 struct Scripts {
+    counters: Script,
     gcra: Script,
     claim: Script,
     renew: Script,
@@ -173,6 +200,7 @@ impl RedisBackend {
             prefix: format!("{}:", cfg.key_prefix),
             timeout: cfg.timeout,
             scripts: Scripts {
+                counters: Script::new(COUNTERS),
                 gcra: Script::new(GCRA),
                 claim: Script::new(CLAIM),
                 renew: Script::new(RENEW),
@@ -321,6 +349,35 @@ impl Backend for RedisBackend {
             retry_after_us: retry_after_us.max(0) as u64,
             reset_us: reset_us.max(0) as u64,
         })
+    }
+
+    async fn add(
+        &self,
+        names: &[String],
+        ops: &[super::backend::CounterOp],
+        check: bool,
+    ) -> Result<(bool, Vec<i64>), StoreError> {
+        let mut inv = self.scripts.counters.prepare_invoke();
+        for n in names {
+            inv.key(self.key(n));
+        }
+        inv.arg(if check { "1" } else { "0" });
+        for op in ops {
+            inv.arg(op.delta)
+                .arg(op.limit.unwrap_or(-1))
+                .arg(millis(op.ttl));
+        }
+        let r: Vec<i64> = self
+            .call(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        match r.split_first() {
+            Some((stood, values)) if values.len() == names.len() => {
+                Ok((*stood == 1, values.to_vec()))
+            }
+            _ => Err(StoreError::Unavailable(
+                "redis answered the counter script with a malformed reply".into(),
+            )),
+        }
     }
 
     async fn index_add(

@@ -253,6 +253,13 @@ fn every_api_error() -> Vec<ApiError> {
             retry_after: std::time::Duration::from_secs(1),
             limits: Vec::new(),
         },
+        ApiError::BudgetExceeded {
+            budget: "daily token".into(),
+            used: "1 tokens".into(),
+            limit: "1 tokens".into(),
+            resets_at: "2026-12-08T00:00:00Z".into(),
+            retry_after: std::time::Duration::from_secs(1),
+        },
     ];
     for e in &all {
         match e {
@@ -274,7 +281,8 @@ fn every_api_error() -> Vec<ApiError> {
             | ApiError::TooManyInFlight(_)
             | ApiError::DuplicateId(_)
             | ApiError::StoreUnavailable(_)
-            | ApiError::QuotaExceeded { .. } => {}
+            | ApiError::QuotaExceeded { .. }
+            | ApiError::BudgetExceeded { .. } => {}
         }
     }
     all
