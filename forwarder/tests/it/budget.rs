@@ -1,0 +1,392 @@
+//! Per-client budgets (issue 21): one budget shared by two forwarder
+//! processes on a real Redis under concurrent requests, streams charged
+//! from a usage chunk the client never sees, a second client unaffected,
+//! `GET /v1/budget` showing only the caller's figures, a Redis restart
+//! mid-traffic under each failure policy, and the memory store.
+
+use std::time::Duration;
+
+use forwarder::config::{BudgetLimits, BudgetsConfig, Config, FailurePolicy, ModelPrice, Provider};
+use serde_json::{json, Value};
+
+use crate::common::*;
+use crate::redis_server::{write_keys, RedisServer};
+
+const ALICE: (&str, &str) = ("authorization", "Bearer sk-alice");
+const BOB: (&str, &str) = ("authorization", "Bearer sk-bob");
+const CAROL: (&str, &str) = ("authorization", "Bearer sk-carol");
+
+fn budgets(clients: &[(&str, BudgetLimits)]) -> BudgetsConfig {
+    BudgetsConfig {
+        default: None,
+        tiers: Default::default(),
+        clients: clients
+            .iter()
+            .map(|(c, l)| (c.to_string(), l.clone()))
+            .collect(),
+        prices: Default::default(),
+        on_store_error: FailurePolicy::FailOpen,
+        metric_clients: 50,
+    }
+}
+
+fn tokens_per_day(n: u64) -> BudgetLimits {
+    BudgetLimits {
+        daily_tokens: Some(n),
+        ..Default::default()
+    }
+}
+
+fn keyed(dir: &std::path::Path, cfg: &mut Config) {
+    let keys = dir.join("keys");
+    std::fs::write(&keys, "alice: sk-alice\nbob: sk-bob\ncarol: sk-carol\n").unwrap();
+    cfg.auth.api_keys_file = Some(keys);
+}
+
+fn ask(prompt: &str, max_tokens: u64) -> Value {
+    let mut b = chat("m", prompt);
+    b["max_tokens"] = json!(max_tokens);
+    b
+}
+
+fn used_tokens(r: &Resp) -> u64 {
+    r.body["usage"]["total_tokens"].as_u64().expect("usage")
+}
+
+async fn budget_of(base: &str, who: (&str, &str)) -> Value {
+    let r = client()
+        .get(format!("{base}/v1/budget"))
+        .header(who.0, who.1)
+        .send()
+        .await
+        .unwrap();
+    let r = into_resp(r).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    r.body
+}
+
+/// Polls until the caller's daily token count reads `want` (corrections
+/// are written just after the answer).
+async fn daily_tokens_settle(base: &str, who: (&str, &str), want: u64) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..100 {
+        last = budget_of(base, who).await;
+        if last["daily"]["tokens"]["used"] == json!(want) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("daily tokens never read {want}: {last}");
+}
+
+#[cfg_attr(not(redis_server), ignore = "redis-server not installed")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_share_one_budget_without_overspending() {
+    use crate::process::Replica;
+    let m = slow_mock(Duration::from_millis(50)).await;
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ring = dir.path().join("ring");
+    write_keys(&ring, &[("k1", 7)]);
+    let mut cfg = config(vec![upstream("a", &m, "m")]);
+    cfg.store = redis.store_config(Some(&ring));
+    cfg.store.redis.as_mut().unwrap().timeout = Duration::from_secs(1);
+    keyed(dir.path(), &mut cfg);
+    const LIMIT: u64 = 300;
+    cfg.budgets = Some(budgets(&[
+        ("alice", tokens_per_day(LIMIT)),
+        ("key:bob", tokens_per_day(100_000)),
+    ]));
+    let mut a = Replica::new("a", dir.path(), &cfg);
+    let mut b = Replica::new("b", dir.path(), &cfg);
+    a.start().await;
+    b.start().await;
+
+    // 60 concurrent requests from alice, half through each replica.
+    let sends = (0..60).map(|i| {
+        let base = if i % 2 == 0 { a.base() } else { b.base() };
+        async move {
+            let r = client()
+                .post(format!("{base}/v1/chat/completions"))
+                .header(ALICE.0, ALICE.1)
+                .json(&ask("hello there", 8))
+                .send()
+                .await
+                .unwrap();
+            into_resp(r).await
+        }
+    });
+    let answers = futures::future::join_all(sends).await;
+    let ok: Vec<&Resp> = answers.iter().filter(|r| r.status == 200).collect();
+    let refused: Vec<&Resp> = answers.iter().filter(|r| r.status == 429).collect();
+    assert_eq!(ok.len() + refused.len(), 60, "only 200s and 429s");
+    assert!(!ok.is_empty() && !refused.is_empty());
+    let spent: u64 = ok.iter().map(|r| used_tokens(r)).sum();
+    let one = ok.iter().map(|r| used_tokens(r)).max().unwrap();
+    assert!(
+        spent <= LIMIT + one,
+        "{spent} tokens answered on a budget of {LIMIT} (one request is {one})"
+    );
+    let e = refused[0];
+    assert_eq!(e.error_code(), "budget_exceeded", "{}", e.text);
+    assert_eq!(e.body["error"]["type"], "insufficient_quota");
+    let msg = e.body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("daily token budget"), "{msg}");
+    assert!(e.header("retry-after").is_some());
+
+    // Both replicas read the one budget: what was answered, exactly.
+    let seen = daily_tokens_settle(&a.base(), ALICE, spent).await;
+    assert_eq!(seen["client"], "key:alice");
+    assert_eq!(seen["daily"]["tokens"]["limit"], LIMIT);
+    daily_tokens_settle(&b.base(), ALICE, spent).await;
+
+    // A second client is unaffected, and sees only its own figures.
+    let r = b.post("/v1/chat/completions", &ask("hi", 4), &[BOB]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let bob_used = used_tokens(&r);
+    let bob = daily_tokens_settle(&a.base(), BOB, bob_used).await;
+    assert_eq!(bob["client"], "key:bob");
+    assert_eq!(bob["daily"]["tokens"]["limit"], 100_000);
+    assert!(!bob.to_string().contains("alice"), "{bob}");
+
+    // A stream asking for usage gets its usage chunk, and is charged it.
+    let stream = |base: String, opts: Option<Value>| {
+        let mut s = ask("stream me", 5);
+        s["stream"] = json!(true);
+        if let Some(o) = opts {
+            s["stream_options"] = o;
+        }
+        async move {
+            let r = client()
+                .post(format!("{base}/v1/chat/completions"))
+                .header(BOB.0, BOB.1)
+                .json(&s)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            sse_events(r).await
+        }
+    };
+    let events = stream(b.base(), Some(json!({"include_usage": true}))).await;
+    let usage: Vec<Value> = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter(|v| v["usage"].is_object())
+        .collect();
+    assert_eq!(usage.len(), 1, "{events:?}");
+    let per_stream = usage[0]["usage"]["total_tokens"].as_u64().unwrap();
+    daily_tokens_settle(&a.base(), BOB, bob_used + per_stream).await;
+    // The same stream from a client that did not ask: charged from the
+    // usage chunk the forwarder asked for, which the client never receives.
+    let events = stream(a.base(), None).await;
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    assert!(
+        events.iter().all(|e| !e.contains("\"usage\"")),
+        "the client got a usage chunk it did not ask for: {events:?}"
+    );
+    assert!(stream_text(&events).starts_with("mock reply: stream me"));
+    daily_tokens_settle(&b.base(), BOB, bob_used + 2 * per_stream).await;
+
+    // What the burst's refunds left is spent one request at a time; then
+    // both replicas refuse alice, and the total never passed the budget.
+    let mut spent = spent;
+    for i in 0..50 {
+        let r = if i % 2 == 0 { &a } else { &b }
+            .post("/v1/chat/completions", &ask("hello there", 8), &[ALICE])
+            .await;
+        if r.status == 429 {
+            break;
+        }
+        spent += used_tokens(&r);
+    }
+    assert!(
+        spent <= LIMIT,
+        "{spent} tokens answered on a budget of {LIMIT}"
+    );
+    daily_tokens_settle(&b.base(), ALICE, spent).await;
+    for r in [&a, &b] {
+        let r = r
+            .post("/v1/chat/completions", &ask("hello there", 8), &[ALICE])
+            .await;
+        assert_eq!(r.status, 429, "{}", r.text);
+    }
+    let carol = budget_of(&a.base(), CAROL).await;
+    assert_eq!(carol["limited"], false);
+    assert_eq!(carol["daily"]["tokens"]["used"], 0);
+}
+
+/// Redis killed mid-traffic: a `fail_open` replica admits budgeted
+/// requests uncounted, a `fail_closed` one refuses them with 503; a client
+/// without a budget is served by both (it costs no store call). After the
+/// restart both count and enforce again.
+#[cfg_attr(not(redis_server), ignore = "redis-server not installed")]
+#[tokio::test]
+async fn a_redis_restart_mid_traffic_follows_the_budget_policy() {
+    let m = mock(forwarder::config::MockSettings::default()).await;
+    let mut redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ring = dir.path().join("ring");
+    write_keys(&ring, &[("k1", 7)]);
+    let mk = |policy| {
+        let mut cfg = config(vec![upstream("a", &m, "m")]);
+        cfg.store = redis.store_config(Some(&ring));
+        keyed(dir.path(), &mut cfg);
+        let mut b = budgets(&[("alice", tokens_per_day(1_000_000))]);
+        b.on_store_error = policy;
+        cfg.budgets = Some(b);
+        cfg
+    };
+    let open = start(mk(FailurePolicy::FailOpen)).await;
+    let closed = start(mk(FailurePolicy::FailClosed)).await;
+    crate::replicas::connected(&open).await;
+    crate::replicas::connected(&closed).await;
+    let r = open
+        .post("/v1/chat/completions", &ask("a", 3), &[ALICE])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let before = used_tokens(&r);
+    daily_tokens_settle(&closed.base, ALICE, before).await;
+
+    redis.kill();
+    for _ in 0..3 {
+        let r = open
+            .post("/v1/chat/completions", &ask("b", 3), &[ALICE])
+            .await;
+        assert_eq!(r.status, 200, "fail_open admits: {}", r.text);
+        let r = closed
+            .post("/v1/chat/completions", &ask("b", 3), &[ALICE])
+            .await;
+        assert_eq!(r.status, 503, "fail_closed refuses: {}", r.text);
+        assert_eq!(r.error_code(), "store_unavailable");
+        let r = closed
+            .post("/v1/chat/completions", &ask("c", 3), &[BOB])
+            .await;
+        assert_eq!(r.status, 200, "no budget, no store call: {}", r.text);
+    }
+    let r = open.get("/v1/budget", &[ALICE]).await;
+    assert_eq!(r.status, 503, "{}", r.text);
+
+    redis.restart().await;
+    crate::replicas::connected(&open).await;
+    crate::replicas::connected(&closed).await;
+    // Redis restarted without persistence: the day's count starts afresh.
+    let r = closed
+        .post("/v1/chat/completions", &ask("d", 3), &[ALICE])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    daily_tokens_settle(&open.base, ALICE, used_tokens(&r)).await;
+}
+
+/// One replica on the memory store: a spend budget at a model's prices,
+/// refused in OpenAI's shape on chat and in Anthropic's on /v1/messages,
+/// another client unaffected, and the per-client metrics capped.
+#[tokio::test]
+async fn the_memory_store_keeps_a_spend_budget_for_one_replica() {
+    let m = mock(forwarder::config::MockSettings::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut anthropic = upstream("an", &m, "claude");
+    anthropic.provider = Provider::Anthropic;
+    let mut cfg = config(vec![upstream("a", &m, "m"), anthropic]);
+    keyed(dir.path(), &mut cfg);
+    let mut b = budgets(&[]);
+    // Every client: $0.0001 a day; at $1 / $2 per million tokens in / out.
+    b.default = Some(BudgetLimits {
+        daily_spend: Some(0.0001),
+        ..Default::default()
+    });
+    for model in ["m", "claude"] {
+        b.prices.insert(
+            model.into(),
+            ModelPrice {
+                input: 1.0,
+                output: 2.0,
+            },
+        );
+    }
+    b.metric_clients = 1;
+    cfg.budgets = Some(b);
+    let f = start(cfg).await;
+
+    let mut spent_micros = 0.0;
+    let mut refused = None;
+    for _ in 0..100 {
+        let r = f
+            .post("/v1/chat/completions", &ask("x", 10), &[ALICE])
+            .await;
+        if r.status != 200 {
+            refused = Some(r);
+            break;
+        }
+        let u = &r.body["usage"];
+        spent_micros +=
+            u["prompt_tokens"].as_f64().unwrap() + 2.0 * u["completion_tokens"].as_f64().unwrap();
+    }
+    let r = refused.expect("the budget ran out");
+    assert_eq!(
+        (r.status, r.error_code()),
+        (429, "budget_exceeded"),
+        "{}",
+        r.text
+    );
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("daily spend budget"));
+    assert!(
+        spent_micros <= 100.0,
+        "{spent_micros} micro-dollars on a 100 budget"
+    );
+    let seen = budget_of(&f.base, ALICE).await;
+    let used = seen["daily"]["spend_usd"]["used"].as_f64().unwrap();
+    assert!((used - spent_micros / 1e6).abs() < 1e-9, "{seen}");
+    assert_eq!(seen["daily"]["spend_usd"]["limit"], 0.0001);
+
+    // The Anthropic front end refuses in its own shape.
+    let msg = json!({"model": "claude", "max_tokens": 10,
+        "messages": [{"role": "user", "content": "x"}]});
+    let r = f.post("/v1/messages", &msg, &[ALICE]).await;
+    assert_eq!(r.status, 429, "{}", r.text);
+    assert_eq!(r.body["type"], "error");
+    assert_eq!(r.body["error"]["type"], "rate_limit_error");
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("daily spend budget"));
+
+    // Bob has a budget of his own, charged from Anthropic's usage.
+    let r = f.post("/v1/messages", &msg, &[BOB]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let u = &r.body["usage"];
+    let bob_micros =
+        u["input_tokens"].as_f64().unwrap() + 2.0 * u["output_tokens"].as_f64().unwrap();
+    let bob = budget_of(&f.base, BOB).await;
+    assert!(
+        (bob["daily"]["spend_usd"]["used"].as_f64().unwrap() - bob_micros / 1e6).abs() < 1e-9,
+        "{bob}"
+    );
+
+    // One client has series of its own (the cap is 1); the rest are "other".
+    let alice_tokens = f
+        .metric("forwarder_budget_tokens_total", &[("client", "key:alice")])
+        .await;
+    assert!(alice_tokens > 0.0);
+    assert!(
+        f.metric("forwarder_budget_tokens_total", &[("client", "other")])
+            .await
+            > 0.0
+    );
+    assert_eq!(
+        f.metric("forwarder_budget_tokens_total", &[("client", "key:bob")])
+            .await,
+        0.0
+    );
+    assert_eq!(
+        f.metric(
+            "forwarder_budget_refusals_total",
+            &[("client", "key:alice"), ("budget", "daily spend")]
+        )
+        .await,
+        2.0
+    );
+}
