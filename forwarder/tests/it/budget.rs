@@ -366,6 +366,42 @@ async fn the_memory_store_keeps_a_spend_budget_for_one_replica() {
         "{bob}"
     );
 
+    // An async job is charged to its creator's budget when it runs, and a
+    // job of a client whose budget is spent ends with the same refusal.
+    let r = f
+        .post("/v1/async/chat/completions", &ask("x", 10), &[BOB])
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let job = wait_job(&f, r.body["id"].as_str().unwrap(), &[BOB]).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let u = &job["response"]["body"]["usage"];
+    let job_micros =
+        u["prompt_tokens"].as_f64().unwrap() + 2.0 * u["completion_tokens"].as_f64().unwrap();
+    let bob = budget_of(&f.base, BOB).await;
+    let bob_used = bob["daily"]["spend_usd"]["used"].as_f64().unwrap();
+    assert!(
+        (bob_used - (bob_micros + job_micros) / 1e6).abs() < 1e-9,
+        "{bob}"
+    );
+    let r = f
+        .post("/v1/async/chat/completions", &ask("x", 10), &[ALICE])
+        .await;
+    if r.status == 202 {
+        let job = wait_job(&f, r.body["id"].as_str().unwrap(), &[ALICE]).await;
+        assert_eq!(job["response"]["status_code"], 429, "{job}");
+        assert_eq!(
+            job["response"]["body"]["error"]["code"], "budget_exceeded",
+            "{job}"
+        );
+    } else {
+        assert_eq!(
+            (r.status, r.error_code()),
+            (429, "budget_exceeded"),
+            "{}",
+            r.text
+        );
+    }
+
     // One client has series of its own (the cap is 1); the rest are "other".
     let alice_tokens = f
         .metric("forwarder_budget_tokens_total", &[("client", "key:alice")])
@@ -387,6 +423,6 @@ async fn the_memory_store_keeps_a_spend_budget_for_one_replica() {
             &[("client", "key:alice"), ("budget", "daily spend")]
         )
         .await,
-        2.0
+        3.0
     );
 }
