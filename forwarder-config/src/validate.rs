@@ -743,6 +743,41 @@ mod tests {
     }
 
     #[test]
+    fn budgets_are_validated_naming_the_field() {
+        let mut c = Config::default();
+        c.budgets = Some(
+            serde_yaml::from_str(
+                r#"
+default: {daily_tokens: 0}
+tiers: {gold: {monthly_spend: -1}}
+clients: {alice: {}, "key:bob": {daily_tokens: 10}}
+prices: {mock: {input: 1, output: 2}, nope: {input: -1}}
+"#,
+            )
+            .unwrap(),
+        );
+        let f = fields(&c);
+        for want in [
+            "budgets.default.daily_tokens",
+            "budgets.tiers.gold",
+            "budgets.tiers.gold.monthly_spend",
+            "budgets.clients.alice",
+            "budgets.prices.nope",
+        ] {
+            assert_eq!(
+                f.iter().filter(|x| *x == want).count(),
+                1 + usize::from(want == "budgets.prices.nope"),
+                "{want}: {f:?}"
+            );
+        }
+        assert!(
+            !f.iter()
+                .any(|x| x.contains("key:bob") || x == "budgets.prices.mock"),
+            "{f:?}"
+        );
+    }
+
+    #[test]
     fn defaults_are_valid() {
         validate(&Config::default()).unwrap();
         assert!(warnings(&Config::default()).is_empty());
