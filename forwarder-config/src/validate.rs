@@ -744,18 +744,20 @@ mod tests {
 
     #[test]
     fn budgets_are_validated_naming_the_field() {
-        let mut c = Config::default();
-        c.budgets = Some(
-            serde_yaml::from_str(
-                r#"
+        let c = Config {
+            budgets: Some(
+                serde_yaml::from_str(
+                    r#"
 default: {daily_tokens: 0}
 tiers: {gold: {monthly_spend: -1}}
 clients: {alice: {}, "key:bob": {daily_tokens: 10}}
 prices: {mock: {input: 1, output: 2}, nope: {input: -1}}
 "#,
-            )
-            .unwrap(),
-        );
+                )
+                .unwrap(),
+            ),
+            ..Config::default()
+        };
         let f = fields(&c);
         for want in [
             "budgets.default.daily_tokens",
