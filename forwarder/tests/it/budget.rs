@@ -426,3 +426,77 @@ async fn the_memory_store_keeps_a_spend_budget_for_one_replica() {
         3.0
     );
 }
+
+/// A Batch API batch spends its creator's budget line by line: the lines
+/// that fit are answered, the rest land in the error file with the 429
+/// body, and another client is unaffected.
+#[tokio::test]
+async fn batch_lines_spend_their_creators_budget() {
+    let m = mock(forwarder::config::MockSettings::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(vec![upstream("a", &m, "mock")]);
+    keyed(dir.path(), &mut cfg);
+    const LIMIT: u64 = 120;
+    cfg.budgets = Some(budgets(&[
+        ("carol", tokens_per_day(LIMIT)),
+        ("bob", tokens_per_day(LIMIT)),
+    ]));
+    let f = start(cfg).await;
+    let lines: Vec<Value> = (0..12)
+        .map(|i| {
+            let mut l = crate::batch::line(&format!("l{i}"), "spend some tokens");
+            l["body"]["max_tokens"] = json!(6);
+            l
+        })
+        .collect();
+    let r = crate::batch::upload(&f, &crate::batch::jsonl(&lines), "batch", CAROL).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = crate::batch::create(&f, r.body["id"].as_str().unwrap(), CAROL).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let mut batch = Value::Null;
+    for _ in 0..400 {
+        batch = f.get(&format!("/v1/batches/{id}"), &[CAROL]).await.body;
+        if batch["status"] == "completed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(batch["status"], "completed", "{batch}");
+    let file = |key: &str| {
+        let id = batch[key].as_str().map(str::to_string);
+        let f = &f;
+        async move {
+            let Some(id) = id else { return Vec::new() };
+            let r = f.get(&format!("/v1/files/{id}/content"), &[CAROL]).await;
+            assert_eq!(r.status, 200, "{}", r.text);
+            r.text
+                .lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                .collect()
+        }
+    };
+    let out = file("output_file_id").await;
+    let errors = file("error_file_id").await;
+    assert_eq!(out.len() + errors.len(), 12, "{batch}");
+    assert!(!out.is_empty() && !errors.is_empty(), "{batch}");
+    let spent: u64 = out
+        .iter()
+        .map(|l| {
+            l["response"]["body"]["usage"]["total_tokens"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum();
+    assert!(spent <= LIMIT, "{spent} tokens on a budget of {LIMIT}");
+    let e = &errors[0]["response"];
+    assert_eq!(e["status_code"], 429, "{e}");
+    assert_eq!(e["body"]["error"]["code"], "budget_exceeded", "{e}");
+    daily_tokens_settle(&f.base, CAROL, spent).await;
+    // Bob's budget is his own.
+    let mut body = ask("x", 6);
+    body["model"] = json!("mock");
+    let r = f.post("/v1/chat/completions", &body, &[BOB]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    daily_tokens_settle(&f.base, BOB, used_tokens(&r)).await;
+}
