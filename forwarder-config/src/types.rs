@@ -42,7 +42,9 @@ pub struct Config {
     /// models (weighted, with an ordered fallback chain).
     pub models: std::collections::BTreeMap<String, AliasConfig>,
     /// Per-client token and spend budgets over a day and a month; absent:
-    /// none, and no request does any budget work.
+    /// none, and no request does any budget work. Left out of a written
+    /// config when absent, so configs rendered before it read the same.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub budgets: Option<crate::BudgetsConfig>,
 }
 
