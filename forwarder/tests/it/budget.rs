@@ -500,3 +500,42 @@ async fn batch_lines_spend_their_creators_budget() {
     assert_eq!(r.status, 200, "{}", r.text);
     daily_tokens_settle(&f.base, BOB, used_tokens(&r)).await;
 }
+
+/// The official openai and anthropic SDKs against a budgeted client
+/// (`forwarder/tests/budget_sdks.py`).
+#[tokio::test]
+async fn the_openai_and_anthropic_sdks_see_budgets_as_they_expect() {
+    let python = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    assert!(
+        python.exists(),
+        "this test needs the project virtualenv: run ./scripts/test.sh (it creates .venv)"
+    );
+    let m = mock(forwarder::config::MockSettings::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut anthropic = upstream("an", &m, "claude");
+    anthropic.provider = Provider::Anthropic;
+    let mut cfg = config(vec![upstream("a", &m, "m"), anthropic]);
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, "sdk: sk-sdk\n").unwrap();
+    cfg.auth.api_keys_file = Some(keys);
+    cfg.budgets = Some(budgets(&[("sdk", tokens_per_day(200))]));
+    let f = start(cfg).await;
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/budget_sdks.py");
+    let base = f.base.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .env("FORWARDER_BASE", base)
+            .env("FORWARDER_API_KEY", "sk-sdk")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("ALL OK"),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
