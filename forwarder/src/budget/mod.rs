@@ -12,25 +12,26 @@ mod limits;
 mod metrics;
 mod period;
 mod report;
+mod reservation;
+mod stage;
 mod stream;
 pub mod usage;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use forwarder_config::{BudgetsConfig, FailurePolicy};
 
 use crate::api::ApiError;
 use crate::auth::Identity;
-use crate::pipeline::envelope::ReplyBody;
-use crate::pipeline::{Answer, ApiKind};
 use crate::store::{Counter, CounterOp, Space, Store, StoreKey};
 use crate::telemetry::Metrics;
 use limits::{Limits, Prices, Unit};
 use metrics::BudgetMetrics;
 use period::{Period, Span};
 pub use report::Report;
+pub use reservation::Reservation;
+pub use stage::{charge, Held};
 pub use stream::tap;
 use usage::Usage;
 
@@ -129,14 +130,13 @@ impl Budgets {
             })
             .collect();
         match inner.store.add(&counters, true).await {
-            Ok((true, _)) => Ok(Some(Reservation {
-                inner: inner.clone(),
-                who: who.clone(),
-                model: model.to_string(),
-                keys: counters,
-                charged: estimate,
-                settled: false,
-            })),
+            Ok((true, _)) => Ok(Some(Reservation::new(
+                inner.clone(),
+                who.clone(),
+                model,
+                counters,
+                estimate,
+            ))),
             Ok((false, values)) => {
                 let over = slots
                     .iter()
@@ -206,155 +206,4 @@ impl Budgets {
         };
         Ok(Report::new(who, tier, limits.as_ref(), &slots, &values))
     }
-}
-
-/// A request's charge, held until its answer says what it used. Dropped
-/// unsettled (the request failed, the client went away before an answer),
-/// the estimate is refunded.
-pub struct Reservation {
-    inner: Arc<Inner>,
-    who: Identity,
-    model: String,
-    keys: Vec<Counter>,
-    /// What the counters hold for this request now.
-    charged: Usage,
-    settled: bool,
-}
-
-impl Reservation {
-    /// Charges what the answer used (`None`: the answer did not say, and
-    /// the estimate stands).
-    pub fn settle(mut self, used: Option<Usage>) {
-        self.settled = true;
-        let used = used.unwrap_or(self.charged);
-        let (t, s) = self.inner.counted(&self.model, used);
-        self.inner
-            .metrics
-            .tokens
-            .with_label_values(&[&self.inner.metrics.label(&self.who)])
-            .inc_by(t);
-        self.inner
-            .metrics
-            .spend
-            .with_label_values(&[&self.inner.metrics.label(&self.who)])
-            .inc_by(s);
-        self.correct(used);
-    }
-
-    /// Moves the counters from the charged estimate to `used` (unchecked:
-    /// an overrun is recorded, not refused), in the background.
-    fn correct(&self, used: Usage) {
-        let prices = &self.inner.prices;
-        let dt = i64::try_from(used.total()).unwrap_or(i64::MAX)
-            - i64::try_from(self.charged.total()).unwrap_or(i64::MAX);
-        let ds = prices.cost(&self.model, used) - prices.cost(&self.model, self.charged);
-        if dt == 0 && ds == 0 {
-            return;
-        }
-        let counters: Vec<Counter> = self
-            .keys
-            .iter()
-            .enumerate()
-            .map(|(i, c)| Counter {
-                key: c.key.clone(),
-                op: CounterOp {
-                    // Day tokens, day spend, month tokens, month spend.
-                    delta: if i % 2 == 0 { dt } else { ds },
-                    limit: None,
-                    ttl: c.op.ttl,
-                },
-            })
-            .collect();
-        let store = self.inner.store.clone();
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                if let Err(e) = store.add(&counters, false).await {
-                    tracing::warn!(error = %e, "budget correction not recorded");
-                }
-            });
-        }
-    }
-}
-
-impl Inner {
-    /// Tokens and dollars of `used`, for the metrics.
-    fn counted(&self, model: &str, used: Usage) -> (u64, f64) {
-        (used.total(), self.prices.cost(model, used) as f64 / 1e6)
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        if !self.settled {
-            self.correct(Usage::default());
-        }
-    }
-}
-
-/// A budgeted request on its way: its reservation, and whether its stream
-/// carries a usage chunk the client did not ask for.
-pub struct Held {
-    reservation: Reservation,
-    api: ApiKind,
-    strip: bool,
-}
-
-impl Budgets {
-    /// The pipeline's budget stage: reserves the request's estimate and,
-    /// for a chat stream whose client did not ask for usage, asks for it
-    /// (the body returned is the one to forward). `None`: no budget work
-    /// for this request.
-    pub async fn admit(
-        &self,
-        who: &Identity,
-        tier: Option<&str>,
-        model: &str,
-        api: ApiKind,
-        stream: bool,
-        body: Bytes,
-    ) -> Result<(Option<Held>, Bytes), ApiError> {
-        let Some(reservation) = self.reserve(who, tier, model, &body).await? else {
-            return Ok((None, body));
-        };
-        let injected = (stream && api == ApiKind::ChatCompletions && !usage::asks_usage(&body))
-            .then(|| usage::with_usage(&body))
-            .flatten();
-        let strip = injected.is_some();
-        let body = injected.map_or(body, Bytes::from);
-        Ok((
-            Some(Held {
-                reservation,
-                api,
-                strip,
-            }),
-            body,
-        ))
-    }
-}
-
-/// Charges an answer to its reservation: a completion at once, a stream
-/// when it ends (without the usage chunk the client did not ask for). A
-/// replayed answer costs nothing; a failed request is refunded (its
-/// reservation dropped).
-pub fn charge(held: Option<Held>, answer: Result<Answer, ApiError>) -> Result<Answer, ApiError> {
-    let Some(held) = held else {
-        return answer;
-    };
-    let mut answer = answer?;
-    let Held {
-        reservation,
-        api,
-        strip,
-    } = held;
-    let reservation = (!answer.replayed).then_some(reservation);
-    answer.reply.body = match answer.reply.body {
-        ReplyBody::Complete(body) => {
-            if let Some(r) = reservation {
-                r.settle(usage::of_body(api, &body));
-            }
-            ReplyBody::Complete(body)
-        }
-        ReplyBody::Stream(s) => ReplyBody::Stream(tap(s, api, strip, reservation)),
-    };
-    Ok(answer)
 }
