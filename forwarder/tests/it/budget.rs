@@ -539,3 +539,80 @@ async fn the_openai_and_anthropic_sdks_see_budgets_as_they_expect() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The store's increment-then-check on its own: 40 concurrent checked
+/// charges of 10 against a limit of 100, from two store clients (two
+/// connections, as two replicas have) on one Redis, and on the memory
+/// store: exactly 10 stand, and the counter ends at the limit.
+#[cfg_attr(not(redis_server), ignore = "redis-server not installed")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_counter_charge_is_atomic_across_clients() {
+    use forwarder::store::{Counter, CounterOp, Space, Store, StoreKey};
+    use std::sync::Arc;
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ring = dir.path().join("ring");
+    write_keys(&ring, &[("k1", 7)]);
+    let build = || {
+        let cfg = Config {
+            store: redis.store_config(Some(&ring)),
+            ..Default::default()
+        };
+        let metrics = forwarder::telemetry::Metrics::new();
+        forwarder::store::build(&cfg, &metrics).expect("store builds")
+    };
+    let (one, two) = (build(), build());
+    let key = StoreKey::new(Space::Budget, "key:alice", b"day:2026-12-07:tokens");
+    let charge = |check| {
+        vec![Counter {
+            key: key.clone(),
+            op: CounterOp {
+                delta: if check { 10 } else { 0 },
+                limit: Some(100),
+                ttl: Duration::from_secs(60),
+            },
+        }]
+    };
+    for s in [&one, &two] {
+        for _ in 0..100 {
+            if s.add(&charge(false), false).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let memory = forwarder::store::memory(1 << 20);
+    let cases: [(&str, [Arc<dyn Store>; 2]); 2] = [
+        ("redis", [one.clone(), two.clone()]),
+        ("memory", [memory.clone(), memory.clone()]),
+    ];
+    for (name, stores) in cases {
+        let tries = (0..40).map(|i| {
+            let s = stores[i % 2].clone();
+            let c = charge(true);
+            tokio::spawn(async move { s.add(&c, true).await.expect("store answers").0 })
+        });
+        let stood = futures::future::join_all(tries)
+            .await
+            .into_iter()
+            .filter(|r| *r.as_ref().unwrap())
+            .count();
+        assert_eq!(stood, 10, "{name}");
+        let (_, values) = stores[0].add(&charge(false), false).await.unwrap();
+        assert_eq!(values, [100], "{name}");
+    }
+    // The counter expires with its period (its TTL is set at first use).
+    let mut conn = redis.conn().await;
+    let names: Vec<String> = redis::cmd("KEYS")
+        .arg("*budget:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(names.len(), 1, "{names:?}");
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&names[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(ttl > 0 && ttl <= 60_000, "{ttl}");
+}
