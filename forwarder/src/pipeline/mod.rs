@@ -338,11 +338,6 @@ impl Pipeline {
         self.budgets.as_ref()
     }
 
-    /// The tier in force for an authenticated client (for reports).
-    pub fn tier_of(&self, p: &Principal) -> Option<Arc<str>> {
-        self.tier(&p.identity, p.tier.as_deref())
-    }
-
     pub fn jwt(&self) -> Option<&Arc<JwtVerifier>> {
         self.jwt.as_ref()
     }
