@@ -16,8 +16,8 @@ use forwarder::config::{LatencyDist, MockSettings};
 use rand::Rng;
 use serde_json::Value;
 
+use crate::broker::{kafka_config, Broker};
 use crate::common::*;
-use crate::kafka::{kafka_config, Broker};
 use crate::process::Replica;
 
 fn env_or(name: &str, default: usize) -> usize {
