@@ -2,6 +2,7 @@
 //! loopback port for one test, and a forwarder config that queues on it.
 
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use forwarder::config::{Config, QueueKind};
 
@@ -96,4 +97,36 @@ pub fn kafka_config(m: &forwarder::mock_llm::MockServer, broker: &Broker, topic:
     a.kafka.consumer_group = format!("{topic}-group");
     a.kafka.partitions = 4;
     cfg
+}
+
+/// (partition, committed offset of the group, high watermark), for a
+/// failure's message.
+pub async fn group_offsets(broker: &str, topic: &str) -> Vec<(i32, i64, i64)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let (broker, topic) = (broker.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        let c: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &broker)
+            .set("group.id", format!("{topic}-group"))
+            .create()
+            .unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in 0..4 {
+            tpl.add_partition(&topic, p);
+        }
+        let t = Duration::from_secs(5);
+        let committed = c.committed_offsets(tpl, t).unwrap();
+        committed
+            .elements()
+            .iter()
+            .map(|e| {
+                let high = c
+                    .fetch_watermarks(&topic, e.partition(), t)
+                    .map_or(-1, |w| w.1);
+                (e.partition(), e.offset().to_raw().unwrap_or(-1), high)
+            })
+            .collect()
+    })
+    .await
+    .unwrap()
 }
