@@ -562,9 +562,11 @@ impl Batches {
                             }
                             break;
                         }
-                        // Back-pressure (a full queue, a broker away): wait,
-                        // longer each time, and try the same line again.
-                        Err(ApiError::Overloaded) => {
+                        // Back-pressure (a full queue, a broker away) or a
+                        // store away: wait, longer each time, and try the
+                        // same line again (a store still away fails the
+                        // sync, which pauses the batch).
+                        Err(ApiError::Overloaded | ApiError::StoreUnavailable(_)) => {
                             tokio::time::sleep(full_wait).await;
                             full_wait = (full_wait * 2).min(Duration::from_secs(2));
                             self.sync(owner, b).await?;

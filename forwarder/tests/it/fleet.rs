@@ -318,7 +318,19 @@ async fn a_batch_outlives_a_redis_restart() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert_eq!(done["status"], "completed", "{done}");
-    assert_eq!(done["request_counts"]["completed"], n, "{done}");
+    if done["request_counts"]["completed"] != n {
+        let errors = f
+            .get(
+                &format!(
+                    "/v1/files/{}/content",
+                    done["error_file_id"].as_str().unwrap_or("")
+                ),
+                &[alice],
+            )
+            .await;
+        let first = errors.text.lines().next().unwrap_or_default().to_string();
+        panic!("lines failed: {done}\nfirst error: {first}");
+    }
     let out = f
         .get(
             &format!(
