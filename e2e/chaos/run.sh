@@ -7,6 +7,8 @@
 #
 #   CHAOS_SECS=1800 CHAOS_RATE=40 OUT=chaos-out bash e2e/chaos/run.sh
 #
+# RELEASE=0 runs the debug build (no release build to wait for).
+#
 # Writes OUT/table.md, OUT/timeline.csv, OUT/faults.csv and OUT/chaos.svg.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -14,10 +16,13 @@ OUT=${OUT:-chaos-out}
 mkdir -p "$OUT"
 export CHAOS_SECS=${CHAOS_SECS:-1800} CHAOS_RATE=${CHAOS_RATE:-40}
 export CHAOS_KILL_EVERY=${CHAOS_KILL_EVERY:-60} CHAOS_BATCH_LINES=${CHAOS_BATCH_LINES:-200}
-export CHAOS_OUT="$PWD/$OUT"
+case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac
+export CHAOS_OUT="$OUT"
 if [ -z "${TANSU_BIN:-}" ] && [ -x target/kafka-bin/tansu ]; then
   export TANSU_BIN="$PWD/target/kafka-bin/tansu"
 fi
-cargo test --release --locked -p forwarder --test chaos -- --nocapture 2>&1 | tee "$OUT/run.log"
+profile=(--release)
+[ "${RELEASE:-1}" = 0 ] && profile=()
+cargo test "${profile[@]}" --locked -p forwarder --test chaos -- --nocapture 2>&1 | tee "$OUT/run.log"
 python3 e2e/chaos/plot.py "$OUT" > "$OUT/chaos.svg"
 echo "table: $OUT/table.md, plot: $OUT/chaos.svg"
