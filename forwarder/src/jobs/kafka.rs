@@ -81,10 +81,13 @@ fn client_config(cfg: &KafkaConfig) -> Result<ClientConfig, BuildError> {
     Ok(c)
 }
 
-/// Logs every partition assignment and revocation (the partitions only,
-/// never a message): which replica reads which partition is the first
-/// question when a partition's lag stops falling.
-pub struct Rebalances;
+/// Forgets a revoked partition's offsets (see [`OffsetTracker::forget`]),
+/// and logs every assignment and revocation (the partitions only, never a
+/// message): which replica reads which partition is the first question
+/// when a partition's lag stops falling.
+pub struct Rebalances {
+    tracker: Arc<Mutex<OffsetTracker>>,
+}
 
 impl ClientContext for Rebalances {}
 
@@ -102,6 +105,8 @@ impl ConsumerContext for Rebalances {
                 tracing::info!(partitions = %parts(tpl), "Kafka partitions assigned");
             }
             Rebalance::Revoke(tpl) => {
+                let revoked: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                self.tracker.lock().forget(&revoked);
                 tracing::info!(partitions = %parts(tpl), "Kafka partitions revoked");
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "Kafka rebalance failed"),
@@ -146,6 +151,7 @@ impl KafkaQueue {
         if let Some(id) = &cfg.group_instance_id {
             consumer_cfg.set("group.instance.id", id);
         }
+        let tracker: Arc<Mutex<OffsetTracker>> = Arc::default();
         let consumer: StreamConsumer<Rebalances> = consumer_cfg
             .set("group.id", &cfg.consumer_group)
             .set("enable.auto.commit", "false")
@@ -153,7 +159,9 @@ impl KafkaQueue {
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
-            .create_with_context(Rebalances)
+            .create_with_context(Rebalances {
+                tracker: tracker.clone(),
+            })
             .map_err(|e| err("consumer", e))?;
         consumer
             .subscribe(&[&cfg.topic])
@@ -171,7 +179,7 @@ impl KafkaQueue {
             producer,
             consumer: Arc::new(consumer),
             lag_reader: Arc::new(lag_reader),
-            tracker: Arc::default(),
+            tracker,
             rx: tokio::sync::Mutex::new(rx),
             lag: Arc::default(),
             stop: CancellationToken::new(),
