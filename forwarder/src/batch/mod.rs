@@ -382,8 +382,11 @@ impl Batches {
         Ok((out, more))
     }
 
-    /// Runs a batch to its end under its lease; a store failure fails the
-    /// batch. Dropping the lease (a crash) lets another replica take over.
+    /// Runs a batch to its end under its lease. A store failure (a Redis
+    /// restart, a timeout) does not fail the batch: the lease is dropped
+    /// unfinished, so once it lapses a replica's sweep takes the batch over
+    /// and runs it again from its input (the lines' jobs are found, not
+    /// resubmitted). A batch still lasts no longer than its window.
     async fn drive(
         self: Arc<Self>,
         held: HeldClaim,
@@ -392,18 +395,15 @@ impl Batches {
         file: FileMeta,
     ) {
         let id = b.id.clone();
-        let owner = creator.identity.clone();
-        if let Err(e) = self.run(&creator, &mut b, &file).await {
-            tracing::warn!(error = %e, "a batch failed");
-            b.status = BatchStatus::Failed;
-            b.failed_at = Some(now_ms() / 1000);
-            b.errors = Some(serde_json::json!({"object": "list", "data": [
-                {"code": "store_error", "message": e.to_string(), "param": null, "line": null}
-            ]}));
-            let _ = self.save(&owner, &b).await;
-        }
+        let result = self.run(&creator, &mut b, &file).await;
         self.cancelled.lock().remove(&b.id);
-        lease::finished(&*self.files.store, &id, held).await;
+        match result {
+            Ok(()) => lease::finished(&*self.files.store, &id, held).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "a batch paused on a store failure; a replica takes it over once its lease lapses");
+                drop(held);
+            }
+        }
     }
 
     /// Whether the batch was cancelled (here or on another replica); keeps
@@ -562,9 +562,11 @@ impl Batches {
                             }
                             break;
                         }
-                        // Back-pressure (a full queue, a broker away): wait,
-                        // longer each time, and try the same line again.
-                        Err(ApiError::Overloaded) => {
+                        // Back-pressure (a full queue, a broker away) or a
+                        // store away: wait, longer each time, and try the
+                        // same line again (a store still away fails the
+                        // sync, which pauses the batch).
+                        Err(ApiError::Overloaded | ApiError::StoreUnavailable(_)) => {
                             tokio::time::sleep(full_wait).await;
                             full_wait = (full_wait * 2).min(Duration::from_secs(2));
                             self.sync(owner, b).await?;

@@ -198,11 +198,14 @@ impl Callbacks {
                 c.last_error = outcome.as_ref().err().cloned();
             }
             table.put(&job);
+            if state != DeliveryState::Pending {
+                // The settled state must be stored before the message is
+                // acknowledged: acknowledged with the record still saying
+                // `pending`, no replica would ever settle it.
+                return save_settled(&records, &job, &stop).await;
+            }
             if let Err(e) = records.save(&job).await {
                 tracing::warn!(error = %e, "could not store a callback's progress");
-            }
-            if state != DeliveryState::Pending {
-                return true;
             }
             let wait = backoff(
                 attempt,
@@ -257,6 +260,31 @@ impl Callbacks {
             Ok(Ok(resp)) => Err(format!("receiver answered {}", resp.status().as_u16())),
         }
     }
+}
+
+/// Stores a settled callback's record, retrying with backoff until it is
+/// stored (`true`) or the replica stops (`false`: the message stays
+/// unacknowledged and the delivery is resumed elsewhere, at least once).
+async fn save_settled(records: &Records, job: &Job, stop: &CancellationToken) -> bool {
+    for attempt in 1u32.. {
+        match records.save(job).await {
+            Ok(()) => return true,
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, "could not store a settled callback; retrying")
+            }
+        }
+        let wait = backoff(
+            attempt,
+            Duration::from_millis(100),
+            Duration::from_secs(5),
+            rand::random::<f64>(),
+        );
+        tokio::select! {
+            () = stop.cancelled() => return false,
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+    false
 }
 
 #[cfg(test)]

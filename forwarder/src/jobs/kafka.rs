@@ -13,9 +13,12 @@ use async_trait::async_trait;
 use forwarder_config::KafkaConfig;
 use parking_lot::Mutex;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::ClientContext;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
@@ -37,7 +40,7 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct KafkaQueue {
     cfg: KafkaConfig,
     producer: FutureProducer,
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<StreamConsumer<Rebalances>>,
     /// The lag's broker queries, on connections of their own: on the
     /// consumer's they waited behind its fetches and took seconds.
     lag_reader: Arc<BaseConsumer>,
@@ -78,6 +81,39 @@ fn client_config(cfg: &KafkaConfig) -> Result<ClientConfig, BuildError> {
     Ok(c)
 }
 
+/// Forgets a revoked partition's offsets (see [`OffsetTracker::forget`]),
+/// and logs every assignment and revocation (the partitions only, never a
+/// message): which replica reads which partition is the first question
+/// when a partition's lag stops falling.
+pub struct Rebalances {
+    tracker: Arc<Mutex<OffsetTracker>>,
+}
+
+impl ClientContext for Rebalances {}
+
+impl ConsumerContext for Rebalances {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let parts = |tpl: &TopicPartitionList| {
+            tpl.elements()
+                .iter()
+                .map(|e| e.partition().to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                tracing::info!(partitions = %parts(tpl), "Kafka partitions assigned");
+            }
+            Rebalance::Revoke(tpl) => {
+                let revoked: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                self.tracker.lock().forget(&revoked);
+                tracing::info!(partitions = %parts(tpl), "Kafka partitions revoked");
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "Kafka rebalance failed"),
+        }
+    }
+}
+
 impl KafkaQueue {
     /// Connects, creates the topics if missing, joins the consumer group
     /// and starts fetching (at most `prefetch` messages ahead of the workers).
@@ -115,14 +151,17 @@ impl KafkaQueue {
         if let Some(id) = &cfg.group_instance_id {
             consumer_cfg.set("group.instance.id", id);
         }
-        let consumer: StreamConsumer = consumer_cfg
+        let tracker: Arc<Mutex<OffsetTracker>> = Arc::default();
+        let consumer: StreamConsumer<Rebalances> = consumer_cfg
             .set("group.id", &cfg.consumer_group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
-            .create()
+            .create_with_context(Rebalances {
+                tracker: tracker.clone(),
+            })
             .map_err(|e| err("consumer", e))?;
         consumer
             .subscribe(&[&cfg.topic])
@@ -140,7 +179,7 @@ impl KafkaQueue {
             producer,
             consumer: Arc::new(consumer),
             lag_reader: Arc::new(lag_reader),
-            tracker: Arc::default(),
+            tracker,
             rx: tokio::sync::Mutex::new(rx),
             lag: Arc::default(),
             stop: CancellationToken::new(),

@@ -1,6 +1,11 @@
 //! Which offset a consumer may commit: the jobs of one partition run in
 //! parallel and finish out of order, and an offset is committed only when
 //! every message before it is done, so a crash never skips an unfinished job.
+//! Only for partitions this consumer holds: a partition revoked is
+//! forgotten, so a job that finishes after its partition moved to another
+//! replica commits nothing there. (It once did: a stale high mark moved the
+//! group's offset past messages the new owner had not read yet, and when
+//! that owner died they were never delivered again.)
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -47,6 +52,15 @@ impl OffsetTracker {
         })
     }
 
+    /// The partitions were revoked (a rebalance): their in-flight messages
+    /// are redelivered to whoever holds them next, and their late `done`s
+    /// commit nothing here.
+    pub fn forget(&mut self, partitions: &[i32]) {
+        for p in partitions {
+            self.parts.remove(p);
+        }
+    }
+
     /// The offsets committed so far, per partition.
     pub fn committed(&self) -> Vec<(i32, i64)> {
         self.parts
@@ -83,5 +97,28 @@ mod tests {
         assert_eq!(t.done(1, 7), None, "twice");
         assert_eq!(t.done(2, 1), None, "never fetched");
         assert_eq!(t.done(0, 5), Some(6));
+    }
+
+    #[test]
+    fn a_revoked_partition_commits_nothing_and_starts_afresh_when_back() {
+        let mut t = OffsetTracker::default();
+        for o in 100..=200 {
+            t.fetched(0, o);
+        }
+        for o in 101..=200 {
+            assert_eq!(t.done(0, o), None, "100 still runs");
+        }
+        // Revoked while 100 runs; another replica reads on from 100.
+        t.forget(&[0]);
+        assert_eq!(
+            t.done(0, 100),
+            None,
+            "not ours any more: no commit past 100..200"
+        );
+        // Back here from the group's offset, 150: commits from there only.
+        t.fetched(0, 150);
+        t.fetched(0, 151);
+        assert_eq!(t.done(0, 150), Some(151));
+        assert!(t.committed().contains(&(0, 151)));
     }
 }

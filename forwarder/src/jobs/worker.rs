@@ -179,6 +179,21 @@ impl Jobs {
         if job.finish(response, done).is_err() {
             return self.queue.ack(delivery).await;
         }
+        // A second run of this job (a redelivery while this one ran) may
+        // have finished it and moved its callback on: that record stands.
+        // Overwritten with this run's copy, its callback would read
+        // `pending` again. (Read, then write: a narrow window remains
+        // without a compare-and-set in the store.)
+        let Some(stored) = self
+            .patiently("record read", || self.records.load(&job.id))
+            .await
+        else {
+            return;
+        };
+        if let Some(stored) = stored.filter(|s| s.state.is_terminal()) {
+            self.table.put(&stored);
+            return me.settle(stored, delivery, None).await;
+        }
         // Acknowledged (the offset committed) only once the result is stored.
         if self
             .patiently("record write", || self.records.save(&job))

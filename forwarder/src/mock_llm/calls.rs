@@ -2,7 +2,9 @@
 //! keeps them: a repeated key gets the first answer back (or waits for the
 //! call still running) instead of running the model again. Counted per key
 //! (`GET /mock/calls`) so tests can prove how often the upstream was asked
-//! and how often it really answered.
+//! and how often it really answered. A request without the key but with a
+//! marker in its prompt (`<<m:TOKEN>>`) is counted under the marker, never
+//! de-duplicated: a provider that ignores the key.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -30,6 +32,24 @@ pub struct Counts {
     pub answered: u64,
     /// Requests answered with the stored first answer.
     pub replayed: u64,
+    /// When the first and the last request arrived (ms since the epoch):
+    /// a repeat is explained by what happened in between.
+    pub first_ms: u64,
+    pub last_ms: u64,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The `TOKEN` of the first `<<m:TOKEN>>` in a request body.
+pub fn marker(body: &[u8]) -> Option<&str> {
+    const OPEN: &[u8] = b"<<m:";
+    let start = body.windows(OPEN.len()).position(|w| w == OPEN)? + OPEN.len();
+    let len = body[start..].windows(2).position(|w| w == b">>")?;
+    std::str::from_utf8(&body[start..start + len]).ok()
 }
 
 #[derive(Default)]
@@ -66,7 +86,7 @@ impl Calls {
                 }
                 let e = keys.entry(key.to_string()).or_default();
                 if first {
-                    e.counts.started += 1;
+                    e.counts.arrived();
                     first = false;
                 }
                 if let Some(answer) = &e.answer {
@@ -85,6 +105,17 @@ impl Calls {
         }
     }
 
+    /// A request under a marker: counted, run every time.
+    pub fn note(&self, marker: &str) {
+        let mut keys = self.keys.lock();
+        if !keys.contains_key(marker) && keys.len() >= MAX_KEYS {
+            return;
+        }
+        let e = keys.entry(marker.to_string()).or_default();
+        e.counts.arrived();
+        e.counts.answered += 1;
+    }
+
     /// Every key's figures.
     pub fn counts(&self) -> HashMap<String, Counts> {
         self.keys
@@ -92,6 +123,17 @@ impl Calls {
             .iter()
             .map(|(k, e)| (k.clone(), e.counts))
             .collect()
+    }
+}
+
+impl Counts {
+    fn arrived(&mut self) {
+        let now = now_ms();
+        if self.started == 0 {
+            self.first_ms = now;
+        }
+        self.last_ms = now;
+        self.started += 1;
     }
 }
 
@@ -133,13 +175,20 @@ mod tests {
             panic!("replayed")
         };
         assert_eq!(b.as_ref(), b"a");
-        assert_eq!(
-            calls.counts()["k"],
-            Counts {
-                started: 3,
-                answered: 1,
-                replayed: 1
-            }
-        );
+        let c = calls.counts()["k"];
+        assert_eq!((c.started, c.answered, c.replayed), (3, 1, 1));
+        assert!(c.first_ms > 0 && c.first_ms <= c.last_ms);
+    }
+
+    #[test]
+    fn a_marker_is_counted_every_time_and_found_in_a_body() {
+        let calls = Calls::default();
+        let body = br#"{"messages":[{"content":"<<m:s-7>> hi"}]}"#;
+        assert_eq!(marker(body), Some("s-7"));
+        assert_eq!(marker(b"<<m:open"), None);
+        calls.note("s-7");
+        calls.note("s-7");
+        let c = calls.counts()["s-7"];
+        assert_eq!((c.started, c.answered, c.replayed), (2, 2, 0));
     }
 }

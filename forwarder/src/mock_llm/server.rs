@@ -128,7 +128,13 @@ async fn chat(
         .and_then(|v| v.to_str().ok())
         .filter(|k| !k.is_empty() && !req.stream);
     let lead = match key {
-        None => None,
+        None if req.stream => None,
+        None => {
+            if let Some(m) = super::calls::marker(&body) {
+                model.calls.note(m);
+            }
+            None
+        }
         Some(k) => match model.calls.begin(k).await {
             Begin::Replay(body) => return json_bytes(body),
             Begin::Lead(lead) => Some(lead),

@@ -378,11 +378,11 @@ async fn a_cancelled_batch_stops_its_queued_requests() {
     ignore = "no Kafka-protocol broker: set TANSU_BIN (scripts/test.sh does)"
 )]
 async fn a_batch_runs_on_the_kafka_queue() {
-    let broker = crate::kafka::Broker::start().await;
+    let broker = crate::broker::Broker::start().await;
     let dir = tempfile::tempdir().unwrap();
     let m = mock(MockSettings::default()).await;
     let topic = format!("batch-{}", std::process::id());
-    let mut cfg = crate::kafka::kafka_config(&m, &broker, &topic);
+    let mut cfg = crate::broker::kafka_config(&m, &broker, &topic);
     cfg.auth.api_keys_file = base_config(&m, &dir).auth.api_keys_file;
     let f = start(cfg).await;
     let lines: Vec<Value> = (0..10)

@@ -4,7 +4,7 @@ use std::process::Stdio;
 
 use serde_json::json;
 
-use crate::shutdown::{binary, free_port, Child};
+use crate::process::{binary, free_port, Child};
 
 fn check(yaml: &str, env: &[(&str, &str)]) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
@@ -155,7 +155,7 @@ async fn no_log_level_shows_prompts_replies_or_keys() {
         ));
     let child = Child(cmd.spawn().unwrap());
     let base = format!("http://127.0.0.1:{port}");
-    crate::shutdown::wait_ready(&base).await;
+    crate::process::wait_ready(&base).await;
     let http = crate::common::client();
     let auth = "Bearer sk-very-secret-key-123";
     for stream in [false, true] {

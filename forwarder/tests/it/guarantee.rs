@@ -16,8 +16,8 @@ use forwarder::config::{LatencyDist, MockSettings};
 use rand::Rng;
 use serde_json::Value;
 
+use crate::broker::{group_offsets, kafka_config, Broker};
 use crate::common::*;
-use crate::kafka::{kafka_config, Broker};
 use crate::process::Replica;
 
 fn env_or(name: &str, default: usize) -> usize {
@@ -216,38 +216,6 @@ async fn mock_calls(m: &forwarder::mock_llm::MockServer) -> serde_json::Map<Stri
         .await
         .unwrap();
     calls["calls"].as_object().expect("mock calls").clone()
-}
-
-/// (partition, committed offset of the group, high watermark), for a
-/// failure's message.
-async fn group_offsets(broker: &str, topic: &str) -> Vec<(i32, i64, i64)> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let (broker, topic) = (broker.to_string(), topic.to_string());
-    tokio::task::spawn_blocking(move || {
-        let c: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &broker)
-            .set("group.id", format!("{topic}-group"))
-            .create()
-            .unwrap();
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        for p in 0..4 {
-            tpl.add_partition(&topic, p);
-        }
-        let t = Duration::from_secs(5);
-        let committed = c.committed_offsets(tpl, t).unwrap();
-        committed
-            .elements()
-            .iter()
-            .map(|e| {
-                let high = c
-                    .fetch_watermarks(&topic, e.partition(), t)
-                    .map_or(-1, |w| w.1);
-                (e.partition(), e.offset().to_raw().unwrap_or(-1), high)
-            })
-            .collect()
-    })
-    .await
-    .unwrap()
 }
 
 /// Callbacks on a fleet: two processes on Kafka and Redis, a receiver that

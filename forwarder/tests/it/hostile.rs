@@ -10,7 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
 use crate::common::metric_value;
-use crate::shutdown::{binary, free_port, wait_ready, Child};
+use crate::process::{binary, free_port, wait_ready, Child};
 
 const KEY: &str = "sk-hostile-test-key";
 

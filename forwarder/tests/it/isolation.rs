@@ -727,11 +727,11 @@ async fn an_oversized_body_is_refused_413_through_every_http_door_and_a_batch_li
     ignore = "no Kafka-protocol broker: set TANSU_BIN (scripts/test.sh does)"
 )]
 async fn no_credential_is_written_into_a_kafka_job_message() {
-    let broker = crate::kafka::Broker::start().await;
+    let broker = crate::broker::Broker::start().await;
     let m = mock(MockSettings::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let topic = format!("jobs-secrets-{}", rand::random::<u32>());
-    let mut cfg = crate::kafka::kafka_config(&m, &broker, &topic);
+    let mut cfg = crate::broker::kafka_config(&m, &broker, &topic);
     let keys = dir.path().join("keys");
     std::fs::write(&keys, "alice: sk-alice-kafka-secret\n").unwrap();
     cfg.auth.api_keys_file = Some(keys);

@@ -5,87 +5,17 @@
 //! jobs dead-lettered. Without a broker (`TANSU_BIN` unset and no `tansu` on
 //! PATH) these tests are reported as ignored.
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use forwarder::config::{Config, MockSettings, QueueKind};
+use forwarder::config::MockSettings;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
 
+use crate::broker::{kafka_config, Broker};
 use crate::common::*;
-
-pub struct Broker {
-    child: Child,
-    pub addr: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Broker {
-    pub async fn start() -> Self {
-        let Some(bin) = option_env!("TANSU_PATH") else {
-            panic!("no broker: these tests run only when built with cfg(kafka)");
-        };
-        let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let log = std::fs::File::create(dir.path().join("broker.log")).unwrap();
-        let mut child = Command::new(bin)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "sqlite://broker.db"])
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("tansu starts");
-        let addr = format!("127.0.0.1:{port}");
-        for _ in 0..200 {
-            if tokio::net::TcpStream::connect(&addr).await.is_ok() {
-                return Self {
-                    child,
-                    addr,
-                    _dir: dir,
-                };
-            }
-            tokio::time::sleep(50 * MS).await;
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("tansu did not listen on {addr}");
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-pub fn kafka_config(m: &forwarder::mock_llm::MockServer, broker: &Broker, topic: &str) -> Config {
-    let mut cfg = config(vec![upstream("m", m, "mock")]);
-    cfg.grpc.enabled = false;
-    let a = &mut cfg.async_jobs;
-    a.queue = QueueKind::Kafka;
-    a.kafka.bootstrap_servers = broker.addr.clone();
-    a.kafka.topic = topic.into();
-    a.kafka.dead_letter_topic = format!("{topic}-dead");
-    a.kafka.consumer_group = format!("{topic}-group");
-    a.kafka.partitions = 4;
-    cfg
-}
 
 async fn submit(f: &Fwd, prompt: &str) -> String {
     let r = f
@@ -314,5 +244,64 @@ async fn the_queue_depth_reads_zero_soon_after_the_backlog_drains() {
             "forwarder_queue_depth still {depth} 10 s after the last job finished"
         );
         tokio::time::sleep(200 * MS).await;
+    }
+}
+
+/// The broker restarts (SIGKILL, then the same port and storage) while a
+/// replica consumes: jobs accepted after it is back run, and so do the
+/// jobs accepted just before. The chaos run once found every job after a
+/// broker restart stuck `queued` for good.
+#[tokio::test]
+#[cfg_attr(
+    not(all(kafka, redis_server)),
+    ignore = "needs a Kafka-protocol broker (TANSU_BIN) and redis-server"
+)]
+async fn jobs_run_after_the_broker_restarts() {
+    let mut broker = Broker::start().await;
+    let redis = crate::redis_server::RedisServer::start().await;
+    let m = slow_mock(Duration::from_millis(20)).await;
+    let mut cfg = kafka_config(&m, &broker, "jobs-broker-restart");
+    cfg.store = redis.store_config(None);
+    let as_member = |name: &str| {
+        let mut c = cfg.clone();
+        c.async_jobs.kafka.group_instance_id = Some(format!("restart-{name}"));
+        c
+    };
+    let f = start(as_member("a")).await;
+    let _b = start(as_member("b")).await;
+    let before = submit(&f, "before").await;
+    assert_eq!(wait_job(&f, &before, &[]).await["status"], "succeeded");
+
+    broker.restart().await;
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        // Accepted once the producer has reconnected.
+        for _ in 0..100 {
+            let r = f
+                .post(
+                    "/v1/async/chat/completions",
+                    &chat("mock", &format!("after {i}")),
+                    &[],
+                )
+                .await;
+            if r.status == 202 {
+                ids.push(r.body["id"].as_str().unwrap().to_string());
+                break;
+            }
+            tokio::time::sleep(100 * MS).await;
+        }
+    }
+    assert_eq!(ids.len(), 12, "submissions accepted after the restart");
+    for id in &ids {
+        let mut status = Value::Null;
+        for _ in 0..600 {
+            let r = f.get(&format!("/v1/async/jobs/{id}"), &[]).await;
+            status = r.body["status"].clone();
+            if status == "succeeded" {
+                break;
+            }
+            tokio::time::sleep(100 * MS).await;
+        }
+        assert_eq!(status, "succeeded", "job {id} after the broker restart");
     }
 }

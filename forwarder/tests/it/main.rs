@@ -6,6 +6,7 @@ mod apis;
 mod async_jobs;
 mod auth;
 mod batch;
+mod broker;
 mod budget;
 mod cache;
 mod cli;

@@ -15,7 +15,7 @@ use forwarder::openapi::{operations, DOCUMENT};
 use serde_json::Value;
 
 use crate::common::{config, mock, start, upstream};
-use crate::shutdown::binary;
+use crate::process::binary;
 
 fn doc() -> Value {
     serde_json::from_str(DOCUMENT).expect("docs/openapi.json is JSON")

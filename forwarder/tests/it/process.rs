@@ -2,8 +2,10 @@
 //! binary), each on its own loopback port with its config and log in a
 //! directory: what two pods behind one Service are.
 
+use std::process::Command;
+use std::time::{Duration, Instant};
+
 use crate::common::client;
-use crate::shutdown::{binary, free_port, wait_ready, Child};
 
 /// A forwarder process on a fixed port, its config and log in `dir`.
 pub struct Replica {
@@ -69,6 +71,29 @@ impl Replica {
         count("running") - count("succeeded") - count("failed") - count("queued")
     }
 
+    #[allow(dead_code)] // used by tests/chaos.rs
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.0.id())
+    }
+
+    #[allow(dead_code)] // used by tests/chaos.rs
+    /// SIGTERM, as a rolling update sends it; waits for the process to
+    /// drain and exit (at most 30 s, then SIGKILL).
+    pub async fn stop(&mut self) {
+        let mut c = self.child.take().expect("running");
+        // SAFETY: kill(2) on our own child's pid; no memory is touched.
+        unsafe { libc::kill(c.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.0.try_wait() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(c);
+    }
+
     /// SIGKILL: no shutdown, no commit, sockets reset by the kernel.
     pub fn kill9(&mut self) {
         let mut c = self.child.take().expect("running");
@@ -103,5 +128,44 @@ impl Replica {
             .await
             .unwrap();
         crate::common::metric_value(&text, name, labels).unwrap_or(0.0)
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn binary() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_forwarder"))
+}
+
+/// Kills the child if a test fails half-way.
+pub struct Child(pub std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub async fn wait_ready(base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(r) = crate::common::client()
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+        {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{base} never became ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

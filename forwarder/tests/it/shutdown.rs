@@ -7,45 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::common::*;
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-pub fn binary() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_forwarder"))
-}
-
-/// Kills the child if a test fails half-way.
-pub struct Child(pub std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-pub async fn wait_ready(base: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(r) = crate::common::client()
-            .get(format!("{base}/readyz"))
-            .send()
-            .await
-        {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "{base} never became ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use crate::process::{binary, free_port, wait_ready, Child};
 
 #[tokio::test]
 async fn sigterm_drains_then_refuses_then_finishes_the_stream() {

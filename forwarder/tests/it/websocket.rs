@@ -287,7 +287,7 @@ fn rss_kib(pid: u32) -> u64 {
 /// answer: backpressure reaches the upstream stream and memory stays flat.
 #[tokio::test]
 async fn a_slow_reader_does_not_grow_memory() {
-    use crate::shutdown::{binary, free_port, wait_ready, Child};
+    use crate::process::{binary, free_port, wait_ready, Child};
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let config = dir.path().join("config.yaml");
