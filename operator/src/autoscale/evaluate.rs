@@ -10,6 +10,7 @@ use async_trait::async_trait;
 
 use super::metrics::{self, MetricsError, Target};
 use super::policy::{self, Decision, History, Observed, Policy, QueueNeed, Replicas};
+use super::queue::Doubt;
 
 /// What runs the replicas.
 #[async_trait]
@@ -148,6 +149,8 @@ impl Evaluator {
         };
         let decision = policy::decide(&self.policy, &observed, replicas, &self.history, now);
         self.history.record(&self.policy, replicas, &decision, now);
+        self.history
+            .record_runs(&self.policy, observed.job_run_s, now);
         let scaled = decision.desired != state.current;
         if scaled {
             workload.scale(decision.desired).await?;
@@ -199,6 +202,18 @@ fn explain_queue(e: &Evaluation) -> String {
         QueueNeed::Missing => " queue=n/a (holding: no queue series)".into(),
         QueueNeed::UnknownCapacity { backlog } => format!(
             " backlog={backlog:.0} (holding: no job ended in the window, a replica's job rate is unknown)"
+        ),
+        QueueNeed::NotCredible {
+            backlog,
+            doubt: Doubt::Upstream,
+        } => format!(
+            " backlog={backlog:.0} (holding: the upstream is failing or slow, more replicas would not run jobs faster)"
+        ),
+        QueueNeed::NotCredible {
+            backlog,
+            doubt: Doubt::SlowerRuns { run_s, shortest_s },
+        } => format!(
+            " backlog={backlog:.0} (holding: jobs run {run_s:.0}s, over 1.5x the window's shortest {shortest_s:.0}s; the upstream sets the pace)"
         ),
         QueueNeed::Sized {
             replicas,

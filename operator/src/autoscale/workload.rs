@@ -52,6 +52,7 @@ pub fn policy_for(spec: &ModelForwarderSpec) -> Policy {
         .map(|(delay, a)| QueueSlo {
             max_delay_s: f64::from(delay),
             workers_per_replica: f64::from(a.workers.max(1)),
+            lag_includes_running: true,
         });
     p
 }
@@ -391,7 +392,9 @@ pub fn status_patch(mf: &ModelForwarder, e: &Evaluation, now: &Time) -> Value {
                 delay_s,
                 ..
             } => (Some(backlog), Some(delay_s), per_replica),
-            QueueNeed::UnknownCapacity { backlog } => (Some(backlog), None, None),
+            QueueNeed::UnknownCapacity { backlog } | QueueNeed::NotCredible { backlog, .. } => {
+                (Some(backlog), None, None)
+            }
             QueueNeed::Off | QueueNeed::Missing => (None, None, None),
         };
         for (key, v) in [
@@ -571,7 +574,8 @@ mod tests {
             policy_for(&mf.spec).queue,
             Some(QueueSlo {
                 max_delay_s: 60.0,
-                workers_per_replica: 8.0
+                workers_per_replica: 8.0,
+                lag_includes_running: true,
             })
         );
         let now = Time(jiff::Timestamp::UNIX_EPOCH);
