@@ -182,6 +182,7 @@ async fn main() -> anyhow::Result<()> {
             window: args.rate_window,
             max_age: args.max_sample_age,
             prometheus_rules: args.prometheus_rules,
+            handover: election.as_ref().and_then(Election::handover),
         };
         tracing::info!(interval = ?args.autoscale_interval, "starting the autoscaler");
         tokio::spawn(scaler.run(triggered))

@@ -307,6 +307,7 @@ fn autoscaler(client: Client, ns: &str, url: &str, interval: Duration, m: &Metri
         window: Duration::from_secs(60),
         max_age: Duration::from_secs(45),
         prometheus_rules: false,
+        handover: None,
     }
 }
 

@@ -195,6 +195,19 @@ async fn a_leader_with_a_skewed_clock_keeps_its_lease_and_expires_on_observed_ti
         a_lost < b_leads,
         "A stopped ({a_lost:?}) before B led ({b_leads:?})"
     );
+    // B knows when it last saw A alive (the autoscaler continues a
+    // stabilization window from there): at least a lease duration ago.
+    let seen = b.handover().expect("B saw A's renewals");
+    assert!(
+        seen.elapsed() >= Duration::from_secs(6),
+        "{:?}",
+        seen.elapsed()
+    );
+    assert!(
+        seen.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        seen.elapsed()
+    );
 }
 
 #[tokio::test]

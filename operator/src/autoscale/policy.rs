@@ -202,6 +202,49 @@ impl History {
         }
     }
 
+    /// While the recommendations have stayed below `current` (the count is
+    /// held by the stabilization window): since when, and the highest of
+    /// them. What a new leader needs to continue the window (pure).
+    pub fn stabilizing(&self, current: u32) -> Option<(Duration, u32)> {
+        let mut run = None;
+        for r in self.recommendations.iter().rev() {
+            if r.replicas >= current {
+                break;
+            }
+            let peak = run.map_or(r.replicas, |(_, p): (Duration, u32)| p.max(r.replicas));
+            run = Some((r.at, peak));
+        }
+        run
+    }
+
+    /// Continues a window another evaluator observed: recommendations of
+    /// `peak` from `since` to `until`, every `step` (at most the history's
+    /// gap limit), ahead of this evaluator's own.
+    pub fn restore_stabilizing(
+        &mut self,
+        since: Duration,
+        until: Duration,
+        peak: u32,
+        step: Duration,
+    ) {
+        if step.is_zero() || until < since {
+            return;
+        }
+        let mut restored = Vec::new();
+        let mut at = since;
+        while at < until {
+            restored.push(Recommendation { at, replicas: peak });
+            at += step;
+        }
+        restored.push(Recommendation {
+            at: until,
+            replicas: peak,
+        });
+        restored.retain(|r| self.recommendations.first().is_none_or(|f| r.at < f.at));
+        restored.append(&mut self.recommendations);
+        self.recommendations = restored;
+    }
+
     /// Records the mean job run time observed (see [`RunFloor`]).
     pub fn record_runs(&mut self, p: &Policy, run_s: Option<f64>, now: Duration) {
         self.run_floor = RunFloor::next(self.run_floor, run_s, p.stabilization, now);

@@ -18,6 +18,7 @@
 mod lease;
 pub mod rules;
 
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
@@ -108,6 +109,7 @@ async fn campaign(
     api: Api<Lease>,
     cfg: LeaderConfig,
     state: watch::Sender<bool>,
+    handover: Arc<OnceLock<Instant>>,
     mut release: oneshot::Receiver<oneshot::Sender<Result<(), kube::Error>>>,
 ) {
     let mut leading = false;
@@ -128,6 +130,12 @@ async fn campaign(
             Ok(Ok(true)) => {
                 renew_sent = sent;
                 if !leading {
+                    if let Some(seen) = observed
+                        .as_ref()
+                        .and_then(|o: &rules::Observed| o.predecessor_seen(&cfg.identity))
+                    {
+                        let _ = handover.set(seen);
+                    }
                     leading = true;
                     state.send_replace(true);
                 }
@@ -183,6 +191,7 @@ async fn campaign(
 /// A running election.
 pub struct Election {
     state: watch::Receiver<bool>,
+    handover: Arc<OnceLock<Instant>>,
     release: Option<oneshot::Sender<oneshot::Sender<Result<(), kube::Error>>>>,
     task: JoinHandle<()>,
 }
@@ -197,9 +206,11 @@ impl Election {
         let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
         let (tx, state) = watch::channel(false);
         let (release, release_rx) = oneshot::channel();
-        let task = tokio::spawn(campaign(api, cfg.clone(), tx, release_rx));
+        let handover = Arc::new(OnceLock::new());
+        let task = tokio::spawn(campaign(api, cfg.clone(), tx, handover.clone(), release_rx));
         Ok(Self {
             state,
+            handover,
             release: Some(release),
             task,
         })
@@ -214,6 +225,14 @@ impl Election {
     /// renewed before the renew deadline; never while held.
     pub async fn lost(&mut self) -> LeaderError {
         lost(&mut self.state).await
+    }
+
+    /// Once leading: when this replica last saw the previous leader's hold
+    /// on the lease change (its last renewal or its release), on this
+    /// replica's monotonic clock. `None` when it took a lease that did not
+    /// exist or was its own.
+    pub fn handover(&self) -> Option<Instant> {
+        self.handover.get().copied()
     }
 
     /// Whether this replica holds the lease now.

@@ -53,6 +53,14 @@ impl Observed {
         }
     }
 
+    /// When this replica last saw another replica's hold on the lease
+    /// change (a renewal, or its release): the last sign of life of the
+    /// leader it takes over from. `None` when the record was its own.
+    pub fn predecessor_seen(&self, identity: &str) -> Option<Instant> {
+        let holder = self.record.holder_identity.as_deref().unwrap_or_default();
+        (holder != identity).then_some(self.at)
+    }
+
     /// Whether the lease is free for `identity` at `now`: unheld, held by
     /// it, or unchanged for longer than its duration since this replica
     /// first saw the current record.
