@@ -248,6 +248,7 @@ async fn the_loop_scales_reports_conflicts_and_survives_a_hung_prometheus_on_a_r
         window: Duration::from_secs(60),
         max_age: Duration::from_secs(45),
         prometheus_rules: false,
+        handover: None,
     };
     let (_trigger, triggered) = tokio::sync::mpsc::channel(4);
     let started = Instant::now();

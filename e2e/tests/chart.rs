@@ -1315,6 +1315,7 @@ async fn operator_as_the_charts_service_account(release: &str, namespaced: bool)
         window: std::time::Duration::from_secs(60),
         max_age: std::time::Duration::from_secs(45),
         prometheus_rules: false,
+        handover: None,
     };
     // Its caches, watched as the ServiceAccount (the chart's RBAC must
     // allow the watches).

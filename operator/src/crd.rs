@@ -690,6 +690,23 @@ pub struct ModelForwarderStatus {
     /// Why the replica count last changed (set by the autoscaler).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_reason: Option<String>,
+    /// While the autoscaler holds the count for its scale-down
+    /// stabilization window (set by the autoscaler; a new leader continues
+    /// the window from it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stabilization: Option<Stabilization>,
+}
+
+/// A scale-down held by the stabilization window.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Stabilization {
+    /// Since when the autoscaler's recommendations have stayed below the
+    /// current count.
+    pub since: Time,
+    /// The highest of those recommendations: the count a scale-down may go
+    /// to once the window has passed.
+    pub peak_replicas: i32,
 }
 
 /// Metrics observed for the forwarder's pods.
@@ -708,8 +725,8 @@ pub struct ObservedMetrics {
     /// milliseconds; absent without streams in the window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttft_p99_ms: Option<f64>,
-    /// Async jobs waiting (the consumer lag, summed over the pods); with
-    /// `slo.maxQueueDelaySeconds`.
+    /// Async jobs waiting (the consumer lag summed over the pods, less the
+    /// jobs running); with `slo.maxQueueDelaySeconds`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_backlog: Option<f64>,
     /// Seconds the current replicas need to drain that backlog while jobs

@@ -2,6 +2,7 @@
 //! the Kubernetes objects that run forwarders.
 
 pub mod autoscale;
+pub mod client;
 pub mod controller;
 pub mod crd;
 pub mod crdgen;

@@ -69,6 +69,10 @@ struct Args {
     /// host name.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Bound on the wait for each API server answer (a watch's answer
+    /// starts at once, so watches are not cut).
+    #[arg(long, env = "API_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    api_timeout: std::time::Duration,
     /// Log as JSON lines (default) or text.
     #[arg(long, env = "LOG_FORMAT", default_value = "json")]
     log_format: String,
@@ -109,16 +113,8 @@ async fn main() -> anyhow::Result<()> {
     let config = kube::Config::infer()
         .await
         .context("reading the Kubernetes configuration (kubeconfig or in-cluster)")?;
-    let counter = metrics.api_requests.clone();
-    let client = kube::client::ClientBuilder::try_from(config)
-        .context("building the Kubernetes client")?
-        .with_layer(&tower::layer::layer_fn(move |inner| {
-            telemetry::CountRequests {
-                inner,
-                counter: counter.clone(),
-            }
-        }))
-        .build();
+    let client = operator::client::build(config, &metrics, args.api_timeout)
+        .context("building the Kubernetes client")?;
     let identity = args
         .identity
         .clone()
@@ -186,6 +182,7 @@ async fn main() -> anyhow::Result<()> {
             window: args.rate_window,
             max_age: args.max_sample_age,
             prometheus_rules: args.prometheus_rules,
+            handover: election.as_ref().and_then(Election::handover),
         };
         tracing::info!(interval = ?args.autoscale_interval, "starting the autoscaler");
         tokio::spawn(scaler.run(triggered))

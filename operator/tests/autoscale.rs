@@ -143,6 +143,7 @@ async fn evaluate_with_target(
         window: Duration::from_secs(60),
         max_age: Duration::from_secs(45),
         prometheus_rules: false,
+        handover: None,
     };
     let verifier = tokio::spawn(verify(handle, steps));
     let mut ev = Evaluator::new(policy_for(&mf.spec));

@@ -307,6 +307,7 @@ fn autoscaler(client: Client, ns: &str, url: &str, interval: Duration, m: &Metri
         window: Duration::from_secs(60),
         max_age: Duration::from_secs(45),
         prometheus_rules: false,
+        handover: None,
     }
 }
 
@@ -731,6 +732,20 @@ async fn a_users_prometheus_rule_of_the_same_name_is_left_alone() {
     assert_eq!(
         (owner.uid.as_str(), owner.controller),
         (mine_uid.as_str(), Some(true))
+    );
+    // Applied by the autoscaler under its own field manager, apart from
+    // the reconciler's.
+    let managers: Vec<&str> = applied
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|m| m.manager.as_deref())
+        .collect();
+    assert_eq!(
+        managers,
+        [operator::autoscale::workload::AUTOSCALER_FIELD_MANAGER],
+        "{managers:?}"
     );
     // The conflict is reported on the resource; the user's rule is intact.
     let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(admin.clone(), &ns);

@@ -90,6 +90,8 @@ pub fn queue() -> Scenario {
     policy.queue = Some(QueueSlo {
         max_delay_s: 4.0,
         workers_per_replica: 2.0,
+        // The embedded queue's depth is its waiting jobs only.
+        lag_includes_running: false,
     });
     Scenario {
         policy,

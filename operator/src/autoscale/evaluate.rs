@@ -10,6 +10,7 @@ use async_trait::async_trait;
 
 use super::metrics::{self, MetricsError, Target};
 use super::policy::{self, Decision, History, Observed, Policy, QueueNeed, Replicas};
+use super::queue::Doubt;
 
 /// What runs the replicas.
 #[async_trait]
@@ -79,17 +80,25 @@ pub struct Evaluation {
     pub metrics_error: Option<MetricsFailure>,
     pub scaled: bool,
     pub foreign_managers: Vec<String>,
+    /// While the count is held by the stabilization window: since when the
+    /// recommendations have stayed below it, and the highest of them (kept
+    /// in status, so a new leader continues the window).
+    pub stabilizing: Option<(jiff::Timestamp, u32)>,
 }
 
-/// The per-workload memory the policy needs (its [`History`]). The
-/// recommendations are lost on restart or failover by design: the
-/// stabilization rule then holds until a full window has been observed
-/// again. The time of the last scale-up (the settle guard) is restored from
-/// the status ([`Evaluator::restore_scale_up`]).
+/// The per-workload memory the policy needs (its [`History`]). A new
+/// leader restores from the status the time of the last scale-up (the
+/// settle guard, [`Evaluator::restore_scale_up`]) and, when the handover
+/// gap is known, a stabilization window in progress
+/// ([`Evaluator::restore_stabilizing`]); otherwise the stabilization rule
+/// holds until a full window has been observed again.
 pub struct Evaluator {
     pub policy: Policy,
     history: History,
     origin: Instant,
+    /// The wall-clock time of `origin`: history times written to status are
+    /// `origin_wall + at`, the same text for the same entry every time.
+    origin_wall: jiff::Timestamp,
 }
 
 /// How far back the evaluator's clock starts, so a scale-up that happened
@@ -99,11 +108,54 @@ const CLOCK_BACKDATE: Duration = Duration::from_secs(24 * 3600);
 impl Evaluator {
     pub fn new(policy: Policy) -> Self {
         let now = Instant::now();
+        let origin = now.checked_sub(CLOCK_BACKDATE).unwrap_or(now);
+        let back = jiff::SignedDuration::try_from(now - origin).unwrap_or_default();
         Self {
             policy,
             history: History::default(),
-            origin: now.checked_sub(CLOCK_BACKDATE).unwrap_or(now),
+            origin,
+            origin_wall: jiff::Timestamp::now() - back,
         }
+    }
+
+    /// Whole seconds, rounded up: a restored window never starts earlier
+    /// than observed.
+    fn wall(&self, at: Duration) -> jiff::Timestamp {
+        let secs = at.as_secs() + u64::from(at.subsec_nanos() > 0);
+        let at = jiff::SignedDuration::from_secs(i64::try_from(secs).unwrap_or(i64::MAX));
+        self.origin_wall
+            .saturating_add(at)
+            .unwrap_or(self.origin_wall)
+    }
+
+    /// A stabilization window in progress, read from status by a new
+    /// leader: the recommendations stayed below the count from `since`
+    /// (wall clock) with `peak` the highest, as observed by the previous
+    /// leader, which was last seen alive `seen_ago` (the election's
+    /// observed time of its last lease change). The window is continued up
+    /// to one `interval` before that (its last evaluation may be that much
+    /// older), entries every `interval`; the gap from there to this
+    /// evaluator's first evaluation is judged by the history's gap limit
+    /// like any other.
+    pub fn restore_stabilizing(
+        &mut self,
+        since: jiff::Timestamp,
+        peak: u32,
+        seen_ago: Duration,
+        interval: Duration,
+    ) {
+        let now = self.origin.elapsed();
+        let age = jiff::Timestamp::now().duration_since(since);
+        let Ok(age) = Duration::try_from(age) else {
+            return; // in the future: a skewed clock, do not trust it
+        };
+        let (Some(from), Some(until)) =
+            (now.checked_sub(age), now.checked_sub(seen_ago + interval))
+        else {
+            return;
+        };
+        self.history
+            .restore_stabilizing(from, until, peak, interval);
     }
 
     /// A scale-up happened `ago` (read from status by a new leader): SLO
@@ -148,6 +200,15 @@ impl Evaluator {
         };
         let decision = policy::decide(&self.policy, &observed, replicas, &self.history, now);
         self.history.record(&self.policy, replicas, &decision, now);
+        self.history
+            .record_runs(&self.policy, observed.job_run_s, now);
+        let stabilizing = if decision.desired == state.current {
+            self.history
+                .stabilizing(state.current)
+                .map(|(at, peak)| (self.wall(at), peak))
+        } else {
+            None
+        };
         let scaled = decision.desired != state.current;
         if scaled {
             workload.scale(decision.desired).await?;
@@ -158,6 +219,7 @@ impl Evaluator {
             decision,
             observed,
             metrics_error,
+            stabilizing,
             scaled,
             foreign_managers: state.foreign_managers,
         })
@@ -199,6 +261,18 @@ fn explain_queue(e: &Evaluation) -> String {
         QueueNeed::Missing => " queue=n/a (holding: no queue series)".into(),
         QueueNeed::UnknownCapacity { backlog } => format!(
             " backlog={backlog:.0} (holding: no job ended in the window, a replica's job rate is unknown)"
+        ),
+        QueueNeed::NotCredible {
+            backlog,
+            doubt: Doubt::Upstream,
+        } => format!(
+            " backlog={backlog:.0} (holding: the upstream is failing or slow, more replicas would not run jobs faster)"
+        ),
+        QueueNeed::NotCredible {
+            backlog,
+            doubt: Doubt::SlowerRuns { run_s, shortest_s },
+        } => format!(
+            " backlog={backlog:.0} (holding: jobs run {run_s:.0}s, over 1.5x the window's shortest {shortest_s:.0}s; the upstream sets the pace)"
         ),
         QueueNeed::Sized {
             replicas,
@@ -301,6 +375,87 @@ mod tests {
         let w = Workload(Mutex::new(8));
         let e = fresh.evaluate(&breach, &target(), &w).await.unwrap();
         assert!(e.decision.desired > 8, "{:?}", e.decision);
+    }
+
+    /// A failover in the middle of a scale-down window: the new leader
+    /// restores the window from what the old one put in status and scales
+    /// down when the window ends, where a leader without it would hold for
+    /// a whole window more. (Short windows: 3 s, evaluations every 0.5 s.)
+    #[tokio::test]
+    async fn a_new_leader_continues_a_stabilization_window_from_status() {
+        let interval = Duration::from_millis(500);
+        let policy = Policy {
+            stabilization: Duration::from_secs(3),
+            max_gap: Duration::from_secs(1),
+            ..Policy::new(1, 20, 500.0, 0.01, 50.0, Duration::from_secs(3), 4)
+        };
+        // 90 requests/s want 2 replicas; 4 run.
+        let low = Fixed(Observed {
+            qps: Some(90.0),
+            p99_ms: Some(100.0),
+            own_p99_ms: Some(1.0),
+            error_rate: Some(0.0),
+            inflight: Some(5.0),
+            upstream_p99_ms: Some(99.0),
+            requests: Some(5400.0),
+            reporting: 4,
+            ..Default::default()
+        });
+        let start = Instant::now();
+        let mut old = Evaluator::new(policy.clone());
+        let w = Workload(Mutex::new(4));
+        let mut held = None;
+        for _ in 0..6 {
+            let e = old.evaluate(&low, &target(), &w).await.unwrap();
+            assert_eq!(
+                (e.decision.desired, e.decision.reason),
+                (4, Reason::Stabilizing)
+            );
+            held = e.stabilizing;
+            tokio::time::sleep(interval).await;
+        }
+        let (since, peak) = held.expect("the old leader reports the window");
+        assert_eq!(peak, 2);
+        // The old leader stops; the new one saw its lease renewed just now.
+        let mut new = Evaluator::new(policy.clone());
+        new.restore_stabilizing(since, peak, Duration::ZERO, interval);
+        let mut fresh = Evaluator::new(policy);
+        let (wn, wf) = (Workload(Mutex::new(4)), Workload(Mutex::new(4)));
+        let (mut new_down, mut fresh_down) = (None, None);
+        while start.elapsed() < Duration::from_secs(7) {
+            let e = new.evaluate(&low, &target(), &wn).await.unwrap();
+            if e.scaled && new_down.is_none() {
+                new_down = Some(start.elapsed());
+            }
+            let e = fresh.evaluate(&low, &target(), &wf).await.unwrap();
+            if e.scaled && fresh_down.is_none() {
+                fresh_down = Some(start.elapsed());
+            }
+            tokio::time::sleep(interval).await;
+        }
+        let new_down = new_down.expect("the new leader scales down");
+        // The window (3 s, its start rounded up to a whole second) ends
+        // about 4 s after the old leader's first look.
+        assert!(new_down <= Duration::from_millis(4600), "{new_down:?}");
+        // Without the status, a whole window from the new leader's start
+        // (about 3 s after the old leader's 6 looks).
+        assert!(
+            fresh_down.is_none_or(|f| f > new_down + Duration::from_secs(1)),
+            "{fresh_down:?} vs {new_down:?}"
+        );
+        // A handover seen too long ago (a gap beyond the history's limit)
+        // restores nothing useful: the window starts again.
+        let mut late = Evaluator::new(Policy {
+            stabilization: Duration::from_secs(3),
+            max_gap: Duration::from_secs(1),
+            ..Policy::new(1, 20, 500.0, 0.01, 50.0, Duration::from_secs(3), 4)
+        });
+        late.restore_stabilizing(since, peak, Duration::from_secs(5), interval);
+        let e = late
+            .evaluate(&low, &target(), &Workload(Mutex::new(4)))
+            .await
+            .unwrap();
+        assert_eq!(e.decision.reason, Reason::Stabilizing);
     }
 
     #[tokio::test]

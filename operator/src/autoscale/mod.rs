@@ -12,6 +12,7 @@ pub mod cache;
 pub mod evaluate;
 pub mod metrics;
 pub mod policy;
+pub mod queue;
 pub mod rules;
 pub mod run;
 pub mod schedule;

@@ -19,8 +19,10 @@
 //!    Queue: with a queue SLO (`maxQueueDelaySeconds`), enough replicas
 //!    that jobs arriving are absorbed and the backlog drains within it
 //!    (`queue_need`); the recommendation is the highest of capacity, SLO
-//!    and queue. Missing queue series, or work queued with no estimate of
-//!    a replica's job rate, hold (never down, never up on the queue).
+//!    and queue. Missing queue series, work queued with no estimate of a
+//!    replica's job rate, or a rate the upstream sets, hold (never down,
+//!    never up on the queue); a queue step settles like an SLO step
+//!    (`queue`).
 //! 4. Up fast (bounded by the max step), but not again while replicas
 //!    added earlier are not yet Ready, for at most `ready_timeout`.
 //! 5. Down slowly: only to the highest recommendation of the whole
@@ -29,6 +31,9 @@
 //! 6. Always within [min, max].
 
 use std::time::Duration;
+
+use super::queue::{queue_need, QueueObserved, RunFloor};
+pub use super::queue::{QueueNeed, QueueSlo};
 
 /// What the spec asks for, in the policy's units.
 #[derive(Debug, Clone, PartialEq)]
@@ -64,14 +69,6 @@ pub struct Policy {
     pub max_gap: Duration,
     /// The async queue's SLO; `None`: the queue is not a signal.
     pub queue: Option<QueueSlo>,
-}
-
-/// The async queue's SLO: jobs wait at most `max_delay_s` for a worker.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct QueueSlo {
-    pub max_delay_s: f64,
-    /// Jobs one replica runs at once (`async.workers`).
-    pub workers_per_replica: f64,
 }
 
 impl Policy {
@@ -168,6 +165,9 @@ pub struct History {
     pub not_ready_since: Option<Duration>,
     /// When replicas were last added, moved to when they were all Ready.
     pub last_scale_up: Option<Duration>,
+    /// The shortest mean job run time over the stabilization window: the
+    /// queue rule's measure of a credible job rate.
+    pub run_floor: Option<RunFloor>,
 }
 
 impl From<Vec<Recommendation>> for History {
@@ -200,6 +200,54 @@ impl History {
         } else if self.not_ready_since.is_none() {
             self.not_ready_since = Some(now);
         }
+    }
+
+    /// While the recommendations have stayed below `current` (the count is
+    /// held by the stabilization window): since when, and the highest of
+    /// them. What a new leader needs to continue the window (pure).
+    pub fn stabilizing(&self, current: u32) -> Option<(Duration, u32)> {
+        let mut run = None;
+        for r in self.recommendations.iter().rev() {
+            if r.replicas >= current {
+                break;
+            }
+            let peak = run.map_or(r.replicas, |(_, p): (Duration, u32)| p.max(r.replicas));
+            run = Some((r.at, peak));
+        }
+        run
+    }
+
+    /// Continues a window another evaluator observed: recommendations of
+    /// `peak` from `since` to `until`, every `step` (at most the history's
+    /// gap limit), ahead of this evaluator's own.
+    pub fn restore_stabilizing(
+        &mut self,
+        since: Duration,
+        until: Duration,
+        peak: u32,
+        step: Duration,
+    ) {
+        if step.is_zero() || until < since {
+            return;
+        }
+        let mut restored = Vec::new();
+        let mut at = since;
+        while at < until {
+            restored.push(Recommendation { at, replicas: peak });
+            at += step;
+        }
+        restored.push(Recommendation {
+            at: until,
+            replicas: peak,
+        });
+        restored.retain(|r| self.recommendations.first().is_none_or(|f| r.at < f.at));
+        restored.append(&mut self.recommendations);
+        self.recommendations = restored;
+    }
+
+    /// Records the mean job run time observed (see [`RunFloor`]).
+    pub fn record_runs(&mut self, p: &Policy, run_s: Option<f64>, now: Duration) {
+        self.run_floor = RunFloor::next(self.run_floor, run_s, p.stabilization, now);
     }
 
     /// Forgets the recommendations (while replicas are pinned by hand, the
@@ -249,87 +297,6 @@ pub struct Breach {
     pub queue_delay_s: Option<(f64, f64)>,
 }
 
-/// What the queue SLO asks for (see [`queue_need`]).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum QueueNeed {
-    /// No queue SLO.
-    Off,
-    /// The backlog or arrival series are missing: hold.
-    Missing,
-    /// Jobs are queued or arriving, but no job ended in the window, so a
-    /// replica's job rate is unknown: hold.
-    UnknownCapacity { backlog: f64 },
-    /// Replicas the queue needs (0: nothing queued or arriving).
-    Sized {
-        replicas: u32,
-        backlog: f64,
-        /// Jobs per second one replica runs; `None` when idle and unknown.
-        per_replica: Option<f64>,
-        /// Seconds the current replicas need to drain the backlog while
-        /// jobs keep arriving (infinite: it grows).
-        delay_s: f64,
-    },
-}
-
-/// A replica's job rate: its workers over the mean run time; without run
-/// times (an older forwarder) the jobs finished per reporting pod; else
-/// unknown.
-fn per_replica_rate(q: &QueueSlo, obs: &Observed) -> Option<f64> {
-    let from_runs = clean(obs.job_run_s)
-        .filter(|t| *t > 0.0)
-        .map(|t| q.workers_per_replica / t);
-    let observed = clean(obs.jobs_finished)
-        .filter(|f| *f > 0.0 && obs.reporting > 0)
-        .map(|f| f / f64::from(obs.reporting));
-    from_runs.or(observed).filter(|r| r.is_finite() && *r > 0.0)
-}
-
-/// Replicas that absorb the arrivals and drain the backlog within the
-/// SLO: `n × rate ≥ arrivals + backlog / max_delay` (pure). Inside the
-/// tolerance band around the current count the count stands, as for QPS.
-pub fn queue_need(p: &Policy, obs: &Observed, current: u32) -> QueueNeed {
-    let Some(q) = p.queue.as_ref() else {
-        return QueueNeed::Off;
-    };
-    let (Some(backlog), Some(arrivals)) = (clean(obs.backlog), clean(obs.job_arrivals)) else {
-        return QueueNeed::Missing;
-    };
-    let rate = per_replica_rate(q, obs);
-    if backlog == 0.0 && arrivals == 0.0 {
-        return QueueNeed::Sized {
-            replicas: 0,
-            backlog,
-            per_replica: rate,
-            delay_s: 0.0,
-        };
-    }
-    let Some(rate) = rate else {
-        return QueueNeed::UnknownCapacity { backlog };
-    };
-    let demand = arrivals + backlog / q.max_delay_s.max(1.0);
-    let have = f64::from(current) * rate;
-    let replicas = if current > 0 && (demand / have - 1.0).abs() <= p.tolerance {
-        current
-    } else {
-        // Bounded: a huge backlog is still a finite count (max clamps it).
-        (demand / rate).ceil().min(f64::from(u32::MAX)) as u32
-    };
-    let margin = have - arrivals;
-    let delay_s = if backlog == 0.0 {
-        0.0
-    } else if margin > 0.0 {
-        backlog / margin
-    } else {
-        f64::INFINITY
-    };
-    QueueNeed::Sized {
-        replicas,
-        backlog,
-        per_replica: Some(rate),
-        delay_s,
-    }
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
     pub desired: u32,
@@ -363,7 +330,7 @@ struct Signals {
     incomplete: bool,
 }
 
-fn signals(p: &Policy, obs: &Observed, r: Replicas) -> Signals {
+fn signals(p: &Policy, obs: &Observed, r: Replicas, h: &History) -> Signals {
     let qps = clean(obs.qps);
     let enough = |n: Option<f64>| clean(n).is_none_or(|n| n >= p.min_samples);
     let enough_requests = enough(obs.requests);
@@ -412,11 +379,23 @@ fn signals(p: &Policy, obs: &Observed, r: Replicas) -> Signals {
     // A missing P99 is only expected when the window holds too few
     // requests to have one (zero traffic: no samples, P99 NaN).
     let few = clean(obs.requests).is_some_and(|n| n < p.min_samples);
-    let queue = queue_need(p, obs, r.current);
-    let queue_unknown = matches!(
-        queue,
-        QueueNeed::Missing | QueueNeed::UnknownCapacity { .. }
-    );
+    let queue = match &p.queue {
+        None => QueueNeed::Off,
+        Some(q) => {
+            let seen = QueueObserved {
+                lag: obs.backlog,
+                arrivals: obs.job_arrivals,
+                finished: obs.jobs_finished,
+                run_s: obs.job_run_s,
+                reporting: obs.reporting,
+                // 429s and timeouts are errors; a breach that is not the
+                // forwarder's is the upstream's.
+                upstream_troubled: breach.is_some_and(|b| b.error_rate.is_some() || !bottleneck),
+            };
+            queue_need(q, &seen, r.current, p.tolerance, h.run_floor)
+        }
+    };
+    let queue_unknown = queue.holds();
     let incomplete = partial
         || qps.is_none()
         || error_rate.is_none()
@@ -473,10 +452,14 @@ fn recommend(p: &Policy, s: &Signals, current: u32, settling: bool) -> (u32, Rea
             };
         }
     }
-    // The queue's need is absolute (it does not grow with `current`), so
-    // it needs no settling after a scale-up.
+    // The queue's need is absolute (it does not grow with `current`), but
+    // a scale-up's rebalance redelivers running jobs into the lag: settle.
     if let QueueNeed::Sized { replicas, .. } = s.queue {
-        if replicas > rec {
+        if settling && replicas > current {
+            if rec <= current {
+                (rec, reason) = (current, Reason::Settling);
+            }
+        } else if replicas > rec {
             rec = replicas;
             reason = if rec > current {
                 Reason::QueueDelay
@@ -523,7 +506,7 @@ pub fn decide(p: &Policy, obs: &Observed, r: Replicas, h: &History, now: Duratio
             },
         };
     }
-    let s = signals(p, obs, r);
+    let s = signals(p, obs, r, h);
     let settling = h
         .last_scale_up
         .is_some_and(|t| now.saturating_sub(t) < p.settle);
@@ -1189,16 +1172,20 @@ mod tests {
             queue: Some(QueueSlo {
                 max_delay_s: 60.0,
                 workers_per_replica: 10.0,
+                lag_includes_running: true,
             }),
             ..policy()
         }
     }
 
     /// Light request traffic (capacity alone wants 1 replica) with a queue:
-    /// `backlog` jobs waiting, `arrivals` per second, runs of `run_s`.
+    /// `backlog` jobs waiting, `arrivals` per second, runs of `run_s`; the
+    /// lag also counts the jobs running (arrivals × run time, at most the
+    /// pods' 10 workers each).
     fn jobs(backlog: f64, arrivals: f64, run_s: Option<f64>, pods: u32) -> Observed {
+        let running = run_s.map_or(0.0, |t| (arrivals * t).min(10.0 * f64::from(pods)));
         Observed {
-            backlog: Some(backlog),
+            backlog: Some(backlog + running),
             job_arrivals: Some(arrivals),
             jobs_finished: Some(arrivals),
             job_run_s: run_s,
@@ -1418,6 +1405,118 @@ mod tests {
         assert_eq!((d.reason, d.queue), (Reason::NoData, QueueNeed::Missing));
     }
 
+    /// The numbers at steady state: 10 workers, 40 s runs, jobs may
+    /// wait 30 s, 3 replicas all busy, 0.75 jobs/s arriving; the lag is the
+    /// 30 running jobs. The need is 3 and nothing is breached (it asked 7
+    /// and reported a breach when the lag counted as waiting).
+    #[test]
+    fn a_busy_queue_with_nothing_waiting_keeps_its_replicas() {
+        let p = Policy {
+            queue: Some(QueueSlo {
+                max_delay_s: 30.0,
+                workers_per_replica: 10.0,
+                lag_includes_running: true,
+            }),
+            ..policy()
+        };
+        let obs = Observed {
+            backlog: Some(30.0),
+            job_arrivals: Some(0.75),
+            jobs_finished: Some(0.75),
+            job_run_s: Some(40.0),
+            ..healthy(20.0, 3)
+        };
+        let h = History::from(steady(3, 0, 300));
+        let d = decide(&p, &obs, at(3), &h, 300 * S);
+        assert_eq!((d.desired, d.reason), (3, Reason::Stable), "{d:?}");
+        assert!(d.breach.is_none(), "{d:?}");
+        assert!(
+            matches!(d.queue, QueueNeed::Sized { replicas: 3, .. }),
+            "{d:?}"
+        );
+    }
+
+    /// Upstream 429s (an error-rate breach the forwarder does not cause)
+    /// slow the runs to 120 s: workers / run time would ask for 3× the
+    /// replicas; the queue holds instead, and never scales down either.
+    #[test]
+    fn a_queue_slowed_by_the_upstream_holds() {
+        let p = Policy {
+            queue: Some(QueueSlo {
+                max_delay_s: 30.0,
+                workers_per_replica: 10.0,
+                lag_includes_running: true,
+            }),
+            ..policy()
+        };
+        let slowed = Observed {
+            backlog: Some(300.0),
+            job_arrivals: Some(0.75),
+            jobs_finished: Some(0.25),
+            job_run_s: Some(120.0),
+            error_rate: Some(0.2),
+            own_p99_ms: Some(1.0),
+            ..healthy(20.0, 3)
+        };
+        let h = History::from(steady(3, 0, 300));
+        let d = decide(&p, &slowed, at(3), &h, 300 * S);
+        assert_eq!(d.desired, 3, "{d:?}");
+        assert!(matches!(d.queue, QueueNeed::NotCredible { .. }), "{d:?}");
+        // No errors, but runs three times the window's shortest.
+        let mut h = History::from(steady(3, 0, 300));
+        h.record_runs(&p, Some(40.0), 200 * S);
+        let d = decide(
+            &p,
+            &Observed {
+                error_rate: Some(0.0),
+                ..slowed
+            },
+            at(3),
+            &h,
+            300 * S,
+        );
+        assert_eq!(d.desired, 3, "{d:?}");
+        assert!(matches!(d.queue, QueueNeed::NotCredible { .. }), "{d:?}");
+    }
+
+    /// After a queue scale-up the lag is inflated by the rebalance's
+    /// redeliveries: no second queue step until the settle time passed.
+    #[test]
+    fn a_queue_scale_up_settles_before_the_next() {
+        let p = Policy {
+            queue: Some(QueueSlo {
+                max_delay_s: 30.0,
+                workers_per_replica: 10.0,
+                lag_includes_running: true,
+            }),
+            ..policy()
+        };
+        // 3 replicas, 90 waiting beyond the 30 running: 0.75 + 3 = 3.75
+        // jobs/s → 15, bounded to 3 + 4 = 7.
+        let surge = Observed {
+            backlog: Some(120.0),
+            job_arrivals: Some(0.75),
+            jobs_finished: Some(0.75),
+            job_run_s: Some(40.0),
+            ..healthy(20.0, 3)
+        };
+        let mut h = History::default();
+        let d = decide(&p, &surge, at(3), &h, 100 * S);
+        assert_eq!((d.desired, d.reason), (7, Reason::QueueDelay), "{d:?}");
+        h.record(&p, at(3), &d, 100 * S);
+        h.record(&p, at(7), &decide(&p, &surge, at(7), &h, 115 * S), 115 * S);
+        // All 7 Ready at 115 s; the lag still shows redelivered jobs.
+        let inflated = Observed {
+            reporting: 7,
+            ..surge.clone()
+        };
+        let d = decide(&p, &inflated, at(7), &h, 150 * S);
+        assert_eq!((d.desired, d.reason), (7, Reason::Settling), "{d:?}");
+        // Settled (75 s after the replicas were Ready): the need counts.
+        let d = decide(&p, &inflated, at(7), &h, 200 * S);
+        assert_eq!((d.desired, d.reason), (11, Reason::QueueDelay), "{d:?}");
+    }
+
     /// A fluid model of the queue: 100 jobs/s arrive, a replica runs 10/s
     /// (10 workers, 1 s runs), jobs may wait 60 s. From 2 replicas and an
     /// empty queue the loop reaches the need (10) without overshooting by
@@ -1428,6 +1527,7 @@ mod tests {
             queue: Some(QueueSlo {
                 max_delay_s: 60.0,
                 workers_per_replica: 10.0,
+                lag_includes_running: true,
             }),
             ..Policy::new(2, 30, 500.0, 0.01, 50.0, 300 * S, 4)
         };
@@ -1439,10 +1539,12 @@ mod tests {
         let mut peak_backlog: f64 = 0.0;
         for tick in 0..80u32 {
             let now = tick * 15 * S;
+            let finished = (f64::from(current) * rate).min(arrivals + backlog / 15.0);
             let obs = Observed {
-                backlog: Some(backlog.round()),
+                // The lag: waiting and running (finished/s × 1 s runs).
+                backlog: Some(backlog.round() + finished),
                 job_arrivals: Some(arrivals),
-                jobs_finished: Some((f64::from(current) * rate).min(arrivals + backlog / 15.0)),
+                jobs_finished: Some(finished),
                 job_run_s: Some(1.0),
                 ..healthy(5.0, current)
             };
@@ -1632,7 +1734,15 @@ mod tests {
         fn queue_need_is_monotone_in_backlog(b1 in 0.0..1e6f64, b2 in 0.0..1e6f64, arrivals in 0.0..500.0f64, current in 1u32..20) {
             let p = queue_policy();
             let (lo, hi) = if b1 <= b2 { (b1, b2) } else { (b2, b1) };
-            let need = |b| match queue_need(&p, &jobs(b, arrivals, Some(0.5), current), current) {
+            let q = p.queue.unwrap();
+            let need = |b| match crate::autoscale::queue::queue_need(&q, &crate::autoscale::queue::QueueObserved {
+                lag: Some(b),
+                arrivals: Some(arrivals),
+                finished: Some(arrivals),
+                run_s: Some(0.5),
+                reporting: current,
+                upstream_troubled: false,
+            }, current, p.tolerance, None) {
                 QueueNeed::Sized { replicas, .. } => replicas,
                 other => panic!("{other:?}"),
             };

@@ -9,8 +9,9 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::{json, Value};
 
 use super::metrics::{default_selector, validate_selector};
+use super::workload::AUTOSCALER_FIELD_MANAGER;
 use crate::crd::ModelForwarder;
-use crate::render::labels::{common, FIELD_MANAGER};
+use crate::render::labels::common;
 
 pub fn api_resource() -> ApiResource {
     ApiResource::from_gvk(&GroupVersionKind::gvk(
@@ -145,7 +146,8 @@ fn controlled_by(meta: &kube::api::ObjectMeta, uid: Option<&str>) -> bool {
     })
 }
 
-/// Applies the rule under the operator's field manager, unless a rule of
+/// Applies the rule under the autoscaler's field manager (apart from the
+/// reconciler's, which owns the children), unless a rule of
 /// that name exists that this resource does not control (a user's rule is
 /// never overwritten, nor garbage-collected with the resource).
 pub async fn apply(client: Client, mf: &ModelForwarder, rule: &Value) -> Result<(), RuleError> {
@@ -161,7 +163,7 @@ pub async fn apply(client: Client, mf: &ModelForwarder, rule: &Value) -> Result<
     }
     api.patch(
         &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
+        &PatchParams::apply(AUTOSCALER_FIELD_MANAGER).force(),
         &Patch::Apply(rule),
     )
     .await

@@ -50,6 +50,11 @@ pub struct Autoscaler {
     pub max_age: Duration,
     /// Create a PrometheusRule with the SLO alerts per resource.
     pub prometheus_rules: bool,
+    /// When this replica, before it led, last saw the previous leader's
+    /// lease change (the election's observed time): a stabilization window
+    /// in progress in status is continued across the handover. `None`
+    /// (unknown, or no election): the window starts again.
+    pub handover: Option<std::time::Instant>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -189,6 +194,16 @@ impl Autoscaler {
                     if let Some(ago) = last_scale_up_ago(mf.status.as_ref(), jiff::Timestamp::now())
                     {
                         evaluator.restore_scale_up(ago);
+                    }
+                    // And continues a scale-down window in progress.
+                    let held = mf.status.as_ref().and_then(|s| s.stabilization.as_ref());
+                    if let (Some(h), Some(seen)) = (held, this.handover) {
+                        evaluator.restore_stabilizing(
+                            h.since.0,
+                            u32::try_from(h.peak_replicas).unwrap_or(0),
+                            seen.elapsed(),
+                            this.interval,
+                        );
                     }
                     Slot {
                         evaluator,

@@ -53,6 +53,7 @@ pub fn needs_write(
     if prev.desired_replicas != next.desired_replicas
         || prev.last_scale_time != next.last_scale_time
         || prev.last_scale_reason != next.last_scale_reason
+        || prev.stabilization != next.stabilization
     {
         return true;
     }

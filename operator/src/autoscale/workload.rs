@@ -52,6 +52,7 @@ pub fn policy_for(spec: &ModelForwarderSpec) -> Policy {
         .map(|(delay, a)| QueueSlo {
             max_delay_s: f64::from(delay),
             workers_per_replica: f64::from(a.workers.max(1)),
+            lag_includes_running: true,
         });
     p
 }
@@ -391,7 +392,9 @@ pub fn status_patch(mf: &ModelForwarder, e: &Evaluation, now: &Time) -> Value {
                 delay_s,
                 ..
             } => (Some(backlog), Some(delay_s), per_replica),
-            QueueNeed::UnknownCapacity { backlog } => (Some(backlog), None, None),
+            QueueNeed::UnknownCapacity { backlog } | QueueNeed::NotCredible { backlog, .. } => {
+                (Some(backlog), None, None)
+            }
             QueueNeed::Off | QueueNeed::Missing => (None, None, None),
         };
         for (key, v) in [
@@ -419,6 +422,15 @@ pub fn status_patch(mf: &ModelForwarder, e: &Evaluation, now: &Time) -> Value {
         if let Some(r) = &p.last_scale_reason {
             status["lastScaleReason"] = json!(r);
         }
+    }
+    if let Some((since, peak)) = e.stabilizing {
+        let peak = i32::try_from(peak).unwrap_or(i32::MAX);
+        // The same peak: the stored one stands (its `since` is the start of
+        // the same run; the history's start moves as it is pruned).
+        status["stabilization"] = match prev.and_then(|p| p.stabilization.as_ref()) {
+            Some(s) if s.peak_replicas == peak => json!(s),
+            _ => json!({"since": Time(since), "peakReplicas": peak}),
+        };
     }
     json!({
         "apiVersion": ModelForwarder::api_version(&()),
@@ -514,6 +526,43 @@ mod tests {
         );
     }
 
+    /// A scale-down held by the window is kept in status for a new
+    /// leader, written once: the same peak on later evaluations (whose
+    /// history start moves as it is pruned) writes nothing.
+    #[test]
+    fn a_held_scale_down_is_kept_in_status_and_written_once() {
+        use crate::autoscale::status_change::needs_write;
+        let now = Time(jiff::Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_secs(1000));
+        let since = jiff::Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_secs(900);
+        let mut e = evaluation(Reason::Stabilizing, Observed::default());
+        e.stabilizing = Some((since, 2));
+        let mut mf = resource();
+        let p = status_patch(&mf, &e, &now);
+        assert_eq!(
+            p["status"]["stabilization"],
+            json!({"since": Time(since), "peakReplicas": 2})
+        );
+        let first: crate::crd::ModelForwarderStatus =
+            serde_json::from_value(p["status"].clone()).unwrap();
+        assert!(needs_write(mf.status.as_ref(), &first, now.0));
+        mf.status = Some(first.clone());
+        e.stabilizing = Some((since + jiff::SignedDuration::from_secs(15), 2));
+        let p = status_patch(&mf, &e, &now);
+        let next: crate::crd::ModelForwarderStatus =
+            serde_json::from_value(p["status"].clone()).unwrap();
+        assert_eq!(next.stabilization, first.stabilization);
+        assert!(!needs_write(Some(&first), &next, now.0));
+        // A higher peak, or the hold ending, is written.
+        e.stabilizing = Some((since, 3));
+        let p = status_patch(&mf, &e, &now);
+        let next: crate::crd::ModelForwarderStatus =
+            serde_json::from_value(p["status"].clone()).unwrap();
+        assert!(needs_write(Some(&first), &next, now.0));
+        e.stabilizing = None;
+        let p = status_patch(&mf, &e, &now);
+        assert!(p["status"].get("stabilization").is_none());
+    }
+
     fn resource() -> ModelForwarder {
         serde_json::from_value(json!({
             "apiVersion": "llm.forwarder.dev/v1alpha1", "kind": "ModelForwarder",
@@ -540,6 +589,7 @@ mod tests {
             },
             observed,
             metrics_error: None,
+            stabilizing: None,
             scaled: false,
             foreign_managers: vec![],
         }
@@ -571,7 +621,8 @@ mod tests {
             policy_for(&mf.spec).queue,
             Some(QueueSlo {
                 max_delay_s: 60.0,
-                workers_per_replica: 8.0
+                workers_per_replica: 8.0,
+                lag_includes_running: true,
             })
         );
         let now = Time(jiff::Timestamp::UNIX_EPOCH);
