@@ -36,7 +36,7 @@ use crate::upstream::Pools;
 use crate::BuildError;
 use claims::{Begin, Claims};
 use envelope::{peek_as, Context, Envelope, Reply, ReplyBody};
-use forward::{Forwarder, Trace};
+use forward::Forwarder;
 use forwarder_config::Config;
 use idempotency::{fingerprint, scoped_key, Fingerprint, Flights, StoredReply};
 use observe::Observer;
@@ -192,6 +192,8 @@ pub struct Pipeline {
     /// `server.max_concurrency` slots, when bounded, and how many wait.
     slots: Option<Arc<tokio::sync::Semaphore>>,
     waiting: AtomicUsize,
+    /// OpenTelemetry traces, when configured; `None` costs nothing.
+    traces: Option<Arc<crate::telemetry::traces::Traces>>,
 }
 
 /// Counts a request in the slot queue for as long as it waits (also when
@@ -247,6 +249,7 @@ impl Pipeline {
                 .flat_map(|u| u.models.iter().map(move |m| (u.name.as_str(), m.as_str()))),
         );
         let shared = crate::store::build(&cfg, &metrics)?;
+        let traces = crate::telemetry::traces::Traces::from_config(&cfg)?;
         let cache =
             crate::cache::ResponseCache::new(&cfg.cache, shared.clone(), &metrics).map(Arc::new);
         Ok(Self {
@@ -282,6 +285,7 @@ impl Pipeline {
                 .max_concurrency
                 .map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
             waiting: Default::default(),
+            traces,
             shared,
             cfg,
         })
@@ -326,6 +330,26 @@ impl Pipeline {
     /// Re-reads the upstreams' TLS files; see [`crate::upstream::pool::Pools::reload_files`].
     pub fn reload_upstream_files(&self) -> Result<bool, crate::BuildError> {
         self.forwarder.pools.reload_files()
+    }
+
+    /// Exports the spans still buffered (at shutdown; tests).
+    pub async fn flush_traces(&self) {
+        if let Some(t) = &self.traces {
+            t.flush().await;
+        }
+    }
+
+    /// The request's span, when traces are on.
+    fn span(&self, meta: &RequestMeta) -> Option<crate::telemetry::traces::RequestSpan> {
+        self.traces.as_ref().map(|t| {
+            crate::telemetry::traces::RequestSpan::start(
+                t,
+                &meta.headers,
+                meta.protocol,
+                meta.api,
+                &meta.request_id,
+            )
+        })
     }
 
     pub fn jwt(&self) -> Option<&Arc<JwtVerifier>> {
@@ -388,6 +412,8 @@ impl Pipeline {
     /// server would accept.
     pub fn admit(&self, meta: RequestMeta) -> Result<Admission, ApiError> {
         let mut obs = self.observer(meta.protocol, &meta.request_id);
+        obs.api = meta.api;
+        obs.span = self.span(&meta);
         let Principal {
             identity: principal,
             models,
@@ -435,8 +461,11 @@ impl Pipeline {
     /// accepted), held to the grants its credential had then: its models
     /// and its tier (the token's claim, else the client's configured one).
     pub fn admit_as(&self, principal: Principal, meta: RequestMeta) -> Admission {
+        let mut obs = self.observer(meta.protocol, &meta.request_id);
+        obs.api = meta.api;
+        obs.span = self.span(&meta);
         Admission {
-            obs: self.observer(meta.protocol, &meta.request_id),
+            obs,
             tier: self.tier(&principal.identity, principal.tier.as_deref()),
             principal: principal.identity,
             models: principal.models,
@@ -509,6 +538,10 @@ impl Pipeline {
         let known = self.forwarder.knows(&model);
         obs.set_model(&model, known);
         obs.stream = stream;
+        if let Some(span) = &mut obs.span {
+            span.set_api(api);
+            span.set_model(&model, stream);
+        }
         // A model the client's token does not grant is, to it, one that
         // does not exist (as OpenAI answers).
         if !known || models.is_some_and(|m| !m.contains(&model)) {
@@ -590,6 +623,9 @@ impl Pipeline {
                     }
                 }
                 h.extend(meta.upstream_headers);
+                if let Some(span) = &obs.span {
+                    span.inject(&mut h);
+                }
                 h
             },
             body: call.body,
@@ -666,7 +702,7 @@ impl Pipeline {
 
     /// Forwards without idempotency.
     async fn dispatch(&self, mut obs: Observer, env: Envelope) -> Result<Answer, ApiError> {
-        let mut trace = Trace::default();
+        let mut trace = obs.new_trace();
         let result = if env.stream {
             self.forwarder.stream(&env, &mut trace).await
         } else {
@@ -709,11 +745,12 @@ impl Pipeline {
         let max_record = self.cfg.idempotency.max_record_bytes;
         let ttl = self.cfg.idempotency.ttl;
         let deadline = env.ctx.deadline;
+        let new_trace = obs.new_trace();
         let (flight, leader) = self
             .flights
             .lead_or_join(&key, fp, move |claim| {
                 async move {
-                    let mut trace = Trace::default();
+                    let mut trace = new_trace;
                     let result = match claims.begin(&skey, fp, false, deadline).await {
                         Err(e) => Err(e),
                         Ok(Begin::Replay(StoredReply::Complete(body))) => {
@@ -800,7 +837,7 @@ impl Pipeline {
             }
             Begin::Lead(lease) => lease,
         };
-        let mut trace = Trace::default();
+        let mut trace = obs.new_trace();
         let result = self.forwarder.stream(&env, &mut trace).await;
         obs.trace(&trace);
         let reply = result.map_err(|e| obs.fail(e))?;

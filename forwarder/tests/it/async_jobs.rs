@@ -55,7 +55,12 @@ async fn a_job_is_accepted_run_and_answered_as_the_sync_endpoint_would() {
     assert_eq!(
         f.metric(
             "forwarder_requests_total",
-            &[("protocol", "http"), ("model", "mock"), ("code", "202")]
+            &[
+                ("protocol", "http"),
+                ("api", "chat_completions"),
+                ("model", "mock"),
+                ("code", "202")
+            ]
         )
         .await,
         1.0

@@ -34,4 +34,5 @@ mod shutdown;
 mod store;
 mod streaming;
 mod tls;
+mod tracing;
 mod websocket;
