@@ -13,6 +13,7 @@ pub mod idempotency;
 mod kind;
 mod observe;
 mod rate_limit;
+pub mod responses;
 mod shared_limit;
 mod stream_end;
 
@@ -36,7 +37,7 @@ use crate::upstream::Pools;
 use crate::BuildError;
 use claims::{Begin, Claims};
 use envelope::{peek_as, Context, Envelope, Reply, ReplyBody};
-use forward::Forwarder;
+use forward::{Forwarder, Trace};
 use forwarder_config::Config;
 use idempotency::{fingerprint, scoped_key, Fingerprint, Flights, StoredReply};
 use observe::Observer;
@@ -194,6 +195,8 @@ pub struct Pipeline {
     waiting: AtomicUsize,
     /// OpenTelemetry traces, when configured; `None` costs nothing.
     traces: Option<Arc<crate::telemetry::traces::Traces>>,
+    /// Which upstream created each stored response.
+    responses: Arc<responses::ResponseIndex>,
 }
 
 /// Counts a request in the slot queue for as long as it waits (also when
@@ -286,6 +289,7 @@ impl Pipeline {
                 .map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
             waiting: Default::default(),
             traces,
+            responses: Arc::new(responses::ResponseIndex::new(shared.clone())),
             shared,
             cfg,
         })
@@ -711,7 +715,7 @@ impl Pipeline {
         obs.trace(&trace);
         match result {
             Ok(reply) => Ok(Answer {
-                reply: obs.watch(reply),
+                reply: obs.watch(self.remember_response(&env, &trace, reply)),
                 replayed: false,
             }),
             Err(e) => Err(obs.fail(e)),
@@ -745,6 +749,7 @@ impl Pipeline {
         let max_record = self.cfg.idempotency.max_record_bytes;
         let ttl = self.cfg.idempotency.ttl;
         let deadline = env.ctx.deadline;
+        let (env_api, env_owner) = (env.api, env.ctx.principal.0.clone());
         let new_trace = obs.new_trace();
         let (flight, leader) = self
             .flights
@@ -787,6 +792,11 @@ impl Pipeline {
             })
             .map_err(|e| obs.fail(e))?;
         let (result, trace) = flight.await;
+        if let (true, Ok((_, body, false))) = (leader, &result) {
+            if env_api == ApiKind::Responses {
+                self.remember_body(&env_owner, &trace, body);
+            }
+        }
         if leader {
             obs.trace(&trace);
         } else {
@@ -841,6 +851,7 @@ impl Pipeline {
         let result = self.forwarder.stream(&env, &mut trace).await;
         obs.trace(&trace);
         let reply = result.map_err(|e| obs.fail(e))?;
+        let reply = self.remember_response(&env, &trace, reply);
         let ReplyBody::Stream(stream) = reply.body else {
             return Err(obs.fail(ApiError::BadGateway("unexpected completion".into())));
         };
@@ -879,6 +890,90 @@ impl Pipeline {
             }),
             replayed: false,
         })
+    }
+
+    /// Notes which upstream created a Responses answer, from its body or
+    /// its stream's first event carrying an id.
+    fn remember_response(&self, env: &Envelope, trace: &Trace, reply: Reply) -> Reply {
+        if env.api != ApiKind::Responses {
+            return reply;
+        }
+        let owner = env.ctx.principal.0.clone();
+        match reply.body {
+            ReplyBody::Complete(body) => {
+                self.remember_body(&owner, trace, &body);
+                Reply {
+                    headers: reply.headers,
+                    body: ReplyBody::Complete(body),
+                }
+            }
+            ReplyBody::Stream(s) => {
+                let Some(upstream) = trace.upstream.clone() else {
+                    return Reply {
+                        headers: reply.headers,
+                        body: ReplyBody::Stream(s),
+                    };
+                };
+                let index = self.responses.clone();
+                let mut pending = Some((upstream, owner));
+                let s = s.inspect(move |item| {
+                    let (Some(_), Ok(event)) = (&pending, item) else {
+                        return;
+                    };
+                    let id = sse::data(event).and_then(|d| responses::response_id(&d));
+                    if let (Some(id), Some((upstream, owner))) = (id, pending.take()) {
+                        index.remember(id, responses::Origin { upstream, owner });
+                    }
+                });
+                Reply {
+                    headers: reply.headers,
+                    body: ReplyBody::Stream(s.boxed()),
+                }
+            }
+        }
+    }
+
+    fn remember_body(&self, owner: &str, trace: &Trace, body: &[u8]) {
+        if let (Some(upstream), Some(id)) = (&trace.upstream, responses::response_id(body)) {
+            self.responses.remember(
+                id,
+                responses::Origin {
+                    upstream: upstream.clone(),
+                    owner: owner.to_string(),
+                },
+            );
+        }
+    }
+
+    /// `GET` or `DELETE /v1/responses/{id}` for `owner`: sent to the
+    /// upstream that created the response. `None`: a response this
+    /// forwarder did not create, or another client's (not found).
+    pub async fn response_object(
+        &self,
+        owner: &Identity,
+        method: http::Method,
+        id: &str,
+    ) -> Result<Option<(HeaderMap, Bytes)>, ApiError> {
+        let Some(origin) = self.responses.lookup(id).await else {
+            return Ok(None);
+        };
+        let endpoint = match self.forwarder.pools.endpoint(&origin.upstream) {
+            Some(e) if origin.owner == owner.0 => e,
+            _ => return Ok(None),
+        };
+        let path = format!("/responses/{id}");
+        let is_delete = method == http::Method::DELETE;
+        let done =
+            match tokio::time::timeout(endpoint.timeout, endpoint.provider.object(method, &path))
+                .await
+            {
+                Ok(r) => r.map_err(|e| to_api_error(&e))?,
+                Err(_) => return Err(to_api_error(&crate::upstream::UpstreamError::Timeout)),
+            };
+        if is_delete {
+            self.responses.forget(id).await;
+        }
+        Ok(Some((done.headers, done.body)))
     }
 
     fn replay(&self, obs: Observer, stored: StoredReply) -> Answer {

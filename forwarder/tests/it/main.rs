@@ -28,6 +28,7 @@ mod python_clients;
 mod redis_server;
 mod replicas;
 mod resilience;
+mod responses;
 mod scripted;
 mod shared_table;
 mod shutdown;
