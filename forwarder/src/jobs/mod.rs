@@ -172,8 +172,15 @@ impl Jobs {
             return self.create(sub, headers).await;
         };
         let simple = matches!(sub.kind, JobKind::Simple { .. });
-        let fp =
-            submissions::fingerprint(&sub.model, &sub.body, sub.callback_url.as_deref(), simple);
+        // Two APIs' bodies may be byte-identical: the API is part of it
+        // (chat keeps the fingerprint older records have).
+        let scope = match &sub.kind {
+            JobKind::Embeddings | JobKind::Responses => {
+                format!("{}\u{1f}{}", sub.kind.api().label(), sub.model)
+            }
+            _ => sub.model.clone(),
+        };
+        let fp = submissions::fingerprint(&scope, &sub.body, sub.callback_url.as_deref(), simple);
         let owner = sub.owner.identity.clone();
         match self.submissions.begin(&owner, &k, fp).await? {
             submissions::Keyed::Existing(id) => self

@@ -45,6 +45,10 @@ struct WireJob {
     /// charged when run).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     charged: bool,
+    /// The API of a job other than chat completions (`embeddings`,
+    /// `responses`; absent: chat, as older forwarders wrote every job).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    api: Option<String>,
 }
 
 /// A field that is present, even as `null` (plain serde reads a `null`
@@ -64,8 +68,12 @@ pub fn encode(job: &Job) -> Vec<u8> {
         id: job.id.clone(),
         owner: job.owner.0.clone(),
         simple: match &job.kind {
-            JobKind::Chat => None,
             JobKind::Simple { request_id } => Some(request_id.clone()),
+            _ => None,
+        },
+        api: match &job.kind {
+            JobKind::Embeddings | JobKind::Responses => Some(job.kind.api().label().to_string()),
+            _ => None,
         },
         model: job.model.clone(),
         body: String::from_utf8_lossy(&job.body).into_owned(),
@@ -107,9 +115,12 @@ pub fn decode(bytes: &[u8]) -> Result<Job, DecodeError> {
     Ok(Job {
         id: w.id,
         owner: Identity(w.owner),
-        kind: match w.simple {
-            None => JobKind::Chat,
-            Some(request_id) => JobKind::Simple { request_id },
+        kind: match (w.simple, w.api.as_deref()) {
+            (Some(request_id), None) => JobKind::Simple { request_id },
+            (None, None) => JobKind::Chat,
+            (None, Some("embeddings")) => JobKind::Embeddings,
+            (None, Some("responses")) => JobKind::Responses,
+            (_, Some(other)) => return Err(DecodeError(format!("unknown job API {other:?}"))),
         },
         model: w.model,
         body: Bytes::from(w.body),
@@ -185,6 +196,16 @@ mod tests {
         let mut chat = job.clone();
         chat.kind = JobKind::Chat;
         assert_eq!(decode(&encode(&chat)).unwrap().kind, JobKind::Chat);
+        for kind in [JobKind::Embeddings, JobKind::Responses] {
+            chat.kind = kind.clone();
+            let bytes = encode(&chat);
+            assert_eq!(decode(&bytes).unwrap().kind, kind);
+        }
+        // A job of an API this forwarder does not know is not run as chat.
+        let unknown = String::from_utf8(encode(&chat))
+            .unwrap()
+            .replace(r#""api":"responses""#, r#""api":"audio""#);
+        assert!(decode(unknown.as_bytes()).is_err());
         // A message from a forwarder that sent seconds only.
         let old = br#"{"v":1,"id":"x","owner":"o","model":"m","body":"{}","headers":[],"created_at":7,"expires_at_ms":0}"#;
         assert_eq!(decode(old).unwrap().created_ms(), 7_000);
