@@ -554,6 +554,7 @@ impl Batches {
                         // A driver that takes over finds this line's job.
                         idempotency_key: Some(lease::line_key(&b.id, &req.custom_id)),
                         charged: false,
+                        trace: None,
                         batch: Some(BatchTag {
                             batch_id: b.id.clone(),
                             custom_id: req.custom_id.clone(),

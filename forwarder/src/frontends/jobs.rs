@@ -191,6 +191,7 @@ async fn submit(
         idempotency_key,
         charged: true,
         batch: None,
+        trace: adm.traceparent(),
     };
     match jobs.submit(sub, headers).await {
         Ok(job) => {

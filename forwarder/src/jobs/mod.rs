@@ -70,6 +70,8 @@ pub struct Submission {
     pub charged: bool,
     /// The Batch API batch and line it runs.
     pub batch: Option<model::BatchTag>,
+    /// The submission span's `traceparent`, when traces are on.
+    pub trace: Option<String>,
 }
 
 pub struct Jobs {
@@ -204,6 +206,7 @@ impl Jobs {
             callback_url,
             charged,
             batch,
+            trace,
             ..
         } = sub;
         let owner = &owner;
@@ -233,6 +236,7 @@ impl Jobs {
         let now = now_ms();
         let ttl = u64::try_from(self.cfg.job_ttl.as_millis()).unwrap_or(u64::MAX);
         let job = Job {
+            submission_trace: trace,
             id: format!("job_{}", uuid::Uuid::new_v4().simple()),
             owner: owner.identity.clone(),
             grants: model::Grants::of(owner),

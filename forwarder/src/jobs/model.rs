@@ -142,6 +142,9 @@ pub struct Job {
     /// What the submitting client's credential allowed; the run is held
     /// to it.
     pub grants: Grants,
+    /// The W3C `traceparent` of the submission's span (traces on): the
+    /// run's span links to it.
+    pub submission_trace: Option<String>,
 }
 
 /// A job's share of its client's credential: the models it may use and
@@ -346,6 +349,7 @@ pub struct CallbackView<'a> {
 #[cfg(test)]
 pub(crate) fn test_job(id: &str, owner: &str, expires_at_ms: u64) -> Job {
     Job {
+        submission_trace: None,
         id: id.into(),
         owner: Identity(owner.into()),
         kind: JobKind::Chat,

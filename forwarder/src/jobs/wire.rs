@@ -49,6 +49,9 @@ struct WireJob {
     /// `responses`; absent: chat, as older forwarders wrote every job).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     api: Option<String>,
+    /// The submission span's `traceparent`, when traces are on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    trace: Option<String>,
 }
 
 /// A field that is present, even as `null` (plain serde reads a `null`
@@ -71,6 +74,7 @@ pub fn encode(job: &Job) -> Vec<u8> {
             JobKind::Simple { request_id } => Some(request_id.clone()),
             _ => None,
         },
+        trace: job.submission_trace.clone(),
         api: match &job.kind {
             JobKind::Embeddings | JobKind::Responses => Some(job.kind.api().label().to_string()),
             _ => None,
@@ -115,6 +119,7 @@ pub fn decode(bytes: &[u8]) -> Result<Job, DecodeError> {
     Ok(Job {
         id: w.id,
         owner: Identity(w.owner),
+        submission_trace: w.trace,
         kind: match (w.simple, w.api.as_deref()) {
             (Some(request_id), None) => JobKind::Simple { request_id },
             (None, None) => JobKind::Chat,
@@ -156,6 +161,9 @@ mod tests {
         let mut headers = http::HeaderMap::new();
         headers.insert("openai-organization", "org".parse().unwrap());
         let job = Job {
+            submission_trace: Some(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+            ),
             id: "job_1".into(),
             owner: Identity("alice".into()),
             kind: JobKind::Simple {
@@ -184,6 +192,7 @@ mod tests {
         assert_eq!(back.id, job.id);
         assert_eq!(back.owner, job.owner);
         assert_eq!(back.kind, job.kind);
+        assert_eq!(back.submission_trace, job.submission_trace);
         assert!(back.charged);
         assert_eq!(back.body, job.body, "byte for byte");
         assert_eq!(back.headers, job.headers);

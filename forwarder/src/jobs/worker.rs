@@ -244,6 +244,7 @@ impl Jobs {
         let answer = loop {
             let mut meta = RequestMeta::new(Protocol::Http, job.id.clone());
             meta.api = job.kind.api();
+            meta.trace_link.clone_from(&job.submission_trace);
             meta.headers = job.headers.clone();
             // The job id goes upstream too, so a provider that honours
             // idempotency keys answers a re-run (after a crash mid-call)

@@ -73,6 +73,9 @@ pub struct RequestMeta {
     /// job, at submission): the run spends nothing more up front; the
     /// answer's tokens beyond the estimate are still charged.
     pub prepaid: bool,
+    /// A W3C `traceparent` the request's span links to (an async job's
+    /// run: its submission's span), when traces are on.
+    pub trace_link: Option<String>,
 }
 
 impl RequestMeta {
@@ -88,6 +91,7 @@ impl RequestMeta {
             peer: None,
             upstream_headers: HeaderMap::new(),
             prepaid: false,
+            trace_link: None,
         }
     }
 }
@@ -138,6 +142,12 @@ impl Admission {
         self.models
             .as_ref()
             .is_none_or(|m| m.iter().any(|g| g == model))
+    }
+
+    /// The W3C `traceparent` of this request's span, when traces are on
+    /// (what a job it leaves links its run to).
+    pub fn traceparent(&self) -> Option<String> {
+        self.obs.span.as_ref().and_then(|s| s.traceparent())
     }
 
     /// The idempotency key the client sent in a header, if any.
@@ -352,6 +362,7 @@ impl Pipeline {
                 meta.protocol,
                 meta.api,
                 &meta.request_id,
+                meta.trace_link.as_deref(),
             )
         })
     }

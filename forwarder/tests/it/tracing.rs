@@ -446,3 +446,61 @@ async fn tracing_is_off_by_default() {
     assert_eq!(r.status, 200, "{}", r.text);
     assert!(up.traceparents.lock().is_empty());
 }
+
+/// An async job's run is a span of its own (its own trace), linked to the
+/// span of the request that submitted it.
+#[tokio::test]
+async fn a_jobs_run_span_links_to_its_submission() {
+    let received = Received::default();
+    let endpoint = receiver(true, received.clone()).await;
+    let mut cfg = forwarder::config::Config::default();
+    cfg.server.listen = loopback();
+    cfg.async_jobs.enabled = true;
+    cfg.tracing.enabled = true;
+    cfg.tracing.endpoint = Some(endpoint);
+    cfg.tracing.protocol = Some("grpc".into());
+    let f = start(cfg).await;
+    let r = f
+        .post(
+            "/v1/async/embeddings",
+            &json!({"model": "mock", "input": PROMPT}),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let job = wait_job(&f, r.body["id"].as_str().unwrap(), &[]).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    f.server.pipeline.flush_traces().await;
+    let mut spans = Vec::new();
+    for _ in 0..100 {
+        spans = received.spans();
+        if spans.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let server = |status: i64| {
+        spans
+            .iter()
+            .find(|s| {
+                s.kind == SpanKind::Server as i32 && int(s, "forwarder.status") == Some(status)
+            })
+            .unwrap_or_else(|| panic!("no span with status {status}: {spans:#?}"))
+    };
+    let (submitted, run) = (server(202), server(200));
+    assert_eq!(
+        string(submitted, "gen_ai.operation.name").as_deref(),
+        Some("embeddings")
+    );
+    assert_eq!(
+        string(run, "gen_ai.operation.name").as_deref(),
+        Some("embeddings")
+    );
+    assert_ne!(
+        run.trace_id, submitted.trace_id,
+        "the run is a trace of its own"
+    );
+    assert_eq!(run.links.len(), 1, "{run:#?}");
+    assert_eq!(run.links[0].trace_id, submitted.trace_id);
+    assert_eq!(run.links[0].span_id, submitted.span_id);
+}

@@ -123,6 +123,19 @@ impl Traces {
             .inject_context(cx, &mut HeaderInjector(headers));
     }
 
+    /// The span a `traceparent` names, if it is well-formed.
+    fn span_context_of(&self, traceparent: &str) -> Option<opentelemetry::trace::SpanContext> {
+        use opentelemetry::trace::TraceContextExt;
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            "traceparent",
+            http::HeaderValue::from_str(traceparent).ok()?,
+        );
+        let cx = self.extract(&h);
+        let sc = cx.span().span_context().clone();
+        sc.is_valid().then_some(sc)
+    }
+
     fn upstream(&self, name: &str) -> Option<&Upstream> {
         self.upstreams.get(name)
     }

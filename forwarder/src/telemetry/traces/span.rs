@@ -47,13 +47,19 @@ impl RequestSpan {
         protocol: Protocol,
         api: ApiKind,
         request_id: &str,
+        link: Option<&str>,
     ) -> Self {
         let parent = traces.extract(headers);
         let op = operation(api);
+        let links = link
+            .and_then(|tp| traces.span_context_of(tp))
+            .map(|sc| vec![opentelemetry::trace::Link::with_context(sc)])
+            .unwrap_or_default();
         let span = traces
             .tracer
             .span_builder(op)
             .with_kind(SpanKind::Server)
+            .with_links(links)
             .with_attributes([
                 KeyValue::new("gen_ai.operation.name", op),
                 KeyValue::new("forwarder.api", api.label()),
@@ -94,6 +100,13 @@ impl RequestSpan {
             cx: self.cx.clone(),
             traces: self.traces.clone(),
         }
+    }
+
+    /// This span's W3C `traceparent`.
+    pub fn traceparent(&self) -> Option<String> {
+        let mut h = http::HeaderMap::new();
+        self.traces.inject(&self.cx, &mut h);
+        h.get("traceparent")?.to_str().ok().map(str::to_string)
     }
 
     /// Sets `traceparent` (and `tracestate`) for the upstream: the
