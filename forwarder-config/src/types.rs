@@ -46,6 +46,33 @@ pub struct Config {
     /// config when absent, so configs rendered before it read the same.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub budgets: Option<crate::BudgetsConfig>,
+    /// OpenTelemetry traces over OTLP (off by default).
+    pub tracing: TracingConfig,
+}
+
+/// OpenTelemetry traces: a span per request and per upstream attempt,
+/// exported over OTLP. Off unless `enabled` is true or an OTLP endpoint
+/// variable (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`,
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`) is set; `OTEL_SDK_DISABLED=true` turns it
+/// off whatever is set. The fields left unset here are read from the
+/// standard `OTEL_*` variables.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracingConfig {
+    pub enabled: bool,
+    /// The collector's URL (for `http/protobuf` without the `/v1/traces`
+    /// path, which is added). Else the variables, else the protocol's
+    /// default on localhost.
+    pub endpoint: Option<String>,
+    /// `grpc` or `http/protobuf`. Else `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`,
+    /// `OTEL_EXPORTER_OTLP_PROTOCOL`, else `http/protobuf`.
+    pub protocol: Option<String>,
+    /// The fraction of new traces sampled (0..=1); a request carrying a
+    /// `traceparent` follows its sampled flag. Else `OTEL_TRACES_SAMPLER_ARG`
+    /// (with a ratio sampler), else 1.
+    pub sample_ratio: Option<f64>,
+    /// `service.name`. Else `OTEL_SERVICE_NAME`, else `forwarder`.
+    pub service_name: Option<String>,
 }
 
 /// A model alias (`models.<alias>`): the client's model name, served by
@@ -100,6 +127,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             cache: CacheConfig::default(),
             budgets: None,
+            tracing: TracingConfig::default(),
         }
     }
 }

@@ -2,7 +2,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::time::Duration;
 
-use crate::{Config, LatencyDist, MockSettings, Provider, UpstreamConfig};
+use crate::{Config, LatencyDist, MockSettings, Provider, TracingConfig, UpstreamConfig};
 
 /// One semantic problem in a config, with the dotted path of its field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,6 +210,7 @@ pub fn validate(config: &Config) -> Result<(), Vec<FieldError>> {
     }
     validate_async(&config.async_jobs, &mut e);
     validate_aliases(config, &mut e);
+    validate_tracing(&config.tracing, &mut e);
 
     if let Some(rl) = &config.rate_limit {
         e.check(
@@ -542,6 +543,34 @@ impl MockSettings {
     }
 }
 
+/// `tracing`: a protocol the exporter speaks, a ratio, an endpoint URL.
+fn validate_tracing(t: &TracingConfig, e: &mut Errors) {
+    if let Some(p) = &t.protocol {
+        e.check(
+            TRACING_PROTOCOLS.contains(&p.as_str()),
+            "tracing.protocol",
+            "must be grpc or http/protobuf",
+        );
+    }
+    if let Some(r) = t.sample_ratio {
+        e.check(
+            (0.0..=1.0).contains(&r),
+            "tracing.sample_ratio",
+            "must be within 0..=1",
+        );
+    }
+    if let Some(u) = &t.endpoint {
+        e.check(
+            u.starts_with("http://") || u.starts_with("https://"),
+            "tracing.endpoint",
+            "must be an http:// or https:// URL",
+        );
+    }
+}
+
+/// The OTLP protocols the forwarder's exporter speaks.
+pub const TRACING_PROTOCOLS: &[&str] = &["grpc", "http/protobuf"];
+
 /// `models`: each alias names served models (no alias of an alias, no
 /// alias shadowing a served model), at least one with a weight.
 fn validate_aliases(config: &Config, e: &mut Errors) {
@@ -783,6 +812,30 @@ prices: {mock: {input: 1, output: 2}, nope: {input: -1}}
     fn defaults_are_valid() {
         validate(&Config::default()).unwrap();
         assert!(warnings(&Config::default()).is_empty());
+    }
+
+    #[test]
+    fn tracing_settings_are_validated() {
+        let mut c = Config::default();
+        c.tracing.protocol = Some("http/json".into());
+        c.tracing.sample_ratio = Some(1.5);
+        c.tracing.endpoint = Some("collector:4317".into());
+        assert_eq!(
+            fields(&c),
+            [
+                "tracing.protocol",
+                "tracing.sample_ratio",
+                "tracing.endpoint"
+            ]
+        );
+        c.tracing = TracingConfig {
+            enabled: true,
+            endpoint: Some("http://127.0.0.1:4317".into()),
+            protocol: Some("grpc".into()),
+            sample_ratio: Some(0.25),
+            service_name: Some("edge".into()),
+        };
+        validate(&c).unwrap();
     }
 
     #[test]

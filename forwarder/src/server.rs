@@ -267,6 +267,8 @@ impl Server {
         for task in self.background {
             task.abort();
         }
+        // The spans of the requests just drained.
+        self.pipeline.flush_traces().await;
         tracing::info!("stopped");
     }
 }

@@ -6,8 +6,8 @@ use std::collections::HashSet;
 use bytes::Bytes;
 use serde::Deserialize;
 
-/// The only endpoint batches run.
-pub const ENDPOINT: &str = "/v1/chat/completions";
+/// The endpoints batches run (a batch's lines all name its endpoint).
+pub const ENDPOINTS: &[&str] = &["/v1/chat/completions", "/v1/embeddings", "/v1/responses"];
 
 /// One request of a batch input file.
 #[derive(Debug, Deserialize)]
@@ -24,6 +24,8 @@ pub struct Request {
     pub custom_id: String,
     pub model: String,
     pub body: Bytes,
+    /// One of [`ENDPOINTS`].
+    pub url: String,
 }
 
 /// Parses one line (without its newline) into a request, or says why not.
@@ -39,8 +41,12 @@ pub fn parse(line: &[u8]) -> Result<Request, String> {
     if l.method != "POST" {
         return Err(format!("method must be \"POST\", not {:?}", l.method));
     }
-    if l.url != ENDPOINT {
-        return Err(format!("url must be \"{ENDPOINT}\", not {:?}", l.url));
+    if !ENDPOINTS.contains(&l.url.as_str()) {
+        return Err(format!(
+            "url must be one of {}, not {:?}",
+            ENDPOINTS.join(", "),
+            l.url
+        ));
     }
     let model = match l.body.get("model") {
         Some(serde_json::Value::String(m)) if !m.is_empty() => m.clone(),
@@ -54,6 +60,7 @@ pub fn parse(line: &[u8]) -> Result<Request, String> {
         custom_id: l.custom_id,
         model,
         body: body.into(),
+        url: l.url,
     })
 }
 
@@ -119,8 +126,8 @@ mod tests {
             ("{", "not a request object"),
             (&OK.replace("POST", "GET"), "method must be \"POST\""),
             (
-                &OK.replace("/v1/chat/completions", "/v1/embeddings"),
-                "url must be",
+                &OK.replace("/v1/chat/completions", "/v1/messages"),
+                "url must be one of /v1/chat/completions, /v1/embeddings, /v1/responses",
             ),
             (&OK.replace(r#""model":"m","#, ""), "body.model"),
             (

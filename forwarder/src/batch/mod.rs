@@ -239,10 +239,10 @@ impl Batches {
         window: &str,
         metadata: Option<serde_json::Map<String, serde_json::Value>>,
     ) -> Result<Batch, BatchError> {
-        if endpoint != jsonl::ENDPOINT {
+        if !jsonl::ENDPOINTS.contains(&endpoint) {
             return Err(BatchError::BadRequest(format!(
-                "endpoint must be \"{}\"",
-                jsonl::ENDPOINT
+                "endpoint must be one of {}",
+                jsonl::ENDPOINTS.join(", ")
             )));
         }
         if window != "24h" {
@@ -497,7 +497,15 @@ impl Batches {
                 // door gives it.
                 let max_body = self.pipeline.config().server.max_body_bytes;
                 let known = self.pipeline.has_model(&req.model);
-                if let Some(refusal) = line_refusal(creator, known, max_body, &req) {
+                let refusal = if req.url != b.endpoint {
+                    Some(ApiError::BadRequest(format!(
+                        "the line's url {:?} is not the batch's endpoint {:?}",
+                        req.url, b.endpoint
+                    )))
+                } else {
+                    line_refusal(creator, known, max_body, &req)
+                };
+                if let Some(refusal) = refusal {
                     let body = serde_json::to_vec(&refusal.body()).unwrap_or_default();
                     let request_id = format!("req_{}", uuid::Uuid::new_v4().simple());
                     let outcome = Outcome::Answered {
@@ -539,13 +547,14 @@ impl Batches {
                     }
                     let sub = Submission {
                         owner: creator.clone(),
-                        kind: JobKind::Chat,
+                        kind: batch_kind(&b.endpoint),
                         model: req.model.clone(),
                         body: req.body.clone(),
                         callback_url: None,
                         // A driver that takes over finds this line's job.
                         idempotency_key: Some(lease::line_key(&b.id, &req.custom_id)),
                         charged: false,
+                        trace: None,
                         batch: Some(BatchTag {
                             batch_id: b.id.clone(),
                             custom_id: req.custom_id.clone(),
@@ -678,6 +687,15 @@ impl Batches {
 /// running it, if any: a body over `server.max_body_bytes` is `413`, a
 /// model the creator's credential does not grant (or no upstream serves)
 /// is `404 model_not_found`.
+/// The job kind of a batch's lines.
+fn batch_kind(endpoint: &str) -> JobKind {
+    match endpoint {
+        "/v1/embeddings" => JobKind::Embeddings,
+        "/v1/responses" => JobKind::Responses,
+        _ => JobKind::Chat,
+    }
+}
+
 fn line_refusal(
     creator: &Principal,
     known_model: bool,
@@ -730,6 +748,7 @@ mod tests {
             custom_id: "x".into(),
             model: model.into(),
             body: vec![b' '; body].into(),
+            url: "/v1/chat/completions".into(),
         };
         let code = |e: Option<ApiError>| e.map(|e| e.status().as_u16());
         assert_eq!(

@@ -88,6 +88,10 @@ pub fn router(pipeline: Arc<Pipeline>, lifecycle: Lifecycle, jobs: Option<Arc<Jo
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route("/v1/budget", get(super::budget::get_budget))
+        .route(
+            "/v1/responses/{id}",
+            get(get_response).delete(delete_response),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -510,4 +514,46 @@ pub(super) fn not_found(msg: &str) -> Response {
         Json(json!({"error": {"message": msg, "type": "invalid_request_error", "code": "not_found"}})),
     )
         .into_response()
+}
+
+/// `GET /v1/responses/{id}`: from the upstream that created it.
+async fn get_response(
+    State(p): State<Arc<Pipeline>>,
+    super::owner::Owner(owner): super::owner::Owner,
+    Path(id): Path<String>,
+) -> Response {
+    response_object(&p, &owner.identity, http::Method::GET, &id).await
+}
+
+/// `DELETE /v1/responses/{id}`: at the upstream that created it.
+async fn delete_response(
+    State(p): State<Arc<Pipeline>>,
+    super::owner::Owner(owner): super::owner::Owner,
+    Path(id): Path<String>,
+) -> Response {
+    response_object(&p, &owner.identity, http::Method::DELETE, &id).await
+}
+
+async fn response_object(
+    p: &Pipeline,
+    owner: &crate::auth::Identity,
+    method: http::Method,
+    id: &str,
+) -> Response {
+    match p.response_object(owner, method, id).await {
+        Ok(Some((headers, body))) => {
+            let mut r = (
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
+                body,
+            )
+                .into_response();
+            r.headers_mut().extend(headers);
+            r
+        }
+        Ok(None) => not_found(&format!("no response with id {id:?}")),
+        Err(e) => e.into_response(),
+    }
 }

@@ -19,7 +19,7 @@ use crate::auth::Principal;
 use crate::frontends::tls::PeerSubject;
 use crate::jobs::model::{Job, JobKind};
 use crate::jobs::{now_ms, CancelError, Jobs, Submission};
-use crate::pipeline::envelope::peek;
+use crate::pipeline::envelope::peek_as;
 use crate::pipeline::{check_key_len, Admission, Pipeline};
 
 /// The header naming a job's callback on the OpenAI-format route (the body
@@ -41,6 +41,8 @@ impl axum::extract::FromRef<JobsState> for Arc<Pipeline> {
 pub fn routes(pipeline: Arc<Pipeline>, jobs: Arc<Jobs>) -> Router {
     Router::new()
         .route("/v1/async/chat/completions", post_only(submit_chat))
+        .route("/v1/async/embeddings", post_only(submit_embeddings))
+        .route("/v1/async/responses", post_only(submit_responses))
         .route("/v1/async/jobs/{id}", get(get_job).delete(cancel_job))
         .with_state(JobsState {
             pipeline: pipeline.clone(),
@@ -50,6 +52,19 @@ pub fn routes(pipeline: Arc<Pipeline>, jobs: Arc<Jobs>) -> Router {
 }
 
 async fn submit_chat(State(s): State<JobsState>, req: Request) -> Response {
+    submit_api(s, req, JobKind::Chat).await
+}
+
+async fn submit_embeddings(State(s): State<JobsState>, req: Request) -> Response {
+    submit_api(s, req, JobKind::Embeddings).await
+}
+
+async fn submit_responses(State(s): State<JobsState>, req: Request) -> Response {
+    submit_api(s, req, JobKind::Responses).await
+}
+
+/// A job for one of the endpoints jobs stand for.
+async fn submit_api(s: JobsState, req: Request, kind: JobKind) -> Response {
     let (parts, body) = req.into_parts();
     let id = parts
         .extensions
@@ -68,7 +83,9 @@ async fn submit_chat(State(s): State<JobsState>, req: Request) -> Response {
         }
     };
     let upstream_headers = headers.clone();
-    let adm = match s.pipeline.admit(meta(Presented { headers, peer }, &id)) {
+    let mut request_meta = meta(Presented { headers, peer }, &id);
+    request_meta.api = kind.api();
+    let adm = match s.pipeline.admit(request_meta) {
         Ok(a) => a,
         Err(e) => return e.into_response(),
     };
@@ -81,7 +98,7 @@ async fn submit_chat(State(s): State<JobsState>, req: Request) -> Response {
         &s.pipeline,
         &s.jobs,
         adm,
-        JobKind::Chat,
+        kind,
         body,
         &upstream_headers,
         callback_url,
@@ -146,7 +163,7 @@ async fn submit(
     if let Err(e) = check_key_len(idempotency_key.as_deref()) {
         return adm.refuse(e).into_response();
     }
-    let model = match peek(&body) {
+    let model = match peek_as(kind.api(), &body) {
         Ok(peeked) if peeked.stream => {
             return adm
                 .refuse(ApiError::BadRequest(
@@ -174,6 +191,7 @@ async fn submit(
         idempotency_key,
         charged: true,
         batch: None,
+        trace: adm.traceparent(),
     };
     match jobs.submit(sub, headers).await {
         Ok(job) => {

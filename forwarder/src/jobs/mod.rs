@@ -70,6 +70,8 @@ pub struct Submission {
     pub charged: bool,
     /// The Batch API batch and line it runs.
     pub batch: Option<model::BatchTag>,
+    /// The submission span's `traceparent`, when traces are on.
+    pub trace: Option<String>,
 }
 
 pub struct Jobs {
@@ -172,8 +174,15 @@ impl Jobs {
             return self.create(sub, headers).await;
         };
         let simple = matches!(sub.kind, JobKind::Simple { .. });
-        let fp =
-            submissions::fingerprint(&sub.model, &sub.body, sub.callback_url.as_deref(), simple);
+        // Two APIs' bodies may be byte-identical: the API is part of it
+        // (chat keeps the fingerprint older records have).
+        let scope = match &sub.kind {
+            JobKind::Embeddings | JobKind::Responses => {
+                format!("{}\u{1f}{}", sub.kind.api().label(), sub.model)
+            }
+            _ => sub.model.clone(),
+        };
+        let fp = submissions::fingerprint(&scope, &sub.body, sub.callback_url.as_deref(), simple);
         let owner = sub.owner.identity.clone();
         match self.submissions.begin(&owner, &k, fp).await? {
             submissions::Keyed::Existing(id) => self
@@ -197,6 +206,7 @@ impl Jobs {
             callback_url,
             charged,
             batch,
+            trace,
             ..
         } = sub;
         let owner = &owner;
@@ -226,6 +236,7 @@ impl Jobs {
         let now = now_ms();
         let ttl = u64::try_from(self.cfg.job_ttl.as_millis()).unwrap_or(u64::MAX);
         let job = Job {
+            submission_trace: trace,
             id: format!("job_{}", uuid::Uuid::new_v4().simple()),
             owner: owner.identity.clone(),
             grants: model::Grants::of(owner),

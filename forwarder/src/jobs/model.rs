@@ -56,6 +56,34 @@ pub enum JobKind {
     Chat,
     /// `POST /api/v1/message`; the client's `request_id`, if it sent one.
     Simple { request_id: Option<String> },
+    /// `POST /v1/embeddings`.
+    Embeddings,
+    /// `POST /v1/responses` (never streamed).
+    Responses,
+}
+
+impl JobKind {
+    /// The API the job's body is written in.
+    pub fn api(&self) -> crate::pipeline::ApiKind {
+        use crate::pipeline::ApiKind;
+        match self {
+            Self::Chat | Self::Simple { .. } => ApiKind::ChatCompletions,
+            Self::Embeddings => ApiKind::Embeddings,
+            Self::Responses => ApiKind::Responses,
+        }
+    }
+
+    /// The kind of a job for `api`'s endpoint; `None` for APIs jobs do
+    /// not carry.
+    pub fn of(api: crate::pipeline::ApiKind) -> Option<Self> {
+        use crate::pipeline::ApiKind;
+        match api {
+            ApiKind::ChatCompletions => Some(Self::Chat),
+            ApiKind::Embeddings => Some(Self::Embeddings),
+            ApiKind::Responses => Some(Self::Responses),
+            ApiKind::Messages | ApiKind::CountTokens => None,
+        }
+    }
 }
 
 /// The answer the synchronous endpoint would have given.
@@ -114,6 +142,9 @@ pub struct Job {
     /// What the submitting client's credential allowed; the run is held
     /// to it.
     pub grants: Grants,
+    /// The W3C `traceparent` of the submission's span (traces on): the
+    /// run's span links to it.
+    pub submission_trace: Option<String>,
 }
 
 /// A job's share of its client's credential: the models it may use and
@@ -318,6 +349,7 @@ pub struct CallbackView<'a> {
 #[cfg(test)]
 pub(crate) fn test_job(id: &str, owner: &str, expires_at_ms: u64) -> Job {
     Job {
+        submission_trace: None,
         id: id.into(),
         owner: Identity(owner.into()),
         kind: JobKind::Chat,

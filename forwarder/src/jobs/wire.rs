@@ -45,6 +45,13 @@ struct WireJob {
     /// charged when run).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     charged: bool,
+    /// The API of a job other than chat completions (`embeddings`,
+    /// `responses`; absent: chat, as older forwarders wrote every job).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    api: Option<String>,
+    /// The submission span's `traceparent`, when traces are on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    trace: Option<String>,
 }
 
 /// A field that is present, even as `null` (plain serde reads a `null`
@@ -64,8 +71,13 @@ pub fn encode(job: &Job) -> Vec<u8> {
         id: job.id.clone(),
         owner: job.owner.0.clone(),
         simple: match &job.kind {
-            JobKind::Chat => None,
             JobKind::Simple { request_id } => Some(request_id.clone()),
+            _ => None,
+        },
+        trace: job.submission_trace.clone(),
+        api: match &job.kind {
+            JobKind::Embeddings | JobKind::Responses => Some(job.kind.api().label().to_string()),
+            _ => None,
         },
         model: job.model.clone(),
         body: String::from_utf8_lossy(&job.body).into_owned(),
@@ -107,9 +119,13 @@ pub fn decode(bytes: &[u8]) -> Result<Job, DecodeError> {
     Ok(Job {
         id: w.id,
         owner: Identity(w.owner),
-        kind: match w.simple {
-            None => JobKind::Chat,
-            Some(request_id) => JobKind::Simple { request_id },
+        submission_trace: w.trace,
+        kind: match (w.simple, w.api.as_deref()) {
+            (Some(request_id), None) => JobKind::Simple { request_id },
+            (None, None) => JobKind::Chat,
+            (None, Some("embeddings")) => JobKind::Embeddings,
+            (None, Some("responses")) => JobKind::Responses,
+            (_, Some(other)) => return Err(DecodeError(format!("unknown job API {other:?}"))),
         },
         model: w.model,
         body: Bytes::from(w.body),
@@ -145,6 +161,9 @@ mod tests {
         let mut headers = http::HeaderMap::new();
         headers.insert("openai-organization", "org".parse().unwrap());
         let job = Job {
+            submission_trace: Some(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+            ),
             id: "job_1".into(),
             owner: Identity("alice".into()),
             kind: JobKind::Simple {
@@ -173,6 +192,7 @@ mod tests {
         assert_eq!(back.id, job.id);
         assert_eq!(back.owner, job.owner);
         assert_eq!(back.kind, job.kind);
+        assert_eq!(back.submission_trace, job.submission_trace);
         assert!(back.charged);
         assert_eq!(back.body, job.body, "byte for byte");
         assert_eq!(back.headers, job.headers);
@@ -185,6 +205,16 @@ mod tests {
         let mut chat = job.clone();
         chat.kind = JobKind::Chat;
         assert_eq!(decode(&encode(&chat)).unwrap().kind, JobKind::Chat);
+        for kind in [JobKind::Embeddings, JobKind::Responses] {
+            chat.kind = kind.clone();
+            let bytes = encode(&chat);
+            assert_eq!(decode(&bytes).unwrap().kind, kind);
+        }
+        // A job of an API this forwarder does not know is not run as chat.
+        let unknown = String::from_utf8(encode(&chat))
+            .unwrap()
+            .replace(r#""api":"responses""#, r#""api":"audio""#);
+        assert!(decode(unknown.as_bytes()).is_err());
         // A message from a forwarder that sent seconds only.
         let old = br#"{"v":1,"id":"x","owner":"o","model":"m","body":"{}","headers":[],"created_at":7,"expires_at_ms":0}"#;
         assert_eq!(decode(old).unwrap().created_ms(), 7_000);

@@ -258,6 +258,8 @@ impl Jobs {
         let mut prepaid = job.charged;
         let answer = loop {
             let mut meta = RequestMeta::new(Protocol::Http, job.id.clone());
+            meta.api = job.kind.api();
+            meta.trace_link.clone_from(&job.submission_trace);
             meta.headers = job.headers.clone();
             // The job id goes upstream too, so a provider that honours
             // idempotency keys answers a re-run (after a crash mid-call)
@@ -297,7 +299,7 @@ impl Jobs {
             return error_response(&ApiError::BadGateway("unexpected stream".into()));
         };
         match &job.kind {
-            JobKind::Chat => JobResponse {
+            JobKind::Chat | JobKind::Embeddings | JobKind::Responses => JobResponse {
                 status_code: 200,
                 body: bytes,
             },

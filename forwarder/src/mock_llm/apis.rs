@@ -201,7 +201,7 @@ impl MockModel {
                 };
                 let max = req.get("max_output_tokens").and_then(Value::as_u64);
                 let r = Response {
-                    id: self.id_with("resp_mock"),
+                    id: self.response_id(),
                     item_id: self.id_with("msg_mock"),
                     model,
                     created: unix_now(),

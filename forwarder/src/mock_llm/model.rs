@@ -37,9 +37,17 @@ pub struct MockModel {
     fail_next: RwLock<Vec<Fault>>,
     requests: AtomicU64,
     ids: AtomicU64,
+    /// Distinguishes this mock's Responses ids from another's.
+    instance: u32,
     /// Calls by `Idempotency-Key` (the standalone server's de-duplication).
     pub calls: super::calls::Calls,
+    /// Whole Responses answers by id, for `GET`/`DELETE /v1/responses/{id}`
+    /// (the standalone server's; at most [`MAX_STORED_RESPONSES`]).
+    pub stored_responses: parking_lot::Mutex<std::collections::HashMap<String, bytes::Bytes>>,
 }
+
+/// Responses the standalone mock keeps at most; later ones are not kept.
+pub const MAX_STORED_RESPONSES: usize = 10_000;
 
 impl MockModel {
     pub fn new(settings: MockSettings) -> Self {
@@ -48,7 +56,9 @@ impl MockModel {
             fail_next: RwLock::new(Vec::new()),
             requests: AtomicU64::new(0),
             ids: AtomicU64::new(0),
+            instance: rand::random(),
             calls: super::calls::Calls::default(),
+            stored_responses: Default::default(),
         }
     }
 
@@ -102,6 +112,16 @@ impl MockModel {
     }
 
     /// A fresh id with `prefix` (`msg_mock`, `resp_mock`, …).
+    /// A Responses id, unique across mock servers too (as a provider's
+    /// are): the forwarder routes `GET /v1/responses/{id}` by it.
+    pub(super) fn response_id(&self) -> String {
+        format!(
+            "resp_mock-{:08x}-{}",
+            self.instance,
+            self.ids.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
     pub(super) fn id_with(&self, prefix: &str) -> String {
         format!("{prefix}-{}", self.ids.fetch_add(1, Ordering::Relaxed))
     }

@@ -64,6 +64,10 @@ fn router(model: Arc<MockModel>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/responses", post(responses))
+        .route(
+            "/v1/responses/{id}",
+            get(get_response).delete(delete_response),
+        )
         .route("/v1/messages", post(messages))
         .route("/v1/messages/count_tokens", post(count_tokens))
         .route("/v1/models", get(models))
@@ -222,8 +226,57 @@ async fn embeddings(State(model): State<Arc<MockModel>>, body: axum::body::Bytes
     answer(&model, ApiKind::Embeddings, &body).await
 }
 
+/// Answers, and keeps whole answers for `GET`/`DELETE /v1/responses/{id}`.
 async fn responses(State(model): State<Arc<MockModel>>, body: axum::body::Bytes) -> Response {
-    answer(&model, ApiKind::Responses, &body).await
+    let resp = answer(&model, ApiKind::Responses, &body).await;
+    let json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v == "application/json");
+    if resp.status() != StatusCode::OK || !json {
+        return resp;
+    }
+    let Ok(body) = axum::body::to_bytes(resp.into_body(), usize::MAX).await else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    if let Some(id) = crate::pipeline::responses::response_id(&body) {
+        let mut stored = model.stored_responses.lock();
+        if stored.len() < super::model::MAX_STORED_RESPONSES {
+            stored.insert(id, body.clone());
+        }
+    }
+    json_bytes(body)
+}
+
+async fn get_response(
+    State(model): State<Arc<MockModel>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    match model.stored_responses.lock().get(&id) {
+        Some(body) => json_bytes(body.clone()),
+        None => no_response(&id),
+    }
+}
+
+async fn delete_response(
+    State(model): State<Arc<MockModel>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    match model.stored_responses.lock().remove(&id) {
+        Some(_) => Json(json!({"id": id, "object": "response", "deleted": true})).into_response(),
+        None => no_response(&id),
+    }
+}
+
+fn no_response(id: &str) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(
+            json!({"error": {"message": format!("Response with id '{id}' not found."),
+            "type": "invalid_request_error", "param": null, "code": null}}),
+        ),
+    )
+        .into_response()
 }
 
 async fn messages(State(model): State<Arc<MockModel>>, body: axum::body::Bytes) -> Response {

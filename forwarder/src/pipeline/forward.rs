@@ -17,6 +17,7 @@ use super::envelope::{Envelope, Reply, ReplyBody};
 use super::kind::{ApiKind, Terminal};
 use crate::api::ApiError;
 use crate::sse;
+use crate::telemetry::traces::{AttemptSpan, Parent};
 use crate::telemetry::Metrics;
 use crate::upstream::aliases::{falls_back, order, with_model, Alias, Aliases};
 use crate::upstream::providers::RawEvents;
@@ -25,8 +26,10 @@ use crate::upstream::{Endpoint, Lease, PickError, Pools, UpstreamError};
 use forwarder_config::RetryConfig;
 
 /// Where a request went: for the access log and the forwarder's own-time metric.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Trace {
+    /// The request's span, when traces are on: each attempt gets a child.
+    pub otel: Option<Parent>,
     pub upstream: Option<String>,
     pub attempts: u32,
     /// Time spent in upstream attempts and backoff until the answer began
@@ -214,10 +217,26 @@ impl Forwarder {
             let budget = attempt_budget(lease.endpoint.timeout, deadline - now);
             trace.attempts = attempt;
             trace.upstream = Some(lease.endpoint.name.clone());
+            let span = trace
+                .otel
+                .as_ref()
+                .map(|p| AttemptSpan::start(p, &lease.endpoint.name, model, env.api, attempt));
             let err = match call(lease.endpoint.clone(), budget.limit).await {
-                Ok(value) => break Ok((value, lease, now)),
+                Ok(value) => {
+                    if let Some(span) = span {
+                        span.succeeded();
+                    }
+                    break Ok((value, lease, now));
+                }
                 Err(e) => e,
             };
+            if let Some(span) = span {
+                let status = match &err {
+                    UpstreamError::Status { status, .. } => Some(*status),
+                    _ => None,
+                };
+                span.failed(err.label(), status);
+            }
             let name = lease.endpoint.name.clone();
             self.record(&name, model, err.label(), now);
             tracing::debug!(upstream = %name, attempt, error = %err, "upstream attempt failed");

@@ -13,6 +13,7 @@ pub mod idempotency;
 mod kind;
 mod observe;
 mod rate_limit;
+pub mod responses;
 mod shared_limit;
 mod stream_end;
 
@@ -72,6 +73,9 @@ pub struct RequestMeta {
     /// job, at submission): the run spends nothing more up front; the
     /// answer's tokens beyond the estimate are still charged.
     pub prepaid: bool,
+    /// A W3C `traceparent` the request's span links to (an async job's
+    /// run: its submission's span), when traces are on.
+    pub trace_link: Option<String>,
 }
 
 impl RequestMeta {
@@ -87,6 +91,7 @@ impl RequestMeta {
             peer: None,
             upstream_headers: HeaderMap::new(),
             prepaid: false,
+            trace_link: None,
         }
     }
 }
@@ -137,6 +142,12 @@ impl Admission {
         self.models
             .as_ref()
             .is_none_or(|m| m.iter().any(|g| g == model))
+    }
+
+    /// The W3C `traceparent` of this request's span, when traces are on
+    /// (what a job it leaves links its run to).
+    pub fn traceparent(&self) -> Option<String> {
+        self.obs.span.as_ref().and_then(|s| s.traceparent())
     }
 
     /// The idempotency key the client sent in a header, if any.
@@ -194,6 +205,10 @@ pub struct Pipeline {
     /// `server.max_concurrency` slots, when bounded, and how many wait.
     slots: Option<Arc<tokio::sync::Semaphore>>,
     waiting: AtomicUsize,
+    /// OpenTelemetry traces, when configured; `None` costs nothing.
+    traces: Option<Arc<crate::telemetry::traces::Traces>>,
+    /// Which upstream created each stored response.
+    responses: Arc<responses::ResponseIndex>,
 }
 
 /// Counts a request in the slot queue for as long as it waits (also when
@@ -249,6 +264,7 @@ impl Pipeline {
                 .flat_map(|u| u.models.iter().map(move |m| (u.name.as_str(), m.as_str()))),
         );
         let shared = crate::store::build(&cfg, &metrics)?;
+        let traces = crate::telemetry::traces::Traces::from_config(&cfg)?;
         let cache =
             crate::cache::ResponseCache::new(&cfg.cache, shared.clone(), &metrics).map(Arc::new);
         Ok(Self {
@@ -288,6 +304,8 @@ impl Pipeline {
                 .max_concurrency
                 .map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
             waiting: Default::default(),
+            traces,
+            responses: Arc::new(responses::ResponseIndex::new(shared.clone())),
             shared,
             cfg,
         })
@@ -336,6 +354,27 @@ impl Pipeline {
 
     pub fn budgets(&self) -> Option<&crate::budget::Budgets> {
         self.budgets.as_ref()
+    }
+
+    /// Exports the spans still buffered (at shutdown; tests).
+    pub async fn flush_traces(&self) {
+        if let Some(t) = &self.traces {
+            t.flush().await;
+        }
+    }
+
+    /// The request's span, when traces are on.
+    fn span(&self, meta: &RequestMeta) -> Option<crate::telemetry::traces::RequestSpan> {
+        self.traces.as_ref().map(|t| {
+            crate::telemetry::traces::RequestSpan::start(
+                t,
+                &meta.headers,
+                meta.protocol,
+                meta.api,
+                &meta.request_id,
+                meta.trace_link.as_deref(),
+            )
+        })
     }
 
     pub fn jwt(&self) -> Option<&Arc<JwtVerifier>> {
@@ -398,6 +437,8 @@ impl Pipeline {
     /// server would accept.
     pub fn admit(&self, meta: RequestMeta) -> Result<Admission, ApiError> {
         let mut obs = self.observer(meta.protocol, &meta.request_id);
+        obs.api = meta.api;
+        obs.span = self.span(&meta);
         let Principal {
             identity: principal,
             models,
@@ -445,8 +486,11 @@ impl Pipeline {
     /// accepted), held to the grants its credential had then: its models
     /// and its tier (the token's claim, else the client's configured one).
     pub fn admit_as(&self, principal: Principal, meta: RequestMeta) -> Admission {
+        let mut obs = self.observer(meta.protocol, &meta.request_id);
+        obs.api = meta.api;
+        obs.span = self.span(&meta);
         Admission {
-            obs: self.observer(meta.protocol, &meta.request_id),
+            obs,
             tier: self.tier(&principal.identity, principal.tier.as_deref()),
             principal: principal.identity,
             models: principal.models,
@@ -519,6 +563,10 @@ impl Pipeline {
         let known = self.forwarder.knows(&model);
         obs.set_model(&model, known);
         obs.stream = stream;
+        if let Some(span) = &mut obs.span {
+            span.set_api(api);
+            span.set_model(&model, stream);
+        }
         // A model the client's token does not grant is, to it, one that
         // does not exist (as OpenAI answers).
         if !known || models.is_some_and(|m| !m.contains(&model)) {
@@ -613,6 +661,9 @@ impl Pipeline {
                     }
                 }
                 h.extend(meta.upstream_headers);
+                if let Some(span) = &obs.span {
+                    span.inject(&mut h);
+                }
                 h
             },
             body: call.body,
@@ -690,7 +741,7 @@ impl Pipeline {
 
     /// Forwards without idempotency.
     async fn dispatch(&self, mut obs: Observer, env: Envelope) -> Result<Answer, ApiError> {
-        let mut trace = Trace::default();
+        let mut trace = obs.new_trace();
         let result = if env.stream {
             self.forwarder.stream(&env, &mut trace).await
         } else {
@@ -699,7 +750,7 @@ impl Pipeline {
         obs.trace(&trace);
         match result {
             Ok(reply) => Ok(Answer {
-                reply: obs.watch(reply),
+                reply: obs.watch(self.remember_response(&env, &trace, reply)),
                 replayed: false,
             }),
             Err(e) => Err(obs.fail(e)),
@@ -733,11 +784,13 @@ impl Pipeline {
         let max_record = self.cfg.idempotency.max_record_bytes;
         let ttl = self.cfg.idempotency.ttl;
         let deadline = env.ctx.deadline;
+        let (env_api, env_owner) = (env.api, env.ctx.principal.0.clone());
+        let new_trace = obs.new_trace();
         let (flight, leader) = self
             .flights
             .lead_or_join(&key, fp, move |claim| {
                 async move {
-                    let mut trace = Trace::default();
+                    let mut trace = new_trace;
                     let result = match claims.begin(&skey, fp, false, deadline).await {
                         Err(e) => Err(e),
                         Ok(Begin::Replay(StoredReply::Complete(body))) => {
@@ -774,6 +827,11 @@ impl Pipeline {
             })
             .map_err(|e| obs.fail(e))?;
         let (result, trace) = flight.await;
+        if let (true, Ok((_, body, false))) = (leader, &result) {
+            if env_api == ApiKind::Responses {
+                self.remember_body(&env_owner, &trace, body);
+            }
+        }
         if leader {
             obs.trace(&trace);
         } else {
@@ -824,10 +882,11 @@ impl Pipeline {
             }
             Begin::Lead(lease) => lease,
         };
-        let mut trace = Trace::default();
+        let mut trace = obs.new_trace();
         let result = self.forwarder.stream(&env, &mut trace).await;
         obs.trace(&trace);
         let reply = result.map_err(|e| obs.fail(e))?;
+        let reply = self.remember_response(&env, &trace, reply);
         let ReplyBody::Stream(stream) = reply.body else {
             return Err(obs.fail(ApiError::BadGateway("unexpected completion".into())));
         };
@@ -866,6 +925,90 @@ impl Pipeline {
             }),
             replayed: false,
         })
+    }
+
+    /// Notes which upstream created a Responses answer, from its body or
+    /// its stream's first event carrying an id.
+    fn remember_response(&self, env: &Envelope, trace: &Trace, reply: Reply) -> Reply {
+        if env.api != ApiKind::Responses {
+            return reply;
+        }
+        let owner = env.ctx.principal.0.clone();
+        match reply.body {
+            ReplyBody::Complete(body) => {
+                self.remember_body(&owner, trace, &body);
+                Reply {
+                    headers: reply.headers,
+                    body: ReplyBody::Complete(body),
+                }
+            }
+            ReplyBody::Stream(s) => {
+                let Some(upstream) = trace.upstream.clone() else {
+                    return Reply {
+                        headers: reply.headers,
+                        body: ReplyBody::Stream(s),
+                    };
+                };
+                let index = self.responses.clone();
+                let mut pending = Some((upstream, owner));
+                let s = s.inspect(move |item| {
+                    let (Some(_), Ok(event)) = (&pending, item) else {
+                        return;
+                    };
+                    let id = sse::data(event).and_then(|d| responses::response_id(&d));
+                    if let (Some(id), Some((upstream, owner))) = (id, pending.take()) {
+                        index.remember(id, responses::Origin { upstream, owner });
+                    }
+                });
+                Reply {
+                    headers: reply.headers,
+                    body: ReplyBody::Stream(s.boxed()),
+                }
+            }
+        }
+    }
+
+    fn remember_body(&self, owner: &str, trace: &Trace, body: &[u8]) {
+        if let (Some(upstream), Some(id)) = (&trace.upstream, responses::response_id(body)) {
+            self.responses.remember(
+                id,
+                responses::Origin {
+                    upstream: upstream.clone(),
+                    owner: owner.to_string(),
+                },
+            );
+        }
+    }
+
+    /// `GET` or `DELETE /v1/responses/{id}` for `owner`: sent to the
+    /// upstream that created the response. `None`: a response this
+    /// forwarder did not create, or another client's (not found).
+    pub async fn response_object(
+        &self,
+        owner: &Identity,
+        method: http::Method,
+        id: &str,
+    ) -> Result<Option<(HeaderMap, Bytes)>, ApiError> {
+        let Some(origin) = self.responses.lookup(id).await else {
+            return Ok(None);
+        };
+        let endpoint = match self.forwarder.pools.endpoint(&origin.upstream) {
+            Some(e) if origin.owner == owner.0 => e,
+            _ => return Ok(None),
+        };
+        let path = format!("/responses/{id}");
+        let is_delete = method == http::Method::DELETE;
+        let done =
+            match tokio::time::timeout(endpoint.timeout, endpoint.provider.object(method, &path))
+                .await
+            {
+                Ok(r) => r.map_err(|e| to_api_error(&e))?,
+                Err(_) => return Err(to_api_error(&crate::upstream::UpstreamError::Timeout)),
+            };
+        if is_delete {
+            self.responses.forget(id).await;
+        }
+        Ok(Some((done.headers, done.body)))
     }
 
     fn replay(&self, obs: Observer, stored: StoredReply) -> Answer {

@@ -14,6 +14,7 @@ use futures::{Stream, StreamExt};
 use super::envelope::{EventStream, Reply, ReplyBody};
 use super::forward::Trace;
 use crate::api::ApiError;
+use crate::telemetry::traces::{Parent, RequestSpan};
 use crate::telemetry::{Metrics, ModelSeries, Protocol};
 
 /// Status recorded when the client disconnects before the answer ends
@@ -38,10 +39,12 @@ pub struct Observer {
     /// `stored` or `coalesced` when answered through idempotency.
     pub replay: Option<&'static str>,
     pub stream: bool,
-    /// The request's API, for the access log.
+    /// The request's API: the metrics' `api` label and the access log's.
     pub api: super::ApiKind,
     /// Time spent upstream (attempts and backoff) before the answer began.
     upstream_time: Duration,
+    /// The request's span, when traces are on (`None`: no span work).
+    pub span: Option<RequestSpan>,
     own_recorded: bool,
     done: bool,
 }
@@ -69,6 +72,7 @@ impl Observer {
             stream: false,
             api: super::ApiKind::default(),
             upstream_time: Duration::ZERO,
+            span: None,
             own_recorded: false,
             done: false,
         }
@@ -77,13 +81,33 @@ impl Observer {
     /// Sets the model label; `known` says whether the model is served.
     pub fn set_model(&mut self, name: &str, known: bool) {
         if known {
-            self.series = self.metrics.series(self.protocol, name);
+            self.series = self.metrics.series(self.protocol, self.api, name);
             self.model = Some(name.to_string());
         }
     }
 
+    /// A new record of where the request goes, under this request's span.
+    pub fn new_trace(&self) -> Trace {
+        Trace {
+            otel: self.parent(),
+            ..Trace::default()
+        }
+    }
+
+    /// The parent of the request's attempt spans, when traces are on.
+    pub fn parent(&self) -> Option<Parent> {
+        self.span.as_ref().map(RequestSpan::parent)
+    }
+
     /// Notes where the request went.
     pub fn trace(&mut self, trace: &Trace) {
+        if let Some(span) = &self.span {
+            span.routed(
+                trace.upstream.as_deref(),
+                trace.served_model.as_deref(),
+                trace.attempts,
+            );
+        }
         self.upstream.clone_from(&trace.upstream);
         self.served_model.clone_from(&trace.served_model);
         self.attempts = trace.attempts;
@@ -96,6 +120,9 @@ impl Observer {
     pub fn watch(mut self, reply: Reply) -> Reply {
         let body = match reply.body {
             ReplyBody::Complete(body) => {
+                if let Some(span) = &mut self.span {
+                    span.body(&body);
+                }
                 self.answer_began();
                 self.finish(200);
                 ReplyBody::Complete(body)
@@ -122,6 +149,9 @@ impl Observer {
         self.record_own();
         if let (Some(series), true) = (&self.series, self.stream) {
             series.ttft.observe(self.started.elapsed().as_secs_f64());
+        }
+        if let (Some(span), true) = (&self.span, self.stream) {
+            span.first_token(self.started.elapsed());
         }
     }
 
@@ -152,6 +182,9 @@ impl Observer {
             return;
         }
         self.done = true;
+        if let Some(span) = &mut self.span {
+            span.finish(code);
+        }
 
         let model = self.model.as_deref().unwrap_or("unknown");
         let elapsed = self.started.elapsed();
@@ -170,7 +203,7 @@ impl Observer {
                 self.count(proto, model, code);
                 self.metrics
                     .request_duration
-                    .with_label_values(&[proto, model])
+                    .with_label_values(&[proto, self.api.label(), model])
                     .observe(elapsed.as_secs_f64());
             }
         }
@@ -199,7 +232,7 @@ impl Observer {
         let mut buf = itoa::Buffer::new();
         self.metrics
             .requests
-            .with_label_values(&[proto, model, buf.format(code)])
+            .with_label_values(&[proto, self.api.label(), model, buf.format(code)])
             .inc();
     }
 }
@@ -225,6 +258,9 @@ impl Stream for Observed {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         let item = futures::ready!(this.inner.poll_next_unpin(cx));
+        if let (Some(span), Some(Ok(event))) = (&mut this.obs.span, &item) {
+            span.event(event);
+        }
         match &item {
             Some(Ok(_)) if !this.began => {
                 this.began = true;

@@ -2,6 +2,7 @@
 //! the operator's PromQL and the dashboards (DESIGN.md §2): change both
 //! together.
 
+use crate::pipeline::ApiKind;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -62,12 +63,16 @@ pub struct Metrics {
     pub connections: IntGaugeVec,
     /// Refused credentials, by reason (`expired`, `bad_signature`, …).
     pub auth_failures: IntCounterVec,
-    /// Per served model and front end, the hot series bound once at start
-    /// (a label lookup hashes and locks on every request).
-    series: std::sync::OnceLock<HashMap<String, [Arc<ModelSeries>; 3]>>,
+    /// Per served model, front end and API, the hot series, each bound
+    /// once (a label lookup hashes and locks on every request): chat
+    /// completions' at start, the other APIs' at their first request.
+    series: std::sync::OnceLock<HashMap<String, Box<SeriesSlots>>>,
     /// Per upstream and model, the series of a successful attempt.
     upstream_series: std::sync::OnceLock<HashMap<String, HashMap<String, Arc<UpstreamSeries>>>>,
 }
+
+/// A model's series by front end and API.
+type SeriesSlots = [[std::sync::OnceLock<Arc<ModelSeries>>; ApiKind::ALL.len()]; 3];
 
 /// One (upstream, model)'s successful-attempt series, resolved once.
 pub struct UpstreamSeries {
@@ -89,9 +94,9 @@ impl Metrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "forwarder_requests_total",
-                "Requests answered, by front end, model and status code.",
+                "Requests answered, by front end, API, model and status code.",
             ),
-            &["protocol", "model", "code"],
+            &["protocol", "api", "model", "code"],
         )
         .expect("valid metric");
         let request_duration = HistogramVec::new(
@@ -100,7 +105,7 @@ impl Metrics {
                 "Time from request to the last byte of the answer.",
             )
             .buckets(DURATION_BUCKETS.to_vec()),
-            &["protocol", "model"],
+            &["protocol", "api", "model"],
         )
         .expect("valid metric");
         let own_duration = HistogramVec::new(
@@ -220,30 +225,33 @@ impl Metrics {
     /// the autoscaler would have to guess), and binds them for the hot path.
     /// Only `protocols` get zero series; every front end gets bound handles.
     pub fn init_series(&self, protocols: &[Protocol], models: &[String]) {
-        let bind = |p: Protocol, m: &str| {
-            let labels = [p.label(), m];
-            Arc::new(ModelSeries {
-                ok: self.requests.with_label_values(&[p.label(), m, "200"]),
-                duration: self.request_duration.with_label_values(&labels),
-                own: self.own_duration.with_label_values(&labels),
-                ttft: self.time_to_first_token.with_label_values(&labels),
-            })
-        };
         let table = models
             .iter()
-            .map(|m| (m.clone(), Protocol::ALL.map(|p| bind(p, m))))
+            .map(|m| {
+                let slots: Box<SeriesSlots> = Box::default();
+                // Chat completions (every front end's API) from the start.
+                for p in protocols {
+                    let chat = &slots[p.index()][ApiKind::ChatCompletions as usize];
+                    let _ = chat.set(self.bind(*p, ApiKind::ChatCompletions, m));
+                }
+                (m.clone(), slots)
+            })
             .collect();
         let _ = self.series.set(table);
-        // Series of front ends that are off are not exported.
-        for p in Protocol::ALL.into_iter().filter(|p| !protocols.contains(p)) {
-            for m in models {
-                let labels = [p.label(), m.as_str()];
-                let _ = self.requests.remove_label_values(&[p.label(), m, "200"]);
-                let _ = self.request_duration.remove_label_values(&labels);
-                let _ = self.own_duration.remove_label_values(&labels);
-                let _ = self.time_to_first_token.remove_label_values(&labels);
-            }
-        }
+    }
+
+    fn bind(&self, p: Protocol, api: ApiKind, m: &str) -> Arc<ModelSeries> {
+        let labels = [p.label(), m];
+        Arc::new(ModelSeries {
+            ok: self
+                .requests
+                .with_label_values(&[p.label(), api.label(), m, "200"]),
+            duration: self
+                .request_duration
+                .with_label_values(&[p.label(), api.label(), m]),
+            own: self.own_duration.with_label_values(&labels),
+            ttft: self.time_to_first_token.with_label_values(&labels),
+        })
     }
 
     /// Binds the successful-attempt series of each (upstream, model).
@@ -270,12 +278,17 @@ impl Metrics {
             .map(|s| &**s)
     }
 
-    /// The bound series of a served model.
-    pub fn series(&self, protocol: Protocol, model: &str) -> Option<Arc<ModelSeries>> {
-        self.series
-            .get()?
-            .get(model)
-            .map(|s| s[protocol.index()].clone())
+    /// The bound series of a served model, for a request of `api` over
+    /// `protocol` (bound at its first use: the label set stays bounded by
+    /// the served models, three front ends and five APIs).
+    pub fn series(
+        &self,
+        protocol: Protocol,
+        api: ApiKind,
+        model: &str,
+    ) -> Option<Arc<ModelSeries>> {
+        let slot = &self.series.get()?.get(model)?[protocol.index()][api as usize];
+        Some(slot.get_or_init(|| self.bind(protocol, api, model)).clone())
     }
 
     /// The Prometheus text exposition of every metric.

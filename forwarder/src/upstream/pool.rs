@@ -106,6 +106,15 @@ impl Pools {
         first_err.map_or(Ok(changed), Err)
     }
 
+    /// The endpoint named `name` (an upstream's name), in whichever pool.
+    pub fn endpoint(&self, name: &str) -> Option<Arc<Endpoint>> {
+        self.models
+            .values()
+            .flat_map(|p| p.endpoints.iter())
+            .find(|e| e.name == name)
+            .cloned()
+    }
+
     pub fn has_model(&self, model: &str) -> bool {
         self.models.contains_key(model)
     }

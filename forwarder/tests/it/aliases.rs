@@ -147,12 +147,13 @@ async fn an_alias_falls_back_along_its_chain_and_says_what_served_it() {
         (r.status, r.header("x-forwarded-model")),
         (200, Some("big"))
     );
-    assert_eq!(
-        fwd.metric(
-            "forwarder_requests_total",
-            &[("protocol", "http"), ("model", "fast"), ("code", "200")]
-        )
-        .await,
-        4.0
-    );
+    for (api, n) in [("chat_completions", 3.0), ("embeddings", 1.0)] {
+        let labels = [
+            ("protocol", "http"),
+            ("api", api),
+            ("model", "fast"),
+            ("code", "200"),
+        ];
+        assert_eq!(fwd.metric("forwarder_requests_total", &labels).await, n);
+    }
 }

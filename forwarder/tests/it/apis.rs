@@ -415,7 +415,7 @@ async fn retries_idempotency_cache_and_metrics_apply_to_the_new_apis() {
 
     // Requests are counted under their model, like chat completions.
     let ok = fwd
-        .metric(
+        .metric_sum(
             "forwarder_requests_total",
             &[("protocol", "http"), ("model", "claude"), ("code", "200")],
         )
@@ -458,7 +458,12 @@ async fn an_upstream_error_event_is_relayed_and_the_stream_marked_failed() {
     assert_eq!(
         fwd.metric(
             "forwarder_requests_total",
-            &[("protocol", "http"), ("model", "claude"), ("code", "502")],
+            &[
+                ("protocol", "http"),
+                ("api", "messages"),
+                ("model", "claude"),
+                ("code", "502"),
+            ],
         )
         .await,
         2.0

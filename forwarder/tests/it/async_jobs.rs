@@ -55,7 +55,12 @@ async fn a_job_is_accepted_run_and_answered_as_the_sync_endpoint_would() {
     assert_eq!(
         f.metric(
             "forwarder_requests_total",
-            &[("protocol", "http"), ("model", "mock"), ("code", "202")]
+            &[
+                ("protocol", "http"),
+                ("api", "chat_completions"),
+                ("model", "mock"),
+                ("code", "202")
+            ]
         )
         .await,
         1.0
@@ -467,4 +472,63 @@ async fn a_receiver_that_always_fails_ends_as_failed_delivery_and_the_result_sta
             .await;
         assert_eq!(r.status, 400, "{bad}: {}", r.text);
     }
+}
+
+/// Embeddings and Responses requests run as async jobs: accepted, run on
+/// their own API, answered as the synchronous endpoint would, and counted
+/// under their API.
+#[tokio::test]
+async fn embeddings_and_responses_run_as_async_jobs() {
+    let mut cfg = forwarder::config::Config::default();
+    cfg.server.listen = loopback();
+    cfg.async_jobs.enabled = true;
+    let f = start(cfg).await;
+    for (path, body, check, api) in [
+        (
+            "/v1/async/embeddings",
+            json!({"model": "mock", "input": "hi", "encoding_format": "float"}),
+            "/data/0/embedding",
+            "embeddings",
+        ),
+        (
+            "/v1/async/responses",
+            json!({"model": "mock", "input": "hi"}),
+            "/output/0/content/0/text",
+            "responses",
+        ),
+    ] {
+        let r = f.post(path, &body, &[]).await;
+        assert_eq!(r.status, 202, "{path}: {}", r.text);
+        let id = r.body["id"].as_str().unwrap().to_string();
+        let job = wait_job(&f, &id, &[]).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        assert!(
+            job["response"]["body"].pointer(check).is_some(),
+            "{path}: {job}"
+        );
+        let labels = [("protocol", "http"), ("api", api), ("model", "mock")];
+        assert_eq!(
+            f.metric_sum(
+                "forwarder_requests_total",
+                &[&labels[..], &[("code", "202")]].concat()
+            )
+            .await,
+            1.0,
+            "{path}"
+        );
+        assert_eq!(
+            f.metric_sum(
+                "forwarder_requests_total",
+                &[&labels[..], &[("code", "200")]].concat()
+            )
+            .await,
+            1.0,
+            "{path}: the run"
+        );
+    }
+    // A body of the wrong API is refused at submission.
+    let r = f
+        .post("/v1/async/embeddings", &json!({"model": "mock"}), &[])
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text);
 }

@@ -138,8 +138,8 @@ async fn bad_input_files_are_refused_with_the_line_and_the_reason() {
     let good = line("a", "hi");
     let mut get = good.clone();
     get["method"] = json!("GET");
-    let mut embeddings = good.clone();
-    embeddings["url"] = json!("/v1/embeddings");
+    let mut messages = good.clone();
+    messages["url"] = json!("/v1/messages");
     let mut no_model = good.clone();
     no_model["body"].as_object_mut().unwrap().remove("model");
     let cases: Vec<(Vec<u8>, &str, &str)> = vec![
@@ -154,9 +154,9 @@ async fn bad_input_files_are_refused_with_the_line_and_the_reason() {
             "line 2: method must be \"POST\"",
         ),
         (
-            jsonl(&[embeddings]),
+            jsonl(&[messages]),
             "batch",
-            "line 1: url must be \"/v1/chat/completions\"",
+            "line 1: url must be one of /v1/chat/completions, /v1/embeddings, /v1/responses",
         ),
         (jsonl(&[no_model]), "batch", "line 1: body.model"),
         (
@@ -196,8 +196,7 @@ async fn bad_input_files_are_refused_with_the_line_and_the_reason() {
     let ok = upload(&f, &jsonl(&[good]), "batch", ALICE).await;
     assert_eq!(ok.status, 200, "{}", ok.text);
     let id = ok.body["id"].as_str().unwrap();
-    let bad =
-        json!({"input_file_id": id, "endpoint": "/v1/embeddings", "completion_window": "24h"});
+    let bad = json!({"input_file_id": id, "endpoint": "/v1/messages", "completion_window": "24h"});
     let r = f.post("/v1/batches", &bad, &[ALICE]).await;
     assert_eq!(r.status, 400, "{}", r.text);
     let bad =
@@ -578,5 +577,53 @@ async fn shared_limits_refuse_at_submission_and_batch_lines_wait_for_them() {
     assert_eq!(out.len(), 5);
     for l in &out {
         assert_eq!(l["response"]["status_code"], 200, "{l}");
+    }
+}
+
+/// Batches of embeddings and of Responses requests: each line runs on its
+/// API (the batch's endpoint), and a line naming another endpoint is
+/// answered with a 400 in the error file.
+#[tokio::test]
+async fn batches_run_embeddings_and_responses_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = mock(MockSettings::default()).await;
+    let f = start(base_config(&m, &dir)).await;
+    for (endpoint, body, check) in [
+        (
+            "/v1/embeddings",
+            json!({"model": "mock", "input": "hello", "encoding_format": "float"}),
+            "/data/0/embedding",
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "mock", "input": "hello"}),
+            "/output/0/content/0/text",
+        ),
+    ] {
+        let l =
+            |id: &str| json!({"custom_id": id, "method": "POST", "url": endpoint, "body": body});
+        let data = jsonl(&[l("a"), l("b"), line("chat", "not this batch's endpoint")]);
+        let up = upload(&f, &data, "batch", ALICE).await;
+        assert_eq!(up.status, 200, "{}", up.text);
+        let req = json!({"input_file_id": up.body["id"], "endpoint": endpoint, "completion_window": "24h"});
+        let b = f.post("/v1/batches", &req, &[ALICE]).await;
+        assert_eq!(b.status, 200, "{}", b.text);
+        assert_eq!(b.body["endpoint"], endpoint);
+        let done = wait_final(&f, b.body["id"].as_str().unwrap()).await;
+        assert_eq!(done["status"], "completed", "{done}");
+        assert_eq!(done["request_counts"]["completed"], 2, "{done}");
+        assert_eq!(done["request_counts"]["failed"], 1, "{done}");
+        let out = content(&f, done["output_file_id"].as_str().unwrap()).await;
+        assert_eq!(out.len(), 2, "{out:?}");
+        for o in &out {
+            assert_eq!(o["response"]["status_code"], 200, "{o}");
+            assert!(
+                o["response"]["body"].pointer(check).is_some(),
+                "{endpoint}: {o}"
+            );
+        }
+        let err = content(&f, done["error_file_id"].as_str().unwrap()).await;
+        assert_eq!(err[0]["custom_id"], "chat", "{err:?}");
+        assert_eq!(err[0]["response"]["status_code"], 400, "{err:?}");
     }
 }

@@ -137,6 +137,23 @@ impl Fwd {
         let text = self.get("/metrics", &[]).await.text;
         metric_value(&text, name, labels).unwrap_or(0.0)
     }
+
+    /// The sum of every series of `name` that has `labels` (and any others).
+    pub async fn metric_sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let text = self.get("/metrics", &[]).await.text;
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|line| {
+                let (series, value) = line.rsplit_once(' ')?;
+                let (n, rest) = series.split_once('{')?;
+                let matches = n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+                matches.then(|| value.parse::<f64>().ok()).flatten()
+            })
+            .sum()
+    }
 }
 
 pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {

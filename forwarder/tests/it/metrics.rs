@@ -38,18 +38,32 @@ async fn counters_and_histograms_match_the_traffic_sent() {
 
     let text = fwd.get("/metrics", &[]).await.text;
     let v = |name: &str, labels: &[(&str, &str)]| metric_value(&text, name, labels).unwrap_or(0.0);
-    let http_m = [("protocol", "http"), ("model", "m")];
+    let http_m = [
+        ("protocol", "http"),
+        ("api", "chat_completions"),
+        ("model", "m"),
+    ];
     assert_eq!(
         v(
             "forwarder_requests_total",
-            &[("protocol", "http"), ("model", "m"), ("code", "200")]
+            &[
+                ("protocol", "http"),
+                ("api", "chat_completions"),
+                ("model", "m"),
+                ("code", "200")
+            ]
         ),
         5.0
     );
     assert_eq!(
         v(
             "forwarder_requests_total",
-            &[("protocol", "http"), ("model", "unknown"), ("code", "404")]
+            &[
+                ("protocol", "http"),
+                ("api", "chat_completions"),
+                ("model", "unknown"),
+                ("code", "404")
+            ]
         ),
         2.0,
         "unknown models share one label value"
@@ -58,7 +72,12 @@ async fn counters_and_histograms_match_the_traffic_sent() {
     assert_eq!(
         v(
             "forwarder_request_duration_seconds_bucket",
-            &[("protocol", "http"), ("model", "m"), ("le", "120")]
+            &[
+                ("protocol", "http"),
+                ("api", "chat_completions"),
+                ("model", "m"),
+                ("le", "120")
+            ]
         ),
         5.0
     );
@@ -111,14 +130,25 @@ async fn series_exist_at_zero_from_start_then_own_time_and_ttft_are_observed() {
     let fwd = start(config(vec![upstream("up-1", &m, "m")])).await;
     let text = fwd.get("/metrics", &[]).await.text;
     for proto in ["http", "websocket", "grpc"] {
-        let labels = [("protocol", proto), ("model", "m"), ("code", "200")];
+        let labels = [
+            ("protocol", proto),
+            ("api", "chat_completions"),
+            ("model", "m"),
+            ("code", "200"),
+        ];
         assert_eq!(
             metric_value(&text, "forwarder_requests_total", &labels),
             Some(0.0),
             "{proto}"
         );
+        let labels = [
+            ("protocol", proto),
+            ("api", "chat_completions"),
+            ("model", "m"),
+        ];
+        let h = "forwarder_request_duration_seconds_count";
+        assert_eq!(metric_value(&text, h, &labels), Some(0.0), "{h} {proto}");
         for h in [
-            "forwarder_request_duration_seconds_count",
             "forwarder_own_duration_seconds_count",
             "forwarder_time_to_first_token_seconds_count",
         ] {
@@ -180,4 +210,78 @@ async fn own_time_is_not_observed_for_requests_that_failed_upstream() {
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(own_count(&fwd.get("/metrics", &[]).await.text), 1.0);
+}
+
+/// The request metrics carry the API (a bounded label: five values), so
+/// each API's rate, errors and latency can be told apart.
+#[tokio::test]
+async fn request_metrics_are_labelled_by_api() {
+    let m = mock(MockSettings::default()).await;
+    let mut anthropic = upstream("claude-up", &m, "claude");
+    anthropic.provider = forwarder::config::Provider::Anthropic;
+    let fwd = start(config(vec![upstream("up-1", &m, "m"), anthropic])).await;
+    let text = fwd.get("/metrics", &[]).await.text;
+    // Chat completions' series exist from the start; the others appear
+    // at their first request.
+    assert!(text.contains(r#"api="chat_completions""#), "{text}");
+    assert!(!text.contains(r#"api="embeddings""#), "{text}");
+
+    let calls: [(&str, serde_json::Value, &str); 5] = [
+        ("/v1/chat/completions", chat("m", "hi"), "chat_completions"),
+        (
+            "/v1/embeddings",
+            json!({"model": "m", "input": "hi"}),
+            "embeddings",
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "m", "input": "hi"}),
+            "responses",
+        ),
+        (
+            "/v1/messages",
+            json!({"model": "claude", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}),
+            "messages",
+        ),
+        (
+            "/v1/messages/count_tokens",
+            json!({"model": "claude", "messages": [{"role": "user", "content": "hi"}]}),
+            "count_tokens",
+        ),
+    ];
+    for (path, body, _) in &calls {
+        let r = fwd.post(path, body, &[]).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text);
+    }
+    let r = fwd
+        .post("/v1/embeddings", &json!({"model": "m"}), &[])
+        .await;
+    assert_eq!(r.status, 400);
+    let text = fwd.get("/metrics", &[]).await.text;
+    for (path, body, api) in &calls {
+        let model = body["model"].as_str().unwrap();
+        let labels = [("protocol", "http"), ("api", *api), ("model", model)];
+        let ok = [&labels[..], &[("code", "200")]].concat();
+        assert_eq!(
+            metric_value(&text, "forwarder_requests_total", &ok),
+            Some(1.0),
+            "{path}"
+        );
+        assert_eq!(
+            metric_value(&text, "forwarder_request_duration_seconds_count", &labels),
+            Some(1.0),
+            "{path}"
+        );
+    }
+    // A body that cannot be read names no model.
+    let bad = [
+        ("protocol", "http"),
+        ("api", "embeddings"),
+        ("model", "unknown"),
+        ("code", "400"),
+    ];
+    assert_eq!(
+        metric_value(&text, "forwarder_requests_total", &bad),
+        Some(1.0)
+    );
 }

@@ -167,3 +167,37 @@ async fn the_official_anthropic_sdk_works_unchanged() {
     )
     .await;
 }
+
+/// `GET`/`DELETE /v1/responses/{id}` reach the upstream that created the
+/// response (two upstreams serve the model; each keeps its own), for its
+/// creator only.
+#[tokio::test]
+async fn the_official_openai_sdk_retrieves_and_deletes_responses_where_they_were_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m1, m2) = (
+        mock(Default::default()).await,
+        mock(Default::default()).await,
+    );
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, "alice: sk-alice\nbob: sk-bob\n").unwrap();
+    let mut cfg = config(vec![
+        upstream("one", &m1, "gpt"),
+        upstream("two", &m2, "gpt"),
+    ]);
+    cfg.auth.api_keys_file = Some(keys);
+    let fwd = start(cfg).await;
+    run_script(
+        "openai_responses.py",
+        vec![
+            ("FORWARDER_BASE_URL", format!("{}/v1", fwd.base)),
+            ("ALICE_KEY", "sk-alice".into()),
+            ("BOB_KEY", "sk-bob".into()),
+        ],
+    )
+    .await;
+    // Both upstreams created some (routing was put to the test), and each
+    // kept what it made, less what was deleted.
+    assert!(m1.model.requests() > 0 && m2.model.requests() > 0);
+    let held = |m: &forwarder::mock_llm::MockServer| m.model.stored_responses.lock().len();
+    assert_eq!(held(&m1) + held(&m2), 4);
+}

@@ -234,7 +234,12 @@ async fn run_table(front: Front) {
     assert_eq!(
         fwd.metric(
             "forwarder_requests_total",
-            &[("protocol", protocol), ("model", "m"), ("code", "200")]
+            &[
+                ("protocol", protocol),
+                ("api", "chat_completions"),
+                ("model", "m"),
+                ("code", "200")
+            ]
         )
         .await,
         6.0,

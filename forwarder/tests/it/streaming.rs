@@ -132,7 +132,12 @@ async fn a_stall_after_the_first_chunk_ends_with_an_error_event_and_no_retry() {
     assert_eq!(
         fwd.metric(
             "forwarder_requests_total",
-            &[("protocol", "http"), ("model", "m"), ("code", "504")]
+            &[
+                ("protocol", "http"),
+                ("api", "chat_completions"),
+                ("model", "m"),
+                ("code", "504")
+            ]
         )
         .await,
         1.0

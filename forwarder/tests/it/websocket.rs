@@ -135,7 +135,12 @@ async fn cancel_stops_one_request_and_the_connection_goes_on() {
     let code = fwd
         .metric(
             "forwarder_requests_total",
-            &[("protocol", "websocket"), ("model", "m"), ("code", "499")],
+            &[
+                ("protocol", "websocket"),
+                ("api", "chat_completions"),
+                ("model", "m"),
+                ("code", "499"),
+            ],
         )
         .await;
     assert_eq!(code, 1.0);

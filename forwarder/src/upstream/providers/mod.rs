@@ -65,6 +65,20 @@ pub trait Provider: Send + Sync {
     /// has begun; errors after that come through the stream.
     async fn stream(&self, req: &Envelope) -> Result<Opened, UpstreamError>;
 
+    /// A request on an object the upstream keeps (`GET` or `DELETE
+    /// /responses/{id}`), `path` under its base URL. Adapters that keep
+    /// none answer 404.
+    async fn object(&self, method: http::Method, path: &str) -> Result<Completed, UpstreamError> {
+        let _ = (method, path);
+        Err(UpstreamError::Status {
+            status: 404,
+            retry_after: None,
+            body: Bytes::from_static(
+                br#"{"error":{"message":"this upstream keeps no such objects","type":"invalid_request_error","code":"not_found"}}"#,
+            ),
+        })
+    }
+
     /// Re-reads files the adapter was built from (TLS material); returns
     /// whether anything changed.
     fn reload_files(&self) -> Result<bool, crate::BuildError> {

@@ -386,6 +386,30 @@ impl Provider for OpenAiProvider {
         Ok(Completed { headers, body })
     }
 
+    async fn object(&self, method: http::Method, path: &str) -> Result<Completed, UpstreamError> {
+        // `uris[Responses]` is `<base>/responses`: the base is what precedes it.
+        let responses = self.uris[ApiKind::Responses as usize].to_string();
+        let base = responses.trim_end_matches(ApiKind::Responses.path());
+        let uri: Uri = format!("{base}{path}")
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| UpstreamError::Protocol(e.to_string()))?;
+        let mut request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+        if let Some((name, value)) = &self.auth {
+            request.headers_mut().insert(name, value.clone());
+        }
+        let resp = self.client.get().request(request).await.map_err(classify)?;
+        if !resp.status().is_success() {
+            return Err(status_error(resp).await);
+        }
+        let headers = self.limits.to_client.filter(resp.headers());
+        let body = read_bounded(resp, self.limits.max_body_bytes, false).await?;
+        Ok(Completed { headers, body })
+    }
+
     async fn stream(&self, req: &Envelope) -> Result<Opened, UpstreamError> {
         let resp = self.send(req).await?;
         let headers = self.limits.to_client.filter(resp.headers());

@@ -1,0 +1,123 @@
+//! Which upstream created a stored response (`POST /v1/responses`), so that
+//! `GET` and `DELETE /v1/responses/{id}` reach the upstream that holds it,
+//! and only for the client that created it. Kept in a bounded local cache
+//! and in the shared store (Redis when configured, so every replica knows).
+//! Only ids, upstream names and client ids are kept: never content.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Space, Store, StoreKey};
+
+/// Ids remembered by this replica at most (the store keeps the rest).
+const LOCAL_CAPACITY: u64 = 100_000;
+/// How long an id is remembered: OpenAI keeps stored responses 30 days.
+const TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The store's scope for these records.
+const SCOPE: &str = "responses";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    /// The upstream (endpoint) name that created the response.
+    pub upstream: String,
+    /// The client that created it.
+    pub owner: String,
+}
+
+pub struct ResponseIndex {
+    local: moka::sync::Cache<String, Origin>,
+    store: Arc<dyn Store>,
+}
+
+impl ResponseIndex {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self {
+            local: moka::sync::Cache::builder()
+                .max_capacity(LOCAL_CAPACITY)
+                .time_to_live(TTL)
+                .build(),
+            store,
+        }
+    }
+
+    fn key(id: &str) -> StoreKey {
+        StoreKey::new(Space::Job, SCOPE, id.as_bytes())
+    }
+
+    /// Records `id` here at once (this replica answers a `GET` that
+    /// follows), and in the store in the background.
+    pub fn remember(self: &Arc<Self>, id: String, origin: Origin) {
+        if id.is_empty() || id.len() > 256 {
+            return;
+        }
+        let value = serde_json::to_vec(&origin).unwrap_or_default();
+        self.local.insert(id.clone(), origin);
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this
+                .store
+                .put(&Self::key(&id), [0; 32], Bytes::from(value), TTL)
+                .await
+            {
+                tracing::warn!(error = %e, "could not record a response's upstream in the store");
+            }
+        });
+    }
+
+    /// Where `id` was created; `None` when this forwarder did not create it
+    /// (or forgot it).
+    pub async fn lookup(&self, id: &str) -> Option<Origin> {
+        if let Some(o) = self.local.get(id) {
+            return Some(o);
+        }
+        let record = self.store.get(&Self::key(id)).await.ok()??;
+        let origin: Origin = serde_json::from_slice(&record.value).ok()?;
+        self.local.insert(id.to_string(), origin.clone());
+        Some(origin)
+    }
+
+    pub async fn forget(&self, id: &str) {
+        self.local.invalidate(id);
+        let _ = self.store.delete(&Self::key(id)).await;
+    }
+}
+
+/// The `id` of a Responses answer: a whole body, or a stream event
+/// (`response.created` and the rest carry `{"response": {"id"}}`).
+pub fn response_id(json: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Inner {
+        id: Option<String>,
+    }
+    #[derive(Deserialize)]
+    struct Outer {
+        id: Option<String>,
+        response: Option<Inner>,
+    }
+    let o: Outer = serde_json::from_slice(json).ok()?;
+    o.response.and_then(|r| r.id).or(o.id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_read_from_bodies_and_events() {
+        assert_eq!(
+            response_id(br#"{"id":"resp_1","object":"response","output":[]}"#).as_deref(),
+            Some("resp_1")
+        );
+        assert_eq!(
+            response_id(
+                br#"{"type":"response.created","sequence_number":0,"response":{"id":"resp_2"}}"#
+            )
+            .as_deref(),
+            Some("resp_2")
+        );
+        assert_eq!(response_id(b"[DONE]"), None);
+    }
+}
