@@ -29,7 +29,6 @@ use tokio::time::Instant;
 
 use crate::api::{ApiError, HeaderAllow};
 use crate::auth::{ApiKeys, AuthFailure, Authenticators, Identity, JwtVerifier, Principal};
-use crate::sse;
 use crate::store::{Space, StoreKey};
 use crate::telemetry::{Metrics, Protocol};
 use crate::upstream::Pools;
@@ -848,9 +847,10 @@ impl Pipeline {
         self.metrics.idempotent_replays.inc();
         let body = match stored {
             StoredReply::Complete(body) => ReplyBody::Complete(body),
-            StoredReply::Stream(events) => ReplyBody::Stream(
-                futures::stream::iter(sse::split_all(events).into_iter().map(Ok)).boxed(),
-            ),
+            // The recording is whole events: one run, one write.
+            StoredReply::Stream(events) => {
+                ReplyBody::Stream(futures::stream::once(async move { Ok(events) }).boxed())
+            }
         };
         Answer {
             reply: obs.watch(Reply {

@@ -18,7 +18,7 @@ use super::{translate, AdapterLimits, Completed, Opened, Provider};
 use crate::pipeline::envelope::Envelope;
 use crate::pipeline::{ApiKind, Family};
 use crate::reload::Swap;
-use crate::sse::{self, Splitter};
+use crate::sse::{self, Chunker, Splitter};
 use crate::upstream::retry::parse_retry_after;
 use crate::upstream::UpstreamError;
 use crate::BuildError;
@@ -389,20 +389,32 @@ impl Provider for OpenAiProvider {
     async fn stream(&self, req: &Envelope) -> Result<Opened, UpstreamError> {
         let resp = self.send(req).await?;
         let headers = self.limits.to_client.filter(resp.headers());
-        let events = EventReader {
-            body: resp.into_body(),
-            splitter: Splitter::new(self.limits.max_event_bytes),
-            ended: false,
+        let max_event = self.limits.max_event_bytes;
+        let body = resp.into_body();
+        // Translation works event by event; a stream in the client's own
+        // API is relayed as the runs of whole events each read yields.
+        let events: super::RawEvents = match self.translates(req.api) {
+            Some(to) => {
+                let events = Box::pin(EventReader {
+                    body,
+                    splitter: Splitter::new(max_event),
+                    ended: false,
+                });
+                match to {
+                    ApiKind::ChatCompletions => translated(events),
+                    _ => to_chunks(events, include_usage(&req.body)),
+                }
+            }
+            None => Box::pin(ChunkReader {
+                body,
+                max_event,
+                chunker: Chunker::new(max_event),
+                ended: false,
+                body_done: false,
+                failed: None,
+            }),
         };
-        let events: super::RawEvents = Box::pin(events);
-        Ok(Opened {
-            headers,
-            events: match self.translates(req.api) {
-                Some(ApiKind::ChatCompletions) => translated(events),
-                Some(_) => to_chunks(events, include_usage(&req.body)),
-                None => events,
-            },
-        })
+        Ok(Opened { headers, events })
     }
 }
 
@@ -500,6 +512,106 @@ impl Stream for EventReader {
                     }
                     return Poll::Ready(None);
                 }
+            }
+        }
+    }
+}
+
+/// The most bytes gathered into one chunk before it is passed on.
+const MAX_CHUNK: usize = 64 * 1024;
+
+/// Passes an upstream body on as runs of whole events: every frame hyper
+/// has ready is gathered (up to [`MAX_CHUNK`]) and cut after its last
+/// blank line, so a burst of events costs one item and one client write.
+struct ChunkReader {
+    body: Incoming,
+    max_event: usize,
+    chunker: Chunker,
+    ended: bool,
+    body_done: bool,
+    /// A body error seen after whole events that are passed on first.
+    failed: Option<UpstreamError>,
+}
+
+impl Stream for ChunkReader {
+    type Item = Result<Bytes, UpstreamError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            let mut pending = false;
+            // A lone frame that ends with a blank line (and cannot hold an
+            // oversized event) is passed on as it came: no copy, no cut.
+            let mut direct: Option<Bytes> = None;
+            if !this.body_done && this.failed.is_none() {
+                // At least one frame per turn, then what else is ready.
+                let mut first = true;
+                while first || this.chunker.len() < MAX_CHUNK {
+                    first = false;
+                    match Pin::new(&mut this.body).poll_frame(cx) {
+                        Poll::Ready(Some(Ok(frame))) => {
+                            let Ok(data) = frame.into_data() else {
+                                continue; // trailers
+                            };
+                            if direct.is_none()
+                                && this.chunker.is_empty()
+                                && data.len() <= this.max_event
+                                && data.ends_with(b"\n\n")
+                            {
+                                direct = Some(data);
+                            } else {
+                                if let Some(d) = direct.take() {
+                                    this.chunker.push(&d);
+                                }
+                                this.chunker.push(&data);
+                            }
+                        }
+                        Poll::Ready(Some(Err(e))) => {
+                            this.failed = Some(body_error(e));
+                            break;
+                        }
+                        Poll::Ready(None) => {
+                            this.body_done = true;
+                            break;
+                        }
+                        Poll::Pending => {
+                            pending = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            if let Some(d) = direct {
+                return Poll::Ready(Some(Ok(d)));
+            }
+            match this.chunker.take_events() {
+                Ok(Some(chunk)) => return Poll::Ready(Some(Ok(chunk))),
+                Ok(None) => {}
+                Err(e) => {
+                    this.ended = true;
+                    return Poll::Ready(Some(Err(UpstreamError::TooLarge(e.0))));
+                }
+            }
+            if let Some(e) = this.failed.take() {
+                this.ended = true;
+                return Poll::Ready(Some(Err(e)));
+            }
+            if this.body_done {
+                this.ended = true;
+                // As EventReader: a `data: [DONE]` cut before its blank
+                // line still ends the stream cleanly; any other partial
+                // event is dropped.
+                let rest = this.chunker.take_partial();
+                if sse::scan(&rest).done {
+                    return Poll::Ready(Some(Ok(Bytes::from_static(sse::DONE_EVENT))));
+                }
+                return Poll::Ready(None);
+            }
+            if pending {
+                return Poll::Pending;
             }
         }
     }
