@@ -528,7 +528,12 @@ impl Pipeline {
         check_key_len(key.as_deref()).map_err(|e| obs.fail(e))?;
         // Shared limits need the store (async) and the body (tokens): they
         // apply here, to cache hits too.
-        let estimated = shared_limit::estimate(&call.body);
+        // The token estimate, the principal's copy and the cache directives
+        // are made only for the features that read them.
+        let estimated = match &self.shared_limit {
+            Some(_) => shared_limit::estimate(&call.body),
+            None => 0,
+        };
         let limit_headers = match &self.shared_limit {
             Some(_) if meta.prepaid => Vec::new(),
             Some(l) => l
@@ -537,14 +542,13 @@ impl Pipeline {
                 .map_err(|e| obs.fail(e))?,
             None => Vec::new(),
         };
-        let limited_principal = principal.clone();
+        let limited_principal = self.shared_limit.as_ref().map(|_| principal.clone());
         // The cache answers before a concurrency slot is taken: a hit
         // costs no upstream capacity.
-        let directives = crate::cache::Directives::from_headers(&meta.headers);
-        let plan = self
-            .cache
-            .as_ref()
-            .and_then(|c| c.plan(&model, api, &principal.0, &call.body, directives));
+        let plan = self.cache.as_ref().and_then(|c| {
+            let directives = crate::cache::Directives::from_headers(&meta.headers);
+            c.plan(&model, api, &principal.0, &call.body, directives)
+        });
         let mut lead = None;
         if let (Some(cache), Some(plan)) = (&self.cache, &plan) {
             let found = match cached::lookup(cache, plan, stream).await {
@@ -611,6 +615,7 @@ impl Pipeline {
         });
         if let (
             Some(l),
+            Some(limited_principal),
             Ok(Answer {
                 reply:
                     Reply {
@@ -619,11 +624,11 @@ impl Pipeline {
                     },
                 ..
             }),
-        ) = (&self.shared_limit, &answer)
+        ) = (&self.shared_limit, &limited_principal, &answer)
         {
             if l.counts_tokens(tier.as_deref()) {
                 if let Some(used) = total_tokens(api, body) {
-                    l.correct(&limited_principal, tier.as_deref(), estimated, used)
+                    l.correct(limited_principal, tier.as_deref(), estimated, used)
                         .await;
                 }
             }
