@@ -230,7 +230,9 @@ impl Forwarder {
             } else {
                 lease.failed(&err);
             }
-            if !err.retryable() || attempt >= self.retry.max_attempts {
+            let retryable = err.retryable()
+                || (self.retry.after_answer_began && matches!(err, UpstreamError::Answered(_)));
+            if !retryable || attempt >= self.retry.max_attempts {
                 break Err(to_api_error(&err));
             }
             let failover = self.pools.has_untried_for(model, env.api, &tried);
@@ -337,6 +339,9 @@ pub fn to_api_error(err: &UpstreamError) -> ApiError {
         }
         UpstreamError::Protocol(_) => {
             ApiError::BadGateway("the upstream connection failed or sent malformed data".into())
+        }
+        UpstreamError::Answered(_) => {
+            ApiError::BadGateway("the upstream's answer was cut off or malformed".into())
         }
         UpstreamError::TooLarge(limit) => ApiError::BadGateway(format!(
             "the upstream's answer exceeds the limit of {limit} bytes"

@@ -270,11 +270,35 @@ fn read_key(cfg: &forwarder_config::UpstreamConfig) -> Result<Option<String>, Bu
 }
 
 fn classify(e: hyper_util::client::legacy::Error) -> UpstreamError {
+    use std::error::Error as _;
     if e.is_connect() {
-        UpstreamError::Connect(e.to_string())
+        return UpstreamError::Connect(e.to_string());
+    }
+    // A head the upstream sent but that does not parse: it answered.
+    let parse = e
+        .source()
+        .and_then(|s| s.downcast_ref::<hyper::Error>())
+        .is_some_and(hyper::Error::is_parse);
+    if parse {
+        UpstreamError::Answered(e.to_string())
     } else {
         UpstreamError::Protocol(e.to_string())
     }
+}
+
+/// A completion's body after a 200 head: a read that failed (the
+/// connection reset mid-body) is an answer that began and failed.
+fn answer_error(e: UpstreamError) -> UpstreamError {
+    match e {
+        UpstreamError::Protocol(m) => UpstreamError::Answered(m),
+        other => other,
+    }
+}
+
+/// Whether a completion's body is well-formed JSON (what every completion
+/// API answers); checked before it is answered from, stored or cached.
+fn is_json(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
 }
 
 fn body_error(e: hyper::Error) -> UpstreamError {
@@ -369,19 +393,26 @@ impl Provider for OpenAiProvider {
     async fn complete(&self, req: &Envelope) -> Result<Completed, UpstreamError> {
         let resp = self.send(req).await?;
         let headers = self.limits.to_client.filter(resp.headers());
-        let body = read_bounded(resp, self.limits.max_body_bytes, false).await?;
+        let body = read_bounded(resp, self.limits.max_body_bytes, false)
+            .await
+            .map_err(answer_error)?;
         if let Some(to) = self.translates(req.api) {
             let back = match to {
                 ApiKind::Messages => translate::message_to_chat(&body),
                 _ => translate::chat_to_message(&body),
             };
             let back = back.ok_or_else(|| {
-                UpstreamError::Protocol("the upstream's answer is not in its API's shape".into())
+                UpstreamError::Answered("the upstream's answer is not in its API's shape".into())
             })?;
             return Ok(Completed {
                 headers,
                 body: back.into(),
             });
+        }
+        if !is_json(&body) {
+            return Err(UpstreamError::Answered(
+                "the upstream's 200 answer is not JSON".into(),
+            ));
         }
         Ok(Completed { headers, body })
     }
