@@ -9,6 +9,11 @@
 #
 #   ./scripts/bench.sh                     full run (10 s per run, 15 s seed runs)
 #   BENCH_DURATION=3 ./scripts/bench.sh    shorter runs (the seed runs too, capped at 15 s)
+#   ./scripts/bench.sh --check             regression check before a release: the
+#                                          ratios against nginx, BENCH_CHECK_REPS (3)
+#                                          rounds of BENCH_CHECK_DURATION (5) s; exits 1
+#                                          when one is worse than its target by more
+#                                          than the spread the rounds showed
 #
 # Other knobs (rarely needed): BENCH_THREADS (2), BENCH_CONNS (64),
 # BENCH_RATES ("200 3000"), BENCH_PACED_CONNS (64), BENCH_PACED_ROUNDS (5),
@@ -136,6 +141,15 @@ seed_run() { # label url -> S_* under the label
   S_sock[$label]=$((W_connect + W_read + W_write + W_timeout))
   S_err[$label]=$((W_errors + W_non2xx))
 }
+
+declare -A T_proxy T_mock C_wrk C_softirq C_other R_rps R_err R_cpu R_mockcpu R_p99max
+declare -A X_sps X_err X_bytes X_p99 X_cpu_event X_cpu_stream X_mock_stream
+PATH_CC=/v1/chat/completions
+if [ "${1:-}" = --check ]; then
+  # shellcheck source=scripts/bench/check.sh
+  source "$ROOT/scripts/bench/check.sh"
+  if check_main; then exit 0; else exit 1; fi
+fi
 
 wait_quiet
 declare -A T_proxy T_mock C_wrk C_softirq C_other R_rps R_err R_cpu R_mockcpu R_p99max

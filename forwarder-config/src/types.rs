@@ -392,6 +392,11 @@ pub struct RetryConfig {
     pub base_delay: Duration,
     #[serde(with = "humantime_serde")]
     pub max_delay: Duration,
+    /// Retry a completion whose 200 answer then failed (its body cut off or
+    /// not JSON, or its head unparseable). Off by default: the upstream
+    /// produced, and billed, that answer; sending the request again pays
+    /// for it twice.
+    pub after_answer_began: bool,
 }
 
 impl Default for RetryConfig {
@@ -400,6 +405,7 @@ impl Default for RetryConfig {
             max_attempts: 3,
             base_delay: Duration::from_millis(200),
             max_delay: Duration::from_secs(4),
+            after_answer_began: false,
         }
     }
 }

@@ -61,6 +61,99 @@ impl Splitter {
     }
 }
 
+/// Cuts a byte stream into runs of whole events: everything up to the last
+/// blank line buffered, as one chunk, so a relay writes what the upstream
+/// socket yielded in one piece instead of one piece per event. The
+/// partial event after the last blank line is kept for the next read and
+/// may be at most `max_event` bytes.
+pub struct Chunker {
+    buf: BytesMut,
+    max_event: usize,
+    /// Where to resume looking for a blank line.
+    scanned: usize,
+}
+
+impl Chunker {
+    pub fn new(max_event: usize) -> Self {
+        Self {
+            buf: BytesMut::new(),
+            max_event,
+            scanned: 0,
+        }
+    }
+
+    pub fn push(&mut self, chunk: &[u8]) {
+        self.buf.extend_from_slice(chunk);
+    }
+
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Every whole event buffered, as one chunk, if there is one.
+    pub fn take_events(&mut self) -> Result<Option<Bytes>, EventTooLarge> {
+        // A buffer that ends with a blank line (the usual case: a read ends
+        // where an event does) needs no scan.
+        let end = if self.buf.ends_with(b"\n\n") {
+            Some(self.buf.len())
+        } else {
+            last_event_end(&self.buf, self.scanned.saturating_sub(3))
+        };
+        match end {
+            Some(end) => {
+                let chunk = self.buf.split_to(end).freeze();
+                self.scanned = self.buf.len();
+                if self.buf.len() > self.max_event {
+                    return Err(EventTooLarge(self.max_event));
+                }
+                Ok(Some(chunk))
+            }
+            None if self.buf.len() > self.max_event => Err(EventTooLarge(self.max_event)),
+            None => {
+                self.scanned = self.buf.len();
+                Ok(None)
+            }
+        }
+    }
+
+    /// What is left after the body ended: a partial event, if any.
+    pub fn take_partial(&mut self) -> Bytes {
+        self.scanned = 0;
+        self.buf.split().freeze()
+    }
+}
+
+/// The end (exclusive) of the last event in `buf` that ends at or after
+/// `from`.
+fn last_event_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut last = None;
+    let mut i = from;
+    while let Some(end) = event_end(&buf[i..]) {
+        i += end;
+        last = Some(i);
+    }
+    last
+}
+
+/// The whole events of a chunk of events, as slices (and a trailing
+/// partial event, if any, as the last item).
+pub fn events(chunk: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = chunk;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let end = event_end(rest).unwrap_or(rest.len());
+        let event = &rest[..end];
+        rest = &rest[end..];
+        Some(event)
+    })
+}
+
 /// The end (exclusive) of the first event in `buf`: the position after the
 /// first blank line (`\n\n`, `\r\n\r\n` or `\r\r`).
 fn event_end(buf: &[u8]) -> Option<usize> {
@@ -121,6 +214,67 @@ pub fn scan(event: &[u8]) -> EventInfo {
         info.has_usage |= has_non_null(data, &USAGE);
     }
     info
+}
+
+/// [`scan`] for a run of whole events, over the raw buffer: a handful of
+/// substring searches per chunk instead of a walk over every line, so its
+/// cost per event is a few instructions. Each hit is checked to sit on a
+/// `data:` line, so comments and other fields never count. `has_usage` is
+/// not read.
+pub fn scan_chunk(buf: &[u8]) -> EventInfo {
+    let comment_only = !has_data(buf);
+    let (done, finished) = if comment_only {
+        (false, false)
+    } else {
+        chunk_ends(buf)
+    };
+    EventInfo {
+        comment_only,
+        done,
+        finished,
+        has_usage: false,
+    }
+}
+
+/// Whether a run of events has a `data:` line (else it is keep-alives).
+pub fn has_data(buf: &[u8]) -> bool {
+    static DATA: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"data:"));
+    buf.starts_with(b"data:") || DATA.find_iter(buf).any(|at| line_start(buf, at) == at)
+}
+
+/// What the relay of a chat-completions stream reads from each run of
+/// events: whether it holds `data: [DONE]`, and whether a choice finished
+/// in it (see [`scan_chunk`]).
+pub fn chunk_ends(buf: &[u8]) -> (bool, bool) {
+    static DONE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"[DONE]"));
+    static FINISH: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"finish_reason\":"));
+    let done = DONE.find_iter(buf).any(|at| {
+        let start = line_start(buf, at);
+        let end = memchr::memchr(b'\n', &buf[at..]).map_or(buf.len(), |e| at + e);
+        let line = &buf[start..end];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        line.strip_prefix(b"data:")
+            .is_some_and(|d| d.strip_prefix(b" ").unwrap_or(d).trim_ascii() == b"[DONE]")
+    });
+    let finished = FINISH.find_iter(buf).any(|at| {
+        let value = &buf[at + FINISH.needle().len()..];
+        let skip = value
+            .iter()
+            .position(|b| *b != b' ' && *b != b'\t')
+            .unwrap_or(value.len());
+        let value = &value[skip..];
+        let non_null = !value.is_empty()
+            && !value.starts_with(b"null")
+            && !value.starts_with(b"\n")
+            && !value.starts_with(b"\r");
+        non_null && buf[line_start(buf, at)..].starts_with(b"data:")
+    });
+    (done, finished)
+}
+
+/// Where the line holding position `at` begins.
+fn line_start(buf: &[u8], at: usize) -> usize {
+    memchr::memrchr(b'\n', &buf[..at]).map_or(0, |n| n + 1)
 }
 
 /// An event's lines, without their `\r\n` or `\n`.
@@ -296,6 +450,67 @@ mod tests {
         assert_eq!(data(b"data: a\ndata: b\n\n").unwrap().as_ref(), b"a\nb");
         assert_eq!(data(b"data:x\n\n").unwrap().as_ref(), b"x");
         assert!(data(b": c\n\n").is_none());
+    }
+
+    #[test]
+    fn a_chunker_yields_every_whole_event_buffered_as_one_chunk() {
+        let mut c = Chunker::new(16);
+        c.push(b"data: 1\n\ndata: 2\n");
+        assert_eq!(c.take_events().unwrap().unwrap().as_ref(), b"data: 1\n\n");
+        assert_eq!(c.take_events().unwrap(), None);
+        c.push(b"\ndata: 3\r\n\r");
+        assert_eq!(c.take_events().unwrap().unwrap().as_ref(), b"data: 2\n\n");
+        c.push(b"\n: ping\n\n");
+        assert_eq!(
+            c.take_events().unwrap().unwrap().as_ref(),
+            b"data: 3\r\n\r\n: ping\n\n"
+        );
+        assert!(c.is_empty());
+        c.push(b"data: 0123456789abcdef");
+        assert_eq!(c.take_events(), Err(EventTooLarge(16)));
+    }
+
+    #[test]
+    fn events_of_a_chunk_are_its_whole_events() {
+        let all: Vec<&[u8]> = events(b"data: 1\n\n: c\r\n\r\ndata: [DONE]\n\n").collect();
+        assert_eq!(
+            all,
+            vec![&b"data: 1\n\n"[..], b": c\r\n\r\n", b"data: [DONE]\n\n"]
+        );
+    }
+
+    #[test]
+    fn a_chunk_scan_reads_what_the_event_scan_reads() {
+        let cases: &[&[u8]] = &[
+            b"data: [DONE]\n\n",
+            b": keep-alive\n\n",
+            b": data: [DONE]\n\n: \"finish_reason\": \"stop\"\n\n",
+            br#"data: {"choices":[{"delta":{"content":"\"finish_reason\": x"},"finish_reason":null}],"usage":null}"#,
+            b"data: {\"choices\":[{\"finish_reason\":null}]}\n\ndata: {\"choices\":[{\"delta\":{},\"finish_reason\": \"stop\"}]}\n\n",
+            b"data: {\"finish_reason\":\n\n",
+            b"data: {\"a\":\"[DONE]\"}\n\n",
+            b"data:[DONE]\r\n\r\n",
+            b"event: x\ndata: {}\n\ndata: [DONE]\n\n",
+        ];
+        for chunk in cases {
+            let mut want = EventInfo {
+                comment_only: true,
+                ..Default::default()
+            };
+            for e in events(chunk) {
+                let i = scan(e);
+                want.comment_only &= i.comment_only;
+                want.done |= i.done;
+                want.finished |= i.finished;
+            }
+            let got = scan_chunk(chunk);
+            assert_eq!(
+                (got.comment_only, got.done, got.finished),
+                (want.comment_only, want.done, want.finished),
+                "{}",
+                String::from_utf8_lossy(chunk)
+            );
+        }
     }
 
     #[test]

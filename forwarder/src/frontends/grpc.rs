@@ -286,13 +286,26 @@ impl Forwarder for GrpcFrontend {
             ReplyBody::Stream(s) => {
                 let chunker = Arc::new(parking_lot::Mutex::new(Chunker::default()));
                 let at_end = chunker.clone();
-                s.filter_map(move |item| {
-                    let out = match item.and_then(|e| chunker.lock().chunk(&e)) {
-                        Ok(Some(chunk)) => Some(Ok(chunk)),
-                        Ok(None) => None,
-                        Err(e) => Some(Err(to_status(&e))),
-                    };
-                    futures::future::ready(out)
+                // Each item is a run of events: one message per event.
+                s.flat_map(move |item| {
+                    let mut out = Vec::new();
+                    match item {
+                        Ok(run) => {
+                            let mut chunker = chunker.lock();
+                            for event in sse::events(&run) {
+                                match chunker.chunk(event) {
+                                    Ok(Some(chunk)) => out.push(Ok(chunk)),
+                                    Ok(None) => {}
+                                    Err(e) => {
+                                        out.push(Err(to_status(&e)));
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        Err(e) => out.push(Err(to_status(&e))),
+                    }
+                    futures::stream::iter(out)
                 })
                 .chain(futures::stream::iter(std::iter::from_fn(move || {
                     at_end.lock().finish().map(Ok)

@@ -307,25 +307,28 @@ pub(super) fn stream_failure(api: ApiKind, e: &ApiError, relayed: usize) -> Byte
     }
 }
 
-/// Relays events verbatim; a failed stream ends with the API's error event
+/// Relays runs of events verbatim; a failed stream ends with the API's error event
 /// (see [`stream_failure`]) instead of its terminal event.
 ///
-/// Events already waiting are written as one chunk: an upstream that sends
-/// a burst (a cached or fast answer) then costs one write, not one per
-/// event. A paced stream is unaffected (one event is ready at a time).
+/// Each run is one write: the upstream adapter gathers what each read
+/// yields, and replays come as one run.
 fn sse_response(events: crate::pipeline::EventStream, api: ApiKind) -> Response {
     let mut relayed = 0usize;
     let body = events
         .map(move |item| match item {
-            Ok(event) => {
-                // Keep-alive comments carry no sequence number.
-                relayed += usize::from(!event.starts_with(b":"));
-                event
+            Ok(events) => {
+                // Only the Responses API numbers its events (keep-alive
+                // comments carry no number); other streams are not split.
+                if api == ApiKind::Responses {
+                    relayed += sse::events(&events)
+                        .filter(|e| !e.starts_with(b":"))
+                        .count();
+                }
+                events
             }
             Err(e) => stream_failure(api, &e, relayed),
         })
-        .ready_chunks(MAX_EVENTS_PER_WRITE)
-        .map(|events| Ok::<_, Infallible>(concat(events)));
+        .map(Ok::<_, Infallible>);
     (
         [
             (header::CONTENT_TYPE, "text/event-stream"),
@@ -334,20 +337,6 @@ fn sse_response(events: crate::pipeline::EventStream, api: ApiKind) -> Response 
         Body::from_stream(body),
     )
         .into_response()
-}
-
-/// Most events joined into one write.
-const MAX_EVENTS_PER_WRITE: usize = 64;
-
-fn concat(mut events: Vec<Bytes>) -> Bytes {
-    if events.len() == 1 {
-        return events.pop().unwrap_or_default();
-    }
-    let mut out = bytes::BytesMut::with_capacity(events.iter().map(Bytes::len).sum());
-    for e in &events {
-        out.extend_from_slice(e);
-    }
-    out.freeze()
 }
 
 /// `POST /api/v1/message`: translated to a chat request at this edge.

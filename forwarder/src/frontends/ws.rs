@@ -417,32 +417,42 @@ async fn answer(
         ReplyBody::Stream(mut stream) => {
             let (mut model, mut finish, mut usage) = (String::new(), None, None);
             while let Some(item) = stream.next().await {
-                let chunk = item.and_then(|event| match sse::data(&event) {
-                    Some(data) => ChunkView::parse(&data),
-                    None => Ok(None), // a keep-alive comment
-                });
-                match chunk {
-                    Ok(Some(c)) => {
-                        if model.is_empty() {
-                            model = c.model;
-                        }
-                        if c.finish_reason.is_some() {
-                            finish = c.finish_reason;
-                        }
-                        if c.usage.is_some() {
-                            usage = c.usage;
-                        }
-                        if !c.delta.is_empty() {
-                            let f = frame(json!({"type": "delta", "id": id, "delta": c.delta}));
-                            if out.send(f).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    Ok(None) => {}
+                // Each item is a run of events: one frame per delta.
+                let run = match item {
+                    Ok(run) => run,
                     Err(e) => {
                         let _ = out.send(error_frame(Some(id), &e)).await;
                         return;
+                    }
+                };
+                for event in sse::events(&run) {
+                    let chunk = match sse::data(event) {
+                        Some(data) => ChunkView::parse(&data),
+                        None => Ok(None), // a keep-alive comment
+                    };
+                    match chunk {
+                        Ok(Some(c)) => {
+                            if model.is_empty() {
+                                model = c.model;
+                            }
+                            if c.finish_reason.is_some() {
+                                finish = c.finish_reason;
+                            }
+                            if c.usage.is_some() {
+                                usage = c.usage;
+                            }
+                            if !c.delta.is_empty() {
+                                let f = frame(json!({"type": "delta", "id": id, "delta": c.delta}));
+                                if out.send(f).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            let _ = out.send(error_frame(Some(id), &e)).await;
+                            return;
+                        }
                     }
                 }
             }

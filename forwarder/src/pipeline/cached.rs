@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use http::{HeaderMap, HeaderValue};
 use parking_lot::Mutex;
@@ -51,8 +51,9 @@ pub async fn lead_or_wait(
 
 fn served(cache: &ResponseCache, plan: &Plan, rec: &Record, stream: bool) -> Option<Hit> {
     let body = if stream {
-        let events = convert::to_events(&rec.value)?;
-        ReplyBody::Stream(futures::stream::iter(events.into_iter().map(Ok)).boxed())
+        // Whole events, as one run: one write.
+        let events: Bytes = convert::to_events(&rec.value)?.concat().into();
+        ReplyBody::Stream(futures::stream::once(async move { Ok(events) }).boxed())
     } else {
         ReplyBody::Complete(rec.value.clone())
     };

@@ -53,8 +53,9 @@ pub struct Reply {
 pub enum ReplyBody {
     /// A completion's JSON, as the upstream sent it.
     Complete(Bytes),
-    /// Whole Server-Sent Events (each with its blank line), relayed verbatim;
-    /// the last is the API's terminal event (`data: [DONE]`,
+    /// Runs of whole Server-Sent Events (each item one or more events, each
+    /// with its blank line; [`crate::sse::events`] splits an item), relayed
+    /// verbatim in the pieces the upstream's reads yield; the last is the API's terminal event (`data: [DONE]`,
     /// `message_stop`, `response.completed`). An `Err` ends a stream that
     /// failed.
     Stream(EventStream),

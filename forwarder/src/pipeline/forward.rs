@@ -168,6 +168,7 @@ impl Forwarder {
                     .checked_add(idle)
                     .map_or(deadline, |t| t.min(deadline)),
             )),
+            timer_waker: None,
             started,
             model: env.model.clone(),
             api: env.api,
@@ -248,7 +249,9 @@ impl Forwarder {
             } else {
                 lease.failed(&err);
             }
-            if !err.retryable() || attempt >= self.retry.max_attempts {
+            let retryable = err.retryable()
+                || (self.retry.after_answer_began && matches!(err, UpstreamError::Answered(_)));
+            if !retryable || attempt >= self.retry.max_attempts {
                 break Err(to_api_error(&err));
             }
             let failover = self.pools.has_untried_for(model, env.api, &tried);
@@ -299,7 +302,7 @@ fn served(mut reply: Reply, trace: &mut Trace, target: String) -> Reply {
     reply
 }
 
-/// Reads events until the first one carrying data; comments before it are
+/// Reads runs of events until one carries data; comments before it are
 /// keep-alives that restart the idle timer.
 async fn first_data_event(
     events: &mut RawEvents,
@@ -318,7 +321,7 @@ async fn first_data_event(
                 ))
             }
             Ok(Some(Err(e))) => return Err(e),
-            Ok(Some(Ok(event))) if sse::scan(&event).comment_only => continue,
+            Ok(Some(Ok(event))) if !sse::has_data(&event) => continue,
             Ok(Some(Ok(event))) => return Ok(event),
         }
     }
@@ -356,6 +359,9 @@ pub fn to_api_error(err: &UpstreamError) -> ApiError {
         UpstreamError::Protocol(_) => {
             ApiError::BadGateway("the upstream connection failed or sent malformed data".into())
         }
+        UpstreamError::Answered(_) => {
+            ApiError::BadGateway("the upstream's answer was cut off or malformed".into())
+        }
         UpstreamError::TooLarge(limit) => ApiError::BadGateway(format!(
             "the upstream's answer exceeds the limit of {limit} bytes"
         )),
@@ -379,7 +385,8 @@ pub fn to_api_error(err: &UpstreamError) -> ApiError {
     }
 }
 
-/// An upstream stream after its first data event: relays events verbatim,
+/// An upstream stream after its first data event: relays runs of whole
+/// events verbatim, as the adapter yields them,
 /// enforces the idle timeout between events and the overall deadline,
 /// judges the end by the API's terminal event (chat completions: `[DONE]`,
 /// or a `finish_reason` from an upstream that sends no `[DONE]`; Messages:
@@ -396,6 +403,9 @@ struct UpstreamStream {
     deadline: Instant,
     last_event: Instant,
     timer: Pin<Box<Sleep>>,
+    /// The waker the timer was last polled with: while it is the task's,
+    /// the timer need not be polled again until it has fired.
+    timer_waker: Option<std::task::Waker>,
     started: Instant,
     model: String,
     api: ApiKind,
@@ -412,6 +422,20 @@ pub(super) fn is_terminal(api: ApiKind, event: &[u8], info: &sse::EventInfo) -> 
     }
 }
 
+/// Whether a run of whole events holds the terminal event of `api`, and
+/// whether a choice finished in it (pure). Chat completions are read with
+/// one scan over the raw bytes; APIs with named terminal events are read
+/// event by event (as slices, nothing copied).
+pub(super) fn chunk_ends(api: ApiKind, chunk: &[u8]) -> (bool, bool) {
+    match api.terminal() {
+        Terminal::Done => sse::chunk_ends(chunk),
+        Terminal::Named(_) => {
+            let ends = sse::events(chunk).any(|e| is_terminal(api, e, &sse::EventInfo::default()));
+            (ends, false)
+        }
+    }
+}
+
 impl UpstreamStream {
     /// Notes an event. The timer is not moved per event (that costs a
     /// timer-wheel update per token); when it fires, it is pushed to the
@@ -423,6 +447,16 @@ impl UpstreamStream {
     /// Whether the stream has really stalled (or passed its deadline) now
     /// that the timer fired; otherwise re-arms it.
     fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
+        // Polling the timer once per event costs a timer-wheel look-up per
+        // token: only when it fired or the task's waker changed.
+        let registered = self
+            .timer_waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()));
+        if registered && !self.timer.is_elapsed() {
+            return false;
+        }
+        self.timer_waker = Some(cx.waker().clone());
         loop {
             if self.timer.poll_unpin(cx).is_pending() {
                 return false;
@@ -457,16 +491,16 @@ impl UpstreamStream {
         }
     }
 
-    /// Passes one upstream event on, noting what it says.
-    fn relay(&mut self, event: Bytes) -> Poll<Option<Result<Bytes, ApiError>>> {
+    /// Passes a run of upstream events on, noting what it says.
+    fn relay(&mut self, events: Bytes) -> Poll<Option<Result<Bytes, ApiError>>> {
         self.rearm();
-        let info = sse::scan(&event);
-        if is_terminal(self.api, &event, &info) {
+        let (ends, finished) = chunk_ends(self.api, &events);
+        if ends {
             self.settle(Ok(()));
         }
         // Only chat completions have a terminal event a server may omit.
-        self.finished |= info.finished && self.api.terminal() == Terminal::Done;
-        Poll::Ready(Some(Ok(event)))
+        self.finished |= finished;
+        Poll::Ready(Some(Ok(events)))
     }
 }
 
@@ -585,6 +619,10 @@ mod terminal_tests {
                 "{api:?} {}",
                 String::from_utf8_lossy(event)
             );
+            // The same event inside a run of events.
+            let mut run = b"data: {\"x\":1}\n\n".to_vec();
+            run.extend_from_slice(event);
+            assert_eq!(chunk_ends(*api, &run).0, *want, "{api:?} in a run");
         }
     }
 }

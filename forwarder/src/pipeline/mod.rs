@@ -30,7 +30,6 @@ use tokio::time::Instant;
 
 use crate::api::{ApiError, HeaderAllow};
 use crate::auth::{ApiKeys, AuthFailure, Authenticators, Identity, JwtVerifier, Principal};
-use crate::sse;
 use crate::store::{Space, StoreKey};
 use crate::telemetry::{Metrics, Protocol};
 use crate::upstream::Pools;
@@ -587,7 +586,12 @@ impl Pipeline {
         check_key_len(key.as_deref()).map_err(|e| obs.fail(e))?;
         // Shared limits need the store (async) and the body (tokens): they
         // apply here, to cache hits too.
-        let estimated = shared_limit::estimate(&call.body);
+        // The token estimate, the principal's copy and the cache directives
+        // are made only for the features that read them.
+        let estimated = match &self.shared_limit {
+            Some(_) => shared_limit::estimate(&call.body),
+            None => 0,
+        };
         let limit_headers = match &self.shared_limit {
             Some(_) if meta.prepaid => Vec::new(),
             Some(l) => l
@@ -596,7 +600,7 @@ impl Pipeline {
                 .map_err(|e| obs.fail(e))?,
             None => Vec::new(),
         };
-        let limited_principal = principal.clone();
+        let limited_principal = self.shared_limit.as_ref().map(|_| principal.clone());
         // Budgets: only a client that has one costs a store call.
         let budget = match &self.budgets {
             Some(b) => {
@@ -612,11 +616,10 @@ impl Pipeline {
         };
         // The cache answers before a concurrency slot is taken: a hit
         // costs no upstream capacity.
-        let directives = crate::cache::Directives::from_headers(&meta.headers);
-        let plan = self
-            .cache
-            .as_ref()
-            .and_then(|c| c.plan(&model, api, &principal.0, &call.body, directives));
+        let plan = self.cache.as_ref().and_then(|c| {
+            let directives = crate::cache::Directives::from_headers(&meta.headers);
+            c.plan(&model, api, &principal.0, &call.body, directives)
+        });
         let mut lead = None;
         if let (Some(cache), Some(plan)) = (&self.cache, &plan) {
             let found = match cached::lookup(cache, plan, stream).await {
@@ -687,6 +690,7 @@ impl Pipeline {
         let answer = crate::budget::charge(budget, answer);
         if let (
             Some(l),
+            Some(limited_principal),
             Ok(Answer {
                 reply:
                     Reply {
@@ -695,11 +699,11 @@ impl Pipeline {
                     },
                 ..
             }),
-        ) = (&self.shared_limit, &answer)
+        ) = (&self.shared_limit, &limited_principal, &answer)
         {
             if l.counts_tokens(tier.as_deref()) {
                 if let Some(used) = total_tokens(api, body) {
-                    l.correct(&limited_principal, tier.as_deref(), estimated, used)
+                    l.correct(limited_principal, tier.as_deref(), estimated, used)
                         .await;
                 }
             }
@@ -955,7 +959,9 @@ impl Pipeline {
                     let (Some(_), Ok(event)) = (&pending, item) else {
                         return;
                     };
-                    let id = sse::data(event).and_then(|d| responses::response_id(&d));
+                    // An item is a run of whole events: the id is in the first.
+                    let id = crate::sse::events(event)
+                        .find_map(|e| crate::sse::data(e).and_then(|d| responses::response_id(&d)));
                     if let (Some(id), Some((upstream, owner))) = (id, pending.take()) {
                         index.remember(id, responses::Origin { upstream, owner });
                     }
@@ -1015,9 +1021,10 @@ impl Pipeline {
         self.metrics.idempotent_replays.inc();
         let body = match stored {
             StoredReply::Complete(body) => ReplyBody::Complete(body),
-            StoredReply::Stream(events) => ReplyBody::Stream(
-                futures::stream::iter(sse::split_all(events).into_iter().map(Ok)).boxed(),
-            ),
+            // The recording is whole events: one run, one write.
+            StoredReply::Stream(events) => {
+                ReplyBody::Stream(futures::stream::once(async move { Ok(events) }).boxed())
+            }
         };
         Answer {
             reply: obs.watch(Reply {

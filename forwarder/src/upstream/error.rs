@@ -21,6 +21,11 @@ pub enum UpstreamError {
     /// Connection reset, malformed body, broken stream.
     #[error("upstream protocol error: {0}")]
     Protocol(String),
+    /// The upstream began a 200 answer and then failed it (the body cut
+    /// off or not JSON, the head unparseable): it produced the answer, so
+    /// sending the request again is not safe by default.
+    #[error("upstream answer failed after it began: {0}")]
+    Answered(String),
 }
 
 impl UpstreamError {
@@ -32,6 +37,8 @@ impl UpstreamError {
             Self::Status { status, .. } => *status == 429 || *status >= 500,
             // The same request would get the same answer.
             Self::TooLarge(_) => false,
+            // Only when `retry.after_answer_began` says so (the caller's call).
+            Self::Answered(_) => false,
         }
     }
 
@@ -39,7 +46,7 @@ impl UpstreamError {
     /// "broken", and 4xx means the request was bad, so neither counts.
     pub fn is_endpoint_failure(&self) -> bool {
         match self {
-            Self::Connect(_) | Self::Timeout | Self::Protocol(_) => true,
+            Self::Connect(_) | Self::Timeout | Self::Protocol(_) | Self::Answered(_) => true,
             Self::Status { status, .. } => *status >= 500,
             Self::TooLarge(_) => false,
         }
@@ -50,7 +57,7 @@ impl UpstreamError {
         match self {
             Self::Connect(_) => "connect_error",
             Self::Timeout => "timeout",
-            Self::Protocol(_) => "protocol_error",
+            Self::Protocol(_) | Self::Answered(_) => "protocol_error",
             Self::TooLarge(_) => "too_large",
             Self::Status { status: 429, .. } => "rate_limited",
             Self::Status { status, .. } if *status >= 500 => "server_error",

@@ -16,6 +16,7 @@ const MODELS: &[&str] = &[
     "reject",
     "crash",
     "garbage",
+    "cut",
     "truncated",
     "nodone",
     "early-once",
@@ -23,8 +24,12 @@ const MODELS: &[&str] = &[
 ];
 
 async fn setup() -> (Scripted, Fwd) {
+    setup_with(|_| {}).await
+}
+
+async fn setup_with(edit: impl FnOnce(&mut forwarder::config::Config)) -> (Scripted, Fwd) {
     let up = Scripted::start().await;
-    let cfg = config(vec![UpstreamConfig {
+    let mut cfg = config(vec![UpstreamConfig {
         name: "scripted".into(),
         provider: Provider::Openai,
         base_url: Some(up.base_url()),
@@ -37,6 +42,7 @@ async fn setup() -> (Scripted, Fwd) {
         mock: None,
         tls: None,
     }]);
+    edit(&mut cfg);
     (up, start(cfg).await)
 }
 
@@ -132,12 +138,23 @@ async fn an_upstream_4xx_keeps_type_code_and_param_and_5xx_internals_stay_hidden
 }
 
 #[tokio::test]
-async fn a_completed_200_is_never_retried_and_the_simple_api_says_502_when_it_cannot_read_it() {
+async fn a_non_json_200_is_a_502_never_retried_nor_stored_and_the_simple_api_says_502_too() {
     let (up, fwd) = setup().await;
-    let resp = send(&fwd, raw_body("garbage", false), &[]).await;
-    assert_eq!(resp.status(), 200);
-    assert_eq!(resp.text().await.unwrap(), "not json at all");
-    assert_eq!(up.calls("garbage"), 1);
+    for round in 1..=2 {
+        let resp = send(
+            &fwd,
+            raw_body("garbage", false),
+            &[("idempotency-key", "garbage-1")],
+        )
+        .await;
+        assert_eq!(resp.status(), 502, "round {round}");
+        assert!(resp.headers().get("idempotent-replayed").is_none());
+        let v: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "bad_gateway");
+        // One call per request: not retried, and not stored for replay.
+        assert_eq!(up.calls("garbage"), round);
+    }
+    let (up, fwd) = setup().await;
 
     let r = fwd
         .post(
@@ -147,7 +164,33 @@ async fn a_completed_200_is_never_retried_and_the_simple_api_says_502_when_it_ca
         )
         .await;
     assert_eq!(r.status, 502, "{}", r.text);
-    assert_eq!(up.calls("garbage"), 2, "one call, not retried");
+    assert_eq!(up.calls("garbage"), 1, "one call, not retried");
+}
+
+#[tokio::test]
+async fn a_200_whose_body_breaks_off_is_a_502_and_retried_only_when_configured() {
+    let (up, fwd) = setup().await;
+    let resp = send(&fwd, raw_body("cut", false), &[]).await;
+    assert_eq!(resp.status(), 502);
+    assert_eq!(
+        up.calls("cut"),
+        1,
+        "the upstream answered once: not sent again"
+    );
+
+    let (up, fwd) = setup_with(|c| {
+        c.retry.after_answer_began = true;
+        c.retry.base_delay = Duration::from_millis(1);
+        c.retry.max_delay = Duration::from_millis(2);
+    })
+    .await;
+    let resp = send(&fwd, raw_body("cut", false), &[]).await;
+    assert_eq!(resp.status(), 502);
+    assert_eq!(
+        up.calls("cut"),
+        3,
+        "retry.after_answer_began: every attempt"
+    );
 }
 
 #[tokio::test]
@@ -212,4 +255,62 @@ async fn keep_alive_comments_count_as_liveness() {
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
     assert!(text.contains("\"Hi\""), "{text}");
     assert_eq!(up.calls("keepalive"), 1);
+}
+
+/// An upstream that answers every request with a 200 whose head does not
+/// parse; counts the requests it read.
+async fn bad_head_upstream() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let calls = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                seen.fetch_add(1, Ordering::SeqCst);
+                let _ = conn
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: twelve\r\n\r\n{\"id\":\"x\"}")
+                    .await;
+                let _ = conn.shutdown().await;
+            });
+        }
+    });
+    (format!("http://{addr}/v1"), calls)
+}
+
+#[tokio::test]
+async fn a_200_with_an_unparseable_head_is_a_502_not_retried() {
+    let (base, calls) = bad_head_upstream().await;
+    let cfg = config(vec![UpstreamConfig {
+        name: "badhead".into(),
+        provider: Provider::Openai,
+        base_url: Some(base),
+        models: vec!["badhead".into()],
+        weight: 1,
+        api_key_file: None,
+        api_key_env: None,
+        connect_timeout: Duration::from_secs(1),
+        timeout: Duration::from_secs(2),
+        mock: None,
+        tls: None,
+    }]);
+    let fwd = start(cfg).await;
+    let resp = send(&fwd, raw_body("badhead", false), &[]).await;
+    assert_eq!(resp.status(), 502);
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the upstream answered once: not sent again"
+    );
 }

@@ -177,9 +177,26 @@ async fn handle(State(seen): State<Arc<Mutex<Seen>>>, h: HeaderMap, body: Bytes)
             "panic at db.rs:42 password=hunter2",
         )
             .into_response(),
-        // A 200 whose body is not a completion: relayed, never retried.
+        // A 200 whose body is not a completion: a 502, never retried.
         ("garbage", false) => {
             ([("content-type", "application/json")], "not json at all").into_response()
+        }
+        // A 200 whose body breaks off (the connection is aborted mid-body).
+        // The pause lets the head and the first bytes go out first.
+        ("cut", false) => {
+            let parts = futures::stream::iter([true, false]).then(|first| async move {
+                if first {
+                    Ok(Bytes::from_static(b"{\"id\":\"chatcmpl-cut\","))
+                } else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Err(std::io::Error::other("reset"))
+                }
+            });
+            (
+                [("content-type", "application/json")],
+                Body::from_stream(parts),
+            )
+                .into_response()
         }
         // Ends mid-answer: no finish_reason, no [DONE].
         ("truncated", true) => events(now(&FULL_STREAM[..5])),

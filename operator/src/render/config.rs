@@ -126,6 +126,7 @@ pub fn render(spec: &ModelForwarderSpec) -> Result<Config, Vec<Problem>> {
             max_attempts: spec.retry.max_attempts,
             base_delay,
             max_delay,
+            ..RetryConfig::default()
         },
         (b, m) => {
             problems.extend([b.err(), m.err()].into_iter().flatten());

@@ -41,7 +41,8 @@ pub struct Opened {
     pub events: RawEvents,
 }
 
-/// Whole Server-Sent Events, each ending with its blank line. The stream
+/// Runs of whole Server-Sent Events: each item is one or more events, each
+/// ending with its blank line (never a part of one). The stream
 /// ends when the upstream's body ends; whether it ended complete is for the
 /// caller to judge from the events (`[DONE]`, `finish_reason`).
 pub type RawEvents = BoxStream<'static, Result<Bytes, UpstreamError>>;

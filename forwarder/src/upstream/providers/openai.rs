@@ -18,7 +18,7 @@ use super::{translate, AdapterLimits, Completed, Opened, Provider};
 use crate::pipeline::envelope::Envelope;
 use crate::pipeline::{ApiKind, Family};
 use crate::reload::Swap;
-use crate::sse::{self, Splitter};
+use crate::sse::{self, Chunker, Splitter};
 use crate::upstream::retry::parse_retry_after;
 use crate::upstream::UpstreamError;
 use crate::BuildError;
@@ -270,11 +270,35 @@ fn read_key(cfg: &forwarder_config::UpstreamConfig) -> Result<Option<String>, Bu
 }
 
 fn classify(e: hyper_util::client::legacy::Error) -> UpstreamError {
+    use std::error::Error as _;
     if e.is_connect() {
-        UpstreamError::Connect(e.to_string())
+        return UpstreamError::Connect(e.to_string());
+    }
+    // A head the upstream sent but that does not parse: it answered.
+    let parse = e
+        .source()
+        .and_then(|s| s.downcast_ref::<hyper::Error>())
+        .is_some_and(hyper::Error::is_parse);
+    if parse {
+        UpstreamError::Answered(e.to_string())
     } else {
         UpstreamError::Protocol(e.to_string())
     }
+}
+
+/// A completion's body after a 200 head: a read that failed (the
+/// connection reset mid-body) is an answer that began and failed.
+fn answer_error(e: UpstreamError) -> UpstreamError {
+    match e {
+        UpstreamError::Protocol(m) => UpstreamError::Answered(m),
+        other => other,
+    }
+}
+
+/// Whether a completion's body is well-formed JSON (what every completion
+/// API answers); checked before it is answered from, stored or cached.
+fn is_json(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
 }
 
 fn body_error(e: hyper::Error) -> UpstreamError {
@@ -369,19 +393,26 @@ impl Provider for OpenAiProvider {
     async fn complete(&self, req: &Envelope) -> Result<Completed, UpstreamError> {
         let resp = self.send(req).await?;
         let headers = self.limits.to_client.filter(resp.headers());
-        let body = read_bounded(resp, self.limits.max_body_bytes, false).await?;
+        let body = read_bounded(resp, self.limits.max_body_bytes, false)
+            .await
+            .map_err(answer_error)?;
         if let Some(to) = self.translates(req.api) {
             let back = match to {
                 ApiKind::Messages => translate::message_to_chat(&body),
                 _ => translate::chat_to_message(&body),
             };
             let back = back.ok_or_else(|| {
-                UpstreamError::Protocol("the upstream's answer is not in its API's shape".into())
+                UpstreamError::Answered("the upstream's answer is not in its API's shape".into())
             })?;
             return Ok(Completed {
                 headers,
                 body: back.into(),
             });
+        }
+        if !is_json(&body) {
+            return Err(UpstreamError::Answered(
+                "the upstream's 200 answer is not JSON".into(),
+            ));
         }
         Ok(Completed { headers, body })
     }
@@ -413,20 +444,32 @@ impl Provider for OpenAiProvider {
     async fn stream(&self, req: &Envelope) -> Result<Opened, UpstreamError> {
         let resp = self.send(req).await?;
         let headers = self.limits.to_client.filter(resp.headers());
-        let events = EventReader {
-            body: resp.into_body(),
-            splitter: Splitter::new(self.limits.max_event_bytes),
-            ended: false,
+        let max_event = self.limits.max_event_bytes;
+        let body = resp.into_body();
+        // Translation works event by event; a stream in the client's own
+        // API is relayed as the runs of whole events each read yields.
+        let events: super::RawEvents = match self.translates(req.api) {
+            Some(to) => {
+                let events = Box::pin(EventReader {
+                    body,
+                    splitter: Splitter::new(max_event),
+                    ended: false,
+                });
+                match to {
+                    ApiKind::ChatCompletions => translated(events),
+                    _ => to_chunks(events, include_usage(&req.body)),
+                }
+            }
+            None => Box::pin(ChunkReader {
+                body,
+                max_event,
+                chunker: Chunker::new(max_event),
+                ended: false,
+                body_done: false,
+                failed: None,
+            }),
         };
-        let events: super::RawEvents = Box::pin(events);
-        Ok(Opened {
-            headers,
-            events: match self.translates(req.api) {
-                Some(ApiKind::ChatCompletions) => translated(events),
-                Some(_) => to_chunks(events, include_usage(&req.body)),
-                None => events,
-            },
-        })
+        Ok(Opened { headers, events })
     }
 }
 
@@ -524,6 +567,106 @@ impl Stream for EventReader {
                     }
                     return Poll::Ready(None);
                 }
+            }
+        }
+    }
+}
+
+/// The most bytes gathered into one chunk before it is passed on.
+const MAX_CHUNK: usize = 64 * 1024;
+
+/// Passes an upstream body on as runs of whole events: every frame hyper
+/// has ready is gathered (up to [`MAX_CHUNK`]) and cut after its last
+/// blank line, so a burst of events costs one item and one client write.
+struct ChunkReader {
+    body: Incoming,
+    max_event: usize,
+    chunker: Chunker,
+    ended: bool,
+    body_done: bool,
+    /// A body error seen after whole events that are passed on first.
+    failed: Option<UpstreamError>,
+}
+
+impl Stream for ChunkReader {
+    type Item = Result<Bytes, UpstreamError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            let mut pending = false;
+            // A lone frame that ends with a blank line (and cannot hold an
+            // oversized event) is passed on as it came: no copy, no cut.
+            let mut direct: Option<Bytes> = None;
+            if !this.body_done && this.failed.is_none() {
+                // At least one frame per turn, then what else is ready.
+                let mut first = true;
+                while first || this.chunker.len() < MAX_CHUNK {
+                    first = false;
+                    match Pin::new(&mut this.body).poll_frame(cx) {
+                        Poll::Ready(Some(Ok(frame))) => {
+                            let Ok(data) = frame.into_data() else {
+                                continue; // trailers
+                            };
+                            if direct.is_none()
+                                && this.chunker.is_empty()
+                                && data.len() <= this.max_event
+                                && data.ends_with(b"\n\n")
+                            {
+                                direct = Some(data);
+                            } else {
+                                if let Some(d) = direct.take() {
+                                    this.chunker.push(&d);
+                                }
+                                this.chunker.push(&data);
+                            }
+                        }
+                        Poll::Ready(Some(Err(e))) => {
+                            this.failed = Some(body_error(e));
+                            break;
+                        }
+                        Poll::Ready(None) => {
+                            this.body_done = true;
+                            break;
+                        }
+                        Poll::Pending => {
+                            pending = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            if let Some(d) = direct {
+                return Poll::Ready(Some(Ok(d)));
+            }
+            match this.chunker.take_events() {
+                Ok(Some(chunk)) => return Poll::Ready(Some(Ok(chunk))),
+                Ok(None) => {}
+                Err(e) => {
+                    this.ended = true;
+                    return Poll::Ready(Some(Err(UpstreamError::TooLarge(e.0))));
+                }
+            }
+            if let Some(e) = this.failed.take() {
+                this.ended = true;
+                return Poll::Ready(Some(Err(e)));
+            }
+            if this.body_done {
+                this.ended = true;
+                // As EventReader: a `data: [DONE]` cut before its blank
+                // line still ends the stream cleanly; any other partial
+                // event is dropped.
+                let rest = this.chunker.take_partial();
+                if sse::scan(&rest).done {
+                    return Poll::Ready(Some(Ok(Bytes::from_static(sse::DONE_EVENT))));
+                }
+                return Poll::Ready(None);
+            }
+            if pending {
+                return Poll::Pending;
             }
         }
     }
