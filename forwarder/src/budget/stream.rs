@@ -26,7 +26,7 @@ impl Drop for Tap {
 
 /// `stream` with its usage charged to `reservation` (none: a replayed
 /// answer, charged nothing) and, when `strip`, without the chat usage
-/// chunk. Events are relayed as they came otherwise.
+/// chunk. Runs of events are relayed as they came otherwise.
 pub fn tap(
     stream: EventStream,
     api: ApiKind,
@@ -41,14 +41,30 @@ pub fn tap(
     };
     stream
         .filter_map(move |item| {
-            let keep = match &item {
-                Ok(event) => {
-                    let usage_chunk = tap.usage.event(tap.api, event);
-                    !(usage_chunk && tap.strip)
+            // An item is a run of whole events (with their blank lines):
+            // each is read, and the run is rebuilt only when a usage chunk
+            // is held back.
+            let item = match item {
+                Ok(run) => {
+                    let mut dropped = false;
+                    let mut kept = bytes::BytesMut::new();
+                    for event in crate::sse::events(&run) {
+                        let usage_chunk = tap.usage.event(tap.api, event);
+                        if usage_chunk && tap.strip {
+                            dropped = true;
+                        } else {
+                            kept.extend_from_slice(event);
+                        }
+                    }
+                    match (dropped, kept.is_empty()) {
+                        (false, _) => Some(Ok(run)),
+                        (true, true) => None,
+                        (true, false) => Some(Ok(kept.freeze())),
+                    }
                 }
-                Err(_) => true,
+                Err(e) => Some(Err(e)),
             };
-            futures::future::ready(keep.then_some(item))
+            futures::future::ready(item)
         })
         .boxed()
 }
