@@ -150,10 +150,12 @@ impl RequestSpan {
         self.answered = Answered::from_body(self.api, body);
     }
 
-    /// One streamed event.
-    pub fn event(&mut self, event: &[u8]) {
-        if let Some(data) = crate::sse::data(event) {
-            self.answered.read_event(self.api, &data);
+    /// One streamed item: a run of whole events.
+    pub fn event(&mut self, run: &[u8]) {
+        for event in crate::sse::events(run) {
+            if let Some(data) = crate::sse::data(event) {
+                self.answered.read_event(self.api, &data);
+            }
         }
     }
 
