@@ -95,10 +95,16 @@ async fn another_replica_finds_the_upstream_through_the_store() {
         assert_eq!(r.status, 200, "{}", r.text);
         ids.push((r.body["id"].as_str().unwrap().to_string(), r.body.clone()));
     }
-    // The store write is in the background: allow it a moment.
-    tokio::time::sleep(200 * MS).await;
+    // The store write is in the background: allow it up to 5 s.
     for (id, body) in &ids {
-        let got = b.get(&format!("/v1/responses/{id}"), &[]).await;
+        let mut got = b.get(&format!("/v1/responses/{id}"), &[]).await;
+        for _ in 0..100 {
+            if got.status == 200 {
+                break;
+            }
+            tokio::time::sleep(50 * MS).await;
+            got = b.get(&format!("/v1/responses/{id}"), &[]).await;
+        }
         assert_eq!((got.status, &got.body), (200, body), "{id}");
     }
     let del = b.delete(&format!("/v1/responses/{}", ids[0].0), &[]).await;
