@@ -171,7 +171,7 @@ impl Jobs {
     /// submission returns the job it first created.
     pub async fn submit(&self, sub: Submission, headers: &HeaderMap) -> Result<Job, ApiError> {
         let Some(k) = sub.idempotency_key.clone() else {
-            return self.create(sub, headers).await;
+            return self.create(sub, headers, None).await;
         };
         let simple = matches!(sub.kind, JobKind::Simple { .. });
         // Two APIs' bodies may be byte-identical: the API is part of it
@@ -190,14 +190,39 @@ impl Jobs {
                 .await
                 .ok_or(ApiError::StoreUnavailable("jobs")),
             submissions::Keyed::Create(claim) => {
-                let job = self.create(sub, headers).await?;
+                // A submission that died after enqueueing and before binding
+                // the key left its job under this id: that job stands.
+                let id = submissions::job_id(&owner, &k);
+                let made = self
+                    .records
+                    .load(&id)
+                    .await
+                    .map_err(|_| ApiError::StoreUnavailable("jobs"))?;
+                let job = match made {
+                    Some(job) => {
+                        if job.state == JobState::Queued {
+                            // Its message may not have reached the queue: one
+                            // more delivery is harmless (the record decides).
+                            if let Err(e) = self.queue.push(&job).await {
+                                tracing::warn!(error = %e, "could not enqueue a found job again");
+                            }
+                        }
+                        job
+                    }
+                    None => self.create(sub, headers, Some(id)).await?,
+                };
                 self.submissions.created(claim, &job.id).await;
                 Ok(job)
             }
         }
     }
 
-    async fn create(&self, sub: Submission, headers: &HeaderMap) -> Result<Job, ApiError> {
+    async fn create(
+        &self,
+        sub: Submission,
+        headers: &HeaderMap,
+        id: Option<String>,
+    ) -> Result<Job, ApiError> {
         let Submission {
             owner,
             kind,
@@ -237,7 +262,7 @@ impl Jobs {
         let ttl = u64::try_from(self.cfg.job_ttl.as_millis()).unwrap_or(u64::MAX);
         let job = Job {
             submission_trace: trace,
-            id: format!("job_{}", uuid::Uuid::new_v4().simple()),
+            id: id.unwrap_or_else(|| format!("job_{}", uuid::Uuid::new_v4().simple())),
             owner: owner.identity.clone(),
             grants: model::Grants::of(owner),
             kind,

@@ -54,6 +54,20 @@ pub fn fingerprint(
     h.finalize().into()
 }
 
+/// The id of the job a client's key makes: the same on every replica and
+/// every try, so a submission that dies after enqueueing its job and before
+/// binding its key is found again by the retry instead of made twice.
+pub fn job_id(owner: &Identity, idempotency_key: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [owner.0.as_bytes(), idempotency_key.as_bytes()] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    let digest = h.finalize();
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("job_{hex}")
+}
+
 fn key(owner: &Identity, idempotency_key: &str) -> StoreKey {
     StoreKey::new(
         Space::Job,
@@ -139,5 +153,14 @@ mod tests {
             Err(ApiError::IdempotencyMismatch)
         ));
         assert_ne!(fp, fingerprint("m", b"{}", Some("https://h/"), false));
+    }
+
+    #[test]
+    fn a_keys_job_id_is_stable_and_scoped_to_its_client() {
+        let (alice, bob) = (Identity("alice".into()), Identity("bob".into()));
+        assert_eq!(job_id(&alice, "k"), job_id(&alice, "k"));
+        assert_ne!(job_id(&alice, "k"), job_id(&bob, "k"));
+        assert_ne!(job_id(&alice, "k"), job_id(&alice, "k2"));
+        assert_eq!(job_id(&alice, "k").len(), "job_".len() + 32);
     }
 }
