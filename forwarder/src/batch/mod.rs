@@ -683,10 +683,6 @@ impl Batches {
     }
 }
 
-/// The refusal the synchronous doors give a batch line's request before
-/// running it, if any: a body over `server.max_body_bytes` is `413`, a
-/// model the creator's credential does not grant (or no upstream serves)
-/// is `404 model_not_found`.
 /// The job kind of a batch's lines.
 fn batch_kind(endpoint: &str) -> JobKind {
     match endpoint {
@@ -696,6 +692,10 @@ fn batch_kind(endpoint: &str) -> JobKind {
     }
 }
 
+/// The refusal the synchronous doors give a batch line's request before
+/// running it, if any: a body over `server.max_body_bytes` is `413`, a
+/// model the creator's credential does not grant (or no upstream serves)
+/// is `404 model_not_found`.
 fn line_refusal(
     creator: &Principal,
     known_model: bool,
