@@ -16,6 +16,10 @@ use crate::store::{Space, Store, StoreKey};
 const LOCAL_CAPACITY: u64 = 100_000;
 /// How long an id is remembered: OpenAI keeps stored responses 30 days.
 const TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Tries of the background write that shares an id with other replicas,
+/// the n-th after n × `PUT_RETRY`.
+const PUT_TRIES: u32 = 5;
+const PUT_RETRY: Duration = Duration::from_millis(200);
 /// The store's scope for these records.
 const SCOPE: &str = "responses";
 
@@ -57,12 +61,21 @@ impl ResponseIndex {
         self.local.insert(id.clone(), origin);
         let this = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = this
-                .store
-                .put(&Self::key(&id), [0; 32], Bytes::from(value), TTL)
-                .await
-            {
-                tracing::warn!(error = %e, "could not record a response's upstream in the store");
+            // A store still connecting or briefly away: a few tries, then
+            // only this replica knows the id.
+            let value = Bytes::from(value);
+            for attempt in 1..=PUT_TRIES {
+                match this
+                    .store
+                    .put(&Self::key(&id), [0; 32], value.clone(), TTL)
+                    .await
+                {
+                    Ok(()) => return,
+                    Err(e) if attempt == PUT_TRIES => {
+                        tracing::warn!(error = %e, "could not record a response's upstream in the store");
+                    }
+                    Err(_) => tokio::time::sleep(PUT_RETRY * attempt).await,
+                }
             }
         });
     }

@@ -83,6 +83,8 @@ async fn another_replica_finds_the_upstream_through_the_store() {
     ]);
     cfg.store = redis.store_config(Some(&ring));
     let (a, b) = (start(cfg.clone()).await, start(cfg).await);
+    crate::replicas::connected(&a).await;
+    crate::replicas::connected(&b).await;
     let mut ids = Vec::new();
     for i in 0..4 {
         let r = a
