@@ -5,7 +5,7 @@
 //! skips. A job that keeps failing, or a message that is not a job, goes to
 //! the dead-letter topic.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,7 +45,9 @@ pub struct KafkaQueue {
     /// consumer's they waited behind its fetches and took seconds.
     lag_reader: Arc<BaseConsumer>,
     tracker: Arc<Mutex<OffsetTracker>>,
-    rx: tokio::sync::Mutex<mpsc::Receiver<Delivery>>,
+    /// Deliveries with the rebalance epoch they were fetched in.
+    rx: tokio::sync::Mutex<mpsc::Receiver<(u64, Delivery)>>,
+    rebalance: Arc<RebalanceState>,
     lag: Arc<AtomicI64>,
     stop: CancellationToken,
 }
@@ -82,11 +84,25 @@ fn client_config(cfg: &KafkaConfig) -> Result<ClientConfig, BuildError> {
 }
 
 /// Forgets a revoked partition's offsets (see [`OffsetTracker::forget`]),
-/// and logs every assignment and revocation (the partitions only, never a
-/// message): which replica reads which partition is the first question
-/// when a partition's lag stops falling.
+/// marks the deliveries fetched before a revocation stale, holds the lag
+/// gauge while partitions are between owners, and logs every assignment
+/// and revocation (the partitions only, never a message): which replica
+/// reads which partition is the first question when a lag stops falling.
 pub struct Rebalances {
     tracker: Arc<Mutex<OffsetTracker>>,
+    state: Arc<RebalanceState>,
+}
+
+#[derive(Default)]
+struct RebalanceState {
+    /// Counts revocations. A delivery fetched in an earlier epoch is not
+    /// run: whoever holds its partition now reads it again from the
+    /// committed offset (it was not done, so it is not committed), and two
+    /// replicas running one job is a wait on its claim for one of them.
+    epoch: AtomicU64,
+    /// Revoked and not assigned yet: this consumer's assignment is empty
+    /// for a moment, and a lag read then would say 0 while the jobs wait.
+    between: AtomicBool,
 }
 
 impl ClientContext for Rebalances {}
@@ -102,11 +118,14 @@ impl ConsumerContext for Rebalances {
         };
         match rebalance {
             Rebalance::Assign(tpl) => {
+                self.state.between.store(false, Ordering::Release);
                 tracing::info!(partitions = %parts(tpl), "Kafka partitions assigned");
             }
             Rebalance::Revoke(tpl) => {
                 let revoked: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 self.tracker.lock().forget(&revoked);
+                self.state.epoch.fetch_add(1, Ordering::AcqRel);
+                self.state.between.store(true, Ordering::Release);
                 tracing::info!(partitions = %parts(tpl), "Kafka partitions revoked");
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "Kafka rebalance failed"),
@@ -152,6 +171,7 @@ impl KafkaQueue {
             consumer_cfg.set("group.instance.id", id);
         }
         let tracker: Arc<Mutex<OffsetTracker>> = Arc::default();
+        let rebalance: Arc<RebalanceState> = Arc::default();
         let consumer: StreamConsumer<Rebalances> = consumer_cfg
             .set("group.id", &cfg.consumer_group)
             .set("enable.auto.commit", "false")
@@ -161,6 +181,7 @@ impl KafkaQueue {
             .set("heartbeat.interval.ms", "1000")
             .create_with_context(Rebalances {
                 tracker: tracker.clone(),
+                state: rebalance.clone(),
             })
             .map_err(|e| err("consumer", e))?;
         consumer
@@ -181,6 +202,7 @@ impl KafkaQueue {
             lag_reader: Arc::new(lag_reader),
             tracker,
             rx: tokio::sync::Mutex::new(rx),
+            rebalance,
             lag: Arc::default(),
             stop: CancellationToken::new(),
         });
@@ -192,7 +214,7 @@ impl KafkaQueue {
     /// Reads messages and hands them to the workers until stopped. A
     /// message fetched but not yet done holds back its partition's commit,
     /// so messages left in the hand-off at shutdown are redelivered.
-    async fn fetch(self: Arc<Self>, tx: mpsc::Sender<Delivery>) {
+    async fn fetch(self: Arc<Self>, tx: mpsc::Sender<(u64, Delivery)>) {
         loop {
             let msg = tokio::select! {
                 () = self.stop.cancelled() => return,
@@ -207,6 +229,9 @@ impl KafkaQueue {
                 }
             };
             let (partition, offset) = (msg.partition(), msg.offset());
+            // Read after the message: a revocation runs inside `recv`, so
+            // a message it returned was fetched in the epoch now current.
+            let epoch = self.rebalance.epoch.load(Ordering::Acquire);
             self.tracker.lock().fetched(partition, offset);
             let attempt = msg
                 .headers()
@@ -235,7 +260,7 @@ impl KafkaQueue {
             };
             tokio::select! {
                 () = self.stop.cancelled() => return,
-                r = tx.send(delivery) => if r.is_err() { return },
+                r = tx.send((epoch, delivery)) => if r.is_err() { return },
             }
         }
     }
@@ -306,6 +331,10 @@ impl KafkaQueue {
                 () = self.stop.cancelled() => return,
                 () = tokio::time::sleep(Duration::from_secs(2)) => {}
             }
+            if self.rebalance.between.load(Ordering::Acquire) {
+                // Keep the last reading: the jobs did not go anywhere.
+                continue;
+            }
             let consumer = self.consumer.clone();
             let reader = self.lag_reader.clone();
             let topic = self.cfg.topic.clone();
@@ -341,7 +370,17 @@ impl Queue for KafkaQueue {
     }
 
     async fn next(&self) -> Option<Delivery> {
-        self.rx.lock().await.recv().await
+        let mut rx = self.rx.lock().await;
+        loop {
+            let (epoch, delivery) = rx.recv().await?;
+            if epoch == self.rebalance.epoch.load(Ordering::Acquire) {
+                return Some(delivery);
+            }
+            tracing::debug!(
+                job = %delivery.job_id,
+                "dropping a delivery fetched before its partition was revoked"
+            );
+        }
     }
 
     async fn ack(&self, delivery: Delivery) {
