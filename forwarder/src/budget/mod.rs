@@ -102,77 +102,119 @@ impl Budgets {
         let Some(limits) = self.limits(who, tier) else {
             return Ok(None);
         };
-        let inner = &self.inner;
         let estimate = usage::estimate(body);
         let now = now();
         let slots = slots(who, now);
-        let charge = |u: Usage| -> Vec<i64> {
-            let cost = inner.prices.cost(model, u);
-            slots
-                .iter()
-                .map(|(_, unit, _)| match unit {
-                    Unit::Tokens => i64::try_from(u.total()).unwrap_or(i64::MAX),
-                    Unit::Spend => cost,
-                })
-                .collect()
-        };
-        let deltas = charge(estimate);
-        let counters: Vec<Counter> = slots
-            .iter()
-            .zip(&deltas)
-            .map(|((p, unit, key), d)| Counter {
-                key: key.clone(),
-                op: CounterOp {
-                    delta: *d,
-                    limit: limits.get(p.span, *unit),
-                    ttl: p.ttl(now),
-                },
-            })
-            .collect();
-        match inner.store.add(&counters, true).await {
+        let counters = self.counters(&slots, &limits, model, estimate, now);
+        match self.inner.store.add(&counters, true).await {
             Ok((true, _)) => Ok(Some(Reservation::new(
-                inner.clone(),
+                self.inner.clone(),
                 who.clone(),
                 model,
                 counters,
                 estimate,
             ))),
-            Ok((false, values)) => {
-                let over = slots
-                    .iter()
-                    .zip(&counters)
-                    .zip(&values)
-                    .find(|((_, c), v)| c.op.limit.is_some_and(|l| **v + c.op.delta > l))
-                    .map(|(((p, unit, _), c), v)| (p.clone(), *unit, *v, c.op.limit.unwrap_or(0)));
-                let Some((p, unit, used, limit)) = over else {
-                    return Err(ApiError::BadGateway(
-                        "budget store answered inconsistently".into(),
-                    ));
-                };
-                let name = format!("{} {}", p.span.label(), unit.noun());
-                inner
-                    .metrics
-                    .refusals
-                    .with_label_values(&[&inner.metrics.label(who), &name])
-                    .inc();
-                Err(ApiError::BudgetExceeded {
-                    budget: name,
-                    used: unit.show(used),
-                    limit: unit.show(limit),
-                    resets_at: p.ends_rfc3339(),
-                    retry_after: p.left(now),
-                })
+            Ok((false, values)) => Err(self.refusal(who, &slots, &counters, &values, now)),
+            Err(e) => self.store_failed(&e).map(|()| None),
+        }
+    }
+
+    /// Refuses a request whose estimate would pass a limit now, and
+    /// charges nothing: an async job is charged when it runs, and its
+    /// client learns at submission that its budget is spent. (Two
+    /// submissions checked at once may both pass; the run is the charge.)
+    pub async fn check(
+        &self,
+        who: &Identity,
+        tier: Option<&str>,
+        model: &str,
+        body: &[u8],
+    ) -> Result<(), ApiError> {
+        let Some(limits) = self.limits(who, tier) else {
+            return Ok(());
+        };
+        let now = now();
+        let slots = slots(who, now);
+        let counters = self.counters(&slots, &limits, model, usage::estimate(body), now);
+        let reads: Vec<Counter> = counters.iter().map(|c| reading(&c.key, c.op.ttl)).collect();
+        match self.inner.store.add(&reads, false).await {
+            Ok((_, values)) if fits(&counters, &values) => Ok(()),
+            Ok((_, values)) => Err(self.refusal(who, &slots, &counters, &values, now)),
+            Err(e) => self.store_failed(&e),
+        }
+    }
+
+    /// The charge of `estimate` on each of `slots`, with its limit.
+    fn counters(
+        &self,
+        slots: &[(Period, Unit, StoreKey)],
+        limits: &Limits,
+        model: &str,
+        estimate: Usage,
+        now: i64,
+    ) -> Vec<Counter> {
+        let cost = self.inner.prices.cost(model, estimate);
+        slots
+            .iter()
+            .map(|(p, unit, key)| Counter {
+                key: key.clone(),
+                op: CounterOp {
+                    delta: match unit {
+                        Unit::Tokens => i64::try_from(estimate.total()).unwrap_or(i64::MAX),
+                        Unit::Spend => cost,
+                    },
+                    limit: limits.get(p.span, *unit),
+                    ttl: p.ttl(now),
+                },
+            })
+            .collect()
+    }
+
+    /// The 429 naming the first limit `counters` would pass at `values`.
+    fn refusal(
+        &self,
+        who: &Identity,
+        slots: &[(Period, Unit, StoreKey)],
+        counters: &[Counter],
+        values: &[i64],
+        now: i64,
+    ) -> ApiError {
+        let inner = &self.inner;
+        let over = slots
+            .iter()
+            .zip(counters)
+            .zip(values)
+            .find(|((_, c), v)| passes(c, **v))
+            .map(|(((p, unit, _), c), v)| (p.clone(), *unit, *v, c.op.limit.unwrap_or(0)));
+        let Some((p, unit, used, limit)) = over else {
+            return ApiError::BadGateway("budget store answered inconsistently".into());
+        };
+        let name = format!("{} {}", p.span.label(), unit.noun());
+        inner
+            .metrics
+            .refusals
+            .with_label_values(&[&inner.metrics.label(who), &name])
+            .inc();
+        ApiError::BudgetExceeded {
+            budget: name,
+            used: unit.show(used),
+            limit: unit.show(limit),
+            resets_at: p.ends_rfc3339(),
+            retry_after: p.left(now),
+        }
+    }
+
+    /// The store failed: admit or refuse as `on_store_error` says.
+    fn store_failed(&self, e: &dyn std::fmt::Display) -> Result<(), ApiError> {
+        match self.inner.policy {
+            FailurePolicy::FailOpen => {
+                tracing::warn!(error = %e, "budget store failed; admitting (fail_open)");
+                Ok(())
             }
-            Err(e) => match inner.policy {
-                FailurePolicy::FailOpen => {
-                    tracing::warn!(error = %e, "budget store failed; admitting (fail_open)");
-                    Ok(None)
-                }
-                FailurePolicy::FailClosed => {
-                    tracing::warn!(error = %e, "budget store failed; refusing (fail_closed)");
-                    Err(ApiError::StoreUnavailable("budget"))
-                }
-            },
+            FailurePolicy::FailClosed => {
+                tracing::warn!(error = %e, "budget store failed; refusing (fail_closed)");
+                Err(ApiError::StoreUnavailable("budget"))
+            }
         }
     }
 
@@ -187,14 +229,7 @@ impl Budgets {
             Some(_) => {
                 let reads: Vec<Counter> = slots
                     .iter()
-                    .map(|(p, _, key)| Counter {
-                        key: key.clone(),
-                        op: CounterOp {
-                            delta: 0,
-                            limit: None,
-                            ttl: p.ttl(now),
-                        },
-                    })
+                    .map(|(p, _, key)| reading(key, p.ttl(now)))
                     .collect();
                 self.inner
                     .store
@@ -205,5 +240,27 @@ impl Budgets {
             }
         };
         Ok(Report::new(who, tier, limits.as_ref(), &slots, &values))
+    }
+}
+
+/// Whether a charge would pass its limit from `used`.
+fn passes(c: &Counter, used: i64) -> bool {
+    c.op.limit.is_some_and(|l| used + c.op.delta > l)
+}
+
+/// Whether every charge fits under its limit at `values`.
+fn fits(counters: &[Counter], values: &[i64]) -> bool {
+    counters.len() == values.len() && !counters.iter().zip(values).any(|(c, v)| passes(c, *v))
+}
+
+/// A counter read, not changed.
+fn reading(key: &StoreKey, ttl: std::time::Duration) -> Counter {
+    Counter {
+        key: key.clone(),
+        op: CounterOp {
+            delta: 0,
+            limit: None,
+            ttl,
+        },
     }
 }

@@ -182,6 +182,10 @@ async fn submit(
     if let Err(e) = p.charge(&adm, &body).await {
         return adm.refuse(e).into_response();
     }
+    // A spent budget is refused now, not when the job runs.
+    if let Err(e) = p.check_budget(&adm, &model, &body).await {
+        return adm.refuse(e).into_response();
+    }
     let sub = Submission {
         owner: adm.client(),
         kind,

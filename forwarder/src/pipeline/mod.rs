@@ -480,6 +480,24 @@ impl Pipeline {
         }
     }
 
+    /// Refuses a request that runs later (an async job) when its client's
+    /// budget has no room for its estimate now. Charges nothing: the run
+    /// is charged (see [`crate::budget::Budgets::check`]).
+    pub async fn check_budget(
+        &self,
+        adm: &Admission,
+        model: &str,
+        body: &[u8],
+    ) -> Result<(), ApiError> {
+        match &self.budgets {
+            Some(b) => {
+                b.check(&adm.principal, adm.tier.as_deref(), model, body)
+                    .await
+            }
+            None => Ok(()),
+        }
+    }
+
     /// Admits a request for a principal authenticated and rate-limited
     /// earlier (an async job or a batch line, run by a worker after it was
     /// accepted), held to the grants its credential had then: its models
