@@ -24,6 +24,7 @@ use crate::api::{
 use crate::auth;
 use crate::frontends::tls::PeerSubject;
 use crate::pipeline::envelope::{Reply, ReplyBody};
+use crate::pipeline::responses::ResponsePath;
 use crate::pipeline::{Answer, ApiKind, Call, Pipeline, RequestMeta};
 use crate::sse;
 use crate::telemetry::Protocol;
@@ -92,6 +93,8 @@ pub fn router(pipeline: Arc<Pipeline>, lifecycle: Lifecycle, jobs: Option<Arc<Jo
             "/v1/responses/{id}",
             get(get_response).delete(delete_response),
         )
+        .route("/v1/responses/{id}/cancel", post(cancel_response))
+        .route("/v1/responses/{id}/input_items", get(response_input_items))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -511,7 +514,8 @@ async fn get_response(
     super::owner::Owner(owner): super::owner::Owner,
     Path(id): Path<String>,
 ) -> Response {
-    response_object(&p, &owner.identity, http::Method::GET, &id).await
+    let at = ResponsePath::new(&id);
+    response_object(&p, &owner.identity, http::Method::GET, at).await
 }
 
 /// `DELETE /v1/responses/{id}`: at the upstream that created it.
@@ -520,16 +524,48 @@ async fn delete_response(
     super::owner::Owner(owner): super::owner::Owner,
     Path(id): Path<String>,
 ) -> Response {
-    response_object(&p, &owner.identity, http::Method::DELETE, &id).await
+    let at = ResponsePath::new(&id);
+    response_object(&p, &owner.identity, http::Method::DELETE, at).await
+}
+
+/// `POST /v1/responses/{id}/cancel`: at the upstream that created it (which
+/// answers whether a response of its can be cancelled).
+async fn cancel_response(
+    State(p): State<Arc<Pipeline>>,
+    super::owner::Owner(owner): super::owner::Owner,
+    Path(id): Path<String>,
+) -> Response {
+    let at = ResponsePath {
+        tail: "/cancel",
+        ..ResponsePath::new(&id)
+    };
+    response_object(&p, &owner.identity, http::Method::POST, at).await
+}
+
+/// `GET /v1/responses/{id}/input_items`: from the upstream that created
+/// it, its query (`after`, `limit`, `order`, `include`) passed as sent.
+async fn response_input_items(
+    State(p): State<Arc<Pipeline>>,
+    super::owner::Owner(owner): super::owner::Owner,
+    Path(id): Path<String>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Response {
+    let at = ResponsePath {
+        tail: "/input_items",
+        query: query.as_deref(),
+        ..ResponsePath::new(&id)
+    };
+    response_object(&p, &owner.identity, http::Method::GET, at).await
 }
 
 async fn response_object(
     p: &Pipeline,
     owner: &crate::auth::Identity,
     method: http::Method,
-    id: &str,
+    at: ResponsePath<'_>,
 ) -> Response {
-    match p.response_object(owner, method, id).await {
+    let id = at.id;
+    match p.response_object(owner, method, at).await {
         Ok(Some((headers, body))) => {
             let mut r = (
                 [(

@@ -41,9 +41,20 @@ pub struct MockModel {
     instance: u32,
     /// Calls by `Idempotency-Key` (the standalone server's de-duplication).
     pub calls: super::calls::Calls,
-    /// Whole Responses answers by id, for `GET`/`DELETE /v1/responses/{id}`
-    /// (the standalone server's; at most [`MAX_STORED_RESPONSES`]).
-    pub stored_responses: parking_lot::Mutex<std::collections::HashMap<String, bytes::Bytes>>,
+    /// Whole Responses answers by id, for `/v1/responses/{id}` and its
+    /// `cancel` and `input_items` (the standalone server's; at most
+    /// [`MAX_STORED_RESPONSES`]).
+    pub stored_responses: parking_lot::Mutex<std::collections::HashMap<String, StoredResponse>>,
+}
+
+/// A Responses answer the mock keeps.
+#[derive(Debug, Clone)]
+pub struct StoredResponse {
+    pub body: bytes::Bytes,
+    /// The request's input as items, oldest first.
+    pub input_items: Vec<serde_json::Value>,
+    /// Created with `"background": true` (only those can be cancelled).
+    pub background: bool,
 }
 
 /// Responses the standalone mock keeps at most; later ones are not kept.

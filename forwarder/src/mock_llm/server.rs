@@ -15,7 +15,7 @@ use futures::StreamExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tower::ServiceExt;
@@ -68,6 +68,8 @@ fn router(model: Arc<MockModel>) -> Router {
             "/v1/responses/{id}",
             get(get_response).delete(delete_response),
         )
+        .route("/v1/responses/{id}/cancel", post(cancel_response))
+        .route("/v1/responses/{id}/input_items", get(input_items))
         .route("/v1/messages", post(messages))
         .route("/v1/messages/count_tokens", post(count_tokens))
         .route("/v1/models", get(models))
@@ -228,6 +230,7 @@ async fn embeddings(State(model): State<Arc<MockModel>>, body: axum::body::Bytes
 
 /// Answers, and keeps whole answers for `GET`/`DELETE /v1/responses/{id}`.
 async fn responses(State(model): State<Arc<MockModel>>, body: axum::body::Bytes) -> Response {
+    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let resp = answer(&model, ApiKind::Responses, &body).await;
     let json = resp
         .headers()
@@ -240,12 +243,42 @@ async fn responses(State(model): State<Arc<MockModel>>, body: axum::body::Bytes)
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
     if let Some(id) = crate::pipeline::responses::response_id(&body) {
+        let kept = super::model::StoredResponse {
+            body: body.clone(),
+            input_items: input_items_of(&id, &request["input"]),
+            background: request["background"] == json!(true),
+        };
         let mut stored = model.stored_responses.lock();
         if stored.len() < super::model::MAX_STORED_RESPONSES {
-            stored.insert(id, body.clone());
+            stored.insert(id, kept);
         }
     }
     json_bytes(body)
+}
+
+/// A Responses request's `input` as the items `input_items` lists: a
+/// string is one user message; listed messages get ids.
+fn input_items_of(response: &str, input: &Value) -> Vec<Value> {
+    let message = |i: usize, role: &Value, content: &Value| {
+        let content = match content {
+            Value::String(text) => json!([{"type": "input_text", "text": text}]),
+            other => other.clone(),
+        };
+        json!({"id": format!("msg_{response}_{i}"), "type": "message", "role": role,
+            "status": "completed", "content": content})
+    };
+    match input {
+        Value::String(_) => vec![message(0, &json!("user"), input)],
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| match item.get("content") {
+                Some(content) if item.get("role").is_some() => message(i, &item["role"], content),
+                _ => item.clone(),
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 async fn get_response(
@@ -253,9 +286,69 @@ async fn get_response(
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Response {
     match model.stored_responses.lock().get(&id) {
-        Some(body) => json_bytes(body.clone()),
+        Some(kept) => json_bytes(kept.body.clone()),
         None => no_response(&id),
     }
+}
+
+/// As OpenAI answers: only a background response can be cancelled.
+async fn cancel_response(
+    State(model): State<Arc<MockModel>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let Some(kept) = model.stored_responses.lock().get(&id).cloned() else {
+        return no_response(&id);
+    };
+    if !kept.background {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": {
+                "message": "Only responses created with background=true can be cancelled.",
+                "type": "invalid_request_error", "param": null, "code": null}})),
+        )
+            .into_response();
+    }
+    let mut body: Value = serde_json::from_slice(&kept.body).unwrap_or(Value::Null);
+    body["status"] = json!("cancelled");
+    Json(body).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct ItemsQuery {
+    after: Option<String>,
+    limit: Option<usize>,
+    order: Option<String>,
+}
+
+/// A page of a response's input items: `order` (`desc` unless `asc`),
+/// `after` an item id, `limit` (20 unless given).
+async fn input_items(
+    State(model): State<Arc<MockModel>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    axum::extract::Query(q): axum::extract::Query<ItemsQuery>,
+) -> Response {
+    let Some(kept) = model.stored_responses.lock().get(&id).cloned() else {
+        return no_response(&id);
+    };
+    let mut items = kept.input_items;
+    if q.order.as_deref() != Some("asc") {
+        items.reverse();
+    }
+    if let Some(after) = &q.after {
+        let at = items.iter().position(|i| i["id"].as_str() == Some(after));
+        items.drain(..at.map_or(items.len(), |p| p + 1));
+    }
+    let limit = q.limit.unwrap_or(20).clamp(1, 100);
+    let has_more = items.len() > limit;
+    items.truncate(limit);
+    Json(json!({
+        "object": "list",
+        "first_id": items.first().map(|i| i["id"].clone()),
+        "last_id": items.last().map(|i| i["id"].clone()),
+        "has_more": has_more,
+        "data": items,
+    }))
+    .into_response()
 }
 
 async fn delete_response(

@@ -1004,15 +1004,17 @@ impl Pipeline {
         }
     }
 
-    /// `GET` or `DELETE /v1/responses/{id}` for `owner`: sent to the
-    /// upstream that created the response. `None`: a response this
-    /// forwarder did not create, or another client's (not found).
+    /// A request on `/v1/responses/{id}` (`GET`, `DELETE`, `/cancel`,
+    /// `/input_items`) for `owner`: sent to the upstream that created the
+    /// response. `None`: a response this forwarder did not create, or
+    /// another client's (not found).
     pub async fn response_object(
         &self,
         owner: &Identity,
         method: http::Method,
-        id: &str,
+        at: responses::ResponsePath<'_>,
     ) -> Result<Option<(HeaderMap, Bytes)>, ApiError> {
+        let id = at.id;
         let Some(origin) = self.responses.lookup(id).await else {
             return Ok(None);
         };
@@ -1020,8 +1022,8 @@ impl Pipeline {
             Some(e) if origin.owner == owner.0 => e,
             _ => return Ok(None),
         };
-        let path = format!("/responses/{id}");
-        let is_delete = method == http::Method::DELETE;
+        let path = at.upstream_path();
+        let is_delete = method == http::Method::DELETE && at.tail.is_empty();
         let done =
             match tokio::time::timeout(endpoint.timeout, endpoint.provider.object(method, &path))
                 .await

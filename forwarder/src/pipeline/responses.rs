@@ -23,6 +23,35 @@ const PUT_RETRY: Duration = Duration::from_millis(200);
 /// The store's scope for these records.
 const SCOPE: &str = "responses";
 
+/// Where under a stored response a request goes: `/responses/{id}`, then
+/// `tail` (`""`, `/cancel`, `/input_items`), then the client's query.
+#[derive(Debug, Clone, Copy)]
+pub struct ResponsePath<'a> {
+    pub id: &'a str,
+    pub tail: &'static str,
+    pub query: Option<&'a str>,
+}
+
+impl<'a> ResponsePath<'a> {
+    pub fn new(id: &'a str) -> Self {
+        Self {
+            id,
+            tail: "",
+            query: None,
+        }
+    }
+
+    /// The path under the upstream's base URL. The id is one the index
+    /// knows (this forwarder saw the upstream make it), so it names no
+    /// other path.
+    pub fn upstream_path(&self) -> String {
+        match self.query.filter(|q| !q.is_empty()) {
+            Some(q) => format!("/responses/{}{}?{q}", self.id, self.tail),
+            None => format!("/responses/{}{}", self.id, self.tail),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Origin {
     /// The upstream (endpoint) name that created the response.

@@ -168,9 +168,9 @@ async fn the_official_anthropic_sdk_works_unchanged() {
     .await;
 }
 
-/// `GET`/`DELETE /v1/responses/{id}` reach the upstream that created the
-/// response (two upstreams serve the model; each keeps its own), for its
-/// creator only.
+/// `GET`/`DELETE /v1/responses/{id}`, `/cancel` and `/input_items` reach
+/// the upstream that created the response (two upstreams serve the model;
+/// each keeps its own), for its creator only.
 #[tokio::test]
 async fn the_official_openai_sdk_retrieves_and_deletes_responses_where_they_were_made() {
     let dir = tempfile::tempdir().unwrap();
@@ -196,8 +196,8 @@ async fn the_official_openai_sdk_retrieves_and_deletes_responses_where_they_were
     )
     .await;
     // Both upstreams created some (routing was put to the test), and each
-    // kept what it made, less what was deleted.
+    // kept what it made (10), less what was deleted (4).
     assert!(m1.model.requests() > 0 && m2.model.requests() > 0);
     let held = |m: &forwarder::mock_llm::MockServer| m.model.stored_responses.lock().len();
-    assert_eq!(held(&m1) + held(&m2), 4);
+    assert_eq!(held(&m1) + held(&m2), 6);
 }
