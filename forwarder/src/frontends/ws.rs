@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use futures::{SinkExt, StreamExt};
@@ -84,6 +84,7 @@ pub async fn upgrade(
     let presented = Presented {
         credential,
         peer: peer.map(|Extension(p)| p.0.to_string()),
+        trace: trace_context(&headers).map(Arc::new),
     };
     if let Err(e) = p.authenticate_peer(presented.credential.as_deref(), presented.peer.as_deref())
     {
@@ -136,6 +137,12 @@ struct WsRequest {
     stream: bool,
     #[serde(default)]
     idempotency_key: Option<String>,
+    /// W3C trace context for this request (else the upgrade's), never
+    /// passed on as a body parameter.
+    #[serde(default)]
+    traceparent: Option<String>,
+    #[serde(default)]
+    tracestate: Option<String>,
     /// Other OpenAI parameters (max_tokens, temperature, …), passed on.
     #[serde(flatten)]
     params: Map<String, Value>,
@@ -203,7 +210,41 @@ impl Drop for SessionGauge {
 struct Presented {
     credential: Option<String>,
     peer: Option<String>,
+    /// The upgrade request's `traceparent` and `tracestate`: the parent of
+    /// every request on the connection that names none of its own.
+    trace: Option<Arc<HeaderMap>>,
 }
+
+/// The W3C trace context headers of `headers`, if a `traceparent` is there.
+fn trace_context(headers: &HeaderMap) -> Option<HeaderMap> {
+    headers.get(TRACEPARENT)?;
+    Some(
+        [TRACEPARENT, TRACESTATE]
+            .into_iter()
+            .filter_map(|name| Some((name.clone(), headers.get(&name)?.clone())))
+            .collect(),
+    )
+}
+
+/// A request's trace context: its own fields, else the connection's.
+fn request_trace(req: &WsRequest, session: Option<&HeaderMap>) -> Option<HeaderMap> {
+    let Some(parent) = &req.traceparent else {
+        return session.cloned();
+    };
+    let mut h = HeaderMap::new();
+    h.insert(TRACEPARENT, HeaderValue::from_str(parent).ok()?);
+    if let Some(v) = req
+        .tracestate
+        .as_deref()
+        .and_then(|v| HeaderValue::from_str(v).ok())
+    {
+        h.insert(TRACESTATE, v);
+    }
+    Some(h)
+}
+
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+const TRACESTATE: http::HeaderName = http::HeaderName::from_static("tracestate");
 
 async fn session(
     socket: WebSocket,
@@ -359,6 +400,9 @@ async fn on_text(
     let mut meta = RequestMeta::new(Protocol::WebSocket, format!("{conn_id}/{id}"));
     meta.credential.clone_from(&credential.credential);
     meta.peer.clone_from(&credential.peer);
+    if let Some(trace) = request_trace(&req, credential.trace.as_deref()) {
+        meta.headers = trace;
+    }
     let (pipeline, out, task_id) = (p.clone(), out.clone(), id.clone());
     let handle = tasks.spawn(async move {
         answer(&pipeline, meta, req, &out, &task_id).await;

@@ -117,11 +117,13 @@ fn tokio_stream_from(
 }
 
 /// A chat-completions upstream that fails its first `fail` calls with 503,
-/// records every `traceparent` it is sent, and answers as another model.
+/// records every `traceparent` and body it is sent, and answers as another
+/// model.
 #[derive(Clone, Default)]
 struct Upstream {
     fail: Arc<AtomicU32>,
     traceparents: Arc<Mutex<Vec<String>>>,
+    bodies: Arc<Mutex<Vec<serde_json::Value>>>,
 }
 
 async fn recording_upstream(state: Upstream) -> String {
@@ -140,6 +142,7 @@ async fn recording_upstream(state: Upstream) -> String {
             return (http::StatusCode::SERVICE_UNAVAILABLE, "busy").into_response();
         }
         let req: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        u.bodies.lock().push(req.clone());
         if req["stream"] == true {
             let chunks = [
                 json!({"id":"s1","model":"served-v2","choices":[{"index":0,"delta":{"content":"streamed reply"}}]}),
@@ -509,4 +512,84 @@ async fn a_jobs_run_span_links_to_its_submission() {
     assert_eq!(run.links.len(), 1, "{run:#?}");
     assert_eq!(run.links[0].trace_id, submitted.trace_id);
     assert_eq!(run.links[0].span_id, submitted.span_id);
+}
+
+/// A WebSocket session's requests continue the client's trace: the
+/// upgrade's `traceparent` is the parent of each request that names none,
+/// and a request's own `traceparent` field wins (and is not sent upstream
+/// as a body parameter).
+#[tokio::test]
+async fn websocket_requests_continue_the_clients_trace() {
+    let received = Received::default();
+    let endpoint = receiver(true, received.clone()).await;
+    let up = Upstream::default();
+    let base = recording_upstream(up.clone()).await;
+    let llm = mock(Default::default()).await;
+    let mut cfg = config(vec![forwarder::config::UpstreamConfig {
+        base_url: Some(base),
+        ..upstream("primary", &llm, "chat-model")
+    }]);
+    cfg.tracing.enabled = true;
+    cfg.tracing.endpoint = Some(endpoint);
+    cfg.tracing.protocol = Some("grpc".into());
+    let f = start(cfg).await;
+
+    let session_trace = "11111111111111111111111111111111";
+    let session_span = "2222222222222222";
+    let own_trace = "33333333333333333333333333333333";
+    let own_span = "4444444444444444";
+    let upgrade = format!("00-{session_trace}-{session_span}-01");
+    let mut ws = ws_connect(&f.ws, &[("traceparent", &upgrade)])
+        .await
+        .unwrap();
+    ws_send(
+        &mut ws,
+        json!({"type": "request", "id": "a", "model": "chat-model", "prompt": "hi"}),
+    )
+    .await;
+    let done = ws_recv(&mut ws).await;
+    assert_eq!(done["type"], "done", "{done}");
+    ws_send(
+        &mut ws,
+        json!({"type": "request", "id": "b", "model": "chat-model", "prompt": "hi",
+               "traceparent": format!("00-{own_trace}-{own_span}-01")}),
+    )
+    .await;
+    let done = ws_recv(&mut ws).await;
+    assert_eq!(done["type"], "done", "{done}");
+
+    f.server.pipeline.flush_traces().await;
+    let mut spans = Vec::new();
+    for _ in 0..50 {
+        spans = received.spans();
+        if spans.len() >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let servers: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.kind == SpanKind::Server as i32)
+        .collect();
+    assert_eq!(servers.len(), 2, "{spans:#?}");
+    let in_trace = |trace: &str, parent: &str| {
+        servers
+            .iter()
+            .any(|s| hex(&s.trace_id) == trace && hex(&s.parent_span_id) == parent)
+    };
+    assert!(in_trace(session_trace, session_span), "{servers:#?}");
+    assert!(in_trace(own_trace, own_span), "{servers:#?}");
+    // The upstream saw each request's trace, and no `traceparent` field in
+    // a body.
+    let seen = up.traceparents.lock().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen.iter().any(|t| t.contains(session_trace)), "{seen:?}");
+    assert!(seen.iter().any(|t| t.contains(own_trace)), "{seen:?}");
+    assert!(
+        up.bodies
+            .lock()
+            .iter()
+            .all(|b| b.get("traceparent").is_none()),
+        "a traceparent reached a body"
+    );
 }
