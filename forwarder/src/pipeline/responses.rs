@@ -12,6 +12,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::store::{Space, Store, StoreKey};
 
+use super::envelope::{Envelope, Reply, ReplyBody};
+use super::forward::{to_api_error, Trace};
+use super::ApiKind;
+use crate::api::ApiError;
+use crate::auth::Identity;
+use futures::StreamExt;
+use http::HeaderMap;
+
 /// Ids remembered by this replica at most (the store keeps the rest).
 const LOCAL_CAPACITY: u64 = 100_000;
 /// How long an id is remembered: OpenAI keeps stored responses 30 days.
@@ -141,6 +149,96 @@ pub fn response_id(json: &[u8]) -> Option<String> {
     }
     let o: Outer = serde_json::from_slice(json).ok()?;
     o.response.and_then(|r| r.id).or(o.id)
+}
+
+impl super::Pipeline {
+    /// Notes which upstream created a Responses answer, from its body or
+    /// its stream's first event carrying an id.
+    pub(super) fn remember_response(&self, env: &Envelope, trace: &Trace, reply: Reply) -> Reply {
+        if env.api != ApiKind::Responses {
+            return reply;
+        }
+        let owner = env.ctx.principal.0.clone();
+        match reply.body {
+            ReplyBody::Complete(body) => {
+                self.remember_body(&owner, trace, &body);
+                Reply {
+                    headers: reply.headers,
+                    body: ReplyBody::Complete(body),
+                }
+            }
+            ReplyBody::Stream(s) => {
+                let Some(upstream) = trace.upstream.clone() else {
+                    return Reply {
+                        headers: reply.headers,
+                        body: ReplyBody::Stream(s),
+                    };
+                };
+                let index = self.responses.clone();
+                let mut pending = Some((upstream, owner));
+                let s = s.inspect(move |item| {
+                    let (Some(_), Ok(event)) = (&pending, item) else {
+                        return;
+                    };
+                    // An item is a run of whole events: the id is in the first.
+                    let id = crate::sse::events(event)
+                        .find_map(|e| crate::sse::data(e).and_then(|d| response_id(&d)));
+                    if let (Some(id), Some((upstream, owner))) = (id, pending.take()) {
+                        index.remember(id, Origin { upstream, owner });
+                    }
+                });
+                Reply {
+                    headers: reply.headers,
+                    body: ReplyBody::Stream(s.boxed()),
+                }
+            }
+        }
+    }
+
+    pub(super) fn remember_body(&self, owner: &str, trace: &Trace, body: &[u8]) {
+        if let (Some(upstream), Some(id)) = (&trace.upstream, response_id(body)) {
+            self.responses.remember(
+                id,
+                Origin {
+                    upstream: upstream.clone(),
+                    owner: owner.to_string(),
+                },
+            );
+        }
+    }
+
+    /// A request on `/v1/responses/{id}` (`GET`, `DELETE`, `/cancel`,
+    /// `/input_items`) for `owner`: sent to the upstream that created the
+    /// response. `None`: a response this forwarder did not create, or
+    /// another client's (not found).
+    pub async fn response_object(
+        &self,
+        owner: &Identity,
+        method: http::Method,
+        at: ResponsePath<'_>,
+    ) -> Result<Option<(HeaderMap, Bytes)>, ApiError> {
+        let id = at.id;
+        let Some(origin) = self.responses.lookup(id).await else {
+            return Ok(None);
+        };
+        let endpoint = match self.forwarder.pools.endpoint(&origin.upstream) {
+            Some(e) if origin.owner == owner.0 => e,
+            _ => return Ok(None),
+        };
+        let path = at.upstream_path();
+        let is_delete = method == http::Method::DELETE && at.tail.is_empty();
+        let done =
+            match tokio::time::timeout(endpoint.timeout, endpoint.provider.object(method, &path))
+                .await
+            {
+                Ok(r) => r.map_err(|e| to_api_error(&e))?,
+                Err(_) => return Err(to_api_error(&crate::upstream::UpstreamError::Timeout)),
+            };
+        if is_delete {
+            self.responses.forget(id).await;
+        }
+        Ok(Some((done.headers, done.body)))
+    }
 }
 
 #[cfg(test)]
