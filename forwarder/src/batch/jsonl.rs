@@ -7,7 +7,12 @@ use bytes::Bytes;
 use serde::Deserialize;
 
 /// The endpoints batches run (a batch's lines all name its endpoint).
-pub const ENDPOINTS: &[&str] = &["/v1/chat/completions", "/v1/embeddings", "/v1/responses"];
+pub const ENDPOINTS: &[&str] = &[
+    "/v1/chat/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/messages",
+];
 
 /// One request of a batch input file.
 #[derive(Debug, Deserialize)]
@@ -126,8 +131,8 @@ mod tests {
             ("{", "not a request object"),
             (&OK.replace("POST", "GET"), "method must be \"POST\""),
             (
-                &OK.replace("/v1/chat/completions", "/v1/messages"),
-                "url must be one of /v1/chat/completions, /v1/embeddings, /v1/responses",
+                &OK.replace("/v1/chat/completions", "/v1/audio/speech"),
+                "url must be one of /v1/chat/completions, /v1/embeddings, /v1/responses, /v1/messages",
             ),
             (&OK.replace(r#""model":"m","#, ""), "body.model"),
             (

@@ -688,6 +688,7 @@ fn batch_kind(endpoint: &str) -> JobKind {
     match endpoint {
         "/v1/embeddings" => JobKind::Embeddings,
         "/v1/responses" => JobKind::Responses,
+        "/v1/messages" => JobKind::Messages,
         _ => JobKind::Chat,
     }
 }

@@ -82,6 +82,30 @@ pub fn error_response(e: ApiError) -> Response {
     Response::from_parts(parts, axum::body::Body::from(body.to_string()))
 }
 
+/// A refusal rendered in OpenAI's shape by a route shared with the other
+/// APIs (`/v1/async/messages`), in Anthropic's shape; its status and
+/// headers kept. Anything else passes unchanged.
+pub async fn reshape_refusal(resp: Response) -> Response {
+    if !resp.status().is_client_error() && !resp.status().is_server_error() {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, 64 * 1024).await else {
+        return Response::from_parts(parts, axum::body::Body::empty());
+    };
+    let openai: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    if openai.get("type").and_then(Value::as_str) == Some("error") {
+        return Response::from_parts(parts, axum::body::Body::from(bytes));
+    }
+    let message = openai["error"]["message"].as_str().unwrap_or("refused");
+    let reshaped = json!({"type": "error", "error": {
+        "type": anthropic_error_type(parts.status.as_u16()),
+        "message": message,
+    }});
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(reshaped.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

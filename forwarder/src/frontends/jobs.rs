@@ -43,6 +43,7 @@ pub fn routes(pipeline: Arc<Pipeline>, jobs: Arc<Jobs>) -> Router {
         .route("/v1/async/chat/completions", post_only(submit_chat))
         .route("/v1/async/embeddings", post_only(submit_embeddings))
         .route("/v1/async/responses", post_only(submit_responses))
+        .route("/v1/async/messages", post_only(submit_messages))
         .route("/v1/async/jobs/{id}", get(get_job).delete(cancel_job))
         .with_state(JobsState {
             pipeline: pipeline.clone(),
@@ -61,6 +62,11 @@ async fn submit_embeddings(State(s): State<JobsState>, req: Request) -> Response
 
 async fn submit_responses(State(s): State<JobsState>, req: Request) -> Response {
     submit_api(s, req, JobKind::Responses).await
+}
+
+/// Anthropic's Messages API as a job; refusals in Anthropic's shape.
+async fn submit_messages(State(s): State<JobsState>, req: Request) -> Response {
+    super::anthropic::reshape_refusal(submit_api(s, req, JobKind::Messages).await).await
 }
 
 /// A job for one of the endpoints jobs stand for.

@@ -177,7 +177,7 @@ impl Jobs {
         // Two APIs' bodies may be byte-identical: the API is part of it
         // (chat keeps the fingerprint older records have).
         let scope = match &sub.kind {
-            JobKind::Embeddings | JobKind::Responses => {
+            JobKind::Embeddings | JobKind::Responses | JobKind::Messages => {
                 format!("{}\u{1f}{}", sub.kind.api().label(), sub.model)
             }
             _ => sub.model.clone(),

@@ -60,6 +60,8 @@ pub enum JobKind {
     Embeddings,
     /// `POST /v1/responses` (never streamed).
     Responses,
+    /// `POST /v1/messages`, Anthropic's Messages API (never streamed).
+    Messages,
 }
 
 impl JobKind {
@@ -70,6 +72,7 @@ impl JobKind {
             Self::Chat | Self::Simple { .. } => ApiKind::ChatCompletions,
             Self::Embeddings => ApiKind::Embeddings,
             Self::Responses => ApiKind::Responses,
+            Self::Messages => ApiKind::Messages,
         }
     }
 
@@ -81,7 +84,8 @@ impl JobKind {
             ApiKind::ChatCompletions => Some(Self::Chat),
             ApiKind::Embeddings => Some(Self::Embeddings),
             ApiKind::Responses => Some(Self::Responses),
-            ApiKind::Messages | ApiKind::CountTokens => None,
+            ApiKind::Messages => Some(Self::Messages),
+            ApiKind::CountTokens => None,
         }
     }
 }

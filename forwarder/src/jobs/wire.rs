@@ -76,7 +76,9 @@ pub fn encode(job: &Job) -> Vec<u8> {
         },
         trace: job.submission_trace.clone(),
         api: match &job.kind {
-            JobKind::Embeddings | JobKind::Responses => Some(job.kind.api().label().to_string()),
+            JobKind::Embeddings | JobKind::Responses | JobKind::Messages => {
+                Some(job.kind.api().label().to_string())
+            }
             _ => None,
         },
         model: job.model.clone(),
@@ -125,6 +127,7 @@ pub fn decode(bytes: &[u8]) -> Result<Job, DecodeError> {
             (None, None) => JobKind::Chat,
             (None, Some("embeddings")) => JobKind::Embeddings,
             (None, Some("responses")) => JobKind::Responses,
+            (None, Some("messages")) => JobKind::Messages,
             (_, Some(other)) => return Err(DecodeError(format!("unknown job API {other:?}"))),
         },
         model: w.model,
@@ -205,7 +208,7 @@ mod tests {
         let mut chat = job.clone();
         chat.kind = JobKind::Chat;
         assert_eq!(decode(&encode(&chat)).unwrap().kind, JobKind::Chat);
-        for kind in [JobKind::Embeddings, JobKind::Responses] {
+        for kind in [JobKind::Embeddings, JobKind::Responses, JobKind::Messages] {
             chat.kind = kind.clone();
             let bytes = encode(&chat);
             assert_eq!(decode(&bytes).unwrap().kind, kind);
@@ -213,7 +216,7 @@ mod tests {
         // A job of an API this forwarder does not know is not run as chat.
         let unknown = String::from_utf8(encode(&chat))
             .unwrap()
-            .replace(r#""api":"responses""#, r#""api":"audio""#);
+            .replace(r#""api":"messages""#, r#""api":"audio""#);
         assert!(decode(unknown.as_bytes()).is_err());
         // A message from a forwarder that sent seconds only.
         let old = br#"{"v":1,"id":"x","owner":"o","model":"m","body":"{}","headers":[],"created_at":7,"expires_at_ms":0}"#;

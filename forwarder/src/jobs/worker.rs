@@ -292,17 +292,19 @@ impl Jobs {
                     tokio::time::sleep(retry_after.clamp(CLAIM_RETRY, Duration::from_secs(60)))
                         .await;
                 }
-                Err(e) => return error_response(&e),
+                Err(e) => return error_response(&job.kind, &e),
             }
         };
         let ReplyBody::Complete(bytes) = answer.reply.body else {
-            return error_response(&ApiError::BadGateway("unexpected stream".into()));
+            return error_response(&job.kind, &ApiError::BadGateway("unexpected stream".into()));
         };
         match &job.kind {
-            JobKind::Chat | JobKind::Embeddings | JobKind::Responses => JobResponse {
-                status_code: 200,
-                body: bytes,
-            },
+            JobKind::Chat | JobKind::Embeddings | JobKind::Responses | JobKind::Messages => {
+                JobResponse {
+                    status_code: 200,
+                    body: bytes,
+                }
+            }
             JobKind::Simple { request_id } => match CompletionView::parse(&bytes) {
                 Ok(view) => {
                     let body = SimpleResponse {
@@ -316,7 +318,7 @@ impl Jobs {
                         body: serde_json::to_vec(&body).unwrap_or_default().into(),
                     }
                 }
-                Err(e) => error_response(&e),
+                Err(e) => error_response(&job.kind, &e),
             },
         }
     }
@@ -328,8 +330,17 @@ fn is_transient(status: u16) -> bool {
     matches!(status, 408 | 429 | 500 | 502 | 503 | 504)
 }
 
-/// The error answer the synchronous endpoint would have sent.
-fn error_response(e: &ApiError) -> JobResponse {
+/// The error answer the synchronous endpoint would have sent (in
+/// Anthropic's shape for a Messages job).
+fn error_response(kind: &JobKind, e: &ApiError) -> JobResponse {
+    if *kind == JobKind::Messages {
+        return JobResponse {
+            status_code: e.status().as_u16(),
+            body: crate::frontends::anthropic::error_json(e)
+                .to_string()
+                .into(),
+        };
+    }
     let body = match e {
         // An upstream's own error object, byte for byte, as the sync path relays it.
         ApiError::UpstreamRejected { body, .. }

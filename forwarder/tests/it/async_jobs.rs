@@ -532,3 +532,68 @@ async fn embeddings_and_responses_run_as_async_jobs() {
         .await;
     assert_eq!(r.status, 400, "{}", r.text);
 }
+
+/// Anthropic Messages requests run as async jobs (`/v1/async/messages`):
+/// authenticated by `x-api-key` as the synchronous route is, the
+/// result the Messages answer, and refusals, at submission and in the
+/// result, in Anthropic's error shape.
+#[tokio::test]
+async fn messages_run_as_async_jobs_in_anthropics_shape() {
+    let m = mock(Default::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, "alice: sk-alice\n").unwrap();
+    let mut cfg = config(vec![upstream("a", &m, "claude")]);
+    cfg.auth.api_keys_file = Some(keys);
+    cfg.async_jobs.enabled = true;
+    let f = start(cfg).await;
+    let alice = [
+        ("x-api-key", "sk-alice"),
+        ("anthropic-version", "2023-06-01"),
+    ];
+    let body = json!({"model": "claude", "max_tokens": 16,
+        "messages": [{"role": "user", "content": "hi"}]});
+    let r = f.post("/v1/async/messages", &body, &alice).await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let job = wait_job(&f, r.body["id"].as_str().unwrap(), &alice).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["response"]["status_code"], 200, "{job}");
+    let answer = &job["response"]["body"];
+    assert_eq!(answer["type"], "message", "{job}");
+    assert!(answer["content"][0]["text"].is_string(), "{job}");
+    assert!(answer["usage"]["input_tokens"].is_u64(), "{job}");
+
+    // Refused at submission: Anthropic's shape, the status kept.
+    let unknown = json!({"model": "nope", "max_tokens": 16,
+        "messages": [{"role": "user", "content": "hi"}]});
+    let r = f.post("/v1/async/messages", &unknown, &alice).await;
+    assert_eq!(r.status, 404, "{}", r.text);
+    assert_eq!(r.body["type"], "error", "{}", r.text);
+    assert_eq!(r.body["error"]["type"], "not_found_error", "{}", r.text);
+    let r = f.post("/v1/async/messages", &body, &[]).await;
+    assert_eq!(r.status, 401, "{}", r.text);
+    assert_eq!(
+        r.body["error"]["type"], "authentication_error",
+        "{}",
+        r.text
+    );
+
+    // Refused when it runs (the upstream fails it): the result is in
+    // Anthropic's shape too.
+    m.model.fail_next(
+        1,
+        forwarder::mock_llm::Fault::Error {
+            status: 400,
+            retry_after: None,
+        },
+    );
+    let r = f.post("/v1/async/messages", &body, &alice).await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let job = wait_job(&f, r.body["id"].as_str().unwrap(), &alice).await;
+    assert_eq!(job["response"]["status_code"], 400, "{job}");
+    assert_eq!(job["response"]["body"]["type"], "error", "{job}");
+    assert_eq!(
+        job["response"]["body"]["error"]["type"], "invalid_request_error",
+        "{job}"
+    );
+}

@@ -138,8 +138,8 @@ async fn bad_input_files_are_refused_with_the_line_and_the_reason() {
     let good = line("a", "hi");
     let mut get = good.clone();
     get["method"] = json!("GET");
-    let mut messages = good.clone();
-    messages["url"] = json!("/v1/messages");
+    let mut speech = good.clone();
+    speech["url"] = json!("/v1/audio/speech");
     let mut no_model = good.clone();
     no_model["body"].as_object_mut().unwrap().remove("model");
     let cases: Vec<(Vec<u8>, &str, &str)> = vec![
@@ -154,9 +154,9 @@ async fn bad_input_files_are_refused_with_the_line_and_the_reason() {
             "line 2: method must be \"POST\"",
         ),
         (
-            jsonl(&[messages]),
+            jsonl(&[speech]),
             "batch",
-            "line 1: url must be one of /v1/chat/completions, /v1/embeddings, /v1/responses",
+            "line 1: url must be one of /v1/chat/completions, /v1/embeddings, /v1/responses, /v1/messages",
         ),
         (jsonl(&[no_model]), "batch", "line 1: body.model"),
         (
@@ -196,7 +196,8 @@ async fn bad_input_files_are_refused_with_the_line_and_the_reason() {
     let ok = upload(&f, &jsonl(&[good]), "batch", ALICE).await;
     assert_eq!(ok.status, 200, "{}", ok.text);
     let id = ok.body["id"].as_str().unwrap();
-    let bad = json!({"input_file_id": id, "endpoint": "/v1/messages", "completion_window": "24h"});
+    let bad =
+        json!({"input_file_id": id, "endpoint": "/v1/audio/speech", "completion_window": "24h"});
     let r = f.post("/v1/batches", &bad, &[ALICE]).await;
     assert_eq!(r.status, 400, "{}", r.text);
     let bad =
@@ -580,11 +581,11 @@ async fn shared_limits_refuse_at_submission_and_batch_lines_wait_for_them() {
     }
 }
 
-/// Batches of embeddings and of Responses requests: each line runs on its
+/// Batches of embeddings, Responses and Messages requests: each line runs on its
 /// API (the batch's endpoint), and a line naming another endpoint is
 /// answered with a 400 in the error file.
 #[tokio::test]
-async fn batches_run_embeddings_and_responses_lines() {
+async fn batches_run_embeddings_responses_and_messages_lines() {
     let dir = tempfile::tempdir().unwrap();
     let m = mock(MockSettings::default()).await;
     let f = start(base_config(&m, &dir)).await;
@@ -598,6 +599,12 @@ async fn batches_run_embeddings_and_responses_lines() {
             "/v1/responses",
             json!({"model": "mock", "input": "hello"}),
             "/output/0/content/0/text",
+        ),
+        (
+            "/v1/messages",
+            json!({"model": "mock", "max_tokens": 16,
+                   "messages": [{"role": "user", "content": "hello"}]}),
+            "/content/0/text",
         ),
     ] {
         let l =
