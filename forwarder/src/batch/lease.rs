@@ -32,6 +32,16 @@ struct Driver {
     models: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     tier: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    trace: Option<String>,
+}
+
+/// Who a batch runs as, and the W3C `traceparent` its creation request
+/// carried (each line's run span links to it), as any driver reads them.
+#[derive(Debug, Clone)]
+pub struct Creator {
+    pub principal: Principal,
+    pub trace: Option<String>,
 }
 
 fn lease_key(batch_id: &str) -> StoreKey {
@@ -56,13 +66,15 @@ pub fn line_key(batch_id: &str, custom_id: &str) -> String {
 pub async fn register(
     store: &dyn Store,
     batch_id: &str,
-    creator: &Principal,
+    creator: &Creator,
     ttl: Duration,
 ) -> Result<(), StoreError> {
+    let p = &creator.principal;
     let driver = serde_json::to_vec(&Driver {
-        owner: creator.identity.0.clone(),
-        models: creator.models.as_ref().map(|m| m.to_vec()),
-        tier: creator.tier.as_deref().map(String::from),
+        owner: p.identity.0.clone(),
+        models: p.models.as_ref().map(|m| m.to_vec()),
+        tier: p.tier.as_deref().map(String::from),
+        trace: creator.trace.clone(),
     })
     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
     store
@@ -76,7 +88,7 @@ pub async fn register(
 /// The outcome of trying a batch's lease.
 pub enum Take {
     /// This replica drives it now.
-    Held(HeldClaim, Principal),
+    Held(HeldClaim, Box<Creator>),
     /// A live driver holds it.
     Busy,
     /// It was driven to its end.
@@ -91,13 +103,16 @@ pub async fn take(store: &dyn Store, batch_id: &str) -> Result<Take, StoreError>
                 .get(&driver_key(batch_id))
                 .await?
                 .and_then(|r| serde_json::from_slice::<Driver>(&r.value).ok())
-                .map(|d| Principal {
-                    identity: Identity(d.owner),
-                    models: d.models.map(std::sync::Arc::from),
-                    tier: d.tier.map(std::sync::Arc::from),
+                .map(|d| Creator {
+                    principal: Principal {
+                        identity: Identity(d.owner),
+                        models: d.models.map(std::sync::Arc::from),
+                        tier: d.tier.map(std::sync::Arc::from),
+                    },
+                    trace: d.trace,
                 });
             match owner {
-                Some(owner) => Ok(Take::Held(held, owner)),
+                Some(owner) => Ok(Take::Held(held, Box::new(owner))),
                 // Its record expired with it: nothing left to drive.
                 None => {
                     finished(store, batch_id, held).await;

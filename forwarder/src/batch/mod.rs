@@ -161,7 +161,7 @@ impl Batches {
             };
             for id in ids {
                 match lease::take(&*store, &id).await {
-                    Ok(lease::Take::Held(held, owner)) => me.clone().resume(held, owner, id).await,
+                    Ok(lease::Take::Held(held, owner)) => me.clone().resume(held, *owner, id).await,
                     Ok(_) => {}
                     Err(e) => tracing::debug!(error = %e, "could not try a batch's lease"),
                 }
@@ -171,9 +171,9 @@ impl Batches {
 
     /// Drives a batch whose lease this replica just took over, as its
     /// creator (the grants and tier recorded when it was created).
-    async fn resume(self: Arc<Self>, held: HeldClaim, creator: Principal, id: String) {
+    async fn resume(self: Arc<Self>, held: HeldClaim, creator: lease::Creator, id: String) {
         let store = self.files.store.clone();
-        let owner = creator.identity.clone();
+        let owner = creator.principal.identity.clone();
         let batch = match self.get(&owner, &id).await {
             Ok(b) if !b.status.is_final() => b,
             _ => return lease::finished(&*store, &id, held).await,
@@ -230,10 +230,13 @@ impl Batches {
         })
     }
 
-    /// Creates a batch that runs as `creator` (its grants and tier).
+    /// Creates a batch that runs as `creator` (its grants and tier), its
+    /// lines' run spans linked to `trace` (the creation request's W3C
+    /// `traceparent`, if it sent one).
     pub async fn create(
         self: &Arc<Self>,
         creator: &Principal,
+        trace: Option<String>,
         input_file_id: &str,
         endpoint: &str,
         window: &str,
@@ -301,13 +304,14 @@ impl Batches {
                 ttl,
             )
             .await?;
-        lease::register(&*store, &batch.id, creator, ttl).await?;
+        let creator = lease::Creator {
+            principal: creator.clone(),
+            trace,
+        };
+        lease::register(&*store, &batch.id, &creator, ttl).await?;
         // Else another replica's sweep took it first, and drives it.
         if let lease::Take::Held(held, _) = lease::take(&*store, &batch.id).await? {
-            tokio::spawn(
-                self.clone()
-                    .drive(held, creator.clone(), batch.clone(), file),
-            );
+            tokio::spawn(self.clone().drive(held, creator, batch.clone(), file));
         }
         Ok(batch)
     }
@@ -390,12 +394,13 @@ impl Batches {
     async fn drive(
         self: Arc<Self>,
         held: HeldClaim,
-        creator: Principal,
+        creator: lease::Creator,
         mut b: Batch,
         file: FileMeta,
     ) {
         let id = b.id.clone();
-        let result = self.run(&creator, &mut b, &file).await;
+        let trace = creator.trace.as_deref();
+        let result = self.run(&creator.principal, trace, &mut b, &file).await;
         self.cancelled.lock().remove(&b.id);
         match result {
             Ok(()) => lease::finished(&*self.files.store, &id, held).await,
@@ -441,6 +446,7 @@ impl Batches {
     async fn run(
         &self,
         creator: &Principal,
+        trace: Option<&str>,
         b: &mut Batch,
         file: &FileMeta,
     ) -> Result<(), BatchError> {
@@ -554,7 +560,7 @@ impl Batches {
                         // A driver that takes over finds this line's job.
                         idempotency_key: Some(lease::line_key(&b.id, &req.custom_id)),
                         charged: false,
-                        trace: None,
+                        trace: trace.map(str::to_string),
                         batch: Some(BatchTag {
                             batch_id: b.id.clone(),
                             custom_id: req.custom_id.clone(),

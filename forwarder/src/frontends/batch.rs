@@ -196,8 +196,16 @@ struct CreateBatch {
 async fn create_batch(
     State(s): State<BatchState>,
     Owner(principal): Owner,
+    headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
+    // Kept for the lines' run spans to link to: a well-formed W3C value
+    // only (55 characters in version 00; later versions may be longer).
+    let trace = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string);
     let req: CreateBatch = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -208,6 +216,7 @@ async fn create_batch(
         .batches
         .create(
             &principal,
+            trace,
             &req.input_file_id,
             &req.endpoint,
             &req.completion_window,

@@ -593,3 +593,82 @@ async fn websocket_requests_continue_the_clients_trace() {
         "a traceparent reached a body"
     );
 }
+
+/// A batch's lines run as spans of their own, each linked to the span
+/// named by the `traceparent` the batch's creation request carried.
+#[tokio::test]
+async fn batch_lines_link_to_the_request_that_created_the_batch() {
+    use crate::batch::{jsonl, line, upload};
+    let received = Received::default();
+    let endpoint = receiver(true, received.clone()).await;
+    let mut cfg = forwarder::config::Config::default();
+    cfg.server.listen = loopback();
+    cfg.async_jobs.enabled = true;
+    cfg.tracing.enabled = true;
+    cfg.tracing.endpoint = Some(endpoint);
+    cfg.tracing.protocol = Some("grpc".into());
+    let f = start(cfg).await;
+    let who = ("authorization", "Bearer anything");
+    let up = upload(
+        &f,
+        &jsonl(&[line("a", "one"), line("b", "two")]),
+        "batch",
+        who,
+    )
+    .await;
+    assert_eq!(up.status, 200, "{}", up.text);
+    let client_trace = "55555555555555555555555555555555";
+    let client_span = "6666666666666666";
+    let req = json!({"input_file_id": up.body["id"], "endpoint": "/v1/chat/completions",
+                     "completion_window": "24h"});
+    let b = f
+        .post(
+            "/v1/batches",
+            &req,
+            &[
+                who,
+                (
+                    "traceparent",
+                    &format!("00-{client_trace}-{client_span}-01"),
+                ),
+            ],
+        )
+        .await;
+    assert_eq!(b.status, 200, "{}", b.text);
+    let id = b.body["id"].as_str().unwrap().to_string();
+    let mut status = serde_json::Value::Null;
+    for _ in 0..400 {
+        status = f.get(&format!("/v1/batches/{id}"), &[who]).await.body;
+        if status["status"] == "completed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(status["status"], "completed", "{status}");
+    f.server.pipeline.flush_traces().await;
+    let mut runs = Vec::new();
+    for _ in 0..50 {
+        runs = received
+            .spans()
+            .into_iter()
+            .filter(|s| {
+                s.kind == SpanKind::Server as i32 && int(s, "forwarder.status") == Some(200)
+            })
+            .collect();
+        if runs.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(runs.len(), 2, "{runs:#?}");
+    for run in &runs {
+        assert_ne!(
+            hex(&run.trace_id),
+            client_trace,
+            "a run is a trace of its own"
+        );
+        assert_eq!(run.links.len(), 1, "{run:#?}");
+        assert_eq!(hex(&run.links[0].trace_id), client_trace);
+        assert_eq!(hex(&run.links[0].span_id), client_span);
+    }
+}
