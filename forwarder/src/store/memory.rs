@@ -6,7 +6,8 @@
 //! and Batch API files (`cache:` and `file:` names) live in one bounded
 //! map, everything else (claims, job turns and records, idempotency
 //! answers, rate limits, batches) in another. A large upload can flush
-//! cached answers, never a tenant's claims or limits.
+//! cached answers, never a tenant's claims or limits. The sorted indexes
+//! (batch lists) have a third budget, a quarter of the state budget.
 
 use std::time::{Duration, Instant};
 
@@ -77,10 +78,61 @@ struct Index {
     expires: Instant,
 }
 
+/// What one member of an index costs: its name, its score and the map's
+/// own overhead (an estimate, as moka's weigher is for entries).
+fn member_weight(member: &str) -> usize {
+    member.len() + 48
+}
+
+impl Index {
+    fn weight(&self) -> usize {
+        self.members.keys().map(|m| member_weight(m)).sum()
+    }
+}
+
+/// The sorted indexes (one per client's batches, one of live batches),
+/// bounded by a budget of their own: a quarter of the state budget.
+struct Indexes {
+    all: std::collections::HashMap<String, Index>,
+    budget: usize,
+}
+
+impl Indexes {
+    /// Drops the lowest-scored members of the largest index until the
+    /// indexes fit their budget (a client with the most batches loses its
+    /// oldest entries first); returns how many were dropped.
+    fn fit(&mut self) -> usize {
+        let mut dropped = 0;
+        loop {
+            let total: usize = self.all.values().map(Index::weight).sum();
+            if total <= self.budget {
+                return dropped;
+            }
+            let Some(largest) = self.all.values_mut().max_by_key(|i| i.weight()) else {
+                return dropped;
+            };
+            let mut by_score: Vec<(u64, String)> = largest
+                .members
+                .iter()
+                .map(|(m, s)| (*s, m.clone()))
+                .collect();
+            by_score.sort_unstable();
+            let mut over = total - self.budget;
+            for (_, m) in by_score {
+                if over == 0 {
+                    break;
+                }
+                over = over.saturating_sub(member_weight(&m));
+                largest.members.remove(&m);
+                dropped += 1;
+            }
+            self.all.retain(|_, i| !i.members.is_empty());
+        }
+    }
+}
+
 pub struct MemoryBackend {
-    /// Sorted indexes (few: one per client's batches, one of live
-    /// batches), outside the byte budgets.
-    indexes: parking_lot::Mutex<std::collections::HashMap<String, Index>>,
+    indexes: parking_lot::Mutex<Indexes>,
     /// Cached answers and files.
     payload: Cache<String, Entry>,
     /// Claims, turns, records and limits.
@@ -119,7 +171,10 @@ impl MemoryBackend {
         Self {
             payload: bounded(payload_bytes, &metrics),
             state: bounded(state_bytes, &metrics),
-            indexes: parking_lot::Mutex::default(),
+            indexes: parking_lot::Mutex::new(Indexes {
+                all: std::collections::HashMap::new(),
+                budget: usize::try_from(state_bytes / 4).unwrap_or(usize::MAX),
+            }),
             epoch: Instant::now(),
             metrics,
             counters: parking_lot::Mutex::default(),
@@ -324,21 +379,28 @@ impl Backend for MemoryBackend {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let now = Instant::now();
-        let mut all = self.indexes.lock();
-        all.retain(|_, i| i.expires > now);
-        let index = all.entry(name.to_string()).or_insert_with(|| Index {
-            members: std::collections::HashMap::new(),
-            expires: now,
-        });
+        let mut indexes = self.indexes.lock();
+        indexes.all.retain(|_, i| i.expires > now);
+        let index = indexes
+            .all
+            .entry(name.to_string())
+            .or_insert_with(|| Index {
+                members: std::collections::HashMap::new(),
+                expires: now,
+            });
         index.members.insert(member.to_string(), score);
         index.members.retain(|_, s| *s >= drop_below);
         index.expires = now + ttl;
+        let dropped = indexes.fit();
+        self.metrics
+            .evictions
+            .inc_by(u64::try_from(dropped).unwrap_or(u64::MAX));
         Ok(())
     }
 
     async fn index_list(&self, name: &str, limit: usize) -> Result<Vec<(String, u64)>, StoreError> {
-        let all = self.indexes.lock();
-        let Some(index) = all.get(name).filter(|i| i.expires > Instant::now()) else {
+        let indexes = self.indexes.lock();
+        let Some(index) = indexes.all.get(name).filter(|i| i.expires > Instant::now()) else {
             return Ok(Vec::new());
         };
         let mut v: Vec<(String, u64)> =
@@ -349,7 +411,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn index_remove(&self, name: &str, member: &str) -> Result<(), StoreError> {
-        if let Some(index) = self.indexes.lock().get_mut(name) {
+        if let Some(index) = self.indexes.lock().all.get_mut(name) {
             index.members.remove(member);
         }
         Ok(())

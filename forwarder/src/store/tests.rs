@@ -272,3 +272,35 @@ async fn payload_never_evicts_coordination_state() {
         "the limit's state was kept: a third unit in a minute is refused"
     );
 }
+
+/// The memory backend's sorted indexes (batch lists) live within a budget
+/// of their own (a quarter of the state budget): past it, the largest
+/// index loses its oldest members, and a small index keeps all of its.
+#[tokio::test]
+async fn memory_indexes_are_bounded_and_the_largest_loses_its_oldest() {
+    use super::backend::Backend;
+    let m = StoreMetrics::unregistered();
+    // 40,000 bytes of state: 10,000 for indexes, about 180 members of 8
+    // characters each.
+    let b = MemoryBackend::new(40_000, 40_000, m.clone());
+    let day = Duration::from_secs(86_400);
+    b.index_add("small", "a", 1, 0, day).await.unwrap();
+    b.index_add("small", "b", 2, 0, day).await.unwrap();
+    for i in 0..1_000u64 {
+        b.index_add("big", &format!("m{i:07}"), i, 0, day)
+            .await
+            .unwrap();
+    }
+    let big = b.index_list("big", usize::MAX).await.unwrap();
+    assert!(big.len() < 200, "{} members kept", big.len());
+    assert!(big.len() > 100, "{} members kept", big.len());
+    // The newest stayed; the oldest went.
+    assert_eq!(big.last().map(|(_, s)| *s), Some(999));
+    assert!(
+        big.first().is_some_and(|(_, s)| *s > 800),
+        "{:?}",
+        big.first()
+    );
+    assert_eq!(b.index_list("small", 10).await.unwrap().len(), 2);
+    assert!(m.evictions.get() >= 800);
+}
