@@ -43,7 +43,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use forwarder::config::{CallbackHost, CallbackNetwork, LatencyDist, MockSettings};
+use forwarder::config::{LatencyDist, MockSettings};
 use parking_lot::Mutex;
 use rand::Rng;
 use serde_json::{json, Value};
@@ -348,17 +348,7 @@ async fn chaos_run_every_job_once_every_callback_every_batch() {
     cfg.idempotency.wait = Duration::from_secs(2);
     cfg.server.shutdown.drain_delay = Duration::ZERO;
     let cb = &mut cfg.async_jobs.callbacks;
-    cb.secrets_file = Some(secrets);
-    cb.shared_secret_fallback = true;
-    cb.allowed_hosts = vec![CallbackHost {
-        host: "127.0.0.1".into(),
-        allow_http: true,
-        ports: Vec::new(),
-    }];
-    cb.allowed_networks = vec![CallbackNetwork {
-        cidr: "127.0.0.1/32".parse().unwrap(),
-        ports: Vec::new(),
-    }];
+    loopback_callbacks(cb, secrets, true);
     cb.max_attempts = 30;
     cb.base_delay = Duration::from_millis(300);
     cb.max_delay = Duration::from_secs(3);

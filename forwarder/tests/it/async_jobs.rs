@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use forwarder::config::{CallbackHost, CallbackNetwork, Config, MockSettings};
+use forwarder::config::{Config, MockSettings};
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 
@@ -289,21 +289,9 @@ fn callback_config(m: &forwarder::mock_llm::MockServer, dir: &tempfile::TempDir)
     let secrets = dir.path().join("webhook-secrets");
     std::fs::write(&secrets, format!("{SECRET}\n{OLD_SECRET}\n")).unwrap();
     let cb = &mut cfg.async_jobs.callbacks;
-    cb.secrets_file = Some(secrets);
     // Both secrets are shared ones: every client's callbacks are signed
     // with them.
-    cb.shared_secret_fallback = true;
-    cb.allowed_hosts = vec![CallbackHost {
-        host: "127.0.0.1".into(),
-        allow_http: true,
-        ports: Vec::new(),
-    }];
-    // The receivers listen on loopback, which callbacks reach only when a
-    // network names it.
-    cb.allowed_networks = vec![CallbackNetwork {
-        cidr: "127.0.0.1/32".parse().unwrap(),
-        ports: Vec::new(),
-    }];
+    loopback_callbacks(cb, secrets, true);
     cb.max_attempts = 3;
     cb.base_delay = 20 * MS;
     cb.max_delay = 100 * MS;

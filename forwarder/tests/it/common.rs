@@ -317,3 +317,25 @@ pub async fn wait_job(f: &Fwd, id: &str, headers: &[(&str, &str)]) -> Value {
     }
     panic!("job {id} did not finish");
 }
+
+/// Lets callbacks reach receivers on loopback over plain HTTP (the host on
+/// the allow-list, its address on the network list, which loopback needs),
+/// signed with the secrets in `secrets_file` (shared by every client when
+/// `shared`).
+pub fn loopback_callbacks(
+    cb: &mut forwarder::config::CallbackConfig,
+    secrets_file: std::path::PathBuf,
+    shared: bool,
+) {
+    cb.secrets_file = Some(secrets_file);
+    cb.shared_secret_fallback = shared;
+    cb.allowed_hosts = vec![forwarder::config::CallbackHost {
+        host: "127.0.0.1".into(),
+        allow_http: true,
+        ports: Vec::new(),
+    }];
+    cb.allowed_networks = vec![forwarder::config::CallbackNetwork {
+        cidr: "127.0.0.1/32".parse().unwrap(),
+        ports: Vec::new(),
+    }];
+}

@@ -404,17 +404,7 @@ async fn a_delivered_callback_is_recorded_once_the_store_is_back() {
     let mut cfg = config(vec![upstream("m", &m, "mock")]);
     cfg.store = redis.store_config(None);
     let cb = &mut cfg.async_jobs.callbacks;
-    cb.secrets_file = Some(secrets);
-    cb.shared_secret_fallback = true;
-    cb.allowed_hosts = vec![forwarder::config::CallbackHost {
-        host: "127.0.0.1".into(),
-        allow_http: true,
-        ports: Vec::new(),
-    }];
-    cb.allowed_networks = vec![forwarder::config::CallbackNetwork {
-        cidr: "127.0.0.1/32".parse().unwrap(),
-        ports: Vec::new(),
-    }];
+    loopback_callbacks(cb, secrets, true);
     let f = start(cfg.clone()).await;
     // A second replica reads the shared record, not the first one's table.
     let other = start(cfg).await;

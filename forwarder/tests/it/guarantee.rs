@@ -282,18 +282,7 @@ async fn callbacks_pending_at_a_kill_nine_are_resumed_and_delivered() {
     cfg.idempotency.lease = Duration::from_secs(2);
     cfg.server.shutdown.drain_delay = Duration::ZERO;
     let cb = &mut cfg.async_jobs.callbacks;
-    cb.secrets_file = Some(secrets);
-    cb.shared_secret_fallback = true;
-    cb.allowed_hosts = vec![forwarder::config::CallbackHost {
-        host: "127.0.0.1".into(),
-        allow_http: true,
-        ports: Vec::new(),
-    }];
-    // The receiver is on loopback, which callbacks reach only when named.
-    cb.allowed_networks = vec![forwarder::config::CallbackNetwork {
-        cidr: "127.0.0.1/32".parse().unwrap(),
-        ports: Vec::new(),
-    }];
+    loopback_callbacks(cb, secrets, true);
     cb.max_attempts = 20;
     // Long enough that a kill finds retries waiting on the killed replica.
     cb.base_delay = Duration::from_millis(1500);

@@ -572,16 +572,7 @@ async fn each_client_receives_callbacks_signed_with_its_own_secrets_only() {
     )
     .unwrap();
     let cb = &mut cfg.async_jobs.callbacks;
-    cb.secrets_file = Some(secrets);
-    cb.allowed_hosts = vec![CallbackHost {
-        host: "127.0.0.1".into(),
-        allow_http: true,
-        ports: Vec::new(),
-    }];
-    cb.allowed_networks = vec![CallbackNetwork {
-        cidr: "127.0.0.1/32".parse().unwrap(),
-        ports: Vec::new(),
-    }];
+    loopback_callbacks(cb, secrets, false);
     cb.max_attempts = 1;
     cfg.rate_limit = Some(forwarder::config::RateLimitConfig {
         requests_per_second: 1000,
