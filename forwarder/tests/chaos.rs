@@ -314,12 +314,7 @@ async fn chaos_run_every_job_once_every_callback_every_batch() {
     let began = Instant::now();
     let dir = tempfile::tempdir().unwrap();
 
-    let mut redis = RedisServer::start_with(
-        ["--appendonly", "yes", "--appendfsync", "always"]
-            .map(String::from)
-            .to_vec(),
-    )
-    .await;
+    let mut redis = RedisServer::start_durable().await;
     let mut broker = Broker::start().await;
     let m = mock(MockSettings {
         latency: LatencyDist::Uniform {

@@ -405,8 +405,8 @@ impl Batches {
         match result {
             Ok(()) => lease::finished(&*self.files.store, &id, held).await,
             Err(e) => {
-                tracing::warn!(error = %e, "a batch paused on a store failure; a replica takes it over once its lease lapses");
-                drop(held);
+                tracing::warn!(error = %e, "a batch paused on a store failure; its lease is released (or lapses, the store being down) and a replica takes it over");
+                drop(held); // releases the lease now if the store answers
             }
         }
     }

@@ -267,12 +267,7 @@ async fn a_result_is_stored_once_redis_is_back_before_the_job_is_acknowledged() 
 #[tokio::test]
 async fn a_batch_outlives_a_redis_restart() {
     use crate::batch::{jsonl, line, upload};
-    let mut redis = RedisServer::start_with(
-        ["--appendonly", "yes", "--appendfsync", "always"]
-            .map(String::from)
-            .to_vec(),
-    )
-    .await;
+    let mut redis = RedisServer::start_durable().await;
     let m = slow_mock(Duration::from_millis(100)).await;
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys");
@@ -372,12 +367,7 @@ async fn a_batch_outlives_a_redis_restart() {
 async fn a_delivered_callback_is_recorded_once_the_store_is_back() {
     use axum::http::StatusCode;
     use tokio::sync::mpsc;
-    let mut redis = RedisServer::start_with(
-        ["--appendonly", "yes", "--appendfsync", "always"]
-            .map(String::from)
-            .to_vec(),
-    )
-    .await;
+    let mut redis = RedisServer::start_durable().await;
     // The receiver asks for the kill and answers once it is done.
     let (kill_tx, mut kill_rx) = mpsc::channel::<tokio::sync::oneshot::Sender<()>>(1);
     let app = axum::Router::new().route(

@@ -37,6 +37,17 @@ impl RedisServer {
         s
     }
 
+    /// With every write on disk before it is acknowledged (AOF, fsync
+    /// always), so a `kill -9` and a restart lose nothing acknowledged.
+    pub async fn start_durable() -> Self {
+        Self::start_with(
+            ["--appendonly", "yes", "--appendfsync", "always"]
+                .map(String::from)
+                .to_vec(),
+        )
+        .await
+    }
+
     /// A free loopback port (for a TLS port next to the plain one).
     pub fn free_port() -> u16 {
         free_port()
