@@ -11,16 +11,16 @@ use std::time::Duration;
 use parking_lot::{Mutex, RwLock};
 
 /// A digest of a source's raw bytes: a reload that changes nothing is a no-op.
-pub type Fingerprint = [u8; 32];
+pub type SourceDigest = [u8; 32];
 
 /// The current value and the fingerprint of the source it came from.
 pub struct Swap<T> {
     current: RwLock<Arc<T>>,
-    fingerprint: Mutex<Fingerprint>,
+    fingerprint: Mutex<SourceDigest>,
 }
 
 impl<T> Swap<T> {
-    pub fn new(value: T, fingerprint: Fingerprint) -> Self {
+    pub fn new(value: T, fingerprint: SourceDigest) -> Self {
         Self {
             current: RwLock::new(Arc::new(value)),
             fingerprint: Mutex::new(fingerprint),
@@ -32,13 +32,13 @@ impl<T> Swap<T> {
     }
 
     /// Whether `fingerprint` is the source already in force.
-    pub fn is_current(&self, fingerprint: &Fingerprint) -> bool {
+    pub fn is_current(&self, fingerprint: &SourceDigest) -> bool {
         *self.fingerprint.lock() == *fingerprint
     }
 
     /// Installs `value` unless its source is the one in force; returns
     /// whether the value changed.
-    pub fn install(&self, value: T, fingerprint: Fingerprint) -> bool {
+    pub fn install(&self, value: T, fingerprint: SourceDigest) -> bool {
         let mut fp = self.fingerprint.lock();
         if *fp == fingerprint {
             return false;

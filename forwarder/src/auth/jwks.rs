@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::AuthFailure;
-use crate::reload::{self, Fingerprint, Reload, Swap};
+use crate::reload::{self, Reload, SourceDigest, Swap};
 use forwarder_config::JwtConfig;
 
 #[derive(Debug, thiserror::Error)]
@@ -273,7 +273,7 @@ impl KeyStore {
 
     /// Installs keys from source bytes; returns whether they changed.
     fn install(&self, bytes: &[u8]) -> Result<bool, KeysError> {
-        let fp: Fingerprint = Sha256::digest(bytes).into();
+        let fp: SourceDigest = Sha256::digest(bytes).into();
         if self.keys.is_current(&fp) {
             return Ok(false);
         }

@@ -17,9 +17,10 @@ use crate::api::ApiError;
 use crate::auth::Identity;
 use crate::pipeline::forward::Trace;
 
-/// A digest of the request that produced an answer: a key reused for a
-/// different request is an error, not a replay.
-pub type Fingerprint = [u8; 32];
+/// A digest of the request that produced an answer (the store's claim
+/// keeps it): a key reused for a different request is an error, not a
+/// replay.
+pub use crate::store::Fingerprint;
 
 /// An answer kept for replay (encoded into a store record by `claims.rs`).
 #[derive(Debug, Clone)]

@@ -13,7 +13,9 @@ pub type Fingerprint = [u8; 32];
 pub enum Space {
     Idempotency,
     Cache,
-    /// Async jobs and Batch API batches: records, turns, submission keys.
+    /// Async jobs and Batch API batches (records, turns, submission keys,
+    /// leases, batch lists) and stored responses' origins. The label stays
+    /// `job` whatever else it holds: it is in every stored key.
     Job,
     /// Batch API files: metadata and chunks (payload, like `Cache`).
     File,

@@ -90,7 +90,7 @@ pub fn server_name(
 
 /// A digest of the TLS files' bytes (all zero without any), to notice a
 /// rotation on disk.
-pub fn files_fingerprint(tls: Option<&UpstreamTlsConfig>) -> crate::reload::Fingerprint {
+pub fn files_fingerprint(tls: Option<&UpstreamTlsConfig>) -> crate::reload::SourceDigest {
     use sha2::{Digest, Sha256};
     let Some(tls) = tls else {
         return [0; 32];
