@@ -5,14 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use http::{HeaderMap, HeaderValue};
-use parking_lot::Mutex;
 
 use super::envelope::{Reply, ReplyBody};
 use super::observe::Observer;
-use super::stream_end::{on_end, StreamEnd};
+use super::stream_end;
 use super::{Answer, EventStream};
 use crate::api::ApiError;
 use crate::cache::{convert, Decision, Plan, ResponseCache};
@@ -119,24 +118,9 @@ fn record(
 ) -> EventStream {
     // Events carry framing around the text: allow some headroom.
     let max = plan.max_entry().saturating_mul(4);
-    let recording = Arc::new(Mutex::new(Some(BytesMut::new())));
-    let rec = recording.clone();
-    let recorded = events.inspect(move |item| {
-        let mut rec = rec.lock();
-        if let (Ok(event), Some(buf)) = (item, rec.as_mut()) {
-            if buf.len() + event.len() > max {
-                *rec = None;
-            } else {
-                buf.extend_from_slice(event);
-            }
-        }
-    });
-    on_end(recorded.boxed(), move |end| {
-        let events = recording.lock().take();
-        if let (StreamEnd::Completed, Some(events)) = (end, events) {
-            if let Some(completion) = convert::from_events(events.freeze()) {
-                cache.store(&plan, lead, completion);
-            }
+    stream_end::record(events, max, move |events| {
+        if let Some(completion) = convert::from_events(events) {
+            cache.store(&plan, lead, completion);
         }
     })
 }

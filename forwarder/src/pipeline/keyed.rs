@@ -2,18 +2,14 @@
 //! joined to this process's flight, or led (the key claimed in the shared
 //! store, or another replica's answer awaited), and their answers recorded.
 
-use std::sync::Arc;
-
-use bytes::BytesMut;
 use futures::{FutureExt, StreamExt};
 use http::HeaderMap;
-use parking_lot::Mutex;
 
 use super::claims::Begin;
 use super::envelope::{Envelope, Reply, ReplyBody};
 use super::idempotency::{fingerprint, Fingerprint, StoredReply};
 use super::observe::Observer;
-use super::stream_end::{on_end, StreamEnd};
+use super::stream_end;
 use super::{Answer, ApiKind, Pipeline};
 use crate::api::ApiError;
 use crate::store::StoreKey;
@@ -156,27 +152,10 @@ impl Pipeline {
         // the record bound. The claims are released either way.
         let max_record = self.cfg.idempotency.max_record_bytes;
         let ttl = self.cfg.idempotency.ttl;
-        let recording = Arc::new(Mutex::new(Some(BytesMut::new())));
-        let rec = recording.clone();
-        let recorded = stream.inspect(move |item| {
-            let mut rec = rec.lock();
-            if let (Ok(event), Some(buf)) = (item, rec.as_mut()) {
-                if buf.len() + event.len() > max_record {
-                    *rec = None;
-                } else {
-                    buf.extend_from_slice(event);
-                }
-            }
-        });
-        let recorded = on_end(recorded.boxed(), move |end| {
-            let events = recording.lock().take();
-            let (StreamEnd::Completed, Some(events), Some(lease)) = (end, events, lease) else {
-                return;
-            };
+        let recorded = stream_end::record(stream, max_record, move |events| {
+            let Some(lease) = lease else { return };
             tokio::spawn(async move {
-                lease
-                    .complete(&StoredReply::Stream(events.freeze()), ttl)
-                    .await;
+                lease.complete(&StoredReply::Stream(events), ttl).await;
                 drop(claim);
             });
         });

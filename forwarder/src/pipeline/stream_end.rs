@@ -4,7 +4,10 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use bytes::BytesMut;
 use futures::{Stream, StreamExt};
+use parking_lot::Mutex;
+use std::sync::Arc;
 
 use super::EventStream as ReplyStream;
 
@@ -16,6 +19,35 @@ pub enum StreamEnd {
     Failed(u16),
     /// The consumer dropped the stream before its end (client gone).
     Dropped,
+}
+
+/// Records a stream's bytes, at most `max` of them (past it the recording
+/// is dropped), and hands them to `done` when, and only when, the stream
+/// completed (the idempotency record and the cache both keep only whole
+/// answers). `done` is dropped unrun otherwise, with what it holds.
+pub fn record(
+    inner: ReplyStream,
+    max: usize,
+    done: impl FnOnce(bytes::Bytes) + Send + 'static,
+) -> ReplyStream {
+    let recording = Arc::new(Mutex::new(Some(BytesMut::new())));
+    let rec = recording.clone();
+    let recorded = inner.inspect(move |item| {
+        let mut rec = rec.lock();
+        if let (Ok(run), Some(buf)) = (item, rec.as_mut()) {
+            if buf.len() + run.len() > max {
+                *rec = None;
+            } else {
+                buf.extend_from_slice(run);
+            }
+        }
+    });
+    on_end(recorded.boxed(), move |end| {
+        let events = recording.lock().take();
+        if let (StreamEnd::Completed, Some(events)) = (end, events) {
+            done(events.freeze());
+        }
+    })
 }
 
 pub fn on_end(inner: ReplyStream, f: impl FnOnce(StreamEnd) + Send + 'static) -> ReplyStream {
