@@ -1302,3 +1302,83 @@ async fn budgets_and_aliases_reach_the_config_map_and_mistakes_are_refused() {
         }
     }
 }
+
+/// The Deployment's `spec.replicas` has two writers under two field
+/// managers: the reconciler's bounds (`SCALER_FIELD_MANAGER`) and the
+/// autoscaler (`AUTOSCALER_FIELD_MANAGER`). Both apply with force, so
+/// neither meets a conflict; `managedFields` names whichever set the
+/// current count, and neither is a foreign manager to the autoscaler.
+#[tokio::test]
+#[cfg_attr(
+    not(envtest),
+    ignore = "set KUBEBUILDER_ASSETS: needs a real kube-apiserver"
+)]
+async fn the_bounds_and_the_autoscaler_own_replicas_under_their_own_managers() {
+    use operator::autoscale::workload::{
+        foreign_replica_managers, DeploymentTarget, AUTOSCALER_FIELD_MANAGER,
+    };
+    use operator::autoscale::ScaleTarget;
+    let (admin, ns) = setup("managers").await;
+    let ctx = context(admin.clone());
+    create(&admin, &ns, "bot", spec(2, 5)).await;
+    reconcile_stored(&ctx, &admin, &ns, "bot")
+        .await
+        .expect("reconcile");
+    let deps: Api<Deployment> = Api::namespaced(admin.clone(), &ns);
+    let target = DeploymentTarget {
+        deployments: deps.clone(),
+        pods: Api::namespaced(admin.clone(), &ns),
+        name: "bot".into(),
+    };
+    let read = || async {
+        let d = deps.get("bot").await.expect("Deployment");
+        let count = d.spec.as_ref().and_then(|s| s.replicas);
+        assert!(foreign_replica_managers(&d).is_empty(), "ours only");
+        (count, managers_of_replicas(&d))
+    };
+    assert_eq!(read().await, (Some(2), vec![SCALER_FIELD_MANAGER.into()]));
+
+    // The autoscaler scales within bounds: its manager takes the field.
+    target.scale(4).await.expect("autoscaler scales");
+    assert_eq!(
+        read().await,
+        (Some(4), vec![AUTOSCALER_FIELD_MANAGER.into()])
+    );
+    // A reconcile leaves a count within bounds alone.
+    reconcile_stored(&ctx, &admin, &ns, "bot")
+        .await
+        .expect("reconcile");
+    assert_eq!(
+        read().await,
+        (Some(4), vec![AUTOSCALER_FIELD_MANAGER.into()])
+    );
+
+    // max lowered below the count: the bounds take it back, no conflict.
+    Api::<ModelForwarder>::namespaced(admin.clone(), &ns)
+        .patch(
+            "bot",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": {"max": 3}}})),
+        )
+        .await
+        .expect("lower max");
+    reconcile_stored(&ctx, &admin, &ns, "bot")
+        .await
+        .expect("reconcile");
+    assert_eq!(read().await, (Some(3), vec![SCALER_FIELD_MANAGER.into()]));
+
+    // The same count from both: they share the field, still no conflict.
+    target.scale(3).await.expect("autoscaler scales");
+    let (count, mut managers) = read().await;
+    managers.sort();
+    assert_eq!(
+        (count, managers),
+        (
+            Some(3),
+            vec![
+                AUTOSCALER_FIELD_MANAGER.to_string(),
+                SCALER_FIELD_MANAGER.to_string()
+            ]
+        )
+    );
+}
