@@ -259,7 +259,8 @@ async fn the_loop_scales_reports_conflicts_and_survives_a_hung_prometheus_on_a_r
     let replicas = |d: &Deployment| d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
 
     // The loaded resource scales 2 → 6 (300 requests/s at 50 per replica)
-    // once its pods are Ready, under the scaler's field manager only.
+    // once its pods are Ready, under the autoscaler's field manager only
+    // (the reconciler's bounds, which set 2, hand the field over).
     let d = wait("busy scaled to 6", Duration::from_secs(60), || async {
         deployments
             .get("busy")
@@ -283,7 +284,7 @@ async fn the_loop_scales_reports_conflicts_and_survives_a_hung_prometheus_on_a_r
         })
         .filter_map(|m| m.manager.clone())
         .collect();
-    assert_eq!(owners, ["modelforwarder-operator-scaler"], "{owners:?}");
+    assert_eq!(owners, ["modelforwarder-operator-autoscaler"], "{owners:?}");
     // The status is written after the replica patch: wait for it too (on a
     // busy machine the two can be a moment apart).
     let busy = wait("busy status says 6", Duration::from_secs(10), || async {

@@ -18,6 +18,12 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+mod aliases;
+mod budgets;
+
+pub use aliases::{AliasTarget, ModelAlias};
+pub use budgets::{BudgetLimits, BudgetsSpec, ModelPrice};
+
 /// API group of the resource.
 pub const GROUP: &str = "llm.forwarder.dev";
 
@@ -171,6 +177,30 @@ pub struct ModelForwarderSpec {
     /// restart).
     #[serde(rename = "async", default, skip_serializing_if = "Option::is_none")]
     pub async_jobs: Option<AsyncSpec>,
+
+    /// Per-client token and spend budgets over the UTC day and the UTC
+    /// month, kept in the store: one budget across the replicas with
+    /// `store` (Redis), else each pod counts its own. A request that would
+    /// pass a limit is refused before it is forwarded (429
+    /// `budget_exceeded`); a stream that crosses one finishes and the
+    /// overrun is recorded. A client's limits are its own entry in
+    /// `clients`, else its tier's in `tiers`, else `default`; without any
+    /// it has no budget. Clients read their own figures at
+    /// `GET /v1/budget`. Absent: no budgets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budgets: Option<BudgetsSpec>,
+
+    /// Model aliases: a name clients send (not a model some upstream
+    /// serves) → targets, each a model of `upstreams`. The first choice is
+    /// drawn by weight among the targets weighted above 0; when it fails in
+    /// a way that means "try elsewhere" (an upstream 5xx, a 429 or a
+    /// timeout after its retries, no healthy endpoint, a prompt too long
+    /// for the model) the other targets are tried in their listed order,
+    /// never after a stream has begun. Answers name the target that served
+    /// them (`x-forwarded-model`); `/v1/models` lists the aliases.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 256))]
+    pub models: BTreeMap<String, ModelAlias>,
 }
 
 /// Schema fixes for the API server, applied to the whole (inlined) spec:

@@ -1,14 +1,25 @@
 //! The control loop: one ModelForwarder in, applied objects, status and
 //! Events out.
 //!
-//! Order of one reconciliation: read the referenced Secrets and the owned
-//! objects; decide whether the spec can work; apply
-//! (server-side, one field manager) only the objects whose rendered form
-//! changed; keep the replica count within bounds under a second field
-//! manager; write status only when it changed; publish Events for what was
-//! done and for new problems.
+//! One reconciliation runs in stages, each a small function with its own
+//! error variant: **observe** (the referenced Secrets and the children,
+//! from the caches; `observe.rs`) → **validate** (can the spec work; pure,
+//! `validate.rs`) → **build** (the objects; pure) → **plan** (which of them
+//! must be written; pure, `plan.rs`) → **apply** (server-side, one field
+//! manager, the replica count under a second; `apply.rs`) → **status**
+//! (Events for what was done and for new problems, the status written only
+//! when it changed; `report.rs`).
 
-use std::collections::{BTreeMap, HashMap};
+mod apply;
+mod observe;
+mod plan;
+mod report;
+mod validate;
+
+use plan::{build, plan};
+use validate::{validate, Verdict};
+
+use std::collections::HashMap;
 use std::fmt::Debug;
 use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
@@ -17,24 +28,19 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::Api;
 use kube::core::error_boundary::InvalidObject;
 use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
-use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::crd::{ModelForwarder, ModelForwarderSpec, Replicas};
-use crate::drift;
 use crate::render::config::Problem;
-use crate::render::labels::{APPLIED_HASH, FIELD_MANAGER, SCALER_FIELD_MANAGER};
-use crate::render::{self, config_map_name, labels, Inputs};
-use crate::status::{self, Observed};
+use crate::render::{self, Inputs};
 use crate::telemetry::Metrics;
 
 /// How often a healthy resource is reconciled even without a change.
@@ -174,21 +180,38 @@ impl Context {
     }
 }
 
-/// Why a reconciliation failed; it is retried with [`backoff`].
+/// A failed API call and what it was for.
+#[derive(Debug, thiserror::Error)]
+#[error("{action}: {source}")]
+pub struct ApiError {
+    pub action: String,
+    #[source]
+    pub source: kube::Error,
+}
+
+/// Why a reconciliation failed, one variant per stage; it is retried with
+/// [`backoff`]. (A spec that cannot work is no error: it becomes a
+/// condition.)
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{action}: {source}")]
-    Api {
-        action: String,
-        #[source]
-        source: kube::Error,
-    },
-    #[error("serialising the forwarder config: {0}")]
-    Yaml(#[from] serde_yaml::Error),
-    #[error("serialising an object: {0}")]
-    Json(#[from] serde_json::Error),
+    /// The resource lacks what every object needs (namespace, UID).
     #[error("the ModelForwarder has no {0}")]
-    MissingField(&'static str),
+    Validate(&'static str),
+    /// Reading the referenced Secrets or the children.
+    #[error(transparent)]
+    Observe(ApiError),
+    /// Rendering the forwarder config.
+    #[error("serialising the forwarder config: {0}")]
+    Build(#[source] serde_yaml::Error),
+    /// Hashing the rendered objects.
+    #[error("serialising an object: {0}")]
+    Plan(#[source] serde_json::Error),
+    /// Writing the children or the replica count.
+    #[error(transparent)]
+    Apply(ApiError),
+    /// Writing the status.
+    #[error(transparent)]
+    Status(ApiError),
     #[error("the reconciliation did not finish within {0:?} (an API call hung?)")]
     Timeout(Duration),
 }
@@ -197,17 +220,46 @@ impl Error {
     /// Low-cardinality label for the errors metric.
     pub fn kind(&self) -> &'static str {
         match self {
-            Error::Api { .. } => "api",
-            Error::Yaml(_) | Error::Json(_) => "serialise",
-            Error::MissingField(_) => "missing_field",
+            Error::Observe(_) | Error::Apply(_) | Error::Status(_) => "api",
+            Error::Build(_) | Error::Plan(_) => "serialise",
+            Error::Validate(_) => "missing_field",
             Error::Timeout(_) => "timeout",
         }
     }
 }
 
-fn api_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+fn api_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> ApiError {
     let action = action.into();
-    move |source| Error::Api { action, source }
+    move |source| ApiError { action, source }
+}
+
+/// The resource being reconciled and the API handles of its namespace.
+struct Target {
+    name: String,
+    ns: String,
+    owner: k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
+    regarding: ObjectReference,
+    apis: Apis,
+}
+
+struct Apis {
+    deployments: Api<Deployment>,
+    config_maps: Api<ConfigMap>,
+    services: Api<Service>,
+    pdbs: Api<PodDisruptionBudget>,
+    secrets: Api<Secret>,
+}
+
+impl Apis {
+    fn new(client: &Client, ns: &str) -> Self {
+        Self {
+            deployments: Api::namespaced(client.clone(), ns),
+            config_maps: Api::namespaced(client.clone(), ns),
+            services: Api::namespaced(client.clone(), ns),
+            pdbs: Api::namespaced(client.clone(), ns),
+            secrets: Api::namespaced(client.clone(), ns),
+        }
+    }
 }
 
 /// One use of a Secret by the spec.
@@ -284,79 +336,17 @@ pub fn scale_target(current: Option<i32>, r: &Replicas) -> Option<i32> {
     (current != Some(want)).then_some(want)
 }
 
+/// The replica count the Deployment will have after this pass (the PDB
+/// follows it: one replica needs no PDB; an autoscaled pool does).
+pub fn replicas_after(current: Option<i32>, r: &Replicas) -> i32 {
+    scale_target(current, r).or(current).unwrap_or(r.min)
+}
+
 /// Hash of a rendered object, stored on it so an unchanged object is not
 /// applied again.
 pub fn applied_hash<K: Serialize>(obj: &K) -> Result<String, serde_json::Error> {
     let bytes = serde_json::to_vec(obj)?;
     Ok(render::hex(&Sha256::digest(&bytes)[..16]))
-}
-
-/// Applies `desired` unless `existing` carries the same applied hash and
-/// shows no hand edits (`drifted`). Returns the applied object when it wrote.
-async fn ensure<K>(
-    api: &Api<K>,
-    existing: Option<&K>,
-    mut desired: K,
-    drifted: fn(&K, &K) -> bool,
-) -> Result<Option<K>, Error>
-where
-    K: Resource<DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug,
-{
-    let hash = applied_hash(&desired)?;
-    if let Some(e) = existing {
-        if e.annotations().get(APPLIED_HASH) == Some(&hash) && !drifted(e, &desired) {
-            return Ok(None);
-        }
-    }
-    desired.annotations_mut().insert(APPLIED_HASH.into(), hash);
-    let name = desired.name_any();
-    let applied = api
-        .patch(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&desired),
-        )
-        .await
-        .map_err(api_err(format!("applying {} {name}", K::kind(&()))))?;
-    Ok(Some(applied))
-}
-
-async fn get<K>(api: &Api<K>, name: &str) -> Result<Option<K>, Error>
-where
-    K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug,
-{
-    api.get_opt(name)
-        .await
-        .map_err(api_err(format!("reading {} {name}", K::kind(&()))))
-}
-
-/// A child from the controller's cache; a GET only when the cache has no
-/// such object and the name caches do not show the name free (a foreign
-/// object the labelled watch cannot see must be detected rather than taken
-/// over; before the name caches are listed, every miss is a GET).
-async fn cached<K>(
-    caches: Option<&Caches>,
-    store: fn(&Caches) -> &Store<K>,
-    api: &Api<K>,
-    ns: &str,
-    name: &str,
-) -> Result<Option<K>, Error>
-where
-    K: NamedIn + DeserializeOwned + Debug,
-{
-    if let Some(c) = caches {
-        if let Some(obj) = store(c).get(&ObjectRef::new(name).within(ns)) {
-            return Ok(Some((*obj).clone()));
-        }
-        if let Some(names) = c.names.as_ref() {
-            let listed = names.ready.load(std::sync::atomic::Ordering::Acquire);
-            let r = ObjectRef::<PartialObjectMeta<K>>::new(name).within(ns);
-            if listed && K::store(names).get(&r).is_none() {
-                return Ok(None);
-            }
-        }
-    }
-    get(api, name).await
 }
 
 /// A keyed digest of a Secret's data (keys and values), for the pods'
@@ -382,13 +372,6 @@ pub fn secret_data_hash(secret: &Secret) -> String {
         h.update(&[0]);
     }
     render::hex(&h.sign().as_ref()[..16])
-}
-
-fn owned_by(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, uid: &str) -> bool {
-    meta.owner_references
-        .iter()
-        .flatten()
-        .any(|o| o.uid == uid && o.controller == Some(true))
 }
 
 /// Publishes an Event off the reconcile path: the reconciliation does not
@@ -499,7 +482,7 @@ async fn report_invalid(invalid: &InvalidObject, ctx: &Context) {
     .await;
 }
 
-/// Reconciles one valid ModelForwarder.
+/// Reconciles one valid ModelForwarder, stage by stage.
 pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action, Error> {
     // Owner references cascade the deletion; nothing to clean up by hand
     // but the retry state.
@@ -508,327 +491,51 @@ pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action,
             .clear(&(mf.namespace().unwrap_or_default(), mf.name_any()));
         return Ok(Action::await_change());
     }
-    let name = mf.name_any();
-    let ns = mf
-        .namespace()
-        .ok_or(Error::MissingField("metadata.namespace"))?;
-    let owner = mf
-        .controller_owner_ref(&())
-        .ok_or(Error::MissingField("metadata.uid"))?;
-    let uid = owner.uid.clone();
-    let regarding = mf.object_ref(&());
-    let client = ctx.client.clone();
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
-    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-
-    let mut blocking: Vec<Problem> = Vec::new();
-    let mut warnings: Vec<Problem> = Vec::new();
-
-    let config = match render::config::render(&mf.spec) {
-        Ok(c) => Some(c),
-        Err(problems) => {
-            blocking.extend(problems);
-            None
-        }
+    let (ns, owner) = validate::identity(mf)?;
+    let t = Target {
+        name: mf.name_any(),
+        apis: Apis::new(&ctx.client, &ns),
+        ns,
+        owner,
+        regarding: mf.object_ref(&()),
     };
 
-    // Referenced Secrets: existence, key, and version (for the pod hash).
-    let mut by_secret: BTreeMap<String, Vec<SecretUse>> = BTreeMap::new();
-    for u in secret_uses(&mf.spec) {
-        by_secret.entry(u.name.clone()).or_default().push(u);
-    }
-    let mut secret_versions = BTreeMap::new();
-    // Read at once, not one after the other.
-    let read = futures::future::try_join_all(
-        by_secret
-            .keys()
-            .map(|secret_name| get(&secrets, secret_name)),
-    )
-    .await?;
-    for ((secret_name, uses), secret) in by_secret.iter().zip(read) {
-        let Some(secret) = secret else {
-            for u in uses {
-                blocking.push(Problem::new(
-                    "SecretNotFound",
-                    format!(
-                        "Secret {secret_name:?} ({}) not found in namespace {ns:?}",
-                        u.field
-                    ),
-                ));
-            }
-            continue;
-        };
-        for u in uses {
-            let Some(key) = &u.key else { continue };
-            let has = secret.data.as_ref().is_some_and(|d| d.contains_key(key))
-                || secret
-                    .string_data
-                    .as_ref()
-                    .is_some_and(|d| d.contains_key(key));
-            if !has {
-                blocking.push(Problem::new(
-                    "SecretKeyNotFound",
-                    format!("Secret {secret_name:?} has no key {key:?} ({})", u.field),
-                ));
-            }
-        }
-        secret_versions.insert(secret_name.clone(), secret_data_hash(&secret));
-    }
+    let observed = observe::observe(mf, ctx.caches.as_ref(), &t).await?;
+    let replicas = replicas_after(observed.current_replicas(), &mf.spec.replicas);
+    let Verdict {
+        config,
+        secret_versions,
+        mut blocking,
+        warnings,
+    } = validate(&mf.spec, &t.ns, &t.owner.uid, &observed, replicas);
 
-    warnings.extend(unsupported(&mf.spec));
-
-    let cm_name = config_map_name(&name);
-    let caches = ctx.caches.as_ref();
-    // Cache misses (a first reconcile) are read at once, not in turn.
-    let (existing_dep, existing_cm, existing_svc) = futures::try_join!(
-        cached(caches, |c| &c.deployments, &deployments, &ns, &name),
-        cached(caches, |c| &c.config_maps, &config_maps, &ns, &cm_name),
-        cached(caches, |c| &c.services, &services, &ns, &name),
-    )?;
-    // The replica count the Deployment will have after this pass: the PDB
-    // follows it (one replica needs no PDB; an autoscaled pool does).
-    let current_replicas = existing_dep
-        .as_ref()
-        .and_then(|d| d.spec.as_ref())
-        .and_then(|s| s.replicas);
-    let replicas = scale_target(current_replicas, &mf.spec.replicas)
-        .or(current_replicas)
-        .unwrap_or(mf.spec.replicas.min);
-    // Without a PDB to apply, only our own (labelled, cached) one matters:
-    // it is deleted. No GET for a name we do not need.
-    let existing_pdb = match (caches, replicas > 1) {
-        (Some(c), false) => c
-            .pdbs
-            .get(&ObjectRef::new(&name).within(&ns))
-            .map(|p| (*p).clone()),
-        _ => cached(caches, |c| &c.pdbs, &pdbs, &ns, &name).await?,
-    };
-    // Never take over an object someone else created under our name.
-    for (kind, meta) in [
-        ("Deployment", existing_dep.as_ref().map(|o| &o.metadata)),
-        ("ConfigMap", existing_cm.as_ref().map(|o| &o.metadata)),
-        ("Service", existing_svc.as_ref().map(|o| &o.metadata)),
-        (
-            "PodDisruptionBudget",
-            // Only a conflict when we need a PDB of that name.
-            existing_pdb
-                .as_ref()
-                .map(|o| &o.metadata)
-                .filter(|_| replicas > 1),
-        ),
-    ] {
-        if let Some(meta) = meta.filter(|m| !owned_by(m, &uid)) {
-            blocking.push(Problem::new(
-                "NameConflict",
-                format!(
-                    "{kind} {:?} exists and is not owned by this ModelForwarder",
-                    meta.name.as_deref().unwrap_or_default()
-                ),
-            ));
-        }
-    }
-
-    let mut deployment = existing_dep;
-    let mut apply_error: Option<Error> = None;
-    let mut done: Vec<String> = Vec::new();
-    let mut scaled: Option<(Option<i32>, i32)> = None;
-    if let (true, Some(config)) = (blocking.is_empty(), config) {
-        let applied: Result<(), Error> = async {
+    let mut applied = apply::Applied::default();
+    let mut apply_error = None;
+    match (blocking.is_empty(), config) {
+        (true, Some(config)) => {
             let inputs = Inputs {
-                name: &name,
-                namespace: &ns,
-                owner,
+                name: &t.name,
+                namespace: &t.ns,
+                owner: t.owner.clone(),
                 spec: &mf.spec,
                 default_image: &ctx.default_image,
                 secret_versions: &secret_versions,
                 replicas,
             };
-            let r = render::render(&inputs, &config)?;
-            // The children are independent: applied at once, not in turn.
-            let pdb = async {
-                if let Some(pdb) = r.pdb {
-                    let applied = ensure(&pdbs, existing_pdb.as_ref(), pdb, drift::pdb).await?;
-                    Ok(applied.map(|_| format!("applied PodDisruptionBudget {name}")))
-                } else if existing_pdb
-                    .as_ref()
-                    .is_some_and(|p| owned_by(&p.metadata, &uid))
-                {
-                    pdbs.delete(&name, &DeleteParams::default())
-                        .await
-                        .map_err(api_err(format!("deleting PodDisruptionBudget {name}")))?;
-                    Ok(Some(format!("deleted PodDisruptionBudget {name}")))
-                } else {
-                    Ok(None)
-                }
-            };
-            let (cm, svc, pdb, dep) = futures::try_join!(
-                ensure(
-                    &config_maps,
-                    existing_cm.as_ref(),
-                    r.config_map,
-                    drift::config_map,
-                ),
-                ensure(&services, existing_svc.as_ref(), r.service, drift::service),
-                pdb,
-                ensure(
-                    &deployments,
-                    deployment.as_ref(),
-                    r.deployment,
-                    drift::deployment,
-                ),
-            )?;
-            if cm.is_some() {
-                done.push(format!("applied ConfigMap {cm_name}"));
+            let plan = plan(build(&inputs, &config)?, &observed, &t.owner.uid)?;
+            applied.deployment = observed.deployment;
+            if let Err(e) = apply::apply(&t, plan, &mf.spec.replicas, &mut applied).await {
+                let (problem, retry) = apply::refusal(e);
+                blocking.push(problem);
+                apply_error = retry;
             }
-            if svc.is_some() {
-                done.push(format!("applied Service {name}"));
-            }
-            done.extend(pdb);
-            if let Some(applied) = dep {
-                done.push(format!("applied Deployment {name}"));
-                deployment = Some(applied);
-            }
-
-            // Replicas live under their own field manager, never in the apply
-            // above, so applying and scaling do not fight.
-            let current = deployment
-                .as_ref()
-                .and_then(|d| d.spec.as_ref())
-                .and_then(|s| s.replicas);
-            if let Some(target) = scale_target(current, &mf.spec.replicas) {
-                let body = serde_json::json!({
-                    "apiVersion": "apps/v1",
-                    "kind": "Deployment",
-                    "metadata": {"name": name},
-                    "spec": {"replicas": target},
-                });
-                let patched = deployments
-                    .patch(
-                        &name,
-                        &PatchParams::apply(SCALER_FIELD_MANAGER).force(),
-                        &Patch::Apply(&body),
-                    )
-                    .await
-                    .map_err(api_err(format!("scaling Deployment {name}")))?;
-                deployment = Some(patched);
-                scaled = Some((current, target));
-            }
-            Ok(())
         }
-        .await;
-        match applied {
-            Ok(()) => {}
-            // The API server refused an object the schema let through (say an
-            // invalid pod label): retrying cannot help, so report and wait.
-            Err(Error::Api {
-                action,
-                source: kube::Error::Api(status),
-            }) if matches!(status.code, 400 | 422) => {
-                blocking.push(Problem::new(
-                    "ApplyRejected",
-                    format!("{action}: {}", status.message),
-                ));
-            }
-            // A refusal that will not heal by itself (a quota, a full
-            // Service IP range, an admission webhook): say so in a Degraded
-            // condition, and retry with backoff.
-            Err(e @ Error::Api { .. }) => {
-                blocking.push(Problem::new("ApplyFailed", e.to_string()));
-                apply_error = Some(e);
-            }
-            Err(e) => return Err(e),
-        }
+        _ => applied.deployment = observed.deployment,
     }
 
-    if !done.is_empty() {
-        publish(
-            ctx,
-            &regarding,
-            EventType::Normal,
-            "Applied",
-            done.join(", "),
-        )
-        .await;
-    }
-    if let Some((from, to)) = scaled {
-        let from = from.map_or_else(|| "unset".to_string(), |n| n.to_string());
-        let r = &mf.spec.replicas;
-        publish(
-            ctx,
-            &regarding,
-            EventType::Normal,
-            "Scaled",
-            format!(
-                "Deployment replicas {from} → {to} (min {}, max {})",
-                r.min, r.max
-            ),
-        )
-        .await;
-    }
+    report::report(ctx, mf, &t, &applied, &blocking, &warnings).await?;
 
-    let previous = mf.status.as_ref();
-    let new_status = status::compute(
-        &Observed {
-            generation: mf.metadata.generation,
-            deployment: deployment.as_ref(),
-            min_replicas: mf.spec.replicas.min,
-            blocking: &blocking,
-            warnings: &warnings,
-            selector: labels::selector_string(&name),
-            now: Time(jiff::Timestamp::now()),
-        },
-        previous,
-    );
-
-    // Events for new problems and for recovery, not for every pass.
-    let old = status::find(previous, status::DEGRADED);
-    let new = status::find(Some(&new_status), status::DEGRADED);
-    if let Some(new) = new {
-        let changed = old.is_none_or(|o| {
-            o.status != new.status || o.reason != new.reason || o.message != new.message
-        });
-        if changed && new.status == "True" {
-            publish(
-                ctx,
-                &regarding,
-                EventType::Warning,
-                &new.reason,
-                new.message.clone(),
-            )
-            .await;
-        } else if new.status == "False" && old.is_some_and(|o| o.status == "True") {
-            publish(
-                ctx,
-                &regarding,
-                EventType::Normal,
-                "Recovered",
-                "no longer degraded".into(),
-            )
-            .await;
-        }
-    }
-
-    if previous.map(status::owned_part) != Some(new_status.clone()) {
-        let api: Api<ModelForwarder> = Api::namespaced(client, &ns);
-        let body = serde_json::json!({
-            "apiVersion": ModelForwarder::api_version(&()),
-            "kind": ModelForwarder::kind(&()),
-            "metadata": {"name": name},
-            "status": new_status,
-        });
-        api.patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&body),
-        )
-        .await
-        .map_err(api_err(format!("writing the status of {name}")))?;
-    }
-
-    let key = (ns.clone(), name.clone());
+    let key = (t.ns, t.name);
     if let Some(e) = apply_error {
         // Retried by the error policy, with backoff.
         return Err(e);
@@ -851,6 +558,8 @@ pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action,
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     fn replicas(min: i32, max: i32, desired: Option<i32>) -> Replicas {

@@ -1147,3 +1147,238 @@ async fn scale_figures() {
         );
     }
 }
+
+/// `spec.budgets` and `spec.models` (aliases) on the real API server: the
+/// schema takes them, the ConfigMap carries them as the forwarder reads
+/// them, and a resource the forwarder could not serve is refused with a
+/// condition naming the field (no children applied).
+#[tokio::test]
+#[cfg_attr(
+    not(envtest),
+    ignore = "set KUBEBUILDER_ASSETS: needs a real kube-apiserver"
+)]
+async fn budgets_and_aliases_reach_the_config_map_and_mistakes_are_refused() {
+    let (admin, ns) = setup("aliases").await;
+    let ctx = context(admin.clone());
+    let mut s = spec(1, 2);
+    s["upstreams"] = json!([
+        {"name": "local", "provider": "mock", "models": ["mock", "mock-large"]}
+    ]);
+    s["rateLimits"] = json!({"requestsPerSecond": 5, "tiers": {"gold": {"requestsPerSecond": 50}}});
+    s["models"] = json!({
+        "fast": {"targets": [{"model": "mock", "weight": 3}, {"model": "mock-large", "weight": 0}]},
+        "raw": {"targets": [{"model": "mock"}], "rewriteModel": false}
+    });
+    s["budgets"] = json!({
+        "default": {"dailyTokens": 200000},
+        "tiers": {"gold": {"monthlySpend": 300.5}},
+        "clients": {"key:analytics": {"monthlyTokens": 20000000, "dailySpend": 25}},
+        "prices": {"fast": {"input": 0.4, "output": 1.2}},
+        "onStoreError": "FailClosed"
+    });
+    create(&admin, &ns, "bot", s.clone()).await;
+    reconcile_stored(&ctx, &admin, &ns, "bot")
+        .await
+        .expect("reconcile");
+    let cm = Api::<ConfigMap>::namespaced(admin.clone(), &ns)
+        .get(&operator::render::config_map_name("bot"))
+        .await
+        .expect("ConfigMap");
+    let text = &cm.data.expect("data")["config.yaml"];
+    let config = forwarder_config::load_from_str(text).expect("the forwarder reads it");
+    let fast = &config.models["fast"];
+    assert_eq!(
+        fast.targets
+            .iter()
+            .map(|t| (t.model.as_str(), t.weight))
+            .collect::<Vec<_>>(),
+        vec![("mock", 3), ("mock-large", 0)],
+        "weights and fallback order"
+    );
+    assert!(fast.rewrite_model);
+    assert!(!config.models["raw"].rewrite_model);
+    let b = config.budgets.as_ref().expect("budgets rendered");
+    assert_eq!(
+        b.default.as_ref().and_then(|d| d.daily_tokens),
+        Some(200000)
+    );
+    assert_eq!(b.tiers["gold"].monthly_spend, Some(300.5));
+    let analytics = &b.clients["key:analytics"];
+    assert_eq!(
+        (analytics.monthly_tokens, analytics.daily_spend),
+        (Some(20000000), Some(25.0))
+    );
+    assert_eq!(
+        (b.prices["fast"].input, b.prices["fast"].output),
+        (0.4, 1.2)
+    );
+    assert_eq!(
+        b.on_store_error,
+        forwarder_config::FailurePolicy::FailClosed
+    );
+    let mf = fetch(&admin, &ns, "bot").await;
+    assert_eq!(
+        condition(&mf, "Degraded").map(|c| c.0),
+        Some("False".into())
+    );
+
+    // A target no upstream serves, and a budget for a tier rateLimits does
+    // not define: the schema cannot tell, the operator refuses.
+    let mut bad = s.clone();
+    bad["models"]["fast"]["targets"][1]["model"] = json!("gpt-5");
+    create(&admin, &ns, "bad-alias", bad).await;
+    let mut bad = s.clone();
+    bad["budgets"]["tiers"] = json!({"silver": {"dailyTokens": 10}});
+    create(&admin, &ns, "bad-budget", bad).await;
+    for (name, reason, field) in [
+        (
+            "bad-alias",
+            "InvalidModelAlias",
+            "spec.models.fast.targets[1].model: \"gpt-5\" is served by no upstream",
+        ),
+        (
+            "bad-budget",
+            "InvalidBudget",
+            "spec.budgets.tiers.silver: names a tier not in spec.rateLimits.tiers",
+        ),
+    ] {
+        reconcile_stored(&ctx, &admin, &ns, name)
+            .await
+            .expect("a refused spec is a condition, not an error");
+        let mf = fetch(&admin, &ns, name).await;
+        let (status, got, message) = condition(&mf, "Degraded").expect("Degraded");
+        assert_eq!((status.as_str(), got.as_str()), ("True", reason), "{name}");
+        assert!(message.contains(field), "{name}: {message}");
+        assert_eq!(
+            condition(&mf, "Progressing").map(|c| c.1),
+            Some("Blocked".into())
+        );
+        let cm = Api::<ConfigMap>::namespaced(admin.clone(), &ns)
+            .get_opt(&operator::render::config_map_name(name))
+            .await
+            .expect("read");
+        assert!(cm.is_none(), "{name}: nothing applied");
+    }
+
+    // What the schema can say, it refuses when the resource is written.
+    let api: Api<ModelForwarder> = Api::namespaced(admin.clone(), &ns);
+    for (name, patch, want) in [
+        (
+            "zero",
+            json!({"budgets": {"default": {"dailyTokens": 0}}}),
+            "spec.budgets.default.dailyTokens",
+        ),
+        (
+            "negative",
+            json!({"budgets": {"clients": {"bob": {"dailySpend": -1}}}}),
+            "spec.budgets.clients.bob.dailySpend",
+        ),
+        (
+            "empty",
+            json!({"budgets": {"default": {}}}),
+            "a budget must set at least one of",
+        ),
+        (
+            "noweight",
+            json!({"models": {"fast": {"targets": [{"model": "mock", "weight": 0}]}}}),
+            "at least one target needs a weight above 0",
+        ),
+    ] {
+        let mut s = spec(1, 2);
+        if let (Value::Object(s), Value::Object(p)) = (&mut s, patch) {
+            s.extend(p);
+        }
+        let mf: ModelForwarder = serde_json::from_value(json!({
+            "apiVersion": "llm.forwarder.dev/v1alpha1", "kind": "ModelForwarder",
+            "metadata": {"name": name, "namespace": ns}, "spec": s,
+        }))
+        .expect("typed");
+        match api.create(&PostParams::default(), &mf).await {
+            Err(kube::Error::Api(s)) => {
+                assert_eq!(s.code, 422, "{name}: {s:?}");
+                assert!(s.message.contains(want), "{name}: {:?}", s.message);
+            }
+            other => panic!("{name}: expected a refusal, got {other:?}"),
+        }
+    }
+}
+
+/// The Deployment's `spec.replicas` has two writers under two field
+/// managers: the reconciler's bounds (`SCALER_FIELD_MANAGER`) and the
+/// autoscaler (`AUTOSCALER_FIELD_MANAGER`). Both apply with force, so
+/// neither meets a conflict; `managedFields` names whichever set the
+/// current count, and neither is a foreign manager to the autoscaler.
+#[tokio::test]
+#[cfg_attr(
+    not(envtest),
+    ignore = "set KUBEBUILDER_ASSETS: needs a real kube-apiserver"
+)]
+async fn the_bounds_and_the_autoscaler_own_replicas_under_their_own_managers() {
+    use operator::autoscale::workload::{
+        foreign_replica_managers, DeploymentTarget, AUTOSCALER_FIELD_MANAGER,
+    };
+    use operator::autoscale::ScaleTarget;
+    let (admin, ns) = setup("managers").await;
+    let ctx = context(admin.clone());
+    create(&admin, &ns, "bot", spec(2, 5)).await;
+    reconcile_stored(&ctx, &admin, &ns, "bot")
+        .await
+        .expect("reconcile");
+    let deps: Api<Deployment> = Api::namespaced(admin.clone(), &ns);
+    let target = DeploymentTarget {
+        deployments: deps.clone(),
+        pods: Api::namespaced(admin.clone(), &ns),
+        name: "bot".into(),
+    };
+    let read = || async {
+        let d = deps.get("bot").await.expect("Deployment");
+        let count = d.spec.as_ref().and_then(|s| s.replicas);
+        assert!(foreign_replica_managers(&d).is_empty(), "ours only");
+        (count, managers_of_replicas(&d))
+    };
+    assert_eq!(read().await, (Some(2), vec![SCALER_FIELD_MANAGER.into()]));
+
+    // The autoscaler scales within bounds: its manager takes the field.
+    target.scale(4).await.expect("autoscaler scales");
+    assert_eq!(
+        read().await,
+        (Some(4), vec![AUTOSCALER_FIELD_MANAGER.into()])
+    );
+    // A reconcile leaves a count within bounds alone.
+    reconcile_stored(&ctx, &admin, &ns, "bot")
+        .await
+        .expect("reconcile");
+    assert_eq!(
+        read().await,
+        (Some(4), vec![AUTOSCALER_FIELD_MANAGER.into()])
+    );
+
+    // max lowered below the count: the bounds take it back, no conflict.
+    Api::<ModelForwarder>::namespaced(admin.clone(), &ns)
+        .patch(
+            "bot",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": {"max": 3}}})),
+        )
+        .await
+        .expect("lower max");
+    reconcile_stored(&ctx, &admin, &ns, "bot")
+        .await
+        .expect("reconcile");
+    assert_eq!(read().await, (Some(3), vec![SCALER_FIELD_MANAGER.into()]));
+
+    // The same count from both: they share the field, still no conflict.
+    target.scale(3).await.expect("autoscaler scales");
+    let (count, mut managers) = read().await;
+    managers.sort();
+    assert_eq!(
+        (count, managers),
+        (
+            Some(3),
+            vec![
+                AUTOSCALER_FIELD_MANAGER.to_string(),
+                SCALER_FIELD_MANAGER.to_string()
+            ]
+        )
+    );
+}

@@ -174,7 +174,7 @@ async fn scales_the_deployment_records_status_and_explains_it() {
     let mut steps = Vec::new();
     steps.push(apply(
         format!("/apis/apps/v1/namespaces/{NS}/deployments/{NAME}"),
-        "fieldManager=modelforwarder-operator-scaler",
+        "fieldManager=modelforwarder-operator-autoscaler",
         json!({}),
     ));
     steps.push(apply(

@@ -224,3 +224,20 @@ fn a_queue_delay_slo_needs_the_kafka_queue() {
         "{e}"
     );
 }
+
+#[test]
+fn budgets_need_a_limit_and_aliases_a_weighted_target() {
+    check(json!({
+        "budgets": {"default": {"dailyTokens": 1000}, "clients": {"key:a": {"monthlySpend": 5.5}}},
+        "models": {"fast": {"targets": [{"model": "mock", "weight": 0}, {"model": "mock"}]}}
+    }))
+    .expect("valid budgets and aliases");
+    let e = check(json!({"budgets": {"clients": {"key:a": {}}}})).unwrap_err();
+    assert!(e.contains("a budget must set at least one of"), "{e}");
+    let e = check(json!({"models": {"fast": {"targets": [{"model": "mock", "weight": 0}]}}}))
+        .unwrap_err();
+    assert!(
+        e.contains("at least one target needs a weight above 0"),
+        "{e}"
+    );
+}

@@ -41,4 +41,10 @@ fn full_renders_a_working_config_and_references_its_secrets() {
     assert_eq!(spec.replicas.min, 2);
     assert_eq!(spec.protocols.len(), 3);
     assert!(config.websocket.enabled && config.grpc.enabled);
+    assert_eq!(config.models["fast"].targets.len(), 2);
+    let budgets = config.budgets.as_ref().expect("budgets");
+    assert_eq!(
+        budgets.clients["batch-jobs"].monthly_tokens,
+        Some(20_000_000)
+    );
 }

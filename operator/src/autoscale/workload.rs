@@ -77,18 +77,20 @@ pub fn last_scale_up_ago(
     Duration::try_from(now.duration_since(at)).ok()
 }
 
-/// Field managers, other than the autoscaler's, that own the Deployment's
-/// `spec.replicas` (from `managedFields`): an HPA (`kube-controller-manager`
-/// on the scale subresource) or `kubectl scale deployment`. The
-/// autoscaler's forced apply takes the field back, so a manager listed
-/// here wrote it since the autoscaler's last scale.
+/// Field managers, other than the operator's two (the reconciler's bounds,
+/// the autoscaler's count), that own the Deployment's `spec.replicas`
+/// (from `managedFields`): an HPA (`kube-controller-manager` on the scale
+/// subresource) or `kubectl scale deployment`. The autoscaler's forced
+/// apply takes the field back, so a manager listed here wrote it since the
+/// autoscaler's last scale.
 pub fn foreign_replica_managers(d: &Deployment) -> Vec<String> {
+    let ours = [SCALER_FIELD_MANAGER, AUTOSCALER_FIELD_MANAGER];
     let mut out: Vec<String> = d
         .metadata
         .managed_fields
         .iter()
         .flatten()
-        .filter(|m| m.manager.as_deref() != Some(SCALER_FIELD_MANAGER))
+        .filter(|m| !m.manager.as_deref().is_some_and(|n| ours.contains(&n)))
         .filter(|m| {
             m.fields_v1
                 .as_ref()
@@ -144,9 +146,12 @@ impl ScaleTarget for DeploymentTarget {
     }
 }
 
-/// Sets a Deployment's replicas. They are owned by this field manager
-/// alone; the reconciler's apply never contains them, so the two never
-/// fight.
+/// Sets a Deployment's replicas, under the autoscaler's field manager: the
+/// reconciler's apply of the Deployment never contains them, and the
+/// reconciler's bounds (`SCALER_FIELD_MANAGER`) write them only when a
+/// count leaves `[min, max]`. Both applies are forced, so neither ever
+/// gets a conflict: the last writer owns the field (both, when they set
+/// the same count), and `managedFields` says which set the current count.
 async fn scale(api: &Api<Deployment>, name: &str, replicas: u32) -> Result<(), ScaleError> {
     let body = json!({
         "apiVersion": "apps/v1",
@@ -156,7 +161,7 @@ async fn scale(api: &Api<Deployment>, name: &str, replicas: u32) -> Result<(), S
     });
     api.patch(
         name,
-        &PatchParams::apply(SCALER_FIELD_MANAGER).force(),
+        &PatchParams::apply(AUTOSCALER_FIELD_MANAGER).force(),
         &Patch::Apply(&body),
     )
     .await
@@ -510,8 +515,13 @@ mod tests {
              "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:template": {}}}},
             {"manager": SCALER_FIELD_MANAGER, "operation": "Apply",
              "fieldsType": "FieldsV1", "fieldsV1": replicas},
+            {"manager": AUTOSCALER_FIELD_MANAGER, "operation": "Apply",
+             "fieldsType": "FieldsV1", "fieldsV1": replicas},
         ]));
-        assert!(foreign_replica_managers(&d).is_empty());
+        assert!(
+            foreign_replica_managers(&d).is_empty(),
+            "the bounds and the autoscaler are both the operator"
+        );
         let d = deployment(json!([
             {"manager": SCALER_FIELD_MANAGER, "operation": "Apply",
              "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {}}},

@@ -168,6 +168,13 @@ pub fn render(spec: &ModelForwarderSpec) -> Result<Config, Vec<Problem>> {
             problems.push(p);
         }
     }
+    // Checked against the spec first, so a mistake names the spec's field
+    // (and the forwarder's validation below does not repeat it).
+    // Budgets are left out while the aliases they may price are refused.
+    match (super::aliases::render(spec), super::budgets::render(spec)) {
+        (Ok(models), Ok(budgets)) => (config.models, config.budgets) = (models, budgets),
+        (a, b) => problems.extend([a.err(), b.err()].into_iter().flatten().flatten()),
+    }
 
     // Models are declared per upstream (at least one each), so this only
     // guards against a future spec shape that could leave one unserved.

@@ -4,6 +4,8 @@
 //! (the resource, the referenced Secrets' resource versions) and applies
 //! what these functions return.
 
+pub mod aliases;
+pub mod budgets;
 pub mod config;
 pub mod deployment;
 pub mod labels;
