@@ -136,10 +136,46 @@ impl Budgets {
         let now = now();
         let slots = slots(who, now);
         let counters = self.counters(&slots, &limits, model, usage::estimate(body), now);
+        self.check_counters(who, &slots, &counters, now).await
+    }
+
+    /// Refuses work whose size is not known yet (a batch, before its lines
+    /// are read) when a limit has no room left at all: one more token, or
+    /// one more micro-dollar. Charges nothing: each line is charged as it
+    /// runs, and a line that meets a spent budget fails on its own.
+    pub async fn check_room(&self, who: &Identity, tier: Option<&str>) -> Result<(), ApiError> {
+        let Some(limits) = self.limits(who, tier) else {
+            return Ok(());
+        };
+        let now = now();
+        let slots = slots(who, now);
+        let counters: Vec<Counter> = slots
+            .iter()
+            .map(|(p, unit, key)| Counter {
+                key: key.clone(),
+                op: CounterOp {
+                    delta: 1,
+                    limit: limits.get(p.span, *unit),
+                    ttl: p.ttl(now),
+                },
+            })
+            .collect();
+        self.check_counters(who, &slots, &counters, now).await
+    }
+
+    /// Reads `counters` (changing nothing) and refuses when one would pass
+    /// its limit.
+    async fn check_counters(
+        &self,
+        who: &Identity,
+        slots: &[(Period, Unit, StoreKey)],
+        counters: &[Counter],
+        now: i64,
+    ) -> Result<(), ApiError> {
         let reads: Vec<Counter> = counters.iter().map(|c| reading(&c.key, c.op.ttl)).collect();
         match self.inner.store.add(&reads, false).await {
-            Ok((_, values)) if fits(&counters, &values) => Ok(()),
-            Ok((_, values)) => Err(self.refusal(who, &slots, &counters, &values, now)),
+            Ok((_, values)) if fits(counters, &values) => Ok(()),
+            Ok((_, values)) => Err(self.refusal(who, slots, counters, &values, now)),
             Err(e) => self.store_failed(&e),
         }
     }

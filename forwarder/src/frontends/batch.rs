@@ -212,6 +212,10 @@ async fn create_batch(
             return ApiError::BadRequest(format!("invalid batch request: {e}")).into_response()
         }
     };
+    // A spent budget is refused now, not line by line into the error file.
+    if let Err(e) = s.pipeline.check_budget_room(&principal).await {
+        return e.into_response();
+    }
     match s
         .batches
         .create(

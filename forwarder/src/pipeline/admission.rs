@@ -256,6 +256,15 @@ impl Pipeline {
         }
     }
 
+    /// Refuses work of unknown size (a batch at creation) for `who` when
+    /// a budget of theirs is already spent. Charges nothing.
+    pub async fn check_budget_room(&self, who: &Principal) -> Result<(), ApiError> {
+        match &self.budgets {
+            Some(b) => b.check_room(&who.identity, who.tier.as_deref()).await,
+            None => Ok(()),
+        }
+    }
+
     /// Admits a request for a principal authenticated and rate-limited
     /// earlier (an async job or a batch line, run by a worker after it was
     /// accepted), held to the grants its credential had then: its models

@@ -494,6 +494,79 @@ async fn batch_lines_spend_their_creators_budget() {
     daily_tokens_settle(&f.base, BOB, used_tokens(&r)).await;
 }
 
+/// A batch is refused at creation, with the 429 a call gets and no batch
+/// made, once its creator's budget has no room left at all; before that
+/// it is created (its lines are then checked as they run).
+#[tokio::test]
+async fn a_batch_is_refused_at_creation_once_its_creators_budget_is_spent() {
+    // Answers of 40 words and more: far past a short request's estimate.
+    let m = mock(forwarder::config::MockSettings {
+        reply_words: 40,
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(vec![upstream("a", &m, "mock")]);
+    keyed(dir.path(), &mut cfg);
+    // Room for one short request's estimate (its body's bytes / 4, with no
+    // max_tokens), and far less than what the mock's answer uses.
+    const LIMIT: u64 = 16;
+    cfg.budgets = Some(budgets(&[("carol", tokens_per_day(LIMIT))]));
+    let f = start(cfg).await;
+    let lines = [crate::batch::line("only", "hello")];
+    let upload = crate::batch::upload(&f, &crate::batch::jsonl(&lines), "batch", CAROL).await;
+    assert_eq!(upload.status, 200, "{}", upload.text);
+    let file = upload.body["id"].as_str().unwrap().to_string();
+    let r = crate::batch::create(&f, &file, CAROL).await;
+    assert_eq!(r.status, 200, "with room left: {}", r.text);
+    let batches_before = f.get("/v1/batches", &[CAROL]).await.body["data"]
+        .as_array()
+        .map(Vec::len);
+
+    // The batch's line, and requests like it, are estimated from their
+    // prompt only, so the answers' real usage carries the count past the
+    // limit.
+    let body = chat("mock", "x");
+    let mut report = Value::Null;
+    for _ in 0..50 {
+        report = budget_of(&f.base, CAROL).await;
+        if report["daily"]["tokens"]["used"].as_u64().unwrap() >= LIMIT {
+            break;
+        }
+        let r = f.post("/v1/chat/completions", &body, &[CAROL]).await;
+        assert!(matches!(r.status, 200 | 429), "{}", r.text);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        report["daily"]["tokens"]["used"].as_u64().unwrap() >= LIMIT,
+        "the budget never ran out: {report}"
+    );
+
+    let r = crate::batch::create(&f, &file, CAROL).await;
+    assert_eq!(
+        (r.status, r.error_code()),
+        (429, "budget_exceeded"),
+        "{}",
+        r.text
+    );
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("daily token budget"));
+    assert_eq!(
+        f.get("/v1/batches", &[CAROL]).await.body["data"]
+            .as_array()
+            .map(Vec::len),
+        batches_before,
+        "a refused batch is not made"
+    );
+    // Bob has no budget: his batches are not checked.
+    let upload = crate::batch::upload(&f, &crate::batch::jsonl(&lines), "batch", BOB).await;
+    let bob_file = upload.body["id"].as_str().unwrap().to_string();
+    let r = crate::batch::create(&f, &bob_file, BOB).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+}
+
 /// The official openai and anthropic SDKs against a budgeted client
 /// (`forwarder/tests/budget_sdks.py`).
 #[tokio::test]
