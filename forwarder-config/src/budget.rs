@@ -30,8 +30,9 @@ pub struct BudgetsConfig {
     /// answers 503 `store_unavailable`.
     #[serde(default = "fail_open")]
     pub on_store_error: FailurePolicy,
-    /// Distinct clients with series of their own in the budget metrics;
-    /// the rest are counted under `client="other"`.
+    /// Clients with series of their own in the budget metrics: those
+    /// charged the most tokens lately; the rest are counted under
+    /// `client="other"`.
     #[serde(default = "default_metric_clients")]
     pub metric_clients: usize,
 }

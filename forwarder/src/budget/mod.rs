@@ -15,6 +15,7 @@ mod report;
 mod reservation;
 mod stage;
 mod stream;
+mod top_clients;
 pub mod usage;
 
 use std::sync::Arc;
@@ -225,12 +226,8 @@ impl Budgets {
         let Some((p, unit, used, limit)) = over else {
             return ApiError::BadGateway("budget store answered inconsistently".into());
         };
-        let name = format!("{} {}", p.span.label(), unit.noun());
-        inner
-            .metrics
-            .refusals
-            .with_label_values(&[&inner.metrics.label(who), &name])
-            .inc();
+        let name = metrics::budget_name(p.span, unit);
+        inner.metrics.refused(who, &name);
         ApiError::BudgetExceeded {
             budget: name,
             used: unit.show(used),

@@ -45,10 +45,7 @@ impl Reservation {
         self.settled = true;
         let used = used.unwrap_or(self.charged);
         let (tokens, dollars) = self.inner.counted(&self.model, used);
-        let m = &self.inner.metrics;
-        let label = m.label(&self.who);
-        m.tokens.with_label_values(&[&label]).inc_by(tokens);
-        m.spend.with_label_values(&[&label]).inc_by(dollars);
+        self.inner.metrics.charged(&self.who, tokens, dollars);
         self.correct(used);
     }
 

@@ -39,8 +39,9 @@ pub struct BudgetsSpec {
     /// `FailClosed` answers 503.
     #[serde(default)]
     pub on_store_error: FailurePolicy,
-    /// Distinct clients with series of their own in the budget metrics;
-    /// later ones are counted under `client="other"`.
+    /// Clients with series of their own in the budget metrics: those each
+    /// replica charged the most tokens lately; the rest are counted under
+    /// `client="other"`.
     #[serde(default = "default_metric_clients")]
     #[schemars(range(min = 0, max = 10000))]
     pub metric_clients: u32,
