@@ -105,6 +105,7 @@ impl Jobs {
         let records = Arc::new(records::Records::new(
             pipeline.store().clone(),
             cfg.job_ttl.saturating_mul(2),
+            pipeline.config().idempotency.lease,
         ));
         Ok(Arc::new(Self {
             records,
@@ -279,6 +280,7 @@ impl Jobs {
             callback,
             batch,
             charged,
+            run_lease_expired: false,
         };
         // Stored before it is enqueued: a worker on another replica may
         // finish it before `push` returns, and its finished record must not
@@ -320,8 +322,13 @@ impl Jobs {
     /// key not loaded here): the job may exist, so it is not a 404.
     pub async fn lookup(&self, owner: &Identity, id: &str) -> Result<Option<Job>, ApiError> {
         match self.records.load(id).await {
-            Ok(Some(job)) if &job.owner == owner => {
+            Ok(Some(mut job)) if &job.owner == owner => {
                 self.table.put(&job);
+                if job.state == JobState::Running {
+                    // A worker renews the run's lease while it runs: one
+                    // that lapsed means the worker died mid-run.
+                    job.run_lease_expired = matches!(self.records.run_is_live(id).await, Ok(false));
+                }
                 Ok(Some(job))
             }
             Ok(Some(_)) => Ok(None),

@@ -149,6 +149,9 @@ pub struct Job {
     /// The W3C `traceparent` of the submission's span (traces on): the
     /// run's span links to it.
     pub submission_trace: Option<String>,
+    /// Read `running`, but no worker holds its run lease: the one that
+    /// started it died. Set by a read, never stored.
+    pub run_lease_expired: bool,
 }
 
 /// A job's share of its client's credential: the models it may use and
@@ -295,6 +298,7 @@ impl Job {
                 last_error: c.last_error.as_deref(),
             }),
             batch: self.batch.as_ref(),
+            run_lease_expired: state == JobState::Running && self.run_lease_expired,
         }
     }
 }
@@ -331,6 +335,10 @@ pub struct JobView<'a> {
     /// The Batch API batch and line this job runs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch: Option<&'a BatchTag>,
+    /// `running`, and its worker died: it runs again when the queue
+    /// redelivers it (Kafka), or never (the embedded queue).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub run_lease_expired: bool,
 }
 
 #[derive(Serialize)]
@@ -353,6 +361,7 @@ pub struct CallbackView<'a> {
 #[cfg(test)]
 pub(crate) fn test_job(id: &str, owner: &str, expires_at_ms: u64) -> Job {
     Job {
+        run_lease_expired: false,
         submission_trace: None,
         id: id.into(),
         owner: Identity(owner.into()),

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::model::{Callback, DeliveryState, Job, JobResponse, JobState};
 use super::wire;
-use crate::store::{Claimed, Space, Store, StoreError, StoreKey};
+use crate::store::{Claimed, HeldClaim, Space, Store, StoreError, StoreKey};
 
 /// A queued job leaves `queued` once, by one of two moves that may race
 /// on different replicas: a worker starting it, or its client cancelling
@@ -47,9 +47,15 @@ fn turn_key(id: &str) -> StoreKey {
     StoreKey::new(Space::Job, "turn", id.as_bytes())
 }
 
+fn run_key(id: &str) -> StoreKey {
+    StoreKey::new(Space::Job, "run", id.as_bytes())
+}
+
 pub struct Records {
     store: Arc<dyn Store>,
     ttl: Duration,
+    /// How long a run's lease holds without renewal (`idempotency.lease`).
+    run_lease: Duration,
 }
 
 /// What the queue message does not carry: the job's progress.
@@ -117,8 +123,37 @@ pub fn decode(bytes: &[u8]) -> Option<Job> {
 }
 
 impl Records {
-    pub fn new(store: Arc<dyn Store>, ttl: Duration) -> Self {
-        Self { store, ttl }
+    pub fn new(store: Arc<dyn Store>, ttl: Duration, run_lease: Duration) -> Self {
+        Self {
+            store,
+            ttl,
+            run_lease,
+        }
+    }
+
+    /// Takes the job's run lease, renewed in the background until the
+    /// returned claim is dropped, so any replica can tell a run in
+    /// progress from one whose worker died ([`Self::run_is_live`]).
+    /// `None` when another run holds it (a redelivery while the first
+    /// runs: that one shows the job is live) or the store failed.
+    pub async fn hold_run(&self, id: &str) -> Option<HeldClaim> {
+        match self
+            .store
+            .claim(&run_key(id), [0; 32], self.run_lease)
+            .await
+        {
+            Ok(Claimed::Won(guard)) => Some(HeldClaim::hold(guard, self.run_lease, "job run")),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not take a job's run lease");
+                None
+            }
+        }
+    }
+
+    /// Whether a worker is running the job now (its run lease is held).
+    pub async fn run_is_live(&self, id: &str) -> Result<bool, StoreError> {
+        self.store.claimed(&run_key(id)).await
     }
 
     /// Stores the job's record (the truth every replica reads).
@@ -191,7 +226,11 @@ mod tests {
 
     #[tokio::test]
     async fn the_first_move_out_of_queued_wins_the_turn() {
-        let r = Records::new(crate::store::memory(1 << 20), Duration::from_secs(60));
+        let r = Records::new(
+            crate::store::memory(1 << 20),
+            Duration::from_secs(60),
+            Duration::from_secs(30),
+        );
         assert_eq!(r.take_turn("a", Move::Start).await, Turn::Taken);
         assert_eq!(
             r.take_turn("a", Move::Cancel).await,

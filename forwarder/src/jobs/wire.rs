@@ -119,6 +119,7 @@ pub fn decode(bytes: &[u8]) -> Result<Job, DecodeError> {
         headers.append(k, v);
     }
     Ok(Job {
+        run_lease_expired: false,
         id: w.id,
         owner: Identity(w.owner),
         submission_trace: w.trace,
@@ -164,6 +165,7 @@ mod tests {
         let mut headers = http::HeaderMap::new();
         headers.insert("openai-organization", "org".parse().unwrap());
         let job = Job {
+            run_lease_expired: false,
             submission_trace: Some(
                 "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
             ),

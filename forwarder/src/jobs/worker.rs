@@ -145,6 +145,10 @@ impl Jobs {
             .observe(picked.saturating_sub(job.created_ms()) as f64 / 1000.0);
         self.metrics.entered(JobState::Running);
         self.table.put(&job);
+        // Held from before the record says running until this delivery is
+        // done with (the result stored): a reader that finds the record
+        // running and the lease lapsed knows this worker died.
+        let _run = self.records.hold_run(&job.id).await;
         // Every replica answers GET from the record: it says running now.
         // Best effort: until the result is stored, it reads queued.
         if let Err(e) = self.records.save(&job).await {

@@ -127,6 +127,8 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<bool, StoreError>;
     /// Releases a claim still held by `token`.
     async fn abandon(&self, name: &str, token: Token) -> Result<(), StoreError>;
+    /// Whether an in-progress claim holds `name` now (changes nothing).
+    async fn claimed(&self, name: &str) -> Result<bool, StoreError>;
     /// GCRA, atomic: spends `cost` units of a limit refilled one unit per
     /// `interval_us`, holding at most `burst` units.
     async fn gcra(

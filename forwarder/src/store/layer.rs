@@ -166,6 +166,14 @@ impl Store for Layered {
             .map_err(|e| self.core.failed("delete", e))
     }
 
+    async fn claimed(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        self.core
+            .backend
+            .claimed(&self.core.name(key))
+            .await
+            .map_err(|e| self.core.failed("claimed", e))
+    }
+
     async fn index_add(
         &self,
         key: &StoreKey,

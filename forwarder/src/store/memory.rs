@@ -239,6 +239,13 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
+    async fn claimed(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .map(name)
+            .get(name)
+            .is_some_and(|e| matches!(e.slot, Slot::Claim { .. })))
+    }
+
     async fn claim(
         &self,
         name: &str,

@@ -56,6 +56,9 @@ pub trait Store: Send + Sync + 'static {
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<Claimed, StoreError>;
+    /// Whether an in-progress claim holds `key` now: a live holder keeps
+    /// renewing it, a dead one's lease runs out. Changes nothing.
+    async fn claimed(&self, key: &StoreKey) -> Result<bool, StoreError>;
     /// A set of members ordered by score under `key`, atomic across
     /// replicas (Redis: a sorted set). Members are stored as given, not
     /// sealed: ids only, never content. Adds or re-scores `member`, drops

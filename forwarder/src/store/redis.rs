@@ -304,6 +304,22 @@ impl Backend for RedisBackend {
         }
     }
 
+    async fn claimed(&self, name: &str) -> Result<bool, StoreError> {
+        let key = self.key(name);
+        // The value's tag byte only: `C` is a claim, `R` a record.
+        let tag: Vec<u8> = self
+            .call(|mut c| async move {
+                redis::cmd("GETRANGE")
+                    .arg(key)
+                    .arg(0)
+                    .arg(0)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(tag == b"C")
+    }
+
     async fn renew(&self, name: &str, token: Token, lease: Duration) -> Result<bool, StoreError> {
         let key = self.key(name);
         let mut inv = self.scripts.renew.key(key);

@@ -505,3 +505,102 @@ async fn a_batch_whose_driver_is_killed_is_taken_over_and_completed() {
         assert_eq!(c["answered"], 1, "job {job}: {c}");
     }
 }
+
+/// A job whose worker is killed mid-run (issue 20): while the worker lives
+/// its run lease is renewed and `GET` (on another replica) reads plain
+/// `running`; once it is killed, the lease runs out and `GET` says
+/// `running` with `run_lease_expired: true`; the restarted replica gets the
+/// message again from the broker and the job ends `succeeded`, with the
+/// mark gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(all(kafka, redis_server)),
+    ignore = "needs a Kafka-protocol broker (TANSU_BIN) and redis-server"
+)]
+async fn a_running_job_whose_worker_died_reads_so_and_runs_again() {
+    let broker = Broker::start().await;
+    let redis = crate::redis_server::RedisServer::start().await;
+    // Long enough to kill the worker mid-call.
+    let m = mock(MockSettings {
+        latency: LatencyDist::Fixed(Duration::from_secs(4)),
+        ..MockSettings::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = kafka_config(&m, &broker, "jobs-lease");
+    cfg.store = redis.store_config(None);
+    cfg.idempotency.lease = Duration::from_secs(1);
+    cfg.server.shutdown.drain_delay = Duration::ZERO;
+    cfg.async_jobs.kafka.group_instance_id = Some("lease-runner".into());
+    let mut runner = Replica::new("runner", dir.path(), &cfg);
+    // A replica that runs nothing of this topic: it reads the shared
+    // records only.
+    let mut reader_cfg = cfg.clone();
+    reader_cfg.async_jobs.queue = forwarder::config::QueueKind::Embedded;
+    let mut reader = Replica::new("reader", dir.path(), &reader_cfg);
+    runner.start().await;
+    reader.start().await;
+
+    let http = client();
+    let r = http
+        .post(format!("{}/v1/async/chat/completions", runner.base()))
+        .json(&chat("mock", "lease"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let read = || {
+        let (http, url) = (
+            http.clone(),
+            format!("{}/v1/async/jobs/{id}", reader.base()),
+        );
+        async move {
+            let r = http.get(url).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut job = read().await;
+    while job["status"] != "running" {
+        assert!(Instant::now() < deadline, "never ran: {job}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        job = read().await;
+    }
+    // Past one lease (1 s) into the 4 s call: renewed, so still live.
+    tokio::time::sleep(Duration::from_millis(1_800)).await;
+    let job = read().await;
+    assert_eq!(job["status"], "running", "{job}");
+    assert!(job.get("run_lease_expired").is_none(), "a live run: {job}");
+
+    runner.kill9();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut job = read().await;
+    while job.get("run_lease_expired").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the lapsed lease never showed: {job}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        job = read().await;
+    }
+    assert_eq!(job["status"], "running", "{job}");
+    assert_eq!(job["run_lease_expired"], true, "{job}");
+
+    runner.start().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut job = read().await;
+    while job["status"] != "succeeded" {
+        assert!(Instant::now() < deadline, "never ran again: {job}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        job = read().await;
+    }
+    assert!(job.get("run_lease_expired").is_none(), "{job}");
+    assert_eq!(job["response"]["status_code"], 200, "{job}");
+    runner.stop().await;
+    reader.stop().await;
+}
