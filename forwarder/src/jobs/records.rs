@@ -47,6 +47,10 @@ fn turn_key(id: &str) -> StoreKey {
     StoreKey::new(Space::Job, "turn", id.as_bytes())
 }
 
+fn result_key(id: &str) -> StoreKey {
+    StoreKey::new(Space::Job, "result", id.as_bytes())
+}
+
 fn run_key(id: &str) -> StoreKey {
     StoreKey::new(Space::Job, "run", id.as_bytes())
 }
@@ -151,6 +155,49 @@ impl Records {
         }
     }
 
+    /// The job's result, written once: the first run to finish stores
+    /// `mine` and gets it back; a later run (a redelivery that ran while
+    /// the first did, its claim lapsed) gets the first one's instead, so a
+    /// job never shows two answers. Atomic on the store (a claim completed
+    /// at once), not a read then a write.
+    pub async fn first_result(
+        &self,
+        id: &str,
+        mine: &JobResponse,
+    ) -> Result<JobResponse, StoreError> {
+        let key = result_key(id);
+        // Busy is the instant between a claim and its completion.
+        for _ in 0..50 {
+            match self
+                .store
+                .claim(&key, [0; 32], Duration::from_secs(5))
+                .await?
+            {
+                Claimed::Won(guard) => {
+                    let value = serde_json::to_vec(&(
+                        mine.status_code,
+                        String::from_utf8_lossy(&mine.body),
+                    ))
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    guard.complete(value.into(), self.ttl).await?;
+                    return Ok(mine.clone());
+                }
+                Claimed::Done(r) => {
+                    let (status_code, body): (u16, String) = serde_json::from_slice(&r.value)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    return Ok(JobResponse {
+                        status_code,
+                        body: Bytes::from(body),
+                    });
+                }
+                Claimed::Busy { .. } => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        Err(StoreError::Unavailable(
+            "a job's result stayed claimed and never completed".into(),
+        ))
+    }
+
     /// Whether a worker is running the job now (its run lease is held).
     pub async fn run_is_live(&self, id: &str) -> Result<bool, StoreError> {
         self.store.claimed(&run_key(id)).await
@@ -250,6 +297,28 @@ mod tests {
             r.take_turn("b", Move::Cancel).await,
             Turn::Lost(Move::Cancel)
         );
+    }
+
+    #[tokio::test]
+    async fn the_first_run_to_finish_decides_the_result() {
+        let r = Records::new(
+            crate::store::memory(1 << 20),
+            Duration::from_secs(60),
+            Duration::from_secs(30),
+        );
+        let answer = |status_code, body: &'static str| JobResponse {
+            status_code,
+            body: Bytes::from_static(body.as_bytes()),
+        };
+        let first = answer(200, r#"{"id":"first"}"#);
+        assert_eq!(r.first_result("j", &first).await.unwrap(), first);
+        // A second run, with another answer or an error, gets the first.
+        for later in [answer(200, r#"{"id":"second"}"#), answer(502, "{}")] {
+            assert_eq!(r.first_result("j", &later).await.unwrap(), first);
+        }
+        // Other jobs are their own.
+        let other = answer(200, r#"{"id":"other"}"#);
+        assert_eq!(r.first_result("k", &other).await.unwrap(), other);
     }
 
     #[test]

@@ -180,14 +180,26 @@ impl Jobs {
             }
             return;
         }
+        // Write-once: the first run of this job to finish decides its
+        // result, so a run that raced it cannot replace its answer.
+        let Some(response) = self
+            .patiently("result write", || {
+                self.records.first_result(&job.id, &response)
+            })
+            .await
+        else {
+            return;
+        };
         if job.finish(response, done).is_err() {
             return self.queue.ack(delivery).await;
         }
         // A second run of this job (a redelivery while this one ran) may
         // have finished it and moved its callback on: that record stands.
         // Overwritten with this run's copy, its callback would read
-        // `pending` again. (Read, then write: a narrow window remains
-        // without a compare-and-set in the store.)
+        // `pending` again. (Read, then write: the result is the same either
+        // way, but in a narrow window a settled callback can read
+        // `pending` again and be delivered once more, which at least once
+        // allows.)
         let Some(stored) = self
             .patiently("record read", || self.records.load(&job.id))
             .await
