@@ -584,4 +584,15 @@ async fn messages_run_as_async_jobs_in_anthropics_shape() {
         job["response"]["body"]["error"]["type"], "invalid_request_error",
         "{job}"
     );
+
+    // A body only the upstream checks (a `tools` item that is not an
+    // object) is accepted, and the job ends with the upstream's refusal.
+    let mut bad = body.clone();
+    bad["tools"] = json!([[null, null]]);
+    let r = f.post("/v1/async/messages", &bad, &alice).await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let job = wait_job(&f, r.body["id"].as_str().unwrap(), &alice).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["response"]["status_code"], 400, "{job}");
+    assert_eq!(job["response"]["body"]["type"], "error", "{job}");
 }

@@ -195,14 +195,10 @@ pub fn messages_to_chat(body: &[u8]) -> Result<Vec<u8>, Untranslatable> {
     if let Some(system) = req.get("system") {
         messages.push(json!({"role": "system", "content": text_of(system, "system")?}));
     }
-    for (i, m) in req
-        .get("messages")
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-        .iter()
-        .enumerate()
-    {
+    let Some(Value::Array(turns)) = req.get("messages") else {
+        return refuse("messages: must be an array");
+    };
+    for (i, m) in turns.iter().enumerate() {
         message(m, i, &mut messages)?;
     }
     out.insert("messages".into(), Value::Array(messages));
@@ -220,9 +216,15 @@ pub fn messages_to_chat(body: &[u8]) -> Result<Vec<u8>, Untranslatable> {
     if let Some(user) = req.get("metadata").and_then(|m| m.get("user_id")) {
         out.insert("user".into(), user.clone());
     }
-    if let Some(tools) = req.get("tools").and_then(Value::as_array) {
+    if let Some(tools) = req.get("tools") {
+        let Value::Array(tools) = tools else {
+            return refuse("tools: must be an array");
+        };
         let mut fns = Vec::new();
         for (i, t) in tools.iter().enumerate() {
+            if !t.get("name").is_some_and(Value::is_string) {
+                return refuse(format!("tools[{i}]: must be an object with a \"name\""));
+            }
             if t.get("type").is_some_and(|ty| ty != "custom") {
                 return refuse(format!(
                     "tools[{i}]: Anthropic's server tools have no equivalent upstream"
@@ -615,11 +617,17 @@ pub fn chat_to_messages(body: &[u8]) -> Result<Vec<u8>, Untranslatable> {
     if let Some(u) = req.get("user") {
         out.insert("metadata".into(), json!({"user_id": u}));
     }
-    if let Some(tools) = req.get("tools").and_then(Value::as_array) {
+    if let Some(tools) = req.get("tools") {
+        let Value::Array(tools) = tools else {
+            return refuse("tools: must be an array");
+        };
         let mut list = Vec::new();
         for (i, t) in tools.iter().enumerate() {
             if t.get("type").and_then(Value::as_str) != Some("function") {
                 return refuse(format!("tools[{i}]: only function tools translate"));
+            }
+            if !t.pointer("/function/name").is_some_and(Value::is_string) {
+                return refuse(format!("tools[{i}]: function.name must be a string"));
             }
             let f = t.get("function").cloned().unwrap_or_default();
             let mut tool = json!({
@@ -1018,6 +1026,14 @@ mod tests {
                 ),
                 "messages[0].content[0]",
             ),
+            // Malformed, not merely untranslatable: refused, never turned
+            // into an empty tool or conversation.
+            (with("tools", json!([[null, null]])), "tools[0]"),
+            (
+                with("tools", json!({"name": "f"})),
+                "tools: must be an array",
+            ),
+            (with("messages", json!("hi")), "messages: must be an array"),
         ] {
             let e = to_chat(req).unwrap_err();
             assert!(e.0.contains(field), "{field}: {}", e.0);
