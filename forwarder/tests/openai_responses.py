@@ -1,4 +1,4 @@
-"""GET and DELETE /v1/responses/{id}, its input_items and cancel, through
+"""GET (whole or streamed) and DELETE /v1/responses/{id}, its input_items and cancel, through
 the forwarder with the official openai SDK: `gpt` is served by two mock-llm servers, each keeping the
 responses it created, so a retrieve that reached the wrong one would be
 a 404. Another client never sees the first client's responses. Exits
@@ -38,6 +38,23 @@ for r in created[:4]:
         pass
 for r in created[4:]:
     assert alice.responses.retrieve(r.id).id == r.id
+
+# Retrieved as a stream: the SDK's typed events, relayed from the upstream
+# that holds the response, from after `starting_after` when given.
+r = created[4]
+events = list(alice.responses.retrieve(r.id, stream=True))
+assert events[0].type == "response.created", events[0]
+assert events[-1].type == "response.completed", events[-1]
+assert events[-1].response.id == r.id, events[-1]
+text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+assert text == r.output_text, (text, r.output_text)
+later = list(alice.responses.retrieve(r.id, stream=True, starting_after=1))
+assert [e.sequence_number for e in later] == [e.sequence_number for e in events[2:]], later
+try:
+    list(bob.responses.retrieve(r.id, stream=True))
+    raise SystemExit("bob streamed alice's response")
+except openai.NotFoundError:
+    pass
 
 # Input items, listed by the upstream that made the response, the query
 # (order, limit, after) passed through as sent.

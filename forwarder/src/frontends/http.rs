@@ -28,6 +28,7 @@ use crate::pipeline::responses::ResponsePath;
 use crate::pipeline::{Answer, ApiKind, Call, Pipeline, RequestMeta};
 use crate::sse;
 use crate::telemetry::Protocol;
+use crate::upstream::providers::{ObjectBody, RawEvents};
 
 use super::{jobs as async_jobs, ws, Lifecycle};
 use crate::jobs::Jobs;
@@ -508,13 +509,19 @@ pub(super) fn not_found(msg: &str) -> Response {
         .into_response()
 }
 
-/// `GET /v1/responses/{id}`: from the upstream that created it.
+/// `GET /v1/responses/{id}`: from the upstream that created it, its query
+/// (`stream`, `starting_after`, `include`) passed as sent; with
+/// `stream=true` the upstream's events are relayed as they come.
 async fn get_response(
     State(p): State<Arc<Pipeline>>,
     super::owner::Owner(owner): super::owner::Owner,
     Path(id): Path<String>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
 ) -> Response {
-    let at = ResponsePath::new(&id);
+    let at = ResponsePath {
+        query: query.as_deref(),
+        ..ResponsePath::new(&id)
+    };
     response_object(&p, &owner.identity, http::Method::GET, at).await
 }
 
@@ -558,6 +565,24 @@ async fn response_input_items(
     response_object(&p, &owner.identity, http::Method::GET, at).await
 }
 
+/// A retrieve's events as they come; an upstream that fails mid-way ends
+/// them with an `error` event (the Responses API's), never a bare cut.
+fn relayed(events: RawEvents) -> impl futures::Stream<Item = Result<Bytes, Infallible>> {
+    futures::stream::unfold(Some(events), |events| async move {
+        let mut events = events?;
+        match events.next().await? {
+            Ok(b) => Some((Ok(b), Some(events))),
+            Err(e) => {
+                tracing::warn!(error = %e, "a streamed response retrieve failed mid-way");
+                let error = json!({"type": "error", "code": "upstream_error",
+                    "message": "the upstream's stream failed before it ended"});
+                let event = sse::named_event("error", error.to_string().as_bytes());
+                Some((Ok(event), None))
+            }
+        }
+    })
+}
+
 async fn response_object(
     p: &Pipeline,
     owner: &crate::auth::Identity,
@@ -567,11 +592,14 @@ async fn response_object(
     let id = at.id;
     match p.response_object(owner, method, at).await {
         Ok(Some((headers, body))) => {
+            let (content_type, body) = match body {
+                ObjectBody::Whole(b) => ("application/json", Body::from(b)),
+                ObjectBody::Events(events) => {
+                    ("text/event-stream", Body::from_stream(relayed(events)))
+                }
+            };
             let mut r = (
-                [(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                )],
+                [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
                 body,
             )
                 .into_response();

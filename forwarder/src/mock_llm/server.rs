@@ -281,14 +281,71 @@ fn input_items_of(response: &str, input: &Value) -> Vec<Value> {
     }
 }
 
+#[derive(Default, serde::Deserialize)]
+#[serde(default)]
+struct RetrieveQuery {
+    stream: bool,
+    starting_after: Option<u64>,
+}
+
 async fn get_response(
     State(model): State<Arc<MockModel>>,
     axum::extract::Path(id): axum::extract::Path<String>,
+    axum::extract::Query(q): axum::extract::Query<RetrieveQuery>,
 ) -> Response {
-    match model.stored_responses.lock().get(&id) {
-        Some(kept) => json_bytes(kept.body.clone()),
-        None => no_response(&id),
+    let Some(kept) = model.stored_responses.lock().get(&id).cloned() else {
+        return no_response(&id);
+    };
+    if !q.stream {
+        return json_bytes(kept.body);
     }
+    match replay(&kept.body, q.starting_after) {
+        Some(events) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            )],
+            events,
+        )
+            .into_response(),
+        None => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// A kept response as the events that made it (`GET ...?stream=true`):
+/// `response.created`, one `response.output_text.delta` per word of its
+/// text, `response.completed`; numbered, and only those after
+/// `starting_after`.
+fn replay(body: &[u8], starting_after: Option<u64>) -> Option<Vec<u8>> {
+    let whole: Value = serde_json::from_slice(body).ok()?;
+    let text = whole
+        .pointer("/output/0/content/0/text")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let mut created = whole.clone();
+    created["status"] = json!("in_progress");
+    created["output"] = json!([]);
+    let mut events = vec![("response.created", json!({"response": created}))];
+    for (i, word) in text.split_inclusive(' ').enumerate() {
+        events.push((
+            "response.output_text.delta",
+            json!({"output_index": 0, "content_index": 0, "delta": word, "logprobs": [],
+                "item_id": whole.pointer("/output/0/id").cloned().unwrap_or(Value::Null),
+                "obfuscation": format!("{i}")}),
+        ));
+    }
+    events.push(("response.completed", json!({"response": whole})));
+    let mut out = Vec::new();
+    for (seq, (name, mut v)) in events.into_iter().enumerate() {
+        let seq = seq as u64;
+        if starting_after.is_some_and(|after| seq <= after) {
+            continue;
+        }
+        v["type"] = json!(name);
+        v["sequence_number"] = json!(seq);
+        out.extend_from_slice(&crate::sse::named_event(name, v.to_string().as_bytes()));
+    }
+    Some(out)
 }
 
 /// As OpenAI answers: only a background response can be cancelled.

@@ -17,6 +17,7 @@ use super::forward::{to_api_error, Trace};
 use super::ApiKind;
 use crate::api::ApiError;
 use crate::auth::Identity;
+use crate::upstream::providers::{ObjectBody, RawEvents};
 use futures::StreamExt;
 use http::HeaderMap;
 
@@ -210,13 +211,15 @@ impl super::Pipeline {
     /// A request on `/v1/responses/{id}` (`GET`, `DELETE`, `/cancel`,
     /// `/input_items`) for `owner`: sent to the upstream that created the
     /// response. `None`: a response this forwarder did not create, or
-    /// another client's (not found).
+    /// another client's (not found). A retrieve with `stream=true` answers
+    /// events: the upstream's timeout bounds the wait for its answer and
+    /// then each gap between events.
     pub async fn response_object(
         &self,
         owner: &Identity,
         method: http::Method,
         at: ResponsePath<'_>,
-    ) -> Result<Option<(HeaderMap, Bytes)>, ApiError> {
+    ) -> Result<Option<(HeaderMap, ObjectBody)>, ApiError> {
         let id = at.id;
         let Some(origin) = self.responses.lookup(id).await else {
             return Ok(None);
@@ -237,8 +240,28 @@ impl super::Pipeline {
         if is_delete {
             self.responses.forget(id).await;
         }
-        Ok(Some((done.headers, done.body)))
+        let body = match done.body {
+            ObjectBody::Events(events) => {
+                ObjectBody::Events(gaps_bounded(events, endpoint.timeout))
+            }
+            whole => whole,
+        };
+        Ok(Some((done.headers, body)))
     }
+}
+
+/// `events`, ended with a timeout error when the next one takes longer
+/// than `gap`.
+fn gaps_bounded(events: RawEvents, gap: Duration) -> RawEvents {
+    futures::stream::unfold(Some(events), move |events| async move {
+        let mut events = events?;
+        match tokio::time::timeout(gap, events.next()).await {
+            Ok(Some(item)) => Some((item, Some(events))),
+            Ok(None) => None,
+            Err(_) => Some((Err(crate::upstream::UpstreamError::Timeout), None)),
+        }
+    })
+    .boxed()
 }
 
 #[cfg(test)]

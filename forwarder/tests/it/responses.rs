@@ -1,6 +1,7 @@
 //! `GET`/`DELETE /v1/responses/{id}` for a response created by a stream:
 //! the id is read from the stream's events and the request routed to the
-//! upstream that streamed it.
+//! upstream that streamed it; a retrieve with `stream=true` relays the
+//! upstream's events.
 
 use serde_json::json;
 
@@ -56,6 +57,49 @@ async fn a_streamed_responses_id_is_routed_to_its_upstream() {
     let id = r.body["id"].as_str().unwrap().to_string();
     let got = fwd.get(&format!("/v1/responses/{id}"), &[]).await;
     assert_eq!((got.status, &got.body), (200, &r.body));
+
+    // Retrieved as a stream (`stream=true`, the query passed as sent):
+    // the upstream's events relayed, from after `starting_after` if given.
+    let events = |text: &str| -> Vec<serde_json::Value> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect()
+    };
+    let got = fwd
+        .get(&format!("/v1/responses/{id}?stream=true"), &[])
+        .await;
+    assert_eq!(got.status, 200, "{}", got.text);
+    assert_eq!(
+        got.headers.get("content-type").unwrap(),
+        "text/event-stream"
+    );
+    let all = events(&got.text);
+    assert!(all.len() >= 3, "{}", got.text);
+    assert_eq!(all[0]["type"], "response.created", "{}", got.text);
+    let last = all.last().unwrap();
+    assert_eq!(last["type"], "response.completed", "{}", got.text);
+    assert_eq!(last["response"], r.body);
+    let text: String = all
+        .iter()
+        .filter(|e| e["type"] == "response.output_text.delta")
+        .map(|e| e["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        json!(text),
+        r.body["output"][0]["content"][0]["text"],
+        "the deltas make the answer's text"
+    );
+    let got = fwd
+        .get(
+            &format!("/v1/responses/{id}?stream=true&starting_after=1"),
+            &[],
+        )
+        .await;
+    let rest = events(&got.text);
+    assert_eq!(rest.len(), all.len() - 2, "{}", got.text);
+    assert_eq!(rest[0]["sequence_number"], 2, "{}", got.text);
+
     let del = fwd.delete(&format!("/v1/responses/{id}"), &[]).await;
     assert_eq!(del.status, 200, "{}", del.text);
     assert_eq!(del.body["deleted"], true);
@@ -113,4 +157,87 @@ async fn another_replica_finds_the_upstream_through_the_store() {
     assert_eq!(del.status, 200, "{}", del.text);
     let gone = a.get(&format!("/v1/responses/{}", ids[0].0), &[]).await;
     assert_eq!(gone.status, 404, "{}", gone.text);
+}
+
+/// A streamed retrieve from an upstream that breaks its stream, or stops
+/// sending: the client gets the events that came, then an `error` event
+/// (never a bare cut, never a wait without end).
+#[tokio::test]
+async fn a_streamed_retrieve_the_upstream_breaks_ends_with_an_error_event() {
+    use axum::body::Body;
+    use axum::extract::Path;
+    use axum::routing::{get, post};
+    use futures::StreamExt;
+
+    let first =
+        "event: response.created\ndata: {\"type\":\"response.created\",\"sequence_number\":0}\n\n";
+    let app = axum::Router::new()
+        .route(
+            "/v1/responses",
+            post(|axum::Json(req): axum::Json<serde_json::Value>| async move {
+                let id = format!("resp_{}", req["input"].as_str().unwrap_or_default());
+                axum::Json(json!({"id": id, "object": "response", "status": "completed", "output": []}))
+            }),
+        )
+        .route(
+            "/v1/responses/{id}",
+            get(move |Path(id): Path<String>| async move {
+                let head = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(first))]);
+                let body = if id == "resp_broken" {
+                    // One event, then the connection is cut mid-body.
+                    Body::from_stream(head.chain(futures::stream::once(async {
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        Err(std::io::Error::other("cut"))
+                    })))
+                } else {
+                    // One event, then nothing, for good.
+                    Body::from_stream(head.chain(futures::stream::pending()))
+                };
+                ([("content-type", "text/event-stream")], body)
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/v1", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let m = mock(Default::default()).await;
+    let mut up = upstream("odd", &m, "gpt");
+    up.base_url = Some(base);
+    up.timeout = std::time::Duration::from_millis(500);
+    let fwd = start(config(vec![up])).await;
+    for (input, what) in [
+        ("broken", "cut mid-body"),
+        ("hang", "silent after one event"),
+    ] {
+        let r = fwd
+            .post(
+                "/v1/responses",
+                &json!({"model": "gpt", "input": input}),
+                &[],
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let started = std::time::Instant::now();
+        let got = fwd
+            .get(&format!("/v1/responses/resp_{input}?stream=true"), &[])
+            .await;
+        assert_eq!(got.status, 200, "{what}: {}", got.text);
+        assert!(got.text.starts_with(first), "{what}: {}", got.text);
+        assert!(
+            got.text.ends_with("\n\n") && got.text.contains("event: error\ndata: {"),
+            "{what}: {}",
+            got.text
+        );
+        assert!(
+            got.text.contains("\"type\":\"error\""),
+            "{what}: {}",
+            got.text
+        );
+        // The silent one is cut by the upstream's timeout (500 ms) between
+        // events.
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(3),
+            "{what}: {:?}",
+            started.elapsed()
+        );
+    }
 }

@@ -35,6 +35,19 @@ pub struct Completed {
     pub body: Bytes,
 }
 
+/// What an upstream answered on an object it keeps: a whole body, or (a
+/// retrieve with `stream=true`) the object's events as they come.
+pub enum ObjectBody {
+    Whole(Bytes),
+    Events(RawEvents),
+}
+
+/// An answer on an object: headers on the `to_client` allow-list, and the body.
+pub struct ObjectReply {
+    pub headers: HeaderMap,
+    pub body: ObjectBody,
+}
+
 /// An open stream: headers, then whole SSE events in the request's API's format.
 pub struct Opened {
     pub headers: HeaderMap,
@@ -69,7 +82,7 @@ pub trait Provider: Send + Sync {
     /// A request on an object the upstream keeps (`GET` or `DELETE
     /// /responses/{id}`), `path` under its base URL. Adapters that keep
     /// none answer 404.
-    async fn object(&self, method: http::Method, path: &str) -> Result<Completed, UpstreamError> {
+    async fn object(&self, method: http::Method, path: &str) -> Result<ObjectReply, UpstreamError> {
         let _ = (method, path);
         Err(UpstreamError::Status {
             status: 404,

@@ -417,7 +417,11 @@ impl Provider for OpenAiProvider {
         Ok(Completed { headers, body })
     }
 
-    async fn object(&self, method: http::Method, path: &str) -> Result<Completed, UpstreamError> {
+    async fn object(
+        &self,
+        method: http::Method,
+        path: &str,
+    ) -> Result<super::ObjectReply, UpstreamError> {
         // `uris[Responses]` is `<base>/responses`: the base is what precedes it.
         let responses = self.uris[ApiKind::Responses as usize].to_string();
         let base = responses.trim_end_matches(ApiKind::Responses.path());
@@ -437,8 +441,26 @@ impl Provider for OpenAiProvider {
             return Err(status_error(resp).await);
         }
         let headers = self.limits.to_client.filter(resp.headers());
-        let body = read_bounded(resp, self.limits.max_body_bytes, false).await?;
-        Ok(Completed { headers, body })
+        let events = resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let body = if events {
+            // A retrieve with `stream=true`: relayed as it comes.
+            let max_event = self.limits.max_event_bytes;
+            super::ObjectBody::Events(Box::pin(ChunkReader {
+                body: resp.into_body(),
+                max_event,
+                chunker: Chunker::new(max_event),
+                ended: false,
+                body_done: false,
+                failed: None,
+            }))
+        } else {
+            super::ObjectBody::Whole(read_bounded(resp, self.limits.max_body_bytes, false).await?)
+        };
+        Ok(super::ObjectReply { headers, body })
     }
 
     async fn stream(&self, req: &Envelope) -> Result<Opened, UpstreamError> {
