@@ -413,7 +413,19 @@ impl Results {
             b.request_counts.completed += 1;
             self.out.write_line(&line).await
         } else {
-            b.request_counts.failed += 1;
+            let c = &mut b.request_counts;
+            c.failed += 1;
+            match outcome {
+                Outcome::NotRun {
+                    code: "batch_cancelled",
+                    ..
+                } => c.cancelled += 1,
+                Outcome::NotRun {
+                    code: "batch_expired",
+                    ..
+                } => c.expired += 1,
+                _ => {}
+            }
             self.err.write_line(&line).await
         }
     }

@@ -13,6 +13,7 @@
 //! holds its lease (`lease.rs`); a batch whose driver dies is taken over by
 //! another replica, as its creator still.
 
+pub mod anthropic;
 mod driver;
 pub mod files;
 pub mod jsonl;

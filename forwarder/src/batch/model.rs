@@ -59,6 +59,17 @@ pub struct Counts {
     pub total: u64,
     pub completed: u64,
     pub failed: u64,
+    /// Of `failed`: never run because the batch was cancelled, or expired
+    /// (Anthropic's API counts them apart; shown only when not zero).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cancelled: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub expired: u64,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if takes a reference
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A batch (`object: "batch"`), stored and shown as is.

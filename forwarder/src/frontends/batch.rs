@@ -17,6 +17,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::http::not_found;
+use super::message_batches;
 use super::owner::Owner;
 use crate::api::ApiError;
 use crate::auth::Principal;
@@ -26,9 +27,9 @@ use crate::pipeline::Pipeline;
 use forwarder_config::StoreBackend;
 
 #[derive(Clone)]
-struct BatchState {
-    pipeline: Arc<Pipeline>,
-    batches: Arc<Batches>,
+pub(super) struct BatchState {
+    pub(super) pipeline: Arc<Pipeline>,
+    pub(super) batches: Arc<Batches>,
 }
 
 impl axum::extract::FromRef<BatchState> for Arc<Pipeline> {
@@ -59,6 +60,7 @@ pub fn routes(pipeline: Arc<Pipeline>, jobs: Arc<Jobs>) -> Router {
         .route("/v1/batches", post(create_batch).get(list_batches))
         .route("/v1/batches/{id}", get(get_batch))
         .route("/v1/batches/{id}/cancel", post(cancel_batch))
+        .merge(message_batches::routes())
         .layer(DefaultBodyLimit::max(limit))
         .with_state(BatchState { pipeline, batches })
 }
@@ -193,19 +195,24 @@ struct CreateBatch {
     metadata: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
+/// A creation request's `traceparent`, kept for the lines' run spans to
+/// link to: a well-formed W3C value only (55 characters in version 00;
+/// later versions may be longer).
+pub(super) fn traceparent(headers: &axum::http::HeaderMap) -> Option<String> {
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+}
+
 async fn create_batch(
     State(s): State<BatchState>,
     Owner(principal): Owner,
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    // Kept for the lines' run spans to link to: a well-formed W3C value
-    // only (55 characters in version 00; later versions may be longer).
-    let trace = headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map(str::to_string);
+    let trace = traceparent(&headers);
     let req: CreateBatch = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {

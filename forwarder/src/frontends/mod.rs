@@ -8,6 +8,7 @@ pub mod conn;
 pub mod grpc;
 pub mod http;
 pub mod jobs;
+mod message_batches;
 mod owner;
 pub mod serve;
 pub mod tls;

@@ -634,3 +634,130 @@ async fn batches_run_embeddings_responses_and_messages_lines() {
         assert_eq!(err[0]["response"]["status_code"], 400, "{err:?}");
     }
 }
+
+/// Anthropic's Message Batches API on the same batches: a batch cancelled
+/// while its requests wait ends with them `canceled` (counted apart from
+/// `errored`), the rest `succeeded`; an OpenAI-created batch is not one of
+/// its batches; refusals are in Anthropic's shape (401 included).
+#[tokio::test]
+async fn a_cancelled_message_batch_reports_its_canceled_requests() {
+    let m = mock(MockSettings {
+        latency: forwarder::config::LatencyDist::Fixed(Duration::from_millis(200)),
+        ..MockSettings::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = base_config(&m, &dir);
+    cfg.async_jobs.workers = 2;
+    let f = start(cfg).await;
+    const N: usize = 30;
+    let requests: Vec<Value> = (0..N)
+        .map(|i| {
+            json!({"custom_id": format!("r{i}"), "params": {"model": "mock", "max_tokens": 5,
+                "messages": [{"role": "user", "content": format!("q{i}")}]}})
+        })
+        .collect();
+    let r = f
+        .post(
+            "/v1/messages/batches",
+            &json!({"requests": requests}),
+            &[ALICE],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("msgbatch_"), "{id}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = f
+        .post(
+            &format!("/v1/messages/batches/{id}/cancel"),
+            &json!({}),
+            &[ALICE],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(
+        matches!(
+            r.body["processing_status"].as_str(),
+            Some("canceling" | "ended")
+        ),
+        "{}",
+        r.text
+    );
+    let mut batch = Value::Null;
+    for _ in 0..400 {
+        batch = f
+            .get(&format!("/v1/messages/batches/{id}"), &[ALICE])
+            .await
+            .body;
+        if batch["processing_status"] == "ended" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(batch["processing_status"], "ended", "{batch}");
+    let counts = &batch["request_counts"];
+    let n = |k: &str| counts[k].as_u64().unwrap();
+    assert_eq!(n("processing"), 0, "{batch}");
+    assert_eq!(
+        n("succeeded") + n("errored") + n("canceled") + n("expired"),
+        N as u64,
+        "{batch}"
+    );
+    assert!(
+        n("canceled") > 0,
+        "cancelled while requests waited: {batch}"
+    );
+
+    let r = f
+        .get(&format!("/v1/messages/batches/{id}/results"), &[ALICE])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let results: Vec<Value> = r
+        .text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(results.len(), N, "{}", r.text);
+    let of = |t: &str| results.iter().filter(|l| l["result"]["type"] == t).count() as u64;
+    assert_eq!(of("canceled"), n("canceled"), "{}", r.text);
+    assert_eq!(of("succeeded"), n("succeeded"), "{}", r.text);
+    let ok = results.iter().find(|l| l["result"]["type"] == "succeeded");
+    if let Some(ok) = ok {
+        assert_eq!(ok["result"]["message"]["type"], "message", "{ok}");
+    }
+
+    // An OpenAI-created batch is not a message batch; ids of that API are
+    // not this one's.
+    let up = upload(&f, &jsonl(&[line("x", "hi")]), "batch", ALICE).await;
+    let openai = create(&f, up.body["id"].as_str().unwrap(), ALICE).await;
+    let openai_id = openai.body["id"].as_str().unwrap();
+    let r = f
+        .get(&format!("/v1/messages/batches/{openai_id}"), &[ALICE])
+        .await;
+    assert_eq!(r.status, 404, "{}", r.text);
+    assert_eq!(r.body["error"]["type"], "not_found_error", "{}", r.text);
+    let listed = f.get("/v1/messages/batches", &[ALICE]).await;
+    let ids: Vec<&str> = listed.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [id.as_str()], "{}", listed.text);
+    // Refusals in Anthropic's shape, the owner's 401 too.
+    let r = f.get(&format!("/v1/messages/batches/{id}"), &[BOB]).await;
+    assert_eq!(
+        (r.status, r.body["type"].as_str()),
+        (404, Some("error")),
+        "{}",
+        r.text
+    );
+    let r = f.get(&format!("/v1/messages/batches/{id}"), &[]).await;
+    assert_eq!(r.status, 401, "{}", r.text);
+    assert_eq!(
+        r.body["error"]["type"], "authentication_error",
+        "{}",
+        r.text
+    );
+}

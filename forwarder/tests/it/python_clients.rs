@@ -22,7 +22,7 @@ fn python() -> PathBuf {
 /// also the hand-written upstream's `full` and `reject` models.
 async fn forwarder(dir: &tempfile::TempDir, scripted: Option<&Scripted>) -> Fwd {
     let keys = dir.path().join("keys");
-    std::fs::write(&keys, "py: sk-py-test\n").unwrap();
+    std::fs::write(&keys, "py: sk-py-test\nother: sk-py-other\n").unwrap();
     let mut cfg = Config::default();
     if let Some(up) = scripted {
         cfg.upstreams.push(UpstreamConfig {
@@ -110,7 +110,7 @@ async fn python_websockets_and_grpcio_clients_work() {
 /// scripts set the server's faults through its admin API.
 async fn apis_forwarder(dir: &tempfile::TempDir, m: &forwarder::mock_llm::MockServer) -> Fwd {
     let keys = dir.path().join("keys");
-    std::fs::write(&keys, "py: sk-py-test\n").unwrap();
+    std::fs::write(&keys, "py: sk-py-test\nother: sk-py-other\n").unwrap();
     let mut cfg = Config::default();
     for (name, provider, model) in [
         ("oa", Provider::Openai, "gpt"),
@@ -163,6 +163,24 @@ async fn the_official_anthropic_sdk_works_unchanged() {
             ("FORWARDER_BASE_URL", fwd.base.clone()),
             ("FORWARDER_API_KEY", "sk-py-test".into()),
             ("MOCK_ADMIN_URL", format!("http://{}", m.addr)),
+        ],
+    )
+    .await;
+}
+
+/// Anthropic's Message Batches API with the official SDK
+/// (`forwarder/tests/anthropic_batches.py`).
+#[tokio::test]
+async fn the_official_anthropic_sdk_runs_message_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = mock(Default::default()).await;
+    let fwd = apis_forwarder(&dir, &m).await;
+    run_script(
+        "anthropic_batches.py",
+        vec![
+            ("FORWARDER_BASE_URL", fwd.base.clone()),
+            ("FORWARDER_API_KEY", "sk-py-test".into()),
+            ("OTHER_API_KEY", "sk-py-other".into()),
         ],
     )
     .await;
