@@ -28,10 +28,10 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
+use futures::channel::mpsc;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 
 use super::http::RequestId;
@@ -50,8 +50,11 @@ use forwarder_config::WebSocketConfig;
 /// The subprotocol a client may ask for; chosen when offered.
 pub const SUBPROTOCOL: &str = "modelforwarder.v1";
 const BEARER_PREFIX: &str = "bearer.";
-/// Initial read/write buffer of a connection.
-const WS_BUFFER_BYTES: usize = 4 * 1024;
+/// Initial read buffer of a connection: an idle connection holds it for
+/// good, so it starts small (it grows to the largest frame read).
+const WS_READ_BUFFER_BYTES: usize = 512;
+/// Bytes gathered before a write is flushed.
+const WS_WRITE_BUFFER_BYTES: usize = 4 * 1024;
 
 #[derive(Clone)]
 pub struct WsState {
@@ -109,8 +112,8 @@ pub async fn upgrade(
     // tungstenite's default 128 KiB read and write buffers per connection
     // would cost over a gigabyte at 10,000 idle connections; messages larger
     // than these still work (the buffers grow), they just start small.
-    ws.read_buffer_size(WS_BUFFER_BYTES)
-        .write_buffer_size(WS_BUFFER_BYTES)
+    ws.read_buffer_size(WS_READ_BUFFER_BYTES)
+        .write_buffer_size(WS_WRITE_BUFFER_BYTES)
         .max_message_size(cfg.max_frame_bytes)
         .max_frame_size(cfg.max_frame_bytes)
         .protocols(chosen)
@@ -262,8 +265,10 @@ async fn session(
     let _gauge = SessionGauge(gauge);
     let (sink, mut incoming) = socket.split();
     // Bounded: a slow reader makes answers wait here, which stops pulling
-    // from the upstream, so memory per connection stays bounded.
-    let (out, out_rx) = mpsc::channel::<Message>(cfg.send_buffer);
+    // from the upstream, so memory per connection stays bounded. (futures'
+    // channel allocates per queued frame; tokio's holds a block of 32 slots
+    // for every idle connection.)
+    let (mut out, out_rx) = mpsc::channel::<Message>(cfg.send_buffer);
     let writer = tokio::spawn(write_loop(sink, out_rx, cfg.ping_interval));
 
     let mut tasks: JoinSet<()> = JoinSet::new();
@@ -293,7 +298,9 @@ async fn session(
                 idle.as_mut().reset(tokio::time::Instant::now() + cfg.idle_timeout);
                 match msg {
                     Some(Ok(Message::Text(text))) => {
-                        let accepted = on_text(&st, &cfg, &credential, &conn_id, &out, text.as_str(), &mut tasks, &mut by_id, &mut ids).await;
+                        // Boxed: its state lives only while a frame is
+                        // handled, not in every idle connection's task.
+                        let accepted = Box::pin(on_text(&st, &cfg, &credential, &conn_id, &mut out, text.as_str(), &mut tasks, &mut by_id, &mut ids)).await;
                         if !accepted {
                             break None;
                         }
@@ -345,7 +352,7 @@ async fn on_text(
     cfg: &WebSocketConfig,
     credential: &Presented,
     conn_id: &str,
-    out: &mpsc::Sender<Message>,
+    out: &mut mpsc::Sender<Message>,
     text: &str,
     tasks: &mut JoinSet<()>,
     by_id: &mut HashMap<String, AbortHandle>,
@@ -403,9 +410,11 @@ async fn on_text(
     if let Some(trace) = request_trace(&req, credential.trace.as_deref()) {
         meta.headers = trace;
     }
+    // A sender of its own for the request's task (one per request in
+    // flight: each sender may queue one frame past the bound).
     let (pipeline, out, task_id) = (p.clone(), out.clone(), id.clone());
     let handle = tasks.spawn(async move {
-        answer(&pipeline, meta, req, &out, &task_id).await;
+        answer(&pipeline, meta, req, out, &task_id).await;
     });
     ids.insert(handle.id(), id.clone());
     by_id.insert(id, handle);
@@ -418,7 +427,7 @@ async fn answer(
     p: &Pipeline,
     meta: RequestMeta,
     req: WsRequest,
-    out: &mpsc::Sender<Message>,
+    mut out: mpsc::Sender<Message>,
     id: &str,
 ) {
     let key = req.idempotency_key.clone();
@@ -515,7 +524,7 @@ async fn write_loop(
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
     loop {
         tokio::select! {
-            msg = queue.recv() => match msg {
+            msg = queue.next() => match msg {
                 Some(msg) => {
                     let is_close = matches!(msg, Message::Close(_));
                     if sink.send(msg).await.is_err() || is_close {
