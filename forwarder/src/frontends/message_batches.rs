@@ -182,16 +182,25 @@ async fn list(
         Some(Some(id)) => Some(id),
         Some(None) => return not_found("no such message batch"),
     };
-    // The client's batches of every endpoint, newest first; this API shows
-    // its own.
-    let all = match s.batches.list(&owner, usize::MAX, after.as_deref()).await {
-        Ok((all, _)) => all,
-        Err(BatchError::NotFound(_)) => return not_found("no such message batch"),
-        Err(e) => return refuse(e),
-    };
-    let mut mine = all.iter().filter_map(shape::view);
-    let data: Vec<_> = mine.by_ref().take(limit).collect();
-    let has_more = mine.next().is_some();
+    // The client's batches of every endpoint, newest first, a page at a
+    // time until one more than `limit` of this API's are found (that one
+    // says there are more).
+    let mut data = Vec::new();
+    let mut after = after;
+    loop {
+        let (page, more) = match s.batches.list(&owner, limit + 1, after.as_deref()).await {
+            Ok(p) => p,
+            Err(BatchError::NotFound(_)) => return not_found("no such message batch"),
+            Err(e) => return refuse(e),
+        };
+        after = page.last().map(|b| b.id.clone());
+        data.extend(page.iter().filter_map(shape::view));
+        if data.len() > limit || !more || after.is_none() {
+            break;
+        }
+    }
+    let has_more = data.len() > limit;
+    data.truncate(limit);
     Json(json!({
         "first_id": data.first().map(|b| b["id"].clone()),
         "last_id": data.last().map(|b| b["id"].clone()),

@@ -745,6 +745,31 @@ async fn a_cancelled_message_batch_reports_its_canceled_requests() {
         .map(|b| b["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, [id.as_str()], "{}", listed.text);
+    // Pages of one, newest first, past the OpenAI batch between them.
+    let one = json!({"requests": [{"custom_id": "a", "params": {"model": "mock",
+        "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}}]});
+    let newest = f.post("/v1/messages/batches", &one, &[ALICE]).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut seen = Vec::new();
+    let mut after = String::new();
+    loop {
+        let page = f
+            .get(&format!("/v1/messages/batches?limit=1{after}"), &[ALICE])
+            .await;
+        assert_eq!(page.status, 200, "{}", page.text);
+        let data = page.body["data"].as_array().unwrap();
+        assert_eq!(data.len(), 1, "{}", page.text);
+        let got = data[0]["id"].as_str().unwrap().to_string();
+        assert_eq!(page.body["last_id"], json!(got));
+        seen.push(got.clone());
+        if page.body["has_more"] == false {
+            break;
+        }
+        after = format!("&after_id={got}");
+    }
+    assert_eq!(seen, [newest, id.clone()]);
     // Refusals in Anthropic's shape, the owner's 401 too.
     let r = f.get(&format!("/v1/messages/batches/{id}"), &[BOB]).await;
     assert_eq!(
