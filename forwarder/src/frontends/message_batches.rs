@@ -7,7 +7,7 @@
 
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -25,9 +25,20 @@ use crate::batch::anthropic::{self as shape, ENDPOINT};
 use crate::batch::model::Batch;
 use crate::batch::BatchError;
 
+/// The largest create request: it is read whole (then written to the
+/// store as an input file), so it is bounded well below the 200 MB an
+/// uploaded file may have; a bigger batch goes through `/v1/files` and
+/// `/v1/batches` with `endpoint: /v1/messages`.
+pub const MAX_CREATE_BYTES: usize = 32 * 1024 * 1024;
+
 pub(super) fn routes() -> Router<BatchState> {
     Router::new()
-        .route("/v1/messages/batches", post(create).get(list))
+        .route(
+            "/v1/messages/batches",
+            post(create)
+                .layer(DefaultBodyLimit::max(MAX_CREATE_BYTES))
+                .get(list),
+        )
         .route("/v1/messages/batches/{id}", get(retrieve))
         .route("/v1/messages/batches/{id}/cancel", post(cancel))
         .route("/v1/messages/batches/{id}/results", get(results))

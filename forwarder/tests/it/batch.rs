@@ -770,6 +770,23 @@ async fn a_cancelled_message_batch_reports_its_canceled_requests() {
         after = format!("&after_id={got}");
     }
     assert_eq!(seen, [newest, id.clone()]);
+    // A create request is read whole, so it is bounded (32 MiB): past it,
+    // a 413 in Anthropic's shape.
+    let huge = "x".repeat(33 << 20);
+    let r = f
+        .post(
+            "/v1/messages/batches",
+            &json!({"requests": [{"custom_id": "big", "params": {"model": "mock", "pad": huge}}]}),
+            &[ALICE],
+        )
+        .await;
+    assert_eq!(r.status, 413, "{}", &r.text[..r.text.len().min(300)]);
+    assert_eq!(
+        r.body["type"],
+        "error",
+        "{}",
+        &r.text[..r.text.len().min(300)]
+    );
     // Refusals in Anthropic's shape, the owner's 401 too.
     let r = f.get(&format!("/v1/messages/batches/{id}"), &[BOB]).await;
     assert_eq!(
