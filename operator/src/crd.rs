@@ -725,6 +725,27 @@ pub struct ModelForwarderStatus {
     /// the window from it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stabilization: Option<Stabilization>,
+    /// The store's key ring as rolled out (with `spec.encryption`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionStatus>,
+}
+
+/// Where a key rotation stands: a key added to the Secret decrypts in
+/// every pod before it may encrypt (docs/store.md, "Rotating keys").
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct EncryptionStatus {
+    /// The key id that encrypts new records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<String>,
+    /// Key ids every pod has loaded (a finished rollout of the Secret's
+    /// current version); only these can become primary.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loaded_keys: Vec<String>,
+    /// Key ids in the Secret that some pods have not loaded yet: they
+    /// decrypt where loaded and become primary once the rollout finishes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_keys: Vec<String>,
 }
 
 /// A scale-down held by the stabilization window.
@@ -941,9 +962,12 @@ fn default_rl_burst() -> u32 {
 #[serde(rename_all = "camelCase")]
 pub struct Encryption {
     /// Secret of keys: each key of the Secret is a key id, its value a
-    /// base64 32-byte AES key; the greatest id encrypts, all decrypt.
-    /// Mounted as a directory and reloaded by the forwarder (rotation
-    /// without a restart); changes also roll the pods.
+    /// base64 32-byte AES key. All decrypt; the greatest id that every pod
+    /// has loaded encrypts, so a key added to the Secret is decrypt-only
+    /// until the rollout it causes has finished, and becomes primary after
+    /// (status.encryption shows where a rotation stands). A `primary`
+    /// entry in the Secret names the encrypting key instead. Mounted as a
+    /// directory and reloaded by the forwarder.
     pub key_secret_ref: SecretRef,
 }
 

@@ -14,6 +14,7 @@ mod apply;
 mod observe;
 mod plan;
 mod report;
+mod rotation;
 mod validate;
 
 use plan::{build, plan};
@@ -482,6 +483,33 @@ async fn report_invalid(invalid: &InvalidObject, ctx: &Context) {
     .await;
 }
 
+/// With `spec.encryption`: which key encrypts, given how far the key ring's
+/// Secret has rolled out (`rotation.rs`).
+fn key_rotation(
+    mf: &ModelForwarder,
+    observed: &observe::Observed,
+    config: &forwarder_config::Config,
+    secret_versions: &std::collections::BTreeMap<String, String>,
+) -> Result<Option<rotation::Decision>, Error> {
+    let Some(e) = &mf.spec.encryption else {
+        return Ok(None);
+    };
+    let Some(Some(secret)) = observed.secrets.get(&e.key_secret_ref.name) else {
+        return Ok(None);
+    };
+    let hash = render::pod_hash(config, secret_versions).map_err(Error::Build)?;
+    let rolled_out = observed
+        .deployment
+        .as_ref()
+        .is_some_and(|d| crate::status::rolled_out(d, &hash));
+    let previous = mf.status.as_ref().and_then(|s| s.encryption.as_ref());
+    Ok(Some(rotation::decide(
+        &rotation::Ring::of(secret),
+        previous,
+        rolled_out,
+    )))
+}
+
 /// Reconciles one valid ModelForwarder, stage by stage.
 pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action, Error> {
     // Owner references cascade the deletion; nothing to clean up by hand
@@ -511,8 +539,11 @@ pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action,
 
     let mut applied = apply::Applied::default();
     let mut apply_error = None;
+    // Blocked: the rotation stands where it stood.
+    let mut encryption = mf.status.as_ref().and_then(|s| s.encryption.clone());
     match (blocking.is_empty(), config) {
         (true, Some(config)) => {
+            let keys = key_rotation(mf, &observed, &config, &secret_versions)?;
             let inputs = Inputs {
                 name: &t.name,
                 namespace: &t.ns,
@@ -521,6 +552,7 @@ pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action,
                 default_image: &ctx.default_image,
                 secret_versions: &secret_versions,
                 replicas,
+                encryption_primary: keys.as_ref().and_then(|k| k.render_primary.as_deref()),
             };
             let plan = plan(build(&inputs, &config)?, &observed, &t.owner.uid)?;
             applied.deployment = observed.deployment;
@@ -529,11 +561,12 @@ pub async fn reconcile_one(mf: &ModelForwarder, ctx: &Context) -> Result<Action,
                 blocking.push(problem);
                 apply_error = retry;
             }
+            encryption = keys.map(|k| k.status);
         }
         _ => applied.deployment = observed.deployment,
     }
 
-    report::report(ctx, mf, &t, &applied, &blocking, &warnings).await?;
+    report::report(ctx, mf, &t, &applied, &blocking, &warnings, encryption).await?;
 
     let key = (t.ns, t.name);
     if let Some(e) = apply_error {

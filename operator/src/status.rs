@@ -3,8 +3,9 @@
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::crd::ModelForwarderStatus;
+use crate::crd::{EncryptionStatus, ModelForwarderStatus};
 use crate::render::config::Problem;
+use crate::render::labels;
 
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
@@ -25,7 +26,21 @@ pub struct Observed<'a> {
     pub warnings: &'a [Problem],
     /// Label selector of the pods.
     pub selector: String,
+    /// Where the key ring's rotation stands (with `spec.encryption`).
+    pub encryption: Option<EncryptionStatus>,
     pub now: Time,
+}
+
+/// Whether every pod runs the template that carries `pod_hash`: the
+/// rollout finished, with the config and Secret versions this pass sees.
+pub fn rolled_out(d: &Deployment, pod_hash: &str) -> bool {
+    let carried = d
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.annotations.as_ref())
+        .and_then(|a| a.get(labels::CONFIG_HASH));
+    carried.is_some_and(|h| h == pod_hash) && matches!(rollout(d), Rollout::Complete)
 }
 
 /// Whether a Deployment has finished rolling out its current template.
@@ -175,6 +190,7 @@ pub fn compute(o: &Observed<'_>, previous: Option<&ModelForwarderStatus>) -> Mod
         ready_replicas: Some(ready),
         selector: Some(o.selector.clone()),
         conditions,
+        encryption: o.encryption.clone(),
         ..ModelForwarderStatus::default()
     }
 }
@@ -193,6 +209,7 @@ pub fn owned_part(s: &ModelForwarderStatus) -> ModelForwarderStatus {
             .filter(|c| matches!(c.type_.as_str(), READY | PROGRESSING | DEGRADED))
             .cloned()
             .collect(),
+        encryption: s.encryption.clone(),
         ..ModelForwarderStatus::default()
     }
 }
@@ -248,6 +265,7 @@ mod tests {
             blocking,
             warnings,
             selector: "a=b".into(),
+            encryption: None,
             now: time(1000),
         }
     }

@@ -1382,3 +1382,168 @@ async fn the_bounds_and_the_autoscaler_own_replicas_under_their_own_managers() {
         )
     );
 }
+
+/// Marks every pod of the namespace Running and Ready (the kubelet's part;
+/// envtest has none), so the Deployment controller counts them available.
+async fn pods_become_ready(admin: &Client, ns: &str) {
+    use k8s_openapi::api::core::v1::Pod;
+    let pods = Api::<Pod>::namespaced(admin.clone(), ns);
+    let ready = json!({"status": {"phase": "Running",
+        "conditions": [{"type": "Ready", "status": "True"}]}});
+    for p in pods.list(&ListParams::default()).await.expect("pods").items {
+        let name = p.name_any();
+        // A pod the ReplicaSet has just deleted may be gone already.
+        let _ = pods
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&ready))
+            .await;
+    }
+}
+
+#[tokio::test]
+#[cfg_attr(
+    not(envtest),
+    ignore = "set KUBEBUILDER_ASSETS: needs a real kube-apiserver"
+)]
+async fn a_new_encryption_key_decrypts_in_every_pod_before_it_encrypts() {
+    let (admin, ns) = setup("rotate").await;
+    let ctx = context(admin.clone());
+    // base64 of 32 bytes each.
+    let key = |b: u8| match b {
+        1 => "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=",
+        _ => "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=",
+    };
+    let secrets = Api::<Secret>::namespaced(admin.clone(), &ns);
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "store-keys"},
+        "stringData": {"k1": key(1)},
+    }))
+    .expect("secret");
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("create Secret");
+    let mut s = spec(1, 1);
+    s["encryption"] = json!({"keySecretRef": {"name": "store-keys"}});
+    create(&admin, &ns, "bot", s).await;
+
+    let cms = Api::<ConfigMap>::namespaced(admin.clone(), &ns);
+    let deps = Api::<Deployment>::namespaced(admin.clone(), &ns);
+    let primary = || async {
+        let cm = cms
+            .get(&operator::render::config_map_name("bot"))
+            .await
+            .expect("ConfigMap");
+        cm.data
+            .unwrap_or_default()
+            .get("encryption-primary")
+            .cloned()
+    };
+    let encryption = || async {
+        let mf = fetch(&admin, &ns, "bot").await;
+        let e = mf.status.and_then(|s| s.encryption).unwrap_or_default();
+        (e.primary, e.loaded_keys, e.pending_keys)
+    };
+    let rolled_out = || async {
+        let d = deps.get("bot").await.expect("Deployment");
+        let (spec_gen, st) = (d.metadata.generation, d.status.unwrap_or_default());
+        st.observed_generation == spec_gen
+            && st.updated_replicas == Some(1)
+            && st.available_replicas == Some(1)
+            && st.replicas == Some(1)
+    };
+    let hash = || async { config_hash(&deps, "bot").await };
+
+    reconcile_stored(&ctx, &admin, &ns, "bot")
+        .await
+        .expect("reconcile");
+    assert_eq!(primary().await.as_deref(), Some("k1"));
+    let d = deps.get("bot").await.expect("Deployment");
+    let volume = d
+        .spec
+        .and_then(|s| s.template.spec)
+        .and_then(|p| p.volumes)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|v| v.name == "encryption-keys")
+        .expect("key ring volume");
+    let sources = volume.projected.and_then(|p| p.sources).unwrap_or_default();
+    assert_eq!(
+        sources
+            .iter()
+            .filter_map(|s| s.config_map.as_ref())
+            .flat_map(|c| c.items.clone().unwrap_or_default())
+            .map(|i| (i.key, i.path))
+            .collect::<Vec<_>>(),
+        vec![("encryption-primary".to_string(), "primary".to_string())],
+        "the primary is projected into the ring directory"
+    );
+    wait(
+        "the first pod available",
+        Duration::from_secs(60),
+        || async {
+            pods_become_ready(&admin, &ns).await;
+            rolled_out().await
+        },
+    )
+    .await;
+    let first_hash = hash().await;
+
+    // Phase one: k2 joins the Secret; the rollout that carries it starts.
+    secrets
+        .patch(
+            "store-keys",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"k2": key(2)}})),
+        )
+        .await
+        .expect("add k2");
+    reconcile_stored(&ctx, &admin, &ns, "bot")
+        .await
+        .expect("reconcile");
+    assert_ne!(hash().await, first_hash, "the new key rolls the pods");
+    assert_eq!(
+        encryption().await,
+        (Some("k1".into()), vec!["k1".into()], vec!["k2".into()])
+    );
+    // While the new pod is not ready, passes keep k1 (an old pod cannot
+    // read k2 yet).
+    wait("the new pod", Duration::from_secs(60), || async {
+        !rolled_out().await
+            && deps
+                .get("bot")
+                .await
+                .ok()
+                .and_then(|d| d.status)
+                .and_then(|s| s.updated_replicas)
+                == Some(1)
+    })
+    .await;
+    for _ in 0..3 {
+        reconcile_stored(&ctx, &admin, &ns, "bot")
+            .await
+            .expect("reconcile");
+        assert_eq!(primary().await.as_deref(), Some("k1"), "k2 decrypt-only");
+    }
+
+    // The rollout finishes: k2 becomes primary, without another rollout.
+    let rolled_hash = hash().await;
+    wait("the rollout to finish", Duration::from_secs(60), || async {
+        pods_become_ready(&admin, &ns).await;
+        rolled_out().await
+    })
+    .await;
+    reconcile_stored(&ctx, &admin, &ns, "bot")
+        .await
+        .expect("reconcile");
+    assert_eq!(primary().await.as_deref(), Some("k2"));
+    assert_eq!(
+        encryption().await,
+        (Some("k2".into()), vec!["k1".into(), "k2".into()], vec![])
+    );
+    assert_eq!(hash().await, rolled_hash, "the primary needs no rollout");
+    // Later passes keep it.
+    reconcile_stored(&ctx, &admin, &ns, "bot")
+        .await
+        .expect("reconcile");
+    assert_eq!(primary().await.as_deref(), Some("k2"));
+}

@@ -8,7 +8,7 @@ use kube::Resource;
 
 use super::apply::Applied;
 use super::{api_err, publish, Context, Error, Target};
-use crate::crd::ModelForwarder;
+use crate::crd::{EncryptionStatus, ModelForwarder};
 use crate::render::config::Problem;
 use crate::render::labels::{self, FIELD_MANAGER};
 use crate::status::{self, Observed};
@@ -21,6 +21,7 @@ pub async fn report(
     applied: &Applied,
     blocking: &[Problem],
     warnings: &[Problem],
+    encryption: Option<EncryptionStatus>,
 ) -> Result<(), Error> {
     let regarding = &t.regarding;
     if !applied.done.is_empty() {
@@ -58,6 +59,7 @@ pub async fn report(
             blocking,
             warnings,
             selector: labels::selector_string(&t.name),
+            encryption,
             now: Time(jiff::Timestamp::now()),
         },
         previous,

@@ -25,6 +25,11 @@ pub const CLIENT_KEYS_DIR: &str = "/etc/forwarder/client-keys";
 pub const UPSTREAM_KEYS_DIR: &str = "/etc/forwarder/upstream-keys";
 /// Mount of `spec.encryption.keySecretRef` (a key ring directory).
 pub const ENCRYPTION_KEYS_DIR: &str = "/etc/forwarder/encryption-keys";
+/// ConfigMap key holding the id of the encrypting key, projected into the
+/// key ring directory as its `primary` entry (see `reconcile/rotation.rs`).
+pub const ENCRYPTION_PRIMARY_KEY: &str = "encryption-primary";
+/// The key ring's reserved entry naming the encrypting key.
+pub const KEY_RING_PRIMARY: &str = "primary";
 /// Mount of `spec.store.passwordSecretRef` (one file).
 pub const REDIS_PASSWORD_DIR: &str = "/etc/forwarder/redis-password";
 pub const REDIS_CA_DIR: &str = "/etc/forwarder/redis-ca";

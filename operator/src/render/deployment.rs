@@ -6,10 +6,11 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource,
-    SecurityContext, TCPSocketAction, Volume, VolumeMount,
+    Capabilities, ConfigMapProjection, ConfigMapVolumeSource, Container, ContainerPort,
+    EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource,
+    ResourceRequirements, SeccompProfile, SecretProjection, SecretVolumeSource, SecurityContext,
+    TCPSocketAction, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -17,9 +18,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::config::{
     CALLBACK_SECRETS_DIR, CLIENT_CA_DIR, CLIENT_KEYS_DIR, CONFIG_KEY, CONFIG_PATH, DRAIN_DELAY,
-    ENCRYPTION_KEYS_DIR, GRACE_PERIOD, GRPC_PORT, HTTP_PORT, JWT_KEYS_DIR, KAFKA_CA_DIR,
-    KAFKA_SASL_DIR, REDIS_CA_DIR, REDIS_CLIENT_CERT_DIR, REDIS_PASSWORD_DIR, TLS_DIR,
-    UPSTREAM_KEYS_DIR,
+    ENCRYPTION_KEYS_DIR, ENCRYPTION_PRIMARY_KEY, GRACE_PERIOD, GRPC_PORT, HTTP_PORT, JWT_KEYS_DIR,
+    KAFKA_CA_DIR, KAFKA_SASL_DIR, KEY_RING_PRIMARY, REDIS_CA_DIR, REDIS_CLIENT_CERT_DIR,
+    REDIS_PASSWORD_DIR, TLS_DIR, UPSTREAM_KEYS_DIR,
 };
 use super::{config_map_name, labels, metadata, Inputs};
 use crate::crd::{ModelForwarderSpec, Protocol, SecretKeyRef};
@@ -28,6 +29,9 @@ use crate::crd::{ModelForwarderSpec, Protocol, SecretKeyRef};
 pub const RUN_AS: i64 = 65532;
 /// Secret files readable by owner and the pod's fsGroup only.
 const SECRET_MODE: i32 = 0o440;
+
+/// Volume of the store's key ring.
+const ENCRYPTION_VOLUME: &str = "encryption-keys";
 
 /// Volume name of an upstream's API-key Secret.
 pub fn upstream_volume(upstream: &str) -> String {
@@ -187,7 +191,7 @@ pub fn secret_mounts<'a>(spec: &'a ModelForwarderSpec) -> Vec<SecretMount<'a>> {
         let (field, name) = ("spec.encryption.keySecretRef", &e.key_secret_ref.name);
         mounts.push(SecretMount::whole(
             field,
-            "encryption-keys",
+            ENCRYPTION_VOLUME,
             ENCRYPTION_KEYS_DIR,
             name,
         ));
@@ -341,11 +345,49 @@ fn volumes_and_mounts(inputs: &Inputs<'_>) -> (Vec<Volume>, Vec<VolumeMount>) {
         },
     ];
     for m in secret_mounts(inputs.spec) {
-        let (volume, mount) = m.render();
+        let (mut volume, mount) = m.render();
+        if let (ENCRYPTION_VOLUME, Some(_)) = (volume.name.as_str(), inputs.encryption_primary) {
+            volume = with_primary(volume, config_map_name(inputs.name));
+        }
         volumes.push(volume);
         mounts.push(mount);
     }
     (volumes, mounts)
+}
+
+/// The key ring's Secret volume, projected together with the ConfigMap's
+/// `primary` entry: the operator names the encrypting key (a rotation in
+/// two phases), and the forwarder reloads the directory as it changes.
+fn with_primary(secret_volume: Volume, config_map: String) -> Volume {
+    let secret = secret_volume.secret.unwrap_or_default();
+    Volume {
+        name: secret_volume.name,
+        projected: Some(ProjectedVolumeSource {
+            default_mode: secret.default_mode,
+            sources: Some(vec![
+                VolumeProjection {
+                    secret: Some(SecretProjection {
+                        name: secret.secret_name.unwrap_or_default(),
+                        ..SecretProjection::default()
+                    }),
+                    ..VolumeProjection::default()
+                },
+                VolumeProjection {
+                    config_map: Some(ConfigMapProjection {
+                        name: config_map,
+                        items: Some(vec![KeyToPath {
+                            key: ENCRYPTION_PRIMARY_KEY.into(),
+                            path: KEY_RING_PRIMARY.into(),
+                            mode: None,
+                        }]),
+                        ..ConfigMapProjection::default()
+                    }),
+                    ..VolumeProjection::default()
+                },
+            ]),
+        }),
+        ..Volume::default()
+    }
 }
 
 fn ports(inputs: &Inputs<'_>) -> Vec<ContainerPort> {

@@ -39,6 +39,10 @@ pub struct Inputs<'a> {
     /// The Deployment's replica count after this reconcile; the PDB
     /// follows it.
     pub replicas: i32,
+    /// The key that encrypts, when the operator names it (a key rotation
+    /// in two phases); written to the ConfigMap, outside the pod hash: the
+    /// forwarder reloads it from the projected file without a restart.
+    pub encryption_primary: Option<&'a str>,
 }
 
 /// The objects that run one ModelForwarder.
@@ -83,14 +87,23 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 
 /// The ConfigMap with the forwarder config.
 pub fn config_map(inputs: &Inputs<'_>, config_yaml: &str) -> ConfigMap {
+    let mut data = BTreeMap::from([(config::CONFIG_KEY.to_string(), config_yaml.to_string())]);
+    if let Some(primary) = inputs.encryption_primary {
+        data.insert(config::ENCRYPTION_PRIMARY_KEY.into(), primary.into());
+    }
     ConfigMap {
         metadata: metadata(inputs, config_map_name(inputs.name)),
-        data: Some(BTreeMap::from([(
-            config::CONFIG_KEY.to_string(),
-            config_yaml.to_string(),
-        )])),
+        data: Some(data),
         ..ConfigMap::default()
     }
+}
+
+/// The pod hash the Deployment's template carries for this config.
+pub fn pod_hash(
+    config: &forwarder_config::Config,
+    secret_versions: &BTreeMap<String, String>,
+) -> Result<String, serde_yaml::Error> {
+    Ok(config_hash(&config::to_yaml(config)?, secret_versions))
 }
 
 /// Renders every object from the resource and its forwarder config.
@@ -135,6 +148,7 @@ pub(crate) mod tests {
             default_image: "ghcr.io/modelforwarder/forwarder:0.1.0",
             secret_versions: secrets,
             replicas: spec.replicas.min,
+            encryption_primary: None,
         }
     }
 
