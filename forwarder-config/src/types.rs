@@ -153,7 +153,9 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Largest accepted request body, in bytes; larger bodies get 413.
     pub max_body_bytes: usize,
-    /// Overall deadline of one request, all attempts and backoff included.
+    /// Overall deadline of one request, all attempts and backoff included;
+    /// a streamed answer ends at it (after one second's grace) whether or
+    /// not the client reads it.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
     pub shutdown: ShutdownConfig,
@@ -180,7 +182,9 @@ pub struct ServerConfig {
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// A client that accepts no bytes for this long while an answer waits to
-    /// be written is disconnected, and its upstream call cancelled.
+    /// be written is disconnected, and its upstream call cancelled; an
+    /// HTTP/2 or gRPC stream the client does not read for this long (one
+    /// to two periods: it is checked once a period) is ended alone.
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
     /// Connections open at once (HTTP and gRPC listeners each). Beyond it,

@@ -122,7 +122,7 @@ fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
         // What one stream may hold unsent for a client that stopped reading
         // it (hyper's default is ~400 KiB). Such a stream stalls without
         // stalling the connection, so the write timeout does not see it:
-        // the pipeline's own stall timer and deadline end it.
+        // the pipeline's watchdog ends it (`pipeline/watchdog.rs`).
         .max_send_buf_size(64 * 1024);
     b
 }

@@ -18,6 +18,7 @@ mod rate_limit;
 pub mod responses;
 mod shared_limit;
 mod stream_end;
+mod watchdog;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -428,16 +429,18 @@ impl Pipeline {
                 }
             }
         }
-        // A stream holds its slot until it ends.
-        match (answer, slot) {
-            (Ok(mut answer), Some(slot)) => {
-                if let ReplyBody::Stream(s) = answer.reply.body {
-                    answer.reply.body = ReplyBody::Stream(on_end(s, move |_| drop(slot)));
-                }
-                Ok(answer)
-            }
-            (answer, _) => answer,
+        // A stream holds its slot until it ends, and is watched: a client
+        // that stops reading it does not hold the upstream call.
+        let mut answer = answer?;
+        if let ReplyBody::Stream(s) = answer.reply.body {
+            let s = match slot {
+                Some(slot) => on_end(s, move |_| drop(slot)),
+                None => s,
+            };
+            let stall = self.cfg.server.write_timeout;
+            answer.reply.body = ReplyBody::Stream(Box::pin(watchdog::watch(s, deadline, stall)));
         }
+        Ok(answer)
     }
 
     /// A `server.max_concurrency` slot. As many requests may wait as run;

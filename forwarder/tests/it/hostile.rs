@@ -333,6 +333,107 @@ async fn a_reader_that_stops_is_disconnected_and_its_upstream_call_cancelled() {
     fwd.assert_answers("a reader that stopped").await;
 }
 
+/// Sends a streamed chat request for `model` over HTTP/2 (prior
+/// knowledge) from a client whose stream window is 0: the forwarder may
+/// send the head, never a byte of the body. Returns the response head,
+/// and the connection to keep it open.
+async fn unread_h2_stream(
+    fwd: &Forwarder,
+    model: &str,
+) -> (
+    http::Response<hyper::body::Incoming>,
+    hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>,
+) {
+    let io = hyper_util::rt::TokioIo::new(fwd.connect().await);
+    let (mut send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .initial_connection_window_size(65_535)
+            .handshake(io)
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let body = format!(
+        r#"{{"model":"{model}","stream":true,"messages":[{{"role":"user","content":"go"}}]}}"#
+    );
+    let req = http::Request::post(format!("{}/v1/chat/completions", fwd.base))
+        .header("authorization", format!("Bearer {KEY}"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let head = tokio::time::timeout(Duration::from_secs(10), send.send_request(req))
+        .await
+        .expect("the head arrives although no body may")
+        .expect("the stream starts");
+    assert_eq!(head.status(), 200);
+    (head, send)
+}
+
+#[tokio::test]
+async fn an_http2_stream_whose_window_never_opens_frees_its_upstream_call() {
+    let (upstream, cancelled) = endless_upstream().await;
+    let fwd = forwarder(
+        &["write_timeout: 1s", "request_timeout: 60s"],
+        &format!(
+            "  - name: endless\n    provider: openai\n    base_url: {upstream}\n    models: [endless]\n"
+        ),
+    )
+    .await;
+    let started = Instant::now();
+    let (_head, _conn) = unread_h2_stream(&fwd, "endless").await;
+    // Other streams of the connection still flow, so the connection's
+    // write timeout never fires: the stream's watchdog must.
+    tokio::time::timeout(Duration::from_secs(15), cancelled)
+        .await
+        .expect("the upstream call must end after the write timeout, not at the deadline")
+        .expect("the upstream saw the cancellation");
+    eprintln!(
+        "upstream released {:?} after the request",
+        started.elapsed()
+    );
+    fwd.assert_answers("an HTTP/2 stream never read").await;
+}
+
+#[tokio::test]
+async fn the_request_deadline_bounds_a_client_that_stops_reading() {
+    let (upstream, cancelled) = endless_upstream().await;
+    let fwd = forwarder(
+        &["write_timeout: 60s", "request_timeout: 2s"],
+        &format!(
+            "  - name: endless\n    provider: openai\n    base_url: {upstream}\n    models: [endless]\n"
+        ),
+    )
+    .await;
+    let mut conn = fwd.connect().await;
+    let body = r#"{"model":"endless","stream":true,"messages":[{"role":"user","content":"go"}]}"#;
+    conn.write_all(
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let mut first = [0u8; 1024];
+    let n = conn.read(&mut first).await.unwrap();
+    assert!(first[..n].starts_with(b"HTTP/1.1 200"), "the stream starts");
+    // Stop reading: the write timeout is a minute away, the deadline 2 s.
+    tokio::time::timeout(Duration::from_secs(20), cancelled)
+        .await
+        .expect("the upstream call must end at the request deadline")
+        .expect("the upstream saw the cancellation");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "released after {took:?}, not at the deadline"
+    );
+    fwd.assert_answers("a reader that stopped before its deadline")
+        .await;
+}
+
 /// Raises this process's open-file limit to its hard limit (children
 /// inherit it); returns the new soft limit.
 fn raise_nofile_limit() -> u64 {
