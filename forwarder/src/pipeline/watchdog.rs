@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
+use futures::task::{ArcWake, AtomicWaker};
 use futures::Stream;
 use parking_lot::Mutex;
 use tokio::task::AbortHandle;
@@ -43,11 +44,27 @@ struct Shared {
     inner: Mutex<Option<BoxStream<'static, Result<Bytes, ApiError>>>>,
     /// Polls so far: the watchdog compares it between its ticks.
     polls: AtomicU64,
-    /// The last poll found the stream waiting on its source (the upstream),
-    /// not on the client: the stream's own timers govern that wait.
-    waiting_on_source: AtomicBool,
+    source: Arc<Source>,
     /// 0, or the [`Cut`] that ended the stream.
     cut: AtomicU8,
+}
+
+/// Whether the stream waits on its source (the upstream) rather than on
+/// the client: set by a poll that found nothing to give, cleared when the
+/// source wakes the stream (then only the client's polling is missing).
+/// The stream's own timers govern a wait on the source. Apart from
+/// [`Shared`], so the waker the source keeps does not own the stream.
+struct Source {
+    waiting: AtomicBool,
+    /// The front end's waker, woken in turn.
+    client: AtomicWaker,
+}
+
+impl ArcWake for Source {
+    fn wake_by_ref(arc_self: &Arc<Self>) {
+        arc_self.waiting.store(false, Ordering::Release);
+        arc_self.client.wake();
+    }
 }
 
 impl Shared {
@@ -75,7 +92,10 @@ pub fn watch(
     let shared = Arc::new(Shared {
         inner: Mutex::new(Some(stream)),
         polls: AtomicU64::new(0),
-        waiting_on_source: AtomicBool::new(false),
+        source: Arc::new(Source {
+            waiting: AtomicBool::new(false),
+            client: AtomicWaker::new(),
+        }),
         cut: AtomicU8::new(0),
     });
     let deadline = deadline.checked_add(DEADLINE_GRACE).unwrap_or(deadline);
@@ -106,7 +126,7 @@ async fn run(shared: Weak<Shared>, deadline: Instant, stall: Duration) {
         tokio::time::sleep_until(tick).await;
         let Some(s) = shared.upgrade() else { return };
         let polls = s.polls.load(Ordering::Acquire);
-        let waiting = s.waiting_on_source.load(Ordering::Acquire);
+        let waiting = s.source.waiting.load(Ordering::Acquire);
         if let Some(why) = verdict(Instant::now(), deadline, polls != seen, waiting) {
             tracing::debug!(reason = ?why, "streamed answer ended by its watchdog");
             s.cut(why);
@@ -135,10 +155,16 @@ impl Stream for Watched {
                 _ => None,
             });
         };
-        let r = stream.as_mut().poll_next(cx);
-        match &r {
-            Poll::Ready(None) => *inner = None,
-            _ => s.waiting_on_source.store(r.is_pending(), Ordering::Release),
+        s.source.client.register(cx.waker());
+        // Set before the poll: a wake during it clears it again.
+        s.source.waiting.store(true, Ordering::Release);
+        let waker = futures::task::waker_ref(&s.source);
+        let r = stream.as_mut().poll_next(&mut Context::from_waker(&waker));
+        if r.is_ready() {
+            s.source.waiting.store(false, Ordering::Release);
+        }
+        if let Poll::Ready(None) = r {
+            *inner = None;
         }
         r
     }
@@ -207,6 +233,20 @@ mod tests {
         assert_eq!(Arc::strong_count(&alive), 2, "read: not stalled");
         tokio::time::sleep(Duration::from_secs(4)).await;
         assert_eq!(Arc::strong_count(&alive), 1, "past the deadline");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_whose_source_has_data_nobody_takes_is_stalled() {
+        let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Bytes, ApiError>>();
+        let far = Instant::now() + Duration::from_secs(3600);
+        let mut w = watch(rx.boxed(), far, Duration::from_secs(5));
+        // Polled once: nothing yet, so it waits on its source.
+        assert!(futures::poll!(w.next()).is_pending());
+        // The source gets data and wakes the stream; nobody polls it.
+        tx.unbounded_send(Ok(Bytes::from_static(b"data: {}\n\n")))
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert!(tx.is_closed(), "the source was dropped");
     }
 
     #[tokio::test(start_paused = true)]

@@ -633,3 +633,42 @@ async fn a_grpc_connection_that_never_opens_is_closed_and_grpc_still_works() {
         .expect("a unary call after a quiet spell");
     assert_eq!(reply.into_inner().reply, "mock reply: hi");
 }
+
+#[tokio::test]
+async fn a_grpc_stream_never_read_frees_its_upstream_call() {
+    let (upstream, cancelled) = endless_upstream().await;
+    let mut u = forwarder::config::UpstreamConfig::builtin_mock();
+    u.name = "endless".into();
+    u.provider = forwarder::config::Provider::Openai;
+    u.base_url = Some(upstream);
+    u.models = vec!["endless".into()];
+    u.mock = None;
+    u.timeout = Duration::from_secs(60);
+    let mut cfg = crate::common::config(vec![u]);
+    cfg.server.write_timeout = Duration::from_secs(1);
+    cfg.server.request_timeout = Duration::from_secs(60);
+    let fwd = crate::common::start(cfg).await;
+    let channel = tonic::transport::Endpoint::from_shared(fwd.grpc.clone().expect("gRPC enabled"))
+        .unwrap()
+        .initial_stream_window_size(Some(0))
+        .connect()
+        .await
+        .expect("grpc connects");
+    let mut client =
+        forwarder::frontends::grpc::pb::forwarder_client::ForwarderClient::new(channel);
+    let _unread = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.forward_stream(forwarder::frontends::grpc::pb::ForwardRequest {
+            model_id: "endless".into(),
+            prompt: "go".into(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("the head arrives")
+    .expect("the stream starts");
+    tokio::time::timeout(Duration::from_secs(15), cancelled)
+        .await
+        .expect("the upstream call must end after the write timeout")
+        .expect("the upstream saw the cancellation");
+}
