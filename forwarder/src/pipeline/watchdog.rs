@@ -15,12 +15,12 @@
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Weak};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
-use futures::task::{ArcWake, AtomicWaker};
+use futures::task::ArcWake;
 use futures::Stream;
 use parking_lot::Mutex;
 use tokio::task::AbortHandle;
@@ -41,12 +41,20 @@ enum Cut {
 }
 
 struct Shared {
-    inner: Mutex<Option<BoxStream<'static, Result<Bytes, ApiError>>>>,
+    inner: Mutex<Inner>,
     /// Polls so far: the watchdog compares it between its ticks.
     polls: AtomicU64,
     source: Arc<Source>,
     /// 0, or the [`Cut`] that ended the stream.
     cut: AtomicU8,
+}
+
+struct Inner {
+    /// `None` once ended or cut.
+    stream: Option<BoxStream<'static, Result<Bytes, ApiError>>>,
+    /// The waker last handed to [`Source`], so an unchanged one costs no
+    /// second lock.
+    registered: Option<Waker>,
 }
 
 /// Whether the stream waits on its source (the upstream) rather than on
@@ -56,14 +64,18 @@ struct Shared {
 /// [`Shared`], so the waker the source keeps does not own the stream.
 struct Source {
     waiting: AtomicBool,
-    /// The front end's waker, woken in turn.
-    client: AtomicWaker,
+    /// The front end's waker, woken in turn. Kept, not taken, when woken:
+    /// a stream is woken once per upstream read, and the same waker then
+    /// needs no clone at the next poll.
+    client: Mutex<Option<Waker>>,
 }
 
 impl ArcWake for Source {
     fn wake_by_ref(arc_self: &Arc<Self>) {
         arc_self.waiting.store(false, Ordering::Release);
-        arc_self.client.wake();
+        if let Some(w) = arc_self.client.lock().as_ref() {
+            w.wake_by_ref();
+        }
     }
 }
 
@@ -71,7 +83,7 @@ impl Shared {
     fn cut(&self, why: Cut) {
         self.cut.store(why as u8, Ordering::Release);
         // Dropped outside the lock.
-        let stream = self.inner.lock().take();
+        let stream = self.inner.lock().stream.take();
         drop(stream);
     }
 }
@@ -90,11 +102,14 @@ pub fn watch(
     stall: Duration,
 ) -> Watched {
     let shared = Arc::new(Shared {
-        inner: Mutex::new(Some(stream)),
+        inner: Mutex::new(Inner {
+            stream: Some(stream),
+            registered: None,
+        }),
         polls: AtomicU64::new(0),
         source: Arc::new(Source {
             waiting: AtomicBool::new(false),
-            client: AtomicWaker::new(),
+            client: Mutex::new(None),
         }),
         cut: AtomicU8::new(0),
     });
@@ -142,8 +157,9 @@ impl Stream for Watched {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let s = &self.shared;
         s.polls.fetch_add(1, Ordering::Release);
-        let mut inner = s.inner.lock();
-        let Some(stream) = inner.as_mut() else {
+        let mut guard = s.inner.lock();
+        let inner = &mut *guard;
+        let Some(stream) = inner.stream.as_mut() else {
             return Poll::Ready(match s.cut.swap(0, Ordering::AcqRel) {
                 x if x == Cut::Deadline as u8 => Some(Err(ApiError::GatewayTimeout(
                     "the request deadline passed while the client was not reading".into(),
@@ -155,7 +171,14 @@ impl Stream for Watched {
                 _ => None,
             });
         };
-        s.source.client.register(cx.waker());
+        if !inner
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            inner.registered = Some(cx.waker().clone());
+            *s.source.client.lock() = Some(cx.waker().clone());
+        }
         // Set before the poll: a wake during it clears it again.
         s.source.waiting.store(true, Ordering::Release);
         let waker = futures::task::waker_ref(&s.source);
@@ -164,7 +187,7 @@ impl Stream for Watched {
             s.source.waiting.store(false, Ordering::Release);
         }
         if let Poll::Ready(None) = r {
-            *inner = None;
+            inner.stream = None;
         }
         r
     }
