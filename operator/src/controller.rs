@@ -48,6 +48,7 @@ where
 fn owned<K>(
     client: &Client,
     ns: Option<&str>,
+    trim: fn(&mut K),
 ) -> (
     Store<K>,
     impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
@@ -70,7 +71,10 @@ where
     let stream = watcher(scoped::<K>(client, ns), cfg)
         .default_backoff()
         // The reconciler never reads managedFields: do not keep them.
-        .modify(|o: &mut K| o.managed_fields_mut().clear())
+        .modify(move |o: &mut K| {
+            o.managed_fields_mut().clear();
+            trim(o);
+        })
         .reflect(writer)
         .touched_objects();
     (reader, stream)
@@ -175,10 +179,10 @@ pub async fn run(client: Client, namespace: Option<String>, mut ctx: Context) {
         // Status writes do not change the generation: no reconcile for them.
         .predicate_filter(predicates::generation, Default::default());
 
-    let (deployments, deployment_events) = owned::<Deployment>(&client, ns);
-    let (config_maps, config_map_events) = owned::<ConfigMap>(&client, ns);
-    let (services, service_events) = owned::<Service>(&client, ns);
-    let (pdbs, pdb_events) = owned::<PodDisruptionBudget>(&client, ns);
+    let (deployments, deployment_events) = owned(&client, ns, crate::drift::trim_deployment);
+    let (config_maps, config_map_events) = owned::<ConfigMap>(&client, ns, |_| {});
+    let (services, service_events) = owned::<Service>(&client, ns, |_| {});
+    let (pdbs, pdb_events) = owned::<PodDisruptionBudget>(&client, ns, |_| {});
     let (names, names_feed) = names(&client, ns);
     // Driven beside the controller, ended with it.
     let _names_feed = AbortOnDrop(tokio::spawn(names_feed));

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, PodTemplateSpec, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec, PodTemplateSpec, Service, Volume};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -116,10 +116,94 @@ pub fn deployment(existing: &Deployment, desired: &Deployment) -> bool {
         || volumes(&have) != volumes(&want)
 }
 
+/// Trims a cached Deployment to what the reconciler reads (pure): the
+/// fields [`deployment`] compares, the template's annotations (the pod
+/// hash), the replica count, the metadata and the status. The rest of the
+/// pod spec (probes, env, mounts, volume sources, security settings) is
+/// most of a Deployment's size and is never read from the cache.
+pub fn trim_deployment(d: &mut Deployment) {
+    d.metadata.managed_fields = None;
+    let Some(pod) = d.spec.as_mut().and_then(|s| {
+        s.strategy = None;
+        s.template.spec.as_mut()
+    }) else {
+        return;
+    };
+    let containers = std::mem::take(&mut pod.containers)
+        .into_iter()
+        .map(|c| Container {
+            name: c.name,
+            image: c.image,
+            command: c.command,
+            args: c.args,
+            ..Container::default()
+        })
+        .collect();
+    let volumes = pod.volumes.take().map(|v| {
+        v.into_iter()
+            .map(|v| Volume {
+                name: v.name,
+                ..Volume::default()
+            })
+            .collect()
+    });
+    *pod = PodSpec {
+        containers,
+        volumes,
+        ..PodSpec::default()
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+
+    #[test]
+    fn a_trimmed_deployment_compares_as_the_whole_one() {
+        use std::collections::BTreeMap;
+        let spec = crate::render::config::tests::spec();
+        let secrets = BTreeMap::new();
+        let inputs = crate::render::tests::inputs(&spec, &secrets);
+        let desired = crate::render::deployment::deployment(&inputs, "h1");
+        let mut trimmed = desired.clone();
+        trim_deployment(&mut trimmed);
+        assert!(!deployment(&trimmed, &desired), "as applied: no drift");
+        let size = |d: &Deployment| serde_json::to_vec(d).unwrap().len();
+        assert!(size(&trimmed) * 2 < size(&desired), "most of it goes");
+        let edits: [fn(&mut PodSpec); 3] = [
+            |p| p.containers[0].image = Some("other".into()),
+            |p| p.containers[0].args = Some(vec!["--x".into()]),
+            |p| drop(p.volumes.as_mut().unwrap().pop()),
+        ];
+        for edit in edits {
+            let mut edited = desired.clone();
+            edit(
+                edited
+                    .spec
+                    .as_mut()
+                    .unwrap()
+                    .template
+                    .spec
+                    .as_mut()
+                    .unwrap(),
+            );
+            trim_deployment(&mut edited);
+            assert!(deployment(&edited, &desired), "an edit is still seen");
+        }
+        let hash = |d: &Deployment| {
+            d.spec
+                .as_ref()
+                .unwrap()
+                .template
+                .metadata
+                .as_ref()
+                .unwrap()
+                .annotations
+                .clone()
+        };
+        assert_eq!(hash(&trimmed), hash(&desired), "the pod hash stays");
+    }
 
     fn cm(value: &str) -> ConfigMap {
         ConfigMap {
