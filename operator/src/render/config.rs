@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use forwarder_config::{AuthConfig, Config, Provider, RetryConfig, UpstreamConfig};
 
+use super::connections;
 use crate::crd::{ModelForwarderSpec, Protocol, Upstream};
 
 /// Port of the HTTP listener (HTTP API, OpenAI API, WebSocket, health, metrics).
@@ -163,6 +164,15 @@ pub fn render(spec: &ModelForwarderSpec) -> Result<Config, Vec<Problem>> {
     config.grpc.listen = SocketAddr::from(([0, 0, 0, 0], GRPC_PORT));
     config.server.shutdown.drain_delay = DRAIN_DELAY;
     config.server.shutdown.grace_period = GRACE_PERIOD;
+    // Every listener full of connections waiting for their heads fits in
+    // the pod's memory limit.
+    let memory_limit = super::deployment::resources(spec)
+        .limits
+        .and_then(|l| l.get("memory").and_then(|q| connections::bytes(&q.0)));
+    let listeners = 1 + u64::from(config.grpc.enabled);
+    if let Some(n) = connections::max_connections(memory_limit, listeners) {
+        config.server.max_connections = n;
+    }
     config.auth.jwt = spec.auth.as_ref().and_then(|a| a.jwt.as_ref()).map(jwt);
     config.server.tls = spec.tls.as_ref().map(tls);
     if let Err(p) = store_and_limits(spec, &mut config) {
@@ -424,6 +434,28 @@ pub(crate) mod tests {
             "replicas": {"min": 2, "max": 20}
         }))
         .expect("valid spec")
+    }
+
+    #[test]
+    fn the_connection_cap_follows_the_memory_limit_and_the_listeners() {
+        let mut s = spec();
+        assert_eq!(render(&s).expect("config").server.max_connections, 9_830);
+        s.protocols.push(Protocol::Grpc);
+        assert_eq!(render(&s).expect("config").server.max_connections, 4_915);
+        s.pod.resources = serde_json::from_value(serde_json::json!({
+            "limits": {"memory": "2Gi"}
+        }))
+        .expect("resources");
+        assert_eq!(render(&s).expect("config").server.max_connections, 16_384);
+        // Requests only: no limit to fit, the forwarder's default.
+        s.pod.resources = serde_json::from_value(serde_json::json!({
+            "requests": {"memory": "64Mi"}
+        }))
+        .expect("resources");
+        assert_eq!(
+            render(&s).expect("config").server.max_connections,
+            forwarder_config::ServerConfig::default().max_connections
+        );
     }
 
     #[test]

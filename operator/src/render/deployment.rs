@@ -44,6 +44,11 @@ pub fn termination_grace_seconds() -> i64 {
     (DRAIN_DELAY + GRACE_PERIOD).as_secs() as i64 + 10
 }
 
+/// The container's resources: `spec.pod.resources`, else the defaults.
+pub fn resources(spec: &ModelForwarderSpec) -> ResourceRequirements {
+    spec.pod.resources.clone().unwrap_or_else(default_resources)
+}
+
 fn default_resources() -> ResourceRequirements {
     ResourceRequirements {
         requests: Some(BTreeMap::from([
@@ -465,7 +470,7 @@ pub fn deployment(inputs: &Inputs<'_>, config_hash: &str) -> Deployment {
         ports: Some(ports(inputs)),
         liveness_probe: Some(probe("/healthz", 10, 3, inputs.spec.tls.as_ref())),
         readiness_probe: Some(probe("/readyz", 5, 2, inputs.spec.tls.as_ref())),
-        resources: Some(pod.resources.clone().unwrap_or_else(default_resources)),
+        resources: Some(resources(inputs.spec)),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),

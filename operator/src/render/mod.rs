@@ -7,6 +7,7 @@
 pub mod aliases;
 pub mod budgets;
 pub mod config;
+pub mod connections;
 pub mod deployment;
 pub mod labels;
 pub mod pdb;
