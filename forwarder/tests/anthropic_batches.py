@@ -1,5 +1,6 @@
 """Anthropic's Message Batches API through the forwarder with the official
-anthropic SDK: create, retrieve until ended, results, list, cancel; a
+anthropic SDK: create, retrieve until ended, results, list (both ways),
+cancel, delete; a
 request for a model not served ends `errored`, the rest `succeeded`
 (`claude` passed to an Anthropic upstream, `gpt` translated to chat
 completions and back); another client sees none of it. Exits non-zero on
@@ -58,6 +59,7 @@ for call_it in (
     lambda: other.messages.batches.retrieve(batch.id),
     lambda: list(other.messages.batches.results(batch.id)),
     lambda: other.messages.batches.cancel(batch.id),
+    lambda: other.messages.batches.delete(batch.id),
 ):
     try:
         call_it()
@@ -73,5 +75,26 @@ for requests, says in (([], "at least one"), ([{"custom_id": "bad id", "params":
         raise SystemExit(f"expected a 400 for {requests}")
     except anthropic.BadRequestError as err:
         assert says in err.body["error"]["message"], err.body
+
+# A newer batch is on the page before the first one.
+newer = client.messages.batches.create(requests=[{"custom_id": "n", "params": ask("claude", "four")}])
+page = client.messages.batches.list(before_id=batch.id, limit=5)
+assert [b.id for b in page.data] == [newer.id], page
+assert [b.id for b in client.messages.batches.list(after_id=newer.id, limit=1).data] == [batch.id]
+
+# An ended batch is deleted, with its results; then it is unknown.
+deleted = client.messages.batches.delete(batch.id)
+assert deleted.id == batch.id and deleted.type == "message_batch_deleted", deleted
+for call_it in (
+    lambda: client.messages.batches.retrieve(batch.id),
+    lambda: list(client.messages.batches.results(batch.id)),
+    lambda: client.messages.batches.delete(batch.id),
+):
+    try:
+        call_it()
+        raise SystemExit("a deleted batch is still there")
+    except anthropic.NotFoundError:
+        pass
+assert batch.id not in [b.id for b in client.messages.batches.list(limit=100)]
 
 print("ALL OK")

@@ -59,6 +59,21 @@ impl FileStore {
         self.get_json(&file_key("batch-file", owner, id)).await
     }
 
+    /// Deletes a file: its metadata first (it is then gone to readers),
+    /// then its chunks.
+    pub async fn remove(&self, owner: &Identity, id: &str) -> Result<(), StoreError> {
+        let Some(meta) = self.meta(owner, id).await? else {
+            return Ok(());
+        };
+        self.store
+            .delete(&file_key("batch-file", owner, id))
+            .await?;
+        for n in 0..meta.chunks {
+            self.store.delete(&chunk_key(owner, id, n)).await?;
+        }
+        Ok(())
+    }
+
     pub async fn chunk(&self, owner: &Identity, id: &str, n: u32) -> Result<Bytes, StoreError> {
         match self.store.get(&chunk_key(owner, id, n)).await? {
             Some(r) => Ok(r.value),

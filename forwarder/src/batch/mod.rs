@@ -237,6 +237,70 @@ impl Batches {
         Ok(b)
     }
 
+    /// Deletes a batch that has ended: its record, its place in the
+    /// client's list, and its input, output and error files. A batch still
+    /// running is refused (cancel it first).
+    pub async fn delete(&self, owner: &Identity, id: &str) -> Result<Batch, BatchError> {
+        let b = self.get(owner, id).await?;
+        if !b.status.is_final() {
+            return Err(BatchError::Conflict(format!(
+                "batch {id} is still running: cancel it first, then delete it once it has ended"
+            )));
+        }
+        let store = &self.files.store;
+        store
+            .index_remove(&key("batch-list", owner, ""), id)
+            .await?;
+        store.delete(&key("batch", owner, id)).await?;
+        let files = [
+            Some(&b.input_file_id),
+            b.output_file_id.as_ref(),
+            b.error_file_id.as_ref(),
+        ];
+        for file in files.into_iter().flatten() {
+            self.files.remove(owner, file).await?;
+        }
+        Ok(b)
+    }
+
+    /// Up to `limit` of the client's batches that `keep` accepts, newer
+    /// than the batch `before` and nearest to it, newest first; and
+    /// whether there are more beyond them.
+    pub async fn list_before(
+        &self,
+        owner: &Identity,
+        limit: usize,
+        before: &str,
+        keep: impl Fn(&Batch) -> bool,
+    ) -> Result<(Vec<Batch>, bool), BatchError> {
+        let ids: Vec<String> = self
+            .files
+            .store
+            .index_list(&key("batch-list", owner, ""), usize::MAX)
+            .await?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        let Some(at) = ids.iter().position(|i| i == before) else {
+            return Err(BatchError::NotFound("no such batch"));
+        };
+        let mut out = Vec::new();
+        for id in &ids[at + 1..] {
+            if let Ok(b) = self.get(owner, id).await {
+                if keep(&b) {
+                    out.push(b);
+                    if out.len() > limit {
+                        break;
+                    }
+                }
+            }
+        }
+        let more = out.len() > limit;
+        out.truncate(limit);
+        out.reverse();
+        Ok((out, more))
+    }
+
     /// The client's batches, newest first, after the batch `after`.
     pub async fn list(
         &self,

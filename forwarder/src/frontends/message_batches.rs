@@ -1,5 +1,5 @@
 //! Anthropic's Message Batches API: `POST`/`GET /v1/messages/batches`,
-//! `GET /v1/messages/batches/{id}`, `POST .../{id}/cancel` and
+//! `GET`/`DELETE /v1/messages/batches/{id}`, `POST .../{id}/cancel` and
 //! `GET .../{id}/results`, on the Batch API's batches (see
 //! [`crate::batch::anthropic`]): the same store, driver, grants, limits and
 //! budgets, shown in Anthropic's shapes and refused with its error body.
@@ -39,7 +39,7 @@ pub(super) fn routes() -> Router<BatchState> {
                 .layer(DefaultBodyLimit::max(MAX_CREATE_BYTES))
                 .get(list),
         )
-        .route("/v1/messages/batches/{id}", get(retrieve))
+        .route("/v1/messages/batches/{id}", get(retrieve).delete(delete))
         .route("/v1/messages/batches/{id}/cancel", post(cancel))
         .route("/v1/messages/batches/{id}/results", get(results))
         // The owner's 401 or 429, a rejected query or body: in Anthropic's
@@ -157,6 +157,25 @@ async fn cancel(
     }
 }
 
+/// `DELETE /v1/messages/batches/{id}`: a batch that has ended, with its
+/// results; one still processing is refused (cancel it first).
+async fn delete(
+    State(s): State<BatchState>,
+    Owner(Principal {
+        identity: owner, ..
+    }): Owner,
+    Path(id): Path<String>,
+) -> Response {
+    let b = match message_batch(&s, &owner, &id).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    match s.batches.delete(&owner, &b.id).await {
+        Ok(_) => Json(json!({"id": id, "type": "message_batch_deleted"})).into_response(),
+        Err(e) => refuse(e),
+    }
+}
+
 #[derive(Deserialize)]
 struct ListQuery {
     limit: Option<usize>,
@@ -165,7 +184,8 @@ struct ListQuery {
 }
 
 /// `GET /v1/messages/batches`: newest first, `limit` (1–1000, 20) per
-/// page, `after_id` for the next page.
+/// page, `after_id` for the next (older) page, `before_id` for the
+/// previous (newer) one.
 async fn list(
     State(s): State<BatchState>,
     Owner(Principal {
@@ -183,10 +203,21 @@ async fn list(
             "limit must be between 1 and 1000".into(),
         ));
     }
-    if q.before_id.is_some() {
+    if q.before_id.is_some() && q.after_id.is_some() {
         return error_response(ApiError::BadRequest(
-            "before_id is not supported here: page forward with after_id".into(),
+            "before_id and after_id cannot be used together".into(),
         ));
+    }
+    if let Some(before) = q.before_id.as_deref() {
+        let Some(before) = shape::batch_id(before) else {
+            return not_found("no such message batch");
+        };
+        let keep = |b: &Batch| shape::view(b).is_some();
+        return match s.batches.list_before(&owner, limit, &before, keep).await {
+            Ok((page, more)) => page_of(page.iter().filter_map(shape::view).collect(), more),
+            Err(BatchError::NotFound(_)) => not_found("no such message batch"),
+            Err(e) => refuse(e),
+        };
     }
     let after = match q.after_id.as_deref().map(shape::batch_id) {
         None => None,
@@ -212,6 +243,11 @@ async fn list(
     }
     let has_more = data.len() > limit;
     data.truncate(limit);
+    page_of(data, has_more)
+}
+
+/// A page of the list, in Anthropic's shape.
+fn page_of(data: Vec<serde_json::Value>, has_more: bool) -> Response {
     Json(json!({
         "first_id": data.first().map(|b| b["id"].clone()),
         "last_id": data.last().map(|b| b["id"].clone()),

@@ -803,3 +803,143 @@ async fn a_cancelled_message_batch_reports_its_canceled_requests() {
         r.text
     );
 }
+
+#[tokio::test]
+async fn an_ended_message_batch_is_deleted_with_its_results_and_pages_go_both_ways() {
+    let m = mock(MockSettings {
+        latency: forwarder::config::LatencyDist::Fixed(Duration::from_millis(100)),
+        ..MockSettings::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = base_config(&m, &dir);
+    cfg.async_jobs.workers = 1;
+    let f = start(cfg).await;
+    let batch = |n: usize| {
+        let requests: Vec<Value> = (0..n)
+            .map(|i| {
+                json!({"custom_id": format!("r{i}"), "params": {"model": "mock", "max_tokens": 5,
+                    "messages": [{"role": "user", "content": format!("q{i}")}]}})
+            })
+            .collect();
+        json!({"requests": requests})
+    };
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let r = f.post("/v1/messages/batches", &batch(1), &[ALICE]).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        ids.push(r.body["id"].as_str().unwrap().to_string());
+        // An OpenAI batch between them is not on these pages.
+        let up = upload(&f, &jsonl(&[line("x", "hi")]), "batch", ALICE).await;
+        assert_eq!(
+            create(&f, up.body["id"].as_str().unwrap(), ALICE)
+                .await
+                .status,
+            200
+        );
+    }
+    let page = |q: String| {
+        let f = &f;
+        async move {
+            let r = f.get(&format!("/v1/messages/batches?{q}"), &[ALICE]).await;
+            assert_eq!(r.status, 200, "{}", r.text);
+            let got: Vec<String> = r.body["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b["id"].as_str().unwrap().to_string())
+                .collect();
+            (got, r.body["has_more"].as_bool().unwrap())
+        }
+    };
+    // Newest first; before_id pages towards the newer ones.
+    let (oldest, middle, newest) = (&ids[0], &ids[1], &ids[2]);
+    assert_eq!(
+        page(format!("limit=1&before_id={oldest}")).await,
+        (vec![middle.clone()], true)
+    );
+    assert_eq!(
+        page(format!("limit=5&before_id={oldest}")).await,
+        (vec![newest.clone(), middle.clone()], false)
+    );
+    assert_eq!(
+        page(format!("limit=2&after_id={newest}")).await,
+        (vec![middle.clone(), oldest.clone()], false)
+    );
+    let r = f
+        .get(
+            &format!("/v1/messages/batches?before_id={oldest}&after_id={newest}"),
+            &[ALICE],
+        )
+        .await;
+    assert_eq!((r.status, r.body["type"].as_str()), (400, Some("error")));
+    let r = f
+        .get("/v1/messages/batches?before_id=msgbatch_nosuch", &[ALICE])
+        .await;
+    assert_eq!(r.status, 404, "{}", r.text);
+
+    // A batch still processing cannot be deleted.
+    let running = f.post("/v1/messages/batches", &batch(40), &[ALICE]).await;
+    let running = running.body["id"].as_str().unwrap().to_string();
+    let r = f
+        .delete(&format!("/v1/messages/batches/{running}"), &[ALICE])
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(
+        r.body["error"]["type"], "invalid_request_error",
+        "{}",
+        r.text
+    );
+    // Another client cannot delete it, ended or not.
+    let r = f
+        .delete(&format!("/v1/messages/batches/{oldest}"), &[BOB])
+        .await;
+    assert_eq!(r.status, 404, "{}", r.text);
+
+    // An ended one goes, with its results and its files.
+    let internal = crate_batch_id(oldest);
+    let mut openai = Value::Null;
+    for _ in 0..400 {
+        openai = f
+            .get(&format!("/v1/batches/{internal}"), &[ALICE])
+            .await
+            .body;
+        if openai["status"] == "completed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(openai["status"], "completed", "{openai}");
+    let output = openai["output_file_id"].as_str().unwrap().to_string();
+    let input = openai["input_file_id"].as_str().unwrap().to_string();
+    let r = f
+        .delete(&format!("/v1/messages/batches/{oldest}"), &[ALICE])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        r.body,
+        json!({"id": oldest, "type": "message_batch_deleted"}),
+        "{}",
+        r.text
+    );
+    for gone in [
+        format!("/v1/messages/batches/{oldest}"),
+        format!("/v1/messages/batches/{oldest}/results"),
+        format!("/v1/files/{output}"),
+        format!("/v1/files/{input}/content"),
+    ] {
+        let r = f.get(&gone, &[ALICE]).await;
+        assert_eq!(r.status, 404, "{gone}: {}", r.text);
+    }
+    let (listed, _) = page("limit=100".into()).await;
+    assert_eq!(listed, vec![running, newest.clone(), middle.clone()]);
+    let r = f
+        .delete(&format!("/v1/messages/batches/{oldest}"), &[ALICE])
+        .await;
+    assert_eq!(r.status, 404, "deleted once: {}", r.text);
+}
+
+/// The Batch API's id of a message batch.
+fn crate_batch_id(message_batch: &str) -> String {
+    forwarder::batch::anthropic::batch_id(message_batch).expect("a message batch id")
+}
