@@ -124,6 +124,39 @@ fn default_tls_reload() -> Duration {
     Duration::from_secs(5)
 }
 
+/// TLS towards the trace collector (an `https://` endpoint, OTLP over
+/// `http/protobuf`). The files are read at start.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CollectorTlsConfig {
+    /// PEM CA bundle trusted instead of the system roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate chain and key (both or neither), for a collector
+    /// that requires them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// The name sent as SNI and checked against the certificate, when it
+    /// differs from the endpoint's host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+}
+
+impl CollectorTlsConfig {
+    /// The same files, as the client TLS settings an upstream has.
+    pub fn as_client(&self) -> UpstreamTlsConfig {
+        UpstreamTlsConfig {
+            ca_file: self.ca_file.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+            server_name: self.server_name.clone(),
+            ..UpstreamTlsConfig::default()
+        }
+    }
+}
+
 /// TLS towards one upstream (an `https://` base URL).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{JwtConfig, LatencyDist, TlsConfig, UpstreamTlsConfig};
+use crate::{CollectorTlsConfig, JwtConfig, LatencyDist, TlsConfig, UpstreamTlsConfig};
 
 /// The whole forwarder configuration. `Config::default()` is the embedded
 /// default: 127.0.0.1:8080, no auth, one model `mock` on the built-in mock.
@@ -73,6 +73,12 @@ pub struct TracingConfig {
     pub sample_ratio: Option<f64>,
     /// `service.name`. Else `OTEL_SERVICE_NAME`, else `forwarder`.
     pub service_name: Option<String>,
+    /// TLS to an `https://` collector over `http/protobuf`: a CA bundle
+    /// instead of the system roots, a client certificate, a server name.
+    /// Without it an `https://` endpoint is checked against the system
+    /// roots. A `grpc` collector is reached over plain HTTP/2 only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<CollectorTlsConfig>,
 }
 
 /// A model alias (`models.<alias>`): the client's model name, served by

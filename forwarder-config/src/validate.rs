@@ -834,6 +834,7 @@ prices: {mock: {input: 1, output: 2}, nope: {input: -1}}
             protocol: Some("grpc".into()),
             sample_ratio: Some(0.25),
             service_name: Some("edge".into()),
+            tls: None,
         };
         validate(&c).unwrap();
     }

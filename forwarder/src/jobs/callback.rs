@@ -133,7 +133,7 @@ impl Callbacks {
             .map_err(|e| BuildError::new(format!("async.callbacks.secrets_file: {e}")))?;
         let http = Guarded::new(&cfg.allowed_networks, cfg.timeout);
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(crate::upstream::tls_config().clone())
+            .with_tls_config(crate::upstream::tls::system_roots().clone())
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
@@ -293,7 +293,7 @@ mod tests {
 
     fn client(networks: &[CallbackNetwork]) -> HttpsClient {
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(crate::upstream::tls_config().clone())
+            .with_tls_config(crate::upstream::tls::system_roots().clone())
             .https_or_http()
             .enable_http1()
             .wrap_connector(Guarded::new(networks, Duration::from_secs(2)));

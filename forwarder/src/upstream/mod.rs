@@ -12,4 +12,3 @@ pub mod tls;
 
 pub use error::UpstreamError;
 pub use pool::{Endpoint, Lease, PickError, Pools};
-pub(crate) use providers::tls_config;

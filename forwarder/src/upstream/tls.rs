@@ -29,6 +29,25 @@ fn certs(path: &Path, at: &str) -> Result<Vec<CertificateDer<'static>>, BuildErr
     Ok(certs)
 }
 
+/// The client TLS settings shared by every https peer without files of its
+/// own (upstreams, callback receivers, the trace collector): the system's
+/// roots, loaded once. Without any (a bare container), https peers fail to
+/// verify, plain http ones still work.
+pub fn system_roots() -> &'static rustls::ClientConfig {
+    static CONFIG: std::sync::OnceLock<rustls::ClientConfig> = std::sync::OnceLock::new();
+    CONFIG.get_or_init(|| {
+        let mut roots = rustls::RootCertStore::empty();
+        let found = rustls_native_certs::load_native_certs();
+        let (added, _) = roots.add_parsable_certificates(found.certs);
+        if added == 0 {
+            tracing::warn!("no system CA certificates found: https peers will not verify");
+        }
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth()
+    })
+}
+
 /// The client config for an upstream with `tls` settings; `system` gives
 /// the shared system-roots config used when no CA bundle is set.
 pub fn client_config(
@@ -36,8 +55,16 @@ pub fn client_config(
     tls: &UpstreamTlsConfig,
     system: impl FnOnce() -> rustls::ClientConfig,
 ) -> Result<rustls::ClientConfig, BuildError> {
+    client_config_at(&format!("upstreams.{name}.tls"), tls, system)
+}
+
+/// [`client_config`] for settings at the config path `at` (for messages).
+pub fn client_config_at(
+    at: &str,
+    tls: &UpstreamTlsConfig,
+    system: impl FnOnce() -> rustls::ClientConfig,
+) -> Result<rustls::ClientConfig, BuildError> {
     crate::install_crypto_provider();
-    let at = format!("upstreams.{name}.tls");
     let mut roots = rustls::RootCertStore::empty();
     match &tls.ca_file {
         Some(path) => {
@@ -79,11 +106,19 @@ pub fn server_name(
     name: &str,
     tls: &UpstreamTlsConfig,
 ) -> Result<Option<ServerName<'static>>, BuildError> {
+    server_name_at(&format!("upstreams.{name}.tls"), tls)
+}
+
+/// [`server_name`] for settings at the config path `at`.
+pub fn server_name_at(
+    at: &str,
+    tls: &UpstreamTlsConfig,
+) -> Result<Option<ServerName<'static>>, BuildError> {
     tls.server_name
         .as_ref()
         .map(|n| {
             ServerName::try_from(n.clone())
-                .map_err(|e| BuildError::new(format!("upstreams.{name}.tls.server_name: {e}")))
+                .map_err(|e| BuildError::new(format!("{at}.server_name: {e}")))
         })
         .transpose()
 }

@@ -672,3 +672,115 @@ async fn batch_lines_link_to_the_request_that_created_the_batch() {
         assert_eq!(hex(&run.links[0].span_id), client_span);
     }
 }
+
+/// An OTLP `http/protobuf` receiver behind TLS with this certificate.
+async fn tls_receiver(received: Received, cert: &str, key: &str) -> String {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tower::ServiceExt;
+    forwarder::install_crypto_provider();
+    let certs = CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let server = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    async fn traces(State(r): State<Received>, body: Bytes) -> impl IntoResponse {
+        r.take(ExportTraceServiceRequest::decode(body).unwrap());
+        (
+            [("content-type", "application/x-protobuf")],
+            ExportTraceServiceResponse {
+                partial_success: None,
+            }
+            .encode_to_vec(),
+        )
+    }
+    let app = axum::Router::new()
+        .route("/v1/traces", axum::routing::post(traces))
+        .with_state(received);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        app.clone().oneshot(req.map(axum::body::Body::new))
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                .await;
+            });
+        }
+    });
+    format!("https://127.0.0.1:{port}")
+}
+
+#[tokio::test]
+async fn spans_reach_an_https_collector_that_the_configured_ca_vouches_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = crate::tls::Ca::new("collector CA");
+    let (cert, key) = ca.leaf("collector", &["localhost", "127.0.0.1"]);
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let run = |tls: Option<forwarder::config::CollectorTlsConfig>| {
+        let (cert, key) = (cert.clone(), key.clone());
+        async move {
+            let received = Received::default();
+            let endpoint = tls_receiver(received.clone(), &cert, &key).await;
+            let mut cfg = config(vec![forwarder::config::UpstreamConfig::builtin_mock()]);
+            cfg.tracing.enabled = true;
+            cfg.tracing.endpoint = Some(endpoint);
+            cfg.tracing.protocol = Some("http/protobuf".into());
+            cfg.tracing.tls = tls;
+            let f = start(cfg).await;
+            let r = f
+                .post("/v1/chat/completions", &chat("mock", "hi"), &[])
+                .await;
+            assert_eq!(r.status, 200, "{}", r.text);
+            f.server.shutdown().await;
+            for _ in 0..30 {
+                if !received.spans().is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            received.spans().len()
+        }
+    };
+    let trusted = forwarder::config::CollectorTlsConfig {
+        ca_file: Some(ca_file.clone()),
+        ..Default::default()
+    };
+    assert!(run(Some(trusted)).await > 0, "spans over TLS");
+    // The system roots do not know this CA: nothing is exported, and the
+    // requests are served all the same.
+    assert_eq!(run(None).await, 0, "an unverified collector gets nothing");
+    // A name the certificate does not carry fails too.
+    let elsewhere = forwarder::config::CollectorTlsConfig {
+        ca_file: Some(ca_file.clone()),
+        server_name: Some("elsewhere.test".into()),
+        ..Default::default()
+    };
+    assert_eq!(run(Some(elsewhere)).await, 0, "the server name is checked");
+
+    // TLS to a gRPC collector is not built: refused at start.
+    let mut cfg = config(vec![forwarder::config::UpstreamConfig::builtin_mock()]);
+    cfg.tracing.enabled = true;
+    cfg.tracing.endpoint = Some("https://127.0.0.1:4317".into());
+    cfg.tracing.protocol = Some("grpc".into());
+    let refused = forwarder::server::Server::start(cfg)
+        .await
+        .err()
+        .expect("refused");
+    assert!(refused.to_string().contains("http/protobuf"), "{refused}");
+}

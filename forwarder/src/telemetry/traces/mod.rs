@@ -19,7 +19,7 @@ use std::sync::Arc;
 use forwarder_config::{Config, Provider};
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
     span_processor_with_async_runtime::BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider,
@@ -30,6 +30,41 @@ use crate::BuildError;
 pub use settings::{resolve, Export, Transport};
 pub use span::{AttemptSpan, Parent, RequestSpan};
 pub use usage::Answered;
+
+/// An HTTP client for an `https://` collector: the `tracing.tls` files, or
+/// the system roots (plain `http://` still works through it).
+fn collector_client(
+    tls: Option<&forwarder_config::CollectorTlsConfig>,
+    timeout: std::time::Duration,
+) -> Result<opentelemetry_http::hyper::HyperClient<CollectorConnector>, BuildError> {
+    use crate::upstream::tls::{client_config_at, server_name_at};
+    const AT: &str = "tracing.tls";
+    let system = || crate::upstream::tls::system_roots().clone();
+    let tls = tls.map(forwarder_config::CollectorTlsConfig::as_client);
+    let (config, name) = match &tls {
+        Some(t) => (client_config_at(AT, t, system)?, server_name_at(AT, t)?),
+        None => (system(), None),
+    };
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_or_http();
+    let builder = match name {
+        Some(n) => builder
+            .with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(n))
+            .enable_http1(),
+        None => builder.enable_http1(),
+    };
+    Ok(opentelemetry_http::hyper::HyperClient::new(
+        builder.wrap_connector(http),
+        timeout,
+        None,
+    ))
+}
+
+type CollectorConnector =
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
 
 /// Where an upstream is, for `server.address`/`server.port` and
 /// `gen_ai.provider.name`.
@@ -67,9 +102,13 @@ impl Traces {
                 }
             }
             Transport::HttpProtobuf => {
-                let b = opentelemetry_otlp::SpanExporter::builder()
+                let mut b = opentelemetry_otlp::SpanExporter::builder()
                     .with_http()
                     .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
+                let tls = cfg.tracing.tls.as_ref();
+                if export.https || tls.is_some() {
+                    b = b.with_http_client(collector_client(tls, export.timeout)?);
+                }
                 match &export.endpoint {
                     Some(e) => b.with_endpoint(e.clone()).build(),
                     None => b.build(),

@@ -18,6 +18,12 @@ pub struct Export {
     /// which reads `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` and
     /// `OTEL_EXPORTER_OTLP_ENDPOINT` (adding `/v1/traces` for HTTP).
     pub endpoint: Option<String>,
+    /// The endpoint in use (the config's, else a variable's) is `https://`.
+    pub https: bool,
+    /// One export's bound: `OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT`
+    /// (milliseconds), else 10 s (used by the TLS client; the exporter
+    /// reads the variables itself otherwise).
+    pub timeout: std::time::Duration,
     /// A parent-based ratio sampler; `None` leaves the sampler to the SDK
     /// (`OTEL_TRACES_SAMPLER`, else parent-based always-on).
     pub sample_ratio: Option<f64>,
@@ -67,9 +73,30 @@ pub fn resolve(
         Transport::Grpc => e.clone(),
         Transport::HttpProtobuf => format!("{}/v1/traces", e.trim_end_matches('/')),
     });
+    let https = cfg
+        .endpoint
+        .clone()
+        .or_else(|| ENDPOINT_VARS.iter().find_map(|v| set(v)))
+        .is_some_and(|e| e.trim().to_ascii_lowercase().starts_with("https:"));
+    if transport == Transport::Grpc && (https || cfg.tls.is_some()) {
+        return Err("TLS to a grpc collector is not built: use protocol http/protobuf                     for an https:// collector"
+            .into());
+    }
+    let timeout = [
+        "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+        "OTEL_EXPORTER_OTLP_TIMEOUT",
+    ]
+    .iter()
+    .find_map(|v| set(v).and_then(|t| t.trim().parse::<u64>().ok()))
+    .map_or(
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_millis,
+    );
     Ok(Some(Export {
         transport,
         endpoint,
+        https,
+        timeout,
         sample_ratio: cfg.sample_ratio,
         service_name: cfg
             .service_name
@@ -128,6 +155,31 @@ mod tests {
     }
 
     #[test]
+    fn an_https_collector_is_seen_in_the_variables_and_refused_over_grpc() {
+        let on = TracingConfig::default();
+        let e = resolve(
+            &on,
+            env(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4318"),
+                ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+            ]),
+        )
+        .unwrap()
+        .unwrap();
+        assert!(e.https);
+        assert_eq!(e.timeout, std::time::Duration::from_millis(2500));
+        let grpc = TracingConfig {
+            protocol: Some("grpc".into()),
+            ..on
+        };
+        let refused = resolve(
+            &grpc,
+            env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "HTTPS://collector:4317")]),
+        );
+        assert!(refused.unwrap_err().contains("http/protobuf"));
+    }
+
+    #[test]
     fn the_config_wins_over_the_variables_and_http_gets_its_path() {
         let cfg = TracingConfig {
             enabled: true,
@@ -135,6 +187,7 @@ mod tests {
             protocol: None,
             sample_ratio: Some(0.5),
             service_name: None,
+            tls: None,
         };
         let e = resolve(&cfg, env(&[])).unwrap().unwrap();
         assert_eq!(e.transport, Transport::HttpProtobuf);

@@ -12,7 +12,6 @@ mod anthropic;
 mod mock;
 mod openai;
 pub mod translate;
-pub(crate) use openai::tls_config;
 
 use std::sync::Arc;
 

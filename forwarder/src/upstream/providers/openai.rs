@@ -200,10 +200,10 @@ fn https_client(cfg: &forwarder_config::UpstreamConfig) -> Result<HttpsClient, B
     // without a CA bundle of their own.
     let https_url = base.starts_with("https:");
     let tls = match (&cfg.tls, https_url) {
-        (Some(t), true) => {
-            crate::upstream::tls::client_config(&cfg.name, t, || tls_config().clone())?
-        }
-        (None, true) => tls_config().clone(),
+        (Some(t), true) => crate::upstream::tls::client_config(&cfg.name, t, || {
+            crate::upstream::tls::system_roots().clone()
+        })?,
+        (None, true) => crate::upstream::tls::system_roots().clone(),
         (_, false) => rustls::ClientConfig::builder()
             .with_root_certificates(rustls::RootCertStore::empty())
             .with_no_client_auth(),
@@ -226,24 +226,6 @@ fn https_client(cfg: &forwarder_config::UpstreamConfig) -> Result<HttpsClient, B
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_timer(TokioTimer::new())
         .build(https))
-}
-
-/// The client TLS settings every upstream shares: the system's roots,
-/// loaded once. Without any (a bare container), https upstreams fail to
-/// verify, plain http ones still work.
-pub(crate) fn tls_config() -> &'static rustls::ClientConfig {
-    static CONFIG: std::sync::OnceLock<rustls::ClientConfig> = std::sync::OnceLock::new();
-    CONFIG.get_or_init(|| {
-        let mut roots = rustls::RootCertStore::empty();
-        let found = rustls_native_certs::load_native_certs();
-        let (added, _) = roots.add_parsable_certificates(found.certs);
-        if added == 0 {
-            tracing::warn!("no system CA certificates found: https upstreams will not verify");
-        }
-        rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth()
-    })
 }
 
 fn read_key(cfg: &forwarder_config::UpstreamConfig) -> Result<Option<String>, BuildError> {
