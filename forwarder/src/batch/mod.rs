@@ -263,6 +263,16 @@ impl Batches {
         Ok(b)
     }
 
+    /// The ids of the client's batches, oldest first.
+    async fn ids(&self, owner: &Identity) -> Result<Vec<String>, StoreError> {
+        let listed = self
+            .files
+            .store
+            .index_list(&key("batch-list", owner, ""), usize::MAX)
+            .await?;
+        Ok(listed.into_iter().map(|(id, _)| id).collect())
+    }
+
     /// Up to `limit` of the client's batches that `keep` accepts, newer
     /// than the batch `before` and nearest to it, newest first; and
     /// whether there are more beyond them.
@@ -273,14 +283,7 @@ impl Batches {
         before: &str,
         keep: impl Fn(&Batch) -> bool,
     ) -> Result<(Vec<Batch>, bool), BatchError> {
-        let ids: Vec<String> = self
-            .files
-            .store
-            .index_list(&key("batch-list", owner, ""), usize::MAX)
-            .await?
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
+        let ids = self.ids(owner).await?;
         let Some(at) = ids.iter().position(|i| i == before) else {
             return Err(BatchError::NotFound("no such batch"));
         };
@@ -308,14 +311,7 @@ impl Batches {
         limit: usize,
         after: Option<&str>,
     ) -> Result<(Vec<Batch>, bool), BatchError> {
-        let ids: Vec<String> = self
-            .files
-            .store
-            .index_list(&key("batch-list", owner, ""), usize::MAX)
-            .await?
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
+        let ids = self.ids(owner).await?;
         let mut newest = ids.iter().rev();
         if let Some(after) = after {
             if !ids.iter().any(|i| i == after) {

@@ -290,16 +290,14 @@ async fn endless_upstream() -> (String, oneshot::Receiver<()>) {
     (format!("http://{addr}/v1"), rx)
 }
 
-#[tokio::test]
-async fn a_reader_that_stops_is_disconnected_and_its_upstream_call_cancelled() {
-    let (upstream, cancelled) = endless_upstream().await;
-    let fwd = forwarder(
-        &["write_timeout: 1s"],
-        &format!(
-            "  - name: endless\n    provider: openai\n    base_url: {upstream}\n    models: [endless]\n"
-        ),
-    )
-    .await;
+/// The upstreams entry (YAML) of [`endless_upstream`] at `url`.
+fn endless_entry(url: &str) -> String {
+    format!("  - name: endless\n    provider: openai\n    base_url: {url}\n    models: [endless]\n")
+}
+
+/// A streamed request for the endless model over HTTP/1.1, sent; the
+/// connection, to read (or not) from.
+async fn send_endless_h1(fwd: &Forwarder) -> TcpStream {
     let mut conn = fwd.connect().await;
     let body = r#"{"model":"endless","stream":true,"messages":[{"role":"user","content":"go"}]}"#;
     conn.write_all(
@@ -312,6 +310,14 @@ async fn a_reader_that_stops_is_disconnected_and_its_upstream_call_cancelled() {
     )
     .await
     .unwrap();
+    conn
+}
+
+#[tokio::test]
+async fn a_reader_that_stops_is_disconnected_and_its_upstream_call_cancelled() {
+    let (upstream, cancelled) = endless_upstream().await;
+    let fwd = forwarder(&["write_timeout: 1s"], &endless_entry(&upstream)).await;
+    let mut conn = send_endless_h1(&fwd).await;
     let mut first = [0u8; 1024];
     let n = conn.read(&mut first).await.unwrap();
     assert!(first[..n].starts_with(b"HTTP/1.1 200"), "the stream starts");
@@ -374,9 +380,7 @@ async fn an_http2_stream_whose_window_never_opens_frees_its_upstream_call() {
     let (upstream, cancelled) = endless_upstream().await;
     let fwd = forwarder(
         &["write_timeout: 1s", "request_timeout: 60s"],
-        &format!(
-            "  - name: endless\n    provider: openai\n    base_url: {upstream}\n    models: [endless]\n"
-        ),
+        &endless_entry(&upstream),
     )
     .await;
     let started = Instant::now();
@@ -399,23 +403,10 @@ async fn the_request_deadline_bounds_a_client_that_stops_reading() {
     let (upstream, cancelled) = endless_upstream().await;
     let fwd = forwarder(
         &["write_timeout: 60s", "request_timeout: 2s"],
-        &format!(
-            "  - name: endless\n    provider: openai\n    base_url: {upstream}\n    models: [endless]\n"
-        ),
+        &endless_entry(&upstream),
     )
     .await;
-    let mut conn = fwd.connect().await;
-    let body = r#"{"model":"endless","stream":true,"messages":[{"role":"user","content":"go"}]}"#;
-    conn.write_all(
-        format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
+    let mut conn = send_endless_h1(&fwd).await;
     let started = Instant::now();
     let mut first = [0u8; 1024];
     let n = conn.read(&mut first).await.unwrap();
