@@ -99,4 +99,5 @@ refuse "two replicas without leader election" --set replicaCount=2 --set leaderE
 refuse "an invalid log format" --set logFormat=xml
 refuse "a non-URL prometheusUrl" --set prometheusUrl=prometheus:9090
 refuse "an invalid namespace" --set watchNamespace=Not_A_Namespace
+refuse "an invalid namespace in the list" --set 'watchNamespaces={ai,Not_A_Namespace}'
 echo "ok: invalid values refused"

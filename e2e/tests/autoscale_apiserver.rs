@@ -229,7 +229,7 @@ async fn the_loop_scales_reports_conflicts_and_survives_a_hung_prometheus_on_a_r
     let metrics = Metrics::new().expect("metrics");
     let scaler = Autoscaler {
         client: client.clone(),
-        namespace: Some(ns.clone()),
+        namespaces: vec![ns.clone()],
         recorder: Recorder::new(
             client.clone(),
             Reporter {

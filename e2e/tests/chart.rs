@@ -227,9 +227,16 @@ fn grants(docs: &[Value]) -> BTreeSet<Grant> {
         let role_kind = str_at(binding, &["roleRef", "kind"]);
         let role_name = str_at(binding, &["roleRef", "name"]);
         let binding_ns = s(binding, &["metadata", "namespace"]).and_then(Value::as_str);
+        // A Role is looked for in the binding's namespace (the same name
+        // may stand in several).
         let role = docs
             .iter()
-            .find(|d| kind(d) == role_kind && str_at(d, &["metadata", "name"]) == role_name)
+            .find(|d| {
+                kind(d) == role_kind
+                    && str_at(d, &["metadata", "name"]) == role_name
+                    && (role_kind != "Role"
+                        || s(d, &["metadata", "namespace"]).and_then(Value::as_str) == binding_ns)
+            })
             .unwrap_or_else(|| panic!("binding to a missing {role_kind} {role_name}"));
         let place = match (kind(binding), role_kind) {
             ("ClusterRoleBinding", "ClusterRole") => "*".to_string(),
@@ -269,16 +276,20 @@ fn grants(docs: &[Value]) -> BTreeSet<Grant> {
 }
 
 /// Checks that the rendered RBAC grants every call in `calls` at its scope
-/// and nothing else. `watched`: "*" (cluster-wide) or the watched namespace.
-fn assert_exact_rbac(docs: &[Value], calls: &[(&str, &str, &[&str], Scope)], watched: &str) {
+/// and nothing else. `watched`: ["*"] (cluster-wide) or the watched
+/// namespaces.
+fn assert_exact_rbac(docs: &[Value], calls: &[(&str, &str, &[&str], Scope)], watched: &[&str]) {
     let granted = grants(docs);
     let mut needed: BTreeMap<(String, String, String, String), ()> = BTreeMap::new();
     for (group, resource, verbs, scope) in calls {
-        let place = match scope {
+        let places = match scope {
             Scope::Watched => watched,
-            Scope::Own => RELEASE_NS,
+            Scope::Own => &[RELEASE_NS][..],
         };
-        for verb in *verbs {
+        for (place, verb) in places
+            .iter()
+            .flat_map(|p| verbs.iter().map(move |v| (p, v)))
+        {
             needed.insert(
                 (
                     place.to_string(),
@@ -318,7 +329,7 @@ fn assert_exact_rbac(docs: &[Value], calls: &[(&str, &str, &[&str], Scope)], wat
 fn rbac_cluster_wide_is_exactly_what_the_operator_calls() {
     let docs = render(&[]);
     assert!(of_kind(&docs, "ClusterRole").len() == 1);
-    assert_exact_rbac(&docs, OPERATOR_CALLS, "*");
+    assert_exact_rbac(&docs, OPERATOR_CALLS, &["*"]);
 }
 
 #[test]
@@ -328,9 +339,29 @@ fn rbac_single_namespace_uses_roles_only() {
         of_kind(&docs, "ClusterRole").is_empty() && of_kind(&docs, "ClusterRoleBinding").is_empty(),
         "namespaced mode must not create cluster-wide RBAC"
     );
-    assert_exact_rbac(&docs, OPERATOR_CALLS, "ai");
+    assert_exact_rbac(&docs, OPERATOR_CALLS, &["ai"]);
     let args = container_args(&docs);
     assert!(args.contains(&"--namespace=ai".to_string()), "{args:?}");
+}
+
+#[test]
+fn rbac_for_a_list_of_namespaces_is_a_role_in_each() {
+    let docs = render(&[
+        "--set",
+        "watchNamespace=ai",
+        "--set",
+        "watchNamespaces={ml,ai,ops}",
+    ]);
+    assert!(
+        of_kind(&docs, "ClusterRole").is_empty() && of_kind(&docs, "ClusterRoleBinding").is_empty(),
+        "namespaced mode must not create cluster-wide RBAC"
+    );
+    assert_exact_rbac(&docs, OPERATOR_CALLS, &["ai", "ml", "ops"]);
+    let args = container_args(&docs);
+    assert!(
+        args.contains(&"--namespace=ai,ml,ops".to_string()),
+        "{args:?}"
+    );
 }
 
 #[test]
@@ -338,7 +369,7 @@ fn rbac_prometheus_rules_only_when_enabled() {
     let docs = render(&["--set", "rbac.prometheusRules=true"]);
     let mut calls = OPERATOR_CALLS.to_vec();
     calls.push(PROMETHEUS_RULE_CALLS);
-    assert_exact_rbac(&docs, &calls, "*");
+    assert_exact_rbac(&docs, &calls, &["*"]);
 }
 
 #[test]
@@ -349,7 +380,7 @@ fn rbac_without_leader_election_has_no_lease_role() {
         .copied()
         .filter(|c| c.3 != Scope::Own)
         .collect();
-    assert_exact_rbac(&docs, &calls, "*");
+    assert_exact_rbac(&docs, &calls, &["*"]);
     let args = container_args(&docs);
     assert!(args.contains(&"--leader-election=false".to_string()));
 }
@@ -1265,7 +1296,11 @@ async fn operator_as_the_charts_service_account(release: &str, namespaced: bool)
         operator::telemetry::Metrics::new().expect("metrics"),
     );
     let watched = namespaced.then(|| ns.clone());
-    let controller = tokio::spawn(operator::controller::run(client.clone(), watched, ctx));
+    let controller = tokio::spawn(operator::controller::run(
+        client.clone(),
+        watched.clone(),
+        ctx,
+    ));
 
     let secrets: Api<Secret> = Api::namespaced(admin.clone(), &ns);
     for (name, key) in [("clients", "web"), ("llm-keys", "primary")] {
@@ -1310,7 +1345,7 @@ async fn operator_as_the_charts_service_account(release: &str, namespaced: bool)
     // caches, scales, writes status and an Event.
     let autoscaler = operator::autoscale::run::Autoscaler {
         client: client.clone(),
-        namespace: Some(ns.clone()),
+        namespaces: watched.iter().cloned().collect(),
         recorder,
         metrics: operator::telemetry::Metrics::new().expect("metrics"),
         source: std::sync::Arc::new(BusyForwarder),
@@ -1322,8 +1357,8 @@ async fn operator_as_the_charts_service_account(release: &str, namespaced: bool)
     };
     // Its caches, watched as the ServiceAccount (the chart's RBAC must
     // allow the watches).
-    let (cluster, feed) =
-        operator::autoscale::cache::Cluster::watch(&client, namespaced.then_some(ns.as_str()));
+    let namespaces: Vec<String> = watched.iter().cloned().collect();
+    let (cluster, feed) = operator::autoscale::cache::Cluster::watch(&client, &namespaces);
     let feed = tokio::spawn(feed);
     tokio::time::timeout(std::time::Duration::from_secs(20), cluster.ready())
         .await

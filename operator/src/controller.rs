@@ -163,6 +163,20 @@ pub const DEBOUNCE: Duration = Duration::from_millis(100);
 /// as 64 with less memory, see docs/operator.md).
 pub const CONCURRENCY: u16 = 16;
 
+/// Runs a controller for each of `namespaces` (each with caches and a
+/// watch of its own, so the operator needs rights in those namespaces
+/// only), or one for the whole cluster when the list is empty, until
+/// SIGTERM/SIGINT.
+pub async fn run_all(client: Client, namespaces: Vec<String>, ctx: Context) {
+    if namespaces.is_empty() {
+        return run(client, None, ctx).await;
+    }
+    let runs = namespaces
+        .into_iter()
+        .map(|ns| run(client.clone(), Some(ns), ctx.sibling()));
+    futures::future::join_all(runs).await;
+}
+
 /// Runs the controller until SIGTERM/SIGINT (or until the future is
 /// dropped). `namespace`: watch only this namespace; `None`: all.
 pub async fn run(client: Client, namespace: Option<String>, mut ctx: Context) {

@@ -19,9 +19,10 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Watch only this namespace; default: all namespaces.
-    #[arg(long, env = "WATCH_NAMESPACE")]
-    namespace: Option<String>,
+    /// Watch only these namespaces (comma-separated, or the flag
+    /// repeated); default: all namespaces.
+    #[arg(long = "namespace", env = "WATCH_NAMESPACE", value_delimiter = ',')]
+    namespaces: Vec<String>,
     /// Forwarder image for resources without `spec.pod.image`.
     #[arg(long, env = "FORWARDER_IMAGE", default_value = operator::DEFAULT_FORWARDER_IMAGE)]
     forwarder_image: String,
@@ -169,7 +170,7 @@ async fn main() -> anyhow::Result<()> {
     let autoscaler = prometheus.map(|p| {
         let scaler = Autoscaler {
             client: client.clone(),
-            namespace: args.namespace.clone(),
+            namespaces: args.namespaces.clone(),
             recorder,
             metrics: metrics.clone(),
             // Two query rounds (freshness, then the rest at once) must fit
@@ -187,8 +188,8 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!(interval = ?args.autoscale_interval, "starting the autoscaler");
         tokio::spawn(scaler.run(triggered))
     });
-    tracing::info!(namespace = ?args.namespace, image = %args.forwarder_image, "starting the controller");
-    let controller = operator::controller::run(client, args.namespace.clone(), ctx);
+    tracing::info!(namespaces = ?args.namespaces, image = %args.forwarder_image, "starting the controller");
+    let controller = operator::controller::run_all(client, args.namespaces.clone(), ctx);
 
     match election {
         Some(mut e) => {
@@ -226,7 +227,7 @@ mod tests {
     #[test]
     fn defaults_and_overrides() {
         let a = Args::try_parse_from(["operator"]).expect("defaults parse");
-        assert_eq!(a.namespace, None, "all namespaces by default");
+        assert!(a.namespaces.is_empty(), "all namespaces by default");
         assert_eq!(a.forwarder_image, operator::DEFAULT_FORWARDER_IMAGE);
         assert!(a.leader_election);
         assert_eq!(a.metrics_addr.to_string(), "0.0.0.0:8080");
@@ -243,10 +244,14 @@ mod tests {
             "false",
         ])
         .expect("flags parse");
-        assert_eq!(a.namespace.as_deref(), Some("ai"));
+        assert_eq!(a.namespaces, ["ai"]);
         assert_eq!(a.forwarder_image, "registry.local/fwd:dev");
         assert_eq!(a.prometheus_url.as_deref(), Some("http://prometheus:9090"));
         assert!(!a.leader_election);
+
+        let a = Args::try_parse_from(["operator", "--namespace=ai,ml", "--namespace", "ops"])
+            .expect("a list");
+        assert_eq!(a.namespaces, ["ai", "ml", "ops"]);
     }
 
     #[test]

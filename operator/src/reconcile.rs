@@ -179,6 +179,20 @@ impl Context {
             timeout: RECONCILE_TIMEOUT,
         }
     }
+
+    /// A context for another controller (one per watched namespace): the
+    /// same client, recorder, image, metrics and bound; caches and retry
+    /// state of its own.
+    pub fn sibling(&self) -> Self {
+        let mut ctx = Self::new(
+            self.client.clone(),
+            self.recorder.clone(),
+            self.default_image.clone(),
+            self.metrics.clone(),
+        );
+        ctx.timeout = self.timeout;
+        ctx
+    }
 }
 
 /// A failed API call and what it was for.

@@ -1547,3 +1547,79 @@ async fn a_new_encryption_key_decrypts_in_every_pod_before_it_encrypts() {
         .expect("reconcile");
     assert_eq!(primary().await.as_deref(), Some("k2"));
 }
+
+#[tokio::test]
+#[cfg_attr(
+    not(envtest),
+    ignore = "set KUBEBUILDER_ASSETS: needs a real kube-apiserver"
+)]
+async fn a_list_of_namespaces_is_watched_with_rights_in_those_namespaces_only() {
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let (admin, ns_a) = setup("watch-a").await;
+    let cp = envtest::control_plane();
+    let ns_b = cp.namespace(&admin, "watch-b").await;
+    let ns_c = cp.namespace(&admin, "unwatched").await;
+    // The operator's identity may act in a and b, and nowhere else.
+    let (sa_ns, sa) = (ns_a.clone(), "operator");
+    for ns in [&ns_a, &ns_b] {
+        let role: Role = serde_json::from_value(json!({
+            "metadata": {"name": "operator", "namespace": ns},
+            "rules": [{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}]
+        }))
+        .unwrap();
+        Api::<Role>::namespaced(admin.clone(), ns)
+            .create(&PostParams::default(), &role)
+            .await
+            .expect("Role");
+        let binding: RoleBinding = serde_json::from_value(json!({
+            "metadata": {"name": "operator", "namespace": ns},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "operator"},
+            "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": sa_ns}]
+        }))
+        .unwrap();
+        Api::<RoleBinding>::namespaced(admin.clone(), ns)
+            .create(&PostParams::default(), &binding)
+            .await
+            .expect("RoleBinding");
+    }
+    let operator = cp.service_account_client(&sa_ns, sa).await;
+    let ctx = Context::new(
+        operator.clone(),
+        Recorder::new(
+            operator.clone(),
+            Reporter {
+                controller: "modelforwarder-operator".into(),
+                instance: None,
+            },
+        ),
+        "ghcr.io/modelforwarder/forwarder:test".into(),
+        Metrics::new().expect("metrics"),
+    );
+    let _running = Running {
+        task: tokio::spawn(operator::controller::run_all(
+            operator,
+            vec![ns_a.clone(), ns_b.clone()],
+            ctx,
+        )),
+    };
+    for ns in [&ns_a, &ns_b, &ns_c] {
+        create(&admin, ns, "bot", spec(1, 1)).await;
+    }
+    let cm = operator::render::config_map_name("bot");
+    for ns in [&ns_a, &ns_b] {
+        let cms = Api::<ConfigMap>::namespaced(admin.clone(), ns);
+        wait(
+            &format!("the resource in {ns} reconciled"),
+            Duration::from_secs(30),
+            || async { cms.get_opt(&cm).await.ok().flatten().is_some() },
+        )
+        .await;
+        let stored = fetch(&admin, ns, "bot").await;
+        assert!(condition(&stored, "Ready").is_some(), "status in {ns}");
+    }
+    // Not watched: left alone.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let unwatched = Api::<ConfigMap>::namespaced(admin.clone(), &ns_c);
+    assert!(unwatched.get_opt(&cm).await.unwrap().is_none());
+    assert!(fetch(&admin, &ns_c, "bot").await.status.is_none());
+}

@@ -129,7 +129,7 @@ async fn evaluate_with_target(
     let source = Arc::new(Fixed(metrics, Default::default()));
     let scaler = Autoscaler {
         client: client.clone(),
-        namespace: Some(NS.into()),
+        namespaces: vec![NS.into()],
         recorder: Recorder::new(
             client,
             Reporter {

@@ -289,7 +289,7 @@ async fn counting_client(log: &Log) -> Client {
 fn autoscaler(client: Client, ns: &str, url: &str, interval: Duration, m: &Metrics) -> Autoscaler {
     Autoscaler {
         client: client.clone(),
-        namespace: Some(ns.into()),
+        namespaces: vec![ns.into()],
         recorder: Recorder::new(
             client,
             Reporter {

@@ -64,16 +64,28 @@ app.kubernetes.io/name: forwarder
 app.kubernetes.io/managed-by: modelforwarder-operator
 {{- end }}
 
+{{/* The watched namespaces, comma-separated: watchNamespace, then
+watchNamespaces, without repeats; empty: all namespaces. */}}
+{{- define "mfo.watchNamespaces" -}}
+{{- $ns := list -}}
+{{- if .Values.watchNamespace }}{{ $ns = append $ns .Values.watchNamespace }}{{ end -}}
+{{- range .Values.watchNamespaces }}{{ $ns = append $ns . }}{{ end -}}
+{{- $ns | uniq | join "," -}}
+{{- end }}
+
 {{/* Namespaces to find forwarder pods in (for the PodMonitor). */}}
 {{- define "mfo.forwarderNamespaces" -}}
+{{- $watched := include "mfo.watchNamespaces" . }}
 {{- if .Values.metrics.forwarderPodMonitor.namespaces }}
 matchNames:
 {{- range .Values.metrics.forwarderPodMonitor.namespaces }}
   - {{ . | quote }}
 {{- end }}
-{{- else if .Values.watchNamespace }}
+{{- else if $watched }}
 matchNames:
-  - {{ .Values.watchNamespace | quote }}
+{{- range splitList "," $watched }}
+  - {{ . | quote }}
+{{- end }}
 {{- else }}
 any: true
 {{- end }}

@@ -23,12 +23,20 @@ use super::alerts::Key;
 use crate::crd::ModelForwarder;
 use crate::render::labels::{self, FIELD_MANAGER, INSTANCE, MANAGED_BY, NAME};
 
-/// Caches of what the autoscaler reads. Cheap to clone (shared stores).
+/// Caches of what the autoscaler reads: one scope per watched namespace
+/// (one for the whole cluster when none is named). Cheap to clone (shared
+/// stores).
 #[derive(Clone)]
 pub struct Cluster {
-    pub resources: Store<DeserializeGuard<ModelForwarder>>,
-    pub deployments: Store<Deployment>,
-    pub pods: Store<PartialObjectMeta<Pod>>,
+    scopes: Vec<Scope>,
+}
+
+/// The caches of one namespace, or of all.
+#[derive(Clone)]
+struct Scope {
+    resources: Store<DeserializeGuard<ModelForwarder>>,
+    deployments: Store<Deployment>,
+    pods: Store<PartialObjectMeta<Pod>>,
 }
 
 fn scoped<K>(client: &Client, ns: Option<&str>) -> Api<K>
@@ -77,9 +85,29 @@ pub fn trim_deployment(d: &mut Deployment) {
 }
 
 impl Cluster {
-    /// Starts the watches (in `namespace`, or all). The caches fill while
-    /// the returned future runs; it runs until dropped.
+    /// Starts the watches (in each of `namespaces`, or in all when it is
+    /// empty). The caches fill while the returned future runs; it runs
+    /// until dropped.
     pub fn watch(
+        client: &Client,
+        namespaces: &[String],
+    ) -> (Self, impl Future<Output = ()> + Send + 'static) {
+        let named: Vec<Option<&str>> = if namespaces.is_empty() {
+            vec![None]
+        } else {
+            namespaces.iter().map(|n| Some(n.as_str())).collect()
+        };
+        let (scopes, feeds): (Vec<_>, Vec<_>) =
+            named.into_iter().map(|ns| Scope::watch(client, ns)).unzip();
+        let feed = async move {
+            futures::future::join_all(feeds).await;
+        };
+        (Self { scopes }, feed)
+    }
+}
+
+impl Scope {
+    fn watch(
         client: &Client,
         namespace: Option<&str>,
     ) -> (Self, impl Future<Output = ()> + Send + 'static) {
@@ -125,7 +153,9 @@ impl Cluster {
             feed,
         )
     }
+}
 
+impl Cluster {
     /// Caches filled by hand (tests).
     pub fn from_stores(
         resources: Store<DeserializeGuard<ModelForwarder>>,
@@ -133,9 +163,11 @@ impl Cluster {
         pods: Store<PartialObjectMeta<Pod>>,
     ) -> Self {
         Self {
-            resources,
-            deployments,
-            pods,
+            scopes: vec![Scope {
+                resources,
+                deployments,
+                pods,
+            }],
         }
     }
 
@@ -143,16 +175,18 @@ impl Cluster {
     pub async fn ready(&self) {
         // A writer dropped before its first list means the watch future
         // was dropped: there is nothing to wait for then.
-        let _ = self.resources.wait_until_ready().await;
-        let _ = self.deployments.wait_until_ready().await;
-        let _ = self.pods.wait_until_ready().await;
+        for s in &self.scopes {
+            let _ = s.resources.wait_until_ready().await;
+            let _ = s.deployments.wait_until_ready().await;
+            let _ = s.pods.wait_until_ready().await;
+        }
     }
 
-    /// The valid resources in the cache.
+    /// The valid resources in the caches.
     pub fn resources(&self) -> Vec<ModelForwarder> {
-        self.resources
-            .state()
+        self.scopes
             .iter()
+            .flat_map(|s| s.resources.state())
             .filter_map(|g| g.0.as_ref().ok().cloned())
             .collect()
     }
@@ -160,15 +194,18 @@ impl Cluster {
     /// One resource, if cached and valid.
     pub fn resource(&self, key: &Key) -> Option<ModelForwarder> {
         let r = ObjectRef::new(&key.name).within(&key.namespace);
-        self.resources
-            .get(&r)
+        self.scopes
+            .iter()
+            .find_map(|s| s.resources.get(&r))
             .and_then(|g| g.0.as_ref().ok().cloned())
     }
 
     /// The cached (trimmed) Deployment of a resource.
     pub fn deployment(&self, namespace: &str, name: &str) -> Option<Deployment> {
-        self.deployments
-            .get(&ObjectRef::new(name).within(namespace))
+        let r = ObjectRef::new(name).within(namespace);
+        self.scopes
+            .iter()
+            .find_map(|s| s.deployments.get(&r))
             .map(|d| (*d).clone())
     }
 
@@ -176,9 +213,9 @@ impl Cluster {
     /// (selected as the Deployment selects them).
     pub fn live_pods(&self, namespace: &str, name: &str) -> std::collections::BTreeSet<String> {
         let want = labels::selector(name);
-        self.pods
-            .state()
+        self.scopes
             .iter()
+            .flat_map(|s| s.pods.state())
             .filter(|p| p.metadata.namespace.as_deref() == Some(namespace))
             .filter(|p| p.metadata.deletion_timestamp.is_none())
             .filter(|p| {

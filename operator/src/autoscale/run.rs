@@ -35,8 +35,8 @@ use crate::telemetry::Metrics;
 
 pub struct Autoscaler {
     pub client: Client,
-    /// Watch one namespace, or all.
-    pub namespace: Option<String>,
+    /// Watch these namespaces; empty: all.
+    pub namespaces: Vec<String>,
     pub recorder: Recorder,
     pub metrics: Metrics,
     pub source: Arc<dyn MetricsSource>,
@@ -116,7 +116,7 @@ impl Autoscaler {
 
     /// Starts the caches and runs the scheduler until the future is dropped.
     pub async fn run(self, trigger: mpsc::Receiver<Key>) {
-        let (cluster, feed) = Cluster::watch(&self.client, self.namespace.as_deref());
+        let (cluster, feed) = Cluster::watch(&self.client, &self.namespaces);
         let _feed = AbortOnDrop(tokio::spawn(feed));
         self.metrics.autoscaler_started(self.stall_limit());
         // The loop is alive while the caches fill.
