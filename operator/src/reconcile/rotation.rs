@@ -36,7 +36,11 @@ impl Ring {
         }
         let own_primary = entries.remove(KEY_RING_PRIMARY);
         Self {
-            ids: entries.into_keys().collect(),
+            // The forwarder skips hidden files in the ring's directory.
+            ids: entries
+                .into_keys()
+                .filter(|k| !k.starts_with('.'))
+                .collect(),
             own_primary,
         }
     }
