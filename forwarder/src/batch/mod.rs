@@ -238,8 +238,9 @@ impl Batches {
     }
 
     /// Deletes a batch that has ended: its record, its place in the
-    /// client's list, and its input, output and error files. A batch still
-    /// running is refused (cancel it first).
+    /// client's list, and (as far as the store allows; the rest expires)
+    /// its input, output and error files. A batch still running is refused
+    /// (cancel it first).
     pub async fn delete(&self, owner: &Identity, id: &str) -> Result<Batch, BatchError> {
         let b = self.get(owner, id).await?;
         if !b.status.is_final() {
@@ -252,13 +253,17 @@ impl Batches {
             .index_remove(&key("batch-list", owner, ""), id)
             .await?;
         store.delete(&key("batch", owner, id)).await?;
+        // The batch is gone; its files are removed as far as the store
+        // allows, and what remains expires with the files' TTL.
         let files = [
             Some(&b.input_file_id),
             b.output_file_id.as_ref(),
             b.error_file_id.as_ref(),
         ];
         for file in files.into_iter().flatten() {
-            self.files.remove(owner, file).await?;
+            if let Err(e) = self.files.remove(owner, file).await {
+                tracing::warn!(error = %e, "a deleted batch's file stays until it expires");
+            }
         }
         Ok(b)
     }
