@@ -663,3 +663,38 @@ async fn a_grpc_stream_never_read_frees_its_upstream_call() {
         .expect("the upstream call must end after the write timeout")
         .expect("the upstream saw the cancellation");
 }
+
+#[tokio::test]
+async fn a_websocket_client_that_stops_reading_frees_its_upstream_call() {
+    use crate::common::{ws_connect, ws_recv, ws_send};
+    let (upstream, cancelled) = endless_upstream().await;
+    let fwd = forwarder(
+        &["write_timeout: 1s", "request_timeout: 60s"],
+        &endless_entry(&upstream),
+    )
+    .await;
+    let auth = format!("Bearer {KEY}");
+    let mut ws = ws_connect(
+        &format!("ws://{}/api/v1/ws", fwd.addr),
+        &[("authorization", &auth)],
+    )
+    .await
+    .expect("websocket");
+    ws_send(
+        &mut ws,
+        serde_json::json!({"type": "request", "id": "r", "model": "endless",
+                           "prompt": "go", "stream": true}),
+    )
+    .await;
+    assert_eq!(ws_recv(&mut ws).await["type"], "delta", "the stream starts");
+    // Stop reading: the session's writes back up; the connection's write
+    // timeout (or, were the socket still taking bytes, the stream's
+    // watchdog) ends the call.
+    tokio::time::timeout(Duration::from_secs(15), cancelled)
+        .await
+        .expect("the upstream call must end after the write timeout")
+        .expect("the upstream saw the cancellation");
+    drop(ws);
+    fwd.assert_answers("a websocket client that stopped reading")
+        .await;
+}
