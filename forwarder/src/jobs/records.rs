@@ -321,6 +321,38 @@ mod tests {
         assert_eq!(r.first_result("k", &other).await.unwrap(), other);
     }
 
+    /// During a key rotation, a replica that has not loaded the new key
+    /// neither replaces a result sealed under it nor mistakes its run lease
+    /// for a dead worker's.
+    #[tokio::test]
+    async fn a_result_under_a_key_not_loaded_here_is_unavailable_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (new, old) = crate::store::two_replicas_mid_rotation(dir.path());
+        let (ttl, lease) = (Duration::from_secs(60), Duration::from_secs(30));
+        let (a, b) = (Records::new(new, ttl, lease), Records::new(old, ttl, lease));
+        let answer = |body: &'static str| JobResponse {
+            status_code: 200,
+            body: Bytes::from_static(body.as_bytes()),
+        };
+        let first = answer(r#"{"id":"first"}"#);
+        assert_eq!(a.first_result("j", &first).await.unwrap(), first);
+        let mine = answer(r#"{"id":"second"}"#);
+        for _ in 0..2 {
+            assert!(
+                matches!(
+                    b.first_result("j", &mine).await,
+                    Err(StoreError::UnknownKey(id)) if id == "k2"
+                ),
+                "unavailable here, not replaced"
+            );
+        }
+        assert_eq!(a.first_result("j", &mine).await.unwrap(), first);
+        // A run held under k2 is live to the replica without it.
+        let _run = a.hold_run("r").await.expect("run lease");
+        assert!(b.run_is_live("r").await.unwrap());
+        assert!(!b.run_is_live("nobody-runs-this").await.unwrap());
+    }
+
     #[test]
     fn a_finished_job_with_its_callback_survives_the_round_trip() {
         let mut job = wire::decode(br#"{"v":1,"id":"job_9","owner":"alice","model":"m","body":"{}","headers":[],"callback_url":"https://h/x","created_at":1,"expires_at_ms":99000}"#).unwrap();

@@ -167,5 +167,27 @@ pub fn memory(max_bytes: u64) -> Arc<dyn Store> {
     ))
 }
 
+/// Two replicas on one memory backend in the middle of a key rotation
+/// (tests): the first has loaded keys `k1` and `k2` (`k2` encrypts), the
+/// second only `k1`. `dir` holds the ring files.
+#[cfg(test)]
+pub(crate) fn two_replicas_mid_rotation(dir: &std::path::Path) -> (Arc<dyn Store>, Arc<dyn Store>) {
+    use base64::Engine;
+    let b64 = |n: u8| base64::engine::general_purpose::STANDARD.encode([n; 32]);
+    let (old, new) = (dir.join("old"), dir.join("new"));
+    std::fs::write(&old, format!("k1: {}\n", b64(1))).unwrap();
+    std::fs::write(&new, format!("k1: {}\nk2: {}\n", b64(1), b64(2))).unwrap();
+    let m = StoreMetrics::unregistered();
+    let backend = Arc::new(memory::MemoryBackend::new(1 << 20, 1 << 20, m.clone()));
+    let replica = |ring: &std::path::Path| -> Arc<dyn Store> {
+        Arc::new(layer::Layered::new(
+            backend.clone(),
+            Some(Arc::new(KeyRing::load(ring).unwrap())),
+            m.clone(),
+        ))
+    };
+    (replica(&new), replica(&old))
+}
+
 #[cfg(test)]
 mod tests;
